@@ -1,0 +1,91 @@
+/* base: small helpers every module uses: JSON-lines logging, clocks,
+ * secret references (env:/file:/literal), hashing, randomness, base64,
+ * constant-time compare and a growable byte buffer.
+ *
+ * Nothing here allocates behind the caller's back except where a function
+ * says it returns a malloc'd string (the caller frees it). Logging writes
+ * one JSON object per line to stdout; a failing stdout is ignored.
+ */
+#ifndef ZG_BASE_H
+#define ZG_BASE_H
+
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+struct cJSON;
+
+/* ---- logging ------------------------------------------------------- */
+enum zg_log_level { ZG_DEBUG = 0, ZG_INFO = 1, ZG_WARN = 2, ZG_ERROR = 3 };
+
+void zg_log_set_level(enum zg_log_level level);
+void zg_log_set_node(const char *node_id); /* added to every line */
+/* {"ts":..., "level":..., "node":..., "event": event, "msg": <printf>} */
+void zg_log(enum zg_log_level level, const char *event, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+/* Same, with extra fields merged from `fields` (an object; ownership is
+ * taken and it is freed). `fields` may be NULL. */
+void zg_log_fields(enum zg_log_level level, const char *event, struct cJSON *fields);
+
+#define ZG_LOG_INFO(event, ...) zg_log(ZG_INFO, event, __VA_ARGS__)
+#define ZG_LOG_WARN(event, ...) zg_log(ZG_WARN, event, __VA_ARGS__)
+#define ZG_LOG_ERROR(event, ...) zg_log(ZG_ERROR, event, __VA_ARGS__)
+
+/* ---- clocks -------------------------------------------------------- */
+uint64_t zg_mono_ms(void);  /* monotonic milliseconds */
+uint64_t zg_mono_us(void);  /* monotonic microseconds */
+uint64_t zg_wall_ms(void);  /* wall clock, ms since the epoch */
+void zg_iso8601(uint64_t wall_ms, char out[32]);
+
+/* ---- secrets ------------------------------------------------------- */
+/* Resolves "env:NAME", "file:PATH" or a literal. On success *out is a
+ * malloc'd copy (trailing newline of a file stripped) and *was_literal says
+ * whether the value was written in the config itself. Returns 0, or -1
+ * with a message in err naming what was missing. */
+int zg_secret_resolve(const char *spec, char **out, bool *was_literal, char *err, size_t errlen);
+/* Overwrites then frees a secret string. NULL is fine. */
+void zg_secret_free(char *secret);
+
+/* ---- crypto helpers -------------------------------------------------- */
+void zg_sha256_hex(const void *data, size_t len, char out[65]);
+void zg_sha256(const void *data, size_t len, uint8_t out[32]);
+int zg_random_bytes(void *buf, size_t len); /* 0 or -1 */
+/* Constant-time equality; lengths are compared too (not secret). */
+bool zg_ct_equal(const void *a, size_t alen, const void *b, size_t blen);
+/* base64 (standard alphabet). Return length written or -1. */
+int zg_base64_encode(const uint8_t *in, size_t len, char *out, size_t outcap);
+int zg_base64_decode(const char *in, uint8_t *out, size_t outcap);
+/* URL-safe random token with a prefix, e.g. "zg-" + 43 chars. malloc'd. */
+char *zg_random_token(const char *prefix);
+
+/* ---- buffer -------------------------------------------------------- */
+typedef struct zg_buf {
+  char *data;
+  size_t len;
+  size_t cap;
+} zg_buf;
+
+void zg_buf_init(zg_buf *b);
+void zg_buf_free(zg_buf *b);
+void zg_buf_reset(zg_buf *b);
+int zg_buf_append(zg_buf *b, const void *data, size_t len); /* 0 or -1 (ENOMEM) */
+int zg_buf_appendf(zg_buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+int zg_buf_vappendf(zg_buf *b, const char *fmt, va_list ap);
+/* Hands the data to the caller (NUL-terminated) and leaves b empty. */
+char *zg_buf_steal(zg_buf *b);
+
+/* ---- misc ---------------------------------------------------------- */
+/* Levenshtein distance, for "did you mean" suggestions. */
+size_t zg_edit_distance(const char *a, const char *b);
+/* Parses "1GB", "512MB", "64KiB", "1024" into bytes. 0 ok, -1 bad. */
+int zg_parse_size(const char *text, uint64_t *bytes);
+/* Splits "host:port" (IPv4 or [IPv6]) into parts. 0 ok, -1 bad. */
+int zg_split_host_port(const char *addr, char *host, size_t hostlen, int *port);
+/* Process resident memory in bytes and CPU seconds (user+sys). */
+uint64_t zg_process_rss_bytes(void);
+double zg_process_cpu_seconds(void);
+
+#define ZG_ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
+
+#endif

@@ -1,0 +1,543 @@
+/* config.c: load, validate and default the JSON config by walking the
+ * schema table. Fails with one message naming the file, the JSON path,
+ * what was expected and what was found (and the nearest known key for an
+ * unknown one). Never partially applies: a config either loads whole or
+ * not at all. */
+#include "config/config.h"
+
+#include "base/base.h"
+#include "config/schema.h"
+
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct parse_ctx {
+  const char *origin;
+  char *err;
+  size_t errlen;
+};
+
+static const struct schema_entry *schema_find(const char *path) {
+  for (size_t i = 0; i < zg_schema_len; i++)
+    if (strcmp(zg_schema[i].path, path) == 0) return &zg_schema[i];
+  return NULL;
+}
+
+static const char *json_type_name(const cJSON *v) {
+  if (cJSON_IsString(v)) return "a string";
+  if (cJSON_IsNumber(v)) return "a number";
+  if (cJSON_IsBool(v)) return "a boolean";
+  if (cJSON_IsNull(v)) return "null";
+  if (cJSON_IsArray(v)) return "an array";
+  if (cJSON_IsObject(v)) return "an object";
+  return "an invalid value";
+}
+
+static void describe_found(const cJSON *v, char *out, size_t outlen) {
+  if (cJSON_IsString(v)) snprintf(out, outlen, "\"%.60s\" (a string)", v->valuestring);
+  else if (cJSON_IsNumber(v)) snprintf(out, outlen, "%g (a number)", v->valuedouble);
+  else snprintf(out, outlen, "%s", json_type_name(v));
+}
+
+static int fail(struct parse_ctx *ctx, const char *path, const char *expected, const cJSON *found) {
+  char found_text[128];
+  describe_found(found, found_text, sizeof(found_text));
+  snprintf(ctx->err, ctx->errlen, "%s: %s: expected %s, found %s", ctx->origin, path, expected,
+           found_text);
+  return -1;
+}
+
+/* Nearest known key among the children of `parent` (schema paths). */
+static const char *suggest_key(const char *parent, const char *key) {
+  size_t plen = strlen(parent);
+  const char *best = NULL;
+  size_t best_distance = (size_t)-1;
+  for (size_t i = 0; i < zg_schema_len; i++) {
+    const char *p = zg_schema[i].path;
+    const char *leaf;
+    if (plen == 0) {
+      if (strchr(p, '.')) continue;
+      leaf = p;
+    } else {
+      if (strncmp(p, parent, plen) != 0 || p[plen] != '.') continue;
+      leaf = p + plen + 1;
+      if (strchr(leaf, '.')) continue;
+    }
+    size_t d = zg_edit_distance(key, leaf);
+    if (d < best_distance) {
+      best_distance = d;
+      best = leaf;
+    }
+  }
+  /* A key that exists elsewhere in the tree is a likelier typo of place. */
+  if (best_distance > 2) {
+    for (size_t i = 0; i < zg_schema_len; i++) {
+      const char *dot = strrchr(zg_schema[i].path, '.');
+      const char *leaf = dot ? dot + 1 : zg_schema[i].path;
+      if (strcmp(leaf, key) == 0 && !strstr(zg_schema[i].path, "[]")) return zg_schema[i].path;
+    }
+  }
+  return best_distance <= 4 ? best : NULL;
+}
+
+static bool enum_allows(const char *values, const char *v) {
+  size_t vlen = strlen(v);
+  const char *p = values;
+  while (p && *p) {
+    const char *bar = strchr(p, '|');
+    size_t len = bar ? (size_t)(bar - p) : strlen(p);
+    if (len == vlen && strncmp(p, v, len) == 0) return true;
+    p = bar ? bar + 1 : NULL;
+  }
+  return false;
+}
+
+static int check_value(struct parse_ctx *ctx, const struct schema_entry *e, const char *path,
+                       cJSON *v);
+
+static int walk_object(struct parse_ctx *ctx, const char *schema_path, const char *json_path,
+                       cJSON *obj) {
+  for (cJSON *child = obj->child; child; child = child->next) {
+    char sp[256], jp[256];
+    snprintf(sp, sizeof(sp), "%s%s%s", schema_path, *schema_path ? "." : "", child->string);
+    snprintf(jp, sizeof(jp), "%s%s%s", json_path, *json_path ? "." : "", child->string);
+    const struct schema_entry *e = schema_find(sp);
+    if (!e) {
+      const char *hint = suggest_key(schema_path, child->string);
+      if (hint)
+        snprintf(ctx->err, ctx->errlen, "%s: %s: unknown key \"%s\" (did you mean \"%s\"?)",
+                 ctx->origin, jp, child->string, hint);
+      else
+        snprintf(ctx->err, ctx->errlen, "%s: %s: unknown key \"%s\"", ctx->origin, jp,
+                 child->string);
+      return -1;
+    }
+    if (check_value(ctx, e, jp, child) != 0) return -1;
+  }
+  return 0;
+}
+
+static int check_value(struct parse_ctx *ctx, const struct schema_entry *e, const char *path,
+                       cJSON *v) {
+  char expected[256];
+  switch (e->kind) {
+  case K_ANY: return 0;
+  case K_OBJECT:
+    if (!cJSON_IsObject(v)) return fail(ctx, path, "an object", v);
+    return walk_object(ctx, e->path, path, v);
+  case K_ARRAY: {
+    if (!cJSON_IsArray(v)) return fail(ctx, path, "an array of objects", v);
+    int n = cJSON_GetArraySize(v);
+    if (n > e->max) {
+      snprintf(expected, sizeof(expected), "at most %g entries", e->max);
+      snprintf(ctx->err, ctx->errlen, "%s: %s: expected %s, found %d", ctx->origin, path,
+               expected, n);
+      return -1;
+    }
+    char element_schema[256];
+    snprintf(element_schema, sizeof(element_schema), "%s[]", e->path);
+    int i = 0;
+    for (cJSON *item = v->child; item; item = item->next, i++) {
+      char jp[256];
+      snprintf(jp, sizeof(jp), "%s[%d]", path, i);
+      if (!cJSON_IsObject(item)) return fail(ctx, jp, "an object", item);
+      if (walk_object(ctx, element_schema, jp, item) != 0) return -1;
+    }
+    return 0;
+  }
+  case K_STRING:
+  case K_SECRET:
+  case K_URL:
+  case K_ADDR:
+  case K_ENUM:
+  case K_HEX64: {
+    if (!cJSON_IsString(v)) return fail(ctx, path, "a string", v);
+    const char *s = v->valuestring;
+    size_t len = strlen(s);
+    if (e->kind == K_STRING && (len < e->min || (e->max > 0 && len > e->max))) {
+      snprintf(expected, sizeof(expected), "a string of %g to %g characters", e->min, e->max);
+      return fail(ctx, path, expected, v);
+    }
+    if (e->kind == K_ENUM && !enum_allows(e->enum_values, s)) {
+      snprintf(expected, sizeof(expected), "one of %s", e->enum_values);
+      return fail(ctx, path, expected, v);
+    }
+    if (e->kind == K_URL && len > 0 && strncmp(s, "http://", 7) != 0 &&
+        strncmp(s, "https://", 8) != 0)
+      return fail(ctx, path, "an http:// or https:// base URL (or \"\")", v);
+    if (e->kind == K_URL && len >= 512) return fail(ctx, path, "a URL under 512 characters", v);
+    if (e->kind == K_SECRET && len >= 512) return fail(ctx, path, "a value under 512 characters", v);
+    if (e->kind == K_SECRET && (strcmp(s, "env:") == 0 || strcmp(s, "file:") == 0))
+      return fail(ctx, path, "env:NAME or file:PATH with a name", v);
+    if (e->kind == K_ADDR) {
+      char host[128];
+      int port;
+      if (zg_split_host_port(s, host, sizeof(host), &port) != 0)
+        return fail(ctx, path, "host:port (e.g. 0.0.0.0:18789)", v);
+    }
+    if (e->kind == K_HEX64) {
+      bool ok = len == 64;
+      for (size_t i = 0; ok && i < len; i++)
+        ok = (s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f') ||
+             (s[i] >= 'A' && s[i] <= 'F');
+      if (!ok) return fail(ctx, path, "64 hex characters (sha256 of the token)", v);
+    }
+    return 0;
+  }
+  case K_UINT:
+  case K_DOUBLE: {
+    if (!cJSON_IsNumber(v)) {
+      snprintf(expected, sizeof(expected), "a number between %g and %g", e->min, e->max);
+      return fail(ctx, path, expected, v);
+    }
+    double d = v->valuedouble;
+    if (e->kind == K_UINT && d != floor(d)) {
+      snprintf(expected, sizeof(expected), "a whole number between %g and %g", e->min, e->max);
+      return fail(ctx, path, expected, v);
+    }
+    if (d < e->min || d > e->max) {
+      snprintf(expected, sizeof(expected), "a number between %g and %g", e->min, e->max);
+      return fail(ctx, path, expected, v);
+    }
+    return 0;
+  }
+  case K_BOOL:
+    if (!cJSON_IsBool(v)) return fail(ctx, path, "true or false", v);
+    return 0;
+  case K_SIZE: {
+    uint64_t bytes;
+    if (cJSON_IsNumber(v) && v->valuedouble >= 0) return 0;
+    if (cJSON_IsString(v) && zg_parse_size(v->valuestring, &bytes) == 0) return 0;
+    return fail(ctx, path, "a size in bytes or a string like \"512MB\" or \"1GB\"", v);
+  }
+  }
+  return 0;
+}
+
+/* Adds every schema default that is missing (not inside arrays). */
+static void fill_defaults(cJSON *root) {
+  for (size_t i = 0; i < zg_schema_len; i++) {
+    const struct schema_entry *e = &zg_schema[i];
+    if (!e->default_json || strstr(e->path, "[]")) continue;
+    if (strncmp(e->path, "auth.", 5) == 0 && !cJSON_GetObjectItemCaseSensitive(root, "auth"))
+      continue; /* no auth section = bootstrap-token mode; never default it */
+    cJSON *parent = root;
+    char path[256];
+    snprintf(path, sizeof(path), "%s", e->path);
+    char *save = NULL;
+    char *part = strtok_r(path, ".", &save);
+    while (part) {
+      char *next = strtok_r(NULL, ".", &save);
+      cJSON *child = cJSON_GetObjectItemCaseSensitive(parent, part);
+      if (!next) {
+        if (!child) cJSON_AddItemToObject(parent, part, cJSON_Parse(e->default_json));
+      } else {
+        if (!child) child = cJSON_AddObjectToObject(parent, part);
+        parent = child;
+      }
+      part = next;
+    }
+  }
+}
+
+static cJSON *get_path(const cJSON *root, const char *dotted) {
+  char path[256];
+  snprintf(path, sizeof(path), "%s", dotted);
+  const cJSON *cur = root;
+  char *save = NULL;
+  for (char *part = strtok_r(path, ".", &save); part && cur; part = strtok_r(NULL, ".", &save))
+    cur = cJSON_GetObjectItemCaseSensitive(cur, part);
+  return (cJSON *)cur;
+}
+
+static void copy_string(char *dst, size_t size, const char *src) {
+  snprintf(dst, size, "%s", src ? src : "");
+}
+
+static void store_scalars(struct zg_config *cfg) {
+  for (size_t i = 0; i < zg_schema_len; i++) {
+    const struct schema_entry *e = &zg_schema[i];
+    if (e->offset == (size_t)-1) continue;
+    cJSON *v = get_path(cfg->effective, e->path);
+    if (!v) continue;
+    char *field = (char *)cfg + e->offset;
+    switch (e->kind) {
+    case K_STRING:
+    case K_SECRET:
+    case K_URL:
+    case K_ADDR:
+    case K_ENUM:
+    case K_HEX64: copy_string(field, e->size, v->valuestring); break;
+    case K_UINT: *(unsigned *)field = (unsigned)v->valuedouble; break;
+    case K_DOUBLE: *(double *)field = v->valuedouble; break;
+    case K_BOOL: *(bool *)field = cJSON_IsTrue(v); break;
+    case K_SIZE: {
+      uint64_t bytes = 0;
+      if (cJSON_IsNumber(v)) bytes = (uint64_t)v->valuedouble;
+      else zg_parse_size(v->valuestring, &bytes);
+      *(uint64_t *)field = bytes;
+      break;
+    }
+    default: break;
+    }
+  }
+}
+
+static const char *item_string(const cJSON *obj, const char *key) {
+  const cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, key);
+  return cJSON_IsString(v) ? v->valuestring : "";
+}
+
+static int store_arrays(struct parse_ctx *ctx, struct zg_config *cfg) {
+  const cJSON *peers = get_path(cfg->effective, "cluster.peers");
+  int i = 0;
+  const cJSON *p;
+  cJSON_ArrayForEach(p, peers) {
+    struct zg_peer *peer = &cfg->peers[cfg->n_peers++];
+    copy_string(peer->id, sizeof(peer->id), item_string(p, "id"));
+    copy_string(peer->zone, sizeof(peer->zone), item_string(p, "zone"));
+    copy_string(peer->role, sizeof(peer->role), item_string(p, "role"));
+    if (!peer->role[0]) copy_string(peer->role, sizeof(peer->role), "gateway");
+    copy_string(peer->raft, sizeof(peer->raft), item_string(p, "raft"));
+    copy_string(peer->admin, sizeof(peer->admin), item_string(p, "admin"));
+    copy_string(peer->gateway, sizeof(peer->gateway), item_string(p, "gateway"));
+    if (!peer->id[0] || !peer->raft[0]) {
+      snprintf(ctx->err, ctx->errlen, "%s: cluster.peers[%d]: expected \"id\" and \"raft\", found %s missing",
+               ctx->origin, i, peer->id[0] ? "\"raft\"" : "\"id\"");
+      return -1;
+    }
+    if (strcmp(peer->id, cfg->node_id) == 0) {
+      snprintf(ctx->err, ctx->errlen,
+               "%s: cluster.peers[%d].id: expected another member, found this node's own id \"%s\" "
+               "(peers lists every OTHER member)",
+               ctx->origin, i, peer->id);
+      return -1;
+    }
+    for (size_t j = 0; j + 1 < cfg->n_peers; j++)
+      if (strcmp(cfg->peers[j].id, peer->id) == 0) {
+        snprintf(ctx->err, ctx->errlen, "%s: cluster.peers[%d].id: expected a unique id, found \"%s\" twice",
+                 ctx->origin, i, peer->id);
+        return -1;
+      }
+    i++;
+  }
+  const cJSON *fallbacks = get_path(cfg->effective, "fallback_endpoints");
+  i = 0;
+  cJSON_ArrayForEach(p, fallbacks) {
+    struct zg_fallback *fb = &cfg->fallbacks[cfg->n_fallbacks++];
+    copy_string(fb->endpoint, sizeof(fb->endpoint), item_string(p, "endpoint"));
+    copy_string(fb->api_key, sizeof(fb->api_key), item_string(p, "api_key"));
+    if (!fb->endpoint[0]) {
+      snprintf(ctx->err, ctx->errlen, "%s: fallback_endpoints[%d].endpoint: expected a URL, found nothing",
+               ctx->origin, i);
+      return -1;
+    }
+    i++;
+  }
+  const cJSON *tokens = get_path(cfg->effective, "auth.tokens");
+  i = 0;
+  cJSON_ArrayForEach(p, tokens) {
+    struct zg_file_token *t = &cfg->tokens[cfg->n_tokens++];
+    copy_string(t->name, sizeof(t->name), item_string(p, "name"));
+    copy_string(t->sha256, sizeof(t->sha256), item_string(p, "sha256"));
+    for (char *c = t->sha256; *c; c++)
+      if (*c >= 'A' && *c <= 'F') *c = (char)(*c - 'A' + 'a');
+    if (!t->name[0] || !t->sha256[0]) {
+      snprintf(ctx->err, ctx->errlen, "%s: auth.tokens[%d]: expected \"name\" and \"sha256\", found %s missing",
+               ctx->origin, i, t->name[0] ? "\"sha256\"" : "\"name\"");
+      return -1;
+    }
+    i++;
+  }
+  return 0;
+}
+
+static int finish(struct parse_ctx *ctx, struct zg_config *cfg) {
+  fill_defaults(cfg->effective);
+  store_scalars(cfg);
+  if (!cJSON_GetObjectItemCaseSensitive(cfg->effective, "auth"))
+    copy_string(cfg->auth_mode, sizeof(cfg->auth_mode), "bootstrap");
+  cfg->has_temperature = get_path(cfg->effective, "model.temperature") != NULL;
+  cfg->has_top_p = get_path(cfg->effective, "model.top_p") != NULL;
+  if (!cfg->advertise_raft[0]) copy_string(cfg->advertise_raft, sizeof(cfg->advertise_raft), cfg->listen_raft);
+  if (!cfg->advertise_admin[0]) copy_string(cfg->advertise_admin, sizeof(cfg->advertise_admin), cfg->listen_admin);
+  if (!cfg->advertise_gateway[0])
+    copy_string(cfg->advertise_gateway, sizeof(cfg->advertise_gateway), cfg->listen_gateway);
+  if (cfg->heartbeat_ms * 2 > cfg->election_timeout_ms) {
+    snprintf(ctx->err, ctx->errlen,
+             "%s: cluster.heartbeat_ms: expected at most half of cluster.election_timeout_ms (%u), found %u",
+             ctx->origin, cfg->election_timeout_ms, cfg->heartbeat_ms);
+    return -1;
+  }
+  if (strcmp(cfg->auth_mode, "token") == 0 && !get_path(cfg->effective, "auth.tokens")) {
+    /* token mode with no file tokens: tokens come from the admin API. */
+  }
+  return store_arrays(ctx, cfg);
+}
+
+struct zg_config *zg_config_parse(const char *text, const char *origin, char *err, size_t errlen) {
+  struct parse_ctx ctx = {origin, err, errlen};
+  const char *error_ptr = NULL;
+  cJSON *root = cJSON_ParseWithOpts(text, &error_ptr, 1);
+  if (!root) {
+    int line = 1, col = 1;
+    for (const char *p = text; error_ptr && p < error_ptr; p++) {
+      if (*p == '\n') {
+        line++;
+        col = 1;
+      } else {
+        col++;
+      }
+    }
+    snprintf(err, errlen, "%s: line %d column %d: expected valid JSON, found a syntax error near \"%.20s\"",
+             origin, line, col, error_ptr ? error_ptr : "");
+    return NULL;
+  }
+  if (!cJSON_IsObject(root)) {
+    fail(&ctx, "(top level)", "a JSON object", root);
+    cJSON_Delete(root);
+    return NULL;
+  }
+  if (walk_object(&ctx, "", "", root) != 0) {
+    cJSON_Delete(root);
+    return NULL;
+  }
+  struct zg_config *cfg = calloc(1, sizeof(*cfg));
+  if (!cfg) {
+    cJSON_Delete(root);
+    snprintf(err, errlen, "out of memory");
+    return NULL;
+  }
+  copy_string(cfg->path, sizeof(cfg->path), origin);
+  cfg->effective = root;
+  if (finish(&ctx, cfg) != 0) {
+    zg_config_free(cfg);
+    return NULL;
+  }
+  return cfg;
+}
+
+struct zg_config *zg_config_load(const char *path, char *err, size_t errlen) {
+  FILE *f = fopen(path, "r");
+  if (!f) {
+    snprintf(err, errlen, "%s: cannot open config file: %s", path, strerror(errno));
+    return NULL;
+  }
+  zg_buf text;
+  zg_buf_init(&text);
+  char chunk[4096];
+  size_t n;
+  while ((n = fread(chunk, 1, sizeof(chunk), f)) > 0) zg_buf_append(&text, chunk, n);
+  bool read_error = ferror(f);
+  fclose(f);
+  if (read_error) {
+    snprintf(err, errlen, "%s: cannot read config file", path);
+    zg_buf_free(&text);
+    return NULL;
+  }
+  zg_buf_append(&text, "", 0);
+  struct zg_config *cfg = zg_config_parse(text.data, path, err, errlen);
+  zg_buf_free(&text);
+  return cfg;
+}
+
+void zg_config_free(struct zg_config *cfg) {
+  if (!cfg) return;
+  cJSON_Delete(cfg->effective);
+  free(cfg);
+}
+
+static bool is_literal_secret(const char *v) {
+  return v && *v && strncmp(v, "env:", 4) != 0 && strncmp(v, "file:", 5) != 0;
+}
+
+static void mask_secrets(cJSON *node, const char *schema_path) {
+  for (cJSON *child = node ? node->child : NULL; child; child = child->next) {
+    char sp[256];
+    if (cJSON_IsArray(node)) snprintf(sp, sizeof(sp), "%s[]", schema_path);
+    else snprintf(sp, sizeof(sp), "%s%s%s", schema_path, *schema_path ? "." : "", child->string);
+    if (cJSON_IsObject(child) || cJSON_IsArray(child)) {
+      mask_secrets(child, sp);
+      continue;
+    }
+    const struct schema_entry *e = schema_find(sp);
+    bool secretish = (e && e->kind == K_SECRET) ||
+                     (child->string && (strstr(child->string, "secret") || strstr(child->string, "password") ||
+                                        strstr(child->string, "key") || strstr(child->string, "token")));
+    if (secretish && cJSON_IsString(child) && is_literal_secret(child->valuestring) &&
+        !(e && e->kind != K_SECRET))
+      cJSON_SetValuestring(child, "****");
+  }
+}
+
+char *zg_config_dump_masked(const struct zg_config *cfg) {
+  cJSON *copy = cJSON_Duplicate(cfg->effective, 1);
+  mask_secrets(copy, "");
+  char *text = cJSON_Print(copy);
+  cJSON_Delete(copy);
+  return text;
+}
+
+void zg_config_warnings(const struct zg_config *cfg, void (*emit)(void *ud, const char *path, const char *msg),
+                        void *ud) {
+  struct {
+    const char *path;
+    const char *value;
+  } secrets[] = {{"api_key", cfg->api_key},
+                 {"cluster.secret", cfg->cluster_secret},
+                 {"security.master_key", cfg->master_key},
+                 {"security.admin_token", cfg->admin_token}};
+  for (size_t i = 0; i < ZG_ARRAY_LEN(secrets); i++)
+    if (is_literal_secret(secrets[i].value))
+      emit(ud, secrets[i].path,
+           "secret written literally in the config file; prefer \"env:NAME\" or \"file:PATH\"");
+  for (size_t i = 0; i < cfg->n_fallbacks; i++)
+    if (is_literal_secret(cfg->fallbacks[i].api_key))
+      emit(ud, "fallback_endpoints[].api_key",
+           "secret written literally in the config file; prefer \"env:NAME\" or \"file:PATH\"");
+  if (!cfg->endpoint[0])
+    emit(ud, "endpoint", "no upstream endpoint is set; chat requests will fail with 502 until it is");
+  if (strcmp(cfg->auth_mode, "none") == 0)
+    emit(ud, "auth.mode", "client authentication is OFF: anyone who reaches the port can use the upstream key");
+}
+
+cJSON *zg_config_replicated_json(const struct zg_config *cfg) {
+  cJSON *out = cJSON_CreateObject();
+  for (cJSON *child = cfg->effective->child; child; child = child->next)
+    if (zg_config_key_is_replicated(child->string))
+      cJSON_AddItemToObject(out, child->string, cJSON_Duplicate(child, 1));
+  return out;
+}
+
+struct zg_config *zg_config_with_replicated(const struct zg_config *local, const cJSON *replicated,
+                                            const char *origin, char *err, size_t errlen) {
+  if (!cJSON_IsObject(replicated)) {
+    snprintf(err, errlen, "%s: (top level): expected a JSON object", origin);
+    return NULL;
+  }
+  for (const cJSON *child = replicated->child; child; child = child->next) {
+    if (!zg_config_key_is_replicated(child->string)) {
+      snprintf(err, errlen,
+               "%s: %s: expected only replicated sections (api_key, endpoint, fallback_endpoints, performance, "
+               "model, auth, failover, drills, alerts), found \"%s\" which is local to each node's file",
+               origin, child->string, child->string);
+      return NULL;
+    }
+  }
+  cJSON *merged = cJSON_CreateObject();
+  for (cJSON *child = local->effective->child; child; child = child->next)
+    if (!zg_config_key_is_replicated(child->string))
+      cJSON_AddItemToObject(merged, child->string, cJSON_Duplicate(child, 1));
+  for (const cJSON *child = replicated->child; child; child = child->next)
+    cJSON_AddItemToObject(merged, child->string, cJSON_Duplicate(child, 1));
+  char *text = cJSON_PrintUnformatted(merged);
+  cJSON_Delete(merged);
+  struct zg_config *cfg = zg_config_parse(text, origin, err, errlen);
+  free(text);
+  if (cfg) copy_string(cfg->path, sizeof(cfg->path), local->path);
+  return cfg;
+}

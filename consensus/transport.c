@@ -1,0 +1,702 @@
+/* transport.c: raft_uv transport over libuv TCP with a mutual
+ * challenge-response handshake keyed by the cluster secret.
+ *
+ * Outbound (connect): resolve, connect, send HELLO {nonce_c, our raft id,
+ * our address}; read CHALLENGE {nonce_s, server id, server address, mac_s};
+ * check mac_s and that the server is the node we wanted; send PROOF {mac_c};
+ * read OK; hand the stream to raft. Inbound (accept): the mirror image, and
+ * the stream goes to raft after OK is written. Each MAC is
+ * HMAC-SHA256(secret, direction label || nonce_c || nonce_s || sender id ||
+ * sender address), compared with CRYPTO_memcmp.
+ *
+ * Every read asks libuv for exactly the bytes the current message still
+ * needs, so no raft byte is ever swallowed by the handshake. A handshake is
+ * bounded to HANDSHAKE_TIMEOUT_MS and fixed sizes; a wrong secret, a timeout
+ * or a malformed message closes the connection and logs WARN
+ * `peer_auth_failed` with the peer's IP (never the secret). While the
+ * startup quiet period runs, inbound connections are closed at once and
+ * outbound ones fail, so a restarted node takes part in no election.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+
+#include "base/base.h"
+#include "consensus/internal.h"
+
+#define HANDSHAKE_TIMEOUT_MS 2000
+#define MAX_INBOUND_HANDSHAKES 64
+#define NONCE_LEN 32
+#define MAC_LEN 32
+#define ADDR_MAX 255
+#define HELLO_FIXED (4 + NONCE_LEN + 8 + 1)
+#define CHALLENGE_FIXED (4 + NONCE_LEN + 8 + MAC_LEN + 1)
+#define PROOF_LEN (4 + MAC_LEN)
+#define OK_LEN 4
+
+enum hs_phase {
+  HS_RESOLVING,
+  HS_CONNECTING,
+  HS_READ_HELLO,
+  HS_READ_HELLO_ADDR,
+  HS_READ_CHALLENGE,
+  HS_READ_CHALLENGE_ADDR,
+  HS_READ_PROOF,
+  HS_READ_OK,
+  HS_WRITING_OK,
+  HS_DONE,
+};
+
+struct zgt;
+
+struct handshake {
+  struct zgt *tr;
+  struct handshake *next, *prev;
+  bool outbound, finished, tcp_open, timer_open, gai_pending;
+  enum hs_phase phase;
+  uv_tcp_t *tcp; /* raft_malloc'd: raft frees it after the handoff */
+  uv_timer_t timer;
+  uv_getaddrinfo_t gai;
+  uv_connect_t connect_req;
+  uv_write_t write1, write2;
+  int writes_pending;
+  bool ok_received;
+  struct raft_uv_connect *req; /* outbound */
+  raft_id peer_id;
+  char peer_address[ADDR_MAX + 1];
+  char peer_ip[64];
+  uint8_t nonce_c[NONCE_LEN], nonce_s[NONCE_LEN];
+  uint8_t rbuf[CHALLENGE_FIXED + ADDR_MAX];
+  size_t rneed, rgot;
+  uint8_t wbuf1[CHALLENGE_FIXED + ADDR_MAX], wbuf2[PROOF_LEN];
+};
+
+struct zgt {
+  struct raft_uv_transport *t;
+  uv_loop_t *loop;
+  char *secret;
+  raft_id id;
+  char address[ADDR_MAX + 1];
+  char bind_address[ADDR_MAX + 1];
+  uv_tcp_t listener;
+  uv_timer_t quiet_timer;
+  bool listener_open, quiet_timer_open, quiet;
+  unsigned quiet_ms;
+  raft_uv_accept_cb accept_cb;
+  struct handshake *handshakes;
+  unsigned n_inbound;
+  bool closing;
+  raft_uv_transport_close_cb close_cb;
+};
+
+static void hs_fail(struct handshake *hs, const char *why);
+static void maybe_finish_close(struct zgt *tr);
+
+/* ---- MACs ---------------------------------------------------------------- */
+
+static void put_be64(uint8_t *p, uint64_t v) {
+  for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (56 - 8 * i));
+}
+
+static uint64_t get_be64(const uint8_t *p) {
+  uint64_t v = 0;
+  for (int i = 0; i < 8; i++) v = (v << 8) | p[i];
+  return v;
+}
+
+static void compute_mac(const struct zgt *tr, const char *label, const uint8_t *nonce_c,
+                        const uint8_t *nonce_s, raft_id sender_id, const char *sender_address,
+                        uint8_t out[MAC_LEN]) {
+  uint8_t data[64 + 2 * NONCE_LEN + 8 + ADDR_MAX];
+  size_t n = 0, label_len = strlen(label), addr_len = strlen(sender_address);
+  memcpy(data + n, label, label_len);
+  n += label_len;
+  memcpy(data + n, nonce_c, NONCE_LEN);
+  n += NONCE_LEN;
+  memcpy(data + n, nonce_s, NONCE_LEN);
+  n += NONCE_LEN;
+  put_be64(data + n, sender_id);
+  n += 8;
+  memcpy(data + n, sender_address, addr_len);
+  n += addr_len;
+  unsigned int mac_len = MAC_LEN;
+  HMAC(EVP_sha256(), tr->secret, (int)strlen(tr->secret), data, n, out, &mac_len);
+}
+
+/* ---- handshake lifetime --------------------------------------------------- */
+
+static void hs_release(struct handshake *hs) {
+  if (hs->tcp_open || hs->timer_open || hs->gai_pending) return;
+  struct zgt *tr = hs->tr;
+  if (hs->prev) hs->prev->next = hs->next;
+  else tr->handshakes = hs->next;
+  if (hs->next) hs->next->prev = hs->prev;
+  if (!hs->outbound) tr->n_inbound--;
+  free(hs);
+  maybe_finish_close(tr);
+}
+
+static void hs_tcp_close_cb(uv_handle_t *h) {
+  struct handshake *hs = h->data;
+  raft_free(h);
+  hs->tcp = NULL;
+  hs->tcp_open = false;
+  hs_release(hs);
+}
+
+static void hs_timer_close_cb(uv_handle_t *h) {
+  struct handshake *hs = h->data;
+  hs->timer_open = false;
+  hs_release(hs);
+}
+
+static void hs_close_handles(struct handshake *hs, bool close_tcp) {
+  if (hs->timer_open && !uv_is_closing((uv_handle_t *)&hs->timer))
+    uv_close((uv_handle_t *)&hs->timer, hs_timer_close_cb);
+  if (close_tcp && hs->tcp_open && !uv_is_closing((uv_handle_t *)hs->tcp))
+    uv_close((uv_handle_t *)hs->tcp, hs_tcp_close_cb);
+}
+
+/* Ends a handshake with an error: closes its handles and, for an outbound
+ * one, tells raft the connect failed. */
+static void hs_fail(struct handshake *hs, const char *why) {
+  if (hs->finished) return;
+  hs->finished = true;
+  hs->phase = HS_DONE;
+  if (why != NULL) {
+    ZG_LOG_WARN("peer_auth_failed", "raft peer %s (%s): %s", hs->peer_ip[0] ? hs->peer_ip : "?",
+                hs->outbound ? "outbound" : "inbound", why);
+  }
+  if (hs->gai_pending) uv_cancel((uv_req_t *)&hs->gai);
+  hs_close_handles(hs, true);
+  if (hs->outbound && hs->req != NULL) {
+    struct raft_uv_connect *req = hs->req;
+    hs->req = NULL;
+    req->cb(req, NULL, hs->tr->closing ? RAFT_CANCELED : RAFT_NOCONNECTION);
+  }
+  hs_release(hs);
+}
+
+/* Hands the authenticated stream to raft. */
+static void hs_succeed(struct handshake *hs) {
+  struct zgt *tr = hs->tr;
+  uv_read_stop((uv_stream_t *)hs->tcp);
+  uv_tcp_t *tcp = hs->tcp;
+  hs->finished = true;
+  hs->phase = HS_DONE;
+  hs->tcp = NULL;
+  hs->tcp_open = false;
+  tcp->data = NULL;
+  hs_close_handles(hs, false);
+  ZG_LOG_INFO("peer_authenticated", "raft peer %llu (%s, %s) authenticated, %s",
+              (unsigned long long)hs->peer_id, hs->peer_address, hs->peer_ip,
+              hs->outbound ? "outbound" : "inbound");
+  if (hs->outbound) {
+    struct raft_uv_connect *req = hs->req;
+    hs->req = NULL;
+    req->cb(req, (uv_stream_t *)tcp, 0);
+  } else {
+    tr->accept_cb(tr->t, hs->peer_id, hs->peer_address, (uv_stream_t *)tcp);
+  }
+  hs_release(hs);
+}
+
+static void hs_timeout_cb(uv_timer_t *timer) {
+  struct handshake *hs = timer->data;
+  hs_fail(hs, hs->phase == HS_CONNECTING || hs->phase == HS_RESOLVING ? NULL
+                                                                        : "handshake timed out");
+}
+
+static struct handshake *hs_new(struct zgt *tr, bool outbound) {
+  struct handshake *hs = calloc(1, sizeof *hs);
+  if (hs == NULL) return NULL;
+  hs->tr = tr;
+  hs->outbound = outbound;
+  if (uv_timer_init(tr->loop, &hs->timer) != 0) {
+    free(hs);
+    return NULL;
+  }
+  hs->timer.data = hs;
+  hs->timer_open = true;
+  hs->next = tr->handshakes;
+  if (hs->next) hs->next->prev = hs;
+  tr->handshakes = hs;
+  if (!outbound) tr->n_inbound++;
+  uv_timer_start(&hs->timer, hs_timeout_cb, HANDSHAKE_TIMEOUT_MS, 0);
+  return hs;
+}
+
+static void note_peer_ip(struct handshake *hs) {
+  struct sockaddr_storage ss;
+  int len = sizeof ss;
+  if (uv_tcp_getpeername(hs->tcp, (struct sockaddr *)&ss, &len) != 0) return;
+  if (ss.ss_family == AF_INET)
+    uv_ip4_name((struct sockaddr_in *)&ss, hs->peer_ip, sizeof hs->peer_ip);
+  else if (ss.ss_family == AF_INET6)
+    uv_ip6_name((struct sockaddr_in6 *)&ss, hs->peer_ip, sizeof hs->peer_ip);
+}
+
+/* ---- I/O ------------------------------------------------------------------ */
+
+static void hs_write_cb(uv_write_t *w, int status) {
+  struct handshake *hs = w->data;
+  hs->writes_pending--;
+  if (hs->finished) return;
+  if (status != 0) {
+    hs_fail(hs, NULL);
+    return;
+  }
+  if (!hs->outbound && hs->phase == HS_WRITING_OK && hs->writes_pending == 0) hs_succeed(hs);
+  else if (hs->outbound && hs->ok_received && hs->writes_pending == 0) hs_succeed(hs);
+}
+
+static int hs_write(struct handshake *hs, uv_write_t *w, const uint8_t *data, size_t len) {
+  uv_buf_t buf = uv_buf_init((char *)data, (unsigned)len);
+  w->data = hs;
+  int rv = uv_write(w, (uv_stream_t *)hs->tcp, &buf, 1, hs_write_cb);
+  if (rv == 0) hs->writes_pending++;
+  return rv;
+}
+
+static void hs_expect(struct handshake *hs, enum hs_phase phase, size_t len) {
+  hs->phase = phase;
+  hs->rneed = len;
+  hs->rgot = 0;
+}
+
+static void hs_alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
+  struct handshake *hs = h->data;
+  /* Exactly the bytes still missing from the current message. */
+  size_t want = hs->rneed > hs->rgot ? hs->rneed - hs->rgot : 0;
+  *buf = uv_buf_init((char *)hs->rbuf + hs->rgot, (unsigned)want);
+}
+
+/* Server side: HELLO complete. */
+static void on_hello(struct handshake *hs) {
+  struct zgt *tr = hs->tr;
+  const uint8_t *p = hs->rbuf;
+  if (memcmp(p, "ZGH1", 4) != 0) {
+    hs_fail(hs, "not a zonegate raft handshake");
+    return;
+  }
+  size_t addr_len = p[HELLO_FIXED - 1];
+  if (hs->phase == HS_READ_HELLO && addr_len > 0) {
+    /* Keep the fixed part, then read the address behind it. */
+    hs->phase = HS_READ_HELLO_ADDR;
+    hs->rneed = HELLO_FIXED + addr_len;
+    return;
+  }
+  if (addr_len == 0) {
+    hs_fail(hs, "empty peer address");
+    return;
+  }
+  memcpy(hs->nonce_c, p + 4, NONCE_LEN);
+  hs->peer_id = get_be64(p + 4 + NONCE_LEN);
+  memcpy(hs->peer_address, p + HELLO_FIXED, addr_len);
+  hs->peer_address[addr_len] = '\0';
+  if (hs->peer_id == 0) {
+    hs_fail(hs, "peer sent raft id 0");
+    return;
+  }
+  if (zg_random_bytes(hs->nonce_s, NONCE_LEN) != 0) {
+    hs_fail(hs, "no randomness");
+    return;
+  }
+  size_t my_len = strlen(tr->address);
+  uint8_t *w = hs->wbuf1;
+  memcpy(w, "ZGH2", 4);
+  memcpy(w + 4, hs->nonce_s, NONCE_LEN);
+  put_be64(w + 4 + NONCE_LEN, tr->id);
+  compute_mac(tr, "zonegate-raft-server", hs->nonce_c, hs->nonce_s, tr->id, tr->address,
+              w + 4 + NONCE_LEN + 8);
+  w[CHALLENGE_FIXED - 1] = (uint8_t)my_len;
+  memcpy(w + CHALLENGE_FIXED, tr->address, my_len);
+  if (hs_write(hs, &hs->write1, w, CHALLENGE_FIXED + my_len) != 0) {
+    hs_fail(hs, NULL);
+    return;
+  }
+  hs_expect(hs, HS_READ_PROOF, PROOF_LEN);
+}
+
+/* Server side: PROOF complete. */
+static void on_proof(struct handshake *hs) {
+  uint8_t expected[MAC_LEN];
+  if (memcmp(hs->rbuf, "ZGH3", 4) != 0) {
+    hs_fail(hs, "malformed proof message");
+    return;
+  }
+  compute_mac(hs->tr, "zonegate-raft-client", hs->nonce_c, hs->nonce_s, hs->peer_id,
+              hs->peer_address, expected);
+  if (CRYPTO_memcmp(expected, hs->rbuf + 4, MAC_LEN) != 0) {
+    hs_fail(hs, "wrong cluster secret (client proof did not verify)");
+    return;
+  }
+  uv_read_stop((uv_stream_t *)hs->tcp);
+  memcpy(hs->wbuf2, "ZGH4", 4);
+  hs->phase = HS_WRITING_OK;
+  hs->rneed = hs->rgot = 0;
+  if (hs_write(hs, &hs->write2, hs->wbuf2, OK_LEN) != 0) hs_fail(hs, NULL);
+}
+
+/* Client side: CHALLENGE complete. */
+static void on_challenge(struct handshake *hs) {
+  struct zgt *tr = hs->tr;
+  const uint8_t *p = hs->rbuf;
+  if (memcmp(p, "ZGH2", 4) != 0) {
+    hs_fail(hs, "not a zonegate raft handshake");
+    return;
+  }
+  size_t addr_len = p[CHALLENGE_FIXED - 1];
+  if (hs->phase == HS_READ_CHALLENGE && addr_len > 0) {
+    hs->phase = HS_READ_CHALLENGE_ADDR;
+    hs->rneed = CHALLENGE_FIXED + addr_len;
+    return;
+  }
+  char server_address[ADDR_MAX + 1];
+  memcpy(server_address, p + CHALLENGE_FIXED, addr_len);
+  server_address[addr_len] = '\0';
+  memcpy(hs->nonce_s, p + 4, NONCE_LEN);
+  raft_id server_id = get_be64(p + 4 + NONCE_LEN);
+  uint8_t expected[MAC_LEN];
+  compute_mac(tr, "zonegate-raft-server", hs->nonce_c, hs->nonce_s, server_id, server_address,
+              expected);
+  if (CRYPTO_memcmp(expected, p + 4 + NONCE_LEN + 8, MAC_LEN) != 0) {
+    hs_fail(hs, "wrong cluster secret (server proof did not verify)");
+    return;
+  }
+  if (server_id != hs->peer_id) {
+    hs_fail(hs, "the node at this address has another raft id");
+    return;
+  }
+  uint8_t *w = hs->wbuf2;
+  memcpy(w, "ZGH3", 4);
+  compute_mac(tr, "zonegate-raft-client", hs->nonce_c, hs->nonce_s, tr->id, tr->address, w + 4);
+  if (hs_write(hs, &hs->write2, w, PROOF_LEN) != 0) {
+    hs_fail(hs, NULL);
+    return;
+  }
+  hs_expect(hs, HS_READ_OK, OK_LEN);
+}
+
+static void on_ok(struct handshake *hs) {
+  if (memcmp(hs->rbuf, "ZGH4", 4) != 0) {
+    hs_fail(hs, "malformed handshake confirmation");
+    return;
+  }
+  uv_read_stop((uv_stream_t *)hs->tcp);
+  hs->ok_received = true;
+  hs->rneed = hs->rgot = 0;
+  if (hs->writes_pending == 0) hs_succeed(hs);
+}
+
+static void hs_read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
+  struct handshake *hs = s->data;
+  if (hs->finished) return;
+  if (nread < 0) {
+    hs_fail(hs, hs->phase == HS_READ_OK || hs->phase == HS_READ_PROOF
+                    ? "peer closed during the handshake (it may have rejected our proof)"
+                    : NULL);
+    return;
+  }
+  hs->rgot += (size_t)nread;
+  if (hs->rgot < hs->rneed) return;
+  switch (hs->phase) {
+  case HS_READ_HELLO:
+  case HS_READ_HELLO_ADDR:
+    on_hello(hs);
+    break;
+  case HS_READ_PROOF:
+    on_proof(hs);
+    break;
+  case HS_READ_CHALLENGE:
+  case HS_READ_CHALLENGE_ADDR:
+    on_challenge(hs);
+    break;
+  case HS_READ_OK:
+    on_ok(hs);
+    break;
+  default:
+    hs_fail(hs, "unexpected data during the handshake");
+  }
+}
+
+/* ---- inbound ------------------------------------------------------------- */
+
+static void reject_close_cb(uv_handle_t *h) {
+  raft_free(h);
+}
+
+static void on_connection(uv_stream_t *server, int status) {
+  struct zgt *tr = server->data;
+  if (status != 0 || tr->closing) return;
+  uv_tcp_t *tcp = raft_malloc(sizeof *tcp);
+  if (tcp == NULL) return;
+  if (uv_tcp_init(tr->loop, tcp) != 0) {
+    raft_free(tcp);
+    return;
+  }
+  if (uv_accept(server, (uv_stream_t *)tcp) != 0 || tr->quiet ||
+      tr->n_inbound >= MAX_INBOUND_HANDSHAKES) {
+    uv_close((uv_handle_t *)tcp, reject_close_cb);
+    return;
+  }
+  struct handshake *hs = hs_new(tr, false);
+  if (hs == NULL) {
+    uv_close((uv_handle_t *)tcp, reject_close_cb);
+    return;
+  }
+  hs->tcp = tcp;
+  hs->tcp_open = true;
+  tcp->data = hs;
+  note_peer_ip(hs);
+  hs_expect(hs, HS_READ_HELLO, HELLO_FIXED);
+  if (uv_read_start((uv_stream_t *)tcp, hs_alloc_cb, hs_read_cb) != 0) hs_fail(hs, NULL);
+}
+
+/* ---- outbound ------------------------------------------------------------ */
+
+static void on_connect(uv_connect_t *creq, int status) {
+  struct handshake *hs = creq->data;
+  if (hs->finished) return;
+  if (status != 0) {
+    hs_fail(hs, NULL);
+    return;
+  }
+  note_peer_ip(hs);
+  struct zgt *tr = hs->tr;
+  size_t my_len = strlen(tr->address);
+  uint8_t *w = hs->wbuf1;
+  if (zg_random_bytes(hs->nonce_c, NONCE_LEN) != 0) {
+    hs_fail(hs, "no randomness");
+    return;
+  }
+  memcpy(w, "ZGH1", 4);
+  memcpy(w + 4, hs->nonce_c, NONCE_LEN);
+  put_be64(w + 4 + NONCE_LEN, tr->id);
+  w[HELLO_FIXED - 1] = (uint8_t)my_len;
+  memcpy(w + HELLO_FIXED, tr->address, my_len);
+  if (hs_write(hs, &hs->write1, w, HELLO_FIXED + my_len) != 0) {
+    hs_fail(hs, NULL);
+    return;
+  }
+  hs_expect(hs, HS_READ_CHALLENGE, CHALLENGE_FIXED);
+  if (uv_read_start((uv_stream_t *)hs->tcp, hs_alloc_cb, hs_read_cb) != 0) hs_fail(hs, NULL);
+}
+
+static void on_resolved(uv_getaddrinfo_t *gai, int status, struct addrinfo *res) {
+  struct handshake *hs = gai->data;
+  hs->gai_pending = false;
+  if (hs->finished || status != 0 || res == NULL) {
+    if (res) uv_freeaddrinfo(res);
+    if (!hs->finished) hs_fail(hs, NULL);
+    else hs_release(hs);
+    return;
+  }
+  struct zgt *tr = hs->tr;
+  hs->tcp = raft_malloc(sizeof *hs->tcp);
+  if (hs->tcp == NULL || uv_tcp_init(tr->loop, hs->tcp) != 0) {
+    raft_free(hs->tcp);
+    hs->tcp = NULL;
+    uv_freeaddrinfo(res);
+    hs_fail(hs, NULL);
+    return;
+  }
+  hs->tcp->data = hs;
+  hs->tcp_open = true;
+  hs->phase = HS_CONNECTING;
+  hs->connect_req.data = hs;
+  int rv = uv_tcp_connect(&hs->connect_req, hs->tcp, res->ai_addr, on_connect);
+  uv_freeaddrinfo(res);
+  if (rv != 0) hs_fail(hs, NULL);
+}
+
+static void fail_soon_cb(uv_timer_t *timer) {
+  hs_fail(timer->data, NULL);
+}
+
+static int tr_connect(struct raft_uv_transport *t, struct raft_uv_connect *req, raft_id id,
+                      const char *address, raft_uv_connect_cb cb) {
+  struct zgt *tr = t->impl;
+  if (tr->closing) return RAFT_CANCELED;
+  char host[ADDR_MAX + 1], port_text[16];
+  int port;
+  if (strlen(address) > ADDR_MAX ||
+      zg_split_host_port(address, host, sizeof host, &port) != 0) {
+    snprintf(t->errmsg, sizeof t->errmsg, "bad raft address '%.200s' (want host:port)", address);
+    return RAFT_INVALID;
+  }
+  struct handshake *hs = hs_new(tr, true);
+  if (hs == NULL) return RAFT_NOMEM;
+  req->cb = cb;
+  hs->req = req;
+  hs->peer_id = id;
+  snprintf(hs->peer_address, sizeof hs->peer_address, "%s", address);
+  snprintf(hs->peer_ip, sizeof hs->peer_ip, "%.63s", host);
+  if (tr->quiet) {
+    /* Not yet: fail asynchronously so raft retries later. */
+    uv_timer_start(&hs->timer, fail_soon_cb, 0, 0);
+    return 0;
+  }
+  snprintf(port_text, sizeof port_text, "%d", port);
+  struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM};
+  hs->gai.data = hs;
+  hs->phase = HS_RESOLVING;
+  if (uv_getaddrinfo(tr->loop, &hs->gai, on_resolved, host, port_text, &hints) != 0) {
+    uv_timer_start(&hs->timer, fail_soon_cb, 0, 0);
+    return 0;
+  }
+  hs->gai_pending = true;
+  return 0;
+}
+
+/* ---- lifecycle ----------------------------------------------------------- */
+
+static int tr_init(struct raft_uv_transport *t, raft_id id, const char *address) {
+  struct zgt *tr = t->impl;
+  if (strlen(address) > ADDR_MAX) {
+    snprintf(t->errmsg, sizeof t->errmsg, "raft address too long");
+    return RAFT_NAMETOOLONG;
+  }
+  tr->id = id;
+  snprintf(tr->address, sizeof tr->address, "%s", address);
+  if (tr->bind_address[0] == '\0') snprintf(tr->bind_address, sizeof tr->bind_address, "%s", address);
+  return 0;
+}
+
+static void quiet_over_cb(uv_timer_t *timer) {
+  struct zgt *tr = timer->data;
+  tr->quiet = false;
+  ZG_LOG_INFO("raft_quiet_period_over", "joining the raft group now");
+}
+
+static int tr_listen(struct raft_uv_transport *t, raft_uv_accept_cb cb) {
+  struct zgt *tr = t->impl;
+  char host[ADDR_MAX + 1];
+  int port, rv;
+  struct sockaddr_storage ss;
+  if (zg_split_host_port(tr->bind_address, host, sizeof host, &port) != 0) {
+    snprintf(t->errmsg, sizeof t->errmsg, "bad raft listen address '%.200s'", tr->bind_address);
+    return RAFT_INVALID;
+  }
+  if (uv_ip4_addr(host, port, (struct sockaddr_in *)&ss) != 0 &&
+      uv_ip6_addr(host, port, (struct sockaddr_in6 *)&ss) != 0) {
+    snprintf(t->errmsg, sizeof t->errmsg, "raft listen address '%.200s' is not an IP address",
+             tr->bind_address);
+    return RAFT_INVALID;
+  }
+  tr->accept_cb = cb;
+  if ((rv = uv_tcp_init(tr->loop, &tr->listener)) != 0) {
+    snprintf(t->errmsg, sizeof t->errmsg, "uv_tcp_init(): %s", uv_strerror(rv));
+    return RAFT_IOERR;
+  }
+  tr->listener.data = tr;
+  tr->listener_open = true;
+  if ((rv = uv_tcp_bind(&tr->listener, (struct sockaddr *)&ss, 0)) != 0 ||
+      (rv = uv_listen((uv_stream_t *)&tr->listener, 64, on_connection)) != 0) {
+    snprintf(t->errmsg, sizeof t->errmsg, "listen on %.200s: %s", tr->bind_address, uv_strerror(rv));
+    return RAFT_IOERR; /* the handle is closed by tr_close */
+  }
+  if (tr->quiet_ms > 0) {
+    tr->quiet = true;
+    uv_timer_init(tr->loop, &tr->quiet_timer);
+    tr->quiet_timer.data = tr;
+    tr->quiet_timer_open = true;
+    uv_timer_start(&tr->quiet_timer, quiet_over_cb, tr->quiet_ms, 0);
+    ZG_LOG_INFO("raft_quiet_period", "restarted node stays off the raft network for %u ms",
+                tr->quiet_ms);
+  }
+  return 0;
+}
+
+static void maybe_finish_close(struct zgt *tr) {
+  if (!tr->closing || tr->listener_open || tr->quiet_timer_open || tr->handshakes != NULL ||
+      tr->close_cb == NULL)
+    return;
+  raft_uv_transport_close_cb cb = tr->close_cb;
+  tr->close_cb = NULL;
+  cb(tr->t);
+}
+
+static void listener_close_cb(uv_handle_t *h) {
+  struct zgt *tr = h->data;
+  tr->listener_open = false;
+  maybe_finish_close(tr);
+}
+
+static void quiet_timer_close_cb(uv_handle_t *h) {
+  struct zgt *tr = h->data;
+  tr->quiet_timer_open = false;
+  maybe_finish_close(tr);
+}
+
+static void tr_close(struct raft_uv_transport *t, raft_uv_transport_close_cb cb) {
+  struct zgt *tr = t->impl;
+  tr->closing = true;
+  tr->close_cb = cb;
+  bool pending = false;
+  if (tr->listener_open) {
+    uv_close((uv_handle_t *)&tr->listener, listener_close_cb);
+    pending = true;
+  }
+  if (tr->quiet_timer_open) {
+    uv_close((uv_handle_t *)&tr->quiet_timer, quiet_timer_close_cb);
+    pending = true;
+  }
+  for (struct handshake *hs = tr->handshakes, *next; hs != NULL; hs = next) {
+    next = hs->next;
+    pending = true;
+    hs_fail(hs, NULL); /* may free hs */
+  }
+  if (!pending && tr->handshakes == NULL) {
+    /* Nothing to wait for: still call back from the loop, never inline. */
+    uv_timer_init(tr->loop, &tr->quiet_timer);
+    tr->quiet_timer.data = tr;
+    tr->quiet_timer_open = true;
+    uv_close((uv_handle_t *)&tr->quiet_timer, quiet_timer_close_cb);
+  }
+}
+
+int zg_transport_init(struct raft_uv_transport *t, uv_loop_t *loop, const char *secret,
+                      const char *bind_address, unsigned quiet_ms, char *err, size_t errlen) {
+  memset(t, 0, sizeof *t);
+  struct zgt *tr = calloc(1, sizeof *tr);
+  if (tr == NULL || (tr->secret = strdup(secret)) == NULL) {
+    free(tr);
+    snprintf(err, errlen, "zg_transport_init(): out of memory");
+    return -1;
+  }
+  if (bind_address && strlen(bind_address) > ADDR_MAX) {
+    zg_secret_free(tr->secret);
+    free(tr);
+    snprintf(err, errlen, "zg_transport_init(): bind address too long");
+    return -1;
+  }
+  tr->t = t;
+  tr->loop = loop;
+  tr->quiet_ms = quiet_ms;
+  if (bind_address) snprintf(tr->bind_address, sizeof tr->bind_address, "%s", bind_address);
+  t->version = 1;
+  t->impl = tr;
+  t->init = tr_init;
+  t->listen = tr_listen;
+  t->connect = tr_connect;
+  t->close = tr_close;
+  return 0;
+}
+
+void zg_transport_set_quiet(struct raft_uv_transport *t, unsigned quiet_ms) {
+  struct zgt *tr = t->impl;
+  tr->quiet_ms = quiet_ms;
+}
+
+void zg_transport_free(struct raft_uv_transport *t) {
+  struct zgt *tr = t->impl;
+  if (tr == NULL) return;
+  zg_secret_free(tr->secret);
+  free(tr);
+  t->impl = NULL;
+}

@@ -1,0 +1,107 @@
+/* auth.c: client authentication on the client port. A bearer token is
+ * hashed (SHA-256) and looked up among the file's bootstrap tokens
+ * (constant-time compare) and then in the replicated token table; expiry,
+ * the IP allowlist and the per-token requests-per-minute limit are checked.
+ * Failures answer 401 (missing/unknown/expired), 403 (address not
+ * allowed) or 429 (rate) in OpenAI's error shape. The token itself is
+ * never logged or stored; only its hash is compared. */
+#include "gateway/internal.h"
+
+#include <arpa/inet.h>
+#include <openssl/crypto.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+bool gateway_cidr_match(const char *cidr, const char *ip) {
+  char net[64];
+  snprintf(net, sizeof(net), "%s", cidr);
+  char *slash = strchr(net, '/');
+  long bits = -1;
+  if (slash) {
+    *slash = '\0';
+    char *end;
+    bits = strtol(slash + 1, &end, 10);
+    if (*end || end == slash + 1) return false;
+  }
+  unsigned char a[16], b[16];
+  int family = strchr(net, ':') ? AF_INET6 : AF_INET;
+  size_t len = family == AF_INET6 ? 16 : 4;
+  if (inet_pton(family, net, a) != 1) return false;
+  if (inet_pton(family, ip, b) != 1) {
+    /* IPv4 client against an IPv4-mapped notation or vice versa: no match. */
+    return false;
+  }
+  if (bits < 0) bits = (long)len * 8;
+  if (bits > (long)len * 8) return false;
+  size_t full = (size_t)bits / 8;
+  if (memcmp(a, b, full) != 0) return false;
+  unsigned rem = (unsigned)bits % 8;
+  if (rem == 0) return true;
+  unsigned char mask = (unsigned char)(0xffu << (8 - rem));
+  return (a[full] & mask) == (b[full] & mask);
+}
+
+static int reject(struct gateway *gw, struct httpd_req *req, int status, const char *code,
+                  const char *reason, const char *const *headers, const char *message) {
+  metrics_counter_add(gw->m_auth_failures, 1, reason);
+  httpd_respond_error(req, status, status == 429 ? "rate_limit_error" : "invalid_request_error", code,
+                      headers, "%s", message);
+  return -1;
+}
+
+int gateway_authenticate(struct gateway *gw, struct httpd_req *req, struct gateway_token *token) {
+  memset(token, 0, sizeof(*token));
+  if (strcmp(gw->cfg->auth_mode, "none") == 0) return 0;
+  const char *header = httpd_req_header(req, "Authorization");
+  if (!header || strncasecmp(header, "Bearer ", 7) != 0 || !header[7])
+    return reject(gw, req, 401, "invalid_api_key", "missing",
+                  NULL, "missing client token: send \"Authorization: Bearer <token>\"");
+  const char *presented = header + 7;
+  while (*presented == ' ') presented++;
+  char hash[65];
+  zg_sha256_hex(presented, strlen(presented), hash);
+
+  bool found = false;
+  /* Scan every file token so timing does not reveal which one matched. */
+  for (size_t i = 0; i < gw->cfg->n_tokens; i++) {
+    if (zg_ct_equal(hash, 64, gw->cfg->tokens[i].sha256, strlen(gw->cfg->tokens[i].sha256)) && !found) {
+      found = true;
+      snprintf(token->name, sizeof(token->name), "%s", gw->cfg->tokens[i].name);
+      snprintf(token->id, sizeof(token->id), "file:%s", gw->cfg->tokens[i].name);
+    }
+  }
+  if (!found && gw->extra_token_sha256[0] && zg_ct_equal(hash, 64, gw->extra_token_sha256, 64)) {
+    found = true;
+    snprintf(token->name, sizeof(token->name), "%s", gw->extra_token_name);
+    snprintf(token->id, sizeof(token->id), "file:%s", gw->extra_token_name);
+  }
+  if (!found && gw->cluster && gw->cluster->token_lookup)
+    found = gw->cluster->token_lookup(gw->cluster->ud, hash, token);
+  OPENSSL_cleanse(hash, sizeof(hash));
+  if (!found)
+    return reject(gw, req, 401, "invalid_api_key", "unknown", NULL,
+                  "invalid client token (unknown, revoked or mistyped)");
+  if (token->expires_at_ms && zg_wall_ms() >= token->expires_at_ms)
+    return reject(gw, req, 401, "token_expired", "expired", NULL, "client token has expired");
+  if (token->n_allow > 0) {
+    bool allowed = false;
+    for (size_t i = 0; i < token->n_allow && !allowed; i++)
+      allowed = gateway_cidr_match(token->allow[i], httpd_req_peer_ip(req));
+    if (!allowed)
+      return reject(gw, req, 403, "ip_not_allowed", "ip_not_allowed", NULL,
+                    "this client token may not be used from this address");
+  }
+  if (token->rpm > 0) {
+    unsigned retry_after = 1;
+    if (!rate_limiter_allow(gw->rate, token->id, token->rpm, zg_mono_ms(), &retry_after)) {
+      char retry[48];
+      snprintf(retry, sizeof(retry), "Retry-After: %u", retry_after);
+      const char *headers[] = {retry, NULL};
+      return reject(gw, req, 429, "rate_limit_exceeded", "rate_limited", headers,
+                    "requests-per-minute limit of this client token reached");
+    }
+  }
+  return 0;
+}

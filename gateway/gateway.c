@@ -1,0 +1,336 @@
+/* gateway.c: start and stop of the client-facing side, the router, the
+ * access log and request metrics. Routes: POST /v1/chat/completions,
+ * GET /v1/models, the /health family and GET /metrics; anything else is
+ * 404, a known path with the wrong method 405. Start fails only when the
+ * client port cannot be bound or memory runs out. */
+#include "gateway/internal.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static struct httpd_limits limits_from(const struct zg_config *cfg) {
+  struct httpd_limits l = {0};
+  l.max_body_bytes = cfg->max_body_bytes;
+  l.max_header_bytes = cfg->max_header_bytes;
+  l.client_timeout_ms = cfg->client_timeout_ms;
+  l.keepalive_timeout_ms = 75000;
+  return l;
+}
+
+struct access {
+  const char *route;
+  cJSON *fields;
+};
+
+void gateway_access_route(struct httpd_req *req, const char *route) {
+  struct access *a = httpd_req_user(req);
+  if (a) a->route = route;
+}
+
+cJSON *gateway_access_fields(struct httpd_req *req) {
+  struct access *a = httpd_req_user(req);
+  return a ? a->fields : NULL;
+}
+
+/* httpd finish hook: metrics and one access line per request. */
+static void on_request_finished(void *ctx, struct httpd_req *req) {
+  struct gateway *gw = ctx;
+  struct access *a = httpd_req_user(req);
+  int status = httpd_req_status(req);
+  if (status == 0) status = 499; /* client closed before the answer was complete */
+  const char *route = a ? a->route : "invalid";
+  char code[8];
+  snprintf(code, sizeof(code), "%d", status);
+  metrics_counter_add(gw->m_requests, 1, route, code);
+  uint64_t received = httpd_req_received_us(req);
+  uint64_t elapsed_us = received ? zg_mono_us() - received : 0;
+  metrics_histogram_observe(gw->m_latency, (double)elapsed_us / 1e6, route);
+  gw->requests_total++;
+  if (status >= 500) gw->requests_5xx++;
+  cJSON *fields = a && a->fields ? a->fields : cJSON_CreateObject();
+  cJSON_AddStringToObject(fields, "method", httpd_req_method(req));
+  cJSON_AddStringToObject(fields, "route", route);
+  cJSON_AddNumberToObject(fields, "status", status);
+  cJSON_AddNumberToObject(fields, "latency_ms", (double)elapsed_us / 1000.0);
+  cJSON_AddNumberToObject(fields, "bytes", (double)httpd_req_bytes_sent(req));
+  cJSON_AddStringToObject(fields, "client_ip", httpd_req_peer_ip(req));
+  zg_log_fields(ZG_INFO, "access", fields);
+  free(a);
+  httpd_req_set_user(req, NULL);
+}
+
+void gateway_note_upstream(struct gateway *gw, bool ok, const char *error) {
+  if (ok) {
+    gw->upstream_consecutive_failures = 0;
+    gw->upstream_last_ok_ms = zg_wall_ms();
+    return;
+  }
+  gw->upstream_consecutive_failures++;
+  gw->upstream_last_error_ms = zg_wall_ms();
+  snprintf(gw->upstream_last_error, sizeof(gw->upstream_last_error), "%s", error ? error : "");
+}
+
+bool gateway_upstream_healthy(const struct gateway *gw) {
+  return gw->upstream_consecutive_failures < GATEWAY_UPSTREAM_FAILURE_THRESHOLD;
+}
+
+static void handle_metrics(struct gateway *gw, struct httpd_req *req) {
+  zg_buf out;
+  zg_buf_init(&out);
+  metrics_render(gw->metrics, &out);
+  httpd_respond(req, 200, "text/plain; version=0.0.4; charset=utf-8", NULL, out.data ? out.data : "",
+                out.len);
+  zg_buf_free(&out);
+}
+
+static void on_request(void *ctx, struct httpd_req *req) {
+  struct gateway *gw = ctx;
+  struct access *access = calloc(1, sizeof(*access));
+  if (access) {
+    access->route = "unknown";
+    access->fields = cJSON_CreateObject();
+  }
+  httpd_req_set_user(req, access);
+  const char *path = httpd_req_path(req);
+  const char *method = httpd_req_method(req);
+  bool get = strcmp(method, "GET") == 0 || strcmp(method, "HEAD") == 0;
+  bool post = strcmp(method, "POST") == 0;
+  const char *route = NULL;
+  const char *allowed = NULL;
+
+  if (strcmp(path, "/v1/chat/completions") == 0) {
+    route = "/v1/chat/completions";
+    gateway_access_route(req, route);
+    if (post) {
+      gateway_handle_chat(gw, req);
+      return;
+    }
+    allowed = "Allow: POST";
+  } else if (strcmp(path, "/v1/models") == 0) {
+    route = "/v1/models";
+    gateway_access_route(req, route);
+    if (get) {
+      gateway_handle_models(gw, req);
+      return;
+    }
+    allowed = "Allow: GET, HEAD";
+  } else if (strcmp(path, "/health") == 0 || strncmp(path, "/health/", 8) == 0) {
+    route = "/health";
+    gateway_access_route(req, path);
+    if (get || post) {
+      gateway_handle_health(gw, req);
+      return;
+    }
+    allowed = "Allow: GET, HEAD, POST";
+  } else if (strcmp(path, "/metrics") == 0) {
+    route = "/metrics";
+    gateway_access_route(req, route);
+    if (get) {
+      handle_metrics(gw, req);
+      return;
+    }
+    allowed = "Allow: GET, HEAD";
+  }
+  if (route) {
+    const char *headers[] = {allowed, NULL};
+    httpd_respond_error(req, 405, "invalid_request_error", "method_not_allowed", headers,
+                        "method %s is not allowed on %s", method, path);
+    return;
+  }
+  httpd_respond_error(req, 404, "invalid_request_error", "not_found",
+                      NULL, "no route for %s %s; see /v1/chat/completions, /v1/models, /health, /metrics",
+                      method, path);
+}
+
+static double gauge_in_flight(void *ud) {
+  struct gateway *gw = ud;
+  return gw->limiter ? limiter_in_flight(gw->limiter) : 0;
+}
+static double gauge_queue(void *ud) {
+  struct gateway *gw = ud;
+  return gw->limiter ? limiter_queue_depth(gw->limiter) : 0;
+}
+static double gauge_cache_hits(void *ud) {
+  struct response_cache_stats s;
+  response_cache_stats(((struct gateway *)ud)->cache, &s);
+  return (double)s.hits;
+}
+static double gauge_cache_misses(void *ud) {
+  struct response_cache_stats s;
+  response_cache_stats(((struct gateway *)ud)->cache, &s);
+  return (double)s.misses;
+}
+static double gauge_cache_bytes(void *ud) {
+  struct response_cache_stats s;
+  response_cache_stats(((struct gateway *)ud)->cache, &s);
+  return (double)s.bytes;
+}
+static double gauge_cache_entries(void *ud) {
+  struct response_cache_stats s;
+  response_cache_stats(((struct gateway *)ud)->cache, &s);
+  return (double)s.entries;
+}
+static double gauge_rss(void *ud) {
+  return (double)zg_process_rss_bytes();
+}
+static double gauge_cpu(void *ud) {
+  return zg_process_cpu_seconds();
+}
+static double gauge_connections(void *ud) {
+  struct gateway *gw = ud;
+  return gw->http ? (double)httpd_open_connections(gw->http) : 0;
+}
+static double gauge_loop_lag(void *ud) {
+  return (double)((struct gateway *)ud)->loop_lag_ms / 1000.0;
+}
+
+static void register_metrics(struct gateway *gw) {
+  struct metrics *m = gw->metrics;
+  gw->m_requests = metrics_counter(m, "zonegate_requests_total", "Client requests by route and status code",
+                                   "route,code");
+  gw->m_latency = metrics_histogram(m, "zonegate_request_duration_seconds",
+                                    "Client request latency, gateway in to last byte out", "route",
+                                    metrics_default_latency_buckets,
+                                    metrics_default_latency_buckets_count);
+  gw->m_upstream_latency = metrics_histogram(m, "zonegate_upstream_duration_seconds",
+                                             "Upstream transfer time", "upstream",
+                                             metrics_default_latency_buckets,
+                                             metrics_default_latency_buckets_count);
+  gw->m_ttfb = metrics_histogram(m, "zonegate_upstream_ttfb_seconds",
+                                 "Upstream time to first byte", "upstream",
+                                 metrics_default_latency_buckets,
+                                 metrics_default_latency_buckets_count);
+  gw->m_upstream_errors = metrics_counter(m, "zonegate_upstream_errors_total",
+                                          "Upstream failures by kind", "upstream,kind");
+  gw->m_auth_failures = metrics_counter(m, "zonegate_auth_failures_total",
+                                        "Rejected client credentials by reason", "reason");
+  metrics_gauge_fn(m, "zonegate_in_flight", "Upstream requests in flight", gauge_in_flight, gw);
+  metrics_gauge_fn(m, "zonegate_queue_depth", "Requests waiting for an upstream slot", gauge_queue, gw);
+  metrics_counter_fn(m, "zonegate_cache_hits_total", "Response cache hits", gauge_cache_hits, gw);
+  metrics_counter_fn(m, "zonegate_cache_misses_total", "Response cache misses", gauge_cache_misses, gw);
+  metrics_gauge_fn(m, "zonegate_cache_bytes", "Bytes held by the response cache", gauge_cache_bytes, gw);
+  metrics_gauge_fn(m, "zonegate_cache_entries", "Entries in the response cache", gauge_cache_entries, gw);
+  metrics_gauge_fn(m, "zonegate_open_connections", "Open client connections", gauge_connections, gw);
+  metrics_gauge_fn(m, "zonegate_loop_lag_seconds", "Event loop lag at the last tick", gauge_loop_lag, gw);
+  metrics_gauge_fn(m, "process_resident_memory_bytes", "Resident memory size in bytes", gauge_rss, gw);
+  metrics_counter_fn(m, "process_cpu_seconds_total", "User and system CPU time in seconds", gauge_cpu, gw);
+}
+
+int gateway_start(uv_loop_t *loop, const struct zg_config *cfg, struct gateway **out, char *errmsg,
+                  size_t errlen) {
+  struct gateway *gw = calloc(1, sizeof(*gw));
+  if (!gw) {
+    snprintf(errmsg, errlen, "out of memory");
+    return -1;
+  }
+  gw->loop = loop;
+  gw->started_ms = zg_wall_ms();
+  char err[256];
+  cJSON *replicated = zg_config_replicated_json(cfg);
+  gw->cfg = zg_config_with_replicated(cfg, replicated, cfg->path, err, sizeof(err));
+  cJSON_Delete(replicated);
+  if (!gw->cfg) {
+    snprintf(errmsg, errlen, "%s", err);
+    free(gw);
+    return -1;
+  }
+  gw->metrics = metrics_create();
+  gw->cache = response_cache_create(cfg->cache_size_bytes);
+  gw->rate = rate_limiter_create(100000);
+  if (!gw->metrics || !gw->cache || !gw->rate ||
+      limiter_create(loop, cfg->max_concurrent, cfg->max_queue, cfg->queue_timeout_ms, &gw->limiter) != 0 ||
+      upstream_client_create(loop, &gw->upstream, errmsg, errlen) != 0) {
+    if (!errmsg[0]) snprintf(errmsg, errlen, "out of memory while starting the gateway");
+    return -1; /* the process exits on this path */
+  }
+  register_metrics(gw);
+  gateway_reload_endpoints(gw);
+  struct httpd_limits l = limits_from(cfg);
+  int rc = httpd_listen(loop, cfg->listen_gateway, &l, on_request, gw, &gw->http, err, sizeof(err));
+  if (rc != 0) {
+    if (rc == UV_EADDRINUSE)
+      snprintf(errmsg, errlen,
+               "port %s is already in use (listen.gateway in %s): stop the other process (netstat -tulnp) or "
+               "change listen.gateway",
+               strrchr(cfg->listen_gateway, ':') + 1, cfg->path);
+    else
+      snprintf(errmsg, errlen, "listen.gateway: %s", err);
+    return -1;
+  }
+  httpd_set_finish_hook(gw->http, on_request_finished);
+  gateway_health_start(gw);
+  *out = gw;
+  return 0;
+}
+
+void gateway_set_cluster(struct gateway *gw, const struct gateway_cluster *cluster) {
+  gw->cluster = cluster;
+}
+
+void gateway_apply_config(struct gateway *gw, const struct zg_config *cfg) {
+  char err[256];
+  cJSON *replicated = zg_config_replicated_json(cfg);
+  struct zg_config *copy = zg_config_with_replicated(cfg, replicated, cfg->path, err, sizeof(err));
+  cJSON_Delete(replicated);
+  if (!copy) {
+    zg_log(ZG_ERROR, "config_apply_failed", "%s", err);
+    return;
+  }
+  zg_config_free(gw->cfg);
+  gw->cfg = copy;
+  limiter_configure(gw->limiter, cfg->max_concurrent, cfg->max_queue, cfg->queue_timeout_ms);
+  response_cache_set_max_bytes(gw->cache, cfg->cache_size_bytes);
+  struct httpd_limits l = limits_from(cfg);
+  httpd_set_limits(gw->http, &l);
+  gateway_reload_endpoints(gw);
+}
+
+void gateway_add_token(struct gateway *gw, const char *name, const char sha256_hex[65]) {
+  snprintf(gw->extra_token_name, sizeof(gw->extra_token_name), "%s", name);
+  snprintf(gw->extra_token_sha256, sizeof(gw->extra_token_sha256), "%s", sha256_hex);
+}
+
+void gateway_drain(struct gateway *gw) {
+  gw->draining = true;
+  httpd_stop_accepting(gw->http);
+}
+
+size_t gateway_active_requests(const struct gateway *gw) {
+  return gw->http ? httpd_active_requests(gw->http) : 0;
+}
+
+void gateway_get_stats(const struct gateway *gw, struct gateway_stats *out) {
+  out->requests_total = gw->requests_total;
+  out->requests_5xx = gw->requests_5xx;
+  out->in_flight = limiter_in_flight(gw->limiter);
+  out->queued = limiter_queue_depth(gw->limiter);
+}
+
+static void part_closed(void *arg) {
+  struct gateway *gw = arg;
+  if (--gw->closing_parts > 0) return;
+  void (*done)(void *) = gw->close_done;
+  void *done_arg = gw->close_arg;
+  gateway_free_endpoints(gw);
+  response_cache_destroy(gw->cache);
+  rate_limiter_destroy(gw->rate);
+  metrics_destroy(gw->metrics);
+  zg_config_free(gw->cfg);
+  free(gw);
+  if (done) done(done_arg);
+}
+
+static void on_loop_timer_closed(uv_handle_t *h) {
+  part_closed(h->data);
+}
+
+void gateway_close(struct gateway *gw, void (*done)(void *arg), void *arg) {
+  gw->close_done = done;
+  gw->close_arg = arg;
+  gw->closing_parts = 4;
+  httpd_close(gw->http, part_closed, gw);
+  limiter_close(gw->limiter, part_closed, gw);
+  upstream_client_close(gw->upstream, part_closed, gw);
+  uv_close((uv_handle_t *)&gw->loop_timer, on_loop_timer_closed);
+}

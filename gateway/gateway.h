@@ -1,0 +1,94 @@
+/* gateway: the client-facing side of a node. HTTP server on the client
+ * port, router, client auth, limits, response cache, the upstream proxy
+ * (libcurl multi on the uv loop), health endpoints and /metrics.
+ *
+ * Single-node mode works with no cluster at all. In a cluster, node/ gives
+ * the gateway a `struct gateway_cluster` of callbacks: the replicated token
+ * table and provider keys (read-only), and the failover role that decides
+ * whether this node may serve or must forward. The gateway never writes
+ * replicated state itself; it reports events (a key the upstream refused)
+ * through the same callbacks.
+ *
+ * Failure modes: gateway_start() fails when the client port cannot be bound
+ * (the message names the port and the config key to change). At run time
+ * every failure is an HTTP answer in OpenAI's error shape; nothing aborts.
+ */
+#ifndef ZG_GATEWAY_H
+#define ZG_GATEWAY_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+struct cJSON;
+struct zg_config;
+struct gateway;
+
+struct gateway_token {
+  char id[80];
+  char name[64];
+  uint64_t expires_at_ms; /* wall clock; 0 = never */
+  unsigned rpm;           /* 0 = unlimited */
+  size_t n_allow;
+  char allow[16][64]; /* CIDRs; none = any address */
+};
+
+struct gateway_key {
+  char id[48];
+  char *secret; /* malloc'd; freed by the gateway with zg_secret_free() */
+};
+
+/* What this node may do with a client request right now. */
+enum gateway_serve_mode {
+  GATEWAY_SERVE,   /* active: handle it here */
+  GATEWAY_FORWARD, /* standby: forward to the active node's client port */
+  GATEWAY_REFUSE,  /* no active known, or a witness: 503 */
+};
+
+struct gateway_cluster {
+  void *ud;
+  /* Replicated client token by SHA-256 hex. */
+  bool (*token_lookup)(void *ud, const char sha256_hex[65], struct gateway_token *out);
+  /* Provider keys for an upstream in priority order; returns how many. */
+  size_t (*usable_keys)(void *ud, const char *upstream, struct gateway_key *out, size_t max);
+  /* The upstream answered 401 with this key. */
+  void (*key_rejected)(void *ud, const char *key_id, const char *upstream);
+  /* Role for requests and health; forward_to gets "host:port" when FORWARD. */
+  enum gateway_serve_mode (*serve_mode)(void *ud, char *forward_to, size_t len);
+  /* Adds role, leader, term, commit_index, applied_index, ... to a health
+   * body and returns the health status code for `check` ("active",
+   * "standby", "ready"). */
+  int (*health)(void *ud, const char *check, struct cJSON *body);
+};
+
+struct gateway_stats {
+  uint64_t requests_total;
+  uint64_t requests_5xx;
+  unsigned in_flight;
+  unsigned queued;
+};
+
+int gateway_start(uv_loop_t *loop, const struct zg_config *cfg, struct gateway **out, char *errmsg,
+                  size_t errlen);
+/* Cluster callbacks; NULL = single node (always active). Borrowed. */
+void gateway_set_cluster(struct gateway *gw, const struct gateway_cluster *cluster);
+/* Applies a new config live (limits, timeouts, cache size, endpoint, model
+ * defaults, auth). The listen address is not changed. Borrowed: the
+ * gateway copies what it needs. */
+void gateway_apply_config(struct gateway *gw, const struct zg_config *cfg);
+/* Accepts one more client token by hash (the bootstrap token node/
+ * creates when the config has no auth section). */
+void gateway_add_token(struct gateway *gw, const char *name, const char sha256_hex[65]);
+/* Stops accepting new connections; in-flight requests (streams included)
+ * carry on. */
+void gateway_drain(struct gateway *gw);
+/* In-flight client requests (dispatched, not yet answered completely). */
+size_t gateway_active_requests(const struct gateway *gw);
+void gateway_get_stats(const struct gateway *gw, struct gateway_stats *out);
+/* Self-check for degraded handover: false after `threshold` consecutive
+ * upstream failures. */
+bool gateway_upstream_healthy(const struct gateway *gw);
+void gateway_close(struct gateway *gw, void (*done)(void *arg), void *arg);
+
+#endif

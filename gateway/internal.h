@@ -1,0 +1,86 @@
+/* internal.h (private to gateway/): the gateway struct shared by its
+ * files: router (gateway.c), chat proxy (chat.c), auth (auth.c), health
+ * (health.c). */
+#ifndef ZG_GATEWAY_INTERNAL_H
+#define ZG_GATEWAY_INTERNAL_H
+
+#include "base/base.h"
+#include "config/config.h"
+#include "gateway/cache.h"
+#include "gateway/gateway.h"
+#include "gateway/limiter.h"
+#include "gateway/metrics.h"
+#include "gateway/upstream.h"
+#include "httpd/httpd.h"
+
+#include <cjson/cJSON.h>
+
+#define GATEWAY_MAX_ENDPOINTS (1 + ZG_MAX_FALLBACKS)
+/* Consecutive upstream failures after which the self-check fails. */
+#define GATEWAY_UPSTREAM_FAILURE_THRESHOLD 5
+
+struct gateway_endpoint {
+  char base_url[512];
+  char *api_key; /* resolved secret, may be NULL */
+  char upstream_id[16]; /* "default", "fallback-1", ... */
+};
+
+struct gateway {
+  uv_loop_t *loop;
+  struct zg_config *cfg; /* private copy */
+  const struct gateway_cluster *cluster;
+  struct httpd_server *http;
+  struct upstream_client *upstream;
+  struct limiter *limiter;
+  struct rate_limiter *rate;
+  struct response_cache *cache;
+  struct metrics *metrics;
+  struct gateway_endpoint endpoints[GATEWAY_MAX_ENDPOINTS];
+  size_t n_endpoints;
+  /* metrics */
+  struct metric_counter *m_requests;
+  struct metric_histogram *m_latency;
+  struct metric_histogram *m_upstream_latency;
+  struct metric_histogram *m_ttfb;
+  struct metric_counter *m_upstream_errors;
+  struct metric_counter *m_auth_failures;
+  /* health state */
+  uv_timer_t loop_timer;
+  uint64_t loop_expected_ms;
+  uint64_t loop_lag_ms, loop_lag_max_ms;
+  uint64_t last_loop_tick_ms;
+  unsigned upstream_consecutive_failures;
+  uint64_t upstream_last_ok_ms, upstream_last_error_ms;
+  char upstream_last_error[128];
+  uint64_t requests_total, requests_5xx;
+  uint64_t started_ms;
+  bool draining;
+  char extra_token_name[64]; /* the bootstrap token created at first start */
+  char extra_token_sha256[65];
+  void (*close_done)(void *arg);
+  void *close_arg;
+  int closing_parts;
+};
+
+/* chat.c */
+void gateway_handle_chat(struct gateway *gw, struct httpd_req *req);
+void gateway_handle_models(struct gateway *gw, struct httpd_req *req);
+void gateway_reload_endpoints(struct gateway *gw);
+void gateway_free_endpoints(struct gateway *gw);
+
+/* auth.c: 0 = allowed (token filled when auth is on), else it answered. */
+int gateway_authenticate(struct gateway *gw, struct httpd_req *req, struct gateway_token *token);
+bool gateway_cidr_match(const char *cidr, const char *ip);
+
+/* health.c */
+void gateway_handle_health(struct gateway *gw, struct httpd_req *req);
+int gateway_health_start(struct gateway *gw);
+
+/* gateway.c: per-request access-log state, written when httpd finishes
+ * the request (see httpd_set_finish_hook). */
+void gateway_access_route(struct httpd_req *req, const char *route);
+/* Extra fields for the access line (never NULL while the request lives). */
+cJSON *gateway_access_fields(struct httpd_req *req);
+void gateway_note_upstream(struct gateway *gw, bool ok, const char *error);
+
+#endif

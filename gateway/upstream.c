@@ -1,0 +1,799 @@
+/* gateway/upstream.c: libcurl multi interface on the libuv loop, for calls
+ * to the upstream model API.
+ *
+ * Happy path: upstream_start() builds an easy handle and adds it to the
+ * multi handle; curl asks for socket watches (on_curl_socket -> uv_poll_t)
+ * and a wake-up (on_curl_timer_request -> one uv timer); when either fires we
+ * call curl_multi_socket_action() and then drain curl_multi_info_read().
+ * Response headers go to on_response once, body pieces straight to on_data,
+ * and the end to on_done.
+ *
+ * Phase timeouts: curl enforces the connect timeout; after that one uv timer
+ * per transfer is re-armed at each phase change (request sent, each response
+ * piece) with the earliest deadline among first byte / idle / total, and the
+ * callback it is armed with names the timeout that fired (h2o style).
+ *
+ * Failure modes: curl errors are classified into enum upstream_result (see
+ * upstream.h). User callbacks run inside curl_multi_socket_action(), where
+ * curl forbids calling back into the multi handle, so cancel/start/close made
+ * from a callback are deferred (flags on the transfer or client) and carried
+ * out right after socket_action returns; a cancelled transfer's curl callbacks
+ * return "abort" so curl stops reading for it at once. Memory of transfers,
+ * socket watches and the client is released only from uv close callbacks.
+ */
+#include "gateway/upstream.h"
+
+#include <curl/curl.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+/* Response headers kept for on_response; more is treated as a broken reply. */
+#define UPSTREAM_MAX_RESPONSE_HEADERS 256
+
+enum transfer_phase {
+  PHASE_CONNECTING,         /* DNS, TCP, TLS (curl's connect timeout) */
+  PHASE_WAITING_FIRST_BYTE, /* request handed to the connection */
+  PHASE_RECEIVING,          /* response started */
+};
+
+struct upstream_socket_watch {
+  uv_poll_t poll; /* poll.data = this */
+  struct upstream_client *client;
+  curl_socket_t fd;
+  struct upstream_socket_watch *prev, *next;
+};
+
+struct upstream_transfer {
+  struct upstream_client *client;
+  struct upstream_transfer *prev, *next; /* in client->transfers while linked */
+  bool linked;
+  CURL *easy;
+  struct curl_slist *request_headers;
+  struct upstream_callbacks cb;
+  void *ud;
+  struct upstream_timeouts timeouts;
+
+  uv_timer_t phase_timer; /* phase_timer.data = this */
+  enum transfer_phase phase;
+  uint64_t start_loop_ms, request_sent_loop_ms, last_activity_loop_ms;
+  uint64_t start_us, connected_us, first_byte_us, done_us; /* monotonic, 0 = not yet */
+
+  bool attached_to_multi;
+  bool needs_attach; /* upstream_start() ran inside socket_action */
+  bool cancelled;    /* no more user callbacks */
+  bool finished;     /* detached; on_done running or done */
+  bool response_delivered;
+
+  char **response_headers; /* NULL-terminated while n > 0 */
+  size_t response_header_count;
+  bool has_forced_result;
+  enum upstream_result forced_result;
+
+  char curl_errbuf[CURL_ERROR_SIZE];
+  char error_text[CURL_ERROR_SIZE + 64];
+};
+
+struct upstream_client {
+  uv_loop_t *loop;
+  CURLM *multi;
+  uv_timer_t multi_timer; /* curl's wake-up; multi_timer.data = this */
+  struct upstream_transfer *transfers;
+  struct upstream_socket_watch *watches;
+  size_t active;
+  size_t open_handles;    /* uv handles not yet through their close callback */
+  unsigned in_multi_call; /* > 0 while inside curl_multi_socket_action() */
+  bool deferred_work;     /* cancels/attaches to do after socket_action */
+  bool close_requested;   /* upstream_client_close() from inside socket_action */
+  bool closing;
+  void (*close_done)(void *arg);
+  void *close_arg;
+};
+
+static uint64_t monotonic_us(void) {
+  return uv_hrtime() / 1000;
+}
+
+const char *upstream_result_name(enum upstream_result r) {
+  switch (r) {
+  case UPSTREAM_OK:
+    return "ok";
+  case UPSTREAM_CONNECT_FAILED:
+    return "connect_failed";
+  case UPSTREAM_CONNECT_TIMEOUT:
+    return "connect_timeout";
+  case UPSTREAM_FIRST_BYTE_TIMEOUT:
+    return "first_byte_timeout";
+  case UPSTREAM_IDLE_TIMEOUT:
+    return "idle_timeout";
+  case UPSTREAM_TOTAL_TIMEOUT:
+    return "total_timeout";
+  case UPSTREAM_BROKEN:
+    return "broken";
+  }
+  return "unknown";
+}
+
+/* ---- closing and freeing ------------------------------------------- */
+
+static void maybe_free_client(struct upstream_client *c) {
+  if (!c->closing || c->open_handles > 0) return;
+  void (*done)(void *) = c->close_done;
+  void *arg = c->close_arg;
+  free(c);
+  if (done) done(arg);
+}
+
+static void on_watch_closed(uv_handle_t *h) {
+  struct upstream_socket_watch *w = h->data;
+  struct upstream_client *c = w->client;
+  free(w);
+  c->open_handles--;
+  maybe_free_client(c);
+}
+
+static void close_watch(struct upstream_socket_watch *w) {
+  struct upstream_client *c = w->client;
+  if (w->prev)
+    w->prev->next = w->next;
+  else
+    c->watches = w->next;
+  if (w->next) w->next->prev = w->prev;
+  w->prev = w->next = NULL;
+  uv_close((uv_handle_t *)&w->poll, on_watch_closed);
+}
+
+static void on_transfer_timer_closed(uv_handle_t *h) {
+  struct upstream_transfer *t = h->data;
+  struct upstream_client *c = t->client;
+  free(t);
+  c->open_handles--;
+  maybe_free_client(c);
+}
+
+static void free_response_headers(struct upstream_transfer *t) {
+  for (size_t i = 0; i < t->response_header_count; i++) free(t->response_headers[i]);
+  free(t->response_headers);
+  t->response_headers = NULL;
+  t->response_header_count = 0;
+}
+
+/* Takes t out of the client's list and out of the multi handle; no more curl
+ * callbacks after this. Must not run inside curl_multi_socket_action(). */
+static void detach_transfer(struct upstream_transfer *t) {
+  struct upstream_client *c = t->client;
+  if (!t->cancelled && !t->finished) c->active--;
+  t->finished = true;
+  uv_timer_stop(&t->phase_timer);
+  if (t->linked) {
+    if (t->prev)
+      t->prev->next = t->next;
+    else
+      c->transfers = t->next;
+    if (t->next) t->next->prev = t->prev;
+    t->prev = t->next = NULL;
+    t->linked = false;
+  }
+  if (t->attached_to_multi && c->multi) curl_multi_remove_handle(c->multi, t->easy);
+  t->attached_to_multi = false;
+  t->needs_attach = false;
+}
+
+/* Frees what t owns and closes its timer; t itself goes in the close cb. */
+static void dispose_transfer(struct upstream_transfer *t) {
+  if (t->easy) curl_easy_cleanup(t->easy);
+  t->easy = NULL;
+  curl_slist_free_all(t->request_headers);
+  t->request_headers = NULL;
+  free_response_headers(t);
+  uv_close((uv_handle_t *)&t->phase_timer, on_transfer_timer_closed);
+}
+
+static void finish_transfer(struct upstream_transfer *t, enum upstream_result result,
+                            const char *error_text) {
+  if (t->finished) return;
+  bool notify = !t->cancelled;
+  t->done_us = monotonic_us();
+  detach_transfer(t);
+  if (notify && t->cb.on_done) t->cb.on_done(t->ud, result, error_text ? error_text : "");
+  dispose_transfer(t);
+}
+
+/* ---- phase timer ----------------------------------------------------- */
+
+static void on_first_byte_timeout(uv_timer_t *h) {
+  struct upstream_transfer *t = h->data;
+  snprintf(t->error_text, sizeof t->error_text, "no response byte within %u ms",
+           t->timeouts.first_byte_ms);
+  finish_transfer(t, UPSTREAM_FIRST_BYTE_TIMEOUT, t->error_text);
+}
+
+static void on_idle_timeout(uv_timer_t *h) {
+  struct upstream_transfer *t = h->data;
+  snprintf(t->error_text, sizeof t->error_text, "response idle for %u ms", t->timeouts.idle_ms);
+  finish_transfer(t, UPSTREAM_IDLE_TIMEOUT, t->error_text);
+}
+
+static void on_total_timeout(uv_timer_t *h) {
+  struct upstream_transfer *t = h->data;
+  snprintf(t->error_text, sizeof t->error_text, "transfer exceeded %u ms total",
+           t->timeouts.total_ms);
+  finish_transfer(t, UPSTREAM_TOTAL_TIMEOUT, t->error_text);
+}
+
+/* Arms the transfer's one timer with the earliest deadline that applies in
+ * the current phase; the callback chosen names that timeout. */
+static void arm_phase_timer(struct upstream_transfer *t) {
+  uint64_t now = uv_now(t->client->loop);
+  uint64_t deadline = UINT64_MAX;
+  uv_timer_cb fire = NULL;
+  if (t->timeouts.total_ms) {
+    deadline = t->start_loop_ms + t->timeouts.total_ms;
+    fire = on_total_timeout;
+  }
+  if (t->phase == PHASE_WAITING_FIRST_BYTE && t->timeouts.first_byte_ms) {
+    uint64_t first_byte_deadline = t->request_sent_loop_ms + t->timeouts.first_byte_ms;
+    if (first_byte_deadline < deadline) {
+      deadline = first_byte_deadline;
+      fire = on_first_byte_timeout;
+    }
+  }
+  if (t->phase == PHASE_RECEIVING && t->timeouts.idle_ms) {
+    uint64_t idle_deadline = t->last_activity_loop_ms + t->timeouts.idle_ms;
+    if (idle_deadline < deadline) {
+      deadline = idle_deadline;
+      fire = on_idle_timeout;
+    }
+  }
+  if (!fire) {
+    uv_timer_stop(&t->phase_timer);
+    return;
+  }
+  uv_timer_start(&t->phase_timer, fire, deadline > now ? deadline - now : 0, 0);
+}
+
+/* ---- curl easy callbacks (run inside curl_multi_socket_action) ------- */
+
+static int on_curl_prereq(void *clientp, char *primary_ip, char *local_ip, int primary_port,
+                          int local_port) {
+  struct upstream_transfer *t = clientp;
+  if (t->cancelled) return CURL_PREREQFUNC_ABORT;
+  t->connected_us = monotonic_us();
+  t->phase = PHASE_WAITING_FIRST_BYTE;
+  t->request_sent_loop_ms = uv_now(t->client->loop);
+  arm_phase_timer(t);
+  return CURL_PREREQFUNC_OK;
+}
+
+static void note_response_activity(struct upstream_transfer *t) {
+  if (t->phase != PHASE_RECEIVING) {
+    t->phase = PHASE_RECEIVING;
+    t->first_byte_us = monotonic_us();
+  }
+  t->last_activity_loop_ms = uv_now(t->client->loop);
+  arm_phase_timer(t);
+}
+
+static const char *find_content_type(struct upstream_transfer *t) {
+  static const char name[] = "content-type:";
+  for (size_t i = 0; i < t->response_header_count; i++) {
+    const char *line = t->response_headers[i];
+    if (strncasecmp(line, name, sizeof name - 1) == 0) {
+      const char *value = line + sizeof name - 1;
+      while (*value == ' ' || *value == '\t') value++;
+      return value;
+    }
+  }
+  return NULL;
+}
+
+static void deliver_response(struct upstream_transfer *t) {
+  long status = 0;
+  curl_easy_getinfo(t->easy, CURLINFO_RESPONSE_CODE, &status);
+  t->response_delivered = true;
+  static const char *const no_headers[] = {NULL};
+  const char *const *headers =
+      t->response_header_count ? (const char *const *)t->response_headers : no_headers;
+  if (t->cb.on_response) t->cb.on_response(t->ud, (int)status, find_content_type(t), headers);
+  free_response_headers(t);
+}
+
+static int add_response_header(struct upstream_transfer *t, const char *line, size_t len) {
+  if (t->response_header_count >= UPSTREAM_MAX_RESPONSE_HEADERS) return -1;
+  char **grown =
+      realloc(t->response_headers, (t->response_header_count + 2) * sizeof t->response_headers[0]);
+  if (!grown) return -1;
+  t->response_headers = grown;
+  char *copy = malloc(len + 1);
+  if (!copy) return -1;
+  memcpy(copy, line, len);
+  copy[len] = '\0';
+  t->response_headers[t->response_header_count++] = copy;
+  t->response_headers[t->response_header_count] = NULL;
+  return 0;
+}
+
+static size_t on_curl_header(char *buffer, size_t size, size_t nitems, void *userdata) {
+  struct upstream_transfer *t = userdata;
+  size_t len = size * nitems;
+  if (t->cancelled) return 0;
+  note_response_activity(t);
+  if (t->response_delivered) return len; /* trailers: ignored */
+
+  size_t line_len = len;
+  while (line_len > 0 && (buffer[line_len - 1] == '\n' || buffer[line_len - 1] == '\r')) line_len--;
+  if (line_len >= 5 && memcmp(buffer, "HTTP/", 5) == 0) {
+    free_response_headers(t); /* a new status line: forget any interim response */
+    return len;
+  }
+  if (line_len == 0) {
+    long status = 0;
+    curl_easy_getinfo(t->easy, CURLINFO_RESPONSE_CODE, &status);
+    if (status >= 100 && status < 200) {
+      free_response_headers(t);
+      return len;
+    }
+    deliver_response(t);
+    return t->cancelled ? 0 : len;
+  }
+  if (add_response_header(t, buffer, line_len) != 0) {
+    t->has_forced_result = true;
+    t->forced_result = UPSTREAM_BROKEN;
+    snprintf(t->error_text, sizeof t->error_text, "response headers: more than %d or out of memory",
+             UPSTREAM_MAX_RESPONSE_HEADERS);
+    return 0;
+  }
+  return len;
+}
+
+static size_t on_curl_body(char *data, size_t size, size_t nmemb, void *userdata) {
+  struct upstream_transfer *t = userdata;
+  size_t len = size * nmemb;
+  if (t->cancelled) return 0;
+  note_response_activity(t);
+  if (!t->response_delivered) {
+    deliver_response(t);
+    if (t->cancelled) return 0;
+  }
+  if (len > 0 && t->cb.on_data && t->cb.on_data(t->ud, data, len) != 0) {
+    upstream_cancel(t); /* deferred: we are inside socket_action */
+    return 0;
+  }
+  return t->cancelled ? 0 : len;
+}
+
+/* ---- completion -------------------------------------------------------- */
+
+static enum upstream_result classify_curl_error(const struct upstream_transfer *t, CURLcode code) {
+  if (code == CURLE_OK) return UPSTREAM_OK;
+  if (t->has_forced_result) return t->forced_result;
+  switch (code) {
+  case CURLE_UNSUPPORTED_PROTOCOL:
+  case CURLE_URL_MALFORMAT:
+  case CURLE_COULDNT_RESOLVE_PROXY:
+  case CURLE_COULDNT_RESOLVE_HOST:
+  case CURLE_COULDNT_CONNECT:
+  case CURLE_SSL_CONNECT_ERROR:
+  case CURLE_PEER_FAILED_VERIFICATION:
+  case CURLE_SSL_ENGINE_NOTFOUND:
+  case CURLE_SSL_ENGINE_SETFAILED:
+  case CURLE_SSL_CERTPROBLEM:
+  case CURLE_SSL_CIPHER:
+  case CURLE_SSL_ENGINE_INITFAILED:
+  case CURLE_USE_SSL_FAILED:
+  case CURLE_SSL_CACERT_BADFILE:
+  case CURLE_SSL_CRL_BADFILE:
+  case CURLE_SSL_ISSUER_ERROR:
+  case CURLE_SSL_PINNEDPUBKEYNOTMATCH:
+  case CURLE_SSL_INVALIDCERTSTATUS:
+  case CURLE_SSL_CLIENTCERT:
+    return UPSTREAM_CONNECT_FAILED;
+  case CURLE_OPERATION_TIMEDOUT:
+    /* Only the connect timeout is given to curl; anything later is ours. */
+    return t->phase == PHASE_CONNECTING ? UPSTREAM_CONNECT_TIMEOUT : UPSTREAM_TOTAL_TIMEOUT;
+  default:
+    /* GOT_NOTHING, RECV_ERROR, SEND_ERROR, PARTIAL_FILE, ...: the request may
+     * have reached the upstream, so it is BROKEN, not CONNECT_FAILED. */
+    return t->phase == PHASE_CONNECTING ? UPSTREAM_CONNECT_FAILED : UPSTREAM_BROKEN;
+  }
+}
+
+static void on_transfer_completed(struct upstream_transfer *t, CURLcode code) {
+  if (t->cancelled) {
+    detach_transfer(t);
+    dispose_transfer(t);
+    return;
+  }
+  enum upstream_result result = classify_curl_error(t, code);
+  const char *text = "";
+  if (code != CURLE_OK) {
+    if (t->has_forced_result)
+      text = t->error_text;
+    else if (t->curl_errbuf[0])
+      text = t->curl_errbuf;
+    else
+      text = curl_easy_strerror(code);
+  }
+  finish_transfer(t, result, text);
+}
+
+static void drain_completed(struct upstream_client *c) {
+  CURLMsg *msg;
+  int left;
+  while (!c->closing && c->multi && (msg = curl_multi_info_read(c->multi, &left))) {
+    if (msg->msg != CURLMSG_DONE) continue;
+    CURL *easy = msg->easy_handle;
+    CURLcode code = msg->data.result; /* msg is invalid after remove_handle */
+    char *private_ptr = NULL;
+    curl_easy_getinfo(easy, CURLINFO_PRIVATE, &private_ptr);
+    if (private_ptr) on_transfer_completed((struct upstream_transfer *)private_ptr, code);
+  }
+}
+
+static int attach_transfer(struct upstream_transfer *t, char *errmsg, size_t errlen) {
+  CURLMcode mc = curl_multi_add_handle(t->client->multi, t->easy);
+  if (mc != CURLM_OK) {
+    snprintf(errmsg, errlen, "curl_multi_add_handle(): %s", curl_multi_strerror(mc));
+    return -1;
+  }
+  t->attached_to_multi = true;
+  t->needs_attach = false;
+  return 0;
+}
+
+static void do_close(struct upstream_client *c);
+
+/* Carries out what callbacks asked for while curl was on the stack. */
+static void run_deferred_work(struct upstream_client *c) {
+  while (c->deferred_work && !c->closing) {
+    c->deferred_work = false;
+    struct upstream_transfer *t = c->transfers;
+    while (t) {
+      struct upstream_transfer *next = t->next;
+      if (t->cancelled) {
+        detach_transfer(t);
+        dispose_transfer(t);
+      } else if (t->needs_attach) {
+        char err[128];
+        if (attach_transfer(t, err, sizeof err) != 0) {
+          snprintf(t->error_text, sizeof t->error_text, "%s", err);
+          finish_transfer(t, UPSTREAM_CONNECT_FAILED, t->error_text);
+          c->deferred_work = true; /* on_done may have changed the list: rescan */
+          break;
+        }
+      }
+      t = next;
+    }
+  }
+}
+
+static void after_multi_call(struct upstream_client *c) {
+  if (c->in_multi_call > 0) return;
+  drain_completed(c);
+  run_deferred_work(c);
+  if (c->close_requested && !c->closing) do_close(c);
+}
+
+static void run_socket_action(struct upstream_client *c, curl_socket_t fd, int flags) {
+  if (c->closing || !c->multi) return;
+  int running = 0;
+  c->in_multi_call++;
+  curl_multi_socket_action(c->multi, fd, flags, &running);
+  c->in_multi_call--;
+  after_multi_call(c);
+}
+
+/* ---- curl multi callbacks -------------------------------------------- */
+
+static void on_socket_ready(uv_poll_t *h, int status, int events) {
+  struct upstream_socket_watch *w = h->data;
+  int flags = 0;
+  if (status < 0) {
+    flags = CURL_CSELECT_ERR;
+  } else {
+    if (events & UV_READABLE) flags |= CURL_CSELECT_IN;
+    if (events & UV_WRITABLE) flags |= CURL_CSELECT_OUT;
+  }
+  run_socket_action(w->client, w->fd, flags);
+}
+
+static int on_curl_socket(CURL *easy, curl_socket_t fd, int what, void *userp, void *socketp) {
+  struct upstream_client *c = userp;
+  struct upstream_socket_watch *w = socketp;
+  if (what == CURL_POLL_REMOVE) {
+    if (w) { /* a REMOVE for a socket never announced is fine */
+      if (!c->closing && c->multi) curl_multi_assign(c->multi, fd, NULL);
+      close_watch(w);
+    }
+    return 0;
+  }
+  if (c->closing) return 0;
+  if (!w) {
+    w = calloc(1, sizeof *w);
+    if (!w) return -1;
+    if (uv_poll_init_socket(c->loop, &w->poll, fd) != 0) {
+      free(w);
+      return -1;
+    }
+    w->poll.data = w;
+    w->client = c;
+    w->fd = fd;
+    w->next = c->watches;
+    if (c->watches) c->watches->prev = w;
+    c->watches = w;
+    c->open_handles++;
+    curl_multi_assign(c->multi, fd, w);
+  }
+  int events = 0;
+  if (what & CURL_POLL_IN) events |= UV_READABLE;
+  if (what & CURL_POLL_OUT) events |= UV_WRITABLE;
+  uv_poll_start(&w->poll, events, on_socket_ready);
+  return 0;
+}
+
+static void on_multi_timer(uv_timer_t *h) {
+  run_socket_action(h->data, CURL_SOCKET_TIMEOUT, 0);
+}
+
+/* curl wants to be woken after timeout_ms (-1: never). Never calls
+ * socket_action itself: even a 0 ms request goes through the uv timer. */
+static int on_curl_timer_request(CURLM *multi, long timeout_ms, void *userp) {
+  struct upstream_client *c = userp;
+  if (c->closing) return 0;
+  if (timeout_ms < 0)
+    uv_timer_stop(&c->multi_timer);
+  else
+    uv_timer_start(&c->multi_timer, on_multi_timer, (uint64_t)timeout_ms, 0);
+  return 0;
+}
+
+/* ---- client ------------------------------------------------------------ */
+
+static void on_multi_timer_closed(uv_handle_t *h) {
+  struct upstream_client *c = h->data;
+  c->open_handles--;
+  maybe_free_client(c);
+}
+
+int upstream_client_create(uv_loop_t *loop, struct upstream_client **out, char *errmsg,
+                           size_t errlen) {
+  static bool curl_initialised; /* loop thread only; curl_global_init is not thread-safe */
+  if (!loop || !out) {
+    snprintf(errmsg, errlen, "upstream_client_create(): loop and out are required");
+    return -1;
+  }
+  if (!curl_initialised) {
+    CURLcode gc = curl_global_init(CURL_GLOBAL_DEFAULT);
+    if (gc != CURLE_OK) {
+      snprintf(errmsg, errlen, "curl_global_init(): %s", curl_easy_strerror(gc));
+      return -1;
+    }
+    curl_initialised = true;
+  }
+  struct upstream_client *c = calloc(1, sizeof *c);
+  if (!c) {
+    snprintf(errmsg, errlen, "upstream_client_create(): out of memory");
+    return -1;
+  }
+  c->loop = loop;
+  c->multi = curl_multi_init();
+  if (!c->multi) {
+    snprintf(errmsg, errlen, "curl_multi_init() failed");
+    goto err_after_alloc;
+  }
+  curl_multi_setopt(c->multi, CURLMOPT_SOCKETFUNCTION, on_curl_socket);
+  curl_multi_setopt(c->multi, CURLMOPT_SOCKETDATA, c);
+  curl_multi_setopt(c->multi, CURLMOPT_TIMERFUNCTION, on_curl_timer_request);
+  curl_multi_setopt(c->multi, CURLMOPT_TIMERDATA, c);
+  int rv = uv_timer_init(loop, &c->multi_timer);
+  if (rv != 0) {
+    snprintf(errmsg, errlen, "uv_timer_init(): %s", uv_strerror(rv));
+    goto err_after_multi;
+  }
+  c->multi_timer.data = c;
+  c->open_handles = 1;
+  *out = c;
+  return 0;
+
+err_after_multi:
+  curl_multi_cleanup(c->multi);
+err_after_alloc:
+  free(c);
+  return -1;
+}
+
+static void do_close(struct upstream_client *c) {
+  c->closing = true;
+  while (c->transfers) {
+    struct upstream_transfer *t = c->transfers;
+    t->cancelled = true; /* no callback */
+    detach_transfer(t);
+    dispose_transfer(t);
+  }
+  c->active = 0;
+  CURLM *multi = c->multi;
+  curl_multi_cleanup(multi); /* may announce REMOVE for cached connections */
+  c->multi = NULL;
+  while (c->watches) close_watch(c->watches);
+  uv_close((uv_handle_t *)&c->multi_timer, on_multi_timer_closed);
+}
+
+void upstream_client_close(struct upstream_client *c, void (*done)(void *arg), void *arg) {
+  if (!c || c->closing || c->close_requested) return;
+  c->close_done = done;
+  c->close_arg = arg;
+  if (c->in_multi_call > 0) {
+    c->close_requested = true; /* curl is on the stack: finish after it returns */
+    /* Stop user callbacks for everything right away. */
+    for (struct upstream_transfer *t = c->transfers; t; t = t->next) {
+      if (!t->cancelled && !t->finished) c->active--;
+      t->cancelled = true;
+    }
+    return;
+  }
+  do_close(c);
+}
+
+size_t upstream_active_count(const struct upstream_client *c) {
+  return c ? c->active : 0;
+}
+
+/* ---- transfers ----------------------------------------------------------- */
+
+static int configure_easy(struct upstream_transfer *t, const struct upstream_request *req,
+                          char *errmsg, size_t errlen) {
+  CURL *e = t->easy;
+  CURLcode rc = CURLE_OK;
+#define SETOPT(opt, val)                                                                           \
+  do {                                                                                             \
+    if (rc == CURLE_OK) {                                                                          \
+      rc = curl_easy_setopt(e, opt, val);                                                          \
+      if (rc != CURLE_OK)                                                                          \
+        snprintf(errmsg, errlen, "curl_easy_setopt(%s): %s", #opt, curl_easy_strerror(rc));        \
+    }                                                                                              \
+  } while (0)
+
+  SETOPT(CURLOPT_URL, req->url);
+  SETOPT(CURLOPT_PROTOCOLS_STR, "http,https");
+  SETOPT(CURLOPT_PRIVATE, (void *)t);
+  SETOPT(CURLOPT_ERRORBUFFER, t->curl_errbuf);
+  SETOPT(CURLOPT_NOSIGNAL, 1L);
+  SETOPT(CURLOPT_TCP_NODELAY, 1L);
+  SETOPT(CURLOPT_TCP_KEEPALIVE, 1L);
+  SETOPT(CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_1_1);
+  SETOPT(CURLOPT_FOLLOWLOCATION, 0L);
+  SETOPT(CURLOPT_HTTPHEADER, t->request_headers);
+  SETOPT(CURLOPT_HEADERFUNCTION, on_curl_header);
+  SETOPT(CURLOPT_HEADERDATA, (void *)t);
+  SETOPT(CURLOPT_WRITEFUNCTION, on_curl_body);
+  SETOPT(CURLOPT_WRITEDATA, (void *)t);
+  SETOPT(CURLOPT_PREREQFUNCTION, on_curl_prereq);
+  SETOPT(CURLOPT_PREREQDATA, (void *)t);
+  if (req->timeouts.connect_ms) SETOPT(CURLOPT_CONNECTTIMEOUT_MS, (long)req->timeouts.connect_ms);
+
+  const char *method = req->method;
+  const char *body = req->body ? req->body : "";
+  if (strcmp(method, "GET") == 0 && req->body_len == 0) {
+    SETOPT(CURLOPT_HTTPGET, 1L);
+  } else if (strcmp(method, "HEAD") == 0) {
+    SETOPT(CURLOPT_NOBODY, 1L);
+  } else {
+    if (strcmp(method, "POST") == 0)
+      SETOPT(CURLOPT_POST, 1L);
+    else
+      SETOPT(CURLOPT_CUSTOMREQUEST, method);
+    if (strcmp(method, "POST") == 0 || req->body_len > 0) {
+      SETOPT(CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)req->body_len);
+      SETOPT(CURLOPT_COPYPOSTFIELDS, body); /* copies body_len bytes */
+    }
+  }
+#undef SETOPT
+  return rc == CURLE_OK ? 0 : -1;
+}
+
+static int copy_request_headers(struct upstream_transfer *t, const char *const *headers,
+                                char *errmsg, size_t errlen) {
+  for (size_t i = 0; headers && headers[i]; i++) {
+    const char *line = headers[i];
+    if (strpbrk(line, "\r\n")) {
+      /* Name only: the value may be a secret. */
+      size_t name_len = strcspn(line, ":\r\n");
+      snprintf(errmsg, errlen, "request header %d (\"%.*s\") contains CR or LF", (int)i,
+               (int)(name_len > 64 ? 64 : name_len), line);
+      return -1;
+    }
+    struct curl_slist *grown = curl_slist_append(t->request_headers, line);
+    if (!grown) goto oom;
+    t->request_headers = grown;
+  }
+  /* No "Expect: 100-continue" round trip before the body. */
+  struct curl_slist *grown = curl_slist_append(t->request_headers, "Expect:");
+  if (!grown) goto oom;
+  t->request_headers = grown;
+  return 0;
+oom:
+  snprintf(errmsg, errlen, "curl_slist_append(): out of memory");
+  return -1;
+}
+
+int upstream_start(struct upstream_client *c, const struct upstream_request *req,
+                   const struct upstream_callbacks *cb, void *ud, struct upstream_transfer **out,
+                   char *errmsg, size_t errlen) {
+  if (out) *out = NULL;
+  if (!c || !req || !req->url || !req->method || !cb || (req->body_len > 0 && !req->body)) {
+    snprintf(errmsg, errlen, "upstream_start(): client, url, method and callbacks are required");
+    return -1;
+  }
+  if (c->closing || c->close_requested) {
+    snprintf(errmsg, errlen, "upstream_start(): client is closing");
+    return -1;
+  }
+  struct upstream_transfer *t = calloc(1, sizeof *t);
+  if (!t) {
+    snprintf(errmsg, errlen, "upstream_start(): out of memory");
+    return -1;
+  }
+  t->client = c;
+  t->cb = *cb;
+  t->ud = ud;
+  t->timeouts = req->timeouts;
+  t->phase = PHASE_CONNECTING;
+  t->start_us = monotonic_us();
+  t->start_loop_ms = uv_now(c->loop);
+  t->easy = curl_easy_init();
+  if (!t->easy) {
+    snprintf(errmsg, errlen, "curl_easy_init() failed");
+    goto err_after_alloc;
+  }
+  if (copy_request_headers(t, req->headers, errmsg, errlen) != 0) goto err_after_easy;
+  if (configure_easy(t, req, errmsg, errlen) != 0) goto err_after_easy;
+  if (c->in_multi_call > 0) {
+    t->needs_attach = true; /* curl is on the stack: add after it returns */
+    c->deferred_work = true;
+  } else if (attach_transfer(t, errmsg, errlen) != 0) {
+    goto err_after_easy;
+  }
+  uv_timer_init(c->loop, &t->phase_timer); /* cannot fail for a live loop */
+  t->phase_timer.data = t;
+  c->open_handles++;
+  t->next = c->transfers;
+  if (c->transfers) c->transfers->prev = t;
+  c->transfers = t;
+  t->linked = true;
+  c->active++;
+  arm_phase_timer(t);
+  if (out) *out = t;
+  return 0;
+
+err_after_easy:
+  curl_easy_cleanup(t->easy);
+  curl_slist_free_all(t->request_headers);
+err_after_alloc:
+  free(t);
+  return -1;
+}
+
+void upstream_cancel(struct upstream_transfer *t) {
+  if (!t || t->cancelled || t->finished) return;
+  struct upstream_client *c = t->client;
+  t->cancelled = true;
+  c->active--;
+  uv_timer_stop(&t->phase_timer);
+  if (c->in_multi_call > 0) {
+    c->deferred_work = true; /* its curl callbacks now return "abort" */
+    return;
+  }
+  detach_transfer(t);
+  dispose_transfer(t);
+}
+
+void upstream_get_timing(const struct upstream_transfer *t, struct upstream_timing *out) {
+  memset(out, 0, sizeof *out);
+  if (!t) return;
+  uint64_t end_us = t->done_us ? t->done_us : monotonic_us();
+  if (t->connected_us) out->connect_us = t->connected_us - t->start_us;
+  if (t->first_byte_us) out->first_byte_us = t->first_byte_us - t->start_us;
+  out->total_us = end_us - t->start_us;
+}

@@ -1,0 +1,144 @@
+/* gateway/upstream.h: HTTP client for the upstream model API, private to
+ * the gateway module.
+ *
+ * Requests run on the libcurl MULTI interface driven by the caller's libuv
+ * loop (no threads): one uv_poll_t per curl socket, one uv timer for curl's
+ * own timeout, and one uv timer per transfer whose meaning follows the
+ * transfer's phase (first byte, idle, total). Connections are kept alive and
+ * reused through the multi handle's connection cache (HTTP/1.1, TCP_NODELAY,
+ * no "Expect: 100-continue").
+ *
+ * Threading: everything here runs on the loop thread; no function may be
+ * called from another thread.
+ *
+ * Callbacks are never called from inside upstream_start(); they always run
+ * later from the loop. A callback may call upstream_cancel() (on its own or
+ * another transfer), upstream_start() and upstream_client_close(); those
+ * calls are safe and take effect before control returns to the loop.
+ *
+ * Request bodies and header values are never logged by this module.
+ */
+#ifndef ZG_GATEWAY_UPSTREAM_H
+#define ZG_GATEWAY_UPSTREAM_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+/* One per loop. Owns the curl multi handle, its sockets and every transfer. */
+struct upstream_client;
+
+/* Creates a client on `loop` (not owned; must outlive the client).
+ * Returns 0 and sets *out, or a negative value with a message in errmsg. */
+int upstream_client_create(uv_loop_t *loop, struct upstream_client **out, char *errmsg,
+                           size_t errlen);
+
+/* Cancels every transfer (cancelled transfers get NO callback), cleans up
+ * the multi handle and closes every uv handle. The client and every
+ * upstream_transfer pointer become invalid at once for the caller; memory is
+ * released from close callbacks, after which done(arg) is called (done may be
+ * NULL). The loop must keep running until then. Calling it twice does
+ * nothing the second time. Safe to call from inside any upstream callback. */
+void upstream_client_close(struct upstream_client *c, void (*done)(void *arg), void *arg);
+
+/* How a transfer ended. The split that matters for retries:
+ *  - CONNECT_FAILED / CONNECT_TIMEOUT: the request never left the gateway
+ *    (DNS failure, connection refused, TLS handshake or certificate error,
+ *    malformed URL). Safe to retry elsewhere.
+ *  - FIRST_BYTE_TIMEOUT / BROKEN: the request was (or may have been) sent.
+ *    BROKEN covers a reset or close mid-body, a truncated body, a send error,
+ *    and also "server closed without answering" (CURLE_GOT_NOTHING) even
+ *    before any response byte, because the upstream may have processed it.
+ *  - IDLE_TIMEOUT / TOTAL_TIMEOUT: our own phase timers fired.
+ * Any other curl error is CONNECT_FAILED if it happened before a connection
+ * was ready to send the request, BROKEN after. */
+enum upstream_result {
+  UPSTREAM_OK,
+  UPSTREAM_CONNECT_FAILED,
+  UPSTREAM_CONNECT_TIMEOUT,
+  UPSTREAM_FIRST_BYTE_TIMEOUT,
+  UPSTREAM_IDLE_TIMEOUT,
+  UPSTREAM_TOTAL_TIMEOUT,
+  UPSTREAM_BROKEN,
+};
+
+/* "ok", "connect_failed", "connect_timeout", "first_byte_timeout",
+ * "idle_timeout", "total_timeout", "broken"; "unknown" otherwise. Static
+ * strings, suitable as metric labels. */
+const char *upstream_result_name(enum upstream_result r);
+
+/* All in milliseconds; 0 = none of ours. Phases:
+ *  connect_ms    DNS + TCP + TLS, enforced by curl (CURLOPT_CONNECTTIMEOUT_MS).
+ *                With 0, curl's built-in 300 s connect limit still applies.
+ *  first_byte_ms from the moment the connection is ready and the request is
+ *                handed to it, until the first response byte.
+ *  idle_ms       longest silence between response pieces (header lines or
+ *                body chunks) once the response has started.
+ *  total_ms      whole transfer, from upstream_start(). */
+struct upstream_timeouts {
+  unsigned connect_ms, first_byte_ms, idle_ms, total_ms;
+};
+
+/* Everything is copied by upstream_start(); the caller may free it after. */
+struct upstream_request {
+  const char *url;            /* full http:// or https:// URL */
+  const char *method;         /* "POST", "GET", "HEAD" or any other verb */
+  const char *const *headers; /* NULL-terminated "Name: value" lines; may be NULL.
+                                 A line containing CR or LF is refused. */
+  const char *body;           /* may be NULL when body_len is 0 */
+  size_t body_len;
+  struct upstream_timeouts timeouts;
+};
+
+struct upstream_callbacks {
+  /* Final status line and headers complete (once; interim 1xx responses are
+   * skipped). content_type is the Content-Type value or NULL. headers is a
+   * NULL-terminated "Name: value" list without CRLF. Both are valid only
+   * during the call. May be NULL. */
+  void (*on_response)(void *ud, int status, const char *content_type, const char *const *headers);
+  /* A piece of the body as it arrives from the network (never buffered: SSE
+   * streaming relies on this). data is valid only during the call. Return 0
+   * to continue; non-zero aborts the transfer, and then NO further callback
+   * (not even on_done) is made, exactly as if upstream_cancel() had been
+   * called. May be NULL (body discarded). */
+  int (*on_data)(void *ud, const char *data, size_t len);
+  /* Transfer finished. Called exactly once unless the transfer was cancelled
+   * (upstream_cancel, non-zero from on_data, or upstream_client_close)
+   * first. curl_error is a short text for logs ("" on success), valid during
+   * the call. The transfer pointer is invalid once on_done returns. May be
+   * NULL. */
+  void (*on_done)(void *ud, enum upstream_result result, const char *curl_error);
+};
+
+/* One request in flight. Owned by the client; freed by this module after
+ * on_done returns, or after upstream_cancel(). */
+struct upstream_transfer;
+
+/* Starts a request. `cb` is copied; `ud` is passed back to every callback and
+ * is not owned. *out (optional, may be NULL) receives a handle valid until
+ * on_done returns or upstream_cancel() is called. Returns 0, or a negative
+ * value with a message in errmsg and no callback will follow. */
+int upstream_start(struct upstream_client *c, const struct upstream_request *req,
+                   const struct upstream_callbacks *cb, void *ud, struct upstream_transfer **out,
+                   char *errmsg, size_t errlen);
+
+/* The client went away: stop now, make no further callback. Safe from any
+ * callback, including the transfer's own on_response/on_data; a call from the
+ * transfer's own on_done, or with NULL, does nothing. Memory is released
+ * later, safely. */
+void upstream_cancel(struct upstream_transfer *t);
+
+/* Microseconds from upstream_start(): until the connection was ready to send
+ * (connect_us, includes DNS and TLS; ~0 on a reused connection; 0 if it
+ * never got there), until the first response byte (first_byte_us; 0 if
+ * none), and until the end (total_us; up to now while still running).
+ * Measured with the monotonic clock. Most useful during on_done. */
+struct upstream_timing {
+  uint64_t connect_us, first_byte_us, total_us;
+};
+void upstream_get_timing(const struct upstream_transfer *t, struct upstream_timing *out);
+
+/* Transfers started and neither finished nor cancelled. */
+size_t upstream_active_count(const struct upstream_client *c);
+
+#endif

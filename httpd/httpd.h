@@ -1,0 +1,103 @@
+/* httpd: a small HTTP/1.1 server on libuv + http_parser, shared by the
+ * client API (gateway/) and the admin API. Keep-alive, pipelined requests
+ * answered in order (one request per connection is dispatched at a time),
+ * chunked request bodies, chunked streaming responses, and the bad-input
+ * answers a public endpoint needs: 400 malformed, 413 body too large, 431
+ * headers too large, 408 request not received within client_timeout.
+ * Error bodies use OpenAI's shape {"error":{"message","type","code"}}.
+ *
+ * Ownership: a struct httpd_req belongs to httpd. A handler answers it
+ * exactly once with httpd_respond() or httpd_stream_begin()..end(). A
+ * handler that answers later (asynchronously) must set an abort callback:
+ * if the client goes away first, the callback runs and the request is
+ * freed right after it returns; it must not be touched again.
+ */
+#ifndef ZG_HTTPD_H
+#define ZG_HTTPD_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+struct httpd_server;
+struct httpd_req;
+
+typedef void (*httpd_handler)(void *ctx, struct httpd_req *req);
+
+struct httpd_limits {
+  size_t max_header_bytes;       /* request line + headers; default 16 KiB → 431 */
+  size_t max_body_bytes;         /* default 4 MiB → 413 */
+  unsigned client_timeout_ms;    /* whole request must arrive within this; default 10000 → 408 */
+  unsigned keepalive_timeout_ms; /* idle keep-alive connection closed after; default 60000 */
+  unsigned max_connections;      /* default 10000; over it new connections are closed at once */
+};
+
+/* Listens on "host:port". On failure returns a negative uv error code and
+ * writes a message naming the address into errmsg (EADDRINUSE included). */
+int httpd_listen(uv_loop_t *loop, const char *address, const struct httpd_limits *limits,
+                 httpd_handler handler, void *ctx, struct httpd_server **out, char *errmsg,
+                 size_t errlen);
+void httpd_set_limits(struct httpd_server *srv, const struct httpd_limits *limits);
+/* Stops accepting; idle keep-alive connections are closed, busy ones close
+ * after their current response. In-flight requests finish normally. */
+void httpd_stop_accepting(struct httpd_server *srv);
+/* Requests dispatched to the handler and not yet answered completely. */
+size_t httpd_active_requests(const struct httpd_server *srv);
+size_t httpd_open_connections(const struct httpd_server *srv);
+/* Closes the listener and every connection (aborting requests), then
+ * calls done. */
+void httpd_close(struct httpd_server *srv, void (*done)(void *arg), void *arg);
+
+/* Called for every dispatched request once it is finished (answered
+ * completely, or aborted because the client left: then status is 0),
+ * just before httpd frees it. ctx is the handler's ctx. For access logs
+ * and metrics. */
+void httpd_set_finish_hook(struct httpd_server *srv,
+                           void (*hook)(void *ctx, struct httpd_req *req));
+
+/* ---- request ------------------------------------------------------- */
+/* One pointer of the handler's own per request (e.g. access-log state). */
+void httpd_req_set_user(struct httpd_req *req, void *user);
+void *httpd_req_user(const struct httpd_req *req);
+const char *httpd_req_method(const struct httpd_req *req); /* "GET", "POST", ... */
+const char *httpd_req_path(const struct httpd_req *req);   /* without the query */
+const char *httpd_req_query(const struct httpd_req *req);  /* after '?', or "" */
+/* Value of a query parameter (not URL-decoded), or NULL. */
+const char *httpd_req_query_param(const struct httpd_req *req, const char *name, char *buf,
+                                  size_t buflen);
+const char *httpd_req_header(const struct httpd_req *req, const char *name); /* case-insensitive */
+size_t httpd_req_header_count(const struct httpd_req *req);
+void httpd_req_header_at(const struct httpd_req *req, size_t i, const char **name,
+                         const char **value);
+const char *httpd_req_body(const struct httpd_req *req, size_t *len); /* NUL-terminated */
+const char *httpd_req_peer_ip(const struct httpd_req *req);
+uint64_t httpd_req_received_us(const struct httpd_req *req); /* monotonic, when complete */
+void httpd_req_set_abort(struct httpd_req *req, void (*on_abort)(void *ud), void *ud);
+bool httpd_req_is_head(const struct httpd_req *req);
+
+/* ---- response ------------------------------------------------------ */
+/* extra_headers: NULL-terminated list of "Name: value" lines, or NULL. */
+void httpd_respond(struct httpd_req *req, int status, const char *content_type,
+                   const char *const *extra_headers, const char *body, size_t len);
+/* {"error":{"message":msg,"type":type,"code":code}} with the given status. */
+void httpd_respond_error(struct httpd_req *req, int status, const char *type, const char *code,
+                         const char *const *extra_headers, const char *fmt, ...)
+    __attribute__((format(printf, 6, 7)));
+/* Chunked streaming response. write returns 0, or -1 once the client is
+ * gone (then stop writing; the abort callback has run or will run). */
+void httpd_stream_begin(struct httpd_req *req, int status, const char *content_type,
+                        const char *const *extra_headers);
+int httpd_stream_write(struct httpd_req *req, const char *data, size_t len);
+void httpd_stream_end(struct httpd_req *req);
+/* Ends a stream that failed: what was written is flushed, then the
+ * connection is closed WITHOUT the terminating chunk, so the client sees
+ * an incomplete response rather than a clean-looking finish. */
+void httpd_stream_abort(struct httpd_req *req);
+/* Bytes of the response body written so far (for access logs). */
+uint64_t httpd_req_bytes_sent(const struct httpd_req *req);
+int httpd_req_status(const struct httpd_req *req);
+
+const char *httpd_status_text(int status);
+
+#endif

@@ -1,0 +1,858 @@
+/* server.c: the listener, connections, request parsing and responses.
+ *
+ * Happy path: accept → read → http_parser fills a request → complete
+ * requests queue on their connection → the head one is dispatched to the
+ * handler → the handler answers → the next one is dispatched. Keep-alive
+ * connections wait for the next request under the idle timer.
+ *
+ * Failure modes: a parse error, an oversized header block or body, or a
+ * request that does not arrive within client_timeout is answered (400,
+ * 431, 413, 408) after any earlier pipelined answers and the connection is
+ * closed. A client that disconnects aborts its in-flight request through
+ * the abort callback. Out of memory closes the connection.
+ */
+#include "httpd/httpd.h"
+
+#include "base/base.h"
+
+#include <http_parser.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#define MAX_QUEUED_REQUESTS 32
+#define READ_BUFFER_SIZE 65536
+
+struct header {
+  char *name;
+  char *value;
+};
+
+struct conn;
+
+struct httpd_req {
+  struct conn *conn; /* NULL once the connection is gone */
+  struct httpd_server *srv;
+  struct httpd_req *next;
+  char method[16];
+  zg_buf url;
+  char *path;
+  char *query;
+  struct header *headers;
+  size_t n_headers, cap_headers;
+  zg_buf body;
+  char peer_ip[64];
+  bool keep_alive;
+  bool is_head;
+  uint64_t received_us;
+  int error_status; /* answered by httpd itself (parse errors, limits) */
+  const char *error_message;
+  void (*on_abort)(void *ud);
+  void *abort_ud;
+  int status;
+  void *user;
+  bool started, finished, streaming, dispatched;
+  uint64_t bytes_sent;
+};
+
+enum timer_phase { PHASE_NONE, PHASE_REQUEST, PHASE_IDLE };
+
+struct conn {
+  uv_tcp_t tcp;
+  uv_timer_t timer;
+  http_parser parser;
+  struct httpd_server *srv;
+  struct conn *prev, *next;
+  struct httpd_req *parsing;
+  struct httpd_req *queue_head, *queue_tail;
+  struct httpd_req *inflight;
+  size_t queued;
+  size_t header_bytes;
+  bool header_value_last;
+  bool closing, close_after, read_stopped, paused_for_backlog, dispatching, saw_bytes;
+  int handles_open;
+  int pending_writes;
+  enum timer_phase phase;
+  char peer_ip[64];
+};
+
+struct httpd_server {
+  uv_loop_t *loop;
+  uv_tcp_t listener;
+  bool listener_open;
+  struct httpd_limits limits;
+  httpd_handler handler;
+  void (*finish_hook)(void *ctx, struct httpd_req *req);
+  void *ctx;
+  struct conn *conns;
+  size_t n_conns;
+  size_t active_requests;
+  bool stopping, closing;
+  int handles_open;
+  void (*close_done)(void *arg);
+  void *close_arg;
+  http_parser_settings settings;
+};
+
+static void conn_close(struct conn *c);
+static void conn_dispatch(struct conn *c);
+static void conn_arm_timer(struct conn *c);
+static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf);
+static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf);
+static void on_listener_closed(uv_handle_t *h);
+
+/* ---- small helpers -------------------------------------------------- */
+
+const char *httpd_status_text(int status) {
+  switch (status) {
+  case 100: return "Continue";
+  case 200: return "OK";
+  case 201: return "Created";
+  case 202: return "Accepted";
+  case 204: return "No Content";
+  case 304: return "Not Modified";
+  case 400: return "Bad Request";
+  case 401: return "Unauthorized";
+  case 403: return "Forbidden";
+  case 404: return "Not Found";
+  case 405: return "Method Not Allowed";
+  case 408: return "Request Timeout";
+  case 409: return "Conflict";
+  case 412: return "Precondition Failed";
+  case 413: return "Payload Too Large";
+  case 415: return "Unsupported Media Type";
+  case 422: return "Unprocessable Entity";
+  case 429: return "Too Many Requests";
+  case 431: return "Request Header Fields Too Large";
+  case 500: return "Internal Server Error";
+  case 501: return "Not Implemented";
+  case 502: return "Bad Gateway";
+  case 503: return "Service Unavailable";
+  case 504: return "Gateway Timeout";
+  default: return "Unknown";
+  }
+}
+
+static void req_free(struct httpd_req *r) {
+  if (!r) return;
+  zg_buf_free(&r->url);
+  zg_buf_free(&r->body);
+  for (size_t i = 0; i < r->n_headers; i++) {
+    free(r->headers[i].name);
+    free(r->headers[i].value);
+  }
+  free(r->headers);
+  free(r->path);
+  free(r);
+}
+
+static struct httpd_req *req_new(struct conn *c) {
+  struct httpd_req *r = calloc(1, sizeof(*r));
+  if (!r) return NULL;
+  r->conn = c;
+  r->srv = c->srv;
+  r->keep_alive = true;
+  zg_buf_init(&r->url);
+  zg_buf_init(&r->body);
+  memcpy(r->peer_ip, c->peer_ip, sizeof(r->peer_ip));
+  return r;
+}
+
+/* ---- writing -------------------------------------------------------- */
+
+struct write_req {
+  uv_write_t req;
+  struct conn *conn;
+  size_t len;
+  char data[];
+};
+
+static void on_shutdown(uv_shutdown_t *req, int status) {
+  struct conn *c = req->data;
+  free(req);
+  conn_close(c);
+}
+
+static void conn_maybe_finish_close(struct conn *c) {
+  if (c->closing || !c->close_after || c->inflight || c->pending_writes > 0) return;
+  uv_shutdown_t *sreq = malloc(sizeof(*sreq));
+  if (!sreq || uv_shutdown(sreq, (uv_stream_t *)&c->tcp, on_shutdown) != 0) {
+    free(sreq);
+    conn_close(c);
+    return;
+  }
+  sreq->data = c;
+  c->pending_writes++; /* keeps close_after from shutting down twice */
+}
+
+static void on_write(uv_write_t *req, int status) {
+  struct write_req *w = (struct write_req *)req;
+  struct conn *c = w->conn;
+  free(w);
+  c->pending_writes--;
+  if (status < 0 && !c->closing) {
+    conn_close(c);
+    return;
+  }
+  conn_maybe_finish_close(c);
+}
+
+static int conn_write(struct conn *c, const char *a, size_t alen, const char *b, size_t blen) {
+  if (!c || c->closing) return -1;
+  struct write_req *w = malloc(sizeof(*w) + alen + blen);
+  if (!w) {
+    conn_close(c);
+    return -1;
+  }
+  w->conn = c;
+  w->len = alen + blen;
+  if (alen) memcpy(w->data, a, alen);
+  if (blen) memcpy(w->data + alen, b, blen);
+  uv_buf_t buf = uv_buf_init(w->data, (unsigned)w->len);
+  if (uv_write(&w->req, (uv_stream_t *)&c->tcp, &buf, 1, on_write) != 0) {
+    free(w);
+    conn_close(c);
+    return -1;
+  }
+  c->pending_writes++;
+  return 0;
+}
+
+static void req_finish(struct httpd_req *r) {
+  r->finished = true;
+  struct conn *c = r->conn;
+  if (r->dispatched) {
+    r->srv->active_requests--;
+    if (r->srv->finish_hook) r->srv->finish_hook(r->srv->ctx, r);
+  }
+  if (!c) {
+    req_free(r);
+    return;
+  }
+  if (c->inflight == r) c->inflight = NULL;
+  if (!r->keep_alive || r->srv->stopping) c->close_after = true;
+  req_free(r);
+  if (c->close_after) {
+    conn_maybe_finish_close(c);
+    return;
+  }
+  if (c->paused_for_backlog && c->queued < MAX_QUEUED_REQUESTS / 2) {
+    c->paused_for_backlog = false;
+    uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
+  }
+  conn_dispatch(c);
+  conn_arm_timer(c);
+}
+
+static void build_head(zg_buf *head, struct httpd_req *r, int status, const char *content_type,
+                       const char *const *extra, const char *length_or_chunked) {
+  bool closing = !r->keep_alive || r->srv->stopping || (r->conn && r->conn->close_after);
+  zg_buf_appendf(head, "HTTP/1.1 %d %s\r\n", status, httpd_status_text(status));
+  if (content_type) zg_buf_appendf(head, "Content-Type: %s\r\n", content_type);
+  zg_buf_appendf(head, "%s\r\n", length_or_chunked);
+  for (size_t i = 0; extra && extra[i]; i++) zg_buf_appendf(head, "%s\r\n", extra[i]);
+  zg_buf_appendf(head, "Connection: %s\r\n\r\n", closing ? "close" : "keep-alive");
+  if (closing) r->keep_alive = false;
+}
+
+void httpd_respond(struct httpd_req *r, int status, const char *content_type,
+                   const char *const *extra_headers, const char *body, size_t len) {
+  if (r->started) return;
+  r->started = true;
+  r->status = status;
+  if (r->conn) {
+    zg_buf head;
+    zg_buf_init(&head);
+    char length[64];
+    snprintf(length, sizeof(length), "Content-Length: %zu", len);
+    build_head(&head, r, status, content_type, extra_headers, length);
+    conn_write(r->conn, head.data, head.len, body, r->is_head ? 0 : len);
+    zg_buf_free(&head);
+    r->bytes_sent = r->is_head ? 0 : len;
+  }
+  req_finish(r);
+}
+
+static void json_escape_into(zg_buf *out, const char *s) {
+  for (; *s; s++) {
+    unsigned char ch = (unsigned char)*s;
+    if (ch == '"' || ch == '\\') zg_buf_appendf(out, "\\%c", ch);
+    else if (ch < 0x20) zg_buf_appendf(out, "\\u%04x", ch);
+    else zg_buf_append(out, s, 1);
+  }
+}
+
+void httpd_respond_error(struct httpd_req *r, int status, const char *type, const char *code,
+                         const char *const *extra_headers, const char *fmt, ...) {
+  char message[1024];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(message, sizeof(message), fmt, ap);
+  va_end(ap);
+  zg_buf body;
+  zg_buf_init(&body);
+  zg_buf_append(&body, "{\"error\":{\"message\":\"", 21);
+  json_escape_into(&body, message);
+  zg_buf_append(&body, "\",\"type\":\"", 10);
+  json_escape_into(&body, type);
+  zg_buf_append(&body, "\",\"code\":", 9);
+  if (code) {
+    zg_buf_append(&body, "\"", 1);
+    json_escape_into(&body, code);
+    zg_buf_append(&body, "\"", 1);
+  } else {
+    zg_buf_append(&body, "null", 4);
+  }
+  zg_buf_append(&body, "}}", 2);
+  httpd_respond(r, status, "application/json", extra_headers, body.data, body.len);
+  zg_buf_free(&body);
+}
+
+void httpd_stream_begin(struct httpd_req *r, int status, const char *content_type,
+                        const char *const *extra_headers) {
+  if (r->started) return;
+  r->started = true;
+  r->streaming = true;
+  r->status = status;
+  if (!r->conn) return;
+  zg_buf head;
+  zg_buf_init(&head);
+  build_head(&head, r, status, content_type, extra_headers, "Transfer-Encoding: chunked");
+  conn_write(r->conn, head.data, head.len, NULL, 0);
+  zg_buf_free(&head);
+}
+
+int httpd_stream_write(struct httpd_req *r, const char *data, size_t len) {
+  if (!r->conn || r->conn->closing) return -1;
+  if (len == 0 || r->is_head) return 0;
+  char size_line[32];
+  int n = snprintf(size_line, sizeof(size_line), "%zx\r\n", len);
+  zg_buf chunk;
+  zg_buf_init(&chunk);
+  zg_buf_append(&chunk, data, len);
+  zg_buf_append(&chunk, "\r\n", 2);
+  int rc = conn_write(r->conn, size_line, (size_t)n, chunk.data, chunk.len);
+  zg_buf_free(&chunk);
+  r->bytes_sent += len;
+  return rc;
+}
+
+void httpd_stream_end(struct httpd_req *r) {
+  if (r->finished) return;
+  if (r->conn && !r->is_head) conn_write(r->conn, "0\r\n\r\n", 5, NULL, 0);
+  req_finish(r);
+}
+
+void httpd_stream_abort(struct httpd_req *r) {
+  if (r->finished) return;
+  r->keep_alive = false;
+  if (r->conn) r->conn->close_after = true;
+  req_finish(r);
+}
+
+/* ---- request accessors ---------------------------------------------- */
+
+const char *httpd_req_method(const struct httpd_req *r) {
+  return r->method;
+}
+const char *httpd_req_path(const struct httpd_req *r) {
+  return r->path ? r->path : "/";
+}
+const char *httpd_req_query(const struct httpd_req *r) {
+  return r->query ? r->query : "";
+}
+bool httpd_req_is_head(const struct httpd_req *r) {
+  return r->is_head;
+}
+
+const char *httpd_req_query_param(const struct httpd_req *r, const char *name, char *buf,
+                                  size_t buflen) {
+  const char *q = httpd_req_query(r);
+  size_t nlen = strlen(name);
+  while (*q) {
+    const char *end = strchr(q, '&');
+    size_t plen = end ? (size_t)(end - q) : strlen(q);
+    if (plen >= nlen && strncmp(q, name, nlen) == 0 && (plen == nlen || q[nlen] == '=')) {
+      size_t vlen = plen > nlen ? plen - nlen - 1 : 0;
+      if (vlen >= buflen) vlen = buflen - 1;
+      memcpy(buf, q + nlen + (plen > nlen ? 1 : 0), vlen);
+      buf[vlen] = '\0';
+      return buf;
+    }
+    if (!end) break;
+    q = end + 1;
+  }
+  return NULL;
+}
+
+const char *httpd_req_header(const struct httpd_req *r, const char *name) {
+  for (size_t i = 0; i < r->n_headers; i++)
+    if (strcasecmp(r->headers[i].name, name) == 0) return r->headers[i].value;
+  return NULL;
+}
+
+size_t httpd_req_header_count(const struct httpd_req *r) {
+  return r->n_headers;
+}
+
+void httpd_req_header_at(const struct httpd_req *r, size_t i, const char **name,
+                         const char **value) {
+  *name = r->headers[i].name;
+  *value = r->headers[i].value;
+}
+
+const char *httpd_req_body(const struct httpd_req *r, size_t *len) {
+  if (len) *len = r->body.len;
+  return r->body.data ? r->body.data : "";
+}
+
+const char *httpd_req_peer_ip(const struct httpd_req *r) {
+  return r->peer_ip;
+}
+uint64_t httpd_req_received_us(const struct httpd_req *r) {
+  return r->received_us;
+}
+void httpd_req_set_abort(struct httpd_req *r, void (*on_abort)(void *ud), void *ud) {
+  r->on_abort = on_abort;
+  r->abort_ud = ud;
+}
+uint64_t httpd_req_bytes_sent(const struct httpd_req *r) {
+  return r->bytes_sent;
+}
+void httpd_req_set_user(struct httpd_req *r, void *user) {
+  r->user = user;
+}
+void *httpd_req_user(const struct httpd_req *r) {
+  return r->user;
+}
+void httpd_set_finish_hook(struct httpd_server *srv, void (*hook)(void *ctx, struct httpd_req *req)) {
+  srv->finish_hook = hook;
+}
+int httpd_req_status(const struct httpd_req *r) {
+  return r->status;
+}
+
+/* ---- parsing -------------------------------------------------------- */
+
+static int fail_parse(struct conn *c, int status, const char *message) {
+  if (!c->parsing) c->parsing = req_new(c);
+  if (c->parsing) {
+    c->parsing->error_status = status;
+    c->parsing->error_message = message;
+  }
+  return -1;
+}
+
+static int count_header_bytes(struct conn *c, size_t len) {
+  c->header_bytes += len;
+  if (c->header_bytes > c->srv->limits.max_header_bytes)
+    return fail_parse(c, 431, "request headers are larger than the server accepts");
+  return 0;
+}
+
+static int on_message_begin(http_parser *p) {
+  struct conn *c = p->data;
+  c->parsing = req_new(c);
+  c->header_bytes = 0;
+  c->header_value_last = false;
+  if (!c->parsing) return -1;
+  c->phase = PHASE_REQUEST;
+  conn_arm_timer(c);
+  return 0;
+}
+
+static int on_url(http_parser *p, const char *at, size_t len) {
+  struct conn *c = p->data;
+  if (count_header_bytes(c, len)) return -1;
+  return zg_buf_append(&c->parsing->url, at, len);
+}
+
+static int on_header_field(http_parser *p, const char *at, size_t len) {
+  struct conn *c = p->data;
+  struct httpd_req *r = c->parsing;
+  if (count_header_bytes(c, len)) return -1;
+  if (r->n_headers == 0 || c->header_value_last) {
+    if (r->n_headers == r->cap_headers) {
+      size_t cap = r->cap_headers ? r->cap_headers * 2 : 16;
+      struct header *h = realloc(r->headers, cap * sizeof(*h));
+      if (!h) return -1;
+      r->headers = h;
+      r->cap_headers = cap;
+    }
+    r->headers[r->n_headers].name = strndup(at, len);
+    r->headers[r->n_headers].value = strdup("");
+    r->n_headers++;
+  } else {
+    struct header *h = &r->headers[r->n_headers - 1];
+    size_t old = strlen(h->name);
+    char *name = realloc(h->name, old + len + 1);
+    if (!name) return -1;
+    memcpy(name + old, at, len);
+    name[old + len] = '\0';
+    h->name = name;
+  }
+  c->header_value_last = false;
+  return 0;
+}
+
+static int on_header_value(http_parser *p, const char *at, size_t len) {
+  struct conn *c = p->data;
+  struct httpd_req *r = c->parsing;
+  if (count_header_bytes(c, len)) return -1;
+  if (r->n_headers == 0) return -1;
+  struct header *h = &r->headers[r->n_headers - 1];
+  size_t old = strlen(h->value);
+  char *value = realloc(h->value, old + len + 1);
+  if (!value) return -1;
+  memcpy(value + old, at, len);
+  value[old + len] = '\0';
+  h->value = value;
+  c->header_value_last = true;
+  return 0;
+}
+
+static int on_headers_complete(http_parser *p) {
+  struct conn *c = p->data;
+  struct httpd_req *r = c->parsing;
+  snprintf(r->method, sizeof(r->method), "%s", http_method_str((enum http_method)p->method));
+  r->is_head = p->method == HTTP_HEAD;
+  r->keep_alive = http_should_keep_alive(p) != 0;
+  if (p->content_length != ULLONG_MAX && p->content_length > c->srv->limits.max_body_bytes)
+    return fail_parse(c, 413, "request body is larger than the server accepts");
+  const char *url = r->url.data ? r->url.data : "/";
+  const char *q = strchr(url, '?');
+  size_t path_len = q ? (size_t)(q - url) : strlen(url);
+  size_t total = strlen(url);
+  r->path = malloc(total + 2);
+  if (!r->path) return -1;
+  memcpy(r->path, url, path_len);
+  r->path[path_len] = '\0';
+  r->query = r->path + path_len + 1;
+  if (q) memcpy(r->query, q + 1, total - path_len); /* includes the NUL */
+  else r->query[0] = '\0';
+  return 0;
+}
+
+static int on_body(http_parser *p, const char *at, size_t len) {
+  struct conn *c = p->data;
+  struct httpd_req *r = c->parsing;
+  if (r->body.len + len > c->srv->limits.max_body_bytes)
+    return fail_parse(c, 413, "request body is larger than the server accepts");
+  return zg_buf_append(&r->body, at, len);
+}
+
+static void conn_enqueue(struct conn *c, struct httpd_req *r) {
+  r->next = NULL;
+  if (c->queue_tail) c->queue_tail->next = r;
+  else c->queue_head = r;
+  c->queue_tail = r;
+  c->queued++;
+}
+
+static int on_message_complete(http_parser *p) {
+  struct conn *c = p->data;
+  struct httpd_req *r = c->parsing;
+  c->parsing = NULL;
+  r->received_us = zg_mono_us();
+  conn_enqueue(c, r);
+  c->phase = PHASE_NONE;
+  return 0;
+}
+
+/* ---- connection lifecycle ------------------------------------------- */
+
+static void server_maybe_closed(struct httpd_server *srv) {
+  if (srv->closing && srv->handles_open == 0 && srv->n_conns == 0) {
+    void (*done)(void *) = srv->close_done;
+    void *arg = srv->close_arg;
+    free(srv);
+    if (done) done(arg);
+  }
+}
+
+static void on_conn_handle_closed(uv_handle_t *h) {
+  struct conn *c = h->data;
+  if (--c->handles_open > 0) return;
+  struct httpd_server *srv = c->srv;
+  if (c->prev) c->prev->next = c->next;
+  else srv->conns = c->next;
+  if (c->next) c->next->prev = c->prev;
+  srv->n_conns--;
+  free(c);
+  server_maybe_closed(srv);
+}
+
+static void conn_close(struct conn *c) {
+  if (c->closing) return;
+  c->closing = true;
+  uv_read_stop((uv_stream_t *)&c->tcp);
+  struct httpd_req *inflight = c->inflight;
+  c->inflight = NULL;
+  if (inflight) {
+    inflight->conn = NULL;
+    if (inflight->on_abort) {
+      c->srv->active_requests--;
+      inflight->dispatched = false;
+      inflight->on_abort(inflight->abort_ud);
+      if (c->srv->finish_hook) {
+        inflight->status = 0;
+        c->srv->finish_hook(c->srv->ctx, inflight);
+      }
+      req_free(inflight);
+    }
+    /* else: orphaned; freed when the handler answers. */
+  }
+  for (struct httpd_req *r = c->queue_head; r;) {
+    struct httpd_req *next = r->next;
+    req_free(r);
+    r = next;
+  }
+  c->queue_head = c->queue_tail = NULL;
+  req_free(c->parsing);
+  c->parsing = NULL;
+  uv_close((uv_handle_t *)&c->timer, on_conn_handle_closed);
+  uv_close((uv_handle_t *)&c->tcp, on_conn_handle_closed);
+}
+
+static void on_timer(uv_timer_t *t) {
+  struct conn *c = t->data;
+  if (c->closing) return;
+  if (c->phase == PHASE_REQUEST && c->saw_bytes) {
+    /* Slow or stalled client: answer 408 after earlier answers, then close. */
+    if (c->parsing) {
+      c->parsing->error_status = 408;
+      c->parsing->error_message = "request was not received completely within client_timeout";
+      struct httpd_req *r = c->parsing;
+      c->parsing = NULL;
+      conn_enqueue(c, r);
+    }
+    uv_read_stop((uv_stream_t *)&c->tcp);
+    c->read_stopped = true;
+    conn_dispatch(c);
+    return;
+  }
+  conn_close(c);
+}
+
+static void conn_arm_timer(struct conn *c) {
+  if (c->closing) return;
+  if (c->phase == PHASE_REQUEST || (!c->saw_bytes && !c->inflight && !c->queue_head)) {
+    uv_timer_start(&c->timer, on_timer, c->srv->limits.client_timeout_ms, 0);
+  } else if (!c->inflight && !c->queue_head && !c->parsing) {
+    c->phase = PHASE_IDLE;
+    uv_timer_start(&c->timer, on_timer, c->srv->limits.keepalive_timeout_ms, 0);
+  } else {
+    uv_timer_stop(&c->timer);
+  }
+}
+
+static void conn_dispatch(struct conn *c) {
+  if (c->dispatching) return;
+  c->dispatching = true;
+  while (!c->closing && !c->inflight && c->queue_head) {
+    struct httpd_req *r = c->queue_head;
+    c->queue_head = r->next;
+    if (!c->queue_head) c->queue_tail = NULL;
+    c->queued--;
+    c->inflight = r;
+    r->dispatched = true;
+    c->srv->active_requests++;
+    if (r->error_status) {
+      r->keep_alive = false;
+      c->close_after = true;
+      int status = r->error_status;
+      httpd_respond_error(r, status, "invalid_request_error", NULL, NULL, "%s",
+                          r->error_message ? r->error_message : "malformed HTTP request");
+      break;
+    }
+    c->srv->handler(c->srv->ctx, r);
+  }
+  c->dispatching = false;
+}
+
+static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
+  static char slab[READ_BUFFER_SIZE]; /* single-threaded loop: one read at a time */
+  buf->base = slab;
+  buf->len = sizeof(slab);
+}
+
+static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
+  struct conn *c = s->data;
+  if (nread == 0) return;
+  if (nread < 0) {
+    if (nread == UV_EOF && (c->inflight || c->queue_head) && !c->parsing) {
+      /* Half-close: answer what was asked, then close. */
+      uv_read_stop(s);
+      c->close_after = true;
+      return;
+    }
+    conn_close(c);
+    return;
+  }
+  c->saw_bytes = true;
+  size_t parsed = http_parser_execute(&c->parser, &c->srv->settings, buf->base, (size_t)nread);
+  if (c->closing) return;
+  if (parsed != (size_t)nread || HTTP_PARSER_ERRNO(&c->parser) != HPE_OK) {
+    struct httpd_req *r = c->parsing;
+    if (!r) r = req_new(c);
+    c->parsing = NULL;
+    if (!r) {
+      conn_close(c);
+      return;
+    }
+    if (!r->error_status) {
+      r->error_status = 400;
+      r->error_message = http_errno_description(HTTP_PARSER_ERRNO(&c->parser));
+    }
+    conn_enqueue(c, r);
+    uv_read_stop(s);
+    c->read_stopped = true;
+  } else if (c->queued >= MAX_QUEUED_REQUESTS) {
+    uv_read_stop(s);
+    c->paused_for_backlog = true;
+  }
+  conn_dispatch(c);
+  conn_arm_timer(c);
+}
+
+static void on_connection(uv_stream_t *listener, int status) {
+  struct httpd_server *srv = listener->data;
+  if (status < 0) return;
+  struct conn *c = calloc(1, sizeof(*c));
+  if (!c) return;
+  c->srv = srv;
+  uv_tcp_init(srv->loop, &c->tcp);
+  uv_timer_init(srv->loop, &c->timer);
+  c->tcp.data = c;
+  c->timer.data = c;
+  c->handles_open = 2;
+  c->next = srv->conns;
+  if (srv->conns) srv->conns->prev = c;
+  srv->conns = c;
+  srv->n_conns++;
+  if (uv_accept(listener, (uv_stream_t *)&c->tcp) != 0 || srv->n_conns > srv->limits.max_connections ||
+      srv->stopping) {
+    conn_close(c);
+    return;
+  }
+  uv_tcp_nodelay(&c->tcp, 1);
+  struct sockaddr_storage addr;
+  int alen = sizeof(addr);
+  if (uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&addr, &alen) == 0) {
+    if (addr.ss_family == AF_INET6) {
+      uv_ip6_name((struct sockaddr_in6 *)&addr, c->peer_ip, sizeof(c->peer_ip));
+      if (strncmp(c->peer_ip, "::ffff:", 7) == 0) memmove(c->peer_ip, c->peer_ip + 7, strlen(c->peer_ip + 7) + 1);
+    } else {
+      uv_ip4_name((struct sockaddr_in *)&addr, c->peer_ip, sizeof(c->peer_ip));
+    }
+  }
+  http_parser_init(&c->parser, HTTP_REQUEST);
+  c->parser.data = c;
+  conn_arm_timer(c);
+  uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
+}
+
+/* ---- server --------------------------------------------------------- */
+
+static void apply_limit_defaults(struct httpd_limits *l) {
+  if (!l->max_header_bytes) l->max_header_bytes = 16 * 1024;
+  if (!l->max_body_bytes) l->max_body_bytes = 4 * 1024 * 1024;
+  if (!l->client_timeout_ms) l->client_timeout_ms = 10000;
+  if (!l->keepalive_timeout_ms) l->keepalive_timeout_ms = 60000;
+  if (!l->max_connections) l->max_connections = 10000;
+}
+
+void httpd_set_limits(struct httpd_server *srv, const struct httpd_limits *limits) {
+  srv->limits = *limits;
+  apply_limit_defaults(&srv->limits);
+}
+
+int httpd_listen(uv_loop_t *loop, const char *address, const struct httpd_limits *limits,
+                 httpd_handler handler, void *ctx, struct httpd_server **out, char *errmsg,
+                 size_t errlen) {
+  char host[128];
+  int port;
+  struct sockaddr_storage addr;
+  if (zg_split_host_port(address, host, sizeof(host), &port) != 0) {
+    snprintf(errmsg, errlen, "'%s' is not host:port", address);
+    return UV_EINVAL;
+  }
+  if (uv_ip4_addr(host, port, (struct sockaddr_in *)&addr) != 0 &&
+      uv_ip6_addr(host, port, (struct sockaddr_in6 *)&addr) != 0) {
+    snprintf(errmsg, errlen, "'%s' is not a numeric IP address", host);
+    return UV_EINVAL;
+  }
+  struct httpd_server *srv = calloc(1, sizeof(*srv));
+  if (!srv) return UV_ENOMEM;
+  srv->loop = loop;
+  srv->handler = handler;
+  srv->ctx = ctx;
+  if (limits) srv->limits = *limits;
+  apply_limit_defaults(&srv->limits);
+  srv->settings.on_message_begin = on_message_begin;
+  srv->settings.on_url = on_url;
+  srv->settings.on_header_field = on_header_field;
+  srv->settings.on_header_value = on_header_value;
+  srv->settings.on_headers_complete = on_headers_complete;
+  srv->settings.on_body = on_body;
+  srv->settings.on_message_complete = on_message_complete;
+  uv_tcp_init(loop, &srv->listener);
+  srv->listener.data = srv;
+  int rc = uv_tcp_bind(&srv->listener, (struct sockaddr *)&addr, 0);
+  if (rc == 0) rc = uv_listen((uv_stream_t *)&srv->listener, 1024, on_connection);
+  if (rc != 0) {
+    snprintf(errmsg, errlen, "cannot listen on %s: %s", address, uv_strerror(rc));
+    srv->closing = true;
+    srv->handles_open = 1;
+    uv_close((uv_handle_t *)&srv->listener, on_listener_closed); /* frees srv */
+    return rc;
+  }
+  srv->listener_open = true;
+  srv->handles_open = 1;
+  *out = srv;
+  return 0;
+}
+
+static void on_listener_closed(uv_handle_t *h) {
+  struct httpd_server *srv = h->data;
+  srv->handles_open--;
+  server_maybe_closed(srv);
+}
+
+void httpd_stop_accepting(struct httpd_server *srv) {
+  if (srv->stopping) return;
+  srv->stopping = true;
+  if (srv->listener_open) {
+    srv->listener_open = false;
+    uv_close((uv_handle_t *)&srv->listener, on_listener_closed);
+  }
+  for (struct conn *c = srv->conns; c;) {
+    struct conn *next = c->next;
+    c->close_after = true;
+    if (!c->inflight && !c->queue_head && !c->parsing) conn_maybe_finish_close(c);
+    c = next;
+  }
+}
+
+size_t httpd_active_requests(const struct httpd_server *srv) {
+  return srv->active_requests;
+}
+
+size_t httpd_open_connections(const struct httpd_server *srv) {
+  return srv->n_conns;
+}
+
+void httpd_close(struct httpd_server *srv, void (*done)(void *arg), void *arg) {
+  srv->close_done = done;
+  srv->close_arg = arg;
+  httpd_stop_accepting(srv);
+  srv->closing = true;
+  for (struct conn *c = srv->conns; c;) {
+    struct conn *next = c->next;
+    conn_close(c);
+    c = next;
+  }
+  server_maybe_closed(srv);
+}

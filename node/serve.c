@@ -1,0 +1,232 @@
+/* serve.c: `zonegate serve --config FILE`, the node's lifecycle.
+ *
+ * Start ladder (each step undone on failure of a later one, dqlite-style):
+ * load config → logging → data dir → bootstrap token (when the config has
+ * no auth section) → gateway on the client port → signals. Then the uv loop
+ * runs until a signal stops it.
+ *
+ * Signals: SIGTERM/SIGINT drain (stop accepting, let in-flight requests
+ * and streams finish up to drain_timeout) and exit 0. SIGHUP re-reads the
+ * config file: a valid file is applied live, an invalid one is logged and
+ * the node keeps running on the old config.
+ *
+ * Failure modes: a bad config, an unusable data dir or a port in use print
+ * one clear line to stderr (and the log) and exit 1.
+ */
+#include "base/base.h"
+#include "config/config.h"
+#include "gateway/gateway.h"
+#include "node/node.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <openssl/crypto.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <uv.h>
+
+#define DRAIN_POLL_MS 50
+
+struct node {
+  uv_loop_t *loop;
+  struct zg_config *cfg;
+  struct gateway *gateway;
+  uv_signal_t sigterm, sigint, sighup;
+  uv_timer_t drain_timer;
+  uint64_t drain_deadline_ms;
+  bool draining;
+  int exit_code;
+};
+
+static void log_warning(void *ud, const char *path, const char *msg) {
+  zg_log(ZG_WARN, "config_warning", "%s: %s: %s", (const char *)ud, path, msg);
+}
+
+static int mkdir_p(const char *path, mode_t mode) {
+  char tmp[512];
+  snprintf(tmp, sizeof(tmp), "%s", path);
+  for (char *p = tmp + 1; *p; p++) {
+    if (*p != '/') continue;
+    *p = '\0';
+    if (mkdir(tmp, mode) != 0 && errno != EEXIST) return -1;
+    *p = '/';
+  }
+  if (mkdir(tmp, mode) != 0 && errno != EEXIST) return -1;
+  return 0;
+}
+
+/* With no auth section, the first start creates one client token, writes
+ * it to <data_dir>/bootstrap-token (0600) and logs the path, never the
+ * token. Later starts reuse the file. */
+static int bootstrap_token(struct node *n, char sha256_hex[65]) {
+  char path[600];
+  snprintf(path, sizeof(path), "%s/bootstrap-token", n->cfg->data_dir);
+  char *token = NULL;
+  FILE *f = fopen(path, "r");
+  if (f) {
+    char line[256] = "";
+    if (fgets(line, sizeof(line), f)) line[strcspn(line, "\r\n")] = '\0';
+    fclose(f);
+    if (line[0]) token = strdup(line);
+    OPENSSL_cleanse(line, sizeof(line));
+  }
+  bool created = false;
+  if (!token) {
+    token = zg_random_token("zg-");
+    if (!token) return -1;
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    if (fd < 0) {
+      zg_secret_free(token);
+      fprintf(stderr, "error: cannot write %s: %s\n", path, strerror(errno));
+      return -1;
+    }
+    size_t len = strlen(token);
+    bool ok = write(fd, token, len) == (ssize_t)len && write(fd, "\n", 1) == 1 && fsync(fd) == 0;
+    close(fd);
+    if (!ok) {
+      zg_secret_free(token);
+      fprintf(stderr, "error: cannot write %s\n", path);
+      return -1;
+    }
+    created = true;
+  }
+  zg_sha256_hex(token, strlen(token), sha256_hex);
+  zg_secret_free(token);
+  zg_log(ZG_WARN, "bootstrap_token",
+         "config has no \"auth\" section: client requests need the bootstrap token %s in %s "
+         "(send it as \"Authorization: Bearer <token>\"; read it with: cat %s)",
+         created ? "just created" : "stored", path, path);
+  return 0;
+}
+
+static void on_closed(void *arg) {
+  struct node *n = arg;
+  n->gateway = NULL;
+  uv_stop(n->loop);
+}
+
+static void finish_shutdown(struct node *n) {
+  uv_timer_stop(&n->drain_timer);
+  size_t left = n->gateway ? gateway_active_requests(n->gateway) : 0;
+  if (left > 0)
+    zg_log(ZG_WARN, "drain_timeout", "drain_timeout reached with %zu requests still in flight; closing them", left);
+  else zg_log(ZG_INFO, "drained", "all in-flight requests finished");
+  uv_close((uv_handle_t *)&n->sigterm, NULL);
+  uv_close((uv_handle_t *)&n->sigint, NULL);
+  uv_close((uv_handle_t *)&n->sighup, NULL);
+  uv_close((uv_handle_t *)&n->drain_timer, NULL);
+  if (n->gateway) gateway_close(n->gateway, on_closed, n);
+  else uv_stop(n->loop);
+}
+
+static void on_drain_tick(uv_timer_t *t) {
+  struct node *n = t->data;
+  if (gateway_active_requests(n->gateway) == 0 || zg_mono_ms() >= n->drain_deadline_ms) finish_shutdown(n);
+}
+
+static void on_stop_signal(uv_signal_t *s, int signum) {
+  struct node *n = s->data;
+  if (n->draining) {
+    zg_log(ZG_WARN, "shutdown_forced", "second %s: exiting now", signum == SIGINT ? "SIGINT" : "SIGTERM");
+    finish_shutdown(n);
+    return;
+  }
+  n->draining = true;
+  zg_log(ZG_INFO, "draining", "%s received: stopped accepting; waiting up to %u ms for %zu in-flight requests",
+         signum == SIGINT ? "SIGINT" : "SIGTERM", n->cfg->drain_timeout_ms,
+         gateway_active_requests(n->gateway));
+  gateway_drain(n->gateway);
+  n->drain_deadline_ms = zg_mono_ms() + n->cfg->drain_timeout_ms;
+  uv_timer_start(&n->drain_timer, on_drain_tick, 0, DRAIN_POLL_MS);
+}
+
+static void on_sighup(uv_signal_t *s, int signum) {
+  struct node *n = s->data;
+  char err[1024];
+  struct zg_config *fresh = zg_config_load(n->cfg->path, err, sizeof(err));
+  if (!fresh) {
+    zg_log(ZG_ERROR, "config_reload_rejected", "SIGHUP: keeping the running config: %s", err);
+    return;
+  }
+  if (strcmp(fresh->listen_gateway, n->cfg->listen_gateway) != 0 || strcmp(fresh->node_id, n->cfg->node_id) != 0 ||
+      strcmp(fresh->data_dir, n->cfg->data_dir) != 0)
+    zg_log(ZG_WARN, "config_reload_partial",
+           "SIGHUP: node, listen and cluster changes need a restart; applying the rest");
+  zg_config_warnings(fresh, log_warning, fresh->path);
+  gateway_apply_config(n->gateway, fresh);
+  zg_log_set_level(!strcmp(fresh->log_level, "debug")  ? ZG_DEBUG
+                   : !strcmp(fresh->log_level, "warn")  ? ZG_WARN
+                   : !strcmp(fresh->log_level, "error") ? ZG_ERROR
+                                                        : ZG_INFO);
+  zg_config_free(n->cfg);
+  n->cfg = fresh;
+  zg_log(ZG_INFO, "config_reloaded", "SIGHUP: applied %s live", fresh->path);
+}
+
+int node_serve(int argc, char **argv) {
+  const char *config_path = "/app/config.json";
+  for (int i = 1; i < argc; i++) {
+    if ((!strcmp(argv[i], "--config") || !strcmp(argv[i], "-c")) && i + 1 < argc) config_path = argv[++i];
+    else if (!strncmp(argv[i], "--config=", 9)) config_path = argv[i] + 9;
+    else {
+      fprintf(stderr, "usage: zonegate serve --config FILE\n");
+      return 2;
+    }
+  }
+  struct node n = {0};
+  char err[1024];
+  n.cfg = zg_config_load(config_path, err, sizeof(err));
+  if (!n.cfg) {
+    fprintf(stderr, "error: %s\n", err);
+    return 1;
+  }
+  zg_log_set_node(n.cfg->node_id);
+  zg_log_set_level(!strcmp(n.cfg->log_level, "debug")  ? ZG_DEBUG
+                   : !strcmp(n.cfg->log_level, "warn")  ? ZG_WARN
+                   : !strcmp(n.cfg->log_level, "error") ? ZG_ERROR
+                                                        : ZG_INFO);
+  zg_config_warnings(n.cfg, log_warning, (void *)config_path);
+  if (mkdir_p(n.cfg->data_dir, 0700) != 0 || access(n.cfg->data_dir, W_OK) != 0) {
+    fprintf(stderr, "error: %s: cluster.data_dir: cannot create or write %s: %s\n", config_path,
+            n.cfg->data_dir, strerror(errno));
+    zg_config_free(n.cfg);
+    return 1;
+  }
+  char bootstrap_hash[65] = "";
+  if (!strcmp(n.cfg->auth_mode, "bootstrap") && bootstrap_token(&n, bootstrap_hash) != 0) {
+    zg_config_free(n.cfg);
+    return 1;
+  }
+
+  n.loop = uv_default_loop();
+  if (gateway_start(n.loop, n.cfg, &n.gateway, err, sizeof(err)) != 0) {
+    fprintf(stderr, "error: %s\n", err);
+    zg_log(ZG_ERROR, "start_failed", "%s", err);
+    zg_config_free(n.cfg);
+    return 1;
+  }
+  if (bootstrap_hash[0]) gateway_add_token(n.gateway, "bootstrap", bootstrap_hash);
+
+  uv_signal_init(n.loop, &n.sigterm);
+  uv_signal_init(n.loop, &n.sigint);
+  uv_signal_init(n.loop, &n.sighup);
+  uv_timer_init(n.loop, &n.drain_timer);
+  n.sigterm.data = n.sigint.data = n.sighup.data = &n;
+  n.drain_timer.data = &n;
+  uv_signal_start(&n.sigterm, on_stop_signal, SIGTERM);
+  uv_signal_start(&n.sigint, on_stop_signal, SIGINT);
+  uv_signal_start(&n.sighup, on_sighup, SIGHUP);
+  signal(SIGPIPE, SIG_IGN);
+
+  zg_log(ZG_INFO, "started", "zonegate %s serving on %s (endpoint: %s, auth: %s)", ZG_VERSION,
+         n.cfg->listen_gateway, n.cfg->endpoint[0] ? n.cfg->endpoint : "(none)", n.cfg->auth_mode);
+  uv_run(n.loop, UV_RUN_DEFAULT);
+  /* Let close callbacks finish. */
+  uv_run(n.loop, UV_RUN_NOWAIT);
+  zg_log(ZG_INFO, "stopped", "zonegate stopped");
+  zg_config_free(n.cfg);
+  return n.exit_code;
+}

@@ -1,0 +1,423 @@
+/* test_consensus_uv: real raft_uv nodes in one process on 127.0.0.1 with
+ * on-disk data dirs in a temp dir: bootstrap, election, replicated writes,
+ * restart from disk, a node with the wrong cluster secret that never joins,
+ * a wrong master key and a corrupt data dir refused at start. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <arpa/inet.h>
+#include <dirent.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "base/base.h"
+#include "consensus/consensus.h"
+
+#define N 3
+#define SECRET "correct horse battery staple"
+
+static const uint8_t master_key[32] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16,
+                                       17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32};
+
+struct tnode {
+  struct consensus *c;
+  char id[16], addr[32], dir[300];
+  const char *secret;
+  const uint8_t *key;
+  bool closed;
+};
+
+struct cluster {
+  uv_loop_t loop;
+  uv_timer_t ticker;
+  char root[64];
+  struct tnode nodes[N];
+  struct consensus_member members[N];
+  cJSON *seed;
+};
+
+static int free_port(void) {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+  socklen_t len = sizeof sa;
+  assert_int_equal(bind(fd, (struct sockaddr *)&sa, sizeof sa), 0);
+  assert_int_equal(getsockname(fd, (struct sockaddr *)&sa, &len), 0);
+  close(fd);
+  return ntohs(sa.sin_port);
+}
+
+static void tick(uv_timer_t *t) {
+  (void)t;
+}
+
+/* Runs the loop until pred() holds or max_ms passes. */
+static bool run_until(struct cluster *cl, bool (*pred)(struct cluster *, void *), void *arg,
+                      unsigned max_ms) {
+  uint64_t deadline = zg_mono_ms() + max_ms;
+  while (zg_mono_ms() < deadline) {
+    if (pred && pred(cl, arg)) return true;
+    uv_run(&cl->loop, UV_RUN_ONCE);
+  }
+  return pred ? pred(cl, arg) : true;
+}
+
+static bool never(struct cluster *cl, void *arg) {
+  (void)cl, (void)arg;
+  return false;
+}
+
+static int start_node(struct cluster *cl, int i, char *err, size_t errlen) {
+  struct tnode *n = &cl->nodes[i];
+  struct consensus_member peers[N - 1];
+  size_t np = 0;
+  for (int j = 0; j < N; j++)
+    if (j != i) peers[np++] = cl->members[j];
+  struct consensus_options o = {
+      .self = &cl->members[i],
+      .raft_listen = n->addr,
+      .peers = peers,
+      .n_peers = np,
+      .data_dir = n->dir,
+      .cluster_secret = n->secret,
+      .master_key = n->key,
+      .election_timeout_ms = 300,
+      .heartbeat_ms = 50,
+      .snapshot_threshold = 64,
+      .snapshot_trailing = 16,
+      .seed_config = cl->seed,
+  };
+  int rv = consensus_start(&cl->loop, &o, &n->c, err, errlen);
+  n->closed = rv != 0;
+  return rv;
+}
+
+static void closed_cb(void *arg) {
+  *(bool *)arg = true;
+}
+
+static bool node_closed(struct cluster *cl, void *arg) {
+  (void)cl;
+  return *(bool *)arg;
+}
+
+static void stop_node(struct cluster *cl, int i) {
+  struct tnode *n = &cl->nodes[i];
+  if (n->closed) return;
+  bool done = false;
+  consensus_close(n->c, closed_cb, &done);
+  assert_true(run_until(cl, node_closed, &done, 5000));
+  n->closed = true;
+  n->c = NULL;
+}
+
+static void cluster_init(struct cluster *cl, const char *bad_secret_for_last) {
+  memset(cl, 0, sizeof *cl);
+  zg_log_set_level(ZG_WARN);
+  snprintf(cl->root, sizeof cl->root, "/tmp/zg-consensus-uv-XXXXXX");
+  assert_non_null(mkdtemp(cl->root));
+  assert_int_equal(uv_loop_init(&cl->loop), 0);
+  uv_timer_init(&cl->loop, &cl->ticker);
+  uv_timer_start(&cl->ticker, tick, 10, 10);
+  static const char *const ids[N] = {"gw-a", "gw-b", "witness"};
+  static const char *const zones[N] = {"A", "B", "C"};
+  for (int i = 0; i < N; i++) {
+    struct tnode *n = &cl->nodes[i];
+    snprintf(n->id, sizeof n->id, "%s", ids[i]);
+    snprintf(n->addr, sizeof n->addr, "127.0.0.1:%d", free_port());
+    snprintf(n->dir, sizeof n->dir, "%s/%s", cl->root, ids[i]);
+    n->secret = SECRET;
+    n->key = master_key;
+    n->closed = true;
+    cl->members[i] = (struct consensus_member){n->id, zones[i],
+                                               i == 2 ? CONSENSUS_WITNESS : CONSENSUS_GATEWAY,
+                                               n->addr, NULL, NULL};
+  }
+  if (bad_secret_for_last) cl->nodes[N - 1].secret = bad_secret_for_last;
+  cl->seed = cJSON_Parse("{\"endpoint\":\"https://api.example.com\",\"model\":{\"top_p\":0.9}}");
+}
+
+static void ticker_closed(uv_handle_t *h) {
+  (void)h;
+}
+
+static void cluster_close(struct cluster *cl) {
+  for (int i = 0; i < N; i++) stop_node(cl, i);
+  uv_close((uv_handle_t *)&cl->ticker, ticker_closed);
+  run_until(cl, NULL, NULL, 0);
+  for (int i = 0; i < 50 && uv_run(&cl->loop, UV_RUN_NOWAIT) != 0; i++) usleep(1000);
+  assert_int_equal(uv_loop_close(&cl->loop), 0);
+  cJSON_Delete(cl->seed);
+  char cmd[128];
+  snprintf(cmd, sizeof cmd, "rm -rf %s", cl->root);
+  assert_int_equal(system(cmd), 0);
+}
+
+static int leader_index(struct cluster *cl) {
+  for (int i = 0; i < N; i++)
+    if (!cl->nodes[i].closed && consensus_is_leader(cl->nodes[i].c)) return i;
+  return -1;
+}
+
+static bool has_ready_leader(struct cluster *cl, void *arg) {
+  (void)arg;
+  return leader_index(cl) >= 0;
+}
+
+struct version_goal {
+  int mask; /* nodes that must reach it */
+  uint64_t version;
+};
+
+static bool config_version_reached(struct cluster *cl, void *arg) {
+  struct version_goal *g = arg;
+  for (int i = 0; i < N; i++) {
+    if (!(g->mask & (1 << i))) continue;
+    if (cl->nodes[i].closed || consensus_config_version(cl->nodes[i].c) < g->version) return false;
+  }
+  return true;
+}
+
+struct write_result {
+  bool done;
+  int status;
+  char errmsg[256];
+  char id[64];
+};
+
+static void write_cb(void *ud, int status, const char *errmsg, const cJSON *result) {
+  struct write_result *w = ud;
+  w->done = true;
+  w->status = status;
+  snprintf(w->errmsg, sizeof w->errmsg, "%s", errmsg ? errmsg : "");
+  const cJSON *id = cJSON_GetObjectItemCaseSensitive(result, "id");
+  if (cJSON_IsString(id)) snprintf(w->id, sizeof w->id, "%s", id->valuestring);
+  if (status == 0) {
+    char *text = cJSON_PrintUnformatted(result);
+    assert_null(strstr(text, "sk-live")); /* results never carry a secret */
+    free(text);
+  }
+}
+
+static bool write_done(struct cluster *cl, void *arg) {
+  (void)cl;
+  return ((struct write_result *)arg)->done;
+}
+
+static int do_write(struct cluster *cl, int node, const char *type, const char *args_json,
+                    struct write_result *w) {
+  memset(w, 0, sizeof *w);
+  consensus_write(cl->nodes[node].c, type, cJSON_Parse(args_json), "admin", "127.0.0.1", write_cb,
+                  w);
+  assert_true(run_until(cl, write_done, w, 5000));
+  return w->status;
+}
+
+/* True if any file under dir contains needle. */
+static bool dir_contains(const char *dir, const char *needle) {
+  DIR *d = opendir(dir);
+  if (d == NULL) return false;
+  struct dirent *e;
+  bool found = false;
+  while (!found && (e = readdir(d)) != NULL) {
+    if (e->d_name[0] == '.') continue;
+    char path[600];
+    snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+    FILE *f = fopen(path, "rb");
+    if (f == NULL) continue;
+    static char buf[1 << 20];
+    size_t n = fread(buf, 1, sizeof buf, f);
+    fclose(f);
+    size_t nl = strlen(needle);
+    for (size_t i = 0; i + nl <= n && !found; i++) found = memcmp(buf + i, needle, nl) == 0;
+  }
+  closedir(d);
+  return found;
+}
+
+static void transfer_cb(void *ud, int status) {
+  *(int *)ud = status;
+}
+
+struct leader_goal {
+  int index;
+};
+
+static bool leader_is(struct cluster *cl, void *arg) {
+  return leader_index(cl) == ((struct leader_goal *)arg)->index;
+}
+
+static void test_bootstrap_write_restart(void **state) {
+  (void)state;
+  struct cluster cl;
+  char err[512];
+  cluster_init(&cl, NULL);
+  for (int i = 0; i < N; i++) assert_int_equal(start_node(&cl, i, err, sizeof err), 0);
+  assert_true(run_until(&cl, has_ready_leader, NULL, 10000));
+  int leader = leader_index(&cl);
+
+  /* The first leader seeds the replicated config on every node. */
+  struct version_goal all1 = {7, 1};
+  assert_true(run_until(&cl, config_version_reached, &all1, 5000));
+  const cJSON *endpoint = cJSON_GetObjectItemCaseSensitive(consensus_config(cl.nodes[0].c), "endpoint");
+  assert_string_equal(endpoint->valuestring, "https://api.example.com");
+
+  /* A follower refuses writes. */
+  struct write_result w;
+  int follower = (leader + 1) % N;
+  assert_int_equal(do_write(&cl, follower, "audit.note", "{\"what\":\"x\"}", &w),
+                   CONSENSUS_ENOTLEADER);
+
+  /* Writes through the leader land on every node. */
+  assert_int_equal(do_write(&cl, leader, "key.add",
+                            "{\"id\":\"k1\",\"secret\":\"sk-live-PLAINTEXT-123\"}", &w),
+                   0);
+  assert_int_equal(do_write(&cl, leader, "token.create",
+                            "{\"name\":\"ci\",\"sha256\":\"" "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+                            "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\",\"rpm\":60}",
+                            &w),
+                   0);
+  assert_int_equal(do_write(&cl, leader, "config.put",
+                            "{\"config\":{\"endpoint\":\"https://b.example\"},\"if_match\":1}", &w),
+                   0);
+  assert_int_equal(do_write(&cl, leader, "config.put", "{\"config\":{},\"if_match\":1}", &w),
+                   CONSENSUS_ECONFLICT);
+  assert_int_equal(do_write(&cl, leader, "key.add", "{\"secret\":5}", &w), CONSENSUS_EINVALID);
+  assert_non_null(strstr(w.errmsg, "secret"));
+
+  struct version_goal all2 = {7, 2};
+  assert_true(run_until(&cl, config_version_reached, &all2, 5000));
+  for (int i = 0; i < N; i++) {
+    struct consensus_token_view tv;
+    assert_true(consensus_token_lookup(
+        cl.nodes[i].c, "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", &tv));
+    assert_string_equal(tv.name, "ci");
+    assert_int_equal(tv.rpm, 60);
+    struct consensus_key_use keys[4];
+    size_t nk = consensus_usable_keys(cl.nodes[i].c, "default", keys, 4);
+    assert_int_equal(nk, 1);
+    assert_string_equal(keys[0].id, "k1");
+    assert_string_equal(keys[0].secret, "sk-live-PLAINTEXT-123");
+    zg_secret_free(keys[0].secret);
+    cJSON *audit = consensus_audit_json(cl.nodes[i].c, 0);
+    assert_true(cJSON_GetArraySize(audit) >= 4); /* seed, key.add, token.create, config.put */
+    cJSON_Delete(audit);
+  }
+  /* The on-disk log holds only the sealed secret. */
+  char raft_dir[400];
+  snprintf(raft_dir, sizeof raft_dir, "%s/raft", cl.nodes[leader].dir);
+  assert_false(dir_contains(raft_dir, "sk-live-PLAINTEXT-123"));
+  assert_true(dir_contains(raft_dir, "ZGCM")); /* sanity: entries are there */
+
+  cJSON *status = consensus_status_json(cl.nodes[leader].c);
+  assert_string_equal(cJSON_GetObjectItem(status, "state")->valuestring, "leader");
+  assert_int_equal(cJSON_GetArraySize(cJSON_GetObjectItem(status, "members")), N);
+  cJSON_Delete(status);
+
+  /* Restart a follower from disk; it misses one write while down. */
+  int victim = (leader + 1) % N;
+  stop_node(&cl, victim);
+  assert_int_equal(do_write(&cl, leader, "config.put", "{\"config\":{\"v\":3}}", &w), 0);
+  assert_int_equal(start_node(&cl, victim, err, sizeof err), 0);
+  assert_true(consensus_config_version(cl.nodes[victim].c) <= 3);
+  struct version_goal all3 = {7, 3};
+  assert_true(run_until(&cl, config_version_reached, &all3, 8000));
+  assert_int_equal(cJSON_GetObjectItem(consensus_config(cl.nodes[victim].c), "v")->valueint, 3);
+  assert_true(consensus_token_lookup(
+      cl.nodes[victim].c, "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", NULL));
+
+  /* Restart with the wrong master key: refused with a clear message. */
+  stop_node(&cl, victim);
+  static const uint8_t other_key[32] = {9};
+  cl.nodes[victim].key = other_key;
+  assert_int_not_equal(start_node(&cl, victim, err, sizeof err), 0);
+  assert_non_null(strstr(err, "master key does not match"));
+  assert_non_null(strstr(err, cl.nodes[victim].dir));
+  cl.nodes[victim].key = master_key;
+
+  /* Leadership transfer (two nodes up: the target is the other one). */
+  assert_int_equal(start_node(&cl, victim, err, sizeof err), 0);
+  assert_true(run_until(&cl, config_version_reached, &all3, 8000));
+  leader = leader_index(&cl);
+  assert_true(leader >= 0);
+  int transfer_status = 1;
+  int target = (leader + 2) % N;
+  assert_int_equal(consensus_transfer_leadership(cl.nodes[leader].c, cl.nodes[target].id,
+                                                 transfer_cb, &transfer_status),
+                   0);
+  struct leader_goal goal = {target};
+  assert_true(run_until(&cl, leader_is, &goal, 8000));
+  assert_int_equal(transfer_status, 0);
+  cluster_close(&cl);
+}
+
+static bool majority_committed_and_seeded(struct cluster *cl, void *arg) {
+  (void)arg;
+  return leader_index(cl) >= 0 && consensus_config_version(cl->nodes[leader_index(cl)].c) >= 1;
+}
+
+static void test_wrong_secret_never_joins(void **state) {
+  (void)state;
+  struct cluster cl;
+  char err[512];
+  cluster_init(&cl, "a-completely-different-secret");
+  for (int i = 0; i < N; i++) assert_int_equal(start_node(&cl, i, err, sizeof err), 0);
+  assert_true(run_until(&cl, majority_committed_and_seeded, NULL, 10000));
+  int leader = leader_index(&cl);
+  assert_true(leader == 0 || leader == 1);
+  struct write_result w;
+  assert_int_equal(do_write(&cl, leader, "audit.note", "{\"what\":\"drill\"}", &w), 0);
+  run_until(&cl, never, NULL, 1500);
+  struct consensus *bad = cl.nodes[N - 1].c;
+  assert_null(consensus_leader(bad));
+  assert_false(consensus_is_leader(bad));
+  assert_int_equal(consensus_config_version(bad), 0);
+  assert_true(consensus_applied_index(bad) <= 1); /* at most its own bootstrap entry */
+  /* The good nodes still agree. */
+  assert_true(consensus_leader(cl.nodes[0].c) != NULL);
+  assert_string_equal(consensus_leader(cl.nodes[0].c)->id, consensus_leader(cl.nodes[1].c)->id);
+  cluster_close(&cl);
+}
+
+static void test_corrupt_data_dir_refused(void **state) {
+  (void)state;
+  struct cluster cl;
+  char err[512], path[330];
+  cluster_init(&cl, NULL);
+  assert_int_equal(start_node(&cl, 0, err, sizeof err), 0);
+  run_until(&cl, never, NULL, 100);
+  stop_node(&cl, 0);
+  snprintf(path, sizeof path, "%s/raft/metadata1", cl.nodes[0].dir);
+  FILE *f = fopen(path, "wb");
+  assert_non_null(f);
+  fputs("garbage garbage garbage garbage garbage garbage", f);
+  fclose(f);
+  snprintf(path, sizeof path, "%s/raft/metadata2", cl.nodes[0].dir);
+  f = fopen(path, "wb");
+  assert_non_null(f);
+  fputs("garbage garbage garbage garbage garbage garbage", f);
+  fclose(f);
+  assert_int_not_equal(start_node(&cl, 0, err, sizeof err), 0);
+  assert_non_null(strstr(err, cl.nodes[0].dir));
+  /* A path that cannot be a directory. */
+  snprintf(cl.nodes[1].dir, sizeof cl.nodes[1].dir, "%.290s", path);
+  assert_int_not_equal(start_node(&cl, 1, err, sizeof err), 0);
+  assert_non_null(strstr(err, path));
+  run_until(&cl, never, NULL, 100);
+  cluster_close(&cl);
+}
+
+int main(void) {
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_bootstrap_write_restart),
+      cmocka_unit_test(test_wrong_secret_never_joins),
+      cmocka_unit_test(test_corrupt_data_dir_refused),
+  };
+  return cmocka_run_group_tests(tests, NULL, NULL);
+}
