@@ -16,6 +16,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -623,6 +624,8 @@ int consensus_start(uv_loop_t *loop, const struct consensus_options *opts, struc
     return CONSENSUS_EINVALID;
   }
 
+  /* A peer that goes away mid-write must not kill the process. */
+  signal(SIGPIPE, SIG_IGN);
   struct consensus *c = calloc(1, sizeof *c);
   if (c == NULL) goto nomem;
   c->loop = loop;

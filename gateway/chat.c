@@ -48,6 +48,8 @@ struct chat {
   char forwarded_auth[1024]; /* client Authorization when forwarding to the active */
   bool forwarding;
   struct limiter_waiter *waiter;
+  uv_timer_t *hold_timer; /* waiting for an active node (GATEWAY_HOLD) */
+  uint64_t hold_deadline_ms;
   bool holds_slot;
   struct upstream_transfer *transfer;
   struct attempt attempts[MAX_ATTEMPTS];
@@ -61,7 +63,10 @@ struct chat {
   bool finished;
 };
 
+static void stop_hold(struct chat *c);
+
 static void chat_free(struct chat *c) {
+  stop_hold(c);
   for (size_t i = 0; i < c->n_attempts; i++) zg_secret_free(c->attempts[i].api_key);
   zg_buf_free(&c->response);
   free(c->body);
@@ -243,6 +248,7 @@ static void on_upstream_done(void *ud, enum upstream_result result, const char *
 
 static void on_client_abort(void *ud) {
   struct chat *c = ud;
+  stop_hold(c);
   if (c->transfer) upstream_cancel(c->transfer);
   c->transfer = NULL;
   if (c->waiter) limiter_cancel(c->waiter);
@@ -407,43 +413,124 @@ static struct chat *chat_new(struct gateway *gw, struct httpd_req *req, const ch
   return c;
 }
 
-/* Decides serve / forward / refuse. Returns true when it handled req. */
-static bool route_by_role(struct chat *c) {
-  struct gateway *gw = c->gw;
-  if (!gw->cluster || !gw->cluster->serve_mode) return false;
-  char forward_to[160] = "";
-  enum gateway_serve_mode mode = gw->cluster->serve_mode(gw->cluster->ud, forward_to, sizeof(forward_to));
-  if (mode == GATEWAY_SERVE) return false;
-  const char *retry[] = {"Retry-After: 1", NULL};
-  if (mode == GATEWAY_REFUSE || httpd_req_header(c->req, "X-Zonegate-Forwarded") || !forward_to[0]) {
-    respond_error(c, 503, "service_unavailable", "no_active_node", retry,
-                  "this node is not active and cannot forward the request right now; retry shortly",
-                  "not_active");
-    return true;
+static void hold_timer_closed(uv_handle_t *h) {
+  free(h);
+}
+
+static void stop_hold(struct chat *c) {
+  if (c->hold_timer) {
+    uv_close((uv_handle_t *)c->hold_timer, hold_timer_closed);
+    c->hold_timer = NULL;
   }
+}
+
+static void proceed_local(struct chat *c);
+static void decide_route(struct chat *c);
+
+static void on_hold_tick(uv_timer_t *t) {
+  struct chat *c = t->data;
+  decide_route(c);
+}
+
+static void proceed_forward(struct chat *c, const char *forward_to) {
+  size_t body_len;
+  const char *body = httpd_req_body(c->req, &body_len);
   c->forwarding = true;
   const char *auth = httpd_req_header(c->req, "Authorization");
   snprintf(c->forwarded_auth, sizeof(c->forwarded_auth), "%s", auth ? auth : "");
   struct attempt *a = &c->attempts[c->n_attempts++];
   snprintf(a->url, sizeof(a->url), "http://%s/v1%s", forward_to, c->upstream_path);
   snprintf(a->upstream_id, sizeof(a->upstream_id), "active");
-  return false;
+  if (body_len) {
+    c->body = malloc(body_len + 1);
+    if (c->body) memcpy(c->body, body, body_len);
+    c->body_len = c->body ? body_len : 0;
+  }
+  /* Only the stream flag matters here; the active node checks the rest. */
+  const char *stream = body_len ? strstr(body, "\"stream\"") : NULL;
+  if (stream) {
+    stream += 8;
+    while (*stream == ' ' || *stream == ':') stream++;
+    c->stream = strncmp(stream, "true", 4) == 0;
+  }
+  start_attempt(c);
+}
+
+/* Serve here, forward to the active node, wait for one, or refuse. */
+static void decide_route(struct chat *c) {
+  struct gateway *gw = c->gw;
+  if (!gw->cluster || !gw->cluster->serve_mode) {
+    proceed_local(c);
+    return;
+  }
+  bool forwarded = httpd_req_header(c->req, "X-Zonegate-Forwarded") != NULL;
+  char forward_to[160] = "";
+  enum gateway_serve_mode mode =
+      gw->cluster->serve_mode(gw->cluster->ud, forwarded, forward_to, sizeof(forward_to));
+  if (mode == GATEWAY_HOLD && !c->hold_deadline_ms)
+    c->hold_deadline_ms = zg_mono_ms() + gw->cluster->hold_timeout_ms;
+  if (mode == GATEWAY_HOLD && zg_mono_ms() < c->hold_deadline_ms) {
+    if (!c->hold_timer) {
+      c->hold_timer = malloc(sizeof(*c->hold_timer));
+      if (!c->hold_timer) {
+        respond_error(c, 500, "server_error", NULL, NULL, "out of memory", "oom");
+        return;
+      }
+      uv_timer_init(gw->loop, c->hold_timer);
+      c->hold_timer->data = c;
+      httpd_req_set_abort(c->req, on_client_abort, c);
+    }
+    uv_timer_start(c->hold_timer, on_hold_tick, 10, 0);
+    return;
+  }
+  stop_hold(c);
+  if (mode == GATEWAY_SERVE) {
+    proceed_local(c);
+    return;
+  }
+  if (mode == GATEWAY_FORWARD && !forwarded && forward_to[0]) {
+    proceed_forward(c, forward_to);
+    return;
+  }
+  const char *retry[] = {"Retry-After: 1", NULL};
+  respond_error(c, 503, "service_unavailable", "no_active_node", retry,
+                forwarded ? "this node is not active; a forwarded request is never forwarded again"
+                          : "no active node is available right now; retry shortly",
+                "not_active");
 }
 
 void gateway_handle_chat(struct gateway *gw, struct httpd_req *req) {
   struct chat *c = chat_new(gw, req, "/v1/chat/completions", "/chat/completions");
-  if (!c) return;
-  size_t body_len;
-  const char *body = httpd_req_body(req, &body_len);
-  cJSON *json = NULL;
-  if (route_by_role(c)) return;
-  if (!c->forwarding) {
+  if (c) decide_route(c);
+}
+
+static void proceed_local(struct chat *c) {
+  struct gateway *gw = c->gw;
+  struct httpd_req *req = c->req;
+  if (strcmp(c->upstream_path, "/models") == 0) {
     if (gateway_authenticate(gw, req, &c->token) != 0) {
       chat_free(c);
       return;
     }
     c->has_token = c->token.name[0] != '\0';
+    if (gw->n_endpoints == 0) {
+      respond_error(c, 502, "upstream_error", "no_endpoint", NULL,
+                    "no upstream endpoint is configured (set \"endpoint\" in the config)", "no_endpoint");
+      return;
+    }
+    build_attempts(c);
+    c->waiter = limiter_acquire(gw->limiter, on_slot, c);
+    if (c->waiter) httpd_req_set_abort(req, on_client_abort, c);
+    return;
   }
+  size_t body_len;
+  const char *body = httpd_req_body(req, &body_len);
+  cJSON *json = NULL;
+  if (gateway_authenticate(gw, req, &c->token) != 0) {
+    chat_free(c);
+    return;
+  }
+  c->has_token = c->token.name[0] != '\0';
   const char *error_ptr = NULL;
   json = body_len ? cJSON_ParseWithLengthOpts(body, body_len, &error_ptr, 0) : NULL;
   if (json) { /* trailing bytes after the JSON value are an error too */
@@ -479,7 +566,7 @@ void gateway_handle_chat(struct gateway *gw, struct httpd_req *req) {
     return;
   }
   c->stream = cJSON_IsTrue(stream);
-  if (!c->forwarding) {
+  {
     /* Model defaults fill only what the client left out. */
     if (gw->cfg->has_temperature && !cJSON_GetObjectItemCaseSensitive(json, "temperature"))
       cJSON_AddNumberToObject(json, "temperature", gw->cfg->temperature);
@@ -505,7 +592,7 @@ void gateway_handle_chat(struct gateway *gw, struct httpd_req *req) {
       return;
     }
   }
-  if (!c->forwarding) {
+  {
     if (gw->n_endpoints == 0) {
       respond_error(c, 502, "upstream_error", "no_endpoint",
                     NULL, "no upstream endpoint is configured (set \"endpoint\" in the config)", "no_endpoint");
@@ -521,22 +608,7 @@ void gateway_handle_models(struct gateway *gw, struct httpd_req *req) {
   struct chat *c = chat_new(gw, req, "/v1/models", "/models");
   if (!c) return;
   c->method = "GET";
-  if (route_by_role(c)) return;
-  if (!c->forwarding) {
-    if (gateway_authenticate(gw, req, &c->token) != 0) {
-      chat_free(c);
-      return;
-    }
-    c->has_token = c->token.name[0] != '\0';
-    if (gw->n_endpoints == 0) {
-      respond_error(c, 502, "upstream_error", "no_endpoint", NULL,
-                    "no upstream endpoint is configured (set \"endpoint\" in the config)", "no_endpoint");
-      return;
-    }
-    build_attempts(c);
-  }
-  c->waiter = limiter_acquire(gw->limiter, on_slot, c);
-  if (c->waiter) httpd_req_set_abort(req, on_client_abort, c);
+  decide_route(c);
 }
 
 static void endpoint_set(struct gateway_endpoint *ep, const char *url, const char *key_spec,

@@ -43,6 +43,8 @@ struct gateway_key {
 enum gateway_serve_mode {
   GATEWAY_SERVE,   /* active: handle it here */
   GATEWAY_FORWARD, /* standby: forward to the active node's client port */
+  GATEWAY_HOLD,    /* an active node is about to exist (election, lease not
+                      yet taken, planned handover): wait and ask again */
   GATEWAY_REFUSE,  /* no active known, or a witness: 503 */
 };
 
@@ -54,8 +56,12 @@ struct gateway_cluster {
   size_t (*usable_keys)(void *ud, const char *upstream, struct gateway_key *out, size_t max);
   /* The upstream answered 401 with this key. */
   void (*key_rejected)(void *ud, const char *key_id, const char *upstream);
-  /* Role for requests and health; forward_to gets "host:port" when FORWARD. */
-  enum gateway_serve_mode (*serve_mode)(void *ud, char *forward_to, size_t len);
+  /* Role for requests; forward_to gets "host:port" when FORWARD.
+   * `forwarded`: the request came from another node (never forward it
+   * again: loops are impossible). HOLD is answered at most for
+   * hold_timeout_ms, then the request gets 503. */
+  enum gateway_serve_mode (*serve_mode)(void *ud, bool forwarded, char *forward_to, size_t len);
+  unsigned hold_timeout_ms;
   /* Adds role, leader, term, commit_index, applied_index, ... to a health
    * body and returns the health status code for `check` ("active",
    * "standby", "ready"). */

@@ -10,7 +10,7 @@
 #include "gateway/gateway.h"
 #include "gateway/limiter.h"
 #include "gateway/metrics.h"
-#include "gateway/upstream.h"
+#include "upstream/upstream.h"
 #include "httpd/httpd.h"
 
 #include <cjson/cJSON.h>

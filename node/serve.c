@@ -15,8 +15,13 @@
  */
 #include "base/base.h"
 #include "config/config.h"
+#include "consensus/consensus.h"
+#include "failover/failover.h"
 #include "gateway/gateway.h"
+#include "httpd/httpd.h"
+#include "node/internal.h"
 #include "node/node.h"
+#include "upstream/upstream.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -29,17 +34,6 @@
 #include <uv.h>
 
 #define DRAIN_POLL_MS 50
-
-struct node {
-  uv_loop_t *loop;
-  struct zg_config *cfg;
-  struct gateway *gateway;
-  uv_signal_t sigterm, sigint, sighup;
-  uv_timer_t drain_timer;
-  uint64_t drain_deadline_ms;
-  bool draining;
-  int exit_code;
-};
 
 static void log_warning(void *ud, const char *path, const char *msg) {
   zg_log(ZG_WARN, "config_warning", "%s: %s: %s", (const char *)ud, path, msg);
@@ -102,10 +96,9 @@ static int bootstrap_token(struct node *n, char sha256_hex[65]) {
   return 0;
 }
 
-static void on_closed(void *arg) {
+static void on_part_closed(void *arg) {
   struct node *n = arg;
-  n->gateway = NULL;
-  uv_stop(n->loop);
+  if (--n->closing_parts == 0) uv_stop(n->loop);
 }
 
 static void finish_shutdown(struct node *n) {
@@ -118,8 +111,26 @@ static void finish_shutdown(struct node *n) {
   uv_close((uv_handle_t *)&n->sigint, NULL);
   uv_close((uv_handle_t *)&n->sighup, NULL);
   uv_close((uv_handle_t *)&n->drain_timer, NULL);
-  if (n->gateway) gateway_close(n->gateway, on_closed, n);
-  else uv_stop(n->loop);
+  n->closing_parts = 1; /* released below, after every part was asked to close */
+  if (n->failover) {
+    n->closing_parts++;
+    failover_close(n->failover, on_part_closed, n);
+  }
+  if (n->consensus) {
+    n->closing_parts++;
+    consensus_close(n->consensus, on_part_closed, n);
+  }
+  if (n->admin) {
+    n->closing_parts++;
+    httpd_close(n->admin, on_part_closed, n);
+  }
+  if (n->admin_client) {
+    n->closing_parts++;
+    upstream_client_close(n->admin_client, on_part_closed, n);
+  }
+  n->closing_parts++;
+  gateway_close(n->gateway, on_part_closed, n);
+  on_part_closed(n);
 }
 
 static void on_drain_tick(uv_timer_t *t) {
@@ -127,20 +138,45 @@ static void on_drain_tick(uv_timer_t *t) {
   if (gateway_active_requests(n->gateway) == 0 || zg_mono_ms() >= n->drain_deadline_ms) finish_shutdown(n);
 }
 
+static void begin_drain(struct node *n, const char *why) {
+  n->draining = true;
+  zg_log(ZG_INFO, "draining", "%s: stopped accepting; waiting up to %u ms for %zu in-flight requests", why,
+         n->cfg->drain_timeout_ms, gateway_active_requests(n->gateway));
+  gateway_drain(n->gateway);
+  if (n->admin) httpd_stop_accepting(n->admin);
+  n->drain_deadline_ms = zg_mono_ms() + n->cfg->drain_timeout_ms;
+  uv_timer_start(&n->drain_timer, on_drain_tick, 0, DRAIN_POLL_MS);
+}
+
+static void on_shutdown_switchover(void *ud, int status, const char *msg) {
+  struct node *n = ud;
+  n->switching_over = false;
+  if (status != 0) zg_log(ZG_WARN, "shutdown_switchover_failed", "handover before shutdown failed: %s", msg);
+  begin_drain(n, "SIGTERM (after handover)");
+}
+
 static void on_stop_signal(uv_signal_t *s, int signum) {
   struct node *n = s->data;
+  if (n->switching_over) {
+    zg_log(ZG_WARN, "shutdown_forced", "second signal during the handover: draining now");
+    n->switching_over = false;
+    begin_drain(n, "second signal");
+    return;
+  }
   if (n->draining) {
     zg_log(ZG_WARN, "shutdown_forced", "second %s: exiting now", signum == SIGINT ? "SIGINT" : "SIGTERM");
     finish_shutdown(n);
     return;
   }
-  n->draining = true;
-  zg_log(ZG_INFO, "draining", "%s received: stopped accepting; waiting up to %u ms for %zu in-flight requests",
-         signum == SIGINT ? "SIGINT" : "SIGTERM", n->cfg->drain_timeout_ms,
-         gateway_active_requests(n->gateway));
-  gateway_drain(n->gateway);
-  n->drain_deadline_ms = zg_mono_ms() + n->cfg->drain_timeout_ms;
-  uv_timer_start(&n->drain_timer, on_drain_tick, 0, DRAIN_POLL_MS);
+  /* The active node of a cluster hands over first (planned switchover:
+   * in-flight requests finish, leadership moves), then drains what is
+   * left (requests it forwarded) and exits. */
+  if (n->failover && failover_is_active(n->failover) &&
+      failover_switchover(n->failover, NULL, "shutdown (SIGTERM)", on_shutdown_switchover, n) == 0) {
+    n->switching_over = true;
+    return;
+  }
+  begin_drain(n, signum == SIGINT ? "SIGINT" : "SIGTERM");
 }
 
 static void on_sighup(uv_signal_t *s, int signum) {
@@ -156,6 +192,17 @@ static void on_sighup(uv_signal_t *s, int signum) {
     zg_log(ZG_WARN, "config_reload_partial",
            "SIGHUP: node, listen and cluster changes need a restart; applying the rest");
   zg_config_warnings(fresh, log_warning, fresh->path);
+  if (n->consensus) {
+    /* Gateway behaviour is replicated: the file only seeds a new cluster.
+     * Changes go through `zonegate config apply`. */
+    zg_log(ZG_INFO, "config_reload_local",
+           "SIGHUP: this node is in a cluster; replicated sections change with `zonegate config apply FILE`");
+    zg_config_free(n->cfg);
+    n->cfg = fresh;
+    n->applied_config_version = 0;
+    node_cluster_apply_replicated(n);
+    return;
+  }
   gateway_apply_config(n->gateway, fresh);
   zg_log_set_level(!strcmp(fresh->log_level, "debug")  ? ZG_DEBUG
                    : !strcmp(fresh->log_level, "warn")  ? ZG_WARN
@@ -209,6 +256,11 @@ int node_serve(int argc, char **argv) {
     return 1;
   }
   if (bootstrap_hash[0]) gateway_add_token(n.gateway, "bootstrap", bootstrap_hash);
+  if (node_cluster_start(&n, err, sizeof(err)) != 0 || node_admin_start(&n, err, sizeof(err)) != 0) {
+    fprintf(stderr, "error: %s\n", err);
+    zg_log(ZG_ERROR, "start_failed", "%s", err);
+    return 1;
+  }
 
   uv_signal_init(n.loop, &n.sigterm);
   uv_signal_init(n.loop, &n.sigint);
@@ -226,6 +278,7 @@ int node_serve(int argc, char **argv) {
   uv_run(n.loop, UV_RUN_DEFAULT);
   /* Let close callbacks finish. */
   uv_run(n.loop, UV_RUN_NOWAIT);
+  zg_secret_free(n.admin_token);
   zg_log(ZG_INFO, "stopped", "zonegate stopped");
   zg_config_free(n.cfg);
   return n.exit_code;

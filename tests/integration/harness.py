@@ -44,7 +44,8 @@ class Proc:
         self.p = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
     def output(self):
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         with open(self.log_path, "rb") as f:
             return f.read().decode("utf-8", "replace")
 
@@ -146,3 +147,211 @@ class TempDir:
 
     def __exit__(self, *exc):
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+# ---- single-node gateway helpers (test_gateway_*.py) ----------------------
+
+import hashlib
+import threading
+
+UPSTREAM_KEY = "sk-test-upstream-key-0001"
+CLIENT_TOKEN = "zg-test-client-token-7f3a9c"
+
+
+def token_sha256(token):
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def mock_stats(mock):
+    status, _, body = request(mock.port, "GET", "/mock/stats", timeout=5)
+    assert status == 200, body
+    return json.loads(body)
+
+
+def mock_reset(mock):
+    status, _, body = request(mock.port, "POST", "/mock/reset", body=b"", timeout=5)
+    assert status == 200, body
+
+
+def error_of(payload):
+    """Asserts OpenAI's error shape and returns the inner error object."""
+    doc = json.loads(payload)
+    err = doc.get("error")
+    assert isinstance(err, dict), doc
+    assert isinstance(err.get("message"), str) and err["message"], doc
+    assert isinstance(err.get("type"), str) and err["type"], doc
+    assert "code" in err, doc
+    return err
+
+
+def echo_of(payload):
+    """The {"body", "headers"} mockllm echoed (X-Mock-Echo: 1) in a completion."""
+    doc = json.loads(payload)
+    return json.loads(doc["choices"][0]["message"]["content"])
+
+
+class Stack:
+    """One mockllm and one zonegate with a config built from overrides.
+    stop() kills both (idempotent); use it from a fixture finalizer."""
+
+    def __init__(self, tmpdir, mock_args=(), env_extra=None, mock=None, start=True, **overrides):
+        self.tmpdir = tmpdir
+        self.own_mock = mock is None
+        self.mock = mock or start_mockllm(*mock_args)
+        self.procs = [self.mock] if self.own_mock else []
+        self.cfg, self.port = base_config(tmpdir, self.mock.url, **overrides)
+        self.cfg_path = write_config(tmpdir, self.cfg)
+        self.env_extra = env_extra
+        self.gw = None
+        if start:
+            self.start()
+
+    def start(self, expect_ready=True):
+        self.gw = start_zonegate(self.cfg_path, self.port, env_extra=self.env_extra, expect_ready=expect_ready)
+        self.procs.append(self.gw)
+        return self.gw
+
+    def rewrite(self, cfg):
+        self.cfg = cfg
+        write_config(self.tmpdir, cfg)
+
+    def chat(self, body=None, headers=None, timeout=10, token=None):
+        hdrs = dict(headers or {})
+        if token:
+            hdrs["Authorization"] = f"Bearer {token}"
+        return request(self.port, "POST", "/v1/chat/completions", body=body or chat_body(), headers=hdrs,
+                       timeout=timeout)
+
+    def stop(self):
+        for p in reversed(self.procs):
+            p.stop()
+        self.procs = []
+
+
+def open_stream(port, body, headers=None, timeout=10):
+    """POSTs a chat body and returns (conn, resp) with the response head read;
+    read SSE lines with resp.readline()."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    hdrs = {"Content-Type": "application/json"}
+    hdrs.update(headers or {})
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers=hdrs)
+    return conn, conn.getresponse()
+
+
+def read_sse(resp, max_events=1000):
+    """Yields (monotonic receive time, wall ms, data text) for each `data:`
+    line until the stream ends. Bounded by max_events."""
+    for _ in range(max_events):
+        line = resp.readline()
+        if not line:
+            return
+        line = line.decode().rstrip("\r\n")
+        if line.startswith("data:"):
+            yield time.monotonic(), time.time() * 1000.0, line[5:].strip()
+
+
+def raw_exchange(port, data, timeout=5.0, until=None, max_bytes=1 << 20):
+    """Sends raw bytes and reads until the peer closes, `until(received)` is
+    true, or timeout. Returns the bytes received."""
+    deadline = time.monotonic() + timeout
+    got = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        if data:
+            s.sendall(data)
+        while time.monotonic() < deadline and len(got) < max_bytes:
+            s.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                chunk = s.recv(65536)
+            except socket.timeout:
+                break
+            if not chunk:
+                break
+            got += chunk
+            if until and until(got):
+                break
+    return got
+
+
+def parse_responses(data):
+    """Splits raw HTTP/1.1 responses with Content-Length bodies; returns a
+    list of (status, headers dict lower-cased, body)."""
+    out = []
+    while data:
+        head, sep, rest = data.partition(b"\r\n\r\n")
+        if not sep:
+            break
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {}
+        for line in lines[1:]:
+            k, _, v = line.partition(":")
+            headers[k.strip().lower()] = v.strip()
+        n = int(headers.get("content-length", "0"))
+        out.append((status, headers, rest[:n]))
+        data = rest[n:]
+    return out
+
+
+def run_parallel(funcs, timeout=20):
+    """Runs callables in threads; returns their results (or exceptions) in order."""
+    results = [None] * len(funcs)
+
+    def wrap(i, f):
+        try:
+            results[i] = f()
+        except Exception as e:  # noqa: BLE001 - reported to the caller
+            results[i] = e
+
+    threads = [threading.Thread(target=wrap, args=(i, f), daemon=True) for i, f in enumerate(funcs)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    assert not any(t.is_alive() for t in threads), "parallel requests did not finish in time"
+    return results
+
+
+def zonegate_run(args, env_extra=None, timeout=10):
+    """Runs a short zonegate command (config check, serve that must fail)."""
+    env = dict(os.environ)
+    env.setdefault("TEST_UPSTREAM_KEY", UPSTREAM_KEY)
+    if env_extra:
+        env.update(env_extra)
+    return subprocess.run([ZONEGATE_BIN, *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def decode_chunked(data):
+    """Decodes a chunked body. Returns (payload bytes, complete) where
+    complete means the terminating zero-length chunk arrived."""
+    out = b""
+    for _ in range(100000):
+        line, sep, rest = data.partition(b"\r\n")
+        if not sep:
+            return out, False
+        size = int(line.split(b";")[0] or b"x", 16)
+        if size == 0:
+            return out, True
+        if len(rest) < size + 2:
+            return out + rest[:size], False
+        out += rest[:size]
+        data = rest[size + 2:]
+    return out, False
+
+
+def raw_chat(port, body, headers=None, timeout=5.0, until=None):
+    """A chat POST over a raw socket (Connection: close). Returns (status,
+    headers lower-cased, raw body bytes as received)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    lines = [f"POST /v1/chat/completions HTTP/1.1", "Host: 127.0.0.1", "Content-Type: application/json",
+             f"Content-Length: {len(data)}", "Connection: close"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    got = raw_exchange(port, ("\r\n".join(lines) + "\r\n\r\n").encode() + data, timeout=timeout, until=until)
+    head, _, rest = got.partition(b"\r\n\r\n")
+    head_lines = head.decode("latin-1").split("\r\n")
+    status = int(head_lines[0].split()[1]) if head_lines and head_lines[0] else 0
+    hdrs = {}
+    for line in head_lines[1:]:
+        k, _, v = line.partition(":")
+        hdrs[k.strip().lower()] = v.strip()
+    return status, hdrs, rest

@@ -24,7 +24,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include "gateway/upstream.h"
+#include "upstream/upstream.h"
 
 /* ---- canned HTTP server ----------------------------------------------- */
 

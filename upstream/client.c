@@ -1,4 +1,4 @@
-/* gateway/upstream.c: libcurl multi interface on the libuv loop, for calls
+/* upstream/client.c: libcurl multi interface on the libuv loop, for calls
  * to the upstream model API.
  *
  * Happy path: upstream_start() builds an easy handle and adds it to the
@@ -21,7 +21,7 @@
  * return "abort" so curl stops reading for it at once. Memory of transfers,
  * socket watches and the client is released only from uv close callbacks.
  */
-#include "gateway/upstream.h"
+#include "upstream/upstream.h"
 
 #include <curl/curl.h>
 #include <stdbool.h>

@@ -1,5 +1,6 @@
-/* gateway/upstream.h: HTTP client for the upstream model API, private to
- * the gateway module.
+/* upstream/upstream.h: HTTP client on the uv loop (libcurl multi), used for
+ * the upstream model API, standby forwarding, admin write forwarding and
+ * alert webhooks.
  *
  * Requests run on the libcurl MULTI interface driven by the caller's libuv
  * loop (no threads): one uv_poll_t per curl socket, one uv timer for curl's

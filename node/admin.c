@@ -1,0 +1,588 @@
+/* admin.c: the admin API on listen.admin (private network only).
+ *
+ * Every route needs "Authorization: Bearer <admin token>" (constant-time
+ * compare; 401 otherwise; the token is never logged). Reads answer from
+ * this node's applied state. Writes go to the leader: on a follower the
+ * request is forwarded to the leader's admin address and the answer is
+ * relayed only once this node has applied the entry too (read-your-
+ * writes). With no leader: 503 and Retry-After. Answers never contain a
+ * secret, except the one-time token of POST /v1/tokens.
+ *
+ * Routes: GET /v1/cluster/status; GET|PUT /v1/config (If-Match);
+ * GET|POST /v1/keys, POST /v1/keys/{id}/rotate, DELETE /v1/keys/{id};
+ * GET|POST /v1/tokens, DELETE /v1/tokens/{id}; GET /v1/audit;
+ * POST /v1/cluster/members, DELETE /v1/cluster/members/{id};
+ * POST /v1/cluster/switchover; POST /v1/drills/{crash,freeze,isolate}
+ * (only with drills.enabled).
+ */
+#include "base/base.h"
+#include "consensus/consensus.h"
+#include "failover/failover.h"
+#include "gateway/gateway.h"
+#include "httpd/httpd.h"
+#include "node/internal.h"
+#include "upstream/upstream.h"
+
+#include <cjson/cJSON.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <unistd.h>
+
+#define READ_YOUR_WRITES_TIMEOUT_MS 5000
+
+struct admin_req {
+  struct node *node;
+  struct httpd_req *req;
+  bool gone;
+  /* forwarding */
+  struct upstream_transfer *transfer;
+  int status;
+  zg_buf body;
+  uint64_t wait_for_index;
+  uint64_t wait_deadline_ms;
+  uv_timer_t *wait_timer;
+  char *one_time_token; /* token created here, answered once */
+};
+
+static void json_answer(struct httpd_req *req, int status, cJSON *body, const char *const *extra) {
+  char *text = cJSON_PrintUnformatted(body);
+  httpd_respond(req, status, "application/json", extra, text ? text : "{}", text ? strlen(text) : 2);
+  free(text);
+  cJSON_Delete(body);
+}
+
+static int consensus_http_status(int status) {
+  switch (status) {
+  case CONSENSUS_ENOTLEADER: return 503;
+  case CONSENSUS_ECONFLICT: return 412;
+  case CONSENSUS_ENOTFOUND: return 404;
+  case CONSENSUS_EINVALID: return 400;
+  case CONSENSUS_EBUSY: return 409;
+  default: return 500;
+  }
+}
+
+static void admin_req_free(struct admin_req *a) {
+  zg_buf_free(&a->body);
+  zg_secret_free(a->one_time_token);
+  free(a);
+}
+
+static void on_wait_timer_closed(uv_handle_t *h) {
+  admin_req_free(h->data);
+  free(h);
+}
+
+static void admin_req_finish(struct admin_req *a) {
+  if (a->wait_timer) {
+    uv_close((uv_handle_t *)a->wait_timer, on_wait_timer_closed);
+    a->wait_timer->data = a;
+    a->wait_timer = NULL;
+    return;
+  }
+  admin_req_free(a);
+}
+
+static void on_admin_abort(void *ud) {
+  struct admin_req *a = ud;
+  if (a->transfer) upstream_cancel(a->transfer);
+  a->transfer = NULL;
+  a->gone = true;
+  a->req = NULL;
+  /* A pending consensus write still calls back; it sees `gone`. */
+  if (a->wait_timer) admin_req_finish(a);
+}
+
+/* ---- writes on the leader ------------------------------------------- */
+
+static void on_write_done(void *ud, int status, const char *errmsg, const cJSON *result) {
+  struct admin_req *a = ud;
+  if (a->gone) {
+    admin_req_free(a);
+    return;
+  }
+  httpd_req_set_abort(a->req, NULL, NULL);
+  if (status != 0) {
+    const char *retry[] = {"Retry-After: 1", NULL};
+    httpd_respond_error(a->req, consensus_http_status(status), "admin_error", consensus_strerror(status),
+                        status == CONSENSUS_ENOTLEADER ? retry : NULL, "%s",
+                        errmsg ? errmsg : consensus_strerror(status));
+    admin_req_free(a);
+    return;
+  }
+  cJSON *body = result ? cJSON_Duplicate(result, 1) : cJSON_CreateObject();
+  if (a->one_time_token) {
+    cJSON_AddStringToObject(body, "token", a->one_time_token);
+    cJSON_AddStringToObject(body, "note", "this token is shown once; store it now");
+  }
+  char applied[64];
+  snprintf(applied, sizeof(applied), "X-Zonegate-Applied-Index: %llu",
+           (unsigned long long)consensus_applied_index(a->node->consensus));
+  const char *extra[] = {applied, NULL};
+  json_answer(a->req, 200, body, extra);
+  admin_req_free(a);
+}
+
+static void submit(struct admin_req *a, const char *type, cJSON *args) {
+  const char *actor_header = httpd_req_header(a->req, "X-Zonegate-Actor");
+  char actor[96];
+  snprintf(actor, sizeof(actor), "admin%s%.60s", actor_header ? ":" : "", actor_header ? actor_header : "");
+  const char *source = httpd_req_header(a->req, "X-Zonegate-Source");
+  if (!source) source = httpd_req_peer_ip(a->req);
+  httpd_req_set_abort(a->req, on_admin_abort, a);
+  consensus_write(a->node->consensus, type, args, actor, source, on_write_done, a);
+}
+
+/* ---- forwarding to the leader ---------------------------------------- */
+
+static void relay(struct admin_req *a) {
+  httpd_req_set_abort(a->req, NULL, NULL);
+  const char *extra[] = {"X-Zonegate-Forwarded-To-Leader: 1", NULL};
+  httpd_respond(a->req, a->status, "application/json", extra, a->body.data ? a->body.data : "", a->body.len);
+  admin_req_finish(a);
+}
+
+static void on_wait_tick(uv_timer_t *t) {
+  struct admin_req *a = t->data;
+  if (consensus_applied_index(a->node->consensus) >= a->wait_for_index || zg_mono_ms() >= a->wait_deadline_ms)
+    relay(a);
+}
+
+static void on_fwd_response(void *ud, int status, const char *content_type, const char *const *headers) {
+  struct admin_req *a = ud;
+  a->status = status;
+  for (size_t i = 0; headers && headers[i]; i++)
+    if (strncasecmp(headers[i], "X-Zonegate-Applied-Index:", 25) == 0)
+      a->wait_for_index = strtoull(headers[i] + 25, NULL, 10);
+}
+
+static int on_fwd_data(void *ud, const char *data, size_t len) {
+  struct admin_req *a = ud;
+  return zg_buf_append(&a->body, data, len);
+}
+
+static void on_fwd_done(void *ud, enum upstream_result result, const char *curl_error) {
+  struct admin_req *a = ud;
+  a->transfer = NULL;
+  if (result != UPSTREAM_OK) {
+    httpd_req_set_abort(a->req, NULL, NULL);
+    const char *retry[] = {"Retry-After: 1", NULL};
+    httpd_respond_error(a->req, 503, "admin_error", "leader_unreachable", retry,
+                        "the leader could not be reached to apply this write (%s); retry shortly",
+                        upstream_result_name(result));
+    admin_req_finish(a);
+    return;
+  }
+  if (a->status < 300 && a->wait_for_index > consensus_applied_index(a->node->consensus)) {
+    /* Read-your-writes: answer once this node applied the entry too. */
+    a->wait_timer = malloc(sizeof(*a->wait_timer));
+    if (a->wait_timer) {
+      uv_timer_init(a->node->loop, a->wait_timer);
+      a->wait_timer->data = a;
+      a->wait_deadline_ms = zg_mono_ms() + READ_YOUR_WRITES_TIMEOUT_MS;
+      uv_timer_start(a->wait_timer, on_wait_tick, 2, 2);
+      return;
+    }
+  }
+  relay(a);
+}
+
+static void forward_to_leader(struct admin_req *a) {
+  const struct consensus_member *leader = consensus_leader(a->node->consensus);
+  const char *retry[] = {"Retry-After: 1", NULL};
+  if (httpd_req_header(a->req, "X-Zonegate-Forwarded")) {
+    httpd_respond_error(a->req, 503, "admin_error", "not_leader", retry,
+                        "this node is no longer the leader; retry");
+    admin_req_finish(a);
+    return;
+  }
+  if (!leader || !leader->admin_address || !leader->admin_address[0]) {
+    httpd_respond_error(a->req, 503, "admin_error", "no_leader", retry,
+                        "no leader is known right now (election in progress or quorum lost); retry shortly");
+    admin_req_finish(a);
+    return;
+  }
+  char url[300], auth[600], actor[160], source[160];
+  snprintf(url, sizeof(url), "http://%s%s%s%s", leader->admin_address, httpd_req_path(a->req),
+           httpd_req_query(a->req)[0] ? "?" : "", httpd_req_query(a->req));
+  snprintf(auth, sizeof(auth), "Authorization: %s", httpd_req_header(a->req, "Authorization"));
+  const char *actor_h = httpd_req_header(a->req, "X-Zonegate-Actor");
+  snprintf(actor, sizeof(actor), "X-Zonegate-Actor: %.100s", actor_h ? actor_h : "");
+  snprintf(source, sizeof(source), "X-Zonegate-Source: %s", httpd_req_peer_ip(a->req));
+  const char *if_match = httpd_req_header(a->req, "If-Match");
+  char if_match_line[96];
+  snprintf(if_match_line, sizeof(if_match_line), "If-Match: %.60s", if_match ? if_match : "");
+  const char *headers[] = {auth, "X-Zonegate-Forwarded: 1", "Content-Type: application/json", source,
+                           actor_h ? actor : NULL, NULL, NULL};
+  if (if_match) headers[actor_h ? 5 : 4] = if_match_line;
+  size_t len;
+  const char *body = httpd_req_body(a->req, &len);
+  struct upstream_request ureq = {url, httpd_req_method(a->req), headers, body, len, {2000, 10000, 0, 15000}};
+  static const struct upstream_callbacks cb = {on_fwd_response, on_fwd_data, on_fwd_done};
+  char err[256];
+  zg_buf_init(&a->body);
+  if (upstream_start(a->node->admin_client, &ureq, &cb, a, &a->transfer, err, sizeof(err)) != 0) {
+    httpd_respond_error(a->req, 503, "admin_error", "leader_unreachable", retry, "%s", err);
+    admin_req_finish(a);
+    return;
+  }
+  httpd_req_set_abort(a->req, on_admin_abort, a);
+}
+
+/* ---- route handlers --------------------------------------------------- */
+
+static cJSON *parse_body(struct httpd_req *req, bool required) {
+  size_t len;
+  const char *text = httpd_req_body(req, &len);
+  if (len == 0 && !required) return cJSON_CreateObject();
+  cJSON *json = cJSON_ParseWithLength(text, len);
+  if (!cJSON_IsObject(json)) {
+    cJSON_Delete(json);
+    httpd_respond_error(req, 400, "invalid_request_error", "invalid_json", NULL,
+                        "the request body must be a JSON object");
+    return NULL;
+  }
+  return json;
+}
+
+static bool literal_secret(const char *v) {
+  return v && v[0] && strncmp(v, "env:", 4) && strncmp(v, "file:", 5);
+}
+
+static void put_config(struct admin_req *a) {
+  cJSON *body = parse_body(a->req, true);
+  if (!body) {
+    admin_req_free(a);
+    return;
+  }
+  /* Accept either {"config": {...}} or the replicated sections directly,
+   * or a whole node file (its local sections are ignored). */
+  cJSON *config = cJSON_DetachItemFromObjectCaseSensitive(body, "config");
+  if (!config) {
+    config = cJSON_CreateObject();
+    for (cJSON *c = body->child; c; c = c->next)
+      if (zg_config_key_is_replicated(c->string)) cJSON_AddItemToObject(config, c->string, cJSON_Duplicate(c, 1));
+  }
+  cJSON_Delete(body);
+  char err[1024];
+  struct zg_config *check = zg_config_with_replicated(a->node->cfg, config, "PUT /v1/config", err, sizeof(err));
+  if (!check) {
+    cJSON_Delete(config);
+    httpd_respond_error(a->req, 400, "invalid_request_error", "invalid_config", NULL, "%s", err);
+    admin_req_free(a);
+    return;
+  }
+  bool literal = literal_secret(check->api_key);
+  for (size_t i = 0; i < check->n_fallbacks; i++) literal |= literal_secret(check->fallbacks[i].api_key);
+  zg_config_free(check);
+  if (literal) {
+    cJSON_Delete(config);
+    httpd_respond_error(a->req, 400, "invalid_request_error", "literal_secret", NULL,
+                        "PUT /v1/config: api_key: a literal key would be replicated in plaintext; add it with "
+                        "`zonegate keys add` (sealed) or use \"env:NAME\" / \"file:PATH\"");
+    admin_req_free(a);
+    return;
+  }
+  cJSON *args = cJSON_CreateObject();
+  cJSON_AddItemToObject(args, "config", config);
+  const char *if_match = httpd_req_header(a->req, "If-Match");
+  if (if_match) {
+    while (*if_match == '"' || *if_match == ' ') if_match++;
+    char *end;
+    unsigned long long v = strtoull(if_match, &end, 10);
+    if (end == if_match) {
+      cJSON_Delete(args);
+      httpd_respond_error(a->req, 400, "invalid_request_error", "invalid_if_match", NULL,
+                          "If-Match must be a config version number");
+      admin_req_free(a);
+      return;
+    }
+    cJSON_AddNumberToObject(args, "if_match", (double)v);
+  }
+  submit(a, "config.put", args);
+}
+
+static void create_token(struct admin_req *a) {
+  cJSON *args = parse_body(a->req, true);
+  if (!args) {
+    admin_req_free(a);
+    return;
+  }
+  cJSON *expires_in = cJSON_DetachItemFromObjectCaseSensitive(args, "expires_in_s");
+  if (cJSON_IsNumber(expires_in) && expires_in->valuedouble > 0)
+    cJSON_AddNumberToObject(args, "expires_at", (double)zg_wall_ms() + expires_in->valuedouble * 1000.0);
+  cJSON_Delete(expires_in);
+  if (cJSON_GetObjectItemCaseSensitive(args, "sha256") || cJSON_GetObjectItemCaseSensitive(args, "token")) {
+    cJSON_Delete(args);
+    httpd_respond_error(a->req, 400, "invalid_request_error", "invalid_field", NULL,
+                        "tokens are generated by the cluster; send name, expires_in_s, rpm, allow only");
+    admin_req_free(a);
+    return;
+  }
+  a->one_time_token = zg_random_token("zg-");
+  char hash[65];
+  zg_sha256_hex(a->one_time_token, strlen(a->one_time_token), hash);
+  cJSON_AddStringToObject(args, "sha256", hash);
+  submit(a, "token.create", args);
+}
+
+static void admin_switchover_done(void *ud, int status, const char *msg) {
+  struct admin_req *a = ud;
+  if (a->gone) {
+    admin_req_free(a);
+    return;
+  }
+  httpd_req_set_abort(a->req, NULL, NULL);
+  cJSON *body = cJSON_CreateObject();
+  cJSON_AddBoolToObject(body, "ok", status == 0);
+  cJSON_AddStringToObject(body, "message", msg ? msg : "");
+  const struct consensus_member *leader = consensus_leader(a->node->consensus);
+  cJSON_AddStringToObject(body, "leader", leader ? leader->id : "");
+  json_answer(a->req, status == 0 ? 200 : 409, body, NULL);
+  admin_req_free(a);
+}
+
+static void handle_switchover(struct admin_req *a) {
+  cJSON *body = parse_body(a->req, false);
+  if (!body) {
+    admin_req_free(a);
+    return;
+  }
+  const cJSON *to = cJSON_GetObjectItemCaseSensitive(body, "to");
+  char target[64] = "";
+  if (cJSON_IsString(to)) snprintf(target, sizeof(target), "%s", to->valuestring);
+  cJSON_Delete(body);
+  httpd_req_set_abort(a->req, on_admin_abort, a);
+  int rc = failover_switchover(a->node->failover, target[0] ? target : NULL, "planned switchover (admin API)",
+                               admin_switchover_done, a);
+  if (rc != 0) {
+    httpd_req_set_abort(a->req, NULL, NULL);
+    httpd_respond_error(a->req, consensus_http_status(rc), "admin_error", consensus_strerror(rc), NULL,
+                        "switchover refused: %s", consensus_strerror(rc));
+    admin_req_free(a);
+  }
+}
+
+static void on_member_done(void *ud, int status, const char *errmsg) {
+  on_write_done(ud, status, errmsg, NULL);
+}
+
+static void add_member(struct admin_req *a) {
+  cJSON *body = parse_body(a->req, true);
+  if (!body) {
+    admin_req_free(a);
+    return;
+  }
+  const cJSON *id = cJSON_GetObjectItemCaseSensitive(body, "id");
+  const cJSON *raft = cJSON_GetObjectItemCaseSensitive(body, "raft");
+  const cJSON *zone = cJSON_GetObjectItemCaseSensitive(body, "zone");
+  const cJSON *role = cJSON_GetObjectItemCaseSensitive(body, "role");
+  const cJSON *admin = cJSON_GetObjectItemCaseSensitive(body, "admin");
+  const cJSON *gateway = cJSON_GetObjectItemCaseSensitive(body, "gateway");
+  if (!cJSON_IsString(id) || !cJSON_IsString(raft)) {
+    cJSON_Delete(body);
+    httpd_respond_error(a->req, 400, "invalid_request_error", "invalid_member", NULL,
+                        "expected {\"id\", \"raft\": \"host:port\", \"zone\", \"role\", \"admin\", \"gateway\"}");
+    admin_req_free(a);
+    return;
+  }
+  struct consensus_member m = {id->valuestring, cJSON_IsString(zone) ? zone->valuestring : "",
+                               cJSON_IsString(role) && !strcmp(role->valuestring, "witness") ? CONSENSUS_WITNESS
+                                                                                             : CONSENSUS_GATEWAY,
+                               raft->valuestring, cJSON_IsString(admin) ? admin->valuestring : NULL,
+                               cJSON_IsString(gateway) ? gateway->valuestring : NULL};
+  httpd_req_set_abort(a->req, on_admin_abort, a);
+  int rc = consensus_add_member(a->node->consensus, &m, on_member_done, a);
+  cJSON_Delete(body);
+  if (rc != 0) on_write_done(a, rc, consensus_strerror(rc), NULL);
+}
+
+static void drill(struct admin_req *a, const char *kind) {
+  struct node *n = a->node;
+  if (!n->cfg->drills_enabled) {
+    httpd_respond_error(a->req, 404, "invalid_request_error", "drills_disabled", NULL,
+                        "drill endpoints exist only with \"drills\": {\"enabled\": true}");
+    admin_req_free(a);
+    return;
+  }
+  cJSON *body = parse_body(a->req, false);
+  if (!body) {
+    admin_req_free(a);
+    return;
+  }
+  const cJSON *ms = cJSON_GetObjectItemCaseSensitive(body, "duration_ms");
+  unsigned duration = cJSON_IsNumber(ms) && ms->valuedouble > 0 && ms->valuedouble <= 600000
+                          ? (unsigned)ms->valuedouble
+                          : 5000;
+  cJSON_Delete(body);
+  zg_log(ZG_WARN, "drill", "drill %s injected through the admin API from %s (%u ms)", kind,
+         httpd_req_peer_ip(a->req), duration);
+  cJSON *answer = cJSON_CreateObject();
+  cJSON_AddStringToObject(answer, "drill", kind);
+  cJSON_AddStringToObject(answer, "node", n->cfg->node_id);
+  cJSON_AddNumberToObject(answer, "duration_ms", duration);
+  cJSON_AddNumberToObject(answer, "injected_at_ms", (double)zg_wall_ms());
+  if (!strcmp(kind, "crash")) {
+    json_answer(a->req, 200, answer, NULL);
+    admin_req_free(a);
+    /* Abrupt exit, as a crash: no drain, no handover. Flushed answer first. */
+    uv_run(n->loop, UV_RUN_NOWAIT);
+    _exit(137);
+  }
+  if (!strcmp(kind, "freeze")) {
+    json_answer(a->req, 200, answer, NULL);
+    admin_req_free(a);
+    uv_run(n->loop, UV_RUN_NOWAIT);
+    failover_drill_freeze(n->failover, duration);
+    return;
+  }
+  cJSON_Delete(answer);
+  httpd_respond_error(a->req, 404, "invalid_request_error", "unknown_drill", NULL,
+                      "unknown drill %s; valid: crash, freeze, isolate", kind);
+  admin_req_free(a);
+}
+
+static bool is_write(const char *method) {
+  return strcmp(method, "GET") != 0 && strcmp(method, "HEAD") != 0;
+}
+
+static void on_admin_request(void *ctx, struct httpd_req *req) {
+  struct node *n = ctx;
+  const char *auth = httpd_req_header(req, "Authorization");
+  const char *presented = auth && !strncasecmp(auth, "Bearer ", 7) ? auth + 7 : "";
+  if (!zg_ct_equal(presented, strlen(presented), n->admin_token, strlen(n->admin_token))) {
+    zg_log(ZG_WARN, "admin_auth_failed", "admin API: missing or wrong admin token from %s",
+           httpd_req_peer_ip(req));
+    httpd_respond_error(req, 401, "invalid_request_error", "invalid_admin_token", NULL,
+                        "missing or wrong admin token: send \"Authorization: Bearer <admin token>\"");
+    return;
+  }
+  struct admin_req *a = calloc(1, sizeof(*a));
+  if (!a) {
+    httpd_respond_error(req, 500, "server_error", NULL, NULL, "out of memory");
+    return;
+  }
+  a->node = n;
+  a->req = req;
+  zg_buf_init(&a->body);
+  const char *m = httpd_req_method(req);
+  const char *p = httpd_req_path(req);
+  struct consensus *cs = n->consensus;
+  bool write = is_write(m);
+  bool leader_only = write && strncmp(p, "/v1/drills/", 11) != 0;
+  if (leader_only && !consensus_is_leader(cs)) {
+    forward_to_leader(a);
+    return;
+  }
+  char id[128] = "";
+  if (!strcmp(p, "/v1/cluster/status") && !write) {
+    cJSON *body = consensus_status_json(cs);
+    if (n->failover) failover_status_json(n->failover, cJSON_AddObjectToObject(body, "failover"));
+    cJSON_AddNumberToObject(body, "config_version", (double)consensus_config_version(cs));
+    json_answer(req, 200, body, NULL);
+  } else if (!strcmp(p, "/v1/config") && !write) {
+    cJSON *body = cJSON_CreateObject();
+    cJSON_AddNumberToObject(body, "version", (double)consensus_config_version(cs));
+    const cJSON *cfg = consensus_config(cs);
+    cJSON_AddItemToObject(body, "config", cfg ? cJSON_Duplicate(cfg, 1) : cJSON_CreateObject());
+    char etag[64];
+    snprintf(etag, sizeof(etag), "ETag: \"%llu\"", (unsigned long long)consensus_config_version(cs));
+    const char *extra[] = {etag, NULL};
+    json_answer(req, 200, body, extra);
+  } else if (!strcmp(p, "/v1/config") && !strcmp(m, "PUT")) {
+    put_config(a);
+    return;
+  } else if (!strcmp(p, "/v1/keys") && !write) {
+    cJSON *body = cJSON_CreateObject();
+    cJSON_AddItemToObject(body, "keys", consensus_keys_json(cs));
+    json_answer(req, 200, body, NULL);
+  } else if (!strcmp(p, "/v1/keys") && !strcmp(m, "POST")) {
+    cJSON *args = parse_body(req, true);
+    if (args) {
+      submit(a, "key.add", args);
+      return;
+    }
+  } else if (sscanf(p, "/v1/keys/%127[^/]/rotate", id) == 1 && !strcmp(m, "POST")) {
+    cJSON *args = parse_body(req, true);
+    if (args) {
+      cJSON_DeleteItemFromObjectCaseSensitive(args, "id");
+      cJSON_AddStringToObject(args, "id", id);
+      submit(a, "key.rotate", args);
+      return;
+    }
+  } else if (sscanf(p, "/v1/keys/%127[^/]", id) == 1 && !strcmp(m, "DELETE")) {
+    cJSON *args = cJSON_CreateObject();
+    cJSON_AddStringToObject(args, "id", id);
+    submit(a, "key.revoke", args);
+    return;
+  } else if (!strcmp(p, "/v1/tokens") && !write) {
+    cJSON *body = cJSON_CreateObject();
+    cJSON_AddItemToObject(body, "tokens", consensus_tokens_json(cs));
+    json_answer(req, 200, body, NULL);
+  } else if (!strcmp(p, "/v1/tokens") && !strcmp(m, "POST")) {
+    create_token(a);
+    return;
+  } else if (sscanf(p, "/v1/tokens/%127[^/]", id) == 1 && !strcmp(m, "DELETE")) {
+    cJSON *args = cJSON_CreateObject();
+    cJSON_AddStringToObject(args, "id", id);
+    submit(a, "token.revoke", args);
+    return;
+  } else if (!strcmp(p, "/v1/audit") && !write) {
+    char buf[16];
+    const char *limit = httpd_req_query_param(req, "limit", buf, sizeof(buf));
+    cJSON *body = cJSON_CreateObject();
+    cJSON_AddItemToObject(body, "audit", consensus_audit_json(cs, limit ? strtoul(limit, NULL, 10) : 100));
+    json_answer(req, 200, body, NULL);
+  } else if (!strcmp(p, "/v1/cluster/members") && !strcmp(m, "POST")) {
+    add_member(a);
+    return;
+  } else if (sscanf(p, "/v1/cluster/members/%127[^/]", id) == 1 && !strcmp(m, "DELETE")) {
+    httpd_req_set_abort(req, on_admin_abort, a);
+    int rc = consensus_remove_member(cs, id, on_member_done, a);
+    if (rc != 0) on_write_done(a, rc, consensus_strerror(rc), NULL);
+    return;
+  } else if (!strcmp(p, "/v1/cluster/switchover") && !strcmp(m, "POST")) {
+    handle_switchover(a);
+    return;
+  } else if (sscanf(p, "/v1/drills/%127[^/]", id) == 1 && !strcmp(m, "POST")) {
+    drill(a, id);
+    return;
+  } else {
+    httpd_respond_error(req, 404, "invalid_request_error", "not_found", NULL, "no admin route %s %s", m, p);
+  }
+  admin_req_free(a);
+}
+
+int node_admin_start(struct node *n, char *errmsg, size_t errlen) {
+  if (!n->consensus) return 0;
+  if (!n->cfg->admin_token[0]) {
+    zg_log(ZG_WARN, "admin_disabled", "security.admin_token is not set: the admin API is off on this node");
+    return 0;
+  }
+  char err[512];
+  if (zg_secret_resolve(n->cfg->admin_token, &n->admin_token, NULL, err, sizeof(err)) != 0) {
+    snprintf(errmsg, errlen, "security.admin_token: %s", err);
+    return -1;
+  }
+  if (strlen(n->admin_token) < 16) {
+    snprintf(errmsg, errlen, "security.admin_token: expected at least 16 characters, found %zu",
+             strlen(n->admin_token));
+    return -1;
+  }
+  if (upstream_client_create(n->loop, &n->admin_client, errmsg, errlen) != 0) return -1;
+  struct httpd_limits limits = {0};
+  limits.max_body_bytes = 1024 * 1024;
+  int rc = httpd_listen(n->loop, n->cfg->listen_admin, &limits, on_admin_request, n, &n->admin, err, sizeof(err));
+  if (rc != 0) {
+    if (rc == UV_EADDRINUSE)
+      snprintf(errmsg, errlen, "port %s is already in use (listen.admin in %s): stop the other process or change listen.admin",
+               strrchr(n->cfg->listen_admin, ':') + 1, n->cfg->path);
+    else snprintf(errmsg, errlen, "listen.admin: %s", err);
+    return -1;
+  }
+  zg_log(ZG_INFO, "admin_listening", "admin API on %s", n->cfg->listen_admin);
+  return 0;
+}

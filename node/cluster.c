@@ -1,0 +1,207 @@
+/* cluster.c: wires consensus (the Raft group) and failover (the role) into
+ * a running node.
+ *
+ * A node runs consensus when its config lists peers, or when it has a
+ * master key (a one-voter cluster with the admin API). Otherwise it runs
+ * standalone: the gateway with the file's settings, always active.
+ *
+ * Secrets: the cluster secret and master key are resolved here and only
+ * handed to consensus. A literal provider key in the seed config is NOT
+ * replicated as text: it is removed from the seeded config and added as a
+ * sealed provider key instead, once, by the first leader.
+ *
+ * Failure modes: a missing or short secret, a master key that is not
+ * base64 of 32 bytes, or a consensus start failure (corrupt data dir,
+ * wrong master key) is one clear error; serve exits 1.
+ */
+#include "base/base.h"
+#include "consensus/consensus.h"
+#include "failover/failover.h"
+#include "gateway/gateway.h"
+#include "node/internal.h"
+
+#include <cjson/cJSON.h>
+#include <openssl/crypto.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static bool literal(const char *spec) {
+  return spec[0] && strncmp(spec, "env:", 4) != 0 && strncmp(spec, "file:", 5) != 0;
+}
+
+static enum consensus_role role_of(const char *role) {
+  return strcmp(role, "witness") == 0 ? CONSENSUS_WITNESS : CONSENSUS_GATEWAY;
+}
+
+void node_cluster_apply_replicated(struct node *n) {
+  const cJSON *replicated = consensus_config(n->consensus);
+  uint64_t version = consensus_config_version(n->consensus);
+  if (!replicated || version == n->applied_config_version) return;
+  char err[1024];
+  struct zg_config *effective = zg_config_with_replicated(n->cfg, replicated, "replicated config", err, sizeof(err));
+  if (!effective) {
+    zg_log(ZG_ERROR, "replicated_config_rejected", "version %llu cannot be applied here: %s",
+           (unsigned long long)version, err);
+    return;
+  }
+  gateway_apply_config(n->gateway, effective);
+  if (n->failover) failover_apply_config(n->failover, effective);
+  n->applied_config_version = version;
+  zg_log(ZG_INFO, "config_applied", "replicated config version %llu applied live", (unsigned long long)version);
+  zg_config_free(effective);
+}
+
+/* Literal provider keys from the file become sealed provider keys. */
+static void on_seed_key_added(void *ud, int status, const char *errmsg, const cJSON *result) {
+  if (status == 0) zg_log(ZG_INFO, "seed_key_added", "literal api_key from the config stored as a sealed provider key");
+  else if (status != CONSENSUS_ECONFLICT)
+    zg_log(ZG_WARN, "seed_key_failed", "could not store the config api_key as a provider key: %s",
+           errmsg ? errmsg : consensus_strerror(status));
+}
+
+static void maybe_seed_literal_keys(struct node *n) {
+  static bool done;
+  if (done || !consensus_is_leader(n->consensus)) return;
+  const cJSON *cfg = consensus_config(n->consensus);
+  if (!cfg) return;
+  done = true;
+  cJSON *keys = consensus_keys_json(n->consensus);
+  bool have_keys = cJSON_GetArraySize(keys) > 0;
+  cJSON_Delete(keys);
+  if (have_keys) return;
+  struct {
+    const char *spec, *upstream;
+  } literals[1 + ZG_MAX_FALLBACKS];
+  size_t count = 0;
+  if (literal(n->cfg->api_key)) literals[count++] = (typeof(literals[0])){n->cfg->api_key, "default"};
+  static char ids[ZG_MAX_FALLBACKS][16];
+  for (size_t i = 0; i < n->cfg->n_fallbacks; i++)
+    if (literal(n->cfg->fallbacks[i].api_key)) {
+      snprintf(ids[i], sizeof(ids[i]), "fallback-%u", (unsigned)(i + 1) % 100u);
+      literals[count++] = (typeof(literals[0])){n->cfg->fallbacks[i].api_key, ids[i]};
+    }
+  for (size_t i = 0; i < count; i++) {
+    cJSON *args = cJSON_CreateObject();
+    cJSON_AddStringToObject(args, "upstream", literals[i].upstream);
+    cJSON_AddStringToObject(args, "secret", literals[i].spec);
+    consensus_write(n->consensus, "key.add", args, "bootstrap", "config file", on_seed_key_added, n);
+  }
+}
+
+static void on_consensus_event(void *ud, enum consensus_event ev) {
+  struct node *n = ud;
+  switch (ev) {
+  case CONSENSUS_EV_CONFIG_CHANGED:
+  case CONSENSUS_EV_STATE_APPLIED: node_cluster_apply_replicated(n); break;
+  case CONSENSUS_EV_LEADER_CHANGED: maybe_seed_literal_keys(n); break;
+  case CONSENSUS_EV_DISK_ERROR:
+    zg_log(ZG_ERROR, "disk_error", "the Raft log cannot be written; this node stops serving as active");
+    break;
+  default: break;
+  }
+}
+
+/* The seed: the replicated sections, with literal secrets blanked (they
+ * become sealed provider keys instead). */
+static cJSON *seed_config(const struct zg_config *cfg) {
+  cJSON *seed = zg_config_replicated_json(cfg);
+  cJSON *api_key = cJSON_GetObjectItemCaseSensitive(seed, "api_key");
+  if (cJSON_IsString(api_key) && literal(api_key->valuestring)) cJSON_SetValuestring(api_key, "");
+  cJSON *fallbacks = cJSON_GetObjectItemCaseSensitive(seed, "fallback_endpoints");
+  cJSON *fb;
+  cJSON_ArrayForEach(fb, fallbacks) {
+    cJSON *k = cJSON_GetObjectItemCaseSensitive(fb, "api_key");
+    if (cJSON_IsString(k) && literal(k->valuestring)) cJSON_SetValuestring(k, "");
+  }
+  return seed;
+}
+
+static int resolve(const char *spec, const char *path, char **out, char *errmsg, size_t errlen) {
+  char err[512];
+  if (!spec[0]) {
+    snprintf(errmsg, errlen, "%s is required in a cluster (e.g. \"env:NAME\")", path);
+    return -1;
+  }
+  if (zg_secret_resolve(spec, out, NULL, err, sizeof(err)) != 0) {
+    snprintf(errmsg, errlen, "%s: %s", path, err);
+    return -1;
+  }
+  return 0;
+}
+
+int node_cluster_start(struct node *n, char *errmsg, size_t errlen) {
+  struct zg_config *cfg = n->cfg;
+  bool clustered = cfg->n_peers > 0 || cfg->master_key[0];
+  if (!clustered) {
+    zg_log(ZG_INFO, "standalone",
+           "no cluster.peers and no security.master_key: running standalone (always active, no admin API). "
+           "Set security.master_key and security.admin_token to enable the replicated state and admin API.");
+    return 0;
+  }
+  char *master_b64 = NULL, *secret = NULL;
+  uint8_t master[64];
+  int rc = -1;
+  if (resolve(cfg->master_key, "security.master_key", &master_b64, errmsg, errlen) != 0) goto out;
+  if (zg_base64_decode(master_b64, master, sizeof(master)) != 32) {
+    snprintf(errmsg, errlen,
+             "security.master_key: expected base64 of 32 random bytes (make one with: openssl rand -base64 32)");
+    goto out;
+  }
+  if (cfg->n_peers > 0) {
+    if (resolve(cfg->cluster_secret, "cluster.secret", &secret, errmsg, errlen) != 0) goto out;
+    if (strlen(secret) < 16) {
+      snprintf(errmsg, errlen, "cluster.secret: expected at least 16 characters, found %zu", strlen(secret));
+      goto out;
+    }
+  } else {
+    /* One voter: no peer ever connects, but the transport needs a key. */
+    secret = zg_random_token("local-");
+  }
+  struct consensus_member self = {cfg->node_id, cfg->zone, role_of(cfg->role), cfg->advertise_raft,
+                                  cfg->advertise_admin, cfg->advertise_gateway};
+  struct consensus_member peers[ZG_MAX_PEERS];
+  for (size_t i = 0; i < cfg->n_peers; i++) {
+    const struct zg_peer *p = &cfg->peers[i];
+    peers[i] = (struct consensus_member){p->id, p->zone, role_of(p->role), p->raft,
+                                         p->admin[0] ? p->admin : NULL, p->gateway[0] ? p->gateway : NULL};
+  }
+  cJSON *seed = seed_config(cfg);
+  cJSON *tokens = cJSON_CreateArray();
+  for (size_t i = 0; i < cfg->n_tokens; i++) {
+    cJSON *t = cJSON_CreateObject();
+    cJSON_AddStringToObject(t, "name", cfg->tokens[i].name);
+    cJSON_AddStringToObject(t, "sha256", cfg->tokens[i].sha256);
+    cJSON_AddItemToArray(tokens, t);
+  }
+  struct consensus_options opts = {0};
+  opts.self = &self;
+  opts.raft_listen = cfg->listen_raft;
+  opts.peers = peers;
+  opts.n_peers = cfg->n_peers;
+  opts.data_dir = cfg->data_dir;
+  opts.cluster_secret = secret;
+  opts.master_key = master;
+  opts.election_timeout_ms = cfg->election_timeout_ms;
+  opts.heartbeat_ms = cfg->heartbeat_ms;
+  opts.snapshot_threshold = cfg->snapshot_threshold;
+  opts.snapshot_trailing = cfg->snapshot_trailing;
+  opts.seed_config = seed;
+  opts.seed_tokens = tokens;
+  opts.on_event = on_consensus_event;
+  opts.ud = n;
+  rc = consensus_start(n->loop, &opts, &n->consensus, errmsg, errlen);
+  cJSON_Delete(seed);
+  cJSON_Delete(tokens);
+  if (rc != 0) goto out;
+  rc = failover_start(n->loop, n->consensus, n->gateway, cfg, &n->failover, errmsg, errlen);
+  if (rc != 0) goto out;
+  gateway_set_cluster(n->gateway, failover_gateway_hooks(n->failover));
+  zg_log(ZG_INFO, "cluster_started", "node %s (zone %s, %s) in a group of %zu voters; raft on %s", cfg->node_id,
+         cfg->zone, cfg->role, cfg->n_peers + 1, cfg->listen_raft);
+out:
+  OPENSSL_cleanse(master, sizeof(master));
+  zg_secret_free(master_b64);
+  zg_secret_free(secret);
+  return rc;
+}

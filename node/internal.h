@@ -1,0 +1,45 @@
+/* internal.h (private to node/): the running node shared by serve.c,
+ * cluster.c (consensus + failover wiring) and admin.c (admin API). */
+#ifndef ZG_NODE_INTERNAL_H
+#define ZG_NODE_INTERNAL_H
+
+#include "config/config.h"
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <uv.h>
+
+struct consensus;
+struct failover;
+struct gateway;
+struct httpd_server;
+struct upstream_client;
+
+struct node {
+  uv_loop_t *loop;
+  struct zg_config *cfg; /* local file */
+  struct gateway *gateway;
+  struct consensus *consensus; /* NULL in standalone mode */
+  struct failover *failover;   /* NULL in standalone mode */
+  struct httpd_server *admin;  /* NULL when no admin token is configured */
+  struct upstream_client *admin_client; /* forwards admin writes to the leader */
+  char *admin_token;                    /* resolved secret */
+  uint64_t applied_config_version;
+  uv_signal_t sigterm, sigint, sighup;
+  uv_timer_t drain_timer;
+  uint64_t drain_deadline_ms;
+  bool draining;
+  bool switching_over; /* SIGTERM on the active: planned handover first */
+  int exit_code;
+  int closing_parts;
+};
+
+/* cluster.c: starts consensus and failover when the config asks for a
+ * cluster (peers, or a master key for a one-voter cluster). 0 ok. */
+int node_cluster_start(struct node *n, char *errmsg, size_t errlen);
+/* The replicated config changed: rebuild the effective config and apply. */
+void node_cluster_apply_replicated(struct node *n);
+/* admin.c: admin API on listen.admin. 0 ok (or admin disabled). */
+int node_admin_start(struct node *n, char *errmsg, size_t errlen);
+
+#endif

@@ -1,0 +1,278 @@
+/* test_consensus_fsm: the state machine on its own: every write type, error
+ * results against the current state, the bounded audit trail, snapshot and
+ * restore round trip (and no plaintext secret in the snapshot), rejection of
+ * corrupt snapshots without touching the state, undecodable entries. */
+#define _GNU_SOURCE
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "base/base.h"
+#include "consensus/consensus.h"
+#include "consensus/internal.h"
+
+static const uint8_t key[32] = {5, 4, 3, 2, 1};
+#define HASH_A "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+#define HASH_B "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb"
+
+struct last_apply {
+  int status;
+  char errmsg[256];
+  cJSON *result;
+  unsigned changed;
+  int calls;
+};
+
+static void on_applied(void *ud, const struct zgc_command *cmd, int status, const char *errmsg,
+                       const cJSON *result, unsigned changed) {
+  struct last_apply *la = ud;
+  (void)cmd;
+  la->calls++;
+  la->status = status;
+  snprintf(la->errmsg, sizeof la->errmsg, "%s", errmsg ? errmsg : "");
+  cJSON_Delete(la->result);
+  la->result = result ? cJSON_Duplicate(result, true) : NULL;
+  la->changed = changed;
+}
+
+static int apply(struct zg_fsm *f, uint64_t at, const char *type, const char *args) {
+  struct raft_buffer buf;
+  char err[256];
+  cJSON *parsed = cJSON_Parse(args);
+  assert_non_null(parsed);
+  assert_int_equal(zg_build_entry(type, parsed, "admin", "127.0.0.1", at, "r", key, &buf, err,
+                                  sizeof err),
+                   0);
+  int rv = zg_fsm_apply_buf(f, buf.base, buf.len);
+  raft_free(buf.base);
+  return rv;
+}
+
+static const char *result_string(struct last_apply *la, const char *name) {
+  const cJSON *item = cJSON_GetObjectItemCaseSensitive(la->result, name);
+  return cJSON_IsString(item) ? item->valuestring : NULL;
+}
+
+static void fsm_setup(struct zg_fsm *f, struct last_apply *la, unsigned audit_max) {
+  memset(la, 0, sizeof *la);
+  zg_fsm_init(f, audit_max);
+  f->on_applied = on_applied;
+  f->ud = la;
+}
+
+static void test_writes(void **state) {
+  (void)state;
+  struct zg_fsm f;
+  struct last_apply la;
+  fsm_setup(&f, &la, 100);
+  uint64_t t0 = 1700000000000ull;
+
+  assert_int_equal(apply(&f, t0, "config.put", "{\"config\":{\"a\":1}}"), 0);
+  assert_int_equal(f.st.config_version, 1);
+  assert_true(la.changed & ZG_CHANGED_CONFIG);
+  assert_int_equal(apply(&f, t0, "config.put", "{\"config\":{\"a\":2},\"if_match\":0}"),
+                   CONSENSUS_ECONFLICT);
+  assert_non_null(strstr(la.errmsg, "version is 1"));
+  assert_int_equal(apply(&f, t0, "config.put", "{\"config\":{\"a\":2},\"if_match\":1}"), 0);
+  assert_int_equal(cJSON_GetObjectItem(f.st.config, "a")->valueint, 2);
+  assert_int_equal(cJSON_GetObjectItem(la.result, "version")->valueint, 2);
+
+  assert_int_equal(apply(&f, t0, "key.add", "{\"id\":\"k1\",\"secret\":\"s1\"}"), 0);
+  assert_int_equal(apply(&f, t0, "key.add", "{\"id\":\"k1\",\"secret\":\"s1\"}"), CONSENSUS_ECONFLICT);
+  assert_int_equal(apply(&f, t0, "key.add",
+                         "{\"id\":\"k2\",\"secret\":\"s2\",\"primary\":false,\"upstream\":\"alt\"}"),
+                   0);
+  assert_null(cJSON_GetObjectItem(la.result, "sealed")); /* metadata only */
+  assert_string_equal(f.st.keys[0].id, "k1");
+  assert_string_equal(f.st.keys[1].id, "k2");
+
+  /* Rotation: new primary, old one retiring until at + grace. */
+  assert_int_equal(apply(&f, t0 + 1000, "key.rotate",
+                         "{\"id\":\"k1\",\"secret\":\"s3\",\"grace_seconds\":60}"),
+                   0);
+  const char *new_id = result_string(&la, "id");
+  assert_non_null(new_id);
+  assert_string_equal(f.st.keys[0].id, new_id);
+  assert_int_equal(f.st.keys[0].state, ZG_KEY_ACTIVE);
+  assert_string_equal(f.st.keys[1].id, "k1");
+  assert_int_equal(f.st.keys[1].state, ZG_KEY_RETIRING);
+  assert_true(f.st.keys[1].retire_at == t0 + 1000 + 60000);
+  assert_int_equal(apply(&f, t0, "key.rotate", "{\"id\":\"k1\",\"secret\":\"x\"}"),
+                   CONSENSUS_EINVALID); /* only an active key rotates */
+  assert_int_equal(apply(&f, t0, "key.rotate", "{\"id\":\"nope\",\"secret\":\"x\"}"),
+                   CONSENSUS_ENOTFOUND);
+  assert_int_equal(apply(&f, t0, "key.invalidate", "{\"id\":\"k2\",\"reason\":\"upstream 401\"}"), 0);
+  assert_string_equal(result_string(&la, "state"), "invalid");
+  assert_int_equal(apply(&f, t0, "key.revoke", "{\"id\":\"k1\"}"), 0);
+  assert_string_equal(result_string(&la, "state"), "revoked");
+  assert_int_equal(apply(&f, t0, "key.revoke", "{\"id\":\"zzz\"}"), CONSENSUS_ENOTFOUND);
+  cJSON *keys = zg_state_keys_json(&f.st, t0 + 91ull * 86400000ull);
+  char *keys_text = cJSON_PrintUnformatted(keys);
+  assert_null(strstr(keys_text, "sealed"));
+  assert_non_null(strstr(keys_text, "\"rotation_due\":true"));
+  free(keys_text);
+  cJSON_Delete(keys);
+
+  /* Tokens. */
+  assert_int_equal(apply(&f, t0, "token.create",
+                         "{\"name\":\"ci\",\"sha256\":\"" HASH_A "\",\"rpm\":5,"
+                         "\"allow\":[\"10.0.0.0/8\"],\"expires_at\":1800000000000}"),
+                   0);
+  char tok_id[32];
+  snprintf(tok_id, sizeof tok_id, "%s", result_string(&la, "id"));
+  assert_string_equal(result_string(&la, "sha256_prefix"), "aaaaaaaa");
+  assert_null(cJSON_GetObjectItem(la.result, "sha256"));
+  const struct zg_token *t = zg_state_token_find(&f.st, HASH_A);
+  assert_non_null(t);
+  assert_int_equal(t->rpm, 5);
+  assert_int_equal(t->n_allow, 1);
+  assert_string_equal(t->allow[0], "10.0.0.0/8");
+  assert_int_equal(apply(&f, t0, "token.create", "{\"name\":\"dup\",\"sha256\":\"" HASH_A "\"}"),
+                   CONSENSUS_ECONFLICT);
+  char args[128];
+  snprintf(args, sizeof args, "{\"id\":\"%s\"}", tok_id);
+  assert_int_equal(apply(&f, t0, "token.revoke", args), 0);
+  assert_null(zg_state_token_find(&f.st, HASH_A));
+  assert_int_equal(apply(&f, t0, "token.revoke", args), CONSENSUS_ENOTFOUND);
+
+  /* Audit: one record per successful write, same `at` the leader chose. */
+  assert_int_equal(apply(&f, t0 + 5, "audit.note", "{\"what\":\"maintenance\"}"), 0);
+  cJSON *audit = zg_state_audit_json(&f.st, 1);
+  assert_int_equal(cJSON_GetArraySize(audit), 1);
+  cJSON *rec = cJSON_GetArrayItem(audit, 0);
+  assert_string_equal(cJSON_GetObjectItem(rec, "action")->valuestring, "audit.note");
+  assert_string_equal(cJSON_GetObjectItem(rec, "detail")->valuestring, "maintenance");
+  assert_string_equal(cJSON_GetObjectItem(rec, "actor")->valuestring, "admin");
+  assert_true((uint64_t)cJSON_GetObjectItem(rec, "at")->valuedouble == t0 + 5);
+  cJSON_Delete(audit);
+  audit = zg_state_audit_json(&f.st, 0);
+  assert_int_equal(cJSON_GetArraySize(audit), 10); /* the successful writes above */
+  char *audit_text = cJSON_PrintUnformatted(audit);
+  assert_null(strstr(audit_text, "s1"));
+  free(audit_text);
+  cJSON_Delete(audit);
+
+  /* An entry nobody can decode is counted, not fatal. */
+  uint8_t junk[16] = "ZGCM\x09";
+  assert_int_equal(zg_fsm_apply_buf(&f, junk, sizeof junk), CONSENSUS_EINVALID);
+  assert_int_equal(f.n_rejected_entries, 1);
+
+  cJSON_Delete(la.result);
+  zg_fsm_close(&f);
+}
+
+static void test_audit_bounded(void **state) {
+  (void)state;
+  struct zg_fsm f;
+  struct last_apply la;
+  fsm_setup(&f, &la, 5);
+  for (int i = 0; i < 12; i++) assert_int_equal(apply(&f, 1000 + i, "audit.note", "{\"what\":\"n\"}"), 0);
+  cJSON *audit = zg_state_audit_json(&f.st, 0);
+  assert_int_equal(cJSON_GetArraySize(audit), 5);
+  assert_int_equal(cJSON_GetObjectItem(cJSON_GetArrayItem(audit, 0), "seq")->valueint, 8);
+  assert_int_equal(cJSON_GetObjectItem(cJSON_GetArrayItem(audit, 4), "seq")->valueint, 12);
+  cJSON_Delete(audit);
+  cJSON_Delete(la.result);
+  zg_fsm_close(&f);
+}
+
+static void test_snapshot_round_trip(void **state) {
+  (void)state;
+  struct zg_fsm a, b;
+  struct last_apply la, lb;
+  fsm_setup(&a, &la, 50);
+  fsm_setup(&b, &lb, 50);
+  assert_int_equal(apply(&a, 10, "config.put", "{\"config\":{\"endpoint\":\"https://x\"}}"), 0);
+  assert_int_equal(apply(&a, 11, "key.add", "{\"id\":\"k1\",\"secret\":\"sk-TOPSECRET-1\"}"), 0);
+  assert_int_equal(apply(&a, 12, "key.rotate", "{\"id\":\"k1\",\"secret\":\"sk-TOPSECRET-2\"}"), 0);
+  assert_int_equal(apply(&a, 13, "key.invalidate", "{\"id\":\"k1\",\"reason\":\"401\"}"), 0);
+  assert_int_equal(apply(&a, 14, "token.create",
+                         "{\"name\":\"t\",\"sha256\":\"" HASH_B "\",\"allow\":[\"::1/128\"]}"),
+                   0);
+  char *snap1, *snap2;
+  size_t len1, len2;
+  assert_int_equal(zg_fsm_snapshot_bytes(&a, &snap1, &len1), 0);
+  assert_null(memmem(snap1, len1, "TOPSECRET", 9));
+  char err[256];
+  assert_int_equal(zg_fsm_restore_bytes(&b, snap1, len1, err, sizeof err), 0);
+  assert_int_equal(zg_fsm_snapshot_bytes(&b, &snap2, &len2), 0);
+  assert_int_equal(len1, len2);
+  assert_memory_equal(snap1, snap2, len1);
+  assert_int_equal(b.st.config_version, 1);
+  assert_non_null(zg_state_token_find(&b.st, HASH_B));
+  assert_int_equal(b.st.n_keys, 2);
+  char *plain = NULL;
+  assert_int_equal(zg_unseal(key, "provider-key", b.st.keys[0].sealed, &plain, NULL, err, sizeof err), 0);
+  assert_string_equal(plain, "sk-TOPSECRET-2");
+  zg_secret_free(plain);
+  /* Writes continue identically on both after the restore. */
+  assert_int_equal(apply(&a, 20, "audit.note", "{\"what\":\"after\"}"), 0);
+  assert_int_equal(apply(&b, 20, "audit.note", "{\"what\":\"after\"}"), 0);
+  free(snap2);
+  assert_int_equal(zg_fsm_snapshot_bytes(&b, &snap2, &len2), 0);
+  free(snap1);
+  assert_int_equal(zg_fsm_snapshot_bytes(&a, &snap1, &len1), 0);
+  assert_int_equal(len1, len2);
+  assert_memory_equal(snap1, snap2, len1);
+
+  /* Corrupt snapshots are refused and leave the state as it was. */
+  char *bad = malloc(len1);
+  memcpy(bad, snap1, len1);
+  bad[4] = 9;
+  assert_int_equal(zg_fsm_restore_bytes(&b, bad, len1, err, sizeof err), -1);
+  assert_non_null(strstr(err, "version"));
+  assert_int_equal(zg_fsm_restore_bytes(&b, snap1, len1 - 1, err, sizeof err), -1);
+  memcpy(bad, snap1, len1);
+  char *kpos = memmem(bad, len1, "\"state\":\"", 9);
+  assert_non_null(kpos);
+  memcpy(kpos + 9, "bogus", 5);
+  assert_int_equal(zg_fsm_restore_bytes(&b, bad, len1, err, sizeof err), -1);
+  assert_non_null(strstr(err, "keys[0]"));
+  free(bad);
+  assert_int_equal(b.st.n_keys, 2);
+  assert_int_equal(b.st.config_version, 1);
+
+  free(snap1);
+  free(snap2);
+  cJSON_Delete(la.result);
+  cJSON_Delete(lb.result);
+  zg_fsm_close(&a);
+  zg_fsm_close(&b);
+}
+
+static void test_seed_once(void **state) {
+  (void)state;
+  struct zg_fsm f;
+  struct last_apply la;
+  fsm_setup(&f, &la, 50);
+  const char *seed = "{\"config\":{\"endpoint\":\"https://seed\"},\"tokens\":[{\"name\":\"bootstrap\","
+                     "\"sha256\":\"" HASH_A "\"}]}";
+  assert_int_equal(apply(&f, 1, "cluster.seed", seed), 0);
+  assert_int_equal(f.st.config_version, 1);
+  assert_non_null(zg_state_token_find(&f.st, HASH_A));
+  /* A second seed (another node's first leadership) changes nothing. */
+  assert_int_equal(apply(&f, 2, "cluster.seed", "{\"config\":{\"endpoint\":\"https://other\"},\"tokens\":[]}"), 0);
+  assert_string_equal(cJSON_GetObjectItem(f.st.config, "endpoint")->valuestring, "https://seed");
+  assert_int_equal(f.st.config_version, 1);
+  /* The public write API cannot submit a seed. */
+  assert_int_equal(zgc_type_from_name("cluster.seed"), 0);
+  cJSON_Delete(la.result);
+  zg_fsm_close(&f);
+}
+
+int main(void) {
+  zg_log_set_level(ZG_ERROR + 1);
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_writes),
+      cmocka_unit_test(test_audit_bounded),
+      cmocka_unit_test(test_snapshot_round_trip),
+      cmocka_unit_test(test_seed_once),
+  };
+  return cmocka_run_group_tests(tests, NULL, NULL);
+}
