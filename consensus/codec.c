@@ -14,10 +14,10 @@
 #include "consensus/internal.h"
 
 static const char *const type_names[ZGC_TYPE_END] = {
-    [ZGC_CONFIG_PUT] = "config.put",     [ZGC_KEY_ADD] = "key.add",
-    [ZGC_KEY_ROTATE] = "key.rotate",     [ZGC_KEY_REVOKE] = "key.revoke",
+    [ZGC_CONFIG_PUT] = "config.put",         [ZGC_KEY_ADD] = "key.add",
+    [ZGC_KEY_ROTATE] = "key.rotate",         [ZGC_KEY_REVOKE] = "key.revoke",
     [ZGC_KEY_INVALIDATE] = "key.invalidate", [ZGC_TOKEN_CREATE] = "token.create",
-    [ZGC_TOKEN_REVOKE] = "token.revoke", [ZGC_AUDIT_NOTE] = "audit.note",
+    [ZGC_TOKEN_REVOKE] = "token.revoke",     [ZGC_AUDIT_NOTE] = "audit.note",
     [ZGC_CLUSTER_SEED] = "cluster.seed",
 };
 
@@ -113,8 +113,8 @@ int zgc_decode(const void *data, size_t len, struct zgc_command *out, char *err,
     return -1;
   }
   if (p[4] != ZGC_FORMAT_VERSION) {
-    snprintf(err, errlen, "command format version %u is not supported (this build reads %d)",
-             p[4], ZGC_FORMAT_VERSION);
+    snprintf(err, errlen, "command format version %u is not supported (this build reads %d)", p[4],
+             ZGC_FORMAT_VERSION);
     return -1;
   }
   int type = p[5];
@@ -141,8 +141,8 @@ int zgc_decode(const void *data, size_t len, struct zgc_command *out, char *err,
     snprintf(err, errlen, "command payload is not valid JSON");
     return -1;
   }
-  while (end != NULL && end < text + plen && (*end == ' ' || *end == '\n' || *end == '\t' ||
-                                              *end == '\r'))
+  while (end != NULL && end < text + plen &&
+         (*end == ' ' || *end == '\n' || *end == '\t' || *end == '\r'))
     end++;
   if (end != text + plen || !cJSON_IsObject(payload)) {
     cJSON_Delete(payload);

@@ -46,16 +46,16 @@ struct consensus_member {
 };
 
 enum consensus_event {
-  CONSENSUS_EV_LEADER_CHANGED,  /* raft leader, term or fenced-leader state changed */
-  CONSENSUS_EV_STATE_APPLIED,   /* fsm changed: config/keys/tokens */
-  CONSENSUS_EV_CONFIG_CHANGED,  /* replicated gateway config has a new version */
-  CONSENSUS_EV_KEYS_CHANGED,    /* provider keys changed */
-  CONSENSUS_EV_DISK_ERROR,      /* raft reported an I/O error / became unavailable */
+  CONSENSUS_EV_LEADER_CHANGED, /* raft leader, term or fenced-leader state changed */
+  CONSENSUS_EV_STATE_APPLIED,  /* fsm changed: config/keys/tokens */
+  CONSENSUS_EV_CONFIG_CHANGED, /* replicated gateway config has a new version */
+  CONSENSUS_EV_KEYS_CHANGED,   /* provider keys changed */
+  CONSENSUS_EV_DISK_ERROR,     /* raft reported an I/O error / became unavailable */
 };
 
 struct consensus_options {
-  const struct consensus_member *self; /* self->raft_address = the address others use for us */
-  const char *raft_listen;             /* bind address, e.g. 0.0.0.0:18791 (NULL: raft_address) */
+  const struct consensus_member *self;  /* self->raft_address = the address others use for us */
+  const char *raft_listen;              /* bind address, e.g. 0.0.0.0:18791 (NULL: raft_address) */
   const struct consensus_member *peers; /* every OTHER member */
   size_t n_peers;
   const char *data_dir;       /* created 0700 if missing; raft files live in data_dir/raft */
@@ -66,7 +66,8 @@ struct consensus_options {
   unsigned audit_max;                             /* bounded audit trail, default 1000 records */
   const cJSON *seed_config; /* replicated gateway config seeded when a new cluster is bootstrapped
                                (borrowed; copied during consensus_start) */
-  const cJSON *seed_tokens; /* array of {"name","sha256"}, seeded at bootstrap (borrowed, may be NULL) */
+  const cJSON
+      *seed_tokens; /* array of {"name","sha256"}, seeded at bootstrap (borrowed, may be NULL) */
   void (*on_event)(void *ud, enum consensus_event ev); /* may be NULL */
   void *ud;
   /* Added: milliseconds a restarted node (non-empty data dir) stays off the
@@ -131,8 +132,8 @@ size_t consensus_usable_keys(const struct consensus *c, const char *upstream,
                              struct consensus_key_use *out, size_t max);
 
 /* Caller frees the returned cJSON (cJSON_Delete). Never contain secrets. */
-cJSON *consensus_keys_json(const struct consensus *c);  /* id, upstream, state, created_at,
-                                   rotate_after_days, age_days, retire_at, rotation_due */
+cJSON *consensus_keys_json(const struct consensus *c);   /* id, upstream, state, created_at,
+                                    rotate_after_days, age_days, retire_at, rotation_due */
 cJSON *consensus_tokens_json(const struct consensus *c); /* id, name, created_at, expires_at, rpm,
                                                             allow, sha256_prefix (8 chars) */
 cJSON *consensus_audit_json(const struct consensus *c, size_t limit); /* newest last; 0 = all */

@@ -116,8 +116,10 @@ static cJSON *key_to_json(const struct zg_key *k, bool with_sealed, uint64_t now
   cJSON_AddStringToObject(o, "state", key_state_names[k->state]);
   cJSON_AddNumberToObject(o, "created_at", (double)k->created_at);
   cJSON_AddNumberToObject(o, "rotate_after_days", k->rotate_after_days);
-  if (k->retire_at) cJSON_AddNumberToObject(o, "retire_at", (double)k->retire_at);
-  else cJSON_AddNullToObject(o, "retire_at");
+  if (k->retire_at)
+    cJSON_AddNumberToObject(o, "retire_at", (double)k->retire_at);
+  else
+    cJSON_AddNullToObject(o, "retire_at");
   if (k->reason) cJSON_AddStringToObject(o, "reason", k->reason);
   if (with_sealed) {
     cJSON_AddStringToObject(o, "sealed", k->sealed);
@@ -126,6 +128,9 @@ static cJSON *key_to_json(const struct zg_key *k, bool with_sealed, uint64_t now
     cJSON_AddNumberToObject(o, "age_days", (double)age_days);
     cJSON_AddBoolToObject(o, "rotation_due",
                           k->state == ZG_KEY_ACTIVE && age_days >= k->rotate_after_days);
+    cJSON_AddBoolToObject(o, "usable",
+                          k->state == ZG_KEY_ACTIVE ||
+                              (k->state == ZG_KEY_RETIRING && k->retire_at > now_ms));
   }
   return o;
 }
@@ -143,8 +148,10 @@ static cJSON *token_to_json(const struct zg_token *t, bool with_hash) {
     cJSON_AddStringToObject(o, "sha256_prefix", prefix);
   }
   cJSON_AddNumberToObject(o, "created_at", (double)t->created_at);
-  if (t->expires_at) cJSON_AddNumberToObject(o, "expires_at", (double)t->expires_at);
-  else cJSON_AddNullToObject(o, "expires_at");
+  if (t->expires_at)
+    cJSON_AddNumberToObject(o, "expires_at", (double)t->expires_at);
+  else
+    cJSON_AddNullToObject(o, "expires_at");
   cJSON_AddNumberToObject(o, "rpm", t->rpm);
   cJSON *allow = cJSON_AddArrayToObject(o, "allow");
   for (size_t i = 0; allow && i < t->n_allow; i++)
@@ -189,9 +196,12 @@ bool zg_cidr_valid(const char *cidr) {
   addr[alen] = '\0';
   unsigned char bin[16];
   int max_prefix;
-  if (inet_pton(AF_INET, addr, bin) == 1) max_prefix = 32;
-  else if (inet_pton(AF_INET6, addr, bin) == 1) max_prefix = 128;
-  else return false;
+  if (inet_pton(AF_INET, addr, bin) == 1)
+    max_prefix = 32;
+  else if (inet_pton(AF_INET6, addr, bin) == 1)
+    max_prefix = 128;
+  else
+    return false;
   if (slash == NULL) return true;
   const char *p = slash + 1;
   if (*p == '\0' || strlen(p) > 3) return false;
@@ -272,7 +282,8 @@ static int check_known_fields(const cJSON *args, const char *const *known, char 
   const cJSON *item;
   cJSON_ArrayForEach(item, args) {
     bool ok = false;
-    for (const char *const *k = known; *k && !ok; k++) ok = item->string && !strcmp(item->string, *k);
+    for (const char *const *k = known; *k && !ok; k++)
+      ok = item->string && !strcmp(item->string, *k);
     if (!ok) {
       snprintf(err, errlen, "unknown field '%.64s'", item->string ? item->string : "?");
       return -1;
@@ -371,7 +382,7 @@ cJSON *zg_prepare_args(int type, cJSON *args, const uint8_t master_key[32], char
     return args;
   }
   case ZGC_KEY_ADD: {
-    static const char *const known[] = {"id", "upstream", "secret", "rotate_after_days",
+    static const char *const known[] = {"id",      "upstream", "secret", "rotate_after_days",
                                         "primary", NULL};
     if (check_known_fields(args, known, err, errlen)) goto fail;
     if (arg_string(args, "id", false, MAX_ID_LEN, &s, err, errlen)) goto fail;
@@ -488,8 +499,8 @@ int zg_build_entry(const char *type, cJSON *args, const char *actor, const char 
   }
   cJSON *prepared = zg_prepare_args(t, args, master_key, err, errlen);
   if (prepared == NULL) return CONSENSUS_EINVALID;
-  struct zgc_command cmd = {.type = t, .at = at, .actor = (char *)actor,
-                            .source = (char *)source, .args = prepared};
+  struct zgc_command cmd = {
+      .type = t, .at = at, .actor = (char *)actor, .source = (char *)source, .args = prepared};
   snprintf(cmd.req_id, sizeof cmd.req_id, "%s", req_id ? req_id : "");
   int rv = zgc_encode(&cmd, out, err, errlen);
   cJSON_Delete(prepared);
@@ -684,15 +695,15 @@ static int apply_command(struct zg_fsm *f, const struct zgc_command *cmd, struct
     o->result = cJSON_CreateObject();
     cJSON_AddNumberToObject(o->result, "version", (double)st->config_version);
     o->target = "config";
-    snprintf(o->detail, sizeof o->detail, "version %llu",
-             (unsigned long long)st->config_version);
+    snprintf(o->detail, sizeof o->detail, "version %llu", (unsigned long long)st->config_version);
     o->changed = ZG_CHANGED_CONFIG;
     return 0;
   }
   case ZGC_KEY_ADD: {
     bool primary = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(args, "primary"));
     if (apply_key_add(st, args, "id", NULL, 0, cmd->at, primary, o)) return o->status;
-    const struct zg_key *k = key_find(st, cJSON_GetObjectItemCaseSensitive(args, "id")->valuestring);
+    const struct zg_key *k =
+        key_find(st, cJSON_GetObjectItemCaseSensitive(args, "id")->valuestring);
     o->result = key_to_json(k, false, cmd->at);
     o->target = k->id;
     snprintf(o->detail, sizeof o->detail, "upstream %.100s%s", k->upstream,
@@ -764,7 +775,8 @@ static int apply_command(struct zg_fsm *f, const struct zgc_command *cmd, struct
     cJSON_AddStringToObject(o->result, "name", st->tokens[i].name);
     snprintf(o->detail, sizeof o->detail, "name %.100s", st->tokens[i].name);
     token_free(&st->tokens[i]);
-    memmove(&st->tokens[i], &st->tokens[i + 1], (st->n_tokens - (size_t)i - 1) * sizeof *st->tokens);
+    memmove(&st->tokens[i], &st->tokens[i + 1],
+            (st->n_tokens - (size_t)i - 1) * sizeof *st->tokens);
     st->n_tokens--;
     o->target = cJSON_GetObjectItemCaseSensitive(o->result, "id")->valuestring;
     o->changed = ZG_CHANGED_TOKENS;
@@ -797,8 +809,10 @@ static int apply_command(struct zg_fsm *f, const struct zgc_command *cmd, struct
     int n = 0;
     cJSON_ArrayForEach(t, cJSON_GetObjectItemCaseSensitive(args, "tokens")) {
       struct apply_out tok = {0};
-      if (apply_token_create(st, t, cmd->at, &tok) == 0) n++;
-      else ZG_LOG_WARN("consensus_seed_token_skipped", "seed token skipped: %s", tok.errmsg);
+      if (apply_token_create(st, t, cmd->at, &tok) == 0)
+        n++;
+      else
+        ZG_LOG_WARN("consensus_seed_token_skipped", "seed token skipped: %s", tok.errmsg);
       cJSON_Delete(tok.result);
     }
     if (n) o->changed |= ZG_CHANGED_TOKENS;
@@ -813,7 +827,8 @@ static int apply_command(struct zg_fsm *f, const struct zgc_command *cmd, struct
   }
 }
 
-static void audit_append(struct zg_fsm *f, const struct zgc_command *cmd, const struct apply_out *o) {
+static void audit_append(struct zg_fsm *f, const struct zgc_command *cmd,
+                         const struct apply_out *o) {
   cJSON *rec = cJSON_CreateObject();
   if (rec == NULL) return;
   f->st.audit_seq++;
@@ -900,8 +915,7 @@ int zg_fsm_snapshot_bytes(const struct zg_fsm *f, char **out, size_t *out_len) {
   return 0;
 }
 
-int zg_fsm_restore_bytes(struct zg_fsm *f, const void *data, size_t len, char *err,
-                         size_t errlen) {
+int zg_fsm_restore_bytes(struct zg_fsm *f, const void *data, size_t len, char *err, size_t errlen) {
   const uint8_t *p = data;
   if (data == NULL || len < SNAP_HEADER_LEN || memcmp(p, SNAP_MAGIC, 4) != 0) {
     snprintf(err, errlen, "snapshot: missing or bad header");
@@ -920,7 +934,8 @@ int zg_fsm_restore_bytes(struct zg_fsm *f, const void *data, size_t len, char *e
     return -1;
   }
   const char *end = NULL;
-  cJSON *doc = cJSON_ParseWithLengthOpts((const char *)p + SNAP_HEADER_LEN, (size_t)jlen, &end, false);
+  cJSON *doc =
+      cJSON_ParseWithLengthOpts((const char *)p + SNAP_HEADER_LEN, (size_t)jlen, &end, false);
   if (doc == NULL || !cJSON_IsObject(doc)) {
     cJSON_Delete(doc);
     snprintf(err, errlen, "snapshot: body is not a JSON object");
@@ -966,7 +981,8 @@ int zg_fsm_restore_bytes(struct zg_fsm *f, const void *data, size_t len, char *e
   cJSON_ArrayForEach(item, keys) {
     struct zg_key k;
     if (!cJSON_IsObject(item) || parse_key(item, &k, inner, sizeof inner)) {
-      snprintf(err, errlen, "snapshot: keys[%d]: %s", i, cJSON_IsObject(item) ? inner : "not an object");
+      snprintf(err, errlen, "snapshot: keys[%d]: %s", i,
+               cJSON_IsObject(item) ? inner : "not an object");
       goto done;
     }
     if (key_find(&st, k.id) != NULL || key_insert(&st, &k, false)) {
@@ -1050,9 +1066,9 @@ static int fsm_restore(struct raft_fsm *fsm, struct raft_buffer *buf) {
   }
   raft_free(buf->base); /* on success the FSM owns the buffer */
   ZG_LOG_INFO("consensus_snapshot_restored", "state restored from a %zu byte snapshot", buf->len);
-  if (f->on_applied) f->on_applied(f->ud, NULL, 0, "", NULL,
-                                   ZG_CHANGED_CONFIG | ZG_CHANGED_KEYS | ZG_CHANGED_TOKENS |
-                                       ZG_CHANGED_AUDIT);
+  if (f->on_applied)
+    f->on_applied(f->ud, NULL, 0, "", NULL,
+                  ZG_CHANGED_CONFIG | ZG_CHANGED_KEYS | ZG_CHANGED_TOKENS | ZG_CHANGED_AUDIT);
   return 0;
 }
 

@@ -43,7 +43,7 @@ struct zgc_command {
   cJSON *args; /* object */
 };
 
-const char *zgc_type_name(int type);     /* "config.put", ... or NULL */
+const char *zgc_type_name(int type);      /* "config.put", ... or NULL */
 int zgc_type_from_name(const char *name); /* 0 if unknown (cluster.seed is not public) */
 /* Encodes into a raft_malloc'd buffer (ownership to the caller / raft_apply). */
 int zgc_encode(const struct zgc_command *cmd, struct raft_buffer *out, char *err, size_t errlen);

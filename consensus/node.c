@@ -86,16 +86,26 @@ struct consensus {
 
 const char *consensus_strerror(int status) {
   switch (status) {
-  case CONSENSUS_OK: return "ok";
-  case CONSENSUS_ENOTLEADER: return "not the leader";
-  case CONSENSUS_ECONFLICT: return "version conflict";
-  case CONSENSUS_ENOTFOUND: return "not found";
-  case CONSENSUS_EINVALID: return "invalid argument";
-  case CONSENSUS_ESHUTDOWN: return "shutting down";
-  case CONSENSUS_EIO: return "raft or disk error";
-  case CONSENSUS_ENOMEM: return "out of memory";
-  case CONSENSUS_EBUSY: return "busy";
-  default: return "unknown error";
+  case CONSENSUS_OK:
+    return "ok";
+  case CONSENSUS_ENOTLEADER:
+    return "not the leader";
+  case CONSENSUS_ECONFLICT:
+    return "version conflict";
+  case CONSENSUS_ENOTFOUND:
+    return "not found";
+  case CONSENSUS_EINVALID:
+    return "invalid argument";
+  case CONSENSUS_ESHUTDOWN:
+    return "shutting down";
+  case CONSENSUS_EIO:
+    return "raft or disk error";
+  case CONSENSUS_ENOMEM:
+    return "out of memory";
+  case CONSENSUS_EBUSY:
+    return "busy";
+  default:
+    return "unknown error";
   }
 }
 
@@ -133,14 +143,13 @@ static int member_copy(struct member_rec *dst, const struct consensus_member *sr
   dst->raft_address = strdup(src->raft_address);
   dst->admin_address = dup_or_null(src->admin_address);
   dst->gateway_address = dup_or_null(src->gateway_address);
-  if (!dst->id || !dst->zone || !dst->raft_address ||
-      (src->admin_address && !dst->admin_address) ||
+  if (!dst->id || !dst->zone || !dst->raft_address || (src->admin_address && !dst->admin_address) ||
       (src->gateway_address && !dst->gateway_address)) {
     member_free(dst);
     return -1;
   }
-  dst->pub = (struct consensus_member){dst->id, dst->zone, src->role, dst->raft_address,
-                                       dst->admin_address, dst->gateway_address};
+  dst->pub = (struct consensus_member){dst->id,           dst->zone,          src->role,
+                                       dst->raft_address, dst->admin_address, dst->gateway_address};
   dst->raft_id = consensus_raft_id(src->id);
   return 0;
 }
@@ -247,27 +256,37 @@ static int keycheck(struct consensus *c, char *errmsg, size_t errlen) {
 
 static int map_raft_status(int rv) {
   switch (rv) {
-  case 0: return 0;
+  case 0:
+    return 0;
   case RAFT_NOTLEADER:
-  case RAFT_LEADERSHIPLOST: return CONSENSUS_ENOTLEADER;
+  case RAFT_LEADERSHIPLOST:
+    return CONSENSUS_ENOTLEADER;
   case RAFT_SHUTDOWN:
-  case RAFT_CANCELED: return CONSENSUS_ESHUTDOWN;
-  case RAFT_NOMEM: return CONSENSUS_ENOMEM;
+  case RAFT_CANCELED:
+    return CONSENSUS_ESHUTDOWN;
+  case RAFT_NOMEM:
+    return CONSENSUS_ENOMEM;
   case RAFT_BUSY:
-  case RAFT_CANTCHANGE: return CONSENSUS_EBUSY;
+  case RAFT_CANTCHANGE:
+    return CONSENSUS_EBUSY;
   case RAFT_BADID:
   case RAFT_DUPLICATEID:
   case RAFT_DUPLICATEADDRESS:
   case RAFT_BADROLE:
-  case RAFT_INVALID: return CONSENSUS_EINVALID;
-  case RAFT_NOTFOUND: return CONSENSUS_ENOTFOUND;
-  default: return CONSENSUS_EIO;
+  case RAFT_INVALID:
+    return CONSENSUS_EINVALID;
+  case RAFT_NOTFOUND:
+    return CONSENSUS_ENOTFOUND;
+  default:
+    return CONSENSUS_EIO;
   }
 }
 
 static void pending_unlink(struct consensus *c, struct pending_write *pw) {
-  if (pw->prev) pw->prev->next = pw->next;
-  else if (c->pending == pw) c->pending = pw->next;
+  if (pw->prev)
+    pw->prev->next = pw->next;
+  else if (c->pending == pw)
+    c->pending = pw->next;
   if (pw->next) pw->next->prev = pw->prev;
   pw->next = pw->prev = NULL;
 }
@@ -401,10 +420,10 @@ static void maybe_seed(struct consensus *c) {
   if (c->fsm.st.seeded || c->seed_inflight || !consensus_is_leader(c)) return;
   cJSON *args = cJSON_CreateObject();
   if (args == NULL) return;
-  cJSON_AddItemToObject(args, "config", c->seed_config ? cJSON_Duplicate(c->seed_config, true)
-                                                       : cJSON_CreateNull());
-  cJSON_AddItemToObject(args, "tokens", c->seed_tokens ? cJSON_Duplicate(c->seed_tokens, true)
-                                                       : cJSON_CreateArray());
+  cJSON_AddItemToObject(
+      args, "config", c->seed_config ? cJSON_Duplicate(c->seed_config, true) : cJSON_CreateNull());
+  cJSON_AddItemToObject(
+      args, "tokens", c->seed_tokens ? cJSON_Duplicate(c->seed_tokens, true) : cJSON_CreateArray());
   c->seed_inflight = true;
   if (submit(c, "cluster.seed", args, "bootstrap", "local", seed_done, c) != 0)
     c->seed_inflight = false;
@@ -427,6 +446,9 @@ static void election_barrier_cb(struct raft_barrier *req, int status) {
   if (status != 0) {
     ZG_LOG_WARN("consensus_barrier_failed", "post-election barrier of term %llu failed: %s",
                 (unsigned long long)term, raft_strerror(status));
+    /* Still leader of that term: let the next loop turn submit another. */
+    if (raft_state(&c->raft) == RAFT_LEADER && raft_current_term(&c->raft) == term)
+      c->barrier_submitted_term = 0;
     return;
   }
   if (raft_state(&c->raft) == RAFT_LEADER && raft_current_term(&c->raft) == term) {
@@ -453,10 +475,14 @@ static void submit_election_barrier(struct consensus *c, raft_term term) {
 
 static const char *state_name(unsigned state) {
   switch (state) {
-  case RAFT_FOLLOWER: return "follower";
-  case RAFT_CANDIDATE: return "candidate";
-  case RAFT_LEADER: return "leader";
-  default: return "unavailable";
+  case RAFT_FOLLOWER:
+    return "follower";
+  case RAFT_CANDIDATE:
+    return "candidate";
+  case RAFT_LEADER:
+    return "leader";
+  default:
+    return "unavailable";
   }
 }
 
@@ -668,8 +694,8 @@ int consensus_start(uv_loop_t *loop, const struct consensus_options *opts, struc
   c->seed_config = opts->seed_config ? cJSON_Duplicate(opts->seed_config, true) : NULL;
   c->seed_tokens = opts->seed_tokens ? cJSON_Duplicate(opts->seed_tokens, true) : NULL;
 
-  if (ensure_dir(c->data_dir, errmsg, errlen) != 0 || ensure_dir(c->raft_dir, errmsg, errlen) != 0 ||
-      keycheck(c, errmsg, errlen) != 0) {
+  if (ensure_dir(c->data_dir, errmsg, errlen) != 0 ||
+      ensure_dir(c->raft_dir, errmsg, errlen) != 0 || keycheck(c, errmsg, errlen) != 0) {
     free_consensus(c);
     return CONSENSUS_EIO;
   }
@@ -691,8 +717,7 @@ int consensus_start(uv_loop_t *loop, const struct consensus_options *opts, struc
   unsigned election = opts->election_timeout_ms ? opts->election_timeout_ms : 1000;
   unsigned heartbeat = opts->heartbeat_ms ? opts->heartbeat_ms : 100;
   raft_uv_set_connect_retry_delay(&c->io, election / 4 > 50 ? election / 4 : 50);
-  rv = raft_init(&c->raft, &c->io, &c->fsm.raft, c->members[0].raft_id,
-                 c->members[0].raft_address);
+  rv = raft_init(&c->raft, &c->io, &c->fsm.raft, c->members[0].raft_id, c->members[0].raft_address);
   if (rv != 0) {
     snprintf(errmsg, errlen, "raft_init(%s): %s", c->raft_dir, raft_errmsg(&c->raft));
     goto fail;
@@ -864,8 +889,10 @@ uint64_t consensus_last_log_index(const struct consensus *c) {
 }
 
 static void add_opt_string(cJSON *o, const char *name, const char *value) {
-  if (value) cJSON_AddStringToObject(o, name, value);
-  else cJSON_AddNullToObject(o, name);
+  if (value)
+    cJSON_AddStringToObject(o, name, value);
+  else
+    cJSON_AddNullToObject(o, name);
 }
 
 cJSON *consensus_status_json(const struct consensus *c) {
@@ -1025,8 +1052,10 @@ static void change_cb(struct raft_change *req, int status) {
     if (rv == 0) return;
     status = rv;
   }
-  if (status != 0) snprintf(msg, sizeof msg, "membership change: %s", raft_strerror(status));
-  else snprintf(msg, sizeof msg, "ok");
+  if (status != 0)
+    snprintf(msg, sizeof msg, "membership change: %s", raft_strerror(status));
+  else
+    snprintf(msg, sizeof msg, "ok");
   ZG_LOG_INFO("raft_membership_changed", "%s", msg);
   if (ch->cb) ch->cb(ch->ud, map_raft_status(status), msg);
   free(ch);

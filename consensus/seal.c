@@ -115,7 +115,8 @@ int zg_unseal(const uint8_t key[32], const char *purpose, const char *b64, char 
       EVP_DecryptUpdate(ctx, (uint8_t *)plain, &n, ct, (int)ct_len) != 1 ||
       EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_TAG, SEAL_TAG_LEN, ct + ct_len) != 1 ||
       EVP_DecryptFinal_ex(ctx, (uint8_t *)plain + n, &final_len) != 1) {
-    snprintf(err, errlen, "zg_unseal(): authentication failed (wrong master key or tampered value)");
+    snprintf(err, errlen,
+             "zg_unseal(): authentication failed (wrong master key or tampered value)");
     goto done;
   }
   plain[ct_len] = '\0';

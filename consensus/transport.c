@@ -25,6 +25,8 @@
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
 
+#include <cjson/cJSON.h>
+
 #include "base/base.h"
 #include "consensus/internal.h"
 
@@ -132,8 +134,10 @@ static void compute_mac(const struct zgt *tr, const char *label, const uint8_t *
 static void hs_release(struct handshake *hs) {
   if (hs->tcp_open || hs->timer_open || hs->gai_pending) return;
   struct zgt *tr = hs->tr;
-  if (hs->prev) hs->prev->next = hs->next;
-  else tr->handshakes = hs->next;
+  if (hs->prev)
+    hs->prev->next = hs->next;
+  else
+    tr->handshakes = hs->next;
   if (hs->next) hs->next->prev = hs->prev;
   if (!hs->outbound) tr->n_inbound--;
   free(hs);
@@ -161,16 +165,58 @@ static void hs_close_handles(struct handshake *hs, bool close_tcp) {
     uv_close((uv_handle_t *)hs->tcp, hs_tcp_close_cb);
 }
 
+/* Logs WARN peer_auth_failed with the peer's IP, at most once per peer IP
+ * and direction every AUTH_LOG_INTERVAL_MS (a misconfigured node retries
+ * several times a second); the next line says how many were suppressed. */
+#define AUTH_LOG_INTERVAL_MS 10000
+#define AUTH_LOG_SLOTS 16
+static void log_auth_failure(struct handshake *hs, const char *why) {
+  static struct {
+    char key[72];
+    uint64_t last_ms;
+    unsigned suppressed;
+  } slots[AUTH_LOG_SLOTS];
+  char key[72];
+  snprintf(key, sizeof key, "%c%.63s", hs->outbound ? 'o' : 'i', hs->peer_ip);
+  uint64_t now = zg_mono_ms();
+  size_t slot = 0;
+  for (size_t i = 0; i < AUTH_LOG_SLOTS; i++) {
+    if (strcmp(slots[i].key, key) == 0) {
+      slot = i;
+      break;
+    }
+    if (slots[i].last_ms < slots[slot].last_ms) slot = i; /* else reuse the oldest */
+  }
+  if (strcmp(slots[slot].key, key) == 0 && now - slots[slot].last_ms < AUTH_LOG_INTERVAL_MS) {
+    slots[slot].suppressed++;
+    return;
+  }
+  unsigned suppressed = strcmp(slots[slot].key, key) == 0 ? slots[slot].suppressed : 0;
+  snprintf(slots[slot].key, sizeof slots[slot].key, "%s", key);
+  slots[slot].last_ms = now;
+  slots[slot].suppressed = 0;
+  cJSON *fields = cJSON_CreateObject();
+  if (fields != NULL) {
+    cJSON_AddStringToObject(fields, "peer_ip", hs->peer_ip[0] ? hs->peer_ip : "?");
+    cJSON_AddStringToObject(fields, "direction", hs->outbound ? "outbound" : "inbound");
+    if (hs->peer_address[0]) cJSON_AddStringToObject(fields, "peer_raft_address", hs->peer_address);
+    cJSON_AddStringToObject(fields, "reason", why);
+    cJSON_AddNumberToObject(fields, "suppressed_since_last", suppressed);
+    char msg[200];
+    snprintf(msg, sizeof msg, "raft peer %.63s rejected: %.80s", hs->peer_ip[0] ? hs->peer_ip : "?",
+             why);
+    cJSON_AddStringToObject(fields, "msg", msg);
+  }
+  zg_log_fields(ZG_WARN, "peer_auth_failed", fields);
+}
+
 /* Ends a handshake with an error: closes its handles and, for an outbound
  * one, tells raft the connect failed. */
 static void hs_fail(struct handshake *hs, const char *why) {
   if (hs->finished) return;
   hs->finished = true;
   hs->phase = HS_DONE;
-  if (why != NULL) {
-    ZG_LOG_WARN("peer_auth_failed", "raft peer %s (%s): %s", hs->peer_ip[0] ? hs->peer_ip : "?",
-                hs->outbound ? "outbound" : "inbound", why);
-  }
+  if (why != NULL) log_auth_failure(hs, why);
   if (hs->gai_pending) uv_cancel((uv_req_t *)&hs->gai);
   hs_close_handles(hs, true);
   if (hs->outbound && hs->req != NULL) {
@@ -207,8 +253,8 @@ static void hs_succeed(struct handshake *hs) {
 
 static void hs_timeout_cb(uv_timer_t *timer) {
   struct handshake *hs = timer->data;
-  hs_fail(hs, hs->phase == HS_CONNECTING || hs->phase == HS_RESOLVING ? NULL
-                                                                        : "handshake timed out");
+  hs_fail(hs,
+          hs->phase == HS_CONNECTING || hs->phase == HS_RESOLVING ? NULL : "handshake timed out");
 }
 
 static struct handshake *hs_new(struct zgt *tr, bool outbound) {
@@ -250,8 +296,10 @@ static void hs_write_cb(uv_write_t *w, int status) {
     hs_fail(hs, NULL);
     return;
   }
-  if (!hs->outbound && hs->phase == HS_WRITING_OK && hs->writes_pending == 0) hs_succeed(hs);
-  else if (hs->outbound && hs->ok_received && hs->writes_pending == 0) hs_succeed(hs);
+  if (!hs->outbound && hs->phase == HS_WRITING_OK && hs->writes_pending == 0)
+    hs_succeed(hs);
+  else if (hs->outbound && hs->ok_received && hs->writes_pending == 0)
+    hs_succeed(hs);
 }
 
 static int hs_write(struct handshake *hs, uv_write_t *w, const uint8_t *data, size_t len) {
@@ -492,8 +540,10 @@ static void on_resolved(uv_getaddrinfo_t *gai, int status, struct addrinfo *res)
   hs->gai_pending = false;
   if (hs->finished || status != 0 || res == NULL) {
     if (res) uv_freeaddrinfo(res);
-    if (!hs->finished) hs_fail(hs, NULL);
-    else hs_release(hs);
+    if (!hs->finished)
+      hs_fail(hs, NULL);
+    else
+      hs_release(hs);
     return;
   }
   struct zgt *tr = hs->tr;
@@ -524,8 +574,7 @@ static int tr_connect(struct raft_uv_transport *t, struct raft_uv_connect *req, 
   if (tr->closing) return RAFT_CANCELED;
   char host[ADDR_MAX + 1], port_text[16];
   int port;
-  if (strlen(address) > ADDR_MAX ||
-      zg_split_host_port(address, host, sizeof host, &port) != 0) {
+  if (strlen(address) > ADDR_MAX || zg_split_host_port(address, host, sizeof host, &port) != 0) {
     snprintf(t->errmsg, sizeof t->errmsg, "bad raft address '%.200s' (want host:port)", address);
     return RAFT_INVALID;
   }
@@ -563,7 +612,8 @@ static int tr_init(struct raft_uv_transport *t, raft_id id, const char *address)
   }
   tr->id = id;
   snprintf(tr->address, sizeof tr->address, "%s", address);
-  if (tr->bind_address[0] == '\0') snprintf(tr->bind_address, sizeof tr->bind_address, "%s", address);
+  if (tr->bind_address[0] == '\0')
+    snprintf(tr->bind_address, sizeof tr->bind_address, "%s", address);
   return 0;
 }
 
@@ -597,7 +647,8 @@ static int tr_listen(struct raft_uv_transport *t, raft_uv_accept_cb cb) {
   tr->listener_open = true;
   if ((rv = uv_tcp_bind(&tr->listener, (struct sockaddr *)&ss, 0)) != 0 ||
       (rv = uv_listen((uv_stream_t *)&tr->listener, 64, on_connection)) != 0) {
-    snprintf(t->errmsg, sizeof t->errmsg, "listen on %.200s: %s", tr->bind_address, uv_strerror(rv));
+    snprintf(t->errmsg, sizeof t->errmsg, "listen on %.200s: %s", tr->bind_address,
+             uv_strerror(rv));
     return RAFT_IOERR; /* the handle is closed by tr_close */
   }
   if (tr->quiet_ms > 0) {

@@ -200,9 +200,16 @@ static void on_lease_barrier(void *ud, int status) {
   refresh_role(f);
 }
 
+/* A barrier is a log entry: renew every few heartbeats (a third of the
+ * lease), not every tick, so the lease never lapses under normal latency
+ * while the log grows by a few entries a second only. */
 static void renew_lease(struct failover *f) {
   if (f->barrier_inflight || f->witness || !consensus_is_leader(f->cs)) return;
-  f->barrier_submit_ms = zg_mono_ms();
+  uint64_t now = zg_mono_ms();
+  uint64_t lease_ms = (uint64_t)((double)f->election_timeout_ms * f->lease_ratio);
+  uint64_t interval = lease_ms / 3 > f->heartbeat_ms ? lease_ms / 3 : f->heartbeat_ms;
+  if (lease_valid(f, now) && now - f->barrier_submit_ms < interval) return;
+  f->barrier_submit_ms = now;
   f->barrier_term = consensus_term(f->cs);
   if (consensus_barrier(f->cs, on_lease_barrier, f) == 0) f->barrier_inflight = true;
 }

@@ -99,6 +99,7 @@ struct httpd_server {
 static void conn_close(struct conn *c);
 static void conn_dispatch(struct conn *c);
 static void conn_arm_timer(struct conn *c);
+static void on_timer(uv_timer_t *t);
 static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf);
 static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf);
 static void on_listener_closed(uv_handle_t *h);
@@ -459,7 +460,9 @@ static int on_message_begin(http_parser *p) {
   c->header_value_last = false;
   if (!c->parsing) return -1;
   c->phase = PHASE_REQUEST;
-  conn_arm_timer(c);
+  /* client_timeout runs from the request's first byte; later reads do not
+   * extend it (conn_arm_timer leaves a running request timer alone). */
+  uv_timer_start(&c->timer, on_timer, c->srv->limits.client_timeout_ms, 0);
   return 0;
 }
 
@@ -638,7 +641,11 @@ static void on_timer(uv_timer_t *t) {
 
 static void conn_arm_timer(struct conn *c) {
   if (c->closing) return;
-  if (c->phase == PHASE_REQUEST || (!c->saw_bytes && !c->inflight && !c->queue_head)) {
+  if (c->phase == PHASE_REQUEST) {
+    /* A trickling client must not push its own deadline back. */
+    if (!uv_is_active((uv_handle_t *)&c->timer))
+      uv_timer_start(&c->timer, on_timer, c->srv->limits.client_timeout_ms, 0);
+  } else if (!c->saw_bytes && !c->inflight && !c->queue_head) {
     uv_timer_start(&c->timer, on_timer, c->srv->limits.client_timeout_ms, 0);
   } else if (!c->inflight && !c->queue_head && !c->parsing) {
     c->phase = PHASE_IDLE;
@@ -682,8 +689,13 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
   struct conn *c = s->data;
   if (nread == 0) return;
   if (nread < 0) {
-    if (nread == UV_EOF && (c->inflight || c->queue_head) && !c->parsing) {
-      /* Half-close: answer what was asked, then close. */
+    /* EOF while an asynchronous answer is pending (it set an abort
+     * callback: an upstream call, a slot wait) means the client is gone, as
+     * nginx reads it: abort, so the upstream transfer or the queue slot is
+     * released now rather than when the answer fails to write. Otherwise
+     * treat it as a half-close: answer what was asked, then close. */
+    bool pending_async = c->inflight && c->inflight->on_abort;
+    if (nread == UV_EOF && !pending_async && (c->inflight || c->queue_head) && !c->parsing) {
       uv_read_stop(s);
       c->close_after = true;
       return;

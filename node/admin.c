@@ -259,9 +259,22 @@ static void put_config(struct admin_req *a) {
     return;
   }
   /* Accept either {"config": {...}} or the replicated sections directly,
-   * or a whole node file (its local sections are ignored). */
+   * or a whole node file (its local sections are ignored). Either way the
+   * document is validated like a file first, so an unknown or misspelled
+   * key is an error naming the nearest known key, never silently dropped. */
   cJSON *config = cJSON_DetachItemFromObjectCaseSensitive(body, "config");
   if (!config) {
+    char *text = cJSON_PrintUnformatted(body);
+    char verr[1024];
+    struct zg_config *whole = text ? zg_config_parse(text, "PUT /v1/config", verr, sizeof(verr)) : NULL;
+    free(text);
+    if (!whole) {
+      cJSON_Delete(body);
+      httpd_respond_error(a->req, 400, "invalid_request_error", "invalid_config", NULL, "%s", verr);
+      admin_req_free(a);
+      return;
+    }
+    zg_config_free(whole);
     config = cJSON_CreateObject();
     for (cJSON *c = body->child; c; c = c->next)
       if (zg_config_key_is_replicated(c->string)) cJSON_AddItemToObject(config, c->string, cJSON_Duplicate(c, 1));

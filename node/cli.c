@@ -1,10 +1,515 @@
-/* cli.c: admin API client subcommands. Filled in with the Raft group. */
+/* cli.c: the operator's CLI for the admin API: status, config get|apply,
+ * keys, tokens, audit, members, switchover. Blocking libcurl calls (a CLI
+ * has no loop to share). Address and admin token from --addr/--token or
+ * ZONEGATE_ADDR / ZONEGATE_ADMIN_TOKEN. Human tables by default, --json
+ * for scripts.
+ *
+ * Failure modes, each one line on stderr and exit 1: the node cannot be
+ * reached (names the address and how to change it), the admin token is
+ * rejected, no leader (retry), or the API's own error message. Usage
+ * errors exit 2. Secrets (provider keys) are read from a file, an
+ * environment variable or stdin, never from the command line.
+ */
+#include "base/base.h"
+#include "node/cli.h"
 #include "node/node.h"
 
+#include <cjson/cJSON.h>
+#include <curl/curl.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <termios.h>
+#include <time.h>
+#include <unistd.h>
+
+static size_t collect(char *data, size_t size, size_t n, void *ud) {
+  zg_buf_append(ud, data, size * n);
+  return size * n;
+}
+
+void cli_options_parse(struct cli_options *o, int *argc, char **argv) {
+  const char *addr = getenv("ZONEGATE_ADDR");
+  const char *token = getenv("ZONEGATE_ADMIN_TOKEN");
+  snprintf(o->addr, sizeof(o->addr), "%s", addr && *addr ? addr : "127.0.0.1:18790");
+  snprintf(o->token, sizeof(o->token), "%s", token ? token : "");
+  o->json = false;
+  int out = 0;
+  for (int i = 0; i < *argc; i++) {
+    if (!strcmp(argv[i], "--json")) o->json = true;
+    else if (!strcmp(argv[i], "--addr") && i + 1 < *argc) snprintf(o->addr, sizeof(o->addr), "%s", argv[++i]);
+    else if (!strcmp(argv[i], "--token") && i + 1 < *argc) snprintf(o->token, sizeof(o->token), "%s", argv[++i]);
+    else argv[out++] = argv[i];
+  }
+  *argc = out;
+  if (!strncmp(o->addr, "http://", 7)) memmove(o->addr, o->addr + 7, strlen(o->addr + 7) + 1);
+}
+
+int cli_call(const struct cli_options *o, const char *method, const char *path, const cJSON *body,
+             const char *const *extra_headers, cJSON **answer) {
+  *answer = NULL;
+  if (!o->token[0]) {
+    fprintf(stderr, "error: no admin token: pass --token or set ZONEGATE_ADMIN_TOKEN\n");
+    return -1;
+  }
+  CURL *curl = curl_easy_init();
+  if (!curl) return -1;
+  char url[512], auth[600], actor[128];
+  snprintf(url, sizeof(url), "http://%s%s", o->addr, path);
+  snprintf(auth, sizeof(auth), "Authorization: Bearer %s", o->token);
+  const char *user = getenv("USER");
+  snprintf(actor, sizeof(actor), "X-Zonegate-Actor: %.60s", user && *user ? user : "cli");
+  struct curl_slist *headers = NULL;
+  headers = curl_slist_append(headers, auth);
+  headers = curl_slist_append(headers, actor);
+  headers = curl_slist_append(headers, "Content-Type: application/json");
+  for (size_t i = 0; extra_headers && extra_headers[i]; i++) headers = curl_slist_append(headers, extra_headers[i]);
+  char *text = body ? cJSON_PrintUnformatted(body) : NULL;
+  zg_buf response;
+  zg_buf_init(&response);
+  curl_easy_setopt(curl, CURLOPT_URL, url);
+  curl_easy_setopt(curl, CURLOPT_CUSTOMREQUEST, method);
+  curl_easy_setopt(curl, CURLOPT_HTTPHEADER, headers);
+  curl_easy_setopt(curl, CURLOPT_WRITEFUNCTION, collect);
+  curl_easy_setopt(curl, CURLOPT_WRITEDATA, &response);
+  curl_easy_setopt(curl, CURLOPT_CONNECTTIMEOUT_MS, 3000L);
+  curl_easy_setopt(curl, CURLOPT_TIMEOUT_MS, 120000L);
+  curl_easy_setopt(curl, CURLOPT_NOSIGNAL, 1L);
+  curl_easy_setopt(curl, CURLOPT_NOPROXY, "*");
+  if (text) curl_easy_setopt(curl, CURLOPT_POSTFIELDS, text);
+  CURLcode rc = curl_easy_perform(curl);
+  long status = 0;
+  curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &status);
+  curl_slist_free_all(headers);
+  curl_easy_cleanup(curl);
+  free(text);
+  memset(auth, 0, sizeof(auth));
+  if (rc != CURLE_OK) {
+    fprintf(stderr,
+            "error: cannot reach the admin API at %s: %s\n"
+            "       is zonegate running there? set the address with --addr HOST:PORT or ZONEGATE_ADDR\n",
+            o->addr, curl_easy_strerror(rc));
+    zg_buf_free(&response);
+    return -1;
+  }
+  cJSON *json = response.data ? cJSON_Parse(response.data) : NULL;
+  zg_buf_free(&response);
+  if (status >= 400) {
+    const cJSON *err = cJSON_GetObjectItemCaseSensitive(json, "error");
+    const cJSON *msg = cJSON_GetObjectItemCaseSensitive(err, "message");
+    const char *text_msg = cJSON_IsString(msg) ? msg->valuestring : "no details";
+    if (status == 401)
+      fprintf(stderr, "error: the admin token was rejected by %s (check --token / ZONEGATE_ADMIN_TOKEN)\n", o->addr);
+    else if (status == 503)
+      fprintf(stderr, "error: %s (HTTP 503: no leader reachable; retry in a moment)\n", text_msg);
+    else fprintf(stderr, "error: %s (HTTP %ld)\n", text_msg, status);
+    cJSON_Delete(json);
+    return -1;
+  }
+  *answer = json ? json : cJSON_CreateObject();
+  return 0;
+}
+
+static void print_json(const cJSON *j) {
+  char *text = cJSON_Print(j);
+  printf("%s\n", text ? text : "null");
+  free(text);
+}
+
+static const char *str(const cJSON *obj, const char *key) {
+  const cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, key);
+  return cJSON_IsString(v) ? v->valuestring : "-";
+}
+
+static double num(const cJSON *obj, const char *key, double dflt) {
+  const cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, key);
+  return cJSON_IsNumber(v) ? v->valuedouble : dflt;
+}
+
+static void when(double wall_ms, char out[32]) {
+  if (wall_ms <= 0) {
+    snprintf(out, 32, "-");
+    return;
+  }
+  zg_iso8601((uint64_t)wall_ms, out);
+  out[19] = 'Z';
+  out[20] = '\0';
+}
+
+/* ---- commands --------------------------------------------------------- */
+
+static int cmd_status(const struct cli_options *o) {
+  cJSON *a;
+  if (cli_call(o, "GET", "/v1/cluster/status", NULL, NULL, &a)) return 1;
+  if (o->json) {
+    print_json(a);
+    cJSON_Delete(a);
+    return 0;
+  }
+  const cJSON *leader = cJSON_GetObjectItemCaseSensitive(a, "leader");
+  const cJSON *fo = cJSON_GetObjectItemCaseSensitive(a, "failover");
+  printf("node %s   leader %s   term %.0f   commit %.0f   applied %.0f   config v%.0f\n", str(a, "node"),
+         leader ? str(leader, "id") : "none", num(a, "term", 0), num(a, "commit_index", 0),
+         num(a, "applied_index", 0), num(a, "config_version", 0));
+  if (fo)
+    printf("this node: %s (%s)\n", str(fo, "role"), str(fo, "role_reason"));
+  printf("\n%-12s %-6s %-8s %-7s %-7s %-8s %-7s %-10s %s\n", "MEMBER", "ZONE", "ROLE", "VOTER", "LEADER", "MATCH",
+         "LAG", "CONTACT", "RAFT ADDRESS");
+  const cJSON *m;
+  cJSON_ArrayForEach(m, cJSON_GetObjectItemCaseSensitive(a, "members")) {
+    char match[24] = "-", lag[24] = "-", contact[24] = "-";
+    if (cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(m, "match_index")))
+      snprintf(match, sizeof(match), "%.0f", num(m, "match_index", 0));
+    if (cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(m, "lag"))) snprintf(lag, sizeof(lag), "%.0f", num(m, "lag", 0));
+    if (cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(m, "last_contact_ms")))
+      snprintf(contact, sizeof(contact), "%.0f ms", num(m, "last_contact_ms", 0));
+    printf("%-12s %-6s %-8s %-7s %-7s %-8s %-7s %-10s %s%s\n", str(m, "id"), str(m, "zone"), str(m, "role"),
+           cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(m, "voter")) ? "yes" : "no",
+           cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(m, "leader")) ? "*" : "", match, lag, contact,
+           str(m, "raft_address"), cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(m, "self")) ? "  (this node)" : "");
+  }
+  cJSON_Delete(a);
+  return 0;
+}
+
+static cJSON *read_json_file(const char *path) {
+  FILE *f = fopen(path, "r");
+  if (!f) {
+    fprintf(stderr, "error: cannot open %s\n", path);
+    return NULL;
+  }
+  zg_buf b;
+  zg_buf_init(&b);
+  char chunk[4096];
+  size_t n;
+  while ((n = fread(chunk, 1, sizeof(chunk), f)) > 0) zg_buf_append(&b, chunk, n);
+  fclose(f);
+  cJSON *j = b.data ? cJSON_Parse(b.data) : NULL;
+  zg_buf_free(&b);
+  if (!cJSON_IsObject(j)) {
+    fprintf(stderr, "error: %s is not a JSON object\n", path);
+    cJSON_Delete(j);
+    return NULL;
+  }
+  return j;
+}
+
+static int cmd_config(const struct cli_options *o, int argc, char **argv) {
+  if (argc >= 1 && !strcmp(argv[0], "get")) {
+    cJSON *a;
+    if (cli_call(o, "GET", "/v1/config", NULL, NULL, &a)) return 1;
+    if (o->json) print_json(a);
+    else {
+      printf("# replicated config, version %.0f\n", num(a, "version", 0));
+      print_json(cJSON_GetObjectItemCaseSensitive(a, "config"));
+    }
+    cJSON_Delete(a);
+    return 0;
+  }
+  if (argc >= 2 && !strcmp(argv[0], "apply")) {
+    cJSON *file = read_json_file(argv[1]);
+    if (!file) return 1;
+    const char *if_match = NULL;
+    for (int i = 2; i + 1 < argc; i++)
+      if (!strcmp(argv[i], "--if-match")) if_match = argv[i + 1];
+    char header[64];
+    snprintf(header, sizeof(header), "If-Match: %s", if_match ? if_match : "");
+    const char *extra[] = {if_match ? header : NULL, NULL};
+    cJSON *a;
+    int rc = cli_call(o, "PUT", "/v1/config", file, extra, &a);
+    cJSON_Delete(file);
+    if (rc) return 1;
+    if (o->json) print_json(a);
+    else printf("config applied: version %.0f is live on every node\n", num(a, "version", 0));
+    cJSON_Delete(a);
+    return 0;
+  }
+  fprintf(stderr, "usage: zonegate config check FILE | get | apply FILE [--if-match VERSION]\n");
+  return 2;
+}
+
+/* Reads a secret from --secret-file, --secret-env or stdin (no echo on a
+ * terminal). Never from the command line itself. */
+static char *read_secret(int argc, char **argv) {
+  for (int i = 0; i + 1 < argc; i++) {
+    if (!strcmp(argv[i], "--secret-file")) {
+      char spec[600], err[256];
+      snprintf(spec, sizeof(spec), "file:%s", argv[i + 1]);
+      char *out;
+      if (zg_secret_resolve(spec, &out, NULL, err, sizeof(err))) {
+        fprintf(stderr, "error: %s\n", err);
+        return NULL;
+      }
+      return out;
+    }
+    if (!strcmp(argv[i], "--secret-env")) {
+      const char *v = getenv(argv[i + 1]);
+      if (!v || !*v) {
+        fprintf(stderr, "error: environment variable %s is not set\n", argv[i + 1]);
+        return NULL;
+      }
+      return strdup(v);
+    }
+  }
+  bool tty = isatty(STDIN_FILENO);
+  struct termios old, quiet;
+  if (tty) {
+    fprintf(stderr, "provider key (input hidden): ");
+    tcgetattr(STDIN_FILENO, &old);
+    quiet = old;
+    quiet.c_lflag &= ~(tcflag_t)ECHO;
+    tcsetattr(STDIN_FILENO, TCSANOW, &quiet);
+  }
+  char line[4096];
+  char *got = fgets(line, sizeof(line), stdin);
+  if (tty) {
+    tcsetattr(STDIN_FILENO, TCSANOW, &old);
+    fprintf(stderr, "\n");
+  }
+  if (!got) {
+    fprintf(stderr, "error: no secret given (use --secret-file PATH, --secret-env NAME or stdin)\n");
+    return NULL;
+  }
+  line[strcspn(line, "\r\n")] = '\0';
+  char *out = strdup(line);
+  memset(line, 0, sizeof(line));
+  return out;
+}
+
+static const char *opt(int argc, char **argv, const char *name) {
+  for (int i = 0; i + 1 < argc; i++)
+    if (!strcmp(argv[i], name)) return argv[i + 1];
+  return NULL;
+}
+
+static void print_key(const cJSON *k) {
+  char created[32], retire[32];
+  when(num(k, "created_at", 0), created);
+  when(num(k, "retire_at", 0), retire);
+  printf("%-16s %-12s %-9s %-21s %5.0f %6.0f %-4s %s\n", str(k, "id"), str(k, "upstream"), str(k, "state"), created,
+         num(k, "age_days", 0), num(k, "rotate_after_days", 0),
+         cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(k, "rotation_due")) ? "yes" : "no", retire);
+}
+
+static int cmd_keys(const struct cli_options *o, int argc, char **argv) {
+  const char *sub = argc >= 1 ? argv[0] : "";
+  cJSON *a = NULL;
+  int rc;
+  if (!strcmp(sub, "list")) {
+    if (cli_call(o, "GET", "/v1/keys", NULL, NULL, &a)) return 1;
+    if (o->json) print_json(a);
+    else {
+      printf("%-16s %-12s %-9s %-21s %5s %6s %-4s %s\n", "ID", "UPSTREAM", "STATE", "CREATED", "AGE_D", "ROTATE",
+             "DUE", "RETIRES");
+      const cJSON *k;
+      cJSON_ArrayForEach(k, cJSON_GetObjectItemCaseSensitive(a, "keys")) print_key(k);
+    }
+    cJSON_Delete(a);
+    return 0;
+  }
+  if (!strcmp(sub, "add") || (!strcmp(sub, "rotate") && argc >= 2)) {
+    char *secret = read_secret(argc, argv);
+    if (!secret) return 1;
+    cJSON *body = cJSON_CreateObject();
+    cJSON_AddStringToObject(body, "secret", secret);
+    zg_secret_free(secret);
+    char path[256];
+    if (!strcmp(sub, "add")) {
+      if (opt(argc, argv, "--id")) cJSON_AddStringToObject(body, "id", opt(argc, argv, "--id"));
+      if (opt(argc, argv, "--upstream")) cJSON_AddStringToObject(body, "upstream", opt(argc, argv, "--upstream"));
+      if (opt(argc, argv, "--rotate-after-days"))
+        cJSON_AddNumberToObject(body, "rotate_after_days", atof(opt(argc, argv, "--rotate-after-days")));
+      snprintf(path, sizeof(path), "/v1/keys");
+    } else {
+      if (opt(argc, argv, "--grace-seconds"))
+        cJSON_AddNumberToObject(body, "grace_seconds", atof(opt(argc, argv, "--grace-seconds")));
+      snprintf(path, sizeof(path), "/v1/keys/%s/rotate", argv[1]);
+    }
+    rc = cli_call(o, "POST", path, body, NULL, &a);
+    cJSON_Delete(body);
+    if (rc) return 1;
+    if (o->json) print_json(a);
+    else {
+      printf("%s key %s (%s); every node uses it from the next request, no restart\n",
+             !strcmp(sub, "add") ? "added" : "rotated to", str(a, "id"), str(a, "state"));
+    }
+    cJSON_Delete(a);
+    return 0;
+  }
+  if (!strcmp(sub, "revoke") && argc >= 2) {
+    char path[256];
+    snprintf(path, sizeof(path), "/v1/keys/%s", argv[1]);
+    if (cli_call(o, "DELETE", path, NULL, NULL, &a)) return 1;
+    if (o->json) print_json(a);
+    else printf("revoked key %s\n", argv[1]);
+    cJSON_Delete(a);
+    return 0;
+  }
+  fprintf(stderr,
+          "usage: zonegate keys list\n"
+          "       zonegate keys add [--id ID] [--upstream NAME] [--rotate-after-days N] [--secret-file F | --secret-env VAR]\n"
+          "       zonegate keys rotate ID [--grace-seconds N] [--secret-file F | --secret-env VAR]\n"
+          "       zonegate keys revoke ID\n"
+          "(without --secret-file/--secret-env the key is read from stdin)\n");
+  return 2;
+}
+
+static double parse_duration_s(const char *text) {
+  char *end;
+  double v = strtod(text, &end);
+  if (*end == 'd') v *= 86400;
+  else if (*end == 'h') v *= 3600;
+  else if (*end == 'm') v *= 60;
+  return v;
+}
+
+static int cmd_tokens(const struct cli_options *o, int argc, char **argv) {
+  const char *sub = argc >= 1 ? argv[0] : "";
+  cJSON *a = NULL;
+  if (!strcmp(sub, "create") && argc >= 2) {
+    cJSON *body = cJSON_CreateObject();
+    cJSON_AddStringToObject(body, "name", argv[1]);
+    if (opt(argc, argv, "--expires-in"))
+      cJSON_AddNumberToObject(body, "expires_in_s", parse_duration_s(opt(argc, argv, "--expires-in")));
+    if (opt(argc, argv, "--rpm")) cJSON_AddNumberToObject(body, "rpm", atof(opt(argc, argv, "--rpm")));
+    cJSON *allow = cJSON_AddArrayToObject(body, "allow");
+    for (int i = 0; i + 1 < argc; i++)
+      if (!strcmp(argv[i], "--allow")) cJSON_AddItemToArray(allow, cJSON_CreateString(argv[i + 1]));
+    int rc = cli_call(o, "POST", "/v1/tokens", body, NULL, &a);
+    cJSON_Delete(body);
+    if (rc) return 1;
+    if (o->json) print_json(a);
+    else {
+      printf("%s\n", str(a, "token"));
+      fprintf(stderr, "created token %s (%s); it is shown once: store it now\n", str(a, "id"), str(a, "name"));
+    }
+    cJSON_Delete(a);
+    return 0;
+  }
+  if (!strcmp(sub, "list")) {
+    if (cli_call(o, "GET", "/v1/tokens", NULL, NULL, &a)) return 1;
+    if (o->json) print_json(a);
+    else {
+      printf("%-14s %-20s %-10s %-21s %-21s %6s %s\n", "ID", "NAME", "SHA256", "CREATED", "EXPIRES", "RPM", "ALLOW");
+      const cJSON *t;
+      cJSON_ArrayForEach(t, cJSON_GetObjectItemCaseSensitive(a, "tokens")) {
+        char created[32], expires[32];
+        when(num(t, "created_at", 0), created);
+        when(num(t, "expires_at", 0), expires);
+        char allow[256] = "";
+        const cJSON *c;
+        cJSON_ArrayForEach(c, cJSON_GetObjectItemCaseSensitive(t, "allow")) {
+          if (allow[0]) strncat(allow, ",", sizeof(allow) - strlen(allow) - 1);
+          strncat(allow, c->valuestring, sizeof(allow) - strlen(allow) - 1);
+        }
+        printf("%-14s %-20s %-10s %-21s %-21s %6.0f %s\n", str(t, "id"), str(t, "name"), str(t, "sha256_prefix"),
+               created, expires, num(t, "rpm", 0), allow[0] ? allow : "any");
+      }
+    }
+    cJSON_Delete(a);
+    return 0;
+  }
+  if (!strcmp(sub, "revoke") && argc >= 2) {
+    char path[256];
+    snprintf(path, sizeof(path), "/v1/tokens/%s", argv[1]);
+    if (cli_call(o, "DELETE", path, NULL, NULL, &a)) return 1;
+    if (o->json) print_json(a);
+    else printf("revoked token %s on every node\n", argv[1]);
+    cJSON_Delete(a);
+    return 0;
+  }
+  fprintf(stderr, "usage: zonegate tokens create NAME [--expires-in 30d] [--rpm N] [--allow CIDR]...\n"
+                  "       zonegate tokens list | revoke ID\n");
+  return 2;
+}
+
+static int cmd_audit(const struct cli_options *o, int argc, char **argv) {
+  char path[128];
+  const char *limit = opt(argc, argv, "--limit");
+  snprintf(path, sizeof(path), "/v1/audit?limit=%s", limit ? limit : "50");
+  cJSON *a;
+  if (cli_call(o, "GET", path, NULL, NULL, &a)) return 1;
+  if (o->json) print_json(a);
+  else {
+    printf("%-5s %-21s %-16s %-16s %-14s %-16s %s\n", "SEQ", "AT", "ACTOR", "SOURCE", "ACTION", "TARGET", "DETAIL");
+    const cJSON *r;
+    cJSON_ArrayForEach(r, cJSON_GetObjectItemCaseSensitive(a, "audit")) {
+      char at[32];
+      when(num(r, "at", 0), at);
+      printf("%-5.0f %-21s %-16s %-16s %-14s %-16s %s\n", num(r, "seq", 0), at, str(r, "actor"), str(r, "source"),
+             str(r, "action"), str(r, "target"), str(r, "detail"));
+    }
+  }
+  cJSON_Delete(a);
+  return 0;
+}
+
+static int cmd_members(const struct cli_options *o, int argc, char **argv) {
+  const char *sub = argc >= 1 ? argv[0] : "";
+  cJSON *a;
+  if (!strcmp(sub, "add") && argc >= 2 && opt(argc, argv, "--raft")) {
+    cJSON *body = cJSON_CreateObject();
+    cJSON_AddStringToObject(body, "id", argv[1]);
+    cJSON_AddStringToObject(body, "raft", opt(argc, argv, "--raft"));
+    const char *fields[][2] = {{"--zone", "zone"}, {"--role", "role"}, {"--admin", "admin"}, {"--gateway", "gateway"}};
+    for (size_t i = 0; i < ZG_ARRAY_LEN(fields); i++)
+      if (opt(argc, argv, fields[i][0])) cJSON_AddStringToObject(body, fields[i][1], opt(argc, argv, fields[i][0]));
+    int rc = cli_call(o, "POST", "/v1/cluster/members", body, NULL, &a);
+    cJSON_Delete(body);
+    if (rc) return 1;
+    if (o->json) print_json(a);
+    else printf("added %s: it joins as a non-voter and is promoted once caught up\n", argv[1]);
+    cJSON_Delete(a);
+    return 0;
+  }
+  if (!strcmp(sub, "remove") && argc >= 2) {
+    char path[256];
+    snprintf(path, sizeof(path), "/v1/cluster/members/%s", argv[1]);
+    if (cli_call(o, "DELETE", path, NULL, NULL, &a)) return 1;
+    if (o->json) print_json(a);
+    else printf("removed %s from the group\n", argv[1]);
+    cJSON_Delete(a);
+    return 0;
+  }
+  fprintf(stderr, "usage: zonegate members add ID --raft HOST:PORT [--zone Z] [--role gateway|witness] "
+                  "[--admin HOST:PORT] [--gateway HOST:PORT]\n"
+                  "       zonegate members remove ID\n");
+  return 2;
+}
+
+static int cmd_switchover(const struct cli_options *o, int argc, char **argv) {
+  cJSON *body = cJSON_CreateObject();
+  if (opt(argc, argv, "--to")) cJSON_AddStringToObject(body, "to", opt(argc, argv, "--to"));
+  cJSON *a;
+  uint64_t start = zg_mono_ms();
+  int rc = cli_call(o, "POST", "/v1/cluster/switchover", body, NULL, &a);
+  cJSON_Delete(body);
+  if (rc) return 1;
+  if (o->json) print_json(a);
+  else printf("switchover done in %llu ms: new leader %s\n", (unsigned long long)(zg_mono_ms() - start),
+              str(a, "leader"));
+  cJSON_Delete(a);
+  return 0;
+}
 
 int node_cli(const char *command, int argc, char **argv) {
-  fprintf(stderr, "zonegate: unknown command '%s %s' (see zonegate --help)\n", command,
-          argc > 1 ? argv[1] : "");
-  return 2;
+  struct cli_options o;
+  curl_global_init(CURL_GLOBAL_DEFAULT);
+  cli_options_parse(&o, &argc, argv);
+  /* argv[0] is the command itself */
+  int rc;
+  if (!strcmp(command, "status")) rc = cmd_status(&o);
+  else if (!strcmp(command, "config")) rc = cmd_config(&o, argc - 1, argv + 1);
+  else if (!strcmp(command, "keys")) rc = cmd_keys(&o, argc - 1, argv + 1);
+  else if (!strcmp(command, "tokens")) rc = cmd_tokens(&o, argc - 1, argv + 1);
+  else if (!strcmp(command, "audit")) rc = cmd_audit(&o, argc - 1, argv + 1);
+  else if (!strcmp(command, "members")) rc = cmd_members(&o, argc - 1, argv + 1);
+  else if (!strcmp(command, "switchover")) rc = cmd_switchover(&o, argc - 1, argv + 1);
+  else {
+    fprintf(stderr, "zonegate: unknown command '%s' (see zonegate --help)\n", command);
+    rc = 2;
+  }
+  memset(o.token, 0, sizeof(o.token));
+  curl_global_cleanup();
+  return rc;
 }

@@ -91,7 +91,8 @@ static int response_complete(const char *buf, size_t len, int *status) {
   int chunked = 0;
   for (const char *line = strstr(buf, "\r\n") + 2; line < end; line = strstr(line, "\r\n") + 2) {
     if (strncasecmp(line, "content-length:", 15) == 0) content_length = atol(line + 15);
-    if (strncasecmp(line, "transfer-encoding:", 18) == 0 && memmem(line, (size_t)(strstr(line, "\r\n") - line), "chunked", 7))
+    if (strncasecmp(line, "transfer-encoding:", 18) == 0 &&
+        memmem(line, (size_t)(strstr(line, "\r\n") - line), "chunked", 7))
       chunked = 1;
   }
   if (chunked) return len >= 5 && memcmp(buf + len - 5, "0\r\n\r\n", 5) == 0;
@@ -116,8 +117,10 @@ static int write_all(int fd, const char *data, size_t len) {
 }
 
 static void usage(void) {
-  fprintf(stderr, "usage: pacedload --port PORT --body FILE [--host 127.0.0.1] [--path /v1/chat/completions]\n"
-                  "                 [--rate 2000] [--duration 10] [--warmup 2] [--connections 16]\n");
+  fprintf(
+      stderr,
+      "usage: pacedload --port PORT --body FILE [--host 127.0.0.1] [--path /v1/chat/completions]\n"
+      "                 [--rate 2000] [--duration 10] [--warmup 2] [--connections 16]\n");
   exit(2);
 }
 
@@ -126,17 +129,28 @@ int main(int argc, char **argv) {
   int port = 0, nconns = 16;
   double rate = 2000, duration = 10, warmup = 2;
   for (int i = 1; i + 1 < argc; i += 2) {
-    if (!strcmp(argv[i], "--host")) host = argv[i + 1];
-    else if (!strcmp(argv[i], "--port")) port = atoi(argv[i + 1]);
-    else if (!strcmp(argv[i], "--path")) path = argv[i + 1];
-    else if (!strcmp(argv[i], "--body")) body_file = argv[i + 1];
-    else if (!strcmp(argv[i], "--rate")) rate = atof(argv[i + 1]);
-    else if (!strcmp(argv[i], "--duration")) duration = atof(argv[i + 1]);
-    else if (!strcmp(argv[i], "--warmup")) warmup = atof(argv[i + 1]);
-    else if (!strcmp(argv[i], "--connections")) nconns = atoi(argv[i + 1]);
-    else usage();
+    if (!strcmp(argv[i], "--host"))
+      host = argv[i + 1];
+    else if (!strcmp(argv[i], "--port"))
+      port = atoi(argv[i + 1]);
+    else if (!strcmp(argv[i], "--path"))
+      path = argv[i + 1];
+    else if (!strcmp(argv[i], "--body"))
+      body_file = argv[i + 1];
+    else if (!strcmp(argv[i], "--rate"))
+      rate = atof(argv[i + 1]);
+    else if (!strcmp(argv[i], "--duration"))
+      duration = atof(argv[i + 1]);
+    else if (!strcmp(argv[i], "--warmup"))
+      warmup = atof(argv[i + 1]);
+    else if (!strcmp(argv[i], "--connections"))
+      nconns = atoi(argv[i + 1]);
+    else
+      usage();
   }
-  if (port <= 0 || !body_file || rate <= 0 || duration <= 0 || warmup < 0 || nconns < 1 || nconns > MAX_CONNS) usage();
+  if (port <= 0 || !body_file || rate <= 0 || duration <= 0 || warmup < 0 || nconns < 1 ||
+      nconns > MAX_CONNS)
+    usage();
 
   char body[8192];
   FILE *f = fopen(body_file, "r");
@@ -229,7 +243,8 @@ int main(int argc, char **argv) {
     }
     if (next_seq < total) {
       uint64_t due = DUE(next_seq);
-      struct itimerspec its = {.it_value = {.tv_sec = (time_t)(due / 1000000000ull), .tv_nsec = (long)(due % 1000000000ull)}};
+      struct itimerspec its = {.it_value = {.tv_sec = (time_t)(due / 1000000000ull),
+                                            .tv_nsec = (long)(due % 1000000000ull)}};
       timerfd_settime(tfd, TFD_TIMER_ABSTIME, &its, NULL);
     }
     struct epoll_event events[64];
@@ -254,8 +269,10 @@ int main(int argc, char **argv) {
       }
       uint64_t t = now_ns();
       if (done == 1 && c->busy) {
-        if (status >= 200 && status < 300) ok++;
-        else not_ok_status++;
+        if (status >= 200 && status < 300)
+          ok++;
+        else
+          not_ok_status++;
         if (c->seq >= first_measured) {
           lat[nlat] = t - c->due_ns;
           svc[nlat] = t - c->sent_ns;
@@ -282,11 +299,13 @@ int main(int argc, char **argv) {
   double elapsed_s = (double)(now_ns() - start) / 1e9;
   qsort(lat, nlat, sizeof(uint64_t), cmp_u64);
   qsort(svc, nlat, sizeof(uint64_t), cmp_u64);
-  printf("PACED rate=%.0f achieved_rps=%.1f sent=%lld ok=%lld non2xx=%lld errors=%lld measured=%zu max_backlog=%zu "
+  printf("PACED rate=%.0f achieved_rps=%.1f sent=%lld ok=%lld non2xx=%lld errors=%lld measured=%zu "
+         "max_backlog=%zu "
          "p50_us=%.1f p90_us=%.1f p99_us=%.1f max_us=%.1f svc_p50_us=%.1f svc_p99_us=%.1f\n",
-         rate, (double)sent / elapsed_s, (long long)sent, (long long)ok, (long long)not_ok_status, (long long)errors, nlat,
-         max_backlog, pct(lat, nlat, 50) / 1e3, pct(lat, nlat, 90) / 1e3, pct(lat, nlat, 99) / 1e3,
-         nlat ? lat[nlat - 1] / 1e3 : 0.0, pct(svc, nlat, 50) / 1e3, pct(svc, nlat, 99) / 1e3);
+         rate, (double)sent / elapsed_s, (long long)sent, (long long)ok, (long long)not_ok_status,
+         (long long)errors, nlat, max_backlog, pct(lat, nlat, 50) / 1e3, pct(lat, nlat, 90) / 1e3,
+         pct(lat, nlat, 99) / 1e3, nlat ? lat[nlat - 1] / 1e3 : 0.0, pct(svc, nlat, 50) / 1e3,
+         pct(svc, nlat, 99) / 1e3);
   free(lat);
   free(svc);
   return 0;

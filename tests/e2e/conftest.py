@@ -54,8 +54,9 @@ def http(method, url, body=None, headers=None, timeout=5.0):
         return 0, {}, b""
 
 
-def wait_until(predicate, timeout, interval=0.1, what="condition"):
-    """Polls predicate() until it returns a truthy value; bounded by timeout."""
+def wait_until(predicate, timeout, interval=0.1, what="condition", describe=None):
+    """Polls predicate() until it returns a truthy value; bounded by timeout.
+    On timeout the error shows describe() (the state a human needs) when given."""
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
@@ -63,7 +64,8 @@ def wait_until(predicate, timeout, interval=0.1, what="condition"):
         if last:
             return last
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+    state = describe() if describe else last
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (state: {state!r})")
 
 
 @pytest.fixture(scope="session")

@@ -122,7 +122,8 @@ def test_slowloris_gets_408_and_others_are_served(stack):
     assert responses, result
     assert responses[0][0] == 408
     error_of(responses[0][2])
-    assert 0.6 <= result["elapsed"] < 3.0
+    # client_timeout (700 ms) bounds the whole request, not the gap between pieces
+    assert 0.6 <= result["elapsed"] < 1.3, result["elapsed"]
 
 
 def test_unknown_route_404_and_wrong_method_405(stack):

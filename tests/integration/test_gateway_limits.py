@@ -2,12 +2,13 @@
 Retry-After), upstream timeouts (504), an unreachable upstream (502), and
 fallback endpoints on connect failure or 5xx before the first byte."""
 import json
+import socket
 import time
 
 import pytest
 
 from harness import (Stack, TempDir, chat_body, error_of, free_port, mock_reset, mock_stats, run_parallel,
-                     start_mockllm)
+                     start_mockllm, request, wait_for)
 
 
 @pytest.fixture
@@ -157,3 +158,41 @@ def test_upstream_error_status_without_fallback_is_passed_through(make_stack):
     status, _, payload = s.chat(chat_body("x"), headers={"X-Mock-Status": "503"})
     assert status == 503
     error_of(payload)
+
+
+def _send_and_drop(port, body, headers, wait_s):
+    data = json.dumps(body).encode()
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{head}"
+               f"Content-Length: {len(data)}\r\n\r\n").encode() + data)
+    time.sleep(wait_s)
+    s.close()
+
+
+def test_client_gone_while_queued_or_waiting_frees_everything(make_stack):
+    s = make_stack(performance={"max_concurrent": 1, "max_queue": 5, "queue_timeout": 5000})
+    mock_reset(s.mock)
+
+    def holder():
+        return s.chat(chat_body("holder"), headers={"X-Mock-Latency-Ms": "800"})
+
+    def dropper():
+        time.sleep(0.1)
+        _send_and_drop(s.port, chat_body("queued then gone"), {}, 0.2)
+        return True
+
+    r1, _ = run_parallel([holder, dropper])
+    assert r1[0] == 200
+    # The dropped request never reached the upstream, and nothing is left queued or in flight.
+    assert s.chat(chat_body("next"))[0] == 200
+    assert mock_stats(s.mock)["by_route"]["chat_completions"] == 2
+    status, _, payload = request(s.port, "GET", "/metrics")
+    text = payload.decode()
+    assert "\nzonegate_in_flight 0" in text and "\nzonegate_queue_depth 0" in text
+    # A non-stream request whose client leaves is cancelled upstream too.
+    mock_reset(s.mock)
+    _send_and_drop(s.port, chat_body("slow and gone"), {"X-Mock-Latency-Ms": "1500"}, 0.3)
+    wait_for(lambda: (lambda st: st["disconnects"] >= 1 and st["in_flight"] == 0)(mock_stats(s.mock)), timeout=5,
+             what="upstream request cancelled")
+    assert s.chat(chat_body("still fine"))[0] == 200

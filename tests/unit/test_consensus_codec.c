@@ -19,8 +19,11 @@
 static const uint8_t key[32] = {42, 1, 2, 3};
 
 static struct raft_buffer encode(int type, const char *args_json) {
-  struct zgc_command cmd = {.type = type, .at = 1700000000123ull, .actor = "admin",
-                            .source = "10.0.0.9", .args = cJSON_Parse(args_json)};
+  struct zgc_command cmd = {.type = type,
+                            .at = 1700000000123ull,
+                            .actor = "admin",
+                            .source = "10.0.0.9",
+                            .args = cJSON_Parse(args_json)};
   snprintf(cmd.req_id, sizeof cmd.req_id, "00112233aabbccdd");
   struct raft_buffer buf;
   char err[256];
@@ -61,7 +64,8 @@ static void test_rejects_bad_input(void **state) {
   uint8_t *copy = malloc(buf.len);
 
   /* Every truncation fails. */
-  for (size_t n = 0; n < buf.len - 8; n++) assert_int_equal(decode_bytes(p, n, err, sizeof err), -1);
+  for (size_t n = 0; n < buf.len - 8; n++)
+    assert_int_equal(decode_bytes(p, n, err, sizeof err), -1);
   assert_int_equal(decode_bytes(NULL, 0, err, sizeof err), -1);
   assert_non_null(strstr(err, "truncated"));
 
@@ -97,15 +101,16 @@ static void test_rejects_bad_input(void **state) {
   /* Valid JSON, wrong shape. */
   struct {
     const char *json;
-  } shapes[] = {{"[]"}, {"{\"req\":\"\",\"at\":1,\"actor\":\"a\",\"source\":\"s\"}"},
+  } shapes[] = {{"[]"},
+                {"{\"req\":\"\",\"at\":1,\"actor\":\"a\",\"source\":\"s\"}"},
                 {"{\"req\":1,\"at\":1,\"actor\":\"a\",\"source\":\"s\",\"args\":{}}"},
                 {"{\"req\":\"\",\"at\":-5,\"actor\":\"a\",\"source\":\"s\",\"args\":{}}"},
                 {"{\"req\":\"\",\"at\":1,\"source\":\"s\",\"args\":{}}"},
                 {"{\"req\":\"\",\"at\":1,\"actor\":\"a\",\"source\":\"s\",\"args\":{}} {}"}};
   for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
     size_t jl = strlen(shapes[i].json);
-    uint8_t frame[256] = {'Z', 'G', 'C', 'M', ZGC_FORMAT_VERSION, ZGC_AUDIT_NOTE, 0, 0, 0, 0, 0,
-                          (uint8_t)jl};
+    uint8_t frame[256] = {'Z', 'G', 'C', 'M', ZGC_FORMAT_VERSION, ZGC_AUDIT_NOTE, 0,
+                          0,   0,   0,   0,   (uint8_t)jl};
     memcpy(frame + ZGC_HEADER_LEN, shapes[i].json, jl);
     assert_int_equal(decode_bytes(frame, ZGC_HEADER_LEN + jl, err, sizeof err), -1);
   }
@@ -146,10 +151,12 @@ static void test_seal(void **state) {
 static void expect_invalid(const char *type, const char *args, const char *field) {
   struct raft_buffer buf;
   char err[256] = "";
-  int rv = zg_build_entry(type, cJSON_Parse(args), "admin", "ip", 1, "", key, &buf, err, sizeof err);
+  int rv =
+      zg_build_entry(type, cJSON_Parse(args), "admin", "ip", 1, "", key, &buf, err, sizeof err);
   if (rv == 0) raft_free(buf.base);
   assert_int_equal(rv, CONSENSUS_EINVALID);
-  if (strstr(err, field) == NULL) fail_msg("'%s' %s: message '%s' does not name '%s'", type, args, err, field);
+  if (strstr(err, field) == NULL)
+    fail_msg("'%s' %s: message '%s' does not name '%s'", type, args, err, field);
 }
 
 static void test_validation(void **state) {
@@ -166,20 +173,31 @@ static void test_validation(void **state) {
   expect_invalid("key.add", "{\"secret\":\"x\",\"primary\":\"yes\"}", "primary");
   expect_invalid("key.add", "{\"secret\":\"x\",\"upstream\":\"\"}", "upstream");
   expect_invalid("key.rotate", "{\"secret\":\"x\"}", "id");
-  expect_invalid("key.rotate", "{\"id\":\"k\",\"secret\":\"x\",\"grace_seconds\":-1}", "grace_seconds");
+  expect_invalid("key.rotate", "{\"id\":\"k\",\"secret\":\"x\",\"grace_seconds\":-1}",
+                 "grace_seconds");
   expect_invalid("key.revoke", "{}", "id");
   expect_invalid("key.invalidate", "{\"id\":\"k\",\"reason\":3}", "reason");
-  expect_invalid("token.create", "{\"sha256\":\"" "0123456789abcdef0123456789abcdef"
-                                 "0123456789abcdef0123456789abcdef\"}", "name");
+  expect_invalid("token.create",
+                 "{\"sha256\":\""
+                 "0123456789abcdef0123456789abcdef"
+                 "0123456789abcdef0123456789abcdef\"}",
+                 "name");
   expect_invalid("token.create", "{\"name\":\"n\",\"sha256\":\"xyz\"}", "sha256");
-  expect_invalid("token.create", "{\"name\":\"n\",\"sha256\":\"" "0123456789abcdef0123456789abcdef"
-                                 "0123456789abcdef0123456789abcdef\",\"allow\":[\"10.0.0.0/33\"]}",
+  expect_invalid("token.create",
+                 "{\"name\":\"n\",\"sha256\":\""
+                 "0123456789abcdef0123456789abcdef"
+                 "0123456789abcdef0123456789abcdef\",\"allow\":[\"10.0.0.0/33\"]}",
                  "allow[0]");
-  expect_invalid("token.create", "{\"name\":\"n\",\"sha256\":\"" "0123456789abcdef0123456789abcdef"
-                                 "0123456789abcdef0123456789abcdef\",\"allow\":[\"::1/64\",\"nope\"]}",
+  expect_invalid("token.create",
+                 "{\"name\":\"n\",\"sha256\":\""
+                 "0123456789abcdef0123456789abcdef"
+                 "0123456789abcdef0123456789abcdef\",\"allow\":[\"::1/64\",\"nope\"]}",
                  "allow[1]");
-  expect_invalid("token.create", "{\"name\":\"n\",\"sha256\":\"" "0123456789abcdef0123456789abcdef"
-                                 "0123456789abcdef0123456789abcdef\",\"rpm\":-1}", "rpm");
+  expect_invalid("token.create",
+                 "{\"name\":\"n\",\"sha256\":\""
+                 "0123456789abcdef0123456789abcdef"
+                 "0123456789abcdef0123456789abcdef\",\"rpm\":-1}",
+                 "rpm");
   expect_invalid("token.revoke", "{\"id\":7}", "id");
   expect_invalid("audit.note", "{}", "what");
   expect_invalid("no.such.type", "{}", "no.such.type");
@@ -206,8 +224,9 @@ static void test_secret_sealed_before_log(void **state) {
   assert_int_equal(cJSON_GetObjectItem(cmd.args, "rotate_after_days")->valueint, 90);
   assert_true(cJSON_IsTrue(cJSON_GetObjectItem(cmd.args, "primary")));
   char *plain = NULL;
-  assert_int_equal(zg_unseal(key, "provider-key", cJSON_GetObjectItem(cmd.args, "sealed")->valuestring,
-                             &plain, NULL, err, sizeof err),
+  assert_int_equal(zg_unseal(key, "provider-key",
+                             cJSON_GetObjectItem(cmd.args, "sealed")->valuestring, &plain, NULL,
+                             err, sizeof err),
                    0);
   assert_string_equal(plain, "sk-PLAIN-xyz");
   zg_secret_free(plain);

@@ -145,7 +145,8 @@ static void test_elect_write_partition_rejoin(void **state) {
   submit(fx, 0, "config.put", "{\"config\":{\"endpoint\":\"https://a\"}}", &s1);
   submit(fx, 0, "key.add", "{\"id\":\"k1\",\"secret\":\"sk-1\"}", &s2);
   idx = submit(fx, 0, "token.create",
-               "{\"name\":\"t\",\"sha256\":\"" "0123456789abcdef0123456789abcdef"
+               "{\"name\":\"t\",\"sha256\":\""
+               "0123456789abcdef0123456789abcdef"
                "0123456789abcdef0123456789abcdef\"}",
                &s3);
   assert_true(raft_fixture_step_until_applied(f, N, idx, 2000));

@@ -46,9 +46,8 @@ static int apply(struct zg_fsm *f, uint64_t at, const char *type, const char *ar
   char err[256];
   cJSON *parsed = cJSON_Parse(args);
   assert_non_null(parsed);
-  assert_int_equal(zg_build_entry(type, parsed, "admin", "127.0.0.1", at, "r", key, &buf, err,
-                                  sizeof err),
-                   0);
+  assert_int_equal(
+      zg_build_entry(type, parsed, "admin", "127.0.0.1", at, "r", key, &buf, err, sizeof err), 0);
   int rv = zg_fsm_apply_buf(f, buf.base, buf.len);
   raft_free(buf.base);
   return rv;
@@ -84,18 +83,20 @@ static void test_writes(void **state) {
   assert_int_equal(cJSON_GetObjectItem(la.result, "version")->valueint, 2);
 
   assert_int_equal(apply(&f, t0, "key.add", "{\"id\":\"k1\",\"secret\":\"s1\"}"), 0);
-  assert_int_equal(apply(&f, t0, "key.add", "{\"id\":\"k1\",\"secret\":\"s1\"}"), CONSENSUS_ECONFLICT);
-  assert_int_equal(apply(&f, t0, "key.add",
-                         "{\"id\":\"k2\",\"secret\":\"s2\",\"primary\":false,\"upstream\":\"alt\"}"),
-                   0);
+  assert_int_equal(apply(&f, t0, "key.add", "{\"id\":\"k1\",\"secret\":\"s1\"}"),
+                   CONSENSUS_ECONFLICT);
+  assert_int_equal(
+      apply(&f, t0, "key.add",
+            "{\"id\":\"k2\",\"secret\":\"s2\",\"primary\":false,\"upstream\":\"alt\"}"),
+      0);
   assert_null(cJSON_GetObjectItem(la.result, "sealed")); /* metadata only */
   assert_string_equal(f.st.keys[0].id, "k1");
   assert_string_equal(f.st.keys[1].id, "k2");
 
   /* Rotation: new primary, old one retiring until at + grace. */
-  assert_int_equal(apply(&f, t0 + 1000, "key.rotate",
-                         "{\"id\":\"k1\",\"secret\":\"s3\",\"grace_seconds\":60}"),
-                   0);
+  assert_int_equal(
+      apply(&f, t0 + 1000, "key.rotate", "{\"id\":\"k1\",\"secret\":\"s3\",\"grace_seconds\":60}"),
+      0);
   const char *new_id = result_string(&la, "id");
   assert_non_null(new_id);
   assert_string_equal(f.st.keys[0].id, new_id);
@@ -107,7 +108,8 @@ static void test_writes(void **state) {
                    CONSENSUS_EINVALID); /* only an active key rotates */
   assert_int_equal(apply(&f, t0, "key.rotate", "{\"id\":\"nope\",\"secret\":\"x\"}"),
                    CONSENSUS_ENOTFOUND);
-  assert_int_equal(apply(&f, t0, "key.invalidate", "{\"id\":\"k2\",\"reason\":\"upstream 401\"}"), 0);
+  assert_int_equal(apply(&f, t0, "key.invalidate", "{\"id\":\"k2\",\"reason\":\"upstream 401\"}"),
+                   0);
   assert_string_equal(result_string(&la, "state"), "invalid");
   assert_int_equal(apply(&f, t0, "key.revoke", "{\"id\":\"k1\"}"), 0);
   assert_string_equal(result_string(&la, "state"), "revoked");
@@ -172,7 +174,8 @@ static void test_audit_bounded(void **state) {
   struct zg_fsm f;
   struct last_apply la;
   fsm_setup(&f, &la, 5);
-  for (int i = 0; i < 12; i++) assert_int_equal(apply(&f, 1000 + i, "audit.note", "{\"what\":\"n\"}"), 0);
+  for (int i = 0; i < 12; i++)
+    assert_int_equal(apply(&f, 1000 + i, "audit.note", "{\"what\":\"n\"}"), 0);
   cJSON *audit = zg_state_audit_json(&f.st, 0);
   assert_int_equal(cJSON_GetArraySize(audit), 5);
   assert_int_equal(cJSON_GetObjectItem(cJSON_GetArrayItem(audit, 0), "seq")->valueint, 8);
@@ -208,7 +211,8 @@ static void test_snapshot_round_trip(void **state) {
   assert_non_null(zg_state_token_find(&b.st, HASH_B));
   assert_int_equal(b.st.n_keys, 2);
   char *plain = NULL;
-  assert_int_equal(zg_unseal(key, "provider-key", b.st.keys[0].sealed, &plain, NULL, err, sizeof err), 0);
+  assert_int_equal(
+      zg_unseal(key, "provider-key", b.st.keys[0].sealed, &plain, NULL, err, sizeof err), 0);
   assert_string_equal(plain, "sk-TOPSECRET-2");
   zg_secret_free(plain);
   /* Writes continue identically on both after the restore. */
@@ -251,13 +255,16 @@ static void test_seed_once(void **state) {
   struct zg_fsm f;
   struct last_apply la;
   fsm_setup(&f, &la, 50);
-  const char *seed = "{\"config\":{\"endpoint\":\"https://seed\"},\"tokens\":[{\"name\":\"bootstrap\","
-                     "\"sha256\":\"" HASH_A "\"}]}";
+  const char *seed =
+      "{\"config\":{\"endpoint\":\"https://seed\"},\"tokens\":[{\"name\":\"bootstrap\","
+      "\"sha256\":\"" HASH_A "\"}]}";
   assert_int_equal(apply(&f, 1, "cluster.seed", seed), 0);
   assert_int_equal(f.st.config_version, 1);
   assert_non_null(zg_state_token_find(&f.st, HASH_A));
   /* A second seed (another node's first leadership) changes nothing. */
-  assert_int_equal(apply(&f, 2, "cluster.seed", "{\"config\":{\"endpoint\":\"https://other\"},\"tokens\":[]}"), 0);
+  assert_int_equal(
+      apply(&f, 2, "cluster.seed", "{\"config\":{\"endpoint\":\"https://other\"},\"tokens\":[]}"),
+      0);
   assert_string_equal(cJSON_GetObjectItem(f.st.config, "endpoint")->valuestring, "https://seed");
   assert_int_equal(f.st.config_version, 1);
   /* The public write API cannot submit a seed. */

@@ -10,6 +10,7 @@
 
 #include <arpa/inet.h>
 #include <dirent.h>
+#include <errno.h>
 #include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -23,8 +24,9 @@
 #define N 3
 #define SECRET "correct horse battery staple"
 
-static const uint8_t master_key[32] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16,
-                                       17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32};
+static const uint8_t master_key[32] = {1,  2,  3,  4,  5,  6,  7,  8,  9,  10, 11,
+                                       12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22,
+                                       23, 24, 25, 26, 27, 28, 29, 30, 31, 32};
 
 struct tnode {
   struct consensus *c;
@@ -135,9 +137,8 @@ static void cluster_init(struct cluster *cl, const char *bad_secret_for_last) {
     n->secret = SECRET;
     n->key = master_key;
     n->closed = true;
-    cl->members[i] = (struct consensus_member){n->id, zones[i],
-                                               i == 2 ? CONSENSUS_WITNESS : CONSENSUS_GATEWAY,
-                                               n->addr, NULL, NULL};
+    cl->members[i] = (struct consensus_member){
+        n->id, zones[i], i == 2 ? CONSENSUS_WITNESS : CONSENSUS_GATEWAY, n->addr, NULL, NULL};
   }
   if (bad_secret_for_last) cl->nodes[N - 1].secret = bad_secret_for_last;
   cl->seed = cJSON_Parse("{\"endpoint\":\"https://api.example.com\",\"model\":{\"top_p\":0.9}}");
@@ -265,7 +266,8 @@ static void test_bootstrap_write_restart(void **state) {
   /* The first leader seeds the replicated config on every node. */
   struct version_goal all1 = {7, 1};
   assert_true(run_until(&cl, config_version_reached, &all1, 5000));
-  const cJSON *endpoint = cJSON_GetObjectItemCaseSensitive(consensus_config(cl.nodes[0].c), "endpoint");
+  const cJSON *endpoint =
+      cJSON_GetObjectItemCaseSensitive(consensus_config(cl.nodes[0].c), "endpoint");
   assert_string_equal(endpoint->valuestring, "https://api.example.com");
 
   /* A follower refuses writes. */
@@ -275,11 +277,12 @@ static void test_bootstrap_write_restart(void **state) {
                    CONSENSUS_ENOTLEADER);
 
   /* Writes through the leader land on every node. */
-  assert_int_equal(do_write(&cl, leader, "key.add",
-                            "{\"id\":\"k1\",\"secret\":\"sk-live-PLAINTEXT-123\"}", &w),
-                   0);
+  assert_int_equal(
+      do_write(&cl, leader, "key.add", "{\"id\":\"k1\",\"secret\":\"sk-live-PLAINTEXT-123\"}", &w),
+      0);
   assert_int_equal(do_write(&cl, leader, "token.create",
-                            "{\"name\":\"ci\",\"sha256\":\"" "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+                            "{\"name\":\"ci\",\"sha256\":\""
+                            "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
                             "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\",\"rpm\":60}",
                             &w),
                    0);
@@ -330,7 +333,8 @@ static void test_bootstrap_write_restart(void **state) {
   assert_true(run_until(&cl, config_version_reached, &all3, 8000));
   assert_int_equal(cJSON_GetObjectItem(consensus_config(cl.nodes[victim].c), "v")->valueint, 3);
   assert_true(consensus_token_lookup(
-      cl.nodes[victim].c, "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", NULL));
+      cl.nodes[victim].c, "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+      NULL));
 
   /* Restart with the wrong master key: refused with a clear message. */
   stop_node(&cl, victim);
@@ -404,12 +408,57 @@ static void test_corrupt_data_dir_refused(void **state) {
   fputs("garbage garbage garbage garbage garbage garbage", f);
   fclose(f);
   assert_int_not_equal(start_node(&cl, 0, err, sizeof err), 0);
+  print_message("refused as expected: %s\n", err);
   assert_non_null(strstr(err, cl.nodes[0].dir));
   /* A path that cannot be a directory. */
   snprintf(cl.nodes[1].dir, sizeof cl.nodes[1].dir, "%.290s", path);
   assert_int_not_equal(start_node(&cl, 1, err, sizeof err), 0);
+  print_message("refused as expected: %s\n", err);
   assert_non_null(strstr(err, path));
   run_until(&cl, never, NULL, 100);
+  cluster_close(&cl);
+}
+
+/* A raw TCP client on 127.0.0.1:port; the kernel completes the connect. */
+static int raw_connect(const char *addr) {
+  int port = atoi(strchr(addr, ':') + 1);
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  struct sockaddr_in sa = {.sin_family = AF_INET,
+                           .sin_port = htons((uint16_t)port),
+                           .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+  assert_int_equal(connect(fd, (struct sockaddr *)&sa, sizeof sa), 0);
+  return fd;
+}
+
+/* 0 when the server closed the connection (EOF or reset). */
+static int peer_closed(int fd) {
+  char buf[256];
+  ssize_t n = recv(fd, buf, sizeof buf, MSG_DONTWAIT);
+  return (n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK)) ? 0 : -1;
+}
+
+static void test_handshake_rejects_junk_and_silence(void **state) {
+  (void)state;
+  struct cluster cl;
+  char err[512];
+  cluster_init(&cl, NULL);
+  for (int i = 0; i < N; i++) assert_int_equal(start_node(&cl, i, err, sizeof err), 0);
+  assert_true(run_until(&cl, has_ready_leader, NULL, 10000));
+  int junk = raw_connect(cl.nodes[0].addr);
+  const char garbage[] =
+      "GET / HTTP/1.1\r\nHost: x\r\n\r\n0123456789012345678901234567890123456789";
+  assert_true(send(junk, garbage, sizeof garbage, 0) > 0);
+  int silent = raw_connect(cl.nodes[1].addr);
+  run_until(&cl, never, NULL, 300);
+  assert_int_equal(peer_closed(junk), 0);    /* not our magic: closed at once */
+  assert_int_equal(peer_closed(silent), -1); /* still within the handshake time */
+  run_until(&cl, never, NULL, 2300);
+  assert_int_equal(peer_closed(silent), 0); /* handshake timed out */
+  close(junk);
+  close(silent);
+  /* The cluster is unaffected. */
+  struct write_result w;
+  assert_int_equal(do_write(&cl, leader_index(&cl), "audit.note", "{\"what\":\"ok\"}", &w), 0);
   cluster_close(&cl);
 }
 
@@ -418,6 +467,7 @@ int main(void) {
       cmocka_unit_test(test_bootstrap_write_restart),
       cmocka_unit_test(test_wrong_secret_never_joins),
       cmocka_unit_test(test_corrupt_data_dir_refused),
+      cmocka_unit_test(test_handshake_rejects_junk_and_silence),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
