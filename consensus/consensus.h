@@ -75,6 +75,11 @@ struct consensus_options {
    * before a crash. 0 = election_timeout_ms. A freshly bootstrapped node joins
    * at once. */
   unsigned startup_quiet_ms;
+  /* Added: true for a node that joins an existing cluster (the leader calls
+   * consensus_add_member for it): an empty data dir is NOT bootstrapped, the
+   * node waits to be contacted by the leader. `peers` then only feeds the
+   * member metadata shown in status. */
+  bool join_existing;
 };
 
 /* Starts raft on `loop`. Returns 0 and *out, or a negative status with a

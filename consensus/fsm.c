@@ -691,7 +691,6 @@ static int apply_command(struct zg_fsm *f, const struct zgc_command *cmd, struct
     cJSON_Delete(st->config);
     st->config = copy;
     st->config_version++;
-    st->seeded = true;
     o->result = cJSON_CreateObject();
     cJSON_AddNumberToObject(o->result, "version", (double)st->config_version);
     o->target = "config";
@@ -799,7 +798,7 @@ static int apply_command(struct zg_fsm *f, const struct zgc_command *cmd, struct
       return 0;
     }
     const cJSON *config = cJSON_GetObjectItemCaseSensitive(args, "config");
-    if (cJSON_IsObject(config)) {
+    if (cJSON_IsObject(config) && st->config_version == 0) { /* an operator's config wins */
       cJSON_Delete(st->config);
       st->config = cJSON_Duplicate(config, true);
       st->config_version = 1;

@@ -743,15 +743,29 @@ int consensus_start(uv_loop_t *loop, const struct consensus_options *opts, struc
     }
   }
   qsort(conf.servers, conf.n, sizeof *conf.servers, server_cmp);
-  rv = raft_bootstrap(&c->raft, &conf);
-  raft_configuration_close(&conf);
   bool restarted = false;
+  if (opts->join_existing) {
+    rv = RAFT_CANTBOOTSTRAP; /* never start a cluster of our own */
+    char meta[4200];
+    struct stat st;
+    snprintf(meta, sizeof meta, "%s/metadata1", c->raft_dir);
+    bool have1 = stat(meta, &st) == 0;
+    snprintf(meta, sizeof meta, "%s/metadata2", c->raft_dir);
+    if (!have1 && stat(meta, &st) != 0) {
+      rv = 0; /* fresh joiner: no quiet period needed, it never voted */
+      ZG_LOG_INFO("raft_joining", "empty data dir %s: waiting to be added by the leader",
+                  c->raft_dir);
+    }
+  } else {
+    rv = raft_bootstrap(&c->raft, &conf);
+  }
+  raft_configuration_close(&conf);
   if (rv == RAFT_CANTBOOTSTRAP) {
     restarted = true;
   } else if (rv != 0) {
     snprintf(errmsg, errlen, "raft_bootstrap(%s): %s", c->raft_dir, raft_errmsg(&c->raft));
     goto fail;
-  } else {
+  } else if (!opts->join_existing) {
     ZG_LOG_INFO("raft_bootstrapped", "new cluster of %zu voters bootstrapped in %s", c->n_members,
                 c->raft_dir);
   }

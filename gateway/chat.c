@@ -504,6 +504,17 @@ void gateway_handle_chat(struct gateway *gw, struct httpd_req *req) {
   if (c) decide_route(c);
 }
 
+/* Asks the limiter for an upstream slot. When the answer comes at once,
+ * on_slot has already run and may have answered and freed c: c is touched
+ * only when the request was queued (a waiter came back). */
+static void wait_for_slot(struct chat *c) {
+  struct httpd_req *req = c->req;
+  struct limiter_waiter *waiter = limiter_acquire(c->gw->limiter, on_slot, c);
+  if (!waiter) return;
+  c->waiter = waiter;
+  httpd_req_set_abort(req, on_client_abort, c);
+}
+
 static void proceed_local(struct chat *c) {
   struct gateway *gw = c->gw;
   struct httpd_req *req = c->req;
@@ -519,8 +530,7 @@ static void proceed_local(struct chat *c) {
       return;
     }
     build_attempts(c);
-    c->waiter = limiter_acquire(gw->limiter, on_slot, c);
-    if (c->waiter) httpd_req_set_abort(req, on_client_abort, c);
+    wait_for_slot(c);
     return;
   }
   size_t body_len;
@@ -600,8 +610,7 @@ static void proceed_local(struct chat *c) {
     }
     build_attempts(c);
   }
-  c->waiter = limiter_acquire(gw->limiter, on_slot, c);
-  if (c->waiter) httpd_req_set_abort(req, on_client_abort, c);
+  wait_for_slot(c);
 }
 
 void gateway_handle_models(struct gateway *gw, struct httpd_req *req) {

@@ -84,6 +84,16 @@ static void handle_metrics(struct gateway *gw, struct httpd_req *req) {
   zg_buf_free(&out);
 }
 
+/* The route label of a /health path: one of the fixed endpoints, else
+ * "unknown", so client-chosen paths cannot grow the metric series. */
+static const char *health_route(const char *path) {
+  static const char *const known[] = {"/health", "/health/live", "/health/ready", "/health/active",
+                                      "/health/standby"};
+  for (size_t i = 0; i < ZG_ARRAY_LEN(known); i++)
+    if (strcmp(path, known[i]) == 0) return known[i];
+  return "unknown";
+}
+
 static void on_request(void *ctx, struct httpd_req *req) {
   struct gateway *gw = ctx;
   struct access *access = calloc(1, sizeof(*access));
@@ -117,7 +127,7 @@ static void on_request(void *ctx, struct httpd_req *req) {
     allowed = "Allow: GET, HEAD";
   } else if (strcmp(path, "/health") == 0 || strncmp(path, "/health/", 8) == 0) {
     route = "/health";
-    gateway_access_route(req, path);
+    gateway_access_route(req, health_route(path));
     if (get || post) {
       gateway_handle_health(gw, req);
       return;

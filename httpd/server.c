@@ -524,6 +524,15 @@ static int on_headers_complete(http_parser *p) {
   r->keep_alive = http_should_keep_alive(p) != 0;
   if (p->content_length != ULLONG_MAX && p->content_length > c->srv->limits.max_body_bytes)
     return fail_parse(c, 413, "request body is larger than the server accepts");
+  /* curl sends "Expect: 100-continue" with large bodies and waits a second
+   * for this interim answer. Sent only when no earlier answer is pending on
+   * the connection, so pipelined answers keep their order. */
+  const char *expect = httpd_req_header(r, "Expect");
+  if (expect && strcasecmp(expect, "100-continue") == 0 && p->http_major == 1 && p->http_minor >= 1 &&
+      !c->inflight && !c->queue_head) {
+    static const char interim[] = "HTTP/1.1 100 Continue\r\n\r\n";
+    conn_write(c, interim, sizeof(interim) - 1, NULL, 0);
+  }
   const char *url = r->url.data ? r->url.data : "/";
   const char *q = strchr(url, '?');
   size_t path_len = q ? (size_t)(q - url) : strlen(url);

@@ -193,7 +193,16 @@ int node_cluster_start(struct node *n, char *errmsg, size_t errlen) {
   rc = consensus_start(n->loop, &opts, &n->consensus, errmsg, errlen);
   cJSON_Delete(seed);
   cJSON_Delete(tokens);
-  if (rc != 0) goto out;
+  if (rc != 0) {
+    if (strstr(errmsg, "raft_init(") || strstr(errmsg, "raft_uv_init(") || strstr(errmsg, "raft_start(")) {
+      size_t len = strlen(errmsg);
+      snprintf(errmsg + len, errlen - len,
+               "\n       the Raft data in %s/raft is corrupt or unreadable: restore it from a backup, or move it "
+               "away to let this node rejoin as a fresh member (the leader copies the state to it)",
+               cfg->data_dir);
+    }
+    goto out;
+  }
   rc = failover_start(n->loop, n->consensus, n->gateway, cfg, &n->failover, errmsg, errlen);
   if (rc != 0) goto out;
   gateway_set_cluster(n->gateway, failover_gateway_hooks(n->failover));

@@ -236,6 +236,13 @@ int node_serve(int argc, char **argv) {
                    : !strcmp(n.cfg->log_level, "error") ? ZG_ERROR
                                                         : ZG_INFO);
   zg_config_warnings(n.cfg, log_warning, (void *)config_path);
+  struct stat st;
+  if (mkdir_p(n.cfg->data_dir, 0700) == 0 && stat(n.cfg->data_dir, &st) == 0 && !S_ISDIR(st.st_mode)) {
+    fprintf(stderr, "error: %s: cluster.data_dir: expected a directory, found a file at %s\n", config_path,
+            n.cfg->data_dir);
+    zg_config_free(n.cfg);
+    return 1;
+  }
   if (mkdir_p(n.cfg->data_dir, 0700) != 0 || access(n.cfg->data_dir, W_OK) != 0) {
     fprintf(stderr, "error: %s: cluster.data_dir: cannot create or write %s: %s\n", config_path,
             n.cfg->data_dir, strerror(errno));

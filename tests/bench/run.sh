@@ -35,6 +35,7 @@ for tool in wrk nginx gcc curl python3 timeout; do
   command -v "$tool" >/dev/null || { echo "run.sh: $tool is not installed" >&2; exit 1; }
 done
 
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 tmp=$(mktemp -d /tmp/zonegate-bench.XXXXXX)
 pids=()
 cleanup() {
@@ -264,6 +265,7 @@ cat <<EOF
 Command: \`$env_line $command_line\`
 Machine: $ncpu × $cpu, $(uname -sr); zonegate $commit; nginx $(nginx -v 2>&1 | sed 's/.*nginx\///'), 1 worker
 Layout: $layout. mockllm answers at once (latency 0).
+Load average before the run: $load_before (other work on the machine makes the figures noisy; compare runs on a quiet machine).
 
 Throughput: wrk, $CONNS keep-alive connections, 1 thread, ${DURATION}s after ${WARMUP}s warmup, small non-stream chat completion.
 

@@ -201,3 +201,27 @@ def test_chunked_request_body(stack):
     echo = echo_of(responses[0][2])
     assert echo["body"]["messages"] == [{"role": "user", "content": "chunked body"}]
     assert "transfer-encoding" not in echo["headers"]
+
+
+def test_expect_100_continue_answered_at_once(stack):
+    # curl sends "Expect: 100-continue" with bodies over 1 MB and otherwise stalls a second.
+    body = json.dumps(chat_body("expecting")).encode()
+    with socket.create_connection(("127.0.0.1", stack.port), timeout=5) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Authorization: Bearer " + CLIENT_TOKEN.encode() + b"\r\nExpect: 100-continue\r\n"
+                  b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n")
+        s.settimeout(0.5)
+        interim = s.recv(4096)
+        assert interim.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"), interim
+        s.settimeout(5)
+        s.sendall(body)
+        got = interim[len(b"HTTP/1.1 100 Continue\r\n\r\n"):]
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+    responses = parse_responses(got)
+    assert responses and responses[0][0] == 200, got
+    assert json.loads(responses[0][2])["choices"][0]["message"]["content"] == "mock reply to: expecting"

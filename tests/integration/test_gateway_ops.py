@@ -112,6 +112,8 @@ def test_metrics_prometheus_text(stack):
     assert stack.chat(body)[1].get("X-Cache") == "HIT"
     assert stack.chat(chat_body("boom"), headers={"X-Mock-Status": "500"})[0] == 500
     assert request(stack.port, "GET", "/nope")[0] == 404
+    for i in range(3):  # client-chosen paths must not become metric series
+        assert request(stack.port, "GET", f"/health/made-up-{i}")[0] == 404
     status, headers, payload = request(stack.port, "GET", "/metrics")
     assert status == 200
     assert headers["Content-Type"].startswith("text/plain")
@@ -132,6 +134,8 @@ def test_metrics_prometheus_text(stack):
     assert metric_value(text, "process_resident_memory_bytes") > 1e6
     assert metric_value(text, "process_cpu_seconds_total") > 0
     assert "zonegate_upstream_ttfb_seconds_bucket" in text
+    assert "made-up" not in text
+    assert metric_value(text, "zonegate_requests_total", route="unknown", code="404") == 4
 
 
 def test_sigterm_drains_inflight_stream_and_refuses_new_connections(stack):

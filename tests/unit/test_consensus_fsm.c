@@ -267,6 +267,17 @@ static void test_seed_once(void **state) {
       0);
   assert_string_equal(cJSON_GetObjectItem(f.st.config, "endpoint")->valuestring, "https://seed");
   assert_int_equal(f.st.config_version, 1);
+  zg_fsm_close(&f);
+  cJSON_Delete(la.result);
+
+  /* A config written by an operator before the seed commits is kept; the
+   * seed still brings its tokens. */
+  fsm_setup(&f, &la, 50);
+  assert_int_equal(apply(&f, 1, "config.put", "{\"config\":{\"endpoint\":\"https://op\"}}"), 0);
+  assert_int_equal(apply(&f, 2, "cluster.seed", seed), 0);
+  assert_string_equal(cJSON_GetObjectItem(f.st.config, "endpoint")->valuestring, "https://op");
+  assert_int_equal(f.st.config_version, 1);
+  assert_non_null(zg_state_token_find(&f.st, HASH_A));
   /* The public write API cannot submit a seed. */
   assert_int_equal(zgc_type_from_name("cluster.seed"), 0);
   cJSON_Delete(la.result);

@@ -462,12 +462,110 @@ static void test_handshake_rejects_junk_and_silence(void **state) {
   cluster_close(&cl);
 }
 
+struct change_result {
+  bool done;
+  int status;
+};
+
+static void change_cb(void *ud, int status, const char *errmsg) {
+  struct change_result *r = ud;
+  (void)errmsg;
+  r->done = true;
+  r->status = status;
+}
+
+static bool change_done(struct cluster *cl, void *arg) {
+  (void)cl;
+  return ((struct change_result *)arg)->done;
+}
+
+struct joiner {
+  struct consensus *c, *leader;
+};
+
+static bool joiner_caught_up(struct cluster *cl, void *arg) {
+  struct joiner *j = arg;
+  (void)cl;
+  return consensus_config_version(j->c) >= 1 &&
+         consensus_applied_index(j->c) >= consensus_applied_index(j->leader) &&
+         cJSON_GetObjectItem(consensus_config(j->c), "x") != NULL;
+}
+
+static void test_add_and_remove_member(void **state) {
+  (void)state;
+  struct cluster cl;
+  char err[512], addr[32], dir[300];
+  cluster_init(&cl, NULL);
+  for (int i = 0; i < N; i++) assert_int_equal(start_node(&cl, i, err, sizeof err), 0);
+  assert_true(run_until(&cl, has_ready_leader, NULL, 10000));
+  int leader = leader_index(&cl);
+  struct write_result w;
+  assert_int_equal(do_write(&cl, leader, "config.put", "{\"config\":{\"x\":1}}", &w), 0);
+
+  /* A fourth node with an empty data dir joins instead of bootstrapping. */
+  snprintf(addr, sizeof addr, "127.0.0.1:%d", free_port());
+  snprintf(dir, sizeof dir, "%.200s/gw-c", cl.root);
+  struct consensus_member me = {"gw-c", "A", CONSENSUS_GATEWAY, addr, NULL, NULL};
+  struct consensus_options o = {.self = &me,
+                                .raft_listen = addr,
+                                .peers = cl.members,
+                                .n_peers = N,
+                                .data_dir = dir,
+                                .cluster_secret = SECRET,
+                                .master_key = master_key,
+                                .election_timeout_ms = 300,
+                                .heartbeat_ms = 50,
+                                .join_existing = true};
+  struct joiner j = {.leader = cl.nodes[leader].c};
+  assert_int_equal(consensus_start(&cl.loop, &o, &j.c, err, sizeof err), 0);
+  run_until(&cl, never, NULL, 500);
+  assert_null(consensus_leader(j.c)); /* not a member yet */
+
+  struct change_result r = {0};
+  assert_int_equal(consensus_add_member(cl.nodes[leader].c, &me, change_cb, &r), 0);
+  assert_true(run_until(&cl, change_done, &r, 10000));
+  assert_int_equal(r.status, 0);
+  if (!run_until(&cl, joiner_caught_up, &j, 10000)) {
+    cJSON *js = consensus_status_json(j.c);
+    char *t = cJSON_Print(js);
+    print_message("joiner: %s\n", t);
+    free(t);
+    cJSON_Delete(js);
+    js = consensus_status_json(cl.nodes[leader].c);
+    t = cJSON_Print(js);
+    print_message("leader: %s\n", t);
+    free(t);
+    cJSON_Delete(js);
+    fail();
+  }
+  cJSON *status = consensus_status_json(cl.nodes[leader].c);
+  const cJSON *m;
+  bool voter = false;
+  cJSON_ArrayForEach(m, cJSON_GetObjectItem(status, "members")) {
+    if (strcmp(cJSON_GetObjectItem(m, "id")->valuestring, "gw-c") == 0)
+      voter = cJSON_IsTrue(cJSON_GetObjectItem(m, "voter"));
+  }
+  cJSON_Delete(status);
+  assert_true(voter);
+
+  struct change_result rr = {0};
+  assert_int_equal(consensus_remove_member(cl.nodes[leader].c, "gw-c", change_cb, &rr), 0);
+  assert_true(run_until(&cl, change_done, &rr, 10000));
+  assert_int_equal(rr.status, 0);
+
+  bool closed = false;
+  consensus_close(j.c, closed_cb, &closed);
+  assert_true(run_until(&cl, node_closed, &closed, 5000));
+  cluster_close(&cl);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_bootstrap_write_restart),
       cmocka_unit_test(test_wrong_secret_never_joins),
       cmocka_unit_test(test_corrupt_data_dir_refused),
       cmocka_unit_test(test_handshake_rejects_junk_and_silence),
+      cmocka_unit_test(test_add_and_remove_member),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1,0 +1,228 @@
+"""The Raft group as an operator sees it: three real processes on
+loopback (gw-a, gw-b, witness) with on-disk raft_uv storage, mockllm as
+the upstream. A change made through any node applies on every node;
+killing the leader loses no acknowledged write; a lagging node catches up
+by snapshot; a peer without the cluster secret never joins; a corrupt
+data dir is a clear error."""
+import concurrent.futures
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from cluster import SECRETS, Cluster
+from harness import TempDir, chat_body, request, wait_for
+
+
+@pytest.fixture
+def cluster():
+    with TempDir() as d:
+        c = Cluster(d, snapshot_threshold=64)
+        try:
+            c.start()
+            yield c
+        finally:
+            c.stop()
+
+
+def chat(node, token, **headers):
+    hdrs = {"Authorization": f"Bearer {token}"}
+    hdrs.update(headers)
+    return request(node.gateway_port, "POST", "/v1/chat/completions", chat_body("hi"), hdrs)
+
+
+def test_token_created_on_one_node_works_on_every_node(cluster):
+    standby = next(n for n in cluster.nodes if n.role == "gateway" and n is not cluster.active())
+    status, answer = standby.admin_call("POST", "/v1/tokens", {"name": "app1"})
+    assert status == 200, answer
+    token = answer["token"]
+    # Read-your-writes: the node that answered already has it.
+    for node in [n for n in cluster.nodes if n.role == "gateway"]:
+        status, _, body = chat(node, token)
+        assert status == 200, (node.id, body)
+    # Stored hashed only: no node's token listing carries the token.
+    status, listing = cluster.nodes[2].admin_call("GET", "/v1/tokens")
+    assert token not in json.dumps(listing)
+    # Revoked once: refused everywhere on the next request.
+    status, _ = cluster.nodes[2].admin_call("DELETE", f"/v1/tokens/{answer['id']}")
+    assert status == 200
+    for node in [n for n in cluster.nodes if n.role == "gateway"]:
+        wait_for(lambda node=node: chat(node, token)[0] == 401, timeout=5, what="revoked token refused")
+
+
+def test_config_applied_once_changes_behaviour_on_every_node(cluster):
+    status, answer = cluster.nodes[1].admin_call("POST", "/v1/tokens", {"name": "cfg"})
+    token = answer["token"]
+    status, current = cluster.nodes[0].admin_call("GET", "/v1/config")
+    version = current["version"]
+    new = dict(current["config"])
+    new["model"] = {"temperature": 0.25}
+    # Compare-and-set with a stale version is refused.
+    status, _ = cluster.nodes[1].admin_call("PUT", "/v1/config", {"config": new},
+                                            headers={"If-Match": str(version + 7)})
+    assert status == 412
+    status, answer = cluster.nodes[1].admin_call("PUT", "/v1/config", {"config": new},
+                                                 headers={"If-Match": str(version)})
+    assert status == 200, answer
+    for node in [n for n in cluster.nodes if n.role == "gateway"]:
+        def sees_default(node=node):
+            s, _, body = chat(node, token, **{"X-Mock-Echo": "1"})
+            echoed = json.loads(json.loads(body)["choices"][0]["message"]["content"])
+            return s == 200 and echoed["body"].get("temperature") == 0.25
+        wait_for(sees_default, timeout=5, what=f"{node.id} applies the new default")
+    # A misspelled key is refused with the nearest known key, and changes nothing.
+    status, answer = cluster.nodes[0].admin_call("PUT", "/v1/config", {"endpoit": "http://x"})
+    assert status == 400 and "did you mean" in answer["error"]["message"], answer
+    status, after = cluster.nodes[0].admin_call("GET", "/v1/config")
+    assert after["version"] == version + 1
+
+
+def test_sigkill_leader_during_500_writes_loses_no_acknowledged_write(cluster):
+    leader = cluster.active()
+    survivors = [n for n in cluster.nodes if n is not leader]
+    acked = []
+    targets = [n for n in cluster.nodes]
+
+    def write(i):
+        node = targets[i % len(targets)]
+        if not node.alive():
+            node = survivors[i % len(survivors)]
+        for attempt in range(3):
+            try:
+                status, answer = node.admin_call("POST", "/v1/tokens", {"name": f"w{i}"}, timeout=10)
+            except OSError:
+                return None
+            if status == 200:
+                return f"w{i}"
+            if status != 503:
+                return None
+            time.sleep(0.2)
+        return None
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+        futures = [pool.submit(write, i) for i in range(500)]
+        time.sleep(0.3)
+        leader.kill(signal.SIGKILL)
+        for f in futures:
+            name = f.result(timeout=120)
+            if name:
+                acked.append(name)
+    new_active = cluster.wait_active(exclude=leader)
+    assert new_active is not leader
+    assert len(acked) > 100, f"only {len(acked)} writes acknowledged"
+    for node in survivors:
+        def has_all(node=node):
+            status, listing = node.admin_call("GET", "/v1/tokens")
+            names = {t["name"] for t in listing.get("tokens", [])}
+            return set(acked) <= names
+        wait_for(has_all, timeout=15, what=f"every acknowledged write on {node.id}")
+    print(f"\nacknowledged writes: {len(acked)} of 500; lost: 0")
+
+
+def test_node_down_for_2000_writes_catches_up_by_snapshot(cluster):
+    down = cluster.node("gw-b") if cluster.active() is not cluster.node("gw-b") else cluster.node("gw-a")
+    down.kill(signal.SIGKILL)
+    writer = next(n for n in cluster.nodes if n.alive())
+
+    def write(i):
+        status, _ = writer.admin_call("POST", "/v1/tokens", {"name": f"bulk{i}"})
+        return status
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+        statuses = list(pool.map(write, range(2000)))
+    assert statuses.count(200) == 2000
+    down.start()
+
+    def caught_up():
+        status, listing = down.admin_call("GET", "/v1/tokens")
+        return status == 200 and len(listing["tokens"]) >= 2000
+    wait_for(caught_up, timeout=30, what="restarted node has all 2000 writes")
+    assert "snapshot" in down.proc.output().lower()
+
+
+def test_peer_with_wrong_cluster_secret_is_refused(cluster):
+    intruder = cluster.node("witness")
+    intruder.kill(signal.SIGKILL)
+    # Fresh data dir and the wrong secret: it must never join nor learn the leader.
+    import shutil
+    shutil.rmtree(intruder.data_dir)
+    intruder.env_overrides = {"ZONEGATE_CLUSTER_SECRET": "not-the-cluster-secret-at-all"}
+    intruder.start()
+    time.sleep(3)
+    status, body = intruder.health("live")
+    assert body["leader"] == "", body
+    logs = "".join(n.proc.output() for n in cluster.nodes if n is not intruder)
+    assert "peer_auth_failed" in logs
+    # The group still commits writes.
+    writer = cluster.active()
+    status, _ = writer.admin_call("POST", "/v1/tokens", {"name": "after-intruder"})
+    assert status == 200
+
+
+def test_corrupt_data_dir_is_a_clear_error(cluster):
+    node = cluster.node("witness")
+    node.kill(signal.SIGKILL)
+    raft_dir = os.path.join(node.data_dir, "raft")
+    for name in ("metadata1", "metadata2"):
+        path = os.path.join(raft_dir, name)
+        if os.path.exists(path):
+            with open(path, "r+b") as f:
+                f.write(b"\xde\xad\xbe\xef" * 4)
+    node.start(wait=False)
+    code = node.proc.wait(timeout=20)
+    out = node.proc.output()
+    assert code == 1, (code, out[-2000:])
+    assert "error:" in out and node.data_dir in out, out[-2000:]
+    assert "restore it from a backup" in out
+
+
+def test_data_dir_that_is_a_file_is_a_clear_error(cluster):
+    node = cluster.node("witness")
+    node.kill(signal.SIGKILL)
+    import shutil
+    shutil.rmtree(node.data_dir)
+    with open(node.data_dir, "w") as f:
+        f.write("not a directory")
+    node.start(wait=False)
+    code = node.proc.wait(timeout=20)
+    out = node.proc.output()
+    assert code == 1, out[-2000:]
+    assert "cluster.data_dir" in out and node.data_dir in out, out[-2000:]
+
+
+def test_wrong_master_key_refuses_to_start(cluster):
+    node = cluster.node("witness")
+    node.kill(signal.SIGTERM)
+    import base64
+    node.env_overrides = {"ZONEGATE_MASTER_KEY": base64.b64encode(os.urandom(32)).decode()}
+    node.start(wait=False)
+    code = node.proc.wait(timeout=20)
+    assert code == 1
+    assert "master key" in node.proc.output()
+
+
+def test_cli_as_an_operator(cluster):
+    node = cluster.node("gw-b")
+    out = node.cli("status")
+    assert "gw-a" in out.stdout and "witness" in out.stdout
+    key_out = node.cli("keys", "add", "--upstream", "default", input_text="sk-cli-key-123456\n")
+    assert "added key" in key_out.stdout
+    listing = node.cli("keys", "list", "--json")
+    keys = json.loads(listing.stdout)["keys"]
+    assert any(k["state"] == "active" for k in keys)
+    assert "sk-cli-key-123456" not in listing.stdout
+    tok = node.cli("tokens", "create", "cli-app", "--rpm", "100")
+    token = tok.stdout.strip()
+    assert token.startswith("zg-")
+    s, _, body = chat(cluster.active(), token, **{"X-Mock-Echo": "1"})
+    assert s == 200
+    assert "sk-cli-key-123456" in json.loads(body)["choices"][0]["message"]["content"]
+    audit = node.cli("audit", "--json")
+    actions = [r["action"] for r in json.loads(audit.stdout)["audit"]]
+    assert "key.add" in actions and "token.create" in actions
+    bad = node.cli("status", "--token", "wrong-token-1234567", check=False)
+    assert bad.returncode == 1 and "admin token was rejected" in bad.stderr
+    down = node.cli("status", "--addr", "127.0.0.1:1", check=False)
+    assert down.returncode == 1 and "cannot reach" in down.stderr
