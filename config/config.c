@@ -143,7 +143,7 @@ static int check_value(struct parse_ctx *ctx, const struct schema_entry *e, cons
     int i = 0;
     for (cJSON *item = v->child; item; item = item->next, i++) {
       char jp[256];
-      snprintf(jp, sizeof(jp), "%s[%d]", path, i);
+      snprintf(jp, sizeof(jp), "%.200s[%d]", path, i);
       if (!cJSON_IsObject(item)) return fail(ctx, jp, "an object", item);
       if (walk_object(ctx, element_schema, jp, item) != 0) return -1;
     }

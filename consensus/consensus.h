@@ -174,6 +174,12 @@ int consensus_add_member(struct consensus *c, const struct consensus_member *m,
 int consensus_remove_member(struct consensus *c, const char *node_id,
                             void (*cb)(void *ud, int status, const char *errmsg), void *ud);
 
+/* Drill "isolate": drops all raft peer traffic of this node for duration_ms
+ * (live peer connections are cut, new ones refused both ways); the client
+ * and admin ports are untouched. A leader loses its lease and steps down;
+ * afterwards the node rejoins on its own. 0 ok, CONSENSUS_ESHUTDOWN. */
+int consensus_isolate(struct consensus *c, unsigned duration_ms);
+
 /* Stable raft id of a node id (64-bit FNV-1a, never 0). */
 uint64_t consensus_raft_id(const char *node_id);
 

@@ -148,5 +148,7 @@ int zg_transport_init(struct raft_uv_transport *t, uv_loop_t *loop, const char *
 void zg_transport_free(struct raft_uv_transport *t);
 /* Sets the startup quiet period; must be called before raft_start(). */
 void zg_transport_set_quiet(struct raft_uv_transport *t, unsigned quiet_ms);
+/* Drill: cuts every peer connection and refuses new ones for duration_ms. */
+void zg_transport_isolate(struct raft_uv_transport *t, unsigned duration_ms);
 
 #endif

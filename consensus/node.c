@@ -1125,3 +1125,9 @@ int consensus_remove_member(struct consensus *c, const char *node_id,
   }
   return 0;
 }
+
+int consensus_isolate(struct consensus *c, unsigned duration_ms) {
+  if (c->closing) return CONSENSUS_ESHUTDOWN;
+  zg_transport_isolate(&c->transport, duration_ms);
+  return 0;
+}

@@ -15,11 +15,13 @@
  * or a malformed message closes the connection and logs WARN
  * `peer_auth_failed` with the peer's IP (never the secret). While the
  * startup quiet period runs, inbound connections are closed at once and
- * outbound ones fail, so a restarted node takes part in no election.
+ * outbound ones fail, so a restarted node takes part in no election. The
+ * isolate drill uses the same switch after cutting the live connections.
  */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
@@ -77,6 +79,15 @@ struct handshake {
   uint8_t wbuf1[CHALLENGE_FIXED + ADDR_MAX], wbuf2[PROOF_LEN];
 };
 
+/* A stream given to raft, remembered so a drill can cut it (see
+ * zg_transport_isolate): the fd plus its TCP 4-tuple, so a reused fd
+ * number is never mistaken for it. */
+#define MAX_HANDED 64
+struct handed_stream {
+  int fd;
+  struct sockaddr_storage local, peer;
+};
+
 struct zgt {
   struct raft_uv_transport *t;
   uv_loop_t *loop;
@@ -85,6 +96,8 @@ struct zgt {
   char address[ADDR_MAX + 1];
   char bind_address[ADDR_MAX + 1];
   uv_tcp_t listener;
+  struct handed_stream handed[MAX_HANDED];
+  size_t n_handed;
   uv_timer_t quiet_timer;
   bool listener_open, quiet_timer_open, quiet;
   unsigned quiet_ms;
@@ -227,11 +240,40 @@ static void hs_fail(struct handshake *hs, const char *why) {
   hs_release(hs);
 }
 
+static bool stream_tuple(int fd, struct sockaddr_storage *local, struct sockaddr_storage *peer) {
+  socklen_t llen = sizeof *local, plen = sizeof *peer;
+  memset(local, 0, sizeof *local);
+  memset(peer, 0, sizeof *peer);
+  return getsockname(fd, (struct sockaddr *)local, &llen) == 0 &&
+         getpeername(fd, (struct sockaddr *)peer, &plen) == 0;
+}
+
+/* True if fd is still the very connection recorded in h. */
+static bool handed_alive(const struct handed_stream *h) {
+  struct sockaddr_storage local, peer;
+  return stream_tuple(h->fd, &local, &peer) && memcmp(&local, &h->local, sizeof local) == 0 &&
+         memcmp(&peer, &h->peer, sizeof peer) == 0;
+}
+
+static void remember_handed(struct zgt *tr, uv_tcp_t *tcp) {
+  uv_os_fd_t fd;
+  if (uv_fileno((uv_handle_t *)tcp, &fd) != 0) return;
+  size_t kept = 0; /* drop entries whose connection is gone */
+  for (size_t i = 0; i < tr->n_handed; i++)
+    if (handed_alive(&tr->handed[i]) && tr->handed[i].fd != fd) tr->handed[kept++] = tr->handed[i];
+  tr->n_handed = kept;
+  if (tr->n_handed == MAX_HANDED) return;
+  struct handed_stream *h = &tr->handed[tr->n_handed];
+  h->fd = fd;
+  if (stream_tuple(fd, &h->local, &h->peer)) tr->n_handed++;
+}
+
 /* Hands the authenticated stream to raft. */
 static void hs_succeed(struct handshake *hs) {
   struct zgt *tr = hs->tr;
   uv_read_stop((uv_stream_t *)hs->tcp);
   uv_tcp_t *tcp = hs->tcp;
+  remember_handed(tr, tcp);
   hs->finished = true;
   hs->phase = HS_DONE;
   hs->tcp = NULL;
@@ -620,7 +662,7 @@ static int tr_init(struct raft_uv_transport *t, raft_id id, const char *address)
 static void quiet_over_cb(uv_timer_t *timer) {
   struct zgt *tr = timer->data;
   tr->quiet = false;
-  ZG_LOG_INFO("raft_quiet_period_over", "joining the raft group now");
+  ZG_LOG_INFO("raft_quiet_period_over", "raft peer traffic allowed again");
 }
 
 static int tr_listen(struct raft_uv_transport *t, raft_uv_accept_cb cb) {
@@ -651,11 +693,11 @@ static int tr_listen(struct raft_uv_transport *t, raft_uv_accept_cb cb) {
              uv_strerror(rv));
     return RAFT_IOERR; /* the handle is closed by tr_close */
   }
+  uv_timer_init(tr->loop, &tr->quiet_timer);
+  tr->quiet_timer.data = tr;
+  tr->quiet_timer_open = true;
   if (tr->quiet_ms > 0) {
     tr->quiet = true;
-    uv_timer_init(tr->loop, &tr->quiet_timer);
-    tr->quiet_timer.data = tr;
-    tr->quiet_timer_open = true;
     uv_timer_start(&tr->quiet_timer, quiet_over_cb, tr->quiet_ms, 0);
     ZG_LOG_INFO("raft_quiet_period", "restarted node stays off the raft network for %u ms",
                 tr->quiet_ms);
@@ -742,6 +784,25 @@ int zg_transport_init(struct raft_uv_transport *t, uv_loop_t *loop, const char *
 void zg_transport_set_quiet(struct raft_uv_transport *t, unsigned quiet_ms) {
   struct zgt *tr = t->impl;
   tr->quiet_ms = quiet_ms;
+}
+
+void zg_transport_isolate(struct raft_uv_transport *t, unsigned duration_ms) {
+  struct zgt *tr = t->impl;
+  if (tr == NULL || tr->closing || !tr->quiet_timer_open) return;
+  tr->quiet = true;
+  uv_timer_start(&tr->quiet_timer, quiet_over_cb, duration_ms, 0);
+  /* shutdown() (never close()) makes raft see the connection end and
+   * release the stream itself; the tuple check guards against fd reuse. */
+  unsigned cut = 0;
+  for (size_t i = 0; i < tr->n_handed; i++)
+    if (handed_alive(&tr->handed[i]) && shutdown(tr->handed[i].fd, SHUT_RDWR) == 0) cut++;
+  tr->n_handed = 0;
+  for (struct handshake *hs = tr->handshakes, *next; hs != NULL; hs = next) {
+    next = hs->next;
+    hs_fail(hs, NULL);
+  }
+  ZG_LOG_WARN("raft_isolated", "raft peer traffic dropped for %u ms (%u connections cut)",
+              duration_ms, cut);
 }
 
 void zg_transport_free(struct raft_uv_transport *t) {

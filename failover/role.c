@@ -378,7 +378,7 @@ static size_t hook_usable_keys(void *ud, const char *upstream, struct gateway_ke
   if (max > ZG_ARRAY_LEN(keys)) max = ZG_ARRAY_LEN(keys);
   size_t n = consensus_usable_keys(f->cs, upstream, keys, max);
   for (size_t i = 0; i < n; i++) {
-    snprintf(out[i].id, sizeof(out[i].id), "%s", keys[i].id);
+    snprintf(out[i].id, sizeof(out[i].id), "%.47s", keys[i].id);
     out[i].secret = keys[i].secret;
   }
   return n;

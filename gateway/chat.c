@@ -391,7 +391,7 @@ static void build_attempts(struct chat *c) {
       struct attempt *a = &c->attempts[c->n_attempts++];
       snprintf(a->url, sizeof(a->url), "%s%s", ep->base_url, c->upstream_path);
       snprintf(a->upstream_id, sizeof(a->upstream_id), "%s", ep->upstream_id);
-      snprintf(a->key_id, sizeof(a->key_id), "%s", keys[k].id);
+      snprintf(a->key_id, sizeof(a->key_id), "%.47s", keys[k].id);
       a->api_key = keys[k].secret;
     }
   }

@@ -55,7 +55,10 @@ static void on_request_finished(void *ctx, struct httpd_req *req) {
   cJSON_AddNumberToObject(fields, "latency_ms", (double)elapsed_us / 1000.0);
   cJSON_AddNumberToObject(fields, "bytes", (double)httpd_req_bytes_sent(req));
   cJSON_AddStringToObject(fields, "client_ip", httpd_req_peer_ip(req));
-  zg_log_fields(ZG_INFO, "access", fields);
+  /* Load-balancer probes and scrapes arrive several times a second: they
+   * are logged at debug level unless they fail. */
+  bool probe = strncmp(route, "/health", 7) == 0 || strcmp(route, "/metrics") == 0;
+  zg_log_fields(probe && status < 500 ? ZG_DEBUG : ZG_INFO, "access", fields);
   free(a);
   httpd_req_set_user(req, NULL);
 }

@@ -559,6 +559,94 @@ static void test_add_and_remove_member(void **state) {
   cluster_close(&cl);
 }
 
+static bool solo_ready(struct cluster *cl, void *arg) {
+  struct consensus *c = *(struct consensus **)arg;
+  (void)cl;
+  return consensus_is_leader(c) && consensus_config_version(c) >= 1;
+}
+
+/* A node with no peers is a one-voter cluster: leader at once, and again
+ * after a restart from disk, with its state intact. */
+static void test_single_node(void **state) {
+  (void)state;
+  struct cluster cl;
+  char err[512];
+  cluster_init(&cl, NULL);
+  struct consensus_member *me = &cl.members[0];
+  struct consensus_options o = {.self = me,
+                                .raft_listen = cl.nodes[0].addr,
+                                .data_dir = cl.nodes[0].dir,
+                                .cluster_secret = SECRET,
+                                .master_key = master_key,
+                                .seed_config = cl.seed};
+  struct consensus *c = NULL;
+  for (int round = 0; round < 2; round++) {
+    assert_int_equal(consensus_start(&cl.loop, &o, &c, err, sizeof err), 0);
+    assert_true(run_until(&cl, solo_ready, &c, 5000));
+    if (round == 0) {
+      cl.nodes[0].c = c;
+      cl.nodes[0].closed = false;
+      struct write_result w;
+      assert_int_equal(do_write(&cl, 0, "key.add", "{\"id\":\"solo\",\"secret\":\"s\"}", &w), 0);
+    } else {
+      cJSON *keys = consensus_keys_json(c);
+      assert_int_equal(cJSON_GetArraySize(keys), 1);
+      cJSON_Delete(keys);
+      assert_int_equal(consensus_config_version(c), 1); /* seeded once, not twice */
+    }
+    bool closed = false;
+    consensus_close(c, closed_cb, &closed);
+    assert_true(run_until(&cl, node_closed, &closed, 5000));
+    cl.nodes[0].closed = true;
+  }
+  cluster_close(&cl);
+}
+
+struct other_leader {
+  int not ;
+};
+
+static bool other_leader_ready(struct cluster *cl, void *arg) {
+  int l = leader_index(cl);
+  return l >= 0 && l != ((struct other_leader *)arg)->not ;
+}
+
+struct node_version {
+  int node;
+  uint64_t version;
+};
+
+static bool node_has_version(struct cluster *cl, void *arg) {
+  struct node_version *nv = arg;
+  return consensus_config_version(cl->nodes[nv->node].c) >= nv->version;
+}
+
+/* The isolate drill: the leader's peer traffic is cut, another node takes
+ * over, and the old leader rejoins as a follower afterwards. */
+static void test_isolate_drill(void **state) {
+  (void)state;
+  struct cluster cl;
+  char err[512];
+  cluster_init(&cl, NULL);
+  for (int i = 0; i < N; i++) assert_int_equal(start_node(&cl, i, err, sizeof err), 0);
+  struct version_goal seeded = {7, 1};
+  assert_true(run_until(&cl, config_version_reached, &seeded, 10000));
+  assert_true(run_until(&cl, has_ready_leader, NULL, 10000));
+  int old = leader_index(&cl);
+  assert_int_equal(consensus_isolate(cl.nodes[old].c, 2000), 0);
+  struct other_leader ol = {old};
+  assert_true(run_until(&cl, other_leader_ready, &ol, 5000));
+  int leader = leader_index(&cl);
+  assert_false(consensus_is_leader(cl.nodes[old].c));
+  struct write_result w;
+  assert_int_equal(do_write(&cl, leader, "config.put", "{\"config\":{\"after\":true}}", &w), 0);
+  assert_int_equal(consensus_config_version(cl.nodes[old].c), 1); /* cut off */
+  struct node_version nv = {old, 2};
+  assert_true(run_until(&cl, node_has_version, &nv, 8000)); /* rejoined */
+  assert_false(consensus_is_leader(cl.nodes[old].c));
+  cluster_close(&cl);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_bootstrap_write_restart),
@@ -566,6 +654,8 @@ int main(void) {
       cmocka_unit_test(test_corrupt_data_dir_refused),
       cmocka_unit_test(test_handshake_rejects_junk_and_silence),
       cmocka_unit_test(test_add_and_remove_member),
+      cmocka_unit_test(test_single_node),
+      cmocka_unit_test(test_isolate_drill),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Admin write benchmark (issue: Raft group): throughput and commit latency
+# of replicated admin writes (POST /v1/tokens on the leader: the answer
+# comes only after the entry is committed by a majority and applied) on a
+# three-node loopback cluster with raft_uv on disk. Prints figures; it is
+# not a pass/fail test. Bounded: each wrk run lasts DURATION seconds.
+#
+# Usage: tests/bench/admin_writes.sh [BUILD_DIR] [DURATION]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+build=${1:-build}
+duration=${2:-10}
+work=$(mktemp -d /tmp/zg-bench-admin.XXXXXX)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+
+export ZONEGATE_CLUSTER_SECRET=bench-cluster-secret-0001
+export ZONEGATE_MASTER_KEY=$(openssl rand -base64 32)
+export ZONEGATE_ADMIN_TOKEN=bench-admin-token-000001
+port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
+declare -A G A R
+for n in gw-a gw-b witness; do G[$n]=$(port); A[$n]=$(port); R[$n]=$(port); done
+zone() { case $1 in gw-a) echo A;; gw-b) echo B;; *) echo C;; esac; }
+role() { [ "$1" = witness ] && echo witness || echo gateway; }
+for n in gw-a gw-b witness; do
+  peers=""
+  for p in gw-a gw-b witness; do
+    [ "$p" = "$n" ] && continue
+    peers+="{\"id\":\"$p\",\"zone\":\"$(zone $p)\",\"role\":\"$(role $p)\",\"raft\":\"127.0.0.1:${R[$p]}\",\"admin\":\"127.0.0.1:${A[$p]}\",\"gateway\":\"127.0.0.1:${G[$p]}\"},"
+  done
+  cat > "$work/$n.json" <<JSON
+{"node":{"id":"$n","zone":"$(zone $n)","role":"$(role $n)"},
+ "listen":{"gateway":"127.0.0.1:${G[$n]}","admin":"127.0.0.1:${A[$n]}","raft":"127.0.0.1:${R[$n]}"},
+ "cluster":{"data_dir":"$work/data-$n","peers":[${peers%,}],"secret":"env:ZONEGATE_CLUSTER_SECRET","snapshot_threshold":${SNAP:-1024}},
+ "security":{"master_key":"env:ZONEGATE_MASTER_KEY","admin_token":"env:ZONEGATE_ADMIN_TOKEN"},
+ "endpoint":"http://127.0.0.1:9","logging":{"level":"warn"}}
+JSON
+  "$build/zonegate" serve --config "$work/$n.json" > "$work/$n.log" 2>&1 &
+  pids+=($!)
+done
+leader=""
+for _ in $(seq 1 100); do
+  for n in gw-a gw-b; do
+    if [ "$(curl -s -o /dev/null -w '%{http_code}' "127.0.0.1:${G[$n]}/health/active")" = 200 ]; then leader=$n; fi
+  done
+  [ -n "$leader" ] && break
+  sleep 0.1
+done
+[ -n "$leader" ] || { echo "no active node came up" >&2; exit 1; }
+cat > "$work/write.lua" <<'LUA'
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer " .. os.getenv("ZONEGATE_ADMIN_TOKEN")
+counter = 0
+request = function()
+  counter = counter + 1
+  return wrk.format(nil, "/v1/tokens", nil, '{"name":"bench' .. counter .. '"}')
+end
+done = function(summary, latency, requests)
+  io.write(string.format("RESULT %d %d %.0f %.3f %.3f %.3f\n", summary.requests,
+    summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
+    summary.requests / (summary.duration / 1e6), latency:percentile(50) / 1000, latency:percentile(99) / 1000,
+    latency.max / 1000))
+end
+LUA
+echo "zonegate admin write benchmark: 3 voters on loopback (raft_uv on $(df -h "$work" | awk 'NR==2{print $1}')), leader $leader, ${duration}s per run"
+printf '%-28s %10s %8s %12s %10s %10s %10s\n' "load" "writes" "errors" "writes/s" "p50 ms" "p99 ms" "max ms"
+for c in 1 16 64; do
+  out=$(wrk -t1 -c"$c" -d"${duration}s" -s "$work/write.lua" "http://127.0.0.1:${A[$leader]}" | grep '^RESULT')
+  read -r _ reqs errs rps p50 p99 max <<<"$out"
+  printf '%-28s %10s %8s %12s %10s %10s %10s\n' "$c concurrent writer(s)" "$reqs" "$errs" "$rps" "$p50" "$p99" "$max"
+done
+echo "targets: p99 <= 10 ms, >= 1000 writes/s"
