@@ -63,7 +63,9 @@ struct failover {
   char failback_candidate[64];
   uint64_t failback_healthy_since_ms;
   uint64_t last_degraded_handover_ms;
-  /* freeze drill */
+  /* metrics */
+  char last_leader_id[64];
+  uint64_t leader_changes;
   void (*close_done)(void *);
   void *close_arg;
 };
@@ -348,6 +350,11 @@ static void on_tick(uv_timer_t *t) {
     return;
   }
   f->tilt = false;
+  const struct consensus_member *leader = consensus_leader(f->cs);
+  if (leader && strcmp(leader->id, f->last_leader_id) != 0) {
+    if (f->last_leader_id[0]) f->leader_changes++;
+    snprintf(f->last_leader_id, sizeof(f->last_leader_id), "%.63s", leader->id);
+  }
   renew_lease(f);
   refresh_role(f);
   maybe_witness_handover(f);
@@ -460,6 +467,8 @@ const struct gateway_cluster *failover_gateway_hooks(struct failover *f) {
   return &f->hooks;
 }
 
+static void collect_metrics(void *ud, void *out_buf);
+
 /* ---- lifecycle -------------------------------------------------------- */
 
 void failover_apply_config(struct failover *f, const struct zg_config *cfg) {
@@ -495,6 +504,7 @@ int failover_start(uv_loop_t *loop, struct consensus *cs, struct gateway *gw, co
   f->hooks.serve_mode = hook_serve_mode;
   f->hooks.health = hook_health;
   f->hooks.hold_timeout_ms = cfg->election_timeout_ms * 3;
+  gateway_add_metrics_collector(gw, collect_metrics, f);
   uv_timer_init(loop, &f->tick);
   f->tick.data = f;
   f->last_tick_ms = zg_mono_ms();
@@ -542,6 +552,69 @@ void failover_status_json(const struct failover *f, cJSON *out) {
   cJSON_AddBoolToObject(out, "draining", f->draining);
   cJSON_AddStringToObject(out, "preferred_zone", f->preferred_zone);
   cJSON_AddStringToObject(out, "failback", f->failback_auto ? "auto" : "manual");
+}
+
+/* /metrics: role, lease, raft progress and provider keys, for the
+ * Prometheus rules in deploy/prometheus/alerts.yml. */
+static void collect_metrics(void *ud, void *out_buf) {
+  struct failover *f = ud;
+  zg_buf *out = out_buf;
+  const char *reason;
+  enum failover_role r = compute_role(f, &reason);
+  zg_buf_appendf(out,
+                 "# HELP zonegate_active 1 while this node is the active node (leader with a valid lease)\n"
+                 "# TYPE zonegate_active gauge\nzonegate_active %d\n",
+                 r == FAILOVER_ACTIVE);
+  zg_buf_appendf(out, "# HELP zonegate_role Current failover role of this node\n# TYPE zonegate_role gauge\n");
+  for (int i = FAILOVER_UNAVAILABLE; i <= FAILOVER_WITNESS; i++)
+    zg_buf_appendf(out, "zonegate_role{role=\"%s\"} %d\n", failover_role_name((enum failover_role)i), (int)r == i);
+  zg_buf_appendf(out,
+                 "# HELP zonegate_leader_changes_total Leader changes seen by this node\n"
+                 "# TYPE zonegate_leader_changes_total counter\nzonegate_leader_changes_total %llu\n"
+                 "# HELP zonegate_lease_remaining_seconds Time left on the active node's lease\n"
+                 "# TYPE zonegate_lease_remaining_seconds gauge\nzonegate_lease_remaining_seconds %.3f\n"
+                 "# HELP zonegate_raft_term Current Raft term\n# TYPE zonegate_raft_term gauge\nzonegate_raft_term %llu\n"
+                 "# HELP zonegate_raft_commit_index Raft commit index\n# TYPE zonegate_raft_commit_index gauge\n"
+                 "zonegate_raft_commit_index %llu\n"
+                 "# HELP zonegate_raft_applied_index Raft applied index\n# TYPE zonegate_raft_applied_index gauge\n"
+                 "zonegate_raft_applied_index %llu\n",
+                 (unsigned long long)f->leader_changes, (double)failover_lease_remaining_ms(f) / 1000.0,
+                 (unsigned long long)consensus_term(f->cs), (unsigned long long)consensus_commit_index(f->cs),
+                 (unsigned long long)consensus_applied_index(f->cs));
+  cJSON *keys = consensus_keys_json(f->cs);
+  static const char *const states[] = {"active", "retiring", "revoked", "invalid"};
+  int counts[4] = {0, 0, 0, 0};
+  zg_buf_appendf(out, "# HELP zonegate_provider_key_age_days Age of each provider key\n"
+                      "# TYPE zonegate_provider_key_age_days gauge\n");
+  const cJSON *k;
+  cJSON_ArrayForEach(k, keys) {
+    const cJSON *id = cJSON_GetObjectItemCaseSensitive(k, "id");
+    const cJSON *up = cJSON_GetObjectItemCaseSensitive(k, "upstream");
+    const cJSON *state = cJSON_GetObjectItemCaseSensitive(k, "state");
+    const cJSON *age = cJSON_GetObjectItemCaseSensitive(k, "age_days");
+    if (!cJSON_IsString(id) || !cJSON_IsString(up) || !cJSON_IsString(state)) continue;
+    for (int i = 0; i < 4; i++)
+      if (!strcmp(state->valuestring, states[i])) counts[i]++;
+    if (!strcmp(state->valuestring, "revoked")) continue;
+    zg_buf_appendf(out, "zonegate_provider_key_age_days{upstream=\"%s\",key_id=\"%s\"} %g\n", up->valuestring,
+                   id->valuestring, cJSON_IsNumber(age) ? age->valuedouble : 0);
+  }
+  zg_buf_appendf(out, "# HELP zonegate_provider_key_rotate_after_days Rotation period of each provider key\n"
+                      "# TYPE zonegate_provider_key_rotate_after_days gauge\n");
+  cJSON_ArrayForEach(k, keys) {
+    const cJSON *id = cJSON_GetObjectItemCaseSensitive(k, "id");
+    const cJSON *up = cJSON_GetObjectItemCaseSensitive(k, "upstream");
+    const cJSON *state = cJSON_GetObjectItemCaseSensitive(k, "state");
+    const cJSON *rot = cJSON_GetObjectItemCaseSensitive(k, "rotate_after_days");
+    if (!cJSON_IsString(id) || !cJSON_IsString(up) || !cJSON_IsString(state) ||
+        !strcmp(state->valuestring, "revoked"))
+      continue;
+    zg_buf_appendf(out, "zonegate_provider_key_rotate_after_days{upstream=\"%s\",key_id=\"%s\"} %g\n",
+                   up->valuestring, id->valuestring, cJSON_IsNumber(rot) ? rot->valuedouble : 0);
+  }
+  zg_buf_appendf(out, "# HELP zonegate_provider_keys Provider keys by state\n# TYPE zonegate_provider_keys gauge\n");
+  for (int i = 0; i < 4; i++) zg_buf_appendf(out, "zonegate_provider_keys{state=\"%s\"} %d\n", states[i], counts[i]);
+  cJSON_Delete(keys);
 }
 
 static void on_tick_closed(uv_handle_t *h) {

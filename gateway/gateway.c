@@ -82,6 +82,7 @@ static void handle_metrics(struct gateway *gw, struct httpd_req *req) {
   zg_buf out;
   zg_buf_init(&out);
   metrics_render(gw->metrics, &out);
+  for (size_t i = 0; i < gw->n_collectors; i++) gw->collectors[i].collect(gw->collectors[i].ud, &out);
   httpd_respond(req, 200, "text/plain; version=0.0.4; charset=utf-8", NULL, out.data ? out.data : "",
                 out.len);
   zg_buf_free(&out);
@@ -302,6 +303,13 @@ void gateway_apply_config(struct gateway *gw, const struct zg_config *cfg) {
 void gateway_add_token(struct gateway *gw, const char *name, const char sha256_hex[65]) {
   snprintf(gw->extra_token_name, sizeof(gw->extra_token_name), "%s", name);
   snprintf(gw->extra_token_sha256, sizeof(gw->extra_token_sha256), "%s", sha256_hex);
+}
+
+void gateway_add_metrics_collector(struct gateway *gw, void (*collect)(void *ud, void *out), void *ud) {
+  if (gw->n_collectors >= ZG_ARRAY_LEN(gw->collectors)) return;
+  gw->collectors[gw->n_collectors].collect = collect;
+  gw->collectors[gw->n_collectors].ud = ud;
+  gw->n_collectors++;
 }
 
 void gateway_drain(struct gateway *gw) {

@@ -86,6 +86,10 @@ void gateway_apply_config(struct gateway *gw, const struct zg_config *cfg);
 /* Accepts one more client token by hash (the bootstrap token node/
  * creates when the config has no auth section). */
 void gateway_add_token(struct gateway *gw, const char *name, const char sha256_hex[65]);
+/* Extra /metrics output from other modules (cluster role, lease, keys):
+ * `collect` appends Prometheus text exposition lines (with # HELP and
+ * # TYPE) to `out` (a zg_buf) at scrape time. Up to 8 collectors. */
+void gateway_add_metrics_collector(struct gateway *gw, void (*collect)(void *ud, void *out), void *ud);
 /* Stops accepting new connections; in-flight requests (streams included)
  * carry on. */
 void gateway_drain(struct gateway *gw);

@@ -55,6 +55,11 @@ struct gateway {
   uint64_t requests_total, requests_5xx;
   uint64_t started_ms;
   bool draining;
+  struct {
+    void (*collect)(void *ud, void *out);
+    void *ud;
+  } collectors[8];
+  size_t n_collectors;
   char extra_token_name[64]; /* the bootstrap token created at first start */
   char extra_token_sha256[65];
   void (*close_done)(void *arg);

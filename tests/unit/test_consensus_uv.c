@@ -121,7 +121,7 @@ static void stop_node(struct cluster *cl, int i) {
 
 static void cluster_init(struct cluster *cl, const char *bad_secret_for_last) {
   memset(cl, 0, sizeof *cl);
-  zg_log_set_level(ZG_WARN);
+  zg_log_set_level(getenv("ZG_TEST_VERBOSE") ? ZG_DEBUG : ZG_WARN);
   snprintf(cl->root, sizeof cl->root, "/tmp/zg-consensus-uv-XXXXXX");
   assert_non_null(mkdtemp(cl->root));
   assert_int_equal(uv_loop_init(&cl->loop), 0);
@@ -160,10 +160,40 @@ static void cluster_close(struct cluster *cl) {
   assert_int_equal(system(cmd), 0);
 }
 
+/* Index of the ready leader among the gateways (node 2, the witness, hands
+ * leadership away whenever it wins), or -1. */
 static int leader_index(struct cluster *cl) {
-  for (int i = 0; i < N; i++)
+  for (int i = 0; i < N - 1; i++)
     if (!cl->nodes[i].closed && consensus_is_leader(cl->nodes[i].c)) return i;
   return -1;
+}
+
+/* The leader `arg` reports every member with lag 0. */
+static bool followers_caught_up(struct cluster *cl, void *arg) {
+  (void)cl;
+  cJSON *st = consensus_status_json(arg);
+  const cJSON *m;
+  bool ok = strcmp(cJSON_GetObjectItem(st, "state")->valuestring, "leader") == 0;
+  cJSON_ArrayForEach(m, cJSON_GetObjectItem(st, "members")) {
+    const cJSON *lag = cJSON_GetObjectItem(m, "lag");
+    ok = ok && cJSON_IsNumber(lag) && lag->valueint == 0;
+  }
+  cJSON_Delete(st);
+  return ok;
+}
+
+/* The witness was leader at some point and is a follower again. */
+static bool witness_led_then_handed_off(struct cluster *cl, void *arg) {
+  static bool seen_leading;
+  struct tnode *w = arg;
+  (void)cl;
+  cJSON *st = consensus_status_json(w->c);
+  const char *state = cJSON_GetObjectItem(st, "state")->valuestring;
+  bool leading = strcmp(state, "leader") == 0;
+  bool following = strcmp(state, "follower") == 0;
+  cJSON_Delete(st);
+  if (leading) seen_leading = true;
+  return seen_leading && following;
 }
 
 static bool has_ready_leader(struct cluster *cl, void *arg) {
@@ -345,19 +375,29 @@ static void test_bootstrap_write_restart(void **state) {
   assert_non_null(strstr(err, cl.nodes[victim].dir));
   cl.nodes[victim].key = master_key;
 
-  /* Leadership transfer (two nodes up: the target is the other one). */
+  /* Leadership transfer between the gateways. */
   assert_int_equal(start_node(&cl, victim, err, sizeof err), 0);
   assert_true(run_until(&cl, config_version_reached, &all3, 8000));
+  assert_true(run_until(&cl, has_ready_leader, NULL, 8000));
   leader = leader_index(&cl);
-  assert_true(leader >= 0);
   int transfer_status = 1;
-  int target = (leader + 2) % N;
+  int target = leader == 0 ? 1 : 0;
   assert_int_equal(consensus_transfer_leadership(cl.nodes[leader].c, cl.nodes[target].id,
                                                  transfer_cb, &transfer_status),
                    0);
   struct leader_goal goal = {target};
   assert_true(run_until(&cl, leader_is, &goal, 8000));
   assert_int_equal(transfer_status, 0);
+
+  /* Leadership handed to the witness comes straight back to a gateway. */
+  assert_true(run_until(&cl, followers_caught_up, cl.nodes[target].c, 8000));
+  transfer_status = 1;
+  assert_int_equal(
+      consensus_transfer_leadership(cl.nodes[target].c, "witness", transfer_cb, &transfer_status),
+      0);
+  assert_true(run_until(&cl, witness_led_then_handed_off, &cl.nodes[2], 8000));
+  assert_true(run_until(&cl, has_ready_leader, NULL, 8000));
+  assert_false(consensus_is_leader(cl.nodes[2].c));
   cluster_close(&cl);
 }
 
