@@ -21,6 +21,9 @@ enum zg_log_level { ZG_DEBUG = 0, ZG_INFO = 1, ZG_WARN = 2, ZG_ERROR = 3 };
 
 void zg_log_set_level(enum zg_log_level level);
 void zg_log_set_node(const char *node_id); /* added to every line */
+/* Whether a line at `level` would be written now: lets a caller skip
+ * building an expensive line that the level filter would drop. */
+bool zg_log_enabled(enum zg_log_level level);
 /* {"ts":..., "level":..., "node":..., "event": event, "msg": <printf>} */
 void zg_log(enum zg_log_level level, const char *event, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));

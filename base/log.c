@@ -18,6 +18,10 @@ void zg_log_set_level(enum zg_log_level level) {
   current_level = level;
 }
 
+bool zg_log_enabled(enum zg_log_level level) {
+  return level >= current_level;
+}
+
 void zg_log_set_node(const char *id) {
   snprintf(node_id, sizeof(node_id), "%s", id ? id : "");
 }

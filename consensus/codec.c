@@ -153,7 +153,7 @@ int zgc_decode(const void *data, size_t len, struct zgc_command *out, char *err,
   const cJSON *at = cJSON_GetObjectItemCaseSensitive(payload, "at");
   cJSON *args = cJSON_GetObjectItemCaseSensitive(payload, "args");
   if (!cJSON_IsString(req) || strlen(req->valuestring) >= sizeof out->req_id ||
-      !cJSON_IsNumber(at) || at->valuedouble < 0 || at->valuedouble > 9.0e15 ||
+      !cJSON_IsNumber(at) || !(at->valuedouble >= 0 && at->valuedouble <= 9.0e15) ||
       !cJSON_IsObject(args)) {
     cJSON_Delete(payload);
     snprintf(err, errlen, "command payload lacks req/at/args or has wrong types");

@@ -682,10 +682,12 @@ static int apply_command(struct zg_fsm *f, const struct zgc_command *cmd, struct
     const cJSON *config = cJSON_GetObjectItemCaseSensitive(args, "config");
     if (!cJSON_IsObject(config)) return fail(o, CONSENSUS_EINVALID, "field 'config' is required");
     const cJSON *if_match = cJSON_GetObjectItemCaseSensitive(args, "if_match");
-    if (cJSON_IsNumber(if_match) && (uint64_t)if_match->valuedouble != st->config_version)
+    uint64_t wanted = 0;
+    if (arg_uint(args, "if_match", false, 0, 9000000000000000ull, 0, &wanted, err, sizeof err))
+      return fail(o, CONSENSUS_EINVALID, "%s", err);
+    if (if_match != NULL && !cJSON_IsNull(if_match) && wanted != st->config_version)
       return fail(o, CONSENSUS_ECONFLICT, "config version is %llu, If-Match asked for %llu",
-                  (unsigned long long)st->config_version,
-                  (unsigned long long)if_match->valuedouble);
+                  (unsigned long long)st->config_version, (unsigned long long)wanted);
     cJSON *copy = cJSON_Duplicate(config, true);
     if (copy == NULL) return fail(o, CONSENSUS_ENOMEM, "out of memory");
     cJSON_Delete(st->config);

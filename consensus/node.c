@@ -743,6 +743,10 @@ int consensus_start(uv_loop_t *loop, const struct consensus_options *opts, struc
   unsigned election = opts->election_timeout_ms ? opts->election_timeout_ms : 1000;
   unsigned heartbeat = opts->heartbeat_ms ? opts->heartbeat_ms : 100;
   raft_uv_set_connect_retry_delay(&c->io, election / 4 > 50 ? election / 4 : 50);
+  /* A damaged closed segment must stop the node with an error naming the
+   * path, not be silently cut away: entries this node acknowledged would be
+   * forgotten, which can undo a commit. The operator restores or re-joins. */
+  raft_uv_set_auto_recovery(&c->io, false);
   rv = raft_init(&c->raft, &c->io, &c->fsm.raft, c->members[0].raft_id, c->members[0].raft_address);
   if (rv != 0) {
     snprintf(errmsg, errlen, "raft_init(%s): %s", c->raft_dir, raft_errmsg(&c->raft));

@@ -61,6 +61,8 @@ void failover_status_json(const struct failover *f, struct cJSON *out);
  * once: status 0 when leadership moved. Only on the active node. */
 int failover_switchover(struct failover *f, const char *to, const char *reason,
                         void (*cb)(void *ud, int status, const char *msg), void *ud);
+/* Raft leadership or fencing changed (consensus event): re-evaluate now. */
+void failover_on_leader_changed(struct failover *f);
 /* Drill fault injection (only with drills.enabled; checked by caller):
  * freeze the loop for ms; drop all Raft peer traffic for ms. */
 void failover_drill_freeze(struct failover *f, unsigned ms);

@@ -1,14 +1,14 @@
 /* role.c: the active/standby decision, the lease, the load balancer's
- * health answers, serve/forward/hold for client requests, the witness's
- * handover, planned switchover, failback to the preferred zone and the
+ * health answers, serve/forward/hold for client requests, planned
+ * switchover, failback to the preferred zone and the
  * degraded handover.
  *
  * One timer ticks every heartbeat. Each tick: (1) TILT guard: if the loop
  * stalled (the tick came much later than planned) the lease is dropped and
  * no decision is taken this tick; (2) on the leader, a barrier is submitted
  * to renew the lease when none is in flight; (3) the role is recomputed and
- * every change is logged with its reason; (4) decisions (witness handover,
- * switchover progress, failback, degraded handover) run.
+ * every change is logged with its reason; (4) decisions (switchover
+ * progress, failback, degraded handover) run.
  *
  * Every role change goes through set_role(), which checks the move against
  * a transition table and logs it, so a log line names every move.
@@ -323,16 +323,6 @@ static void maybe_degraded_handover(struct failover *f, uint64_t now) {
   failover_switchover(f, target, "degraded handover: self-check failing", NULL, NULL);
 }
 
-static void maybe_witness_handover(struct failover *f) {
-  if (!f->witness || !consensus_is_leader(f->cs) || f->transfer_started) return;
-  zg_log(ZG_WARN, "witness_handover", "the witness won an election; handing leadership to a gateway node");
-  f->transfer_started = true;
-  char target[64];
-  bool have = pick_target(f, false, target, sizeof(target));
-  if (consensus_transfer_leadership(f->cs, have ? target : NULL, on_transfer_done, f) != 0)
-    f->transfer_started = false;
-}
-
 static void on_tick(uv_timer_t *t) {
   struct failover *f = t->data;
   uint64_t now = zg_mono_ms();
@@ -357,7 +347,6 @@ static void on_tick(uv_timer_t *t) {
   }
   renew_lease(f);
   refresh_role(f);
-  maybe_witness_handover(f);
   switchover_progress(f);
   maybe_failback(f, now);
   maybe_degraded_handover(f, now);
@@ -536,6 +525,13 @@ int failover_switchover(struct failover *f, const char *to, const char *reason,
   refresh_role(f);
   switchover_progress(f);
   return 0;
+}
+
+void failover_on_leader_changed(struct failover *f) {
+  /* A new fenced leader takes its first lease at once instead of on the
+   * next tick: one heartbeat less of unavailability after an election. */
+  renew_lease(f);
+  refresh_role(f);
 }
 
 void failover_drill_freeze(struct failover *f, unsigned ms) {

@@ -23,6 +23,9 @@
 #include <strings.h>
 
 #define MAX_ATTEMPTS 16
+/* Attempts held inside struct chat; more (several keys, fallbacks) go to
+ * the heap, so the common request allocates little. */
+#define INLINE_ATTEMPTS 2
 #define MAX_BUFFERED_RESPONSE (64u * 1024u * 1024u)
 
 struct attempt {
@@ -38,21 +41,27 @@ struct chat {
   const char *route;
   char upstream_path[32]; /* "/chat/completions" or "/models" */
   const char *method;
-  char *body; /* request body sent upstream (owned) */
+  /* Request body sent upstream: owned (body_owned) when it was re-printed
+   * with model defaults or copied for forwarding, else it points into the
+   * client request's body, which httpd keeps until the request is answered
+   * (after which c->body is never read). */
+  const char *body;
+  bool body_owned;
   size_t body_len;
   bool stream;
   bool cacheable;
   uint8_t cache_key[32];
   struct gateway_token token;
   bool has_token;
-  char forwarded_auth[1024]; /* client Authorization when forwarding to the active */
+  char *forwarded_auth; /* client Authorization when forwarding to the active (owned) */
   bool forwarding;
   struct limiter_waiter *waiter;
   uv_timer_t *hold_timer; /* waiting for an active node (GATEWAY_HOLD) */
   uint64_t hold_deadline_ms;
   bool holds_slot;
   struct upstream_transfer *transfer;
-  struct attempt attempts[MAX_ATTEMPTS];
+  struct attempt *attempts; /* inline_attempts, or a heap array of MAX_ATTEMPTS */
+  struct attempt inline_attempts[INLINE_ATTEMPTS];
   size_t n_attempts, current;
   /* response */
   int status;
@@ -68,9 +77,26 @@ static void stop_hold(struct chat *c);
 static void chat_free(struct chat *c) {
   stop_hold(c);
   for (size_t i = 0; i < c->n_attempts; i++) zg_secret_free(c->attempts[i].api_key);
+  if (c->attempts != c->inline_attempts) free(c->attempts);
   zg_buf_free(&c->response);
-  free(c->body);
+  if (c->body_owned) free((char *)c->body);
+  if (c->forwarded_auth) zg_secret_free(c->forwarded_auth);
   free(c);
+}
+
+/* The next free attempt slot, or NULL when MAX_ATTEMPTS are used (or out
+ * of memory). */
+static struct attempt *new_attempt(struct chat *c) {
+  if (c->n_attempts >= MAX_ATTEMPTS) return NULL;
+  if (c->n_attempts == INLINE_ATTEMPTS && c->attempts == c->inline_attempts) {
+    struct attempt *heap = calloc(MAX_ATTEMPTS, sizeof(*heap));
+    if (!heap) return NULL;
+    memcpy(heap, c->inline_attempts, sizeof(c->inline_attempts));
+    c->attempts = heap;
+  }
+  struct attempt *a = &c->attempts[c->n_attempts++];
+  memset(a, 0, sizeof(*a));
+  return a;
 }
 
 static void release_slot(struct chat *c) {
@@ -84,20 +110,23 @@ static void release_slot(struct chat *c) {
  * finish hook in gateway.c). Call before answering. */
 static void note_fields(struct chat *c, const char *cache, const char *result, uint64_t upstream_us,
                         uint64_t ttfb_us) {
-  cJSON *f = gateway_access_fields(c->req);
+  struct gateway_access *f = gateway_access_of(c->req);
   if (!f) return;
-  cJSON_AddStringToObject(f, "cache", cache);
-  cJSON_AddBoolToObject(f, "stream", c->stream);
-  if (c->has_token) cJSON_AddStringToObject(f, "token", c->token.name);
+  f->noted = true;
+  f->cache = cache;
+  f->stream = c->stream;
+  f->has_token = c->has_token;
+  if (c->has_token) snprintf(f->token, sizeof(f->token), "%s", c->token.name);
+  f->has_upstream = c->n_attempts > 0;
   if (c->n_attempts > 0) {
     struct attempt *a = &c->attempts[c->current < c->n_attempts ? c->current : c->n_attempts - 1];
-    cJSON_AddStringToObject(f, "upstream", a->upstream_id);
-    if (a->key_id[0]) cJSON_AddStringToObject(f, "key_id", a->key_id);
-    cJSON_AddNumberToObject(f, "attempts", (double)(c->current + 1));
+    snprintf(f->upstream, sizeof(f->upstream), "%s", a->upstream_id);
+    snprintf(f->key_id, sizeof(f->key_id), "%s", a->key_id);
+    f->attempts = (unsigned)(c->current + 1);
   }
-  if (result) cJSON_AddStringToObject(f, "upstream_result", result);
-  if (upstream_us) cJSON_AddNumberToObject(f, "upstream_ms", (double)upstream_us / 1000.0);
-  if (ttfb_us) cJSON_AddNumberToObject(f, "ttfb_ms", (double)ttfb_us / 1000.0);
+  snprintf(f->upstream_result, sizeof(f->upstream_result), "%.39s", result ? result : "");
+  f->upstream_us = upstream_us;
+  f->ttfb_us = ttfb_us;
 }
 
 /* The request has been answered (httpd owns and frees it); free ours. */
@@ -117,6 +146,10 @@ static void respond_error(struct chat *c, int status, const char *type, const ch
 /* ---- upstream callbacks ---------------------------------------------- */
 
 static void start_attempt(struct chat *c);
+static void retry_route_later(struct chat *c);
+static bool gw_has_cluster(const struct chat *c) {
+  return c->gw->cluster != NULL;
+}
 
 static bool have_next_attempt(struct chat *c) {
   return c->current + 1 < c->n_attempts;
@@ -133,6 +166,14 @@ static void on_upstream_response(void *ud, int status, const char *content_type,
     if (strncasecmp(headers[i], "Retry-After:", 12) == 0)
       snprintf(c->retry_after, sizeof(c->retry_after), "%s", headers[i] + 12 + (headers[i][12] == ' '));
 
+  if (c->forwarding && status == 503 && gw_has_cluster(c)) {
+    /* The node we forwarded to is not active (any more): nothing reached the
+     * client yet, so decide again within the hold deadline. */
+    upstream_cancel(c->transfer);
+    c->transfer = NULL;
+    retry_route_later(c);
+    return;
+  }
   bool retry = false;
   if (status == 401 && !c->forwarding) {
     zg_log(ZG_WARN, "upstream_key_rejected", "upstream %s answered 401 for key %s", a->upstream_id,
@@ -215,6 +256,12 @@ static void on_upstream_done(void *ud, enum upstream_result result, const char *
   zg_log(ZG_WARN, "upstream_failed", "%s %s: %s (%s)", c->forwarding ? "active node" : a->upstream_id,
          kind, curl_error ? curl_error : "", c->streaming_to_client ? "mid-stream" : "before response");
   bool never_sent = result == UPSTREAM_CONNECT_FAILED || result == UPSTREAM_CONNECT_TIMEOUT;
+  if (c->forwarding && never_sent && gw->cluster && !c->streaming_to_client) {
+    /* The active we forwarded to is gone (failover in progress): ask the
+     * role again and wait for the next active, within the hold deadline. */
+    retry_route_later(c);
+    return;
+  }
   if (!c->streaming_to_client && never_sent && have_next_attempt(c)) {
     c->current++;
     c->response.len = 0;
@@ -303,7 +350,7 @@ static void start_attempt(struct chat *c) {
            prior ? ", " : "", httpd_req_peer_ip(c->req));
   headers[n++] = forwarded_for;
   if (c->forwarding) {
-    if (c->forwarded_auth[0]) {
+    if (c->forwarded_auth && c->forwarded_auth[0]) {
       snprintf(auth, sizeof(auth), "Authorization: %s", c->forwarded_auth);
       headers[n++] = auth;
     }
@@ -377,18 +424,19 @@ static void build_attempts(struct chat *c) {
     if (gw->cluster && gw->cluster->usable_keys)
       n_keys = gw->cluster->usable_keys(gw->cluster->ud, ep->upstream_id, keys, ZG_ARRAY_LEN(keys));
     if (n_keys == 0) {
-      struct attempt *a = &c->attempts[c->n_attempts++];
+      struct attempt *a = new_attempt(c);
+      if (!a) break;
       snprintf(a->url, sizeof(a->url), "%s%s", ep->base_url, c->upstream_path);
       snprintf(a->upstream_id, sizeof(a->upstream_id), "%s", ep->upstream_id);
       a->api_key = ep->api_key ? strdup(ep->api_key) : NULL;
       continue;
     }
     for (size_t k = 0; k < n_keys; k++) {
-      if (c->n_attempts >= MAX_ATTEMPTS) {
+      struct attempt *a = new_attempt(c);
+      if (!a) {
         zg_secret_free(keys[k].secret);
         continue;
       }
-      struct attempt *a = &c->attempts[c->n_attempts++];
       snprintf(a->url, sizeof(a->url), "%s%s", ep->base_url, c->upstream_path);
       snprintf(a->upstream_id, sizeof(a->upstream_id), "%s", ep->upstream_id);
       snprintf(a->key_id, sizeof(a->key_id), "%.47s", keys[k].id);
@@ -407,6 +455,7 @@ static struct chat *chat_new(struct gateway *gw, struct httpd_req *req, const ch
   c->gw = gw;
   c->req = req;
   c->route = route;
+  c->attempts = c->inline_attempts;
   c->method = httpd_req_method(req);
   snprintf(c->upstream_path, sizeof(c->upstream_path), "%s", upstream_path);
   zg_buf_init(&c->response);
@@ -437,14 +486,20 @@ static void proceed_forward(struct chat *c, const char *forward_to) {
   const char *body = httpd_req_body(c->req, &body_len);
   c->forwarding = true;
   const char *auth = httpd_req_header(c->req, "Authorization");
-  snprintf(c->forwarded_auth, sizeof(c->forwarded_auth), "%s", auth ? auth : "");
-  struct attempt *a = &c->attempts[c->n_attempts++];
+  if (c->forwarded_auth) zg_secret_free(c->forwarded_auth);
+  c->forwarded_auth = strndup(auth ? auth : "", 1023);
+  struct attempt *a = new_attempt(c);
+  if (!a || !c->forwarded_auth) {
+    respond_error(c, 500, "server_error", NULL, NULL, "out of memory", "oom");
+    return;
+  }
   snprintf(a->url, sizeof(a->url), "http://%s/v1%s", forward_to, c->upstream_path);
   snprintf(a->upstream_id, sizeof(a->upstream_id), "active");
   if (body_len) {
-    c->body = malloc(body_len + 1);
-    if (c->body) memcpy(c->body, body, body_len);
-    c->body_len = c->body ? body_len : 0;
+    /* Borrowed: the request lives until it is answered. */
+    c->body = body;
+    c->body_owned = false;
+    c->body_len = body_len;
   }
   /* Only the stream flag matters here; the active node checks the rest. */
   const char *stream = body_len ? strstr(body, "\"stream\"") : NULL;
@@ -497,6 +552,37 @@ static void decide_route(struct chat *c) {
                 forwarded ? "this node is not active; a forwarded request is never forwarded again"
                           : "no active node is available right now; retry shortly",
                 "not_active");
+}
+
+/* Forwarding failed before anything was sent: forget the forward and
+ * decide again shortly (the hold deadline still bounds the wait). */
+static void retry_route_later(struct chat *c) {
+  c->forwarding = false;
+  for (size_t i = 0; i < c->n_attempts; i++) zg_secret_free(c->attempts[i].api_key);
+  c->n_attempts = 0;
+  c->current = 0;
+  if (c->body_owned) free((char *)c->body);
+  c->body = NULL;
+  c->body_owned = false;
+  c->body_len = 0;
+  if (!c->hold_deadline_ms) c->hold_deadline_ms = zg_mono_ms() + c->gw->cluster->hold_timeout_ms;
+  if (zg_mono_ms() >= c->hold_deadline_ms) {
+    const char *retry[] = {"Retry-After: 1", NULL};
+    respond_error(c, 503, "service_unavailable", "no_active_node", retry,
+                  "no active node is reachable right now; retry shortly", "not_active");
+    return;
+  }
+  if (!c->hold_timer) {
+    c->hold_timer = malloc(sizeof(*c->hold_timer));
+    if (!c->hold_timer) {
+      respond_error(c, 500, "server_error", NULL, NULL, "out of memory", "oom");
+      return;
+    }
+    uv_timer_init(c->gw->loop, c->hold_timer);
+    c->hold_timer->data = c;
+  }
+  httpd_req_set_abort(c->req, on_client_abort, c);
+  uv_timer_start(c->hold_timer, on_hold_tick, 20, 0);
 }
 
 void gateway_handle_chat(struct gateway *gw, struct httpd_req *req) {
@@ -576,18 +662,33 @@ static void proceed_local(struct chat *c) {
     return;
   }
   c->stream = cJSON_IsTrue(stream);
+  bool added_default = false;
   {
     /* Model defaults fill only what the client left out. */
-    if (gw->cfg->has_temperature && !cJSON_GetObjectItemCaseSensitive(json, "temperature"))
+    if (gw->cfg->has_temperature && !cJSON_GetObjectItemCaseSensitive(json, "temperature")) {
       cJSON_AddNumberToObject(json, "temperature", gw->cfg->temperature);
-    if (gw->cfg->has_top_p && !cJSON_GetObjectItemCaseSensitive(json, "top_p"))
+      added_default = true;
+    }
+    if (gw->cfg->has_top_p && !cJSON_GetObjectItemCaseSensitive(json, "top_p")) {
       cJSON_AddNumberToObject(json, "top_p", gw->cfg->top_p);
+      added_default = true;
+    }
     c->cacheable = gw->cfg->cache_size_bytes > 0 &&
                    response_cache_cacheable(json, gw->cfg->cache_all_temperatures) &&
                    response_cache_key(json, "default", c->cache_key) == 0;
   }
-  c->body = cJSON_PrintUnformatted(json);
-  c->body_len = c->body ? strlen(c->body) : 0;
+  if (added_default) {
+    char *printed = cJSON_PrintUnformatted(json);
+    c->body = printed;
+    c->body_owned = printed != NULL;
+    c->body_len = printed ? strlen(printed) : 0;
+  } else {
+    /* Nothing to add: the client's own bytes go upstream as they came
+     * (borrowed; the request lives until it is answered). */
+    c->body = body;
+    c->body_owned = false;
+    c->body_len = body_len;
+  }
   cJSON_Delete(json);
   if (c->cacheable) {
     const char *cached;

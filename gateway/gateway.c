@@ -18,25 +18,113 @@ static struct httpd_limits limits_from(const struct zg_config *cfg) {
   return l;
 }
 
-struct access {
-  const char *route;
-  cJSON *fields;
-};
-
 void gateway_access_route(struct httpd_req *req, const char *route) {
-  struct access *a = httpd_req_user(req);
+  struct gateway_access *a = httpd_req_user(req);
   if (a) a->route = route;
 }
 
-cJSON *gateway_access_fields(struct httpd_req *req) {
-  struct access *a = httpd_req_user(req);
-  return a ? a->fields : NULL;
+struct gateway_access *gateway_access_of(struct httpd_req *req) {
+  return httpd_req_user(req);
+}
+
+/* Appends s as a JSON string (quotes included). Bytes from 0x80 up pass
+ * through, as cJSON does. */
+static void append_json_string(zg_buf *out, const char *s) {
+  static const char hex[] = "0123456789abcdef";
+  zg_buf_append(out, "\"", 1);
+  const char *run = s;
+  for (; *s; s++) {
+    unsigned char ch = (unsigned char)*s;
+    if (ch >= 0x20 && ch != '"' && ch != '\\') continue;
+    zg_buf_append(out, run, (size_t)(s - run));
+    run = s + 1;
+    char esc[6] = {'\\', (char)ch, 0, 0, 0, 0};
+    size_t n = 2;
+    switch (ch) {
+    case '"':
+    case '\\':
+      break;
+    case '\n':
+      esc[1] = 'n';
+      break;
+    case '\r':
+      esc[1] = 'r';
+      break;
+    case '\t':
+      esc[1] = 't';
+      break;
+    default:
+      esc[1] = 'u';
+      esc[2] = '0';
+      esc[3] = '0';
+      esc[4] = hex[ch >> 4];
+      esc[5] = hex[ch & 15];
+      n = 6;
+    }
+    zg_buf_append(out, esc, n);
+  }
+  zg_buf_append(out, run, (size_t)(s - run));
+  zg_buf_append(out, "\"", 1);
+}
+
+static void append_field(zg_buf *out, const char *name, const char *value) {
+  zg_buf_append(out, ",\"", 2);
+  zg_buf_append(out, name, strlen(name));
+  zg_buf_append(out, "\":", 2);
+  append_json_string(out, value);
+}
+
+/* One access line, formatted directly (no cJSON tree): the same shape as
+ * zg_log_fields() writes: ts, level, node, event, then the fields. */
+static void write_access_line(struct gateway *gw, enum zg_log_level level, const struct gateway_access *a,
+                              struct httpd_req *req, const char *route, int status, uint64_t elapsed_us) {
+  zg_buf *out = &gw->access_line;
+  zg_buf_reset(out);
+  char ts[32];
+  zg_iso8601(zg_wall_ms(), ts);
+  zg_buf_append(out, "{\"ts\":", 6);
+  append_json_string(out, ts);
+  append_field(out, "level", level == ZG_DEBUG ? "debug" : "info");
+  if (gw->cfg->node_id[0]) {
+    char node[64];
+    snprintf(node, sizeof(node), "%.63s", gw->cfg->node_id);
+    append_field(out, "node", node);
+  }
+  append_field(out, "event", "access");
+  if (a && a->noted) {
+    append_field(out, "cache", a->cache ? a->cache : "none");
+    zg_buf_appendf(out, ",\"stream\":%s", a->stream ? "true" : "false");
+    if (a->has_token) append_field(out, "token", a->token);
+    if (a->has_upstream) {
+      append_field(out, "upstream", a->upstream);
+      if (a->key_id[0]) append_field(out, "key_id", a->key_id);
+      zg_buf_appendf(out, ",\"attempts\":%u", a->attempts);
+    }
+    if (a->upstream_result[0]) append_field(out, "upstream_result", a->upstream_result);
+    if (a->upstream_us)
+      zg_buf_appendf(out, ",\"upstream_ms\":%llu.%03u", (unsigned long long)(a->upstream_us / 1000),
+                     (unsigned)(a->upstream_us % 1000));
+    if (a->ttfb_us)
+      zg_buf_appendf(out, ",\"ttfb_ms\":%llu.%03u", (unsigned long long)(a->ttfb_us / 1000),
+                     (unsigned)(a->ttfb_us % 1000));
+  }
+  append_field(out, "method", httpd_req_method(req));
+  append_field(out, "route", route);
+  zg_buf_appendf(out, ",\"status\":%d,\"latency_ms\":%llu.%03u,\"bytes\":%llu", status,
+                 (unsigned long long)(elapsed_us / 1000), (unsigned)(elapsed_us % 1000),
+                 (unsigned long long)httpd_req_bytes_sent(req));
+  append_field(out, "client_ip", httpd_req_peer_ip(req));
+  zg_buf_append(out, "}\n", 2);
+  if (out->data) {
+    fwrite(out->data, 1, out->len, stdout);
+    fflush(stdout);
+  }
 }
 
 /* httpd finish hook: metrics and one access line per request. */
 static void on_request_finished(void *ctx, struct httpd_req *req) {
   struct gateway *gw = ctx;
-  struct access *a = httpd_req_user(req);
+  struct gateway_access *a = httpd_req_user(req);
   int status = httpd_req_status(req);
   if (status == 0) status = 499; /* client closed before the answer was complete */
   const char *route = a ? a->route : "invalid";
@@ -48,17 +136,11 @@ static void on_request_finished(void *ctx, struct httpd_req *req) {
   metrics_histogram_observe(gw->m_latency, (double)elapsed_us / 1e6, route);
   gw->requests_total++;
   if (status >= 500) gw->requests_5xx++;
-  cJSON *fields = a && a->fields ? a->fields : cJSON_CreateObject();
-  cJSON_AddStringToObject(fields, "method", httpd_req_method(req));
-  cJSON_AddStringToObject(fields, "route", route);
-  cJSON_AddNumberToObject(fields, "status", status);
-  cJSON_AddNumberToObject(fields, "latency_ms", (double)elapsed_us / 1000.0);
-  cJSON_AddNumberToObject(fields, "bytes", (double)httpd_req_bytes_sent(req));
-  cJSON_AddStringToObject(fields, "client_ip", httpd_req_peer_ip(req));
   /* Load-balancer probes and scrapes arrive several times a second: they
    * are logged at debug level unless they fail. */
   bool probe = strncmp(route, "/health", 7) == 0 || strcmp(route, "/metrics") == 0;
-  zg_log_fields(probe && status < 500 ? ZG_DEBUG : ZG_INFO, "access", fields);
+  enum zg_log_level level = probe && status < 500 ? ZG_DEBUG : ZG_INFO;
+  if (zg_log_enabled(level)) write_access_line(gw, level, a, req, route, status, elapsed_us);
   free(a);
   httpd_req_set_user(req, NULL);
 }
@@ -100,11 +182,8 @@ static const char *health_route(const char *path) {
 
 static void on_request(void *ctx, struct httpd_req *req) {
   struct gateway *gw = ctx;
-  struct access *access = calloc(1, sizeof(*access));
-  if (access) {
-    access->route = "unknown";
-    access->fields = cJSON_CreateObject();
-  }
+  struct gateway_access *access = calloc(1, sizeof(*access));
+  if (access) access->route = "unknown";
   httpd_req_set_user(req, access);
   const char *path = httpd_req_path(req);
   const char *method = httpd_req_method(req);
@@ -273,6 +352,9 @@ int gateway_start(uv_loop_t *loop, const struct zg_config *cfg, struct gateway *
     return -1;
   }
   httpd_set_finish_hook(gw->http, on_request_finished);
+  char node_header[128];
+  snprintf(node_header, sizeof(node_header), "X-Zonegate-Node: %.60s", cfg->node_id);
+  httpd_set_response_header(gw->http, node_header);
   gateway_health_start(gw);
   *out = gw;
   return 0;
@@ -337,6 +419,7 @@ static void part_closed(void *arg) {
   response_cache_destroy(gw->cache);
   rate_limiter_destroy(gw->rate);
   metrics_destroy(gw->metrics);
+  zg_buf_free(&gw->access_line);
   zg_config_free(gw->cfg);
   free(gw);
   if (done) done(done_arg);

@@ -37,6 +37,7 @@ struct gateway {
   struct metrics *metrics;
   struct gateway_endpoint endpoints[GATEWAY_MAX_ENDPOINTS];
   size_t n_endpoints;
+  zg_buf access_line; /* reused for every access line */
   /* metrics */
   struct metric_counter *m_requests;
   struct metric_histogram *m_latency;
@@ -82,10 +83,26 @@ void gateway_handle_health(struct gateway *gw, struct httpd_req *req);
 int gateway_health_start(struct gateway *gw);
 
 /* gateway.c: per-request access-log state, written when httpd finishes
- * the request (see httpd_set_finish_hook). */
+ * the request (see httpd_set_finish_hook). Strings are copied in, so the
+ * record outlives whoever filled it; the line is formatted only when the
+ * log level lets it through. */
+struct gateway_access {
+  const char *route; /* static string */
+  bool noted;        /* chat.c filled the fields below */
+  const char *cache; /* static string: "none", "miss", "hit" */
+  bool stream;
+  bool has_token;
+  char token[64];
+  bool has_upstream;
+  char upstream[16];
+  char key_id[48]; /* "" = none */
+  unsigned attempts;
+  char upstream_result[40]; /* "" = none */
+  uint64_t upstream_us, ttfb_us; /* 0 = not written */
+};
 void gateway_access_route(struct httpd_req *req, const char *route);
-/* Extra fields for the access line (never NULL while the request lives). */
-cJSON *gateway_access_fields(struct httpd_req *req);
+/* The request's access record (NULL only when it could not be allocated). */
+struct gateway_access *gateway_access_of(struct httpd_req *req);
 void gateway_note_upstream(struct gateway *gw, bool ok, const char *error);
 
 #endif

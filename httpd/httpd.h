@@ -39,6 +39,9 @@ int httpd_listen(uv_loop_t *loop, const char *address, const struct httpd_limits
                  httpd_handler handler, void *ctx, struct httpd_server **out, char *errmsg,
                  size_t errlen);
 void httpd_set_limits(struct httpd_server *srv, const struct httpd_limits *limits);
+/* One header line ("Name: value", copied) added to every response, e.g.
+ * which node answered. NULL removes it. */
+void httpd_set_response_header(struct httpd_server *srv, const char *line);
 /* Stops accepting; idle keep-alive connections are closed, busy ones close
  * after their current response. In-flight requests finish normally. */
 void httpd_stop_accepting(struct httpd_server *srv);

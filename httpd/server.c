@@ -86,6 +86,8 @@ struct httpd_server {
   httpd_handler handler;
   void (*finish_hook)(void *ctx, struct httpd_req *req);
   void *ctx;
+  char response_header[160];
+  zg_buf head; /* response head being built; reused (single-threaded loop) */
   struct conn *conns;
   size_t n_conns;
   size_t active_requests;
@@ -200,17 +202,42 @@ static void on_write(uv_write_t *req, int status) {
   conn_maybe_finish_close(c);
 }
 
-static int conn_write(struct conn *c, const char *a, size_t alen, const char *b, size_t blen) {
+/* Writes the pieces in order. Tries the socket at once (uv_try_write, one
+ * writev): usually all of it goes, with no copy and no write request.
+ * Whatever is left (or everything, when earlier writes are still queued)
+ * is copied into one write request. A write error is reported
+ * asynchronously by on_write, as before: an immediate error only sends the
+ * bytes down the queued path. */
+static int conn_writev(struct conn *c, uv_buf_t *bufs, unsigned nbufs) {
   if (!c || c->closing) return -1;
-  struct write_req *w = malloc(sizeof(*w) + alen + blen);
+  size_t total = 0;
+  for (unsigned i = 0; i < nbufs; i++) total += bufs[i].len;
+  if (c->pending_writes == 0 && total > 0) {
+    int n = uv_try_write((uv_stream_t *)&c->tcp, bufs, nbufs);
+    if (n > 0) {
+      size_t done = (size_t)n;
+      total -= done;
+      for (unsigned i = 0; i < nbufs && done > 0; i++) {
+        size_t take = done < bufs[i].len ? done : bufs[i].len;
+        bufs[i].base += take;
+        bufs[i].len -= take;
+        done -= take;
+      }
+      if (total == 0) return 0;
+    }
+  }
+  struct write_req *w = malloc(sizeof(*w) + total);
   if (!w) {
     conn_close(c);
     return -1;
   }
   w->conn = c;
-  w->len = alen + blen;
-  if (alen) memcpy(w->data, a, alen);
-  if (blen) memcpy(w->data + alen, b, blen);
+  w->len = total;
+  size_t at = 0;
+  for (unsigned i = 0; i < nbufs; i++) {
+    if (bufs[i].len) memcpy(w->data + at, bufs[i].base, bufs[i].len);
+    at += bufs[i].len;
+  }
   uv_buf_t buf = uv_buf_init(w->data, (unsigned)w->len);
   if (uv_write(&w->req, (uv_stream_t *)&c->tcp, &buf, 1, on_write) != 0) {
     free(w);
@@ -219,6 +246,11 @@ static int conn_write(struct conn *c, const char *a, size_t alen, const char *b,
   }
   c->pending_writes++;
   return 0;
+}
+
+static int conn_write(struct conn *c, const char *a, size_t alen, const char *b, size_t blen) {
+  uv_buf_t bufs[2] = {uv_buf_init((char *)a, (unsigned)alen), uv_buf_init((char *)b, (unsigned)blen)};
+  return conn_writev(c, bufs, 2);
 }
 
 static void req_finish(struct httpd_req *r) {
@@ -247,15 +279,29 @@ static void req_finish(struct httpd_req *r) {
   conn_arm_timer(c);
 }
 
-static void build_head(zg_buf *head, struct httpd_req *r, int status, const char *content_type,
-                       const char *const *extra, const char *length_or_chunked) {
+static void head_line(zg_buf *head, const char *a, const char *b) {
+  zg_buf_append(head, a, strlen(a));
+  if (b) zg_buf_append(head, b, strlen(b));
+  zg_buf_append(head, "\r\n", 2);
+}
+
+/* Builds the response head into srv->head (reset first); valid until the
+ * next call. */
+static zg_buf *build_head(struct httpd_req *r, int status, const char *content_type,
+                          const char *const *extra, const char *length_or_chunked) {
+  zg_buf *head = &r->srv->head;
+  zg_buf_reset(head);
   bool closing = !r->keep_alive || r->srv->stopping || (r->conn && r->conn->close_after);
-  zg_buf_appendf(head, "HTTP/1.1 %d %s\r\n", status, httpd_status_text(status));
-  if (content_type) zg_buf_appendf(head, "Content-Type: %s\r\n", content_type);
-  zg_buf_appendf(head, "%s\r\n", length_or_chunked);
-  for (size_t i = 0; extra && extra[i]; i++) zg_buf_appendf(head, "%s\r\n", extra[i]);
-  zg_buf_appendf(head, "Connection: %s\r\n\r\n", closing ? "close" : "keep-alive");
+  char status_line[64];
+  snprintf(status_line, sizeof(status_line), "HTTP/1.1 %d ", status);
+  head_line(head, status_line, httpd_status_text(status));
+  if (content_type) head_line(head, "Content-Type: ", content_type);
+  head_line(head, length_or_chunked, NULL);
+  for (size_t i = 0; extra && extra[i]; i++) head_line(head, extra[i], NULL);
+  if (r->srv->response_header[0]) head_line(head, r->srv->response_header, NULL);
+  head_line(head, closing ? "Connection: close\r\n" : "Connection: keep-alive\r\n", NULL);
   if (closing) r->keep_alive = false;
+  return head;
 }
 
 void httpd_respond(struct httpd_req *r, int status, const char *content_type,
@@ -264,13 +310,10 @@ void httpd_respond(struct httpd_req *r, int status, const char *content_type,
   r->started = true;
   r->status = status;
   if (r->conn) {
-    zg_buf head;
-    zg_buf_init(&head);
     char length[64];
     snprintf(length, sizeof(length), "Content-Length: %zu", len);
-    build_head(&head, r, status, content_type, extra_headers, length);
-    conn_write(r->conn, head.data, head.len, body, r->is_head ? 0 : len);
-    zg_buf_free(&head);
+    zg_buf *head = build_head(r, status, content_type, extra_headers, length);
+    conn_write(r->conn, head->data, head->len, body, r->is_head ? 0 : len);
     r->bytes_sent = r->is_head ? 0 : len;
   }
   req_finish(r);
@@ -318,11 +361,8 @@ void httpd_stream_begin(struct httpd_req *r, int status, const char *content_typ
   r->streaming = true;
   r->status = status;
   if (!r->conn) return;
-  zg_buf head;
-  zg_buf_init(&head);
-  build_head(&head, r, status, content_type, extra_headers, "Transfer-Encoding: chunked");
-  conn_write(r->conn, head.data, head.len, NULL, 0);
-  zg_buf_free(&head);
+  zg_buf *head = build_head(r, status, content_type, extra_headers, "Transfer-Encoding: chunked");
+  conn_write(r->conn, head->data, head->len, NULL, 0);
 }
 
 int httpd_stream_write(struct httpd_req *r, const char *data, size_t len) {
@@ -330,12 +370,9 @@ int httpd_stream_write(struct httpd_req *r, const char *data, size_t len) {
   if (len == 0 || r->is_head) return 0;
   char size_line[32];
   int n = snprintf(size_line, sizeof(size_line), "%zx\r\n", len);
-  zg_buf chunk;
-  zg_buf_init(&chunk);
-  zg_buf_append(&chunk, data, len);
-  zg_buf_append(&chunk, "\r\n", 2);
-  int rc = conn_write(r->conn, size_line, (size_t)n, chunk.data, chunk.len);
-  zg_buf_free(&chunk);
+  uv_buf_t bufs[3] = {uv_buf_init(size_line, (unsigned)n), uv_buf_init((char *)data, (unsigned)len),
+                      uv_buf_init((char *)"\r\n", 2)};
+  int rc = conn_writev(r->conn, bufs, 3);
   r->bytes_sent += len;
   return rc;
 }
@@ -579,6 +616,7 @@ static void server_maybe_closed(struct httpd_server *srv) {
   if (srv->closing && srv->handles_open == 0 && srv->n_conns == 0) {
     void (*done)(void *) = srv->close_done;
     void *arg = srv->close_arg;
+    zg_buf_free(&srv->head);
     free(srv);
     if (done) done(arg);
   }
@@ -783,6 +821,10 @@ static void apply_limit_defaults(struct httpd_limits *l) {
   if (!l->client_timeout_ms) l->client_timeout_ms = 10000;
   if (!l->keepalive_timeout_ms) l->keepalive_timeout_ms = 60000;
   if (!l->max_connections) l->max_connections = 10000;
+}
+
+void httpd_set_response_header(struct httpd_server *srv, const char *line) {
+  snprintf(srv->response_header, sizeof(srv->response_header), "%s", line ? line : "");
 }
 
 void httpd_set_limits(struct httpd_server *srv, const struct httpd_limits *limits) {

@@ -10,7 +10,8 @@
  *
  * Routes: GET /v1/cluster/status; GET|PUT /v1/config (If-Match);
  * GET|POST /v1/keys, POST /v1/keys/{id}/rotate, DELETE /v1/keys/{id};
- * GET|POST /v1/tokens, DELETE /v1/tokens/{id}; GET /v1/audit;
+ * GET|POST /v1/tokens, DELETE /v1/tokens/{id}; GET /v1/audit, POST /v1/audit
+ * {"what"} (an operator note; drills use it as their write probe);
  * POST /v1/cluster/members, DELETE /v1/cluster/members/{id};
  * POST /v1/cluster/switchover; POST /v1/drills/{crash,freeze,isolate}
  * (only with drills.enabled).
@@ -549,6 +550,12 @@ static void on_admin_request(void *ctx, struct httpd_req *req) {
     cJSON *body = cJSON_CreateObject();
     cJSON_AddItemToObject(body, "audit", consensus_audit_json(cs, limit ? strtoul(limit, NULL, 10) : 100));
     json_answer(req, 200, body, NULL);
+  } else if (!strcmp(p, "/v1/audit") && !strcmp(m, "POST")) {
+    cJSON *args = parse_body(req, true);
+    if (args) {
+      submit(a, "audit.note", args);
+      return;
+    }
   } else if (!strcmp(p, "/v1/cluster/members") && !strcmp(m, "POST")) {
     add_member(a);
     return;

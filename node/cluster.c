@@ -61,11 +61,10 @@ static void on_seed_key_added(void *ud, int status, const char *errmsg, const cJ
 }
 
 static void maybe_seed_literal_keys(struct node *n) {
-  static bool done;
-  if (done || !consensus_is_leader(n->consensus)) return;
+  if (n->literal_keys_seeded || !consensus_is_leader(n->consensus)) return;
   const cJSON *cfg = consensus_config(n->consensus);
   if (!cfg) return;
-  done = true;
+  n->literal_keys_seeded = true;
   cJSON *keys = consensus_keys_json(n->consensus);
   bool have_keys = cJSON_GetArraySize(keys) > 0;
   cJSON_Delete(keys);
@@ -91,10 +90,16 @@ static void maybe_seed_literal_keys(struct node *n) {
 
 static void on_consensus_event(void *ud, enum consensus_event ev) {
   struct node *n = ud;
+  /* Events can fire from inside consensus_start() (a snapshot restored at
+   * start-up); the state is applied once start returns. */
+  if (!n->consensus) return;
   switch (ev) {
   case CONSENSUS_EV_CONFIG_CHANGED:
   case CONSENSUS_EV_STATE_APPLIED: node_cluster_apply_replicated(n); break;
-  case CONSENSUS_EV_LEADER_CHANGED: maybe_seed_literal_keys(n); break;
+  case CONSENSUS_EV_LEADER_CHANGED:
+    if (n->failover) failover_on_leader_changed(n->failover);
+    maybe_seed_literal_keys(n);
+    break;
   case CONSENSUS_EV_DISK_ERROR:
     zg_log(ZG_ERROR, "disk_error", "the Raft log cannot be written; this node stops serving as active");
     break;
@@ -205,6 +210,7 @@ int node_cluster_start(struct node *n, char *errmsg, size_t errlen) {
   }
   rc = failover_start(n->loop, n->consensus, n->gateway, cfg, &n->failover, errmsg, errlen);
   if (rc != 0) goto out;
+  node_cluster_apply_replicated(n); /* state restored from disk, if any */
   gateway_set_cluster(n->gateway, failover_gateway_hooks(n->failover));
   zg_log(ZG_INFO, "cluster_started", "node %s (zone %s, %s) in a group of %zu voters; raft on %s", cfg->node_id,
          cfg->zone, cfg->role, cfg->n_peers + 1, cfg->listen_raft);

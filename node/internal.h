@@ -30,6 +30,7 @@ struct node {
   uint64_t drain_deadline_ms;
   bool draining;
   bool switching_over; /* SIGTERM on the active: planned handover first */
+  bool literal_keys_seeded;
   int exit_code;
   int closing_parts;
 };

@@ -22,6 +22,8 @@ static void usage(FILE *out) {
           "  zonegate audit [--limit N]\n"
           "  zonegate members add ID --raft HOST:PORT [...] | remove ID\n"
           "  zonegate switchover [--to NODE]    planned handover of the active role\n"
+          "  zonegate drill switchover|crash|freeze|isolate --lb URL [--duration S] [--json]\n"
+          "                                     failover rehearsal: timeline, RTO, failed requests, RPO\n"
           "\n"
           "  zonegate --version | --help\n"
           "\n"
@@ -45,6 +47,7 @@ int main(int argc, char **argv) {
   }
   if (!strcmp(cmd, "serve")) return node_serve(argc - 1, argv + 1);
   if (!strcmp(cmd, "config")) return node_config_command(argc - 1, argv + 1);
+  if (!strcmp(cmd, "drill")) return node_drill(argc - 1, argv + 1);
   if (!strcmp(cmd, "status") || !strcmp(cmd, "keys") || !strcmp(cmd, "tokens") || !strcmp(cmd, "audit") ||
       !strcmp(cmd, "members") || !strcmp(cmd, "switchover"))
     return node_cli(cmd, argc - 1, argv + 1);

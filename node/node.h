@@ -10,5 +10,7 @@ int node_config_command(int argc, char **argv);
 /* Admin API clients (node/cli.c): status, config get|apply, keys, tokens,
  * audit, members, switchover, drill. */
 int node_cli(const char *command, int argc, char **argv);
+/* `zonegate drill ...` (node/drill.c). */
+int node_drill(int argc, char **argv);
 
 #endif

@@ -29,9 +29,16 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 /* Response headers kept for on_response; more is treated as a broken reply. */
 #define UPSTREAM_MAX_RESPONSE_HEADERS 256
+/* Idle connections kept for reuse by the multi handle's connection cache. */
+#define UPSTREAM_MAX_CACHED_CONNECTIONS 1024L
+/* Easy handles kept for reuse after their transfer (curl_easy_reset keeps
+ * their buffers; the connection and DNS caches belong to the multi). */
+#define UPSTREAM_EASY_POOL_SIZE 256
 
 enum transfer_phase {
   PHASE_CONNECTING,         /* DNS, TCP, TLS (curl's connect timeout) */
@@ -39,11 +46,30 @@ enum transfer_phase {
   PHASE_RECEIVING,          /* response started */
 };
 
+/* One uv_poll_t per curl socket. A socket this module opened itself
+ * (CURLOPT_OPENSOCKETFUNCTION, `owned`) keeps its watch while it idles in
+ * curl's connection cache: on CURL_POLL_REMOVE the watch only forgets what
+ * curl wanted (`wanted_events` = 0) and stays registered, so reusing the
+ * connection for the next request costs no epoll_ctl. If an idle socket
+ * becomes ready (the server closed it), polling stops then. The watch is
+ * closed when curl closes the socket (CURLOPT_CLOSESOCKETFUNCTION), before
+ * the fd is closed, so a reused fd number never meets a stale watch.
+ * Sockets curl creates on its own (the resolver's wake-up pair) may be
+ * closed without that callback: their watch is closed on REMOVE. */
 struct upstream_socket_watch {
   uv_poll_t poll; /* poll.data = this */
   struct upstream_client *client;
   curl_socket_t fd;
+  bool owned;
+  int wanted_events;  /* UV_READABLE/UV_WRITABLE curl asked for; 0 = idle */
+  int polling_events; /* what the uv_poll_t watches now; 0 = stopped */
   struct upstream_socket_watch *prev, *next;
+};
+
+/* Per-fd state, indexed by fd number. */
+struct upstream_fd_slot {
+  struct upstream_socket_watch *watch;
+  bool owned; /* opened by on_curl_open_socket; closed by on_curl_close_socket */
 };
 
 struct upstream_transfer {
@@ -80,6 +106,13 @@ struct upstream_client {
   uv_loop_t *loop;
   CURLM *multi;
   uv_timer_t multi_timer; /* curl's wake-up; multi_timer.data = this */
+  /* Runs curl's 0 ms wake-up right after this loop turn's I/O callbacks
+   * instead of a loop turn later; kick.data = this. */
+  uv_check_t kick;
+  struct upstream_fd_slot *fds; /* indexed by fd; grows */
+  size_t fds_cap;
+  CURL *easy_pool[UPSTREAM_EASY_POOL_SIZE];
+  size_t easy_pool_count;
   struct upstream_transfer *transfers;
   struct upstream_socket_watch *watches;
   size_t active;
@@ -134,8 +167,25 @@ static void on_watch_closed(uv_handle_t *h) {
   maybe_free_client(c);
 }
 
+static struct upstream_fd_slot *fd_slot(struct upstream_client *c, curl_socket_t fd, bool grow) {
+  if (fd < 0) return NULL;
+  if ((size_t)fd >= c->fds_cap) {
+    if (!grow) return NULL;
+    size_t cap = c->fds_cap ? c->fds_cap : 64;
+    while (cap <= (size_t)fd) cap *= 2;
+    struct upstream_fd_slot *grown = realloc(c->fds, cap * sizeof *grown);
+    if (!grown) return NULL;
+    memset(grown + c->fds_cap, 0, (cap - c->fds_cap) * sizeof *grown);
+    c->fds = grown;
+    c->fds_cap = cap;
+  }
+  return &c->fds[fd];
+}
+
 static void close_watch(struct upstream_socket_watch *w) {
   struct upstream_client *c = w->client;
+  struct upstream_fd_slot *slot = fd_slot(c, w->fd, false);
+  if (slot && slot->watch == w) slot->watch = NULL;
   if (w->prev)
     w->prev->next = w->next;
   else
@@ -181,9 +231,25 @@ static void detach_transfer(struct upstream_transfer *t) {
   t->needs_attach = false;
 }
 
+/* Keeps a detached easy handle for the next transfer, or cleans it up. */
+static void release_easy(struct upstream_client *c, CURL *easy) {
+  if (!easy) return;
+  if (!c->closing && c->easy_pool_count < UPSTREAM_EASY_POOL_SIZE) {
+    curl_easy_reset(easy);
+    c->easy_pool[c->easy_pool_count++] = easy;
+    return;
+  }
+  curl_easy_cleanup(easy);
+}
+
+static CURL *acquire_easy(struct upstream_client *c) {
+  if (c->easy_pool_count > 0) return c->easy_pool[--c->easy_pool_count];
+  return curl_easy_init();
+}
+
 /* Frees what t owns and closes its timer; t itself goes in the close cb. */
 static void dispose_transfer(struct upstream_transfer *t) {
-  if (t->easy) curl_easy_cleanup(t->easy);
+  release_easy(t->client, t->easy);
   t->easy = NULL;
   curl_slist_free_all(t->request_headers);
   t->request_headers = NULL;
@@ -489,6 +555,14 @@ static void run_socket_action(struct upstream_client *c, curl_socket_t fd, int f
 
 static void on_socket_ready(uv_poll_t *h, int status, int events) {
   struct upstream_socket_watch *w = h->data;
+  if (w->wanted_events == 0) {
+    /* An idle cached connection became ready: the server closed it or sent
+     * something unasked. Stop watching; curl checks the connection before
+     * it reuses it. */
+    uv_poll_stop(&w->poll);
+    w->polling_events = 0;
+    return;
+  }
   int flags = 0;
   if (status < 0) {
     flags = CURL_CSELECT_ERR;
@@ -501,15 +575,24 @@ static void on_socket_ready(uv_poll_t *h, int status, int events) {
 
 static int on_curl_socket(CURL *easy, curl_socket_t fd, int what, void *userp, void *socketp) {
   struct upstream_client *c = userp;
-  struct upstream_socket_watch *w = socketp;
+  struct upstream_fd_slot *slot = fd_slot(c, fd, what != CURL_POLL_REMOVE && !c->closing);
+  struct upstream_socket_watch *w = slot ? slot->watch : NULL;
   if (what == CURL_POLL_REMOVE) {
-    if (w) { /* a REMOVE for a socket never announced is fine */
-      if (!c->closing && c->multi) curl_multi_assign(c->multi, fd, NULL);
-      close_watch(w);
+    if (!w) return 0; /* a REMOVE for a socket never announced is fine */
+    if (!w->owned || c->closing) {
+      close_watch(w); /* curl may close it without telling us */
+      return 0;
+    }
+    w->wanted_events = 0;
+    uv_unref((uv_handle_t *)&w->poll); /* an idle connection keeps no loop alive */
+    if (w->polling_events & UV_WRITABLE) { /* would fire at once, again and again */
+      uv_poll_stop(&w->poll);
+      w->polling_events = 0;
     }
     return 0;
   }
   if (c->closing) return 0;
+  if (!slot) return -1;
   if (!w) {
     w = calloc(1, sizeof *w);
     if (!w) return -1;
@@ -520,38 +603,100 @@ static int on_curl_socket(CURL *easy, curl_socket_t fd, int what, void *userp, v
     w->poll.data = w;
     w->client = c;
     w->fd = fd;
+    w->owned = slot->owned;
     w->next = c->watches;
     if (c->watches) c->watches->prev = w;
     c->watches = w;
     c->open_handles++;
-    curl_multi_assign(c->multi, fd, w);
+    slot->watch = w;
   }
   int events = 0;
   if (what & CURL_POLL_IN) events |= UV_READABLE;
   if (what & CURL_POLL_OUT) events |= UV_WRITABLE;
-  uv_poll_start(&w->poll, events, on_socket_ready);
+  if (w->wanted_events == 0) uv_ref((uv_handle_t *)&w->poll);
+  w->wanted_events = events;
+  if (w->polling_events != events) { /* unchanged: no epoll_ctl at all */
+    uv_poll_start(&w->poll, events, on_socket_ready);
+    w->polling_events = events;
+  }
   return 0;
 }
 
+/* CURLOPT_OPENSOCKETFUNCTION: the socket is ours to track (see
+ * struct upstream_socket_watch). */
+static curl_socket_t on_curl_open_socket(void *clientp, curlsocktype purpose,
+                                         struct curl_sockaddr *address) {
+  struct upstream_client *c = clientp;
+  curl_socket_t fd = socket(address->family, address->socktype | SOCK_CLOEXEC, address->protocol);
+  if (fd < 0) return CURL_SOCKET_BAD;
+  struct upstream_fd_slot *slot = fd_slot(c, fd, true);
+  if (!slot) {
+    close(fd);
+    return CURL_SOCKET_BAD;
+  }
+  if (slot->watch) close_watch(slot->watch); /* stale: its fd was closed behind our back */
+  slot->owned = true;
+  return fd;
+}
+
+/* CURLOPT_CLOSESOCKETFUNCTION: curl is done with the socket (curl has
+ * already announced CURL_POLL_REMOVE for it). Stop watching, then close. */
+static int on_curl_close_socket(void *clientp, curl_socket_t fd) {
+  struct upstream_client *c = clientp;
+  struct upstream_fd_slot *slot = fd_slot(c, fd, false);
+  if (slot) {
+    if (slot->watch) close_watch(slot->watch); /* uv_close stops epoll now */
+    slot->owned = false;
+  }
+  return close(fd);
+}
+
 static void on_multi_timer(uv_timer_t *h) {
-  run_socket_action(h->data, CURL_SOCKET_TIMEOUT, 0);
+  struct upstream_client *c = h->data;
+  uv_check_stop(&c->kick);
+  run_socket_action(c, CURL_SOCKET_TIMEOUT, 0);
+}
+
+/* A 0 ms wake-up (a transfer was just added) runs here, after this loop
+ * turn's I/O callbacks, so the requests they started go out in one
+ * socket_action call without waiting for the next loop turn. */
+static void on_kick(uv_check_t *h) {
+  struct upstream_client *c = h->data;
+  uv_check_stop(&c->kick);
+  if (!uv_is_active((uv_handle_t *)&c->multi_timer)) return; /* already run */
+  uv_timer_stop(&c->multi_timer);
+  run_socket_action(c, CURL_SOCKET_TIMEOUT, 0);
 }
 
 /* curl wants to be woken after timeout_ms (-1: never). Never calls
- * socket_action itself: even a 0 ms request goes through the uv timer. */
+ * socket_action itself: even a 0 ms request goes through the uv timer (and
+ * the check handle, whichever runs first; the uv timer also keeps the
+ * loop's poll from blocking meanwhile). */
 static int on_curl_timer_request(CURLM *multi, long timeout_ms, void *userp) {
   struct upstream_client *c = userp;
   if (c->closing) return 0;
-  if (timeout_ms < 0)
+  if (timeout_ms < 0) {
     uv_timer_stop(&c->multi_timer);
-  else
+    uv_check_stop(&c->kick);
+  } else {
     uv_timer_start(&c->multi_timer, on_multi_timer, (uint64_t)timeout_ms, 0);
+    if (timeout_ms == 0)
+      uv_check_start(&c->kick, on_kick);
+    else
+      uv_check_stop(&c->kick);
+  }
   return 0;
 }
 
 /* ---- client ------------------------------------------------------------ */
 
 static void on_multi_timer_closed(uv_handle_t *h) {
+  struct upstream_client *c = h->data;
+  c->open_handles--;
+  maybe_free_client(c);
+}
+
+static void on_kick_closed(uv_handle_t *h) {
   struct upstream_client *c = h->data;
   c->open_handles--;
   maybe_free_client(c);
@@ -587,13 +732,18 @@ int upstream_client_create(uv_loop_t *loop, struct upstream_client **out, char *
   curl_multi_setopt(c->multi, CURLMOPT_SOCKETDATA, c);
   curl_multi_setopt(c->multi, CURLMOPT_TIMERFUNCTION, on_curl_timer_request);
   curl_multi_setopt(c->multi, CURLMOPT_TIMERDATA, c);
+  /* Keep idle connections for reuse (curl's default is 4 per easy handle
+   * added, which a burst then idle period undercuts); no per-host cap. */
+  curl_multi_setopt(c->multi, CURLMOPT_MAXCONNECTS, UPSTREAM_MAX_CACHED_CONNECTIONS);
   int rv = uv_timer_init(loop, &c->multi_timer);
   if (rv != 0) {
     snprintf(errmsg, errlen, "uv_timer_init(): %s", uv_strerror(rv));
     goto err_after_multi;
   }
   c->multi_timer.data = c;
-  c->open_handles = 1;
+  uv_check_init(loop, &c->kick); /* cannot fail for a live loop */
+  c->kick.data = c;
+  c->open_handles = 2;
   *out = c;
   return 0;
 
@@ -614,10 +764,15 @@ static void do_close(struct upstream_client *c) {
   }
   c->active = 0;
   CURLM *multi = c->multi;
-  curl_multi_cleanup(multi); /* may announce REMOVE for cached connections */
+  curl_multi_cleanup(multi); /* may announce REMOVE and close cached connections */
   c->multi = NULL;
+  while (c->easy_pool_count > 0) curl_easy_cleanup(c->easy_pool[--c->easy_pool_count]);
   while (c->watches) close_watch(c->watches);
+  free(c->fds);
+  c->fds = NULL;
+  c->fds_cap = 0;
   uv_close((uv_handle_t *)&c->multi_timer, on_multi_timer_closed);
+  uv_close((uv_handle_t *)&c->kick, on_kick_closed);
 }
 
 void upstream_client_close(struct upstream_client *c, void (*done)(void *arg), void *arg) {
@@ -671,6 +826,10 @@ static int configure_easy(struct upstream_transfer *t, const struct upstream_req
   SETOPT(CURLOPT_WRITEDATA, (void *)t);
   SETOPT(CURLOPT_PREREQFUNCTION, on_curl_prereq);
   SETOPT(CURLOPT_PREREQDATA, (void *)t);
+  SETOPT(CURLOPT_OPENSOCKETFUNCTION, on_curl_open_socket);
+  SETOPT(CURLOPT_OPENSOCKETDATA, (void *)t->client);
+  SETOPT(CURLOPT_CLOSESOCKETFUNCTION, on_curl_close_socket);
+  SETOPT(CURLOPT_CLOSESOCKETDATA, (void *)t->client);
   if (req->timeouts.connect_ms) SETOPT(CURLOPT_CONNECTTIMEOUT_MS, (long)req->timeouts.connect_ms);
 
   const char *method = req->method;
@@ -742,7 +901,7 @@ int upstream_start(struct upstream_client *c, const struct upstream_request *req
   t->phase = PHASE_CONNECTING;
   t->start_us = monotonic_us();
   t->start_loop_ms = uv_now(c->loop);
-  t->easy = curl_easy_init();
+  t->easy = acquire_easy(c);
   if (!t->easy) {
     snprintf(errmsg, errlen, "curl_easy_init() failed");
     goto err_after_alloc;
@@ -768,7 +927,7 @@ int upstream_start(struct upstream_client *c, const struct upstream_request *req
   return 0;
 
 err_after_easy:
-  curl_easy_cleanup(t->easy);
+  release_easy(c, t->easy);
   curl_slist_free_all(t->request_headers);
 err_after_alloc:
   free(t);
