@@ -74,7 +74,7 @@ void zg_buf_free(zg_buf *b);
 void zg_buf_reset(zg_buf *b);
 int zg_buf_append(zg_buf *b, const void *data, size_t len); /* 0 or -1 (ENOMEM) */
 int zg_buf_appendf(zg_buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-int zg_buf_vappendf(zg_buf *b, const char *fmt, va_list ap);
+int zg_buf_vappendf(zg_buf *b, const char *fmt, va_list ap) __attribute__((format(printf, 2, 0)));
 /* Hands the data to the caller (NUL-terminated) and leaves b empty. */
 char *zg_buf_steal(zg_buf *b);
 

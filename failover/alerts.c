@@ -787,8 +787,11 @@ static int deliver_email(struct delivery *d, CURL *curl) {
   if (code != CURLE_OK) {
     long smtp_code = 0;
     curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &smtp_code);
-    snprintf(d->error, sizeof(d->error), "%s (last SMTP reply %ld)", curl_easy_strerror(code),
-             smtp_code);
+    if (smtp_code)
+      snprintf(d->error, sizeof(d->error), "%s (last SMTP reply %ld)", curl_easy_strerror(code),
+               smtp_code);
+    else
+      snprintf(d->error, sizeof(d->error), "%s", curl_easy_strerror(code));
     goto out;
   }
   rc = 0;

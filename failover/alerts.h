@@ -98,8 +98,8 @@ enum alert_transition alert_state_step(struct alert_state *s, bool condition, ui
                                        uint64_t for_ms, uint64_t repeat_after_ms);
 
 /* Cumulative request counters sampled over time, to get the 5xx ratio of
- * the last window. Samples closer than window/ERROR_WINDOW_SLOTS apart are
- * merged, so the memory is fixed whatever the evaluation interval. */
+ * the last window. The newest sample floats until it is window/SLOTS past
+ * the one before, so the memory is fixed whatever the evaluation interval. */
 #define ERROR_WINDOW_SLOTS 128
 struct error_window {
   struct {

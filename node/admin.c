@@ -453,6 +453,18 @@ static void drill(struct admin_req *a, const char *kind) {
     failover_drill_freeze(n->failover, duration);
     return;
   }
+  if (!strcmp(kind, "isolate")) {
+    int rc = consensus_isolate(n->consensus, duration);
+    if (rc == 0) {
+      json_answer(a->req, 200, answer, NULL);
+    } else {
+      cJSON_Delete(answer);
+      httpd_respond_error(a->req, 500, "admin_error", "isolate_failed", NULL, "isolate failed: %s",
+                          consensus_strerror(rc));
+    }
+    admin_req_free(a);
+    return;
+  }
   cJSON_Delete(answer);
   httpd_respond_error(a->req, 404, "invalid_request_error", "unknown_drill", NULL,
                       "unknown drill %s; valid: crash, freeze, isolate", kind);

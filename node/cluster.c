@@ -95,7 +95,10 @@ static void on_consensus_event(void *ud, enum consensus_event ev) {
   if (!n->consensus) return;
   switch (ev) {
   case CONSENSUS_EV_CONFIG_CHANGED:
-  case CONSENSUS_EV_STATE_APPLIED: node_cluster_apply_replicated(n); break;
+  case CONSENSUS_EV_STATE_APPLIED:
+    node_cluster_apply_replicated(n);
+    maybe_seed_literal_keys(n);
+    break;
   case CONSENSUS_EV_LEADER_CHANGED:
     if (n->failover) failover_on_leader_changed(n->failover);
     maybe_seed_literal_keys(n);

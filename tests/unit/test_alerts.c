@@ -23,14 +23,19 @@
 
 static const char *const good_config =
     "{\"channels\": ["
-    "  {\"type\": \"webhook\", \"url\": \"env:ALERT_WEBHOOK_URL\", \"headers\": {\"X-Token\": \"env:TOKEN\"}},"
-    "  {\"type\": \"email\", \"smtp_url\": \"smtp://127.0.0.1:25\", \"from\": \"zonegate@x\", \"to\": [\"ops@x\"],"
+    "  {\"type\": \"webhook\", \"url\": \"env:ALERT_WEBHOOK_URL\", \"headers\": {\"X-Token\": "
+    "\"env:TOKEN\"}},"
+    "  {\"type\": \"email\", \"smtp_url\": \"smtp://127.0.0.1:25\", \"from\": \"zonegate@x\", "
+    "\"to\": [\"ops@x\"],"
     "   \"username\": \"u\", \"password\": \"env:SMTP_PASSWORD\"},"
     "  {\"type\": \"sms\", \"url\": \"https://sms.example/send\", \"to\": \"+15550100\"}],"
-    " \"rules\": {\"cpu_percent\": 80, \"cpu_for_s\": 300, \"memory_percent\": 90, \"memory_for_s\": 0,"
-    "   \"error_ratio\": 0.05, \"error_window_s\": 300, \"error_min_requests\": 20, \"no_active_for_s\": 10,"
+    " \"rules\": {\"cpu_percent\": 80, \"cpu_for_s\": 300, \"memory_percent\": 90, "
+    "\"memory_for_s\": 0,"
+    "   \"error_ratio\": 0.05, \"error_window_s\": 300, \"error_min_requests\": 20, "
+    "\"no_active_for_s\": 10,"
     "   \"key_rotation\": true, \"key_invalid\": true, \"leader_changed\": false},"
-    " \"eval_interval_ms\": 5000, \"retry_max\": 5, \"retry_base_ms\": 1000, \"repeat_after_s\": 3600}";
+    " \"eval_interval_ms\": 5000, \"retry_max\": 5, \"retry_base_ms\": 1000, \"repeat_after_s\": "
+    "3600}";
 
 static int validate_text(const char *text, char *err, size_t errlen) {
   cJSON *doc = cJSON_Parse(text);
@@ -46,10 +51,11 @@ static void test_validate_accepts_good_configs(void **state) {
   assert_int_equal(validate_text(good_config, err, sizeof(err)), 0);
   assert_int_equal(validate_text("{}", err, sizeof(err)), 0);
   assert_int_equal(validate_text("{\"rules\": {}}", err, sizeof(err)), 0);
-  assert_int_equal(validate_text("{\"channels\": [{\"type\": \"email\", \"smtp_url\": \"file:/run/smtp\", "
-                                 "\"from\": \"a@b\", \"to\": \"c@d\"}]}",
-                                 err, sizeof(err)),
-                   0);
+  assert_int_equal(
+      validate_text("{\"channels\": [{\"type\": \"email\", \"smtp_url\": \"file:/run/smtp\", "
+                    "\"from\": \"a@b\", \"to\": \"c@d\"}]}",
+                    err, sizeof(err)),
+      0);
   assert_int_equal(alerts_validate(NULL, err, sizeof(err)), 0);
 }
 
@@ -61,35 +67,50 @@ struct bad_case {
 static void test_validate_rejects_naming_the_path(void **state) {
   static const struct bad_case cases[] = {
       {"[]", "alerts: expected an object"},
-      {"{\"eval_intervall_ms\": 100}", "alerts.eval_intervall_ms: unknown key (did you mean \"eval_interval_ms\"?)"},
-      {"{\"rules\": {\"cpu_precent\": 50}}", "alerts.rules.cpu_precent: unknown key (did you mean \"cpu_percent\"?)"},
+      {"{\"eval_intervall_ms\": 100}",
+       "alerts.eval_intervall_ms: unknown key (did you mean \"eval_interval_ms\"?)"},
+      {"{\"rules\": {\"cpu_precent\": 50}}",
+       "alerts.rules.cpu_precent: unknown key (did you mean \"cpu_percent\"?)"},
       {"{\"rules\": []}", "alerts.rules: expected an object"},
-      {"{\"rules\": {\"cpu_percent\": 150}}", "alerts.rules.cpu_percent: expected a number from 0 to 100, found 150"},
+      {"{\"rules\": {\"cpu_percent\": 150}}",
+       "alerts.rules.cpu_percent: expected a number from 0 to 100, found 150"},
       {"{\"rules\": {\"cpu_for_s\": 2.5}}", "alerts.rules.cpu_for_s: expected a whole number"},
-      {"{\"rules\": {\"key_rotation\": 1}}", "alerts.rules.key_rotation: expected true or false, found a number"},
-      {"{\"rules\": {\"error_ratio\": \"5%\"}}", "alerts.rules.error_ratio: expected a number from 0 to 1"},
+      {"{\"rules\": {\"key_rotation\": 1}}",
+       "alerts.rules.key_rotation: expected true or false, found a number"},
+      {"{\"rules\": {\"error_ratio\": \"5%\"}}",
+       "alerts.rules.error_ratio: expected a number from 0 to 1"},
       {"{\"retry_max\": -1}", "alerts.retry_max: expected a whole number from 0 to 20"},
       {"{\"eval_interval_ms\": 10}", "alerts.eval_interval_ms: expected a whole number from 100"},
       {"{\"channels\": {}}", "alerts.channels: expected an array"},
-      {"{\"channels\": [{\"url\": \"http://x\"}]}", "alerts.channels[0].type: expected \"webhook\", \"email\" or"},
+      {"{\"channels\": [{\"url\": \"http://x\"}]}",
+       "alerts.channels[0].type: expected \"webhook\", \"email\" or"},
       {"{\"channels\": [{\"type\": \"pager\"}]}", "alerts.channels[0].type: expected"},
-      {"{\"channels\": [{\"type\": \"webhook\"}]}", "alerts.channels[0].url: expected an http:// or https:// URL"},
-      {"{\"channels\": [{\"type\": \"webhook\", \"url\": \"http://x\"}, {\"type\": \"webhook\", \"url\": \"http://x\", "
+      {"{\"channels\": [{\"type\": \"webhook\"}]}",
+       "alerts.channels[0].url: expected an http:// or https:// URL"},
+      {"{\"channels\": [{\"type\": \"webhook\", \"url\": \"http://x\"}, {\"type\": \"webhook\", "
+       "\"url\": \"http://x\", "
        "\"header\": {}}]}",
        "alerts.channels[1].header: unknown key (did you mean \"headers\"?)"},
-      {"{\"channels\": [{\"type\": \"webhook\", \"url\": \"http://x\", \"headers\": {\"X-A\": 5}}]}",
+      {"{\"channels\": [{\"type\": \"webhook\", \"url\": \"http://x\", \"headers\": {\"X-A\": "
+       "5}}]}",
        "alerts.channels[0].headers.X-A: expected a non-empty string"},
-      {"{\"channels\": [{\"type\": \"webhook\", \"url\": \"http://x\", \"headers\": {\"Bad Name\": \"v\"}}]}",
+      {"{\"channels\": [{\"type\": \"webhook\", \"url\": \"http://x\", \"headers\": {\"Bad Name\": "
+       "\"v\"}}]}",
        "alerts.channels[0].headers: expected header names"},
-      {"{\"channels\": [{\"type\": \"sms\", \"url\": \"https://x\"}]}", "alerts.channels[0].to: expected a string"},
-      {"{\"channels\": [{\"type\": \"email\", \"smtp_url\": \"http://x\", \"from\": \"a@b\", \"to\": \"c@d\"}]}",
+      {"{\"channels\": [{\"type\": \"sms\", \"url\": \"https://x\"}]}",
+       "alerts.channels[0].to: expected a string"},
+      {"{\"channels\": [{\"type\": \"email\", \"smtp_url\": \"http://x\", \"from\": \"a@b\", "
+       "\"to\": \"c@d\"}]}",
        "alerts.channels[0].smtp_url: expected an smtp:// or smtps:// URL"},
-      {"{\"channels\": [{\"type\": \"email\", \"smtp_url\": \"smtp://x\", \"from\": \"a@b\", \"to\": [\"c@d\", "
+      {"{\"channels\": [{\"type\": \"email\", \"smtp_url\": \"smtp://x\", \"from\": \"a@b\", "
+       "\"to\": [\"c@d\", "
        "\"nobody\"]}]}",
        "alerts.channels[0].to[1]: expected an email address"},
-      {"{\"channels\": [{\"type\": \"email\", \"smtp_url\": \"smtp://x\", \"from\": \"a@b\", \"to\": []}]}",
+      {"{\"channels\": [{\"type\": \"email\", \"smtp_url\": \"smtp://x\", \"from\": \"a@b\", "
+       "\"to\": []}]}",
        "alerts.channels[0].to: expected an email address or an array"},
-      {"{\"channels\": [{\"type\": \"email\", \"smtp_url\": \"smtp://x\", \"from\": \"a@b\", \"to\": \"c@d\", "
+      {"{\"channels\": [{\"type\": \"email\", \"smtp_url\": \"smtp://x\", \"from\": \"a@b\", "
+       "\"to\": \"c@d\", "
        "\"url\": \"http://x\"}]}",
        "alerts.channels[0].url: unknown key"},
   };
@@ -105,15 +126,17 @@ static void test_validate_rejects_naming_the_path(void **state) {
 static void test_validate_never_echoes_a_url(void **state) {
   char err[512];
   assert_int_not_equal(
-      validate_text("{\"channels\": [{\"type\": \"webhook\", \"url\": \"ftp://user:TOPSECRET@host/x\"}]}", err,
-                    sizeof(err)),
+      validate_text(
+          "{\"channels\": [{\"type\": \"webhook\", \"url\": \"ftp://user:TOPSECRET@host/x\"}]}",
+          err, sizeof(err)),
       0);
   assert_non_null(strstr(err, "alerts.channels[0].url"));
   assert_null(strstr(err, "TOPSECRET"));
-  assert_int_not_equal(validate_text("{\"channels\": [{\"type\": \"webhook\", \"url\": \"http://x\", \"headers\": "
-                                     "{\"X-Token\": \"TOPSECRET\\r\\nX-Evil: 1\"}}]}",
-                                     err, sizeof(err)),
-                       0);
+  assert_int_not_equal(
+      validate_text("{\"channels\": [{\"type\": \"webhook\", \"url\": \"http://x\", \"headers\": "
+                    "{\"X-Token\": \"TOPSECRET\\r\\nX-Evil: 1\"}}]}",
+                    err, sizeof(err)),
+      0);
   assert_null(strstr(err, "TOPSECRET"));
 }
 
@@ -146,7 +169,8 @@ static void test_a_dip_restarts_the_duration(void **state) {
   struct alert_state s = {0};
   assert_int_equal(alert_state_step(&s, true, 0, MIN5, 0), ALERT_NONE);
   assert_int_equal(alert_state_step(&s, true, MIN5 - 1000, MIN5, 0), ALERT_NONE);
-  assert_int_equal(alert_state_step(&s, false, MIN5 - 500, MIN5, 0), ALERT_NONE); /* not firing: no resolve */
+  assert_int_equal(alert_state_step(&s, false, MIN5 - 500, MIN5, 0),
+                   ALERT_NONE); /* not firing: no resolve */
   assert_int_equal(alert_state_step(&s, true, MIN5, MIN5, 0), ALERT_NONE);
   assert_int_equal(alert_state_step(&s, true, 2 * MIN5 - 1, MIN5, 0), ALERT_NONE);
   assert_int_equal(alert_state_step(&s, true, 2 * MIN5, MIN5, 0), ALERT_FIRE);
@@ -155,7 +179,8 @@ static void test_a_dip_restarts_the_duration(void **state) {
 static void test_immediate_rule_and_no_repeat(void **state) {
   struct alert_state s = {0};
   assert_int_equal(alert_state_step(&s, true, 5, 0, 0), ALERT_FIRE);
-  for (uint64_t t = 6; t < 10 * HOUR; t += HOUR / 2) assert_int_equal(alert_state_step(&s, true, t, 0, 0), ALERT_NONE);
+  for (uint64_t t = 6; t < 10 * HOUR; t += HOUR / 2)
+    assert_int_equal(alert_state_step(&s, true, t, 0, 0), ALERT_NONE);
   assert_int_equal(alert_state_step(&s, false, 10 * HOUR, 0, 0), ALERT_RESOLVE);
   /* A new episode fires again. */
   assert_int_equal(alert_state_step(&s, true, 11 * HOUR, 0, 0), ALERT_FIRE);
@@ -214,7 +239,8 @@ static void test_error_window_is_bounded_with_fast_sampling(void **state) {
 
 static void test_proc_parsers(void **state) {
   uint64_t busy, total;
-  assert_int_equal(alerts_parse_proc_stat("cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3 4\n", &busy, &total), 0);
+  assert_int_equal(
+      alerts_parse_proc_stat("cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3 4\n", &busy, &total), 0);
   assert_int_equal(total, 1000);
   assert_int_equal(busy, 150);
   assert_int_equal(alerts_parse_proc_stat("intr 5\n", &busy, &total), -1);
@@ -248,7 +274,9 @@ struct conn {
   bool answered;
 };
 
-static void on_conn_closed(uv_handle_t *h) { free(h->data); }
+static void on_conn_closed(uv_handle_t *h) {
+  free(h->data);
+}
 
 static void on_written(uv_write_t *w, int status) {
   struct conn *c = w->data;
@@ -275,12 +303,14 @@ static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
   size_t want = (size_t)strtoul(cl + 15, NULL, 10);
   if (c->len - (size_t)(end + 4 - c->buf) < want) return;
   struct receiver *rx = c->rx;
-  if (rx->requests < 8) snprintf(rx->bodies[rx->requests], sizeof(rx->bodies[0]), "%.*s", (int)want, end + 4);
+  if (rx->requests < 8)
+    snprintf(rx->bodies[rx->requests], sizeof(rx->bodies[0]), "%.*s", (int)want, end + 4);
   rx->requests++;
   c->answered = true;
   uv_read_stop(s);
   static char answer[128];
-  snprintf(answer, sizeof(answer), "HTTP/1.1 %d X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", rx->status);
+  snprintf(answer, sizeof(answer),
+           "HTTP/1.1 %d X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", rx->status);
   uv_buf_t out = uv_buf_init(answer, (unsigned)strlen(answer));
   c->write_req.data = c;
   uv_write(&c->write_req, s, &out, 1, on_written);
@@ -311,7 +341,9 @@ static void receiver_start(uv_loop_t *loop, struct receiver *rx, int status) {
   rx->port = ntohs(((struct sockaddr_in *)&bound)->sin_port);
 }
 
-static void on_closed(void *arg) { (*(int *)arg)++; }
+static void on_closed(void *arg) {
+  (*(int *)arg)++;
+}
 
 /* Runs the loop until cond() or timeout_ms (bounded). */
 static bool run_until(uv_loop_t *loop, bool (*cond)(void *), void *ud, uint64_t timeout_ms) {
@@ -323,7 +355,9 @@ static bool run_until(uv_loop_t *loop, bool (*cond)(void *), void *ud, uint64_t 
   return cond(ud);
 }
 
-static bool received_one(void *ud) { return ((struct receiver *)ud)->requests >= 1; }
+static bool received_one(void *ud) {
+  return ((struct receiver *)ud)->requests >= 1;
+}
 
 struct status_probe {
   struct alerts *alerts;
@@ -347,7 +381,8 @@ static bool delivery_given_up(void *ud) {
 static cJSON *config_with_webhook(const char *url, unsigned retry_max, unsigned retry_base_ms) {
   char text[1024];
   snprintf(text, sizeof(text),
-           "{\"channels\": [{\"type\": \"webhook\", \"url\": \"%s\", \"headers\": {\"X-Token\": \"env:ZG_TEST_TOKEN\"}}],"
+           "{\"channels\": [{\"type\": \"webhook\", \"url\": \"%s\", \"headers\": {\"X-Token\": "
+           "\"env:ZG_TEST_TOKEN\"}}],"
            " \"rules\": {\"memory_percent\": 0.001, \"cpu_percent\": 0},"
            " \"eval_interval_ms\": 100, \"retry_max\": %u, \"retry_base_ms\": %u}",
            url, retry_max, retry_base_ms);
@@ -379,7 +414,8 @@ static void test_engine_posts_a_firing_alert(void **state) {
   assert_true(cJSON_IsFalse(cJSON_GetObjectItem(body, "cluster_wide")));
   assert_non_null(cJSON_GetObjectItem(body, "started_at"));
   assert_null(cJSON_GetObjectItem(body, "resolved_at"));
-  assert_true(cJSON_IsNumber(cJSON_GetObjectItem(cJSON_GetObjectItem(body, "details"), "memory_percent")));
+  assert_true(
+      cJSON_IsNumber(cJSON_GetObjectItem(cJSON_GetObjectItem(body, "details"), "memory_percent")));
   cJSON_Delete(body);
   /* Dedup: the alert keeps firing but is not sent again. */
   uint64_t until = zg_mono_ms() + 500;
