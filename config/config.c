@@ -21,6 +21,21 @@ struct parse_ctx {
   size_t errlen;
 };
 
+/* Free-form sections are validated by the module that owns them. */
+static struct {
+  const char *section;
+  int (*validate)(const cJSON *v, char *err, size_t errlen);
+} validators[4];
+static size_t n_validators;
+
+void zg_config_set_validator(const char *section, int (*validate)(const struct cJSON *v, char *err, size_t errlen)) {
+  if (n_validators < sizeof(validators) / sizeof(validators[0])) {
+    validators[n_validators].section = section;
+    validators[n_validators].validate = validate;
+    n_validators++;
+  }
+}
+
 static const struct schema_entry *schema_find(const char *path) {
   for (size_t i = 0; i < zg_schema_len; i++)
     if (strcmp(zg_schema[i].path, path) == 0) return &zg_schema[i];
@@ -125,7 +140,16 @@ static int check_value(struct parse_ctx *ctx, const struct schema_entry *e, cons
                        cJSON *v) {
   char expected[256];
   switch (e->kind) {
-  case K_ANY: return 0;
+  case K_ANY:
+    for (size_t i = 0; i < n_validators; i++) {
+      if (strcmp(e->path, validators[i].section) != 0) continue;
+      char section_err[512];
+      if (validators[i].validate(v, section_err, sizeof(section_err)) != 0) {
+        snprintf(ctx->err, ctx->errlen, "%s: %s", ctx->origin, section_err);
+        return -1;
+      }
+    }
+    return 0;
   case K_OBJECT:
     if (!cJSON_IsObject(v)) return fail(ctx, path, "an object", v);
     return walk_object(ctx, e->path, path, v);

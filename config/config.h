@@ -116,6 +116,11 @@ struct cJSON *zg_config_replicated_json(const struct zg_config *cfg);
  * of `local` with it applied. NULL with a message on error. */
 struct zg_config *zg_config_with_replicated(const struct zg_config *local, const struct cJSON *replicated,
                                             const char *origin, char *err, size_t errlen);
+/* A free-form section (K_ANY in the schema, e.g. "alerts") is validated by
+ * the module that owns it; node/ registers the validator at start-up.
+ * The validator writes a message naming the JSON path into err. */
+void zg_config_set_validator(const char *section,
+                             int (*validate)(const struct cJSON *v, char *err, size_t errlen));
 /* True when the top-level key belongs to the replicated part. */
 bool zg_config_key_is_replicated(const char *key);
 

@@ -402,7 +402,7 @@ cJSON *zg_prepare_args(int type, cJSON *args, const uint8_t master_key[32], char
       snprintf(err, errlen, "field 'upstream' must not be empty");
       goto fail;
     }
-    if (arg_uint(args, "rotate_after_days", false, 1, 3650, 90, &u, err, errlen)) goto fail;
+    if (arg_uint(args, "rotate_after_days", false, 0, 3650, 90, &u, err, errlen)) goto fail;
     cJSON_DeleteItemFromObjectCaseSensitive(args, "rotate_after_days");
     cJSON_AddNumberToObject(args, "rotate_after_days", (double)u);
     if (arg_bool(args, "primary", true, &b, err, errlen)) goto fail;
@@ -602,7 +602,7 @@ static int parse_key(const cJSON *j, struct zg_key *k, char *err, size_t errlen)
   k->upstream = strdup(s);
   if (arg_string(j, "sealed", true, 4 * MAX_SECRET_LEN, &s, err, errlen)) goto bad;
   k->sealed = strdup(s);
-  if (arg_uint(j, "rotate_after_days", false, 1, 3650, 90, &u, err, errlen)) goto bad;
+  if (arg_uint(j, "rotate_after_days", false, 0, 3650, 90, &u, err, errlen)) goto bad;
   k->rotate_after_days = (unsigned)u;
   if (arg_uint(j, "created_at", false, 0, 9000000000000000ull, 0, &u, err, errlen)) goto bad;
   k->created_at = u;

@@ -69,4 +69,15 @@ void failover_drill_freeze(struct failover *f, unsigned ms);
 
 void failover_close(struct failover *f, void (*done)(void *arg), void *arg);
 
+/* Alert engine (failover/alerts.c): rules, channels, delivery. Node-level
+ * rules run on every node, cluster-wide ones on the active node only. See
+ * failover/alerts.c for the config section and delivery guarantees. */
+struct alerts;
+int alerts_start(uv_loop_t *loop, const char *node_id, struct consensus *cs, struct failover *fo,
+                 struct gateway *gw, struct alerts **out, char *errmsg, size_t errlen);
+int alerts_validate(const struct cJSON *alerts_section, char *err, size_t errlen);
+void alerts_apply_config(struct alerts *a, const struct cJSON *alerts_section);
+void alerts_status_json(const struct alerts *a, struct cJSON *out);
+void alerts_close(struct alerts *a, void (*done)(void *), void *arg);
+
 #endif

@@ -507,6 +507,7 @@ static void on_admin_request(void *ctx, struct httpd_req *req) {
   if (!strcmp(p, "/v1/cluster/status") && !write) {
     cJSON *body = consensus_status_json(cs);
     if (n->failover) failover_status_json(n->failover, cJSON_AddObjectToObject(body, "failover"));
+    if (n->alerts) alerts_status_json(n->alerts, body);
     cJSON_AddNumberToObject(body, "config_version", (double)consensus_config_version(cs));
     json_answer(req, 200, body, NULL);
   } else if (!strcmp(p, "/v1/config") && !write) {

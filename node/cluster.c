@@ -47,6 +47,7 @@ void node_cluster_apply_replicated(struct node *n) {
   }
   gateway_apply_config(n->gateway, effective);
   if (n->failover) failover_apply_config(n->failover, effective);
+  if (n->alerts) alerts_apply_config(n->alerts, cJSON_GetObjectItemCaseSensitive(replicated, "alerts"));
   n->applied_config_version = version;
   zg_log(ZG_INFO, "config_applied", "replicated config version %llu applied live", (unsigned long long)version);
   zg_config_free(effective);

@@ -9,6 +9,7 @@
 #include <stdint.h>
 #include <uv.h>
 
+struct alerts;
 struct consensus;
 struct failover;
 struct gateway;
@@ -21,6 +22,7 @@ struct node {
   struct gateway *gateway;
   struct consensus *consensus; /* NULL in standalone mode */
   struct failover *failover;   /* NULL in standalone mode */
+  struct alerts *alerts;       /* alert engine (failover/alerts.h) */
   struct httpd_server *admin;  /* NULL when no admin token is configured */
   struct upstream_client *admin_client; /* forwards admin writes to the leader */
   char *admin_token;                    /* resolved secret */

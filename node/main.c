@@ -1,5 +1,7 @@
 /* main.c: the zonegate command line. Parses the subcommand and hands over
  * to it; unknown commands and flags print usage and exit 2. */
+#include "config/config.h"
+#include "failover/failover.h"
 #include "node/node.h"
 
 #include <stdio.h>
@@ -37,6 +39,7 @@ int main(int argc, char **argv) {
     return 2;
   }
   const char *cmd = argv[1];
+  zg_config_set_validator("alerts", alerts_validate);
   if (!strcmp(cmd, "--help") || !strcmp(cmd, "-h") || !strcmp(cmd, "help")) {
     usage(stdout);
     return 0;

@@ -112,6 +112,11 @@ static void finish_shutdown(struct node *n) {
   uv_close((uv_handle_t *)&n->sighup, NULL);
   uv_close((uv_handle_t *)&n->drain_timer, NULL);
   n->closing_parts = 1; /* released below, after every part was asked to close */
+  if (n->alerts) { /* first: it borrows consensus, failover and gateway */
+    n->closing_parts++;
+    alerts_close(n->alerts, on_part_closed, n);
+    n->alerts = NULL;
+  }
   if (n->failover) {
     n->closing_parts++;
     failover_close(n->failover, on_part_closed, n);
@@ -204,6 +209,7 @@ static void on_sighup(uv_signal_t *s, int signum) {
     return;
   }
   gateway_apply_config(n->gateway, fresh);
+  if (n->alerts) alerts_apply_config(n->alerts, cJSON_GetObjectItemCaseSensitive(fresh->effective, "alerts"));
   zg_log_set_level(!strcmp(fresh->log_level, "debug")  ? ZG_DEBUG
                    : !strcmp(fresh->log_level, "warn")  ? ZG_WARN
                    : !strcmp(fresh->log_level, "error") ? ZG_ERROR
@@ -268,6 +274,15 @@ int node_serve(int argc, char **argv) {
     zg_log(ZG_ERROR, "start_failed", "%s", err);
     return 1;
   }
+  if (alerts_start(n.loop, n.cfg->node_id, n.consensus, n.failover, n.gateway, &n.alerts, err, sizeof(err)) != 0) {
+    fprintf(stderr, "error: %s\n", err);
+    zg_log(ZG_ERROR, "start_failed", "%s", err);
+    return 1;
+  }
+  /* Replicated config in a cluster (it may have been applied before the
+   * engine existed), the file's section when standalone. */
+  const cJSON *alerts_cfg = n.consensus ? consensus_config(n.consensus) : n.cfg->effective;
+  alerts_apply_config(n.alerts, cJSON_GetObjectItemCaseSensitive(alerts_cfg, "alerts"));
 
   uv_signal_init(n.loop, &n.sigterm);
   uv_signal_init(n.loop, &n.sigint);

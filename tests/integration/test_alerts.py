@@ -22,8 +22,7 @@ import pytest
 
 from harness import Stack, TempDir, chat_body, mock_stats, wait_for
 
-pytestmark = pytest.mark.skipif(not os.environ.get("ZONEGATE_ALERTS_WIRED"),
-                                reason="the alert engine is not wired into node/ yet (set ZONEGATE_ALERTS_WIRED=1)")
+
 
 MASTER_KEY = base64.b64encode(os.urandom(32)).decode()
 ADMIN_TOKEN = "admin-token-" + base64.b16encode(os.urandom(8)).decode()

@@ -169,7 +169,7 @@ static void test_validation(void **state) {
   expect_invalid("key.add", "{}", "secret");
   expect_invalid("key.add", "{\"secret\":\"\"}", "secret");
   expect_invalid("key.add", "{\"secret\":\"x\",\"id\":\"bad id!\"}", "id");
-  expect_invalid("key.add", "{\"secret\":\"x\",\"rotate_after_days\":0}", "rotate_after_days");
+  expect_invalid("key.add", "{\"secret\":\"x\",\"rotate_after_days\":4000}", "rotate_after_days");
   expect_invalid("key.add", "{\"secret\":\"x\",\"primary\":\"yes\"}", "primary");
   expect_invalid("key.add", "{\"secret\":\"x\",\"upstream\":\"\"}", "upstream");
   expect_invalid("key.rotate", "{\"secret\":\"x\"}", "id");
