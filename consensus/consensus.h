@@ -180,6 +180,17 @@ int consensus_remove_member(struct consensus *c, const char *node_id,
  * afterwards the node rejoins on its own. 0 ok, CONSENSUS_ESHUTDOWN. */
 int consensus_isolate(struct consensus *c, unsigned duration_ms);
 
+/* Offline disaster recovery (consensus/recover.c), on a STOPPED node's
+ * data dir. inspect: the log's current term and last index (pick the
+ * survivor with the longest log). recover_single: force a configuration
+ * of this node alone (libraft raft_recover); afterwards the node starts
+ * as a one-voter cluster and the others rejoin with empty data dirs
+ * (`zonegate members add`). Both return 0, or -1 with a message. */
+int consensus_inspect_log(const char *data_dir, const char *node_id, const char *raft_address,
+                          uint64_t *term, uint64_t *last_index, char *errmsg, size_t errlen);
+int consensus_recover_single(const char *data_dir, const char *node_id, const char *raft_address,
+                             char *errmsg, size_t errlen);
+
 /* Stable raft id of a node id (64-bit FNV-1a, never 0). */
 uint64_t consensus_raft_id(const char *node_id);
 

@@ -26,6 +26,8 @@ static void usage(FILE *out) {
           "  zonegate switchover [--to NODE]    planned handover of the active role\n"
           "  zonegate drill switchover|crash|freeze|isolate --lb URL [--duration S] [--json]\n"
           "                                     failover rehearsal: timeline, RTO, failed requests, RPO\n"
+          "  zonegate recover --force --config FILE [--yes]\n"
+          "                                     quorum lost for good: rebuild a one-node cluster here\n"
           "\n"
           "  zonegate --version | --help\n"
           "\n"
@@ -51,6 +53,7 @@ int main(int argc, char **argv) {
   if (!strcmp(cmd, "serve")) return node_serve(argc - 1, argv + 1);
   if (!strcmp(cmd, "config")) return node_config_command(argc - 1, argv + 1);
   if (!strcmp(cmd, "drill")) return node_drill(argc - 1, argv + 1);
+  if (!strcmp(cmd, "recover")) return node_recover(argc - 1, argv + 1);
   if (!strcmp(cmd, "status") || !strcmp(cmd, "keys") || !strcmp(cmd, "tokens") || !strcmp(cmd, "audit") ||
       !strcmp(cmd, "members") || !strcmp(cmd, "switchover"))
     return node_cli(cmd, argc - 1, argv + 1);

@@ -12,5 +12,7 @@ int node_config_command(int argc, char **argv);
 int node_cli(const char *command, int argc, char **argv);
 /* `zonegate drill ...` (node/drill.c). */
 int node_drill(int argc, char **argv);
+/* `zonegate recover --force` (node/recover.c). */
+int node_recover(int argc, char **argv);
 
 #endif

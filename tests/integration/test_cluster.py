@@ -226,3 +226,36 @@ def test_cli_as_an_operator(cluster):
     assert bad.returncode == 1 and "admin token was rejected" in bad.stderr
     down = node.cli("status", "--addr", "127.0.0.1:1", check=False)
     assert down.returncode == 1 and "cannot reach" in down.stderr
+
+
+def test_recover_force_rebuilds_one_node_cluster_after_quorum_loss(cluster):
+    import subprocess
+    from harness import ZONEGATE_BIN
+    survivor = cluster.node("gw-a")
+    status, answer = cluster.node("gw-b").admin_call("POST", "/v1/tokens", {"name": "before-disaster"})
+    assert status == 200
+    token = answer["token"]
+    cluster.wait_caught_up()
+    survivor.kill(signal.SIGKILL)
+    env = dict(os.environ)
+    env.update(SECRETS)
+    # A majority (gw-b + witness) is still reachable: refused, nothing changed.
+    out = subprocess.run([ZONEGATE_BIN, "recover", "--force", "--yes", "--config", survivor.config_path],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 1 and "refused" in out.stderr, out
+    cluster.node("gw-b").kill(signal.SIGKILL)
+    cluster.node("witness").kill(signal.SIGKILL)
+    # Without --yes it asks, and a "no" changes nothing.
+    out = subprocess.run([ZONEGATE_BIN, "recover", "--force", "--config", survivor.config_path], input="no\n",
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 1 and "aborted" in out.stdout and "last index" in out.stdout, out
+    out = subprocess.run([ZONEGATE_BIN, "recover", "--force", "--yes", "--config", survivor.config_path],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0, out
+    assert "only voter" in out.stdout
+    survivor.start()
+    wait_for(lambda: survivor.health("active")[0] == 200, timeout=15, what="recovered node active alone")
+    s, _, body = chat(survivor, token)
+    assert s == 200, body
+    status, answer = survivor.admin_call("POST", "/v1/tokens", {"name": "after-recovery"})
+    assert status == 200

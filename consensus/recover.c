@@ -1,0 +1,142 @@
+/* recover.c: offline disaster recovery on a stopped node's data dir.
+ *
+ * consensus_inspect_log() reads the term and last index of the log (so the
+ * operator can pick the survivor with the longest log);
+ * consensus_recover_single() forces a configuration of this node alone
+ * (libraft raft_recover), for when a majority is lost for good.
+ *
+ * Both run on a private uv loop and touch only data_dir/raft. They fail
+ * with a message naming the call and path (locked or corrupt log,
+ * missing data dir); the data dir is unchanged unless recover succeeds.
+ */
+#include "consensus/consensus.h"
+
+#include <raft.h>
+#include <raft/uv.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+struct offline {
+  uv_loop_t loop;
+  struct raft_uv_transport transport;
+  struct raft_io io; /* version set by raft_uv_init */
+  char raft_dir[600];
+  bool transport_inited, io_inited;
+};
+
+static int offline_open(struct offline *o, const char *data_dir, char *errmsg, size_t errlen) {
+  memset(o, 0, sizeof(*o));
+  snprintf(o->raft_dir, sizeof(o->raft_dir), "%s/raft", data_dir);
+  struct stat st;
+  if (stat(o->raft_dir, &st) != 0 || !S_ISDIR(st.st_mode)) {
+    snprintf(errmsg, errlen, "%s holds no Raft data (nothing to recover)", o->raft_dir);
+    return -1;
+  }
+  uv_loop_init(&o->loop);
+  o->transport.version = 1;
+  int rv = raft_uv_tcp_init(&o->transport, &o->loop);
+  if (rv != 0) {
+    snprintf(errmsg, errlen, "raft_uv_tcp_init(): %s", raft_strerror(rv));
+    return -1;
+  }
+  o->transport_inited = true;
+  rv = raft_uv_init(&o->io, &o->loop, o->raft_dir, &o->transport);
+  if (rv != 0) {
+    snprintf(errmsg, errlen, "raft_uv_init(%s): %s", o->raft_dir, o->io.errmsg);
+    return -1;
+  }
+  raft_uv_set_auto_recovery(&o->io, false);
+  o->io_inited = true;
+  return 0;
+}
+
+static void io_closed(struct raft_io *io) {
+  (void)io;
+}
+
+static void offline_close(struct offline *o) {
+  if (o->io_inited) o->io.close(&o->io, io_closed);
+  uv_run(&o->loop, UV_RUN_DEFAULT);
+  if (o->io_inited) raft_uv_close(&o->io);
+  if (o->transport_inited) raft_uv_tcp_close(&o->transport);
+  uv_loop_close(&o->loop);
+}
+
+int consensus_inspect_log(const char *data_dir, const char *node_id, const char *raft_address,
+                          uint64_t *term, uint64_t *last_index, char *errmsg, size_t errlen) {
+  struct offline o;
+  int rc = -1;
+  if (offline_open(&o, data_dir, errmsg, errlen) != 0) goto out;
+  int rv = o.io.init(&o.io, consensus_raft_id(node_id), raft_address);
+  if (rv != 0) {
+    snprintf(errmsg, errlen, "opening %s: %s", o.raft_dir, o.io.errmsg);
+    goto out;
+  }
+  raft_term t = 0;
+  raft_id voted = 0;
+  struct raft_snapshot *snap = NULL;
+  raft_index start = 0;
+  struct raft_entry *entries = NULL;
+  size_t n = 0;
+  rv = o.io.load(&o.io, &t, &voted, &snap, &start, &entries, &n);
+  if (rv != 0) {
+    snprintf(errmsg, errlen, "reading the log in %s: %s", o.raft_dir, o.io.errmsg);
+    goto out;
+  }
+  *term = t;
+  *last_index = n > 0 ? start + n - 1 : (snap ? snap->index : 0);
+  /* The entries and snapshot belong to us now; the process is a short-lived
+   * CLI, so their buffers are released with it. */
+  rc = 0;
+out:
+  offline_close(&o);
+  return rc;
+}
+
+static int fsm_apply_unused(struct raft_fsm *fsm, const struct raft_buffer *buf, void **result) {
+  (void)fsm, (void)buf, (void)result;
+  return 0;
+}
+
+static void raft_closed(struct raft *r) {
+  (void)r;
+}
+
+int consensus_recover_single(const char *data_dir, const char *node_id, const char *raft_address,
+                             char *errmsg, size_t errlen) {
+  struct offline o;
+  struct raft r;
+  struct raft_fsm fsm = {0};
+  fsm.version = 1;
+  fsm.apply = fsm_apply_unused;
+  bool raft_inited = false;
+  int rc = -1;
+  if (offline_open(&o, data_dir, errmsg, errlen) != 0) goto out;
+  int rv = raft_init(&r, &o.io, &fsm, consensus_raft_id(node_id), raft_address);
+  if (rv != 0) {
+    snprintf(errmsg, errlen, "raft_init(%s): %s", o.raft_dir, raft_errmsg(&r));
+    goto out;
+  }
+  raft_inited = true;
+  struct raft_configuration conf;
+  raft_configuration_init(&conf);
+  rv = raft_configuration_add(&conf, consensus_raft_id(node_id), raft_address, RAFT_VOTER);
+  if (rv == 0) rv = raft_recover(&r, &conf);
+  raft_configuration_close(&conf);
+  if (rv != 0) {
+    snprintf(errmsg, errlen, "raft_recover(%s): %s", o.raft_dir, raft_errmsg(&r));
+    goto out;
+  }
+  rc = 0;
+out:
+  if (raft_inited) {
+    raft_close(&r, raft_closed);
+    uv_run(&o.loop, UV_RUN_DEFAULT);
+    o.io_inited = false; /* closed by raft_close */
+    raft_uv_close(&o.io);
+  }
+  offline_close(&o);
+  return rc;
+}
