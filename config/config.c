@@ -565,3 +565,55 @@ struct zg_config *zg_config_with_replicated(const struct zg_config *local, const
   if (cfg) copy_string(cfg->path, sizeof(cfg->path), local->path);
   return cfg;
 }
+
+static const char *kind_name(enum schema_kind k) {
+  switch (k) {
+  case K_OBJECT: return "object";
+  case K_ARRAY: return "array";
+  case K_ANY: return "object";
+  case K_STRING: return "string";
+  case K_SECRET: return "secret";
+  case K_URL: return "URL";
+  case K_ADDR: return "host:port";
+  case K_UINT: return "integer";
+  case K_DOUBLE: return "number";
+  case K_BOOL: return "bool";
+  case K_SIZE: return "size";
+  case K_ENUM: return "enum";
+  case K_HEX64: return "hex";
+  }
+  return "?";
+}
+
+char *zg_config_reference_markdown(void) {
+  zg_buf out;
+  zg_buf_init(&out);
+  zg_buf_appendf(&out, "| key | type | default | scope | meaning |\n|---|---|---|---|---|\n");
+  for (size_t i = 0; i < zg_schema_len; i++) {
+    const struct schema_entry *e = &zg_schema[i];
+    if (e->kind == K_OBJECT) continue;
+    char top[64];
+    snprintf(top, sizeof(top), "%s", e->path);
+    top[strcspn(top, ".[")] = '\0';
+    char type[96];
+    if (e->kind == K_ENUM) {
+      size_t t = 0;
+      for (const char *c = e->enum_values; *c && t + 4 < sizeof(type); c++) {
+        if (*c == '|') {
+          memcpy(type + t, " / ", 3);
+          t += 3;
+        } else {
+          type[t++] = *c;
+        }
+      }
+      type[t] = '\0';
+    }
+    else if (e->kind == K_UINT || e->kind == K_DOUBLE)
+      snprintf(type, sizeof(type), "%s %g..%g", kind_name(e->kind), e->min, e->max);
+    else snprintf(type, sizeof(type), "%s", kind_name(e->kind));
+    zg_buf_appendf(&out, "| `%s` | %s | %s%s%s | %s | %s |\n", e->path, type, e->default_json ? "`" : "",
+                   e->default_json ? e->default_json : "-", e->default_json ? "`" : "",
+                   zg_config_key_is_replicated(top) ? "replicated" : "local", e->help);
+  }
+  return zg_buf_steal(&out);
+}

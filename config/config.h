@@ -121,6 +121,10 @@ struct zg_config *zg_config_with_replicated(const struct zg_config *local, const
  * The validator writes a message naming the JSON path into err. */
 void zg_config_set_validator(const char *section,
                              int (*validate)(const struct cJSON *v, char *err, size_t errlen));
+/* The config reference as a markdown table (key, type, default, scope,
+ * meaning), generated from the schema so the docs cannot drift. Caller
+ * frees. */
+char *zg_config_reference_markdown(void);
 /* True when the top-level key belongs to the replicated part. */
 bool zg_config_key_is_replicated(const char *key);
 

@@ -1,6 +1,7 @@
 /* config_cmd.c: `zonegate config check FILE` validates a config file the
  * way `serve` would and prints the effective config (defaults filled in)
- * with every literal secret masked. Exit 1 with the error on a bad file. */
+ * with every literal secret masked. Exit 1 with the error on a bad file.
+ * `zonegate config reference` prints the key reference (markdown). */
 #include "base/base.h"
 #include "config/config.h"
 #include "node/node.h"
@@ -31,6 +32,12 @@ int node_config_command(int argc, char **argv) {
     free(dump);
     fprintf(stderr, "%s: OK\n", argv[2]);
     zg_config_free(cfg);
+    return 0;
+  }
+  if (argc >= 2 && !strcmp(argv[1], "reference")) {
+    char *text = zg_config_reference_markdown();
+    printf("%s", text);
+    free(text);
     return 0;
   }
   return node_cli("config", argc, argv);
