@@ -61,6 +61,7 @@ struct zg_config {
   struct zg_peer peers[ZG_MAX_PEERS];
   size_t n_peers;
   char cluster_secret[512]; /* secret reference; "" = none */
+  bool cluster_join;        /* joins a running cluster; never bootstraps */
   unsigned election_timeout_ms, heartbeat_ms;
   unsigned snapshot_threshold, snapshot_trailing;
   unsigned max_lag;

@@ -40,6 +40,8 @@ const struct schema_entry zg_schema[] = {
     {"cluster.peers[].raft", K_ADDR, 0, 0, NULL, NULL, NOFF, "peer Raft address"},
     {"cluster.peers[].admin", K_ADDR, 0, 0, NULL, NULL, NOFF, "peer admin address"},
     {"cluster.peers[].gateway", K_ADDR, 0, 0, NULL, NULL, NOFF, "peer client API address"},
+    {"cluster.join", K_BOOL, 0, 0, "false", NULL, OFF(cluster_join),
+     "true on a node added to a running cluster (zonegate members add): it never bootstraps its own"},
     {"cluster.secret", K_SECRET, 0, 0, NULL, NULL, OFF(cluster_secret),
      "shared secret authenticating Raft peers (>= 16 chars)"},
     {"cluster.election_timeout_ms", K_UINT, 100, 60000, "600", NULL, OFF(election_timeout_ms),

@@ -984,6 +984,10 @@ cJSON *consensus_status_json(const struct consensus *c) {
     for (unsigned k = 0; k < r->configuration.n; k++)
       if (r->configuration.servers[k].id == m->raft_id)
         raft_role = raft_role_name(r->configuration.servers[k].role);
+    if (strcmp(raft_role, "none") == 0 && r->configuration.n > 0) {
+      cJSON_Delete(j); /* removed from the group: not a member any more */
+      continue;
+    }
     cJSON_AddBoolToObject(j, "voter", strcmp(raft_role, "voter") == 0);
     cJSON_AddStringToObject(j, "raft_role", raft_role);
     cJSON_AddBoolToObject(j, "self", i == 0);

@@ -197,6 +197,7 @@ int node_cluster_start(struct node *n, char *errmsg, size_t errlen) {
   opts.snapshot_trailing = cfg->snapshot_trailing;
   opts.seed_config = seed;
   opts.seed_tokens = tokens;
+  opts.join_existing = cfg->cluster_join;
   opts.on_event = on_consensus_event;
   opts.ud = n;
   rc = consensus_start(n->loop, &opts, &n->consensus, errmsg, errlen);

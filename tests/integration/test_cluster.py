@@ -259,3 +259,38 @@ def test_recover_force_rebuilds_one_node_cluster_after_quorum_loss(cluster):
     assert s == 200, body
     status, answer = survivor.admin_call("POST", "/v1/tokens", {"name": "after-recovery"})
     assert status == 200
+
+
+def test_member_joins_as_non_voter_then_voter_and_can_be_removed(cluster):
+    from cluster import Node
+    status, answer = cluster.node("gw-a").admin_call("POST", "/v1/tokens", {"name": "before-join"})
+    assert status == 200
+    newcomer = Node(cluster, "gw-c", "A", "gateway")
+    newcomer.write_config()
+    with open(newcomer.config_path) as f:
+        cfg = json.load(f)
+    cfg["cluster"]["join"] = True
+    with open(newcomer.config_path, "w") as f:
+        json.dump(cfg, f)
+    newcomer.start()
+    try:
+        out = cluster.node("gw-b").cli("members", "add", "gw-c", "--raft", newcomer.member()["raft"], "--zone", "A",
+                                       "--admin", newcomer.admin, "--gateway", newcomer.member()["gateway"])
+        assert "added gw-c" in out.stdout
+
+        def promoted():
+            status, st = cluster.active().admin_call("GET", "/v1/cluster/status")
+            m = [m for m in st["members"] if m["id"] == "gw-c"]
+            return m and m[0]["voter"]
+        wait_for(promoted, timeout=20, what="gw-c promoted to voter")
+
+        def caught_up():
+            status, listing = newcomer.admin_call("GET", "/v1/tokens")
+            return status == 200 and any(t["name"] == "before-join" for t in listing["tokens"])
+        wait_for(caught_up, timeout=20, what="gw-c has the replicated state")
+        out = cluster.node("gw-a").cli("members", "remove", "gw-c")
+        assert "removed gw-c" in out.stdout
+        status, st = cluster.active().admin_call("GET", "/v1/cluster/status")
+        assert all(m["id"] != "gw-c" for m in st["members"])
+    finally:
+        newcomer.proc.stop()
