@@ -12,6 +12,7 @@
  */
 #include <arpa/inet.h>
 #include <ctype.h>
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -35,6 +36,11 @@ static const char *const key_state_names[] = {"active", "retiring", "revoked", "
 
 /* ---- state helpers ----------------------------------------------------- */
 
+#define INDEX_EMPTY 0u
+#define INDEX_DELETED UINT32_MAX
+#define INDEX_MIN_BUCKETS 64u
+#define COMPACT_MIN_DEAD 64u
+
 static void key_free(struct zg_key *k) {
   free(k->upstream);
   free(k->sealed);
@@ -46,23 +52,96 @@ static void token_free(struct zg_token *t) {
   free(t->name);
   for (size_t i = 0; i < t->n_allow; i++) free(t->allow[i]);
   free(t->allow);
+  free(t->snap_text);
   memset(t, 0, sizeof *t);
+}
+
+static bool token_live(const struct zg_token *t) {
+  return t->id[0] != '\0';
+}
+
+/* A cached text is no longer part of the state. While a snapshot borrows
+ * the texts it is parked until snapshot_finalize; `f` NULL: never borrowed. */
+static void text_drop(struct zg_fsm *f, char *text) {
+  if (text == NULL) return;
+  if (f == NULL || !f->snapshot_pinned) {
+    free(text);
+    return;
+  }
+  if (f->n_grave == f->grave_cap) {
+    size_t cap = f->grave_cap ? 2 * f->grave_cap : 64;
+    char **grown = realloc(f->grave, cap * sizeof *grown);
+    if (grown == NULL) {
+      /* Freeing it could corrupt the snapshot being written: leak instead. */
+      ZG_LOG_WARN("consensus_snapshot_text_leaked", "out of memory parking a snapshot text");
+      return;
+    }
+    f->grave = grown;
+    f->grave_cap = cap;
+  }
+  f->grave[f->n_grave++] = text;
 }
 
 static void state_free(struct zg_state *st) {
   cJSON_Delete(st->config);
   for (size_t i = 0; i < st->n_keys; i++) key_free(&st->keys[i]);
   free(st->keys);
-  for (size_t i = 0; i < st->n_tokens; i++) token_free(&st->tokens[i]);
+  for (size_t i = 0; i < st->n_token_slots; i++) token_free(&st->tokens[i]);
   free(st->tokens);
-  cJSON_Delete(st->audit);
+  free(st->token_by_sha);
+  free(st->token_by_id);
+  for (size_t i = 0; i < st->n_audit; i++) free(st->audit[(st->audit_head + i) % st->audit_cap].text);
+  free(st->audit);
   memset(st, 0, sizeof *st);
 }
 
-static int state_init(struct zg_state *st) {
+/* Frees a state whose texts a pending snapshot of `f` may still borrow. */
+static void state_discard(struct zg_fsm *f, struct zg_state *st) {
+  for (size_t i = 0; i < st->n_token_slots; i++) {
+    text_drop(f, st->tokens[i].snap_text);
+    st->tokens[i].snap_text = NULL;
+  }
+  for (size_t i = 0; i < st->n_audit; i++) {
+    struct zg_audit_rec *r = &st->audit[(st->audit_head + i) % st->audit_cap];
+    text_drop(f, r->text);
+    r->text = NULL;
+  }
+  state_free(st);
+}
+
+static int state_init(struct zg_state *st, size_t audit_cap) {
   memset(st, 0, sizeof *st);
-  st->audit = cJSON_CreateArray();
+  st->audit_cap = audit_cap ? audit_cap : 1;
+  st->audit = calloc(st->audit_cap, sizeof *st->audit);
   return st->audit ? 0 : -1;
+}
+
+/* Prints `o` (consumed) as ",{...}" for the snapshot arrays. NULL on ENOMEM. */
+static char *comma_text(cJSON *o, size_t *len) {
+  char *printed = o ? cJSON_PrintUnformatted(o) : NULL;
+  cJSON_Delete(o);
+  if (printed == NULL) return NULL;
+  size_t n = strlen(printed);
+  char *text = malloc(n + 2);
+  if (text != NULL) {
+    text[0] = ',';
+    memcpy(text + 1, printed, n + 1);
+    *len = n + 1;
+  }
+  free(printed);
+  return text;
+}
+
+/* Appends a record text (ownership taken), dropping the oldest when full. */
+static void audit_push(struct zg_fsm *f, struct zg_state *st, char *text, size_t len) {
+  if (st->n_audit == st->audit_cap) {
+    text_drop(f, st->audit[st->audit_head].text);
+    st->audit[st->audit_head] = (struct zg_audit_rec){text, len};
+    st->audit_head = (st->audit_head + 1) % st->audit_cap;
+    return;
+  }
+  st->audit[(st->audit_head + st->n_audit) % st->audit_cap] = (struct zg_audit_rec){text, len};
+  st->n_audit++;
 }
 
 static struct zg_key *key_find(struct zg_state *st, const char *id) {
@@ -86,24 +165,119 @@ static int key_insert(struct zg_state *st, const struct zg_key *k, bool first) {
   return 0;
 }
 
-static int token_find_index(const struct zg_state *st, const char *id) {
-  for (size_t i = 0; i < st->n_tokens; i++)
-    if (strcmp(st->tokens[i].id, id) == 0) return (int)i;
-  return -1;
+/* 64-bit FNV-1a; keys are ids and SHA-256 hex chosen by the cluster. */
+static uint64_t hash_string(const char *s) {
+  uint64_t h = 0xcbf29ce484222325ull;
+  for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+    h ^= *p;
+    h *= 0x100000001b3ull;
+  }
+  return h;
+}
+
+static const char *token_key(const struct zg_token *t, bool by_sha) {
+  return by_sha ? t->sha256 : t->id;
+}
+
+/* Slot of the live token with this sha256 (by_sha) or id, or -1. */
+static long token_index_find(const struct zg_state *st, bool by_sha, const char *key) {
+  if (st->token_buckets == 0) return -1;
+  const uint32_t *tab = by_sha ? st->token_by_sha : st->token_by_id;
+  size_t mask = st->token_buckets - 1;
+  for (size_t i = hash_string(key) & mask;; i = (i + 1) & mask) {
+    uint32_t v = tab[i];
+    if (v == INDEX_EMPTY) return -1;
+    if (v != INDEX_DELETED && strcmp(token_key(&st->tokens[v - 1], by_sha), key) == 0)
+      return (long)(v - 1);
+  }
+}
+
+/* Always takes an empty bucket (never a deleted one), so both indexes hold
+ * the same number of non-empty buckets. The load stays <= 1/2. */
+static void index_put(uint32_t *tab, size_t buckets, const char *key, uint32_t value) {
+  size_t mask = buckets - 1, i = hash_string(key) & mask;
+  while (tab[i] != INDEX_EMPTY) i = (i + 1) & mask;
+  tab[i] = value;
+}
+
+static void index_remove(uint32_t *tab, size_t buckets, const char *key, uint32_t value) {
+  size_t mask = buckets - 1;
+  for (size_t i = hash_string(key) & mask; tab[i] != INDEX_EMPTY; i = (i + 1) & mask)
+    if (tab[i] == value) {
+      tab[i] = INDEX_DELETED;
+      return;
+    }
+}
+
+/* Rebuilds both indexes for room to grow (and no deleted marks); when
+ * `compact` also squeezes revoked slots out of the array (order kept).
+ * On ENOMEM nothing changes. Amortised O(1) per insert/remove. */
+static int token_reindex(struct zg_state *st, bool compact) {
+  size_t buckets = INDEX_MIN_BUCKETS;
+  while (buckets < 4 * (st->n_tokens + 1)) buckets *= 2;
+  uint32_t *by_sha = calloc(buckets, sizeof *by_sha), *by_id = calloc(buckets, sizeof *by_id);
+  if (by_sha == NULL || by_id == NULL) {
+    free(by_sha);
+    free(by_id);
+    return -1;
+  }
+  if (compact) {
+    size_t live = 0;
+    for (size_t i = 0; i < st->n_token_slots; i++)
+      if (token_live(&st->tokens[i])) st->tokens[live++] = st->tokens[i];
+    st->n_token_slots = live;
+  }
+  for (size_t i = 0; i < st->n_token_slots; i++) {
+    const struct zg_token *t = &st->tokens[i];
+    if (!token_live(t)) continue;
+    index_put(by_sha, buckets, t->sha256, (uint32_t)i + 1);
+    index_put(by_id, buckets, t->id, (uint32_t)i + 1);
+  }
+  free(st->token_by_sha);
+  free(st->token_by_id);
+  st->token_by_sha = by_sha;
+  st->token_by_id = by_id;
+  st->token_buckets = buckets;
+  st->token_buckets_used = st->n_tokens;
+  return 0;
 }
 
 const struct zg_token *zg_state_token_find(const struct zg_state *st, const char *sha256) {
-  for (size_t i = 0; i < st->n_tokens; i++)
-    if (strcmp(st->tokens[i].sha256, sha256) == 0) return &st->tokens[i];
-  return NULL;
+  long i = token_index_find(st, true, sha256);
+  return i < 0 ? NULL : &st->tokens[i];
 }
 
+/* Appends *t (ownership taken on success); the caller checked uniqueness. */
 static int token_append(struct zg_state *st, const struct zg_token *t) {
-  struct zg_token *grown = realloc(st->tokens, (st->n_tokens + 1) * sizeof *grown);
-  if (grown == NULL) return -1;
-  st->tokens = grown;
-  st->tokens[st->n_tokens++] = *t;
+  if (st->n_token_slots >= UINT32_MAX - 2) return -1;
+  if (st->n_token_slots == st->token_cap) {
+    size_t cap = st->token_cap ? 2 * st->token_cap : 16;
+    struct zg_token *grown = realloc(st->tokens, cap * sizeof *grown);
+    if (grown == NULL) return -1;
+    st->tokens = grown;
+    st->token_cap = cap;
+  }
+  if ((st->token_buckets_used + 1) * 2 > st->token_buckets && token_reindex(st, false)) return -1;
+  size_t slot = st->n_token_slots++;
+  st->tokens[slot] = *t;
+  index_put(st->token_by_sha, st->token_buckets, t->sha256, (uint32_t)slot + 1);
+  index_put(st->token_by_id, st->token_buckets, t->id, (uint32_t)slot + 1);
+  st->token_buckets_used++;
+  st->n_tokens++;
   return 0;
+}
+
+/* Revokes the token in `slot`; its cached text goes through text_drop. */
+static void token_remove(struct zg_fsm *f, struct zg_state *st, size_t slot) {
+  struct zg_token *t = &st->tokens[slot];
+  index_remove(st->token_by_sha, st->token_buckets, t->sha256, (uint32_t)slot + 1);
+  index_remove(st->token_by_id, st->token_buckets, t->id, (uint32_t)slot + 1);
+  text_drop(f, t->snap_text);
+  t->snap_text = NULL;
+  token_free(t); /* id "" marks the slot dead */
+  st->n_tokens--;
+  size_t dead = st->n_token_slots - st->n_tokens;
+  if (dead >= COMPACT_MIN_DEAD && dead > st->n_tokens) (void)token_reindex(st, true);
 }
 
 /* ---- JSON views -------------------------------------------------------- */
@@ -168,19 +342,19 @@ cJSON *zg_state_keys_json(const struct zg_state *st, uint64_t now_ms) {
 
 cJSON *zg_state_tokens_json(const struct zg_state *st) {
   cJSON *arr = cJSON_CreateArray();
-  for (size_t i = 0; arr && i < st->n_tokens; i++)
-    cJSON_AddItemToArray(arr, token_to_json(&st->tokens[i], false));
+  for (size_t i = 0; arr && i < st->n_token_slots; i++)
+    if (token_live(&st->tokens[i]))
+      cJSON_AddItemToArray(arr, token_to_json(&st->tokens[i], false));
   return arr;
 }
 
 cJSON *zg_state_audit_json(const struct zg_state *st, size_t limit) {
   cJSON *arr = cJSON_CreateArray();
-  int n = cJSON_GetArraySize(st->audit);
-  int start = (limit > 0 && (size_t)n > limit) ? n - (int)limit : 0;
-  int i = 0;
-  const cJSON *rec;
-  cJSON_ArrayForEach(rec, st->audit) {
-    if (i++ >= start) cJSON_AddItemToArray(arr, cJSON_Duplicate(rec, true));
+  size_t start = (limit > 0 && st->n_audit > limit) ? st->n_audit - limit : 0;
+  for (size_t i = start; arr && i < st->n_audit; i++) {
+    const struct zg_audit_rec *r = &st->audit[(st->audit_head + i) % st->audit_cap];
+    cJSON *rec = cJSON_ParseWithLength(r->text + 1, r->len - 1);
+    if (rec) cJSON_AddItemToArray(arr, rec);
   }
   return arr;
 }
@@ -566,21 +740,27 @@ static int parse_token(const cJSON *j, uint64_t created_at, struct zg_token *t, 
   return 0;
 }
 
+/* Caches the token's snapshot JSON (it never changes afterwards). */
+static int token_cache_text(struct zg_token *t) {
+  t->snap_text = comma_text(token_to_json(t, true), &t->snap_len);
+  return t->snap_text ? 0 : -1;
+}
+
 static int apply_token_create(struct zg_state *st, const cJSON *args, uint64_t at,
                               struct apply_out *o) {
   struct zg_token t;
   char err[200];
   if (parse_token(args, at, &t, err, sizeof err)) return fail(o, CONSENSUS_EINVALID, "%s", err);
   t.created_at = at;
-  if (token_find_index(st, t.id) >= 0 || zg_state_token_find(st, t.sha256) != NULL) {
+  if (token_index_find(st, false, t.id) >= 0 || token_index_find(st, true, t.sha256) >= 0) {
     token_free(&t);
     return fail(o, CONSENSUS_ECONFLICT, "a token with this id or hash already exists");
   }
-  if (token_append(st, &t)) {
+  if (token_cache_text(&t) || token_append(st, &t)) {
     token_free(&t);
     return fail(o, CONSENSUS_ENOMEM, "out of memory");
   }
-  const struct zg_token *added = &st->tokens[st->n_tokens - 1];
+  const struct zg_token *added = &st->tokens[st->n_token_slots - 1];
   o->result = token_to_json(added, false);
   o->target = added->id;
   snprintf(o->detail, sizeof o->detail, "name %.100s", added->name);
@@ -769,16 +949,13 @@ static int apply_command(struct zg_fsm *f, const struct zgc_command *cmd, struct
   case ZGC_TOKEN_REVOKE: {
     if (arg_string(args, "id", true, MAX_ID_LEN, &s, err, sizeof err))
       return fail(o, CONSENSUS_EINVALID, "%s", err);
-    int i = token_find_index(st, s);
+    long i = token_index_find(st, false, s);
     if (i < 0) return fail(o, CONSENSUS_ENOTFOUND, "token '%s' not found", s);
     o->result = cJSON_CreateObject();
     cJSON_AddStringToObject(o->result, "id", st->tokens[i].id);
     cJSON_AddStringToObject(o->result, "name", st->tokens[i].name);
     snprintf(o->detail, sizeof o->detail, "name %.100s", st->tokens[i].name);
-    token_free(&st->tokens[i]);
-    memmove(&st->tokens[i], &st->tokens[i + 1],
-            (st->n_tokens - (size_t)i - 1) * sizeof *st->tokens);
-    st->n_tokens--;
+    token_remove(f, st, (size_t)i);
     o->target = cJSON_GetObjectItemCaseSensitive(o->result, "id")->valuestring;
     o->changed = ZG_CHANGED_TOKENS;
     return 0;
@@ -840,9 +1017,9 @@ static void audit_append(struct zg_fsm *f, const struct zgc_command *cmd,
   cJSON_AddStringToObject(rec, "action", zgc_type_name(cmd->type));
   cJSON_AddStringToObject(rec, "target", o->target ? o->target : "");
   cJSON_AddStringToObject(rec, "detail", o->detail);
-  cJSON_AddItemToArray(f->st.audit, rec);
-  while (cJSON_GetArraySize(f->st.audit) > (int)f->audit_max)
-    cJSON_DeleteItemFromArray(f->st.audit, 0);
+  size_t len = 0;
+  char *text = comma_text(rec, &len);
+  if (text) audit_push(f, &f->st, text, len);
 }
 
 int zg_fsm_apply_buf(struct zg_fsm *f, const void *data, size_t len) {
@@ -878,41 +1055,102 @@ int zg_fsm_apply_buf(struct zg_fsm *f, const void *data, size_t len) {
 
 /* ---- snapshots ---------------------------------------------------------- */
 
-int zg_fsm_snapshot_bytes(const struct zg_fsm *f, char **out, size_t *out_len) {
+static char snap_mid[] = "],\"audit\":[";
+static char snap_end[] = "]}";
+
+/* Lays the snapshot out as buffers: [0] header + the document up to
+ * "tokens":[ (malloc'd: config, scalars and keys are printed here), then
+ * every token's cached text, "],"audit":[", every audit record's cached
+ * text, "]}". The text buffers borrow from the state (the first element of
+ * each array skips its leading comma). Cost: one pass over the arrays, no
+ * JSON printing per token. Free with snapshot_parts_free. */
+static int snapshot_parts(const struct zg_fsm *f, struct raft_buffer **out, unsigned *n_out) {
   const struct zg_state *st = &f->st;
+  size_t n_bufs = 3 + st->n_tokens + st->n_audit;
+  if (n_bufs > UINT_MAX) return -1;
   cJSON *doc = cJSON_CreateObject();
   if (doc == NULL) return -1;
   cJSON_AddNumberToObject(doc, "format", SNAP_VERSION);
-  cJSON_AddItemToObject(doc, "config",
-                        st->config ? cJSON_Duplicate(st->config, true) : cJSON_CreateNull());
+  if (st->config) /* shares the config's members, copies nothing */
+    cJSON_AddItemReferenceToObject(doc, "config", st->config);
+  else
+    cJSON_AddNullToObject(doc, "config");
   cJSON_AddNumberToObject(doc, "config_version", (double)st->config_version);
   cJSON_AddBoolToObject(doc, "seeded", st->seeded);
   cJSON_AddNumberToObject(doc, "audit_seq", (double)st->audit_seq);
   cJSON *keys = cJSON_AddArrayToObject(doc, "keys");
-  for (size_t i = 0; keys && i < st->n_keys; i++) {
+  for (size_t i = 0; keys && i < st->n_keys; i++)
     cJSON_AddItemToArray(keys, key_to_json(&st->keys[i], true, 0));
-  }
-  cJSON *tokens = cJSON_AddArrayToObject(doc, "tokens");
-  for (size_t i = 0; tokens && i < st->n_tokens; i++)
-    cJSON_AddItemToArray(tokens, token_to_json(&st->tokens[i], true));
-  cJSON_AddItemToObject(doc, "audit", cJSON_Duplicate(st->audit, true));
-  char *text = cJSON_PrintUnformatted(doc);
-  cJSON_Delete(doc);
-  if (text == NULL) return -1;
-  size_t tlen = strlen(text);
-  char *buf = malloc(SNAP_HEADER_LEN + tlen);
-  if (buf == NULL) {
-    free(text);
+  char *head = keys ? cJSON_PrintUnformatted(doc) : NULL;
+  cJSON_Delete(doc); /* the config reference is not freed */
+  if (head == NULL) return -1;
+  size_t head_len = strlen(head); /* ends with '}', replaced by ,"tokens":[ */
+  static const char tokens_open[] = ",\"tokens\":[";
+  size_t prefix_len = SNAP_HEADER_LEN + head_len - 1 + sizeof tokens_open - 1;
+  char *prefix = malloc(prefix_len);
+  struct raft_buffer *bufs = malloc(n_bufs * sizeof *bufs);
+  if (prefix == NULL || bufs == NULL) {
+    free(head);
+    free(prefix);
+    free(bufs);
     return -1;
   }
-  memcpy(buf, SNAP_MAGIC, 4);
-  buf[4] = SNAP_VERSION;
-  buf[5] = buf[6] = buf[7] = 0;
-  for (int i = 0; i < 8; i++) buf[8 + i] = (char)((uint64_t)tlen >> (56 - 8 * i));
-  memcpy(buf + SNAP_HEADER_LEN, text, tlen);
-  free(text);
+  memcpy(prefix + SNAP_HEADER_LEN, head, head_len - 1);
+  memcpy(prefix + SNAP_HEADER_LEN + head_len - 1, tokens_open, sizeof tokens_open - 1);
+  free(head);
+  size_t n = 0;
+  uint64_t json_len = prefix_len - SNAP_HEADER_LEN;
+  bufs[n++] = (struct raft_buffer){prefix, prefix_len};
+  bool first = true;
+  for (size_t i = 0; i < st->n_token_slots; i++) {
+    const struct zg_token *t = &st->tokens[i];
+    if (!token_live(t)) continue;
+    bufs[n++] = (struct raft_buffer){t->snap_text + first, t->snap_len - first};
+    json_len += t->snap_len - first;
+    first = false;
+  }
+  bufs[n++] = (struct raft_buffer){snap_mid, sizeof snap_mid - 1};
+  json_len += sizeof snap_mid - 1;
+  for (size_t i = 0; i < st->n_audit; i++) {
+    const struct zg_audit_rec *r = &st->audit[(st->audit_head + i) % st->audit_cap];
+    bufs[n++] = (struct raft_buffer){r->text + (i == 0), r->len - (i == 0)};
+    json_len += r->len - (i == 0);
+  }
+  bufs[n++] = (struct raft_buffer){snap_end, sizeof snap_end - 1};
+  json_len += sizeof snap_end - 1;
+  memcpy(prefix, SNAP_MAGIC, 4);
+  prefix[4] = SNAP_VERSION;
+  prefix[5] = prefix[6] = prefix[7] = 0;
+  for (int i = 0; i < 8; i++) prefix[8 + i] = (char)(json_len >> (56 - 8 * i));
+  *out = bufs;
+  *n_out = (unsigned)n;
+  return 0;
+}
+
+static void snapshot_parts_free(struct raft_buffer *bufs, unsigned n) {
+  if (bufs != NULL && n > 0) free(bufs[0].base); /* only the prefix is owned */
+  free(bufs);
+}
+
+int zg_fsm_snapshot_bytes(const struct zg_fsm *f, char **out, size_t *out_len) {
+  struct raft_buffer *bufs;
+  unsigned n;
+  if (snapshot_parts(f, &bufs, &n)) return -1;
+  size_t total = 0;
+  for (unsigned i = 0; i < n; i++) total += bufs[i].len;
+  char *buf = malloc(total ? total : 1);
+  if (buf == NULL) {
+    snapshot_parts_free(bufs, n);
+    return -1;
+  }
+  size_t at = 0;
+  for (unsigned i = 0; i < n; i++) {
+    memcpy(buf + at, bufs[i].base, bufs[i].len);
+    at += bufs[i].len;
+  }
+  snapshot_parts_free(bufs, n);
   *out = buf;
-  *out_len = SNAP_HEADER_LEN + tlen;
+  *out_len = total;
   return 0;
 }
 
@@ -946,7 +1184,7 @@ int zg_fsm_restore_bytes(struct zg_fsm *f, const void *data, size_t len, char *e
   uint64_t u;
   char inner[200];
   int rv = -1;
-  if (state_init(&st)) {
+  if (state_init(&st, f->audit_max)) {
     cJSON_Delete(doc);
     snprintf(err, errlen, "snapshot: out of memory");
     return -1;
@@ -1001,8 +1239,8 @@ int zg_fsm_restore_bytes(struct zg_fsm *f, const void *data, size_t len, char *e
                cJSON_IsObject(item) ? inner : "not an object");
       goto done;
     }
-    if (token_find_index(&st, t.id) >= 0 || zg_state_token_find(&st, t.sha256) ||
-        token_append(&st, &t)) {
+    if (token_index_find(&st, false, t.id) >= 0 || token_index_find(&st, true, t.sha256) >= 0 ||
+        token_cache_text(&t) || token_append(&st, &t)) {
       token_free(&t);
       snprintf(err, errlen, "snapshot: tokens[%d]: duplicate id or hash", i);
       goto done;
@@ -1014,10 +1252,15 @@ int zg_fsm_restore_bytes(struct zg_fsm *f, const void *data, size_t len, char *e
       snprintf(err, errlen, "snapshot: an audit record is not an object");
       goto done;
     }
-    cJSON_AddItemToArray(st.audit, cJSON_Duplicate(item, true));
+    size_t text_len = 0;
+    char *text = comma_text(cJSON_Duplicate(item, true), &text_len);
+    if (text == NULL) {
+      snprintf(err, errlen, "snapshot: out of memory");
+      goto done;
+    }
+    audit_push(NULL, &st, text, text_len); /* keeps the newest audit_max */
   }
-  while (cJSON_GetArraySize(st.audit) > (int)f->audit_max) cJSON_DeleteItemFromArray(st.audit, 0);
-  state_free(&f->st);
+  state_discard(f, &f->st);
   f->st = st;
   memset(&st, 0, sizeof st);
   rv = 0;
@@ -1036,25 +1279,39 @@ static int fsm_apply(struct raft_fsm *fsm, const struct raft_buffer *buf, void *
   return 0;
 }
 
+/* fsm version 2: snapshot() runs on the loop and hands raft buffers that
+ * borrow the cached texts (no per-token printing, no copy of the state);
+ * raft_uv writes them from its threadpool while applies go on; texts the
+ * state drops meanwhile are parked (text_drop) until snapshot_finalize,
+ * which raft calls after every successful snapshot(), written or not.
+ * (libraft 0.22.1 calls a version 3 snapshot_async synchronously right
+ * after snapshot(), on the loop, so version 3 would gain nothing.) */
 static int fsm_snapshot(struct raft_fsm *fsm, struct raft_buffer *bufs[], unsigned *n_bufs) {
   struct zg_fsm *f = fsm->data;
-  char *bytes;
-  size_t len;
-  if (zg_fsm_snapshot_bytes(f, &bytes, &len)) return RAFT_NOMEM;
-  struct raft_buffer *arr = raft_malloc(sizeof *arr);
-  void *copy = raft_malloc(len);
-  if (arr == NULL || copy == NULL) {
-    raft_free(arr);
-    raft_free(copy);
-    free(bytes);
-    return RAFT_NOMEM;
-  }
-  memcpy(copy, bytes, len);
-  free(bytes);
-  arr[0].base = copy;
-  arr[0].len = len;
-  *bufs = arr;
-  *n_bufs = 1;
+  if (f->snapshot_pinned) return RAFT_BUSY; /* raft takes one at a time */
+  uint64_t started = zg_mono_ms();
+  if (snapshot_parts(f, bufs, n_bufs)) return RAFT_NOMEM;
+  f->snapshot_pinned = true;
+  uint64_t took = zg_mono_ms() - started;
+  if (took >= 5)
+    ZG_LOG_WARN("consensus_snapshot_slow", "snapshot of %zu tokens took %llu ms on the loop",
+                f->st.n_tokens, (unsigned long long)took);
+  return 0;
+}
+
+static void release_grave(struct zg_fsm *f) {
+  for (size_t i = 0; i < f->n_grave; i++) free(f->grave[i]);
+  f->n_grave = 0;
+}
+
+static int fsm_snapshot_finalize(struct raft_fsm *fsm, struct raft_buffer *bufs[],
+                                 unsigned *n_bufs) {
+  struct zg_fsm *f = fsm->data;
+  snapshot_parts_free(*bufs, *n_bufs);
+  *bufs = NULL;
+  *n_bufs = 0;
+  f->snapshot_pinned = false;
+  release_grave(f);
   return 0;
 }
 
@@ -1075,15 +1332,23 @@ static int fsm_restore(struct raft_fsm *fsm, struct raft_buffer *buf) {
 
 void zg_fsm_init(struct zg_fsm *f, unsigned audit_max) {
   memset(f, 0, sizeof *f);
-  state_init(&f->st);
   f->audit_max = audit_max ? audit_max : 1000;
-  f->raft.version = 1;
+  state_init(&f->st, f->audit_max);
+  f->raft.version = 2;
   f->raft.data = f;
   f->raft.apply = fsm_apply;
   f->raft.snapshot = fsm_snapshot;
   f->raft.restore = fsm_restore;
+  f->raft.snapshot_finalize = fsm_snapshot_finalize;
+  f->raft.snapshot_async = NULL;
 }
 
+/* Called once raft has closed (no snapshot is being written any more). */
 void zg_fsm_close(struct zg_fsm *f) {
   state_free(&f->st);
+  release_grave(f);
+  free(f->grave);
+  f->grave = NULL;
+  f->grave_cap = 0;
+  f->snapshot_pinned = false;
 }

@@ -76,13 +76,21 @@ struct zg_key {
 };
 
 struct zg_token {
-  char id[32];
+  char id[32]; /* "" marks a revoked slot awaiting compaction */
   char *name;
   char sha256[65];
   uint64_t created_at, expires_at;
   unsigned rpm;
   size_t n_allow;
   char **allow;
+  char *snap_text; /* ",{...}": this token's snapshot JSON, comma first; immutable */
+  size_t snap_len;
+};
+
+/* One audit record as snapshot JSON text ",{...}" (comma first; immutable). */
+struct zg_audit_rec {
+  char *text;
+  size_t len;
 };
 
 struct zg_state {
@@ -91,9 +99,17 @@ struct zg_state {
   bool seeded;
   struct zg_key *keys; /* priority order */
   size_t n_keys;
+  /* Tokens in creation order. Revoked slots stay (id "") until more than
+   * half the slots are dead, then the array is compacted. Two open-addressing
+   * indexes (by sha256, by id) hold slot + 1 (0 empty, UINT32_MAX deleted). */
   struct zg_token *tokens;
-  size_t n_tokens;
-  cJSON *audit; /* array, oldest first */
+  size_t n_token_slots, token_cap;
+  size_t n_tokens; /* live tokens */
+  uint32_t *token_by_sha, *token_by_id;
+  size_t token_buckets, token_buckets_used; /* power of two; used counts deleted marks */
+  /* Bounded audit trail: ring of audit_cap records, oldest at audit_head. */
+  struct zg_audit_rec *audit;
+  size_t audit_cap, audit_head, n_audit;
   uint64_t audit_seq;
 };
 
@@ -111,6 +127,12 @@ struct zg_fsm {
   zg_fsm_applied_fn on_applied;
   void *ud;
   uint64_t n_applied, n_rejected_entries;
+  /* Between raft's snapshot() and snapshot_finalize() the snapshot buffers
+   * point at the cached texts of tokens and audit records: texts dropped
+   * meanwhile wait in `grave` and are freed at finalize. */
+  bool snapshot_pinned;
+  char **grave;
+  size_t n_grave, grave_cap;
 };
 
 void zg_fsm_init(struct zg_fsm *f, unsigned audit_max);
@@ -119,7 +141,8 @@ void zg_fsm_close(struct zg_fsm *f);
  * logged and counted. Returns the command status (0 or CONSENSUS_E*). */
 int zg_fsm_apply_buf(struct zg_fsm *f, const void *data, size_t len);
 /* Serialises the whole state: [4] "ZGSN" [1] version [3] 0 [8] JSON length
- * BE, then the JSON document. *out is malloc'd. */
+ * BE, then the JSON document. *out is malloc'd. (raft's snapshot() hands
+ * out the same bytes as buffers that borrow the cached texts instead.) */
 int zg_fsm_snapshot_bytes(const struct zg_fsm *f, char **out, size_t *out_len);
 /* Validates a snapshot and, only if valid, replaces the state. Borrowed. */
 int zg_fsm_restore_bytes(struct zg_fsm *f, const void *data, size_t len, char *err, size_t errlen);

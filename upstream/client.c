@@ -584,7 +584,7 @@ static int on_curl_socket(CURL *easy, curl_socket_t fd, int what, void *userp, v
       return 0;
     }
     w->wanted_events = 0;
-    uv_unref((uv_handle_t *)&w->poll); /* an idle connection keeps no loop alive */
+    uv_unref((uv_handle_t *)&w->poll);     /* an idle connection keeps no loop alive */
     if (w->polling_events & UV_WRITABLE) { /* would fire at once, again and again */
       uv_poll_stop(&w->poll);
       w->polling_events = 0;

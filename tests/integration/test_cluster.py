@@ -75,7 +75,8 @@ def test_config_applied_once_changes_behaviour_on_every_node(cluster):
     # A misspelled key is refused with the nearest known key, and changes nothing.
     status, answer = cluster.nodes[0].admin_call("PUT", "/v1/config", {"endpoit": "http://x"})
     assert status == 400 and "did you mean" in answer["error"]["message"], answer
-    status, after = cluster.nodes[0].admin_call("GET", "/v1/config")
+    # Read on the node that took the write (read-your-writes): unchanged.
+    status, after = cluster.nodes[1].admin_call("GET", "/v1/config")
     assert after["version"] == version + 1
 
 

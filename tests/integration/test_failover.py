@@ -42,7 +42,9 @@ from cluster import SECRETS, Cluster
 from harness import Proc, TempDir, chat_body, free_port, wait_for
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-HAPROXY_CFG = os.path.join(HERE, "../../deploy/haproxy.cfg")
+# The shipped config; ZG_HAPROXY_CFG points the suites at a candidate
+# config instead (to check a fix to deploy/haproxy.cfg before shipping it).
+HAPROXY_CFG = os.environ.get("ZG_HAPROXY_CFG") or os.path.join(HERE, "../../deploy/haproxy.cfg")
 HAPROXY_BIN = shutil.which("haproxy") or "/usr/sbin/haproxy"
 ELECTION_TIMEOUT_MS = 600
 HEARTBEAT_MS = 100
@@ -115,13 +117,13 @@ def percentile(values, p):
 
 # ---- HAProxy with the shipped config -------------------------------------
 
-def haproxy_config_text(servers, lb_port, stats_port, source=HAPROXY_CFG):
+def haproxy_config_text(servers, lb_port, stats_port, source=None):
     """deploy/haproxy.cfg with the server addresses (gw-a:18789, gw-b:18789)
     replaced by `servers` {"gw-a": "host:port", ...}, the public bind and the
     stats bind on the given loopback ports, and what needs root or DNS
     removed (user/group, the resolvers section and the per-server
     `resolvers system init-addr ...` options). Everything else as shipped."""
-    with open(source) as f:
+    with open(source or HAPROXY_CFG) as f:
         text = f.read()
     out, skipping = [], False
     for line in text.splitlines():

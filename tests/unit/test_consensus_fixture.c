@@ -113,12 +113,15 @@ static void assert_converged(struct fx *fx) {
 }
 
 static bool audit_has(struct zg_fsm *f, const char *what) {
+  cJSON *audit = zg_state_audit_json(&f->st, 0);
   const cJSON *rec;
-  cJSON_ArrayForEach(rec, f->st.audit) {
+  bool found = false;
+  cJSON_ArrayForEach(rec, audit) {
     const cJSON *d = cJSON_GetObjectItem(rec, "detail");
-    if (cJSON_IsString(d) && strcmp(d->valuestring, what) == 0) return true;
+    if (cJSON_IsString(d) && strcmp(d->valuestring, what) == 0) found = true;
   }
-  return false;
+  cJSON_Delete(audit);
+  return found;
 }
 
 /* Server 1 or 2 leads and the other follows it (server 0 is cut off). */

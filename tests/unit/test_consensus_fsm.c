@@ -1,7 +1,9 @@
 /* test_consensus_fsm: the state machine on its own: every write type, error
  * results against the current state, the bounded audit trail, snapshot and
  * restore round trip (and no plaintext secret in the snapshot), rejection of
- * corrupt snapshots without touching the state, undecodable entries. */
+ * corrupt snapshots without touching the state, undecodable entries, many
+ * tokens (hash indexes, compaction) and snapshot buffers that borrow the
+ * state while raft writes them. */
 #define _GNU_SOURCE
 #include <setjmp.h>
 #include <stdarg.h>
@@ -284,6 +286,150 @@ static void test_seed_once(void **state) {
   zg_fsm_close(&f);
 }
 
+static void hash_of(unsigned i, char out[65]) {
+  for (int k = 0; k < 64; k++) out[k] = "0123456789abcdef"[(i * 2654435761u >> (k % 28)) & 15];
+  snprintf(out + 56, 9, "%08x", i); /* unique tail */
+}
+
+static int create_token(struct zg_fsm *f, struct last_apply *la, unsigned i, char id[32]) {
+  char hash[65], args[200];
+  hash_of(i, hash);
+  snprintf(args, sizeof args, "{\"name\":\"t%u\",\"sha256\":\"%s\"}", i, hash);
+  int rv = apply(f, 1000 + i, "token.create", args);
+  if (rv == 0) snprintf(id, 32, "%s", result_string(la, "id"));
+  return rv;
+}
+
+static int revoke_token(struct zg_fsm *f, const char *id) {
+  char args[100];
+  snprintf(args, sizeof args, "{\"id\":\"%.31s\"}", id);
+  return apply(f, 5000, "token.revoke", args);
+}
+
+/* Many tokens: lookups by hash and id stay right across index growth,
+ * revokes and compaction; listing keeps creation order; snapshots agree. */
+static void test_many_tokens(void **state) {
+  (void)state;
+  enum { N = 600 };
+  struct zg_fsm f, g;
+  struct last_apply la, lg;
+  fsm_setup(&f, &la, 20);
+  fsm_setup(&g, &lg, 20);
+  static char ids[N][32];
+  char hash[65];
+  for (unsigned i = 0; i < N; i++) assert_int_equal(create_token(&f, &la, i, ids[i]), 0);
+  assert_int_equal(f.st.n_tokens, N);
+  /* A duplicate hash is refused. */
+  hash_of(7, hash);
+  char args[200];
+  snprintf(args, sizeof args, "{\"name\":\"dup\",\"sha256\":\"%s\"}", hash);
+  assert_int_equal(apply(&f, 9, "token.create", args), CONSENSUS_ECONFLICT);
+  /* Revoke all but every third token: forces compaction. */
+  for (unsigned i = 0; i < N; i++)
+    if (i % 3 != 0) assert_int_equal(revoke_token(&f, ids[i]), 0);
+  assert_int_equal(revoke_token(&f, ids[1]), CONSENSUS_ENOTFOUND);
+  assert_int_equal(f.st.n_tokens, N / 3);
+  assert_true(f.st.n_token_slots < N); /* compacted once more than half were dead */
+  for (unsigned i = 0; i < N; i++) {
+    hash_of(i, hash);
+    const struct zg_token *t = zg_state_token_find(&f.st, hash);
+    if (i % 3 != 0) {
+      assert_null(t);
+      continue;
+    }
+    assert_non_null(t);
+    assert_string_equal(t->id, ids[i]);
+  }
+  /* A revoked hash can be used again. */
+  hash_of(1, hash);
+  snprintf(args, sizeof args, "{\"name\":\"again\",\"sha256\":\"%s\"}", hash);
+  assert_int_equal(apply(&f, 9, "token.create", args), 0);
+  cJSON *list = zg_state_tokens_json(&f.st);
+  assert_int_equal(cJSON_GetArraySize(list), N / 3 + 1);
+  assert_string_equal(cJSON_GetObjectItem(cJSON_GetArrayItem(list, 0), "name")->valuestring, "t0");
+  assert_string_equal(cJSON_GetObjectItem(cJSON_GetArrayItem(list, 1), "name")->valuestring, "t3");
+  assert_string_equal(cJSON_GetObjectItem(cJSON_GetArrayItem(list, N / 3), "name")->valuestring,
+                      "again");
+  cJSON_Delete(list);
+  /* Round trip through a snapshot. */
+  char *snap1, *snap2, err[256];
+  size_t len1, len2;
+  assert_int_equal(zg_fsm_snapshot_bytes(&f, &snap1, &len1), 0);
+  assert_int_equal(zg_fsm_restore_bytes(&g, snap1, len1, err, sizeof err), 0);
+  assert_int_equal(zg_fsm_snapshot_bytes(&g, &snap2, &len2), 0);
+  assert_int_equal(len1, len2);
+  assert_memory_equal(snap1, snap2, len1);
+  assert_int_equal(g.st.n_tokens, N / 3 + 1);
+  assert_non_null(zg_state_token_find(&g.st, hash));
+  cJSON *audit = zg_state_audit_json(&g.st, 0);
+  assert_int_equal(cJSON_GetArraySize(audit), 20);
+  cJSON_Delete(audit);
+  free(snap1);
+  free(snap2);
+  cJSON_Delete(la.result);
+  cJSON_Delete(lg.result);
+  zg_fsm_close(&f);
+  zg_fsm_close(&g);
+}
+
+/* raft's snapshot() buffers borrow the state's texts: revokes, audit
+ * trimming and a restore before snapshot_finalize must not change or free
+ * them (ASan checks the frees). */
+static void test_snapshot_buffers_survive_changes(void **state) {
+  (void)state;
+  struct zg_fsm f, other;
+  struct last_apply la, lo;
+  fsm_setup(&f, &la, 4);
+  fsm_setup(&other, &lo, 4);
+  static char ids[40][32];
+  for (unsigned i = 0; i < 40; i++) assert_int_equal(create_token(&f, &la, i, ids[i]), 0);
+  char *expected;
+  size_t expected_len;
+  assert_int_equal(zg_fsm_snapshot_bytes(&f, &expected, &expected_len), 0);
+
+  struct raft_buffer *bufs = NULL;
+  unsigned n_bufs = 0;
+  assert_int_equal(f.raft.version, 2);
+  assert_int_equal(f.raft.snapshot(&f.raft, &bufs, &n_bufs), 0);
+  for (unsigned i = 0; i < 40; i++) assert_int_equal(revoke_token(&f, ids[i]), 0);
+  assert_int_equal(apply(&f, 9, "audit.note", "{\"what\":\"x\"}"), 0);
+  char other_id[32], *other_snap, err[256];
+  size_t other_len;
+  assert_int_equal(create_token(&other, &lo, 1000, other_id), 0);
+  assert_int_equal(zg_fsm_snapshot_bytes(&other, &other_snap, &other_len), 0);
+  assert_int_equal(zg_fsm_restore_bytes(&f, other_snap, other_len, err, sizeof err), 0);
+  assert_int_equal(f.st.n_tokens, 1);
+
+  size_t total = 0;
+  for (unsigned i = 0; i < n_bufs; i++) total += bufs[i].len;
+  assert_int_equal(total, expected_len);
+  char *joined = malloc(total);
+  assert_non_null(joined);
+  size_t at = 0;
+  for (unsigned i = 0; i < n_bufs; i++) {
+    memcpy(joined + at, bufs[i].base, bufs[i].len);
+    at += bufs[i].len;
+  }
+  assert_memory_equal(joined, expected, expected_len);
+  assert_int_equal(f.raft.snapshot_finalize(&f.raft, &bufs, &n_bufs), 0);
+  assert_null(bufs);
+  assert_int_equal(f.n_grave, 0);
+  /* The old bytes still restore into a fresh state machine. */
+  struct zg_fsm h;
+  struct last_apply lh;
+  fsm_setup(&h, &lh, 4);
+  assert_int_equal(zg_fsm_restore_bytes(&h, joined, total, err, sizeof err), 0);
+  assert_int_equal(h.st.n_tokens, 40);
+  free(joined);
+  free(expected);
+  free(other_snap);
+  cJSON_Delete(la.result);
+  cJSON_Delete(lo.result);
+  zg_fsm_close(&f);
+  zg_fsm_close(&other);
+  zg_fsm_close(&h);
+}
+
 int main(void) {
   zg_log_set_level(ZG_ERROR + 1);
   const struct CMUnitTest tests[] = {
@@ -291,6 +437,8 @@ int main(void) {
       cmocka_unit_test(test_audit_bounded),
       cmocka_unit_test(test_snapshot_round_trip),
       cmocka_unit_test(test_seed_once),
+      cmocka_unit_test(test_many_tokens),
+      cmocka_unit_test(test_snapshot_buffers_survive_changes),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
