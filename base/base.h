@@ -36,9 +36,9 @@ void zg_log_fields(enum zg_log_level level, const char *event, struct cJSON *fie
 #define ZG_LOG_ERROR(event, ...) zg_log(ZG_ERROR, event, __VA_ARGS__)
 
 /* ---- clocks -------------------------------------------------------- */
-uint64_t zg_mono_ms(void);  /* monotonic milliseconds */
-uint64_t zg_mono_us(void);  /* monotonic microseconds */
-uint64_t zg_wall_ms(void);  /* wall clock, ms since the epoch */
+uint64_t zg_mono_ms(void); /* monotonic milliseconds */
+uint64_t zg_mono_us(void); /* monotonic microseconds */
+uint64_t zg_wall_ms(void); /* wall clock, ms since the epoch */
 void zg_iso8601(uint64_t wall_ms, char out[32]);
 
 /* ---- secrets ------------------------------------------------------- */

@@ -231,11 +231,16 @@ int zg_parse_size(const char *text, uint64_t *bytes) {
   if (end == text || errno || value < 0) return -1;
   while (*end == ' ') end++;
   uint64_t mult = 1;
-  if (!*end || !strcasecmp(end, "B")) mult = 1;
-  else if (!strcasecmp(end, "K") || !strcasecmp(end, "KB") || !strcasecmp(end, "KiB")) mult = 1ull << 10;
-  else if (!strcasecmp(end, "M") || !strcasecmp(end, "MB") || !strcasecmp(end, "MiB")) mult = 1ull << 20;
-  else if (!strcasecmp(end, "G") || !strcasecmp(end, "GB") || !strcasecmp(end, "GiB")) mult = 1ull << 30;
-  else return -1;
+  if (!*end || !strcasecmp(end, "B"))
+    mult = 1;
+  else if (!strcasecmp(end, "K") || !strcasecmp(end, "KB") || !strcasecmp(end, "KiB"))
+    mult = 1ull << 10;
+  else if (!strcasecmp(end, "M") || !strcasecmp(end, "MB") || !strcasecmp(end, "MiB"))
+    mult = 1ull << 20;
+  else if (!strcasecmp(end, "G") || !strcasecmp(end, "GB") || !strcasecmp(end, "GiB"))
+    mult = 1ull << 30;
+  else
+    return -1;
   *bytes = (uint64_t)(value * (double)mult);
   return 0;
 }

@@ -28,7 +28,8 @@ static struct {
 } validators[4];
 static size_t n_validators;
 
-void zg_config_set_validator(const char *section, int (*validate)(const struct cJSON *v, char *err, size_t errlen)) {
+void zg_config_set_validator(const char *section,
+                             int (*validate)(const struct cJSON *v, char *err, size_t errlen)) {
   if (n_validators < sizeof(validators) / sizeof(validators[0])) {
     validators[n_validators].section = section;
     validators[n_validators].validate = validate;
@@ -53,9 +54,12 @@ static const char *json_type_name(const cJSON *v) {
 }
 
 static void describe_found(const cJSON *v, char *out, size_t outlen) {
-  if (cJSON_IsString(v)) snprintf(out, outlen, "\"%.60s\" (a string)", v->valuestring);
-  else if (cJSON_IsNumber(v)) snprintf(out, outlen, "%g (a number)", v->valuedouble);
-  else snprintf(out, outlen, "%s", json_type_name(v));
+  if (cJSON_IsString(v))
+    snprintf(out, outlen, "\"%.60s\" (a string)", v->valuestring);
+  else if (cJSON_IsNumber(v))
+    snprintf(out, outlen, "%g (a number)", v->valuedouble);
+  else
+    snprintf(out, outlen, "%s", json_type_name(v));
 }
 
 static int fail(struct parse_ctx *ctx, const char *path, const char *expected, const cJSON *found) {
@@ -158,8 +162,8 @@ static int check_value(struct parse_ctx *ctx, const struct schema_entry *e, cons
     int n = cJSON_GetArraySize(v);
     if (n > e->max) {
       snprintf(expected, sizeof(expected), "at most %g entries", e->max);
-      snprintf(ctx->err, ctx->errlen, "%s: %s: expected %s, found %d", ctx->origin, path,
-               expected, n);
+      snprintf(ctx->err, ctx->errlen, "%s: %s: expected %s, found %d", ctx->origin, path, expected,
+               n);
       return -1;
     }
     char element_schema[256];
@@ -194,7 +198,8 @@ static int check_value(struct parse_ctx *ctx, const struct schema_entry *e, cons
         strncmp(s, "https://", 8) != 0)
       return fail(ctx, path, "an http:// or https:// base URL (or \"\")", v);
     if (e->kind == K_URL && len >= 512) return fail(ctx, path, "a URL under 512 characters", v);
-    if (e->kind == K_SECRET && len >= 512) return fail(ctx, path, "a value under 512 characters", v);
+    if (e->kind == K_SECRET && len >= 512)
+      return fail(ctx, path, "a value under 512 characters", v);
     if (e->kind == K_SECRET && (strcmp(s, "env:") == 0 || strcmp(s, "file:") == 0))
       return fail(ctx, path, "env:NAME or file:PATH with a name", v);
     if (e->kind == K_ADDR) {
@@ -295,18 +300,29 @@ static void store_scalars(struct zg_config *cfg) {
     case K_URL:
     case K_ADDR:
     case K_ENUM:
-    case K_HEX64: copy_string(field, e->size, v->valuestring); break;
-    case K_UINT: *(unsigned *)field = (unsigned)v->valuedouble; break;
-    case K_DOUBLE: *(double *)field = v->valuedouble; break;
-    case K_BOOL: *(bool *)field = cJSON_IsTrue(v); break;
+    case K_HEX64:
+      copy_string(field, e->size, v->valuestring);
+      break;
+    case K_UINT:
+      *(unsigned *)field = (unsigned)v->valuedouble;
+      break;
+    case K_DOUBLE:
+      *(double *)field = v->valuedouble;
+      break;
+    case K_BOOL:
+      *(bool *)field = cJSON_IsTrue(v);
+      break;
     case K_SIZE: {
       uint64_t bytes = 0;
-      if (cJSON_IsNumber(v)) bytes = (uint64_t)v->valuedouble;
-      else zg_parse_size(v->valuestring, &bytes);
+      if (cJSON_IsNumber(v))
+        bytes = (uint64_t)v->valuedouble;
+      else
+        zg_parse_size(v->valuestring, &bytes);
       *(uint64_t *)field = bytes;
       break;
     }
-    default: break;
+    default:
+      break;
     }
   }
 }
@@ -330,8 +346,9 @@ static int store_arrays(struct parse_ctx *ctx, struct zg_config *cfg) {
     copy_string(peer->admin, sizeof(peer->admin), item_string(p, "admin"));
     copy_string(peer->gateway, sizeof(peer->gateway), item_string(p, "gateway"));
     if (!peer->id[0] || !peer->raft[0]) {
-      snprintf(ctx->err, ctx->errlen, "%s: cluster.peers[%d]: expected \"id\" and \"raft\", found %s missing",
-               ctx->origin, i, peer->id[0] ? "\"raft\"" : "\"id\"");
+      snprintf(ctx->err, ctx->errlen,
+               "%s: cluster.peers[%d]: expected \"id\" and \"raft\", found %s missing", ctx->origin,
+               i, peer->id[0] ? "\"raft\"" : "\"id\"");
       return -1;
     }
     if (strcmp(peer->id, cfg->node_id) == 0) {
@@ -343,8 +360,9 @@ static int store_arrays(struct parse_ctx *ctx, struct zg_config *cfg) {
     }
     for (size_t j = 0; j + 1 < cfg->n_peers; j++)
       if (strcmp(cfg->peers[j].id, peer->id) == 0) {
-        snprintf(ctx->err, ctx->errlen, "%s: cluster.peers[%d].id: expected a unique id, found \"%s\" twice",
-                 ctx->origin, i, peer->id);
+        snprintf(ctx->err, ctx->errlen,
+                 "%s: cluster.peers[%d].id: expected a unique id, found \"%s\" twice", ctx->origin,
+                 i, peer->id);
         return -1;
       }
     i++;
@@ -356,8 +374,9 @@ static int store_arrays(struct parse_ctx *ctx, struct zg_config *cfg) {
     copy_string(fb->endpoint, sizeof(fb->endpoint), item_string(p, "endpoint"));
     copy_string(fb->api_key, sizeof(fb->api_key), item_string(p, "api_key"));
     if (!fb->endpoint[0]) {
-      snprintf(ctx->err, ctx->errlen, "%s: fallback_endpoints[%d].endpoint: expected a URL, found nothing",
-               ctx->origin, i);
+      snprintf(ctx->err, ctx->errlen,
+               "%s: fallback_endpoints[%d].endpoint: expected a URL, found nothing", ctx->origin,
+               i);
       return -1;
     }
     i++;
@@ -371,7 +390,8 @@ static int store_arrays(struct parse_ctx *ctx, struct zg_config *cfg) {
     for (char *c = t->sha256; *c; c++)
       if (*c >= 'A' && *c <= 'F') *c = (char)(*c - 'A' + 'a');
     if (!t->name[0] || !t->sha256[0]) {
-      snprintf(ctx->err, ctx->errlen, "%s: auth.tokens[%d]: expected \"name\" and \"sha256\", found %s missing",
+      snprintf(ctx->err, ctx->errlen,
+               "%s: auth.tokens[%d]: expected \"name\" and \"sha256\", found %s missing",
                ctx->origin, i, t->name[0] ? "\"sha256\"" : "\"name\"");
       return -1;
     }
@@ -387,13 +407,16 @@ static int finish(struct parse_ctx *ctx, struct zg_config *cfg) {
     copy_string(cfg->auth_mode, sizeof(cfg->auth_mode), "bootstrap");
   cfg->has_temperature = get_path(cfg->effective, "model.temperature") != NULL;
   cfg->has_top_p = get_path(cfg->effective, "model.top_p") != NULL;
-  if (!cfg->advertise_raft[0]) copy_string(cfg->advertise_raft, sizeof(cfg->advertise_raft), cfg->listen_raft);
-  if (!cfg->advertise_admin[0]) copy_string(cfg->advertise_admin, sizeof(cfg->advertise_admin), cfg->listen_admin);
+  if (!cfg->advertise_raft[0])
+    copy_string(cfg->advertise_raft, sizeof(cfg->advertise_raft), cfg->listen_raft);
+  if (!cfg->advertise_admin[0])
+    copy_string(cfg->advertise_admin, sizeof(cfg->advertise_admin), cfg->listen_admin);
   if (!cfg->advertise_gateway[0])
     copy_string(cfg->advertise_gateway, sizeof(cfg->advertise_gateway), cfg->listen_gateway);
   if (cfg->heartbeat_ms * 2 > cfg->election_timeout_ms) {
     snprintf(ctx->err, ctx->errlen,
-             "%s: cluster.heartbeat_ms: expected at most half of cluster.election_timeout_ms (%u), found %u",
+             "%s: cluster.heartbeat_ms: expected at most half of cluster.election_timeout_ms (%u), "
+             "found %u",
              ctx->origin, cfg->election_timeout_ms, cfg->heartbeat_ms);
     return -1;
   }
@@ -417,7 +440,8 @@ struct zg_config *zg_config_parse(const char *text, const char *origin, char *er
         col++;
       }
     }
-    snprintf(err, errlen, "%s: line %d column %d: expected valid JSON, found a syntax error near \"%.20s\"",
+    snprintf(err, errlen,
+             "%s: line %d column %d: expected valid JSON, found a syntax error near \"%.20s\"",
              origin, line, col, error_ptr ? error_ptr : "");
     return NULL;
   }
@@ -482,16 +506,19 @@ static bool is_literal_secret(const char *v) {
 static void mask_secrets(cJSON *node, const char *schema_path) {
   for (cJSON *child = node ? node->child : NULL; child; child = child->next) {
     char sp[256];
-    if (cJSON_IsArray(node)) snprintf(sp, sizeof(sp), "%s[]", schema_path);
-    else snprintf(sp, sizeof(sp), "%s%s%s", schema_path, *schema_path ? "." : "", child->string);
+    if (cJSON_IsArray(node))
+      snprintf(sp, sizeof(sp), "%s[]", schema_path);
+    else
+      snprintf(sp, sizeof(sp), "%s%s%s", schema_path, *schema_path ? "." : "", child->string);
     if (cJSON_IsObject(child) || cJSON_IsArray(child)) {
       mask_secrets(child, sp);
       continue;
     }
     const struct schema_entry *e = schema_find(sp);
-    bool secretish = (e && e->kind == K_SECRET) ||
-                     (child->string && (strstr(child->string, "secret") || strstr(child->string, "password") ||
-                                        strstr(child->string, "key") || strstr(child->string, "token")));
+    bool secretish =
+        (e && e->kind == K_SECRET) ||
+        (child->string && (strstr(child->string, "secret") || strstr(child->string, "password") ||
+                           strstr(child->string, "key") || strstr(child->string, "token")));
     if (secretish && cJSON_IsString(child) && is_literal_secret(child->valuestring) &&
         !(e && e->kind != K_SECRET))
       cJSON_SetValuestring(child, "****");
@@ -506,8 +533,8 @@ char *zg_config_dump_masked(const struct zg_config *cfg) {
   return text;
 }
 
-void zg_config_warnings(const struct zg_config *cfg, void (*emit)(void *ud, const char *path, const char *msg),
-                        void *ud) {
+void zg_config_warnings(const struct zg_config *cfg,
+                        void (*emit)(void *ud, const char *path, const char *msg), void *ud) {
   struct {
     const char *path;
     const char *value;
@@ -524,9 +551,11 @@ void zg_config_warnings(const struct zg_config *cfg, void (*emit)(void *ud, cons
       emit(ud, "fallback_endpoints[].api_key",
            "secret written literally in the config file; prefer \"env:NAME\" or \"file:PATH\"");
   if (!cfg->endpoint[0])
-    emit(ud, "endpoint", "no upstream endpoint is set; chat requests will fail with 502 until it is");
+    emit(ud, "endpoint",
+         "no upstream endpoint is set; chat requests will fail with 502 until it is");
   if (strcmp(cfg->auth_mode, "none") == 0)
-    emit(ud, "auth.mode", "client authentication is OFF: anyone who reaches the port can use the upstream key");
+    emit(ud, "auth.mode",
+         "client authentication is OFF: anyone who reaches the port can use the upstream key");
 }
 
 cJSON *zg_config_replicated_json(const struct zg_config *cfg) {
@@ -545,10 +574,12 @@ struct zg_config *zg_config_with_replicated(const struct zg_config *local, const
   }
   for (const cJSON *child = replicated->child; child; child = child->next) {
     if (!zg_config_key_is_replicated(child->string)) {
-      snprintf(err, errlen,
-               "%s: %s: expected only replicated sections (api_key, endpoint, fallback_endpoints, performance, "
-               "model, auth, failover, drills, alerts), found \"%s\" which is local to each node's file",
-               origin, child->string, child->string);
+      snprintf(
+          err, errlen,
+          "%s: %s: expected only replicated sections (api_key, endpoint, fallback_endpoints, "
+          "performance, "
+          "model, auth, failover, drills, alerts), found \"%s\" which is local to each node's file",
+          origin, child->string, child->string);
       return NULL;
     }
   }
@@ -568,19 +599,32 @@ struct zg_config *zg_config_with_replicated(const struct zg_config *local, const
 
 static const char *kind_name(enum schema_kind k) {
   switch (k) {
-  case K_OBJECT: return "object";
-  case K_ARRAY: return "array";
-  case K_ANY: return "object";
-  case K_STRING: return "string";
-  case K_SECRET: return "secret";
-  case K_URL: return "URL";
-  case K_ADDR: return "host:port";
-  case K_UINT: return "integer";
-  case K_DOUBLE: return "number";
-  case K_BOOL: return "bool";
-  case K_SIZE: return "size";
-  case K_ENUM: return "enum";
-  case K_HEX64: return "hex";
+  case K_OBJECT:
+    return "object";
+  case K_ARRAY:
+    return "array";
+  case K_ANY:
+    return "object";
+  case K_STRING:
+    return "string";
+  case K_SECRET:
+    return "secret";
+  case K_URL:
+    return "URL";
+  case K_ADDR:
+    return "host:port";
+  case K_UINT:
+    return "integer";
+  case K_DOUBLE:
+    return "number";
+  case K_BOOL:
+    return "bool";
+  case K_SIZE:
+    return "size";
+  case K_ENUM:
+    return "enum";
+  case K_HEX64:
+    return "hex";
   }
   return "?";
 }
@@ -607,12 +651,13 @@ char *zg_config_reference_markdown(void) {
         }
       }
       type[t] = '\0';
-    }
-    else if (e->kind == K_UINT || e->kind == K_DOUBLE)
+    } else if (e->kind == K_UINT || e->kind == K_DOUBLE)
       snprintf(type, sizeof(type), "%s %g..%g", kind_name(e->kind), e->min, e->max);
-    else snprintf(type, sizeof(type), "%s", kind_name(e->kind));
-    zg_buf_appendf(&out, "| `%s` | %s | %s%s%s | %s | %s |\n", e->path, type, e->default_json ? "`" : "",
-                   e->default_json ? e->default_json : "-", e->default_json ? "`" : "",
+    else
+      snprintf(type, sizeof(type), "%s", kind_name(e->kind));
+    zg_buf_appendf(&out, "| `%s` | %s | %s%s%s | %s | %s |\n", e->path, type,
+                   e->default_json ? "`" : "", e->default_json ? e->default_json : "-",
+                   e->default_json ? "`" : "",
                    zg_config_key_is_replicated(top) ? "replicated" : "local", e->help);
   }
   return zg_buf_steal(&out);

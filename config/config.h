@@ -108,15 +108,16 @@ void zg_config_free(struct zg_config *cfg);
  * (env:/file: references are shown; they are not secrets). Caller frees. */
 char *zg_config_dump_masked(const struct zg_config *cfg);
 /* Warnings for literal secrets etc.; calls emit once per warning. */
-void zg_config_warnings(const struct zg_config *cfg, void (*emit)(void *ud, const char *path, const char *msg),
-                        void *ud);
+void zg_config_warnings(const struct zg_config *cfg,
+                        void (*emit)(void *ud, const char *path, const char *msg), void *ud);
 
 /* The replicated sections of cfg as a new JSON object (caller frees). */
 struct cJSON *zg_config_replicated_json(const struct zg_config *cfg);
 /* Validates a replicated document (from the admin API) and returns a copy
  * of `local` with it applied. NULL with a message on error. */
-struct zg_config *zg_config_with_replicated(const struct zg_config *local, const struct cJSON *replicated,
-                                            const char *origin, char *err, size_t errlen);
+struct zg_config *zg_config_with_replicated(const struct zg_config *local,
+                                            const struct cJSON *replicated, const char *origin,
+                                            char *err, size_t errlen);
 /* A free-form section (K_ANY in the schema, e.g. "alerts") is validated by
  * the module that owns it; node/ registers the validator at start-up.
  * The validator writes a message naming the JSON path into err. */

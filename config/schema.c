@@ -18,7 +18,8 @@ const struct schema_entry zg_schema[] = {
      "gateway serves clients; witness only votes"},
     {"node.advertise", K_OBJECT, 0, 0, NULL, NULL, NOFF, "addresses peers use to reach this node"},
     {"node.advertise.raft", K_ADDR, 0, 0, NULL, NULL, OFF(advertise_raft), "default: listen.raft"},
-    {"node.advertise.admin", K_ADDR, 0, 0, NULL, NULL, OFF(advertise_admin), "default: listen.admin"},
+    {"node.advertise.admin", K_ADDR, 0, 0, NULL, NULL, OFF(advertise_admin),
+     "default: listen.admin"},
     {"node.advertise.gateway", K_ADDR, 0, 0, NULL, NULL, OFF(advertise_gateway),
      "default: listen.gateway"},
     /* listen (local) */
@@ -41,7 +42,8 @@ const struct schema_entry zg_schema[] = {
     {"cluster.peers[].admin", K_ADDR, 0, 0, NULL, NULL, NOFF, "peer admin address"},
     {"cluster.peers[].gateway", K_ADDR, 0, 0, NULL, NULL, NOFF, "peer client API address"},
     {"cluster.join", K_BOOL, 0, 0, "false", NULL, OFF(cluster_join),
-     "true on a node added to a running cluster (zonegate members add): it never bootstraps its own"},
+     "true on a node added to a running cluster (zonegate members add): it never bootstraps its "
+     "own"},
     {"cluster.secret", K_SECRET, 0, 0, NULL, NULL, OFF(cluster_secret),
      "shared secret authenticating Raft peers (>= 16 chars)"},
     {"cluster.election_timeout_ms", K_UINT, 100, 60000, "600", NULL, OFF(election_timeout_ms),
@@ -93,8 +95,8 @@ const struct schema_entry zg_schema[] = {
      "response cache bound (bytes or 512MB/1GB); 0 disables"},
     {"performance.cache_ttl", K_UINT, 0, 31536000, "3600", NULL, OFF(cache_ttl_s),
      "seconds a cached answer is served; 0 = no expiry"},
-    {"performance.cache_all_temperatures", K_BOOL, 0, 0, "false", NULL,
-     OFF(cache_all_temperatures), "also cache requests with temperature != 0"},
+    {"performance.cache_all_temperatures", K_BOOL, 0, 0, "false", NULL, OFF(cache_all_temperatures),
+     "also cache requests with temperature != 0"},
     {"performance.max_body_bytes", K_SIZE, 0, 0, "\"4MiB\"", NULL, OFF(max_body_bytes),
      "largest request body; beyond it 413"},
     {"performance.max_header_bytes", K_SIZE, 0, 0, "\"16KiB\"", NULL, OFF(max_header_bytes),
@@ -129,9 +131,9 @@ const struct schema_entry zg_schema[] = {
 
 const size_t zg_schema_len = sizeof(zg_schema) / sizeof(zg_schema[0]);
 
-static const char *const replicated_keys[] = {"api_key", "endpoint", "fallback_endpoints",
-                                              "performance", "model", "auth",
-                                              "failover", "drills", "alerts"};
+static const char *const replicated_keys[] = {"api_key",     "endpoint", "fallback_endpoints",
+                                              "performance", "model",    "auth",
+                                              "failover",    "drills",   "alerts"};
 
 bool zg_config_key_is_replicated(const char *key) {
   for (size_t i = 0; i < sizeof(replicated_keys) / sizeof(replicated_keys[0]); i++)

@@ -152,7 +152,9 @@ watcher=$!
 rc=0
 run_zonegate -v "$handshake:/drill" -- drill external --lb http://lb:18789 --addr "$admin" \
   --duration "$duration" --inject-at "$inject_at" --inject "touch /drill/fault" "${json[@]}" || rc=$?
-# The heal may still be pending when the probes end before --fault-duration.
-wait "$watcher" 2>/dev/null || true
+# The heal may still be pending when the probes end before --fault-duration;
+# with no marker the drill stopped before the fault: nothing to heal.
+if [ -e "$handshake/fault" ]; then wait "$watcher" 2>/dev/null || true
+else kill "$watcher" 2>/dev/null || true; fi
 watcher=""
 exit "$rc"

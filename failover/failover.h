@@ -34,11 +34,11 @@ struct cJSON;
 
 enum failover_role {
   FAILOVER_UNAVAILABLE,
-  FAILOVER_CANDIDATE,      /* electing, or no leader known */
-  FAILOVER_STANDBY,        /* follower that knows the leader */
+  FAILOVER_CANDIDATE,       /* electing, or no leader known */
+  FAILOVER_STANDBY,         /* follower that knows the leader */
   FAILOVER_LEADER_UNFENCED, /* raft leader without a valid lease yet */
   FAILOVER_ACTIVE,
-  FAILOVER_DRAINING,       /* planned handover under way */
+  FAILOVER_DRAINING, /* planned handover under way */
   FAILOVER_WITNESS,
 };
 const char *failover_role_name(enum failover_role role);

@@ -72,13 +72,20 @@ struct failover {
 
 const char *failover_role_name(enum failover_role role) {
   switch (role) {
-  case FAILOVER_UNAVAILABLE: return "unavailable";
-  case FAILOVER_CANDIDATE: return "candidate";
-  case FAILOVER_STANDBY: return "standby";
-  case FAILOVER_LEADER_UNFENCED: return "leader-unfenced";
-  case FAILOVER_ACTIVE: return "active";
-  case FAILOVER_DRAINING: return "draining";
-  case FAILOVER_WITNESS: return "witness";
+  case FAILOVER_UNAVAILABLE:
+    return "unavailable";
+  case FAILOVER_CANDIDATE:
+    return "candidate";
+  case FAILOVER_STANDBY:
+    return "standby";
+  case FAILOVER_LEADER_UNFENCED:
+    return "leader-unfenced";
+  case FAILOVER_ACTIVE:
+    return "active";
+  case FAILOVER_DRAINING:
+    return "draining";
+  case FAILOVER_WITNESS:
+    return "witness";
   }
   return "unavailable";
 }
@@ -100,8 +107,8 @@ static const bool transition_allowed[7][7] = {
 static void set_role(struct failover *f, enum failover_role to, const char *reason) {
   if (f->role == to) return;
   if (!transition_allowed[f->role][to]) {
-    zg_log(ZG_ERROR, "role_transition_refused", "%s -> %s refused (%s)", failover_role_name(f->role),
-           failover_role_name(to), reason);
+    zg_log(ZG_ERROR, "role_transition_refused", "%s -> %s refused (%s)",
+           failover_role_name(f->role), failover_role_name(to), reason);
     to = FAILOVER_CANDIDATE;
   }
   cJSON *fields = cJSON_CreateObject();
@@ -109,7 +116,8 @@ static void set_role(struct failover *f, enum failover_role to, const char *reas
   cJSON_AddStringToObject(fields, "to", failover_role_name(to));
   cJSON_AddStringToObject(fields, "reason", reason);
   cJSON_AddNumberToObject(fields, "term", (double)consensus_term(f->cs));
-  zg_log_fields(to == FAILOVER_ACTIVE || f->role == FAILOVER_ACTIVE ? ZG_WARN : ZG_INFO, "role_changed", fields);
+  zg_log_fields(to == FAILOVER_ACTIVE || f->role == FAILOVER_ACTIVE ? ZG_WARN : ZG_INFO,
+                "role_changed", fields);
   f->role = to;
   snprintf(f->role_reason, sizeof(f->role_reason), "%s", reason);
 }
@@ -194,7 +202,8 @@ static void on_lease_barrier(void *ud, int status) {
   f->barrier_inflight = false;
   if (status != 0) return; /* the lease lapses on its own */
   if (f->barrier_term != consensus_term(f->cs)) return;
-  uint64_t until = f->barrier_submit_ms + (uint64_t)((double)f->election_timeout_ms * f->lease_ratio);
+  uint64_t until =
+      f->barrier_submit_ms + (uint64_t)((double)f->election_timeout_ms * f->lease_ratio);
   if (f->lease_term != f->barrier_term || until > f->lease_until_ms) {
     f->lease_until_ms = until;
     f->lease_term = f->barrier_term;
@@ -233,8 +242,11 @@ static void on_transfer_done(void *ud, int status) {
   struct failover *f = ud;
   const struct consensus_member *leader = consensus_leader(f->cs);
   if (status == 0)
-    zg_log(ZG_INFO, "switchover_done", "leadership moved to %s", leader ? leader->id : "(electing)");
-  else zg_log(ZG_WARN, "switchover_failed", "leadership transfer failed: %s", consensus_strerror(status));
+    zg_log(ZG_INFO, "switchover_done", "leadership moved to %s",
+           leader ? leader->id : "(electing)");
+  else
+    zg_log(ZG_WARN, "switchover_failed", "leadership transfer failed: %s",
+           consensus_strerror(status));
   finish_switchover(f, status, status == 0 ? "leadership transferred" : consensus_strerror(status));
 }
 
@@ -246,10 +258,11 @@ static void switchover_progress(struct failover *f) {
   bool idle = st.in_flight == 0 && st.queued == 0;
   if (!idle && now < f->drain_deadline_ms) return;
   if (!idle)
-    zg_log(ZG_WARN, "drain_timeout", "drain_timeout reached with %u requests in flight; transferring anyway",
-           st.in_flight);
+    zg_log(ZG_WARN, "drain_timeout",
+           "drain_timeout reached with %u requests in flight; transferring anyway", st.in_flight);
   f->transfer_started = true;
-  int rc = consensus_transfer_leadership(f->cs, f->switch_to[0] ? f->switch_to : NULL, on_transfer_done, f);
+  int rc = consensus_transfer_leadership(f->cs, f->switch_to[0] ? f->switch_to : NULL,
+                                         on_transfer_done, f);
   if (rc != 0) finish_switchover(f, rc, consensus_strerror(rc));
 }
 
@@ -271,11 +284,14 @@ static bool pick_target(struct failover *f, bool preferred_only, char *out, size
     if (!cJSON_IsString(id) || strcmp(id->valuestring, f->node_id) == 0) continue;
     if (!cJSON_IsString(role) || strcmp(role->valuestring, "gateway") != 0) continue;
     if (voter && cJSON_IsFalse(voter)) continue;
-    if (preferred_only && (!cJSON_IsString(zone) || strcmp(zone->valuestring, f->preferred_zone) != 0)) continue;
+    if (preferred_only &&
+        (!cJSON_IsString(zone) || strcmp(zone->valuestring, f->preferred_zone) != 0))
+      continue;
     if (!cJSON_IsNumber(lag) || lag->valuedouble > f->max_lag) continue;
     if (cJSON_IsNumber(contact) && contact->valuedouble > f->election_timeout_ms) continue;
     double score = lag->valuedouble;
-    if (f->preferred_zone[0] && cJSON_IsString(zone) && strcmp(zone->valuestring, f->preferred_zone) == 0)
+    if (f->preferred_zone[0] && cJSON_IsString(zone) &&
+        strcmp(zone->valuestring, f->preferred_zone) == 0)
       score -= 1e9;
     if (score < best_lag) {
       best_lag = score;
@@ -288,7 +304,8 @@ static bool pick_target(struct failover *f, bool preferred_only, char *out, size
 }
 
 static void maybe_failback(struct failover *f, uint64_t now) {
-  if (!f->failback_auto || !f->preferred_zone[0] || f->role != FAILOVER_ACTIVE || f->draining) return;
+  if (!f->failback_auto || !f->preferred_zone[0] || f->role != FAILOVER_ACTIVE || f->draining)
+    return;
   if (strcmp(f->zone, f->preferred_zone) == 0) {
     f->failback_candidate[0] = '\0';
     return;
@@ -302,8 +319,8 @@ static void maybe_failback(struct failover *f, uint64_t now) {
     snprintf(f->failback_candidate, sizeof(f->failback_candidate), "%s", target);
     f->failback_healthy_since_ms = now;
     zg_log(ZG_INFO, "failback_pending",
-           "%s in preferred zone %s is healthy and caught up; failing back after %u s of stability", target,
-           f->preferred_zone, f->failback_after_s);
+           "%s in preferred zone %s is healthy and caught up; failing back after %u s of stability",
+           target, f->preferred_zone, f->failback_after_s);
     return;
   }
   if (now - f->failback_healthy_since_ms < (uint64_t)f->failback_after_s * 1000u) return;
@@ -318,8 +335,8 @@ static void maybe_degraded_handover(struct failover *f, uint64_t now) {
   char target[64];
   if (!pick_target(f, false, target, sizeof(target))) return;
   f->last_degraded_handover_ms = now;
-  zg_log(ZG_WARN, "degraded_handover", "self-check failing (upstream failed repeatedly); handing over to %s",
-         target);
+  zg_log(ZG_WARN, "degraded_handover",
+         "self-check failing (upstream failed repeatedly); handing over to %s", target);
   failover_switchover(f, target, "degraded handover: self-check failing", NULL, NULL);
 }
 
@@ -332,7 +349,8 @@ static void on_tick(uv_timer_t *t) {
     /* The loop stalled: timers and the lease may be stale. Drop the lease and
      * take no decision until a normal tick. */
     if (!f->tilt)
-      zg_log(ZG_WARN, "tilt", "event loop stalled for %llu ms; lease dropped, decisions skipped this tick",
+      zg_log(ZG_WARN, "tilt",
+             "event loop stalled for %llu ms; lease dropped, decisions skipped this tick",
              (unsigned long long)late);
     f->tilt = true;
     f->lease_until_ms = 0;
@@ -368,7 +386,8 @@ static bool hook_token_lookup(void *ud, const char sha256_hex[65], struct gatewa
   return true;
 }
 
-static size_t hook_usable_keys(void *ud, const char *upstream, struct gateway_key *out, size_t max) {
+static size_t hook_usable_keys(void *ud, const char *upstream, struct gateway_key *out,
+                               size_t max) {
   struct failover *f = ud;
   struct consensus_key_use keys[16];
   if (max > ZG_ARRAY_LEN(keys)) max = ZG_ARRAY_LEN(keys);
@@ -381,7 +400,8 @@ static size_t hook_usable_keys(void *ud, const char *upstream, struct gateway_ke
 }
 
 static void on_key_invalidated(void *ud, int status, const char *errmsg, const cJSON *result) {
-  if (status != 0) zg_log(ZG_WARN, "key_invalidate_failed", "%s", errmsg ? errmsg : consensus_strerror(status));
+  if (status != 0)
+    zg_log(ZG_WARN, "key_invalidate_failed", "%s", errmsg ? errmsg : consensus_strerror(status));
 }
 
 static void hook_key_rejected(void *ud, const char *key_id, const char *upstream) {
@@ -392,17 +412,21 @@ static void hook_key_rejected(void *ud, const char *key_id, const char *upstream
   consensus_write(f->cs, "key.invalidate", args, "gateway", f->node_id, on_key_invalidated, f);
 }
 
-static enum gateway_serve_mode hook_serve_mode(void *ud, bool forwarded, char *forward_to, size_t len) {
+static enum gateway_serve_mode hook_serve_mode(void *ud, bool forwarded, char *forward_to,
+                                               size_t len) {
   struct failover *f = ud;
   const char *reason;
   enum failover_role r = compute_role(f, &reason);
   switch (r) {
-  case FAILOVER_ACTIVE: return GATEWAY_SERVE;
+  case FAILOVER_ACTIVE:
+    return GATEWAY_SERVE;
   case FAILOVER_WITNESS:
-  case FAILOVER_UNAVAILABLE: return GATEWAY_REFUSE;
+  case FAILOVER_UNAVAILABLE:
+    return GATEWAY_REFUSE;
   case FAILOVER_LEADER_UNFENCED:
   case FAILOVER_DRAINING:
-  case FAILOVER_CANDIDATE: return GATEWAY_HOLD;
+  case FAILOVER_CANDIDATE:
+    return GATEWAY_HOLD;
   case FAILOVER_STANDBY: {
     if (forwarded) return GATEWAY_REFUSE;
     const struct consensus_member *leader = consensus_leader(f->cs);
@@ -418,12 +442,12 @@ static void fill_health(struct failover *f, cJSON *body) {
   const char *reason;
   enum failover_role r = compute_role(f, &reason);
   const struct consensus_member *leader = consensus_leader(f->cs);
-  const char *role = r == FAILOVER_ACTIVE                                    ? "active"
-                     : r == FAILOVER_WITNESS                                 ? "witness"
-                     : r == FAILOVER_STANDBY                                 ? "standby"
+  const char *role = r == FAILOVER_ACTIVE                                       ? "active"
+                     : r == FAILOVER_WITNESS                                    ? "witness"
+                     : r == FAILOVER_STANDBY                                    ? "standby"
                      : r == FAILOVER_LEADER_UNFENCED || r == FAILOVER_CANDIDATE ? "candidate"
-                     : r == FAILOVER_DRAINING                                ? "draining"
-                                                                             : "unavailable";
+                     : r == FAILOVER_DRAINING                                   ? "draining"
+                                                                                : "unavailable";
   cJSON_AddStringToObject(body, "role", role);
   cJSON_AddStringToObject(body, "node", f->node_id);
   cJSON_AddStringToObject(body, "zone", f->zone);
@@ -469,8 +493,9 @@ void failover_apply_config(struct failover *f, const struct zg_config *cfg) {
   f->failback_after_s = cfg->failback_after_s;
 }
 
-int failover_start(uv_loop_t *loop, struct consensus *cs, struct gateway *gw, const struct zg_config *cfg,
-                   struct failover **out, char *errmsg, size_t errlen) {
+int failover_start(uv_loop_t *loop, struct consensus *cs, struct gateway *gw,
+                   const struct zg_config *cfg, struct failover **out, char *errmsg,
+                   size_t errlen) {
   struct failover *f = calloc(1, sizeof(*f));
   if (!f) {
     snprintf(errmsg, errlen, "out of memory");
@@ -557,26 +582,33 @@ static void collect_metrics(void *ud, void *out_buf) {
   zg_buf *out = out_buf;
   const char *reason;
   enum failover_role r = compute_role(f, &reason);
-  zg_buf_appendf(out,
-                 "# HELP zonegate_active 1 while this node is the active node (leader with a valid lease)\n"
-                 "# TYPE zonegate_active gauge\nzonegate_active %d\n",
-                 r == FAILOVER_ACTIVE);
-  zg_buf_appendf(out, "# HELP zonegate_role Current failover role of this node\n# TYPE zonegate_role gauge\n");
+  zg_buf_appendf(
+      out,
+      "# HELP zonegate_active 1 while this node is the active node (leader with a valid lease)\n"
+      "# TYPE zonegate_active gauge\nzonegate_active %d\n",
+      r == FAILOVER_ACTIVE);
+  zg_buf_appendf(
+      out, "# HELP zonegate_role Current failover role of this node\n# TYPE zonegate_role gauge\n");
   for (int i = FAILOVER_UNAVAILABLE; i <= FAILOVER_WITNESS; i++)
-    zg_buf_appendf(out, "zonegate_role{role=\"%s\"} %d\n", failover_role_name((enum failover_role)i), (int)r == i);
-  zg_buf_appendf(out,
-                 "# HELP zonegate_leader_changes_total Leader changes seen by this node\n"
-                 "# TYPE zonegate_leader_changes_total counter\nzonegate_leader_changes_total %llu\n"
-                 "# HELP zonegate_lease_remaining_seconds Time left on the active node's lease\n"
-                 "# TYPE zonegate_lease_remaining_seconds gauge\nzonegate_lease_remaining_seconds %.3f\n"
-                 "# HELP zonegate_raft_term Current Raft term\n# TYPE zonegate_raft_term gauge\nzonegate_raft_term %llu\n"
-                 "# HELP zonegate_raft_commit_index Raft commit index\n# TYPE zonegate_raft_commit_index gauge\n"
-                 "zonegate_raft_commit_index %llu\n"
-                 "# HELP zonegate_raft_applied_index Raft applied index\n# TYPE zonegate_raft_applied_index gauge\n"
-                 "zonegate_raft_applied_index %llu\n",
-                 (unsigned long long)f->leader_changes, (double)failover_lease_remaining_ms(f) / 1000.0,
-                 (unsigned long long)consensus_term(f->cs), (unsigned long long)consensus_commit_index(f->cs),
-                 (unsigned long long)consensus_applied_index(f->cs));
+    zg_buf_appendf(out, "zonegate_role{role=\"%s\"} %d\n",
+                   failover_role_name((enum failover_role)i), (int)r == i);
+  zg_buf_appendf(
+      out,
+      "# HELP zonegate_leader_changes_total Leader changes seen by this node\n"
+      "# TYPE zonegate_leader_changes_total counter\nzonegate_leader_changes_total %llu\n"
+      "# HELP zonegate_lease_remaining_seconds Time left on the active node's lease\n"
+      "# TYPE zonegate_lease_remaining_seconds gauge\nzonegate_lease_remaining_seconds %.3f\n"
+      "# HELP zonegate_raft_term Current Raft term\n# TYPE zonegate_raft_term "
+      "gauge\nzonegate_raft_term %llu\n"
+      "# HELP zonegate_raft_commit_index Raft commit index\n# TYPE zonegate_raft_commit_index "
+      "gauge\n"
+      "zonegate_raft_commit_index %llu\n"
+      "# HELP zonegate_raft_applied_index Raft applied index\n# TYPE zonegate_raft_applied_index "
+      "gauge\n"
+      "zonegate_raft_applied_index %llu\n",
+      (unsigned long long)f->leader_changes, (double)failover_lease_remaining_ms(f) / 1000.0,
+      (unsigned long long)consensus_term(f->cs), (unsigned long long)consensus_commit_index(f->cs),
+      (unsigned long long)consensus_applied_index(f->cs));
   cJSON *keys = consensus_keys_json(f->cs);
   static const char *const states[] = {"active", "retiring", "revoked", "invalid"};
   int counts[4] = {0, 0, 0, 0};
@@ -592,11 +624,12 @@ static void collect_metrics(void *ud, void *out_buf) {
     for (int i = 0; i < 4; i++)
       if (!strcmp(state->valuestring, states[i])) counts[i]++;
     if (!strcmp(state->valuestring, "revoked")) continue;
-    zg_buf_appendf(out, "zonegate_provider_key_age_days{upstream=\"%s\",key_id=\"%s\"} %g\n", up->valuestring,
-                   id->valuestring, cJSON_IsNumber(age) ? age->valuedouble : 0);
+    zg_buf_appendf(out, "zonegate_provider_key_age_days{upstream=\"%s\",key_id=\"%s\"} %g\n",
+                   up->valuestring, id->valuestring, cJSON_IsNumber(age) ? age->valuedouble : 0);
   }
-  zg_buf_appendf(out, "# HELP zonegate_provider_key_rotate_after_days Rotation period of each provider key\n"
-                      "# TYPE zonegate_provider_key_rotate_after_days gauge\n");
+  zg_buf_appendf(
+      out, "# HELP zonegate_provider_key_rotate_after_days Rotation period of each provider key\n"
+           "# TYPE zonegate_provider_key_rotate_after_days gauge\n");
   cJSON_ArrayForEach(k, keys) {
     const cJSON *id = cJSON_GetObjectItemCaseSensitive(k, "id");
     const cJSON *up = cJSON_GetObjectItemCaseSensitive(k, "upstream");
@@ -605,11 +638,14 @@ static void collect_metrics(void *ud, void *out_buf) {
     if (!cJSON_IsString(id) || !cJSON_IsString(up) || !cJSON_IsString(state) ||
         !strcmp(state->valuestring, "revoked"))
       continue;
-    zg_buf_appendf(out, "zonegate_provider_key_rotate_after_days{upstream=\"%s\",key_id=\"%s\"} %g\n",
+    zg_buf_appendf(out,
+                   "zonegate_provider_key_rotate_after_days{upstream=\"%s\",key_id=\"%s\"} %g\n",
                    up->valuestring, id->valuestring, cJSON_IsNumber(rot) ? rot->valuedouble : 0);
   }
-  zg_buf_appendf(out, "# HELP zonegate_provider_keys Provider keys by state\n# TYPE zonegate_provider_keys gauge\n");
-  for (int i = 0; i < 4; i++) zg_buf_appendf(out, "zonegate_provider_keys{state=\"%s\"} %d\n", states[i], counts[i]);
+  zg_buf_appendf(out, "# HELP zonegate_provider_keys Provider keys by state\n# TYPE "
+                      "zonegate_provider_keys gauge\n");
+  for (int i = 0; i < 4; i++)
+    zg_buf_appendf(out, "zonegate_provider_keys{state=\"%s\"} %d\n", states[i], counts[i]);
   cJSON_Delete(keys);
 }
 

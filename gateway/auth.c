@@ -46,8 +46,8 @@ bool gateway_cidr_match(const char *cidr, const char *ip) {
 static int reject(struct gateway *gw, struct httpd_req *req, int status, const char *code,
                   const char *reason, const char *const *headers, const char *message) {
   metrics_counter_add(gw->m_auth_failures, 1, reason);
-  httpd_respond_error(req, status, status == 429 ? "rate_limit_error" : "invalid_request_error", code,
-                      headers, "%s", message);
+  httpd_respond_error(req, status, status == 429 ? "rate_limit_error" : "invalid_request_error",
+                      code, headers, "%s", message);
   return -1;
 }
 
@@ -56,8 +56,8 @@ int gateway_authenticate(struct gateway *gw, struct httpd_req *req, struct gatew
   if (strcmp(gw->cfg->auth_mode, "none") == 0) return 0;
   const char *header = httpd_req_header(req, "Authorization");
   if (!header || strncasecmp(header, "Bearer ", 7) != 0 || !header[7])
-    return reject(gw, req, 401, "invalid_api_key", "missing",
-                  NULL, "missing client token: send \"Authorization: Bearer <token>\"");
+    return reject(gw, req, 401, "invalid_api_key", "missing", NULL,
+                  "missing client token: send \"Authorization: Bearer <token>\"");
   const char *presented = header + 7;
   while (*presented == ' ') presented++;
   char hash[65];
@@ -66,7 +66,8 @@ int gateway_authenticate(struct gateway *gw, struct httpd_req *req, struct gatew
   bool found = false;
   /* Scan every file token so timing does not reveal which one matched. */
   for (size_t i = 0; i < gw->cfg->n_tokens; i++) {
-    if (zg_ct_equal(hash, 64, gw->cfg->tokens[i].sha256, strlen(gw->cfg->tokens[i].sha256)) && !found) {
+    if (zg_ct_equal(hash, 64, gw->cfg->tokens[i].sha256, strlen(gw->cfg->tokens[i].sha256)) &&
+        !found) {
       found = true;
       snprintf(token->name, sizeof(token->name), "%s", gw->cfg->tokens[i].name);
       snprintf(token->id, sizeof(token->id), "file:%s", gw->cfg->tokens[i].name);

@@ -160,11 +160,13 @@ static void on_upstream_response(void *ud, int status, const char *content_type,
   struct chat *c = ud;
   struct attempt *a = &c->attempts[c->current];
   c->status = status;
-  snprintf(c->content_type, sizeof(c->content_type), "%s", content_type ? content_type : "application/json");
+  snprintf(c->content_type, sizeof(c->content_type), "%s",
+           content_type ? content_type : "application/json");
   c->retry_after[0] = '\0';
   for (size_t i = 0; headers && headers[i]; i++)
     if (strncasecmp(headers[i], "Retry-After:", 12) == 0)
-      snprintf(c->retry_after, sizeof(c->retry_after), "%s", headers[i] + 12 + (headers[i][12] == ' '));
+      snprintf(c->retry_after, sizeof(c->retry_after), "%s",
+               headers[i] + 12 + (headers[i][12] == ' '));
 
   if (c->forwarding && status == 503 && gw_has_cluster(c)) {
     /* The node we forwarded to is not active (any more): nothing reached the
@@ -222,7 +224,8 @@ static void on_upstream_done(void *ud, enum upstream_result result, const char *
   httpd_req_set_abort(c->req, NULL, NULL);
   if (result == UPSTREAM_OK) {
     if (!c->forwarding) {
-      metrics_histogram_observe(gw->m_upstream_latency, (double)timing.total_us / 1e6, a->upstream_id);
+      metrics_histogram_observe(gw->m_upstream_latency, (double)timing.total_us / 1e6,
+                                a->upstream_id);
       metrics_histogram_observe(gw->m_ttfb, (double)timing.first_byte_us / 1e6, a->upstream_id);
       if (c->status < 500) gateway_note_upstream(gw, true, NULL);
     }
@@ -241,8 +244,8 @@ static void on_upstream_done(void *ud, enum upstream_result result, const char *
         snprintf(retry, sizeof(retry), "Retry-After: %s", c->retry_after);
         extra[n++] = retry;
       }
-      httpd_respond(c->req, c->status, c->content_type, extra, c->response.data ? c->response.data : "",
-                    c->response.len);
+      httpd_respond(c->req, c->status, c->content_type, extra,
+                    c->response.data ? c->response.data : "", c->response.len);
     }
     chat_done(c);
     return;
@@ -253,8 +256,9 @@ static void on_upstream_done(void *ud, enum upstream_result result, const char *
     metrics_counter_add(gw->m_upstream_errors, 1, a->upstream_id, kind);
     gateway_note_upstream(gw, false, kind);
   }
-  zg_log(ZG_WARN, "upstream_failed", "%s %s: %s (%s)", c->forwarding ? "active node" : a->upstream_id,
-         kind, curl_error ? curl_error : "", c->streaming_to_client ? "mid-stream" : "before response");
+  zg_log(ZG_WARN, "upstream_failed", "%s %s: %s (%s)",
+         c->forwarding ? "active node" : a->upstream_id, kind, curl_error ? curl_error : "",
+         c->streaming_to_client ? "mid-stream" : "before response");
   bool never_sent = result == UPSTREAM_CONNECT_FAILED || result == UPSTREAM_CONNECT_TIMEOUT;
   if (c->forwarding && never_sent && gw->cluster && !c->streaming_to_client) {
     /* The active we forwarded to is gone (failover in progress): ask the
@@ -273,10 +277,11 @@ static void on_upstream_done(void *ud, enum upstream_result result, const char *
                  result == UPSTREAM_IDLE_TIMEOUT || result == UPSTREAM_TOTAL_TIMEOUT;
   if (c->streaming_to_client) {
     char event[512];
-    int n = snprintf(event, sizeof(event),
-                     "data: {\"error\":{\"message\":\"upstream stream failed: %s\",\"type\":\"upstream_error\","
-                     "\"code\":\"%s\"}}\n\n",
-                     kind, timeout ? "upstream_timeout" : "upstream_broken");
+    int n = snprintf(
+        event, sizeof(event),
+        "data: {\"error\":{\"message\":\"upstream stream failed: %s\",\"type\":\"upstream_error\","
+        "\"code\":\"%s\"}}\n\n",
+        kind, timeout ? "upstream_timeout" : "upstream_broken");
     note_fields(c, "none", kind, timing.total_us, timing.first_byte_us);
     httpd_stream_write(c->req, event, (size_t)n);
     httpd_stream_abort(c->req);
@@ -288,7 +293,8 @@ static void on_upstream_done(void *ud, enum upstream_result result, const char *
     snprintf(message, sizeof(message), "the upstream model API did not answer in time (%s)", kind);
     respond_error(c, 504, "upstream_error", "upstream_timeout", NULL, message, kind);
   } else {
-    snprintf(message, sizeof(message), "the upstream model API is unreachable or failed (%s)", kind);
+    snprintf(message, sizeof(message), "the upstream model API is unreachable or failed (%s)",
+             kind);
     respond_error(c, 502, "upstream_error", "upstream_unreachable", NULL, message, kind);
   }
 }
@@ -309,11 +315,23 @@ static void on_client_abort(void *ud) {
  * the gateway sets itself. Everything else passes through, as nginx's
  * proxy_pass does. */
 static bool header_passes(const char *name) {
-  static const char *const dropped[] = {
-      "authorization", "host",    "content-length", "content-type",      "accept",
-      "connection",    "keep-alive", "transfer-encoding", "te",         "trailer",
-      "upgrade",       "expect",  "proxy-authorization", "proxy-connection", "cookie",
-      "accept-encoding", "x-forwarded-for"};
+  static const char *const dropped[] = {"authorization",
+                                        "host",
+                                        "content-length",
+                                        "content-type",
+                                        "accept",
+                                        "connection",
+                                        "keep-alive",
+                                        "transfer-encoding",
+                                        "te",
+                                        "trailer",
+                                        "upgrade",
+                                        "expect",
+                                        "proxy-authorization",
+                                        "proxy-connection",
+                                        "cookie",
+                                        "accept-encoding",
+                                        "x-forwarded-for"};
   for (size_t i = 0; i < ZG_ARRAY_LEN(dropped); i++)
     if (strcasecmp(name, dropped[i]) == 0) return false;
   return strncasecmp(name, "x-zonegate-", 11) != 0;
@@ -612,7 +630,8 @@ static void proceed_local(struct chat *c) {
     c->has_token = c->token.name[0] != '\0';
     if (gw->n_endpoints == 0) {
       respond_error(c, 502, "upstream_error", "no_endpoint", NULL,
-                    "no upstream endpoint is configured (set \"endpoint\" in the config)", "no_endpoint");
+                    "no upstream endpoint is configured (set \"endpoint\" in the config)",
+                    "no_endpoint");
       return;
     }
     build_attempts(c);
@@ -631,7 +650,9 @@ static void proceed_local(struct chat *c) {
   json = body_len ? cJSON_ParseWithLengthOpts(body, body_len, &error_ptr, 0) : NULL;
   if (json) { /* trailing bytes after the JSON value are an error too */
     const char *rest = error_ptr ? error_ptr : body + body_len;
-    while (rest < body + body_len && (*rest == ' ' || *rest == '\n' || *rest == '\r' || *rest == '\t')) rest++;
+    while (rest < body + body_len &&
+           (*rest == ' ' || *rest == '\n' || *rest == '\r' || *rest == '\t'))
+      rest++;
     if (rest < body + body_len) {
       cJSON_Delete(json);
       json = NULL;
@@ -640,7 +661,9 @@ static void proceed_local(struct chat *c) {
   }
   if (!json) {
     char msg[256];
-    if (!body_len) snprintf(msg, sizeof(msg), "the request body is empty; expected a JSON object with \"messages\"");
+    if (!body_len)
+      snprintf(msg, sizeof(msg),
+               "the request body is empty; expected a JSON object with \"messages\"");
     else
       snprintf(msg, sizeof(msg), "the request body is not valid JSON (error at byte %ld)",
                error_ptr ? (long)(error_ptr - body) : 0L);
@@ -651,11 +674,14 @@ static void proceed_local(struct chat *c) {
   const cJSON *stream = cJSON_GetObjectItemCaseSensitive(json, "stream");
   const cJSON *model = cJSON_GetObjectItemCaseSensitive(json, "model");
   const char *problem = NULL;
-  if (!cJSON_IsObject(json)) problem = "the request body must be a JSON object";
+  if (!cJSON_IsObject(json))
+    problem = "the request body must be a JSON object";
   else if (!cJSON_IsArray(messages) || cJSON_GetArraySize(messages) == 0)
     problem = "\"messages\" must be a non-empty array";
-  else if (stream && !cJSON_IsBool(stream)) problem = "\"stream\" must be true or false";
-  else if (model && !cJSON_IsString(model)) problem = "\"model\" must be a string";
+  else if (stream && !cJSON_IsBool(stream))
+    problem = "\"stream\" must be true or false";
+  else if (model && !cJSON_IsString(model))
+    problem = "\"model\" must be a string";
   if (problem) {
     cJSON_Delete(json);
     respond_error(c, 400, "invalid_request_error", "invalid_request", NULL, problem, "bad_request");
@@ -705,8 +731,9 @@ static void proceed_local(struct chat *c) {
   }
   {
     if (gw->n_endpoints == 0) {
-      respond_error(c, 502, "upstream_error", "no_endpoint",
-                    NULL, "no upstream endpoint is configured (set \"endpoint\" in the config)", "no_endpoint");
+      respond_error(c, 502, "upstream_error", "no_endpoint", NULL,
+                    "no upstream endpoint is configured (set \"endpoint\" in the config)",
+                    "no_endpoint");
       return;
     }
     build_attempts(c);
@@ -751,6 +778,7 @@ void gateway_reload_endpoints(struct gateway *gw) {
   for (size_t i = 0; i < cfg->n_fallbacks; i++) {
     char id[16];
     snprintf(id, sizeof(id), "fallback-%u", (unsigned)(i + 1) % 100u);
-    endpoint_set(&gw->endpoints[gw->n_endpoints++], cfg->fallbacks[i].endpoint, cfg->fallbacks[i].api_key, id);
+    endpoint_set(&gw->endpoints[gw->n_endpoints++], cfg->fallbacks[i].endpoint,
+                 cfg->fallbacks[i].api_key, id);
   }
 }

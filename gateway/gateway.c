@@ -76,8 +76,9 @@ static void append_field(zg_buf *out, const char *name, const char *value) {
 
 /* One access line, formatted directly (no cJSON tree): the same shape as
  * zg_log_fields() writes: ts, level, node, event, then the fields. */
-static void write_access_line(struct gateway *gw, enum zg_log_level level, const struct gateway_access *a,
-                              struct httpd_req *req, const char *route, int status, uint64_t elapsed_us) {
+static void write_access_line(struct gateway *gw, enum zg_log_level level,
+                              const struct gateway_access *a, struct httpd_req *req,
+                              const char *route, int status, uint64_t elapsed_us) {
   zg_buf *out = &gw->access_line;
   zg_buf_reset(out);
   char ts[32];
@@ -164,9 +165,10 @@ static void handle_metrics(struct gateway *gw, struct httpd_req *req) {
   zg_buf out;
   zg_buf_init(&out);
   metrics_render(gw->metrics, &out);
-  for (size_t i = 0; i < gw->n_collectors; i++) gw->collectors[i].collect(gw->collectors[i].ud, &out);
-  httpd_respond(req, 200, "text/plain; version=0.0.4; charset=utf-8", NULL, out.data ? out.data : "",
-                out.len);
+  for (size_t i = 0; i < gw->n_collectors; i++)
+    gw->collectors[i].collect(gw->collectors[i].ud, &out);
+  httpd_respond(req, 200, "text/plain; version=0.0.4; charset=utf-8", NULL,
+                out.data ? out.data : "", out.len);
   zg_buf_free(&out);
 }
 
@@ -231,8 +233,8 @@ static void on_request(void *ctx, struct httpd_req *req) {
                         "method %s is not allowed on %s", method, path);
     return;
   }
-  httpd_respond_error(req, 404, "invalid_request_error", "not_found",
-                      NULL, "no route for %s %s; see /v1/chat/completions, /v1/models, /health, /metrics",
+  httpd_respond_error(req, 404, "invalid_request_error", "not_found", NULL,
+                      "no route for %s %s; see /v1/chat/completions, /v1/models, /health, /metrics",
                       method, path);
 }
 
@@ -280,34 +282,39 @@ static double gauge_loop_lag(void *ud) {
 
 static void register_metrics(struct gateway *gw) {
   struct metrics *m = gw->metrics;
-  gw->m_requests = metrics_counter(m, "zonegate_requests_total", "Client requests by route and status code",
-                                   "route,code");
-  gw->m_latency = metrics_histogram(m, "zonegate_request_duration_seconds",
-                                    "Client request latency, gateway in to last byte out", "route",
-                                    metrics_default_latency_buckets,
-                                    metrics_default_latency_buckets_count);
-  gw->m_upstream_latency = metrics_histogram(m, "zonegate_upstream_duration_seconds",
-                                             "Upstream transfer time", "upstream",
-                                             metrics_default_latency_buckets,
-                                             metrics_default_latency_buckets_count);
-  gw->m_ttfb = metrics_histogram(m, "zonegate_upstream_ttfb_seconds",
-                                 "Upstream time to first byte", "upstream",
-                                 metrics_default_latency_buckets,
+  gw->m_requests = metrics_counter(m, "zonegate_requests_total",
+                                   "Client requests by route and status code", "route,code");
+  gw->m_latency = metrics_histogram(
+      m, "zonegate_request_duration_seconds", "Client request latency, gateway in to last byte out",
+      "route", metrics_default_latency_buckets, metrics_default_latency_buckets_count);
+  gw->m_upstream_latency = metrics_histogram(
+      m, "zonegate_upstream_duration_seconds", "Upstream transfer time", "upstream",
+      metrics_default_latency_buckets, metrics_default_latency_buckets_count);
+  gw->m_ttfb = metrics_histogram(m, "zonegate_upstream_ttfb_seconds", "Upstream time to first byte",
+                                 "upstream", metrics_default_latency_buckets,
                                  metrics_default_latency_buckets_count);
   gw->m_upstream_errors = metrics_counter(m, "zonegate_upstream_errors_total",
                                           "Upstream failures by kind", "upstream,kind");
   gw->m_auth_failures = metrics_counter(m, "zonegate_auth_failures_total",
                                         "Rejected client credentials by reason", "reason");
   metrics_gauge_fn(m, "zonegate_in_flight", "Upstream requests in flight", gauge_in_flight, gw);
-  metrics_gauge_fn(m, "zonegate_queue_depth", "Requests waiting for an upstream slot", gauge_queue, gw);
+  metrics_gauge_fn(m, "zonegate_queue_depth", "Requests waiting for an upstream slot", gauge_queue,
+                   gw);
   metrics_counter_fn(m, "zonegate_cache_hits_total", "Response cache hits", gauge_cache_hits, gw);
-  metrics_counter_fn(m, "zonegate_cache_misses_total", "Response cache misses", gauge_cache_misses, gw);
-  metrics_gauge_fn(m, "zonegate_cache_bytes", "Bytes held by the response cache", gauge_cache_bytes, gw);
-  metrics_gauge_fn(m, "zonegate_cache_entries", "Entries in the response cache", gauge_cache_entries, gw);
-  metrics_gauge_fn(m, "zonegate_open_connections", "Open client connections", gauge_connections, gw);
-  metrics_gauge_fn(m, "zonegate_loop_lag_seconds", "Event loop lag at the last tick", gauge_loop_lag, gw);
-  metrics_gauge_fn(m, "process_resident_memory_bytes", "Resident memory size in bytes", gauge_rss, gw);
-  metrics_counter_fn(m, "process_cpu_seconds_total", "User and system CPU time in seconds", gauge_cpu, gw);
+  metrics_counter_fn(m, "zonegate_cache_misses_total", "Response cache misses", gauge_cache_misses,
+                     gw);
+  metrics_gauge_fn(m, "zonegate_cache_bytes", "Bytes held by the response cache", gauge_cache_bytes,
+                   gw);
+  metrics_gauge_fn(m, "zonegate_cache_entries", "Entries in the response cache",
+                   gauge_cache_entries, gw);
+  metrics_gauge_fn(m, "zonegate_open_connections", "Open client connections", gauge_connections,
+                   gw);
+  metrics_gauge_fn(m, "zonegate_loop_lag_seconds", "Event loop lag at the last tick",
+                   gauge_loop_lag, gw);
+  metrics_gauge_fn(m, "process_resident_memory_bytes", "Resident memory size in bytes", gauge_rss,
+                   gw);
+  metrics_counter_fn(m, "process_cpu_seconds_total", "User and system CPU time in seconds",
+                     gauge_cpu, gw);
 }
 
 int gateway_start(uv_loop_t *loop, const struct zg_config *cfg, struct gateway **out, char *errmsg,
@@ -332,7 +339,8 @@ int gateway_start(uv_loop_t *loop, const struct zg_config *cfg, struct gateway *
   gw->cache = response_cache_create(cfg->cache_size_bytes);
   gw->rate = rate_limiter_create(100000);
   if (!gw->metrics || !gw->cache || !gw->rate ||
-      limiter_create(loop, cfg->max_concurrent, cfg->max_queue, cfg->queue_timeout_ms, &gw->limiter) != 0 ||
+      limiter_create(loop, cfg->max_concurrent, cfg->max_queue, cfg->queue_timeout_ms,
+                     &gw->limiter) != 0 ||
       upstream_client_create(loop, &gw->upstream, errmsg, errlen) != 0) {
     if (!errmsg[0]) snprintf(errmsg, errlen, "out of memory while starting the gateway");
     return -1; /* the process exits on this path */
@@ -344,7 +352,8 @@ int gateway_start(uv_loop_t *loop, const struct zg_config *cfg, struct gateway *
   if (rc != 0) {
     if (rc == UV_EADDRINUSE)
       snprintf(errmsg, errlen,
-               "port %s is already in use (listen.gateway in %s): stop the other process (netstat -tulnp) or "
+               "port %s is already in use (listen.gateway in %s): stop the other process (netstat "
+               "-tulnp) or "
                "change listen.gateway",
                strrchr(cfg->listen_gateway, ':') + 1, cfg->path);
     else
@@ -387,7 +396,8 @@ void gateway_add_token(struct gateway *gw, const char *name, const char sha256_h
   snprintf(gw->extra_token_sha256, sizeof(gw->extra_token_sha256), "%s", sha256_hex);
 }
 
-void gateway_add_metrics_collector(struct gateway *gw, void (*collect)(void *ud, void *out), void *ud) {
+void gateway_add_metrics_collector(struct gateway *gw, void (*collect)(void *ud, void *out),
+                                   void *ud) {
   if (gw->n_collectors >= ZG_ARRAY_LEN(gw->collectors)) return;
   gw->collectors[gw->n_collectors].collect = collect;
   gw->collectors[gw->n_collectors].ud = ud;

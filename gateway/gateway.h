@@ -89,7 +89,8 @@ void gateway_add_token(struct gateway *gw, const char *name, const char sha256_h
 /* Extra /metrics output from other modules (cluster role, lease, keys):
  * `collect` appends Prometheus text exposition lines (with # HELP and
  * # TYPE) to `out` (a zg_buf) at scrape time. Up to 8 collectors. */
-void gateway_add_metrics_collector(struct gateway *gw, void (*collect)(void *ud, void *out), void *ud);
+void gateway_add_metrics_collector(struct gateway *gw, void (*collect)(void *ud, void *out),
+                                   void *ud);
 /* Stops accepting new connections; in-flight requests (streams included)
  * carry on. */
 void gateway_drain(struct gateway *gw);

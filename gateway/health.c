@@ -73,12 +73,13 @@ static bool check_upstream(struct gateway *gw, cJSON *out) {
   cJSON *c = cJSON_AddObjectToObject(out, "upstream");
   bool configured = gw->n_endpoints > 0;
   bool ok = configured && gateway_upstream_healthy(gw);
-  const char *status = !configured ? "not_configured"
-                       : !ok       ? "failing"
+  const char *status = !configured                                               ? "not_configured"
+                       : !ok                                                     ? "failing"
                        : (gw->upstream_last_ok_ms || gw->upstream_last_error_ms) ? "ok"
                                                                                  : "unknown";
   cJSON_AddStringToObject(c, "status", status);
-  cJSON_AddStringToObject(c, "source", "results of recent client requests (health never calls the upstream)");
+  cJSON_AddStringToObject(c, "source",
+                          "results of recent client requests (health never calls the upstream)");
   if (configured) cJSON_AddStringToObject(c, "endpoint", gw->endpoints[0].base_url);
   cJSON_AddNumberToObject(c, "consecutive_failures", gw->upstream_consecutive_failures);
   if (gw->upstream_last_ok_ms) {
@@ -162,7 +163,8 @@ static void answer(struct gateway *gw, struct httpd_req *req, int status, cJSON 
            cJSON_IsString(leader) ? leader->valuestring : "");
   const char *headers[] = {role_header, leader_header, "Cache-Control: no-store", NULL};
   char *text = cJSON_PrintUnformatted(body);
-  httpd_respond(req, status, "application/json", headers, text ? text : "{}", text ? strlen(text) : 2);
+  httpd_respond(req, status, "application/json", headers, text ? text : "{}",
+                text ? strlen(text) : 2);
   free(text);
   cJSON_Delete(body);
 }
@@ -250,6 +252,9 @@ void gateway_handle_health(struct gateway *gw, struct httpd_req *req) {
     const char *standbyok = httpd_req_query_param(req, "standbyok", buf, sizeof(buf));
     if (status == 429 && standbyok && strcmp(standbyok, "true") == 0) status = 200;
   }
-  cJSON_AddStringToObject(body, "status", status == 200 ? "ok" : status == 429 ? "standby" : "unavailable");
+  cJSON_AddStringToObject(body, "status",
+                          status == 200   ? "ok"
+                          : status == 429 ? "standby"
+                                          : "unavailable");
   answer(gw, req, status, body);
 }

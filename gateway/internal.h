@@ -21,7 +21,7 @@
 
 struct gateway_endpoint {
   char base_url[512];
-  char *api_key; /* resolved secret, may be NULL */
+  char *api_key;        /* resolved secret, may be NULL */
   char upstream_id[16]; /* "default", "fallback-1", ... */
 };
 
@@ -97,7 +97,7 @@ struct gateway_access {
   char upstream[16];
   char key_id[48]; /* "" = none */
   unsigned attempts;
-  char upstream_result[40]; /* "" = none */
+  char upstream_result[40];      /* "" = none */
   uint64_t upstream_us, ttfb_us; /* 0 = not written */
 };
 void gateway_access_route(struct httpd_req *req, const char *route);

@@ -110,31 +110,56 @@ static void on_listener_closed(uv_handle_t *h);
 
 const char *httpd_status_text(int status) {
   switch (status) {
-  case 100: return "Continue";
-  case 200: return "OK";
-  case 201: return "Created";
-  case 202: return "Accepted";
-  case 204: return "No Content";
-  case 304: return "Not Modified";
-  case 400: return "Bad Request";
-  case 401: return "Unauthorized";
-  case 403: return "Forbidden";
-  case 404: return "Not Found";
-  case 405: return "Method Not Allowed";
-  case 408: return "Request Timeout";
-  case 409: return "Conflict";
-  case 412: return "Precondition Failed";
-  case 413: return "Payload Too Large";
-  case 415: return "Unsupported Media Type";
-  case 422: return "Unprocessable Entity";
-  case 429: return "Too Many Requests";
-  case 431: return "Request Header Fields Too Large";
-  case 500: return "Internal Server Error";
-  case 501: return "Not Implemented";
-  case 502: return "Bad Gateway";
-  case 503: return "Service Unavailable";
-  case 504: return "Gateway Timeout";
-  default: return "Unknown";
+  case 100:
+    return "Continue";
+  case 200:
+    return "OK";
+  case 201:
+    return "Created";
+  case 202:
+    return "Accepted";
+  case 204:
+    return "No Content";
+  case 304:
+    return "Not Modified";
+  case 400:
+    return "Bad Request";
+  case 401:
+    return "Unauthorized";
+  case 403:
+    return "Forbidden";
+  case 404:
+    return "Not Found";
+  case 405:
+    return "Method Not Allowed";
+  case 408:
+    return "Request Timeout";
+  case 409:
+    return "Conflict";
+  case 412:
+    return "Precondition Failed";
+  case 413:
+    return "Payload Too Large";
+  case 415:
+    return "Unsupported Media Type";
+  case 422:
+    return "Unprocessable Entity";
+  case 429:
+    return "Too Many Requests";
+  case 431:
+    return "Request Header Fields Too Large";
+  case 500:
+    return "Internal Server Error";
+  case 501:
+    return "Not Implemented";
+  case 502:
+    return "Bad Gateway";
+  case 503:
+    return "Service Unavailable";
+  case 504:
+    return "Gateway Timeout";
+  default:
+    return "Unknown";
   }
 }
 
@@ -249,7 +274,8 @@ static int conn_writev(struct conn *c, uv_buf_t *bufs, unsigned nbufs) {
 }
 
 static int conn_write(struct conn *c, const char *a, size_t alen, const char *b, size_t blen) {
-  uv_buf_t bufs[2] = {uv_buf_init((char *)a, (unsigned)alen), uv_buf_init((char *)b, (unsigned)blen)};
+  uv_buf_t bufs[2] = {uv_buf_init((char *)a, (unsigned)alen),
+                      uv_buf_init((char *)b, (unsigned)blen)};
   return conn_writev(c, bufs, 2);
 }
 
@@ -322,9 +348,12 @@ void httpd_respond(struct httpd_req *r, int status, const char *content_type,
 static void json_escape_into(zg_buf *out, const char *s) {
   for (; *s; s++) {
     unsigned char ch = (unsigned char)*s;
-    if (ch == '"' || ch == '\\') zg_buf_appendf(out, "\\%c", ch);
-    else if (ch < 0x20) zg_buf_appendf(out, "\\u%04x", ch);
-    else zg_buf_append(out, s, 1);
+    if (ch == '"' || ch == '\\')
+      zg_buf_appendf(out, "\\%c", ch);
+    else if (ch < 0x20)
+      zg_buf_appendf(out, "\\u%04x", ch);
+    else
+      zg_buf_append(out, s, 1);
   }
 }
 
@@ -465,7 +494,8 @@ void httpd_req_set_user(struct httpd_req *r, void *user) {
 void *httpd_req_user(const struct httpd_req *r) {
   return r->user;
 }
-void httpd_set_finish_hook(struct httpd_server *srv, void (*hook)(void *ctx, struct httpd_req *req)) {
+void httpd_set_finish_hook(struct httpd_server *srv,
+                           void (*hook)(void *ctx, struct httpd_req *req)) {
   srv->finish_hook = hook;
 }
 int httpd_req_status(const struct httpd_req *r) {
@@ -565,8 +595,8 @@ static int on_headers_complete(http_parser *p) {
    * for this interim answer. Sent only when no earlier answer is pending on
    * the connection, so pipelined answers keep their order. */
   const char *expect = httpd_req_header(r, "Expect");
-  if (expect && strcasecmp(expect, "100-continue") == 0 && p->http_major == 1 && p->http_minor >= 1 &&
-      !c->inflight && !c->queue_head) {
+  if (expect && strcasecmp(expect, "100-continue") == 0 && p->http_major == 1 &&
+      p->http_minor >= 1 && !c->inflight && !c->queue_head) {
     static const char interim[] = "HTTP/1.1 100 Continue\r\n\r\n";
     conn_write(c, interim, sizeof(interim) - 1, NULL, 0);
   }
@@ -579,8 +609,10 @@ static int on_headers_complete(http_parser *p) {
   memcpy(r->path, url, path_len);
   r->path[path_len] = '\0';
   r->query = r->path + path_len + 1;
-  if (q) memcpy(r->query, q + 1, total - path_len); /* includes the NUL */
-  else r->query[0] = '\0';
+  if (q)
+    memcpy(r->query, q + 1, total - path_len); /* includes the NUL */
+  else
+    r->query[0] = '\0';
   return 0;
 }
 
@@ -594,8 +626,10 @@ static int on_body(http_parser *p, const char *at, size_t len) {
 
 static void conn_enqueue(struct conn *c, struct httpd_req *r) {
   r->next = NULL;
-  if (c->queue_tail) c->queue_tail->next = r;
-  else c->queue_head = r;
+  if (c->queue_tail)
+    c->queue_tail->next = r;
+  else
+    c->queue_head = r;
   c->queue_tail = r;
   c->queued++;
 }
@@ -626,8 +660,10 @@ static void on_conn_handle_closed(uv_handle_t *h) {
   struct conn *c = h->data;
   if (--c->handles_open > 0) return;
   struct httpd_server *srv = c->srv;
-  if (c->prev) c->prev->next = c->next;
-  else srv->conns = c->next;
+  if (c->prev)
+    c->prev->next = c->next;
+  else
+    srv->conns = c->next;
   if (c->next) c->next->prev = c->prev;
   srv->n_conns--;
   free(c);
@@ -791,8 +827,8 @@ static void on_connection(uv_stream_t *listener, int status) {
   if (srv->conns) srv->conns->prev = c;
   srv->conns = c;
   srv->n_conns++;
-  if (uv_accept(listener, (uv_stream_t *)&c->tcp) != 0 || srv->n_conns > srv->limits.max_connections ||
-      srv->stopping) {
+  if (uv_accept(listener, (uv_stream_t *)&c->tcp) != 0 ||
+      srv->n_conns > srv->limits.max_connections || srv->stopping) {
     conn_close(c);
     return;
   }
@@ -802,7 +838,8 @@ static void on_connection(uv_stream_t *listener, int status) {
   if (uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&addr, &alen) == 0) {
     if (addr.ss_family == AF_INET6) {
       uv_ip6_name((struct sockaddr_in6 *)&addr, c->peer_ip, sizeof(c->peer_ip));
-      if (strncmp(c->peer_ip, "::ffff:", 7) == 0) memmove(c->peer_ip, c->peer_ip + 7, strlen(c->peer_ip + 7) + 1);
+      if (strncmp(c->peer_ip, "::ffff:", 7) == 0)
+        memmove(c->peer_ip, c->peer_ip + 7, strlen(c->peer_ip + 7) + 1);
     } else {
       uv_ip4_name((struct sockaddr_in *)&addr, c->peer_ip, sizeof(c->peer_ip));
     }

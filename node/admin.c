@@ -50,19 +50,26 @@ struct admin_req {
 
 static void json_answer(struct httpd_req *req, int status, cJSON *body, const char *const *extra) {
   char *text = cJSON_PrintUnformatted(body);
-  httpd_respond(req, status, "application/json", extra, text ? text : "{}", text ? strlen(text) : 2);
+  httpd_respond(req, status, "application/json", extra, text ? text : "{}",
+                text ? strlen(text) : 2);
   free(text);
   cJSON_Delete(body);
 }
 
 static int consensus_http_status(int status) {
   switch (status) {
-  case CONSENSUS_ENOTLEADER: return 503;
-  case CONSENSUS_ECONFLICT: return 412;
-  case CONSENSUS_ENOTFOUND: return 404;
-  case CONSENSUS_EINVALID: return 400;
-  case CONSENSUS_EBUSY: return 409;
-  default: return 500;
+  case CONSENSUS_ENOTLEADER:
+    return 503;
+  case CONSENSUS_ECONFLICT:
+    return 412;
+  case CONSENSUS_ENOTFOUND:
+    return 404;
+  case CONSENSUS_EINVALID:
+    return 400;
+  case CONSENSUS_EBUSY:
+    return 409;
+  default:
+    return 500;
   }
 }
 
@@ -108,9 +115,9 @@ static void on_write_done(void *ud, int status, const char *errmsg, const cJSON 
   httpd_req_set_abort(a->req, NULL, NULL);
   if (status != 0) {
     const char *retry[] = {"Retry-After: 1", NULL};
-    httpd_respond_error(a->req, consensus_http_status(status), "admin_error", consensus_strerror(status),
-                        status == CONSENSUS_ENOTLEADER ? retry : NULL, "%s",
-                        errmsg ? errmsg : consensus_strerror(status));
+    httpd_respond_error(a->req, consensus_http_status(status), "admin_error",
+                        consensus_strerror(status), status == CONSENSUS_ENOTLEADER ? retry : NULL,
+                        "%s", errmsg ? errmsg : consensus_strerror(status));
     admin_req_free(a);
     return;
   }
@@ -130,7 +137,8 @@ static void on_write_done(void *ud, int status, const char *errmsg, const cJSON 
 static void submit(struct admin_req *a, const char *type, cJSON *args) {
   const char *actor_header = httpd_req_header(a->req, "X-Zonegate-Actor");
   char actor[96];
-  snprintf(actor, sizeof(actor), "admin%s%.60s", actor_header ? ":" : "", actor_header ? actor_header : "");
+  snprintf(actor, sizeof(actor), "admin%s%.60s", actor_header ? ":" : "",
+           actor_header ? actor_header : "");
   const char *source = httpd_req_header(a->req, "X-Zonegate-Source");
   if (!source) source = httpd_req_peer_ip(a->req);
   httpd_req_set_abort(a->req, on_admin_abort, a);
@@ -142,17 +150,20 @@ static void submit(struct admin_req *a, const char *type, cJSON *args) {
 static void relay(struct admin_req *a) {
   httpd_req_set_abort(a->req, NULL, NULL);
   const char *extra[] = {"X-Zonegate-Forwarded-To-Leader: 1", NULL};
-  httpd_respond(a->req, a->status, "application/json", extra, a->body.data ? a->body.data : "", a->body.len);
+  httpd_respond(a->req, a->status, "application/json", extra, a->body.data ? a->body.data : "",
+                a->body.len);
   admin_req_finish(a);
 }
 
 static void on_wait_tick(uv_timer_t *t) {
   struct admin_req *a = t->data;
-  if (consensus_applied_index(a->node->consensus) >= a->wait_for_index || zg_mono_ms() >= a->wait_deadline_ms)
+  if (consensus_applied_index(a->node->consensus) >= a->wait_for_index ||
+      zg_mono_ms() >= a->wait_deadline_ms)
     relay(a);
 }
 
-static void on_fwd_response(void *ud, int status, const char *content_type, const char *const *headers) {
+static void on_fwd_response(void *ud, int status, const char *content_type,
+                            const char *const *headers) {
   struct admin_req *a = ud;
   a->status = status;
   for (size_t i = 0; headers && headers[i]; i++)
@@ -201,8 +212,9 @@ static void forward_to_leader(struct admin_req *a) {
     return;
   }
   if (!leader || !leader->admin_address || !leader->admin_address[0]) {
-    httpd_respond_error(a->req, 503, "admin_error", "no_leader", retry,
-                        "no leader is known right now (election in progress or quorum lost); retry shortly");
+    httpd_respond_error(
+        a->req, 503, "admin_error", "no_leader", retry,
+        "no leader is known right now (election in progress or quorum lost); retry shortly");
     admin_req_finish(a);
     return;
   }
@@ -216,12 +228,14 @@ static void forward_to_leader(struct admin_req *a) {
   const char *if_match = httpd_req_header(a->req, "If-Match");
   char if_match_line[96];
   snprintf(if_match_line, sizeof(if_match_line), "If-Match: %.60s", if_match ? if_match : "");
-  const char *headers[] = {auth, "X-Zonegate-Forwarded: 1", "Content-Type: application/json", source,
-                           actor_h ? actor : NULL, NULL, NULL};
+  const char *headers[] = {auth,   "X-Zonegate-Forwarded: 1", "Content-Type: application/json",
+                           source, actor_h ? actor : NULL,    NULL,
+                           NULL};
   if (if_match) headers[actor_h ? 5 : 4] = if_match_line;
   size_t len;
   const char *body = httpd_req_body(a->req, &len);
-  struct upstream_request ureq = {url, httpd_req_method(a->req), headers, body, len, {2000, 10000, 0, 15000}};
+  struct upstream_request ureq = {url, httpd_req_method(a->req), headers, body,
+                                  len, {2000, 10000, 0, 15000}};
   static const struct upstream_callbacks cb = {on_fwd_response, on_fwd_data, on_fwd_done};
   char err[256];
   zg_buf_init(&a->body);
@@ -267,7 +281,8 @@ static void put_config(struct admin_req *a) {
   if (!config) {
     char *text = cJSON_PrintUnformatted(body);
     char verr[1024];
-    struct zg_config *whole = text ? zg_config_parse(text, "PUT /v1/config", verr, sizeof(verr)) : NULL;
+    struct zg_config *whole =
+        text ? zg_config_parse(text, "PUT /v1/config", verr, sizeof(verr)) : NULL;
     free(text);
     if (!whole) {
       cJSON_Delete(body);
@@ -278,11 +293,13 @@ static void put_config(struct admin_req *a) {
     zg_config_free(whole);
     config = cJSON_CreateObject();
     for (cJSON *c = body->child; c; c = c->next)
-      if (zg_config_key_is_replicated(c->string)) cJSON_AddItemToObject(config, c->string, cJSON_Duplicate(c, 1));
+      if (zg_config_key_is_replicated(c->string))
+        cJSON_AddItemToObject(config, c->string, cJSON_Duplicate(c, 1));
   }
   cJSON_Delete(body);
   char err[1024];
-  struct zg_config *check = zg_config_with_replicated(a->node->cfg, config, "PUT /v1/config", err, sizeof(err));
+  struct zg_config *check =
+      zg_config_with_replicated(a->node->cfg, config, "PUT /v1/config", err, sizeof(err));
   if (!check) {
     cJSON_Delete(config);
     httpd_respond_error(a->req, 400, "invalid_request_error", "invalid_config", NULL, "%s", err);
@@ -290,13 +307,15 @@ static void put_config(struct admin_req *a) {
     return;
   }
   bool literal = literal_secret(check->api_key);
-  for (size_t i = 0; i < check->n_fallbacks; i++) literal |= literal_secret(check->fallbacks[i].api_key);
+  for (size_t i = 0; i < check->n_fallbacks; i++)
+    literal |= literal_secret(check->fallbacks[i].api_key);
   zg_config_free(check);
   if (literal) {
     cJSON_Delete(config);
-    httpd_respond_error(a->req, 400, "invalid_request_error", "literal_secret", NULL,
-                        "PUT /v1/config: api_key: a literal key would be replicated in plaintext; add it with "
-                        "`zonegate keys add` (sealed) or use \"env:NAME\" / \"file:PATH\"");
+    httpd_respond_error(
+        a->req, 400, "invalid_request_error", "literal_secret", NULL,
+        "PUT /v1/config: api_key: a literal key would be replicated in plaintext; add it with "
+        "`zonegate keys add` (sealed) or use \"env:NAME\" / \"file:PATH\"");
     admin_req_free(a);
     return;
   }
@@ -327,12 +346,15 @@ static void create_token(struct admin_req *a) {
   }
   cJSON *expires_in = cJSON_DetachItemFromObjectCaseSensitive(args, "expires_in_s");
   if (cJSON_IsNumber(expires_in) && expires_in->valuedouble > 0)
-    cJSON_AddNumberToObject(args, "expires_at", (double)zg_wall_ms() + expires_in->valuedouble * 1000.0);
+    cJSON_AddNumberToObject(args, "expires_at",
+                            (double)zg_wall_ms() + expires_in->valuedouble * 1000.0);
   cJSON_Delete(expires_in);
-  if (cJSON_GetObjectItemCaseSensitive(args, "sha256") || cJSON_GetObjectItemCaseSensitive(args, "token")) {
+  if (cJSON_GetObjectItemCaseSensitive(args, "sha256") ||
+      cJSON_GetObjectItemCaseSensitive(args, "token")) {
     cJSON_Delete(args);
-    httpd_respond_error(a->req, 400, "invalid_request_error", "invalid_field", NULL,
-                        "tokens are generated by the cluster; send name, expires_in_s, rpm, allow only");
+    httpd_respond_error(
+        a->req, 400, "invalid_request_error", "invalid_field", NULL,
+        "tokens are generated by the cluster; send name, expires_in_s, rpm, allow only");
     admin_req_free(a);
     return;
   }
@@ -370,12 +392,12 @@ static void handle_switchover(struct admin_req *a) {
   if (cJSON_IsString(to)) snprintf(target, sizeof(target), "%s", to->valuestring);
   cJSON_Delete(body);
   httpd_req_set_abort(a->req, on_admin_abort, a);
-  int rc = failover_switchover(a->node->failover, target[0] ? target : NULL, "planned switchover (admin API)",
-                               admin_switchover_done, a);
+  int rc = failover_switchover(a->node->failover, target[0] ? target : NULL,
+                               "planned switchover (admin API)", admin_switchover_done, a);
   if (rc != 0) {
     httpd_req_set_abort(a->req, NULL, NULL);
-    httpd_respond_error(a->req, consensus_http_status(rc), "admin_error", consensus_strerror(rc), NULL,
-                        "switchover refused: %s", consensus_strerror(rc));
+    httpd_respond_error(a->req, consensus_http_status(rc), "admin_error", consensus_strerror(rc),
+                        NULL, "switchover refused: %s", consensus_strerror(rc));
     admin_req_free(a);
   }
 }
@@ -398,15 +420,19 @@ static void add_member(struct admin_req *a) {
   const cJSON *gateway = cJSON_GetObjectItemCaseSensitive(body, "gateway");
   if (!cJSON_IsString(id) || !cJSON_IsString(raft)) {
     cJSON_Delete(body);
-    httpd_respond_error(a->req, 400, "invalid_request_error", "invalid_member", NULL,
-                        "expected {\"id\", \"raft\": \"host:port\", \"zone\", \"role\", \"admin\", \"gateway\"}");
+    httpd_respond_error(
+        a->req, 400, "invalid_request_error", "invalid_member", NULL,
+        "expected {\"id\", \"raft\": \"host:port\", \"zone\", \"role\", \"admin\", \"gateway\"}");
     admin_req_free(a);
     return;
   }
-  struct consensus_member m = {id->valuestring, cJSON_IsString(zone) ? zone->valuestring : "",
-                               cJSON_IsString(role) && !strcmp(role->valuestring, "witness") ? CONSENSUS_WITNESS
-                                                                                             : CONSENSUS_GATEWAY,
-                               raft->valuestring, cJSON_IsString(admin) ? admin->valuestring : NULL,
+  struct consensus_member m = {id->valuestring,
+                               cJSON_IsString(zone) ? zone->valuestring : "",
+                               cJSON_IsString(role) && !strcmp(role->valuestring, "witness")
+                                   ? CONSENSUS_WITNESS
+                                   : CONSENSUS_GATEWAY,
+                               raft->valuestring,
+                               cJSON_IsString(admin) ? admin->valuestring : NULL,
                                cJSON_IsString(gateway) ? gateway->valuestring : NULL};
   httpd_req_set_abort(a->req, on_admin_abort, a);
   int rc = consensus_add_member(a->node->consensus, &m, on_member_done, a);
@@ -482,8 +508,9 @@ static void on_admin_request(void *ctx, struct httpd_req *req) {
   if (!zg_ct_equal(presented, strlen(presented), n->admin_token, strlen(n->admin_token))) {
     zg_log(ZG_WARN, "admin_auth_failed", "admin API: missing or wrong admin token from %s",
            httpd_req_peer_ip(req));
-    httpd_respond_error(req, 401, "invalid_request_error", "invalid_admin_token", NULL,
-                        "missing or wrong admin token: send \"Authorization: Bearer <admin token>\"");
+    httpd_respond_error(
+        req, 401, "invalid_request_error", "invalid_admin_token", NULL,
+        "missing or wrong admin token: send \"Authorization: Bearer <admin token>\"");
     return;
   }
   struct admin_req *a = calloc(1, sizeof(*a));
@@ -516,7 +543,8 @@ static void on_admin_request(void *ctx, struct httpd_req *req) {
     const cJSON *cfg = consensus_config(cs);
     cJSON_AddItemToObject(body, "config", cfg ? cJSON_Duplicate(cfg, 1) : cJSON_CreateObject());
     char etag[64];
-    snprintf(etag, sizeof(etag), "ETag: \"%llu\"", (unsigned long long)consensus_config_version(cs));
+    snprintf(etag, sizeof(etag), "ETag: \"%llu\"",
+             (unsigned long long)consensus_config_version(cs));
     const char *extra[] = {etag, NULL};
     json_answer(req, 200, body, extra);
   } else if (!strcmp(p, "/v1/config") && !strcmp(m, "PUT")) {
@@ -561,7 +589,8 @@ static void on_admin_request(void *ctx, struct httpd_req *req) {
     char buf[16];
     const char *limit = httpd_req_query_param(req, "limit", buf, sizeof(buf));
     cJSON *body = cJSON_CreateObject();
-    cJSON_AddItemToObject(body, "audit", consensus_audit_json(cs, limit ? strtoul(limit, NULL, 10) : 100));
+    cJSON_AddItemToObject(body, "audit",
+                          consensus_audit_json(cs, limit ? strtoul(limit, NULL, 10) : 100));
     json_answer(req, 200, body, NULL);
   } else if (!strcmp(p, "/v1/audit") && !strcmp(m, "POST")) {
     cJSON *args = parse_body(req, true);
@@ -584,7 +613,8 @@ static void on_admin_request(void *ctx, struct httpd_req *req) {
     drill(a, id);
     return;
   } else {
-    httpd_respond_error(req, 404, "invalid_request_error", "not_found", NULL, "no admin route %s %s", m, p);
+    httpd_respond_error(req, 404, "invalid_request_error", "not_found", NULL,
+                        "no admin route %s %s", m, p);
   }
   admin_req_free(a);
 }
@@ -592,7 +622,8 @@ static void on_admin_request(void *ctx, struct httpd_req *req) {
 int node_admin_start(struct node *n, char *errmsg, size_t errlen) {
   if (!n->consensus) return 0;
   if (!n->cfg->admin_token[0]) {
-    zg_log(ZG_WARN, "admin_disabled", "security.admin_token is not set: the admin API is off on this node");
+    zg_log(ZG_WARN, "admin_disabled",
+           "security.admin_token is not set: the admin API is off on this node");
     return 0;
   }
   char err[512];
@@ -608,12 +639,16 @@ int node_admin_start(struct node *n, char *errmsg, size_t errlen) {
   if (upstream_client_create(n->loop, &n->admin_client, errmsg, errlen) != 0) return -1;
   struct httpd_limits limits = {0};
   limits.max_body_bytes = 1024 * 1024;
-  int rc = httpd_listen(n->loop, n->cfg->listen_admin, &limits, on_admin_request, n, &n->admin, err, sizeof(err));
+  int rc = httpd_listen(n->loop, n->cfg->listen_admin, &limits, on_admin_request, n, &n->admin, err,
+                        sizeof(err));
   if (rc != 0) {
     if (rc == UV_EADDRINUSE)
-      snprintf(errmsg, errlen, "port %s is already in use (listen.admin in %s): stop the other process or change listen.admin",
+      snprintf(errmsg, errlen,
+               "port %s is already in use (listen.admin in %s): stop the other process or change "
+               "listen.admin",
                strrchr(n->cfg->listen_admin, ':') + 1, n->cfg->path);
-    else snprintf(errmsg, errlen, "listen.admin: %s", err);
+    else
+      snprintf(errmsg, errlen, "listen.admin: %s", err);
     return -1;
   }
   zg_log(ZG_INFO, "admin_listening", "admin API on %s", n->cfg->listen_admin);

@@ -36,10 +36,14 @@ void cli_options_parse(struct cli_options *o, int *argc, char **argv) {
   o->json = false;
   int out = 0;
   for (int i = 0; i < *argc; i++) {
-    if (!strcmp(argv[i], "--json")) o->json = true;
-    else if (!strcmp(argv[i], "--addr") && i + 1 < *argc) snprintf(o->addr, sizeof(o->addr), "%s", argv[++i]);
-    else if (!strcmp(argv[i], "--token") && i + 1 < *argc) snprintf(o->token, sizeof(o->token), "%s", argv[++i]);
-    else argv[out++] = argv[i];
+    if (!strcmp(argv[i], "--json"))
+      o->json = true;
+    else if (!strcmp(argv[i], "--addr") && i + 1 < *argc)
+      snprintf(o->addr, sizeof(o->addr), "%s", argv[++i]);
+    else if (!strcmp(argv[i], "--token") && i + 1 < *argc)
+      snprintf(o->token, sizeof(o->token), "%s", argv[++i]);
+    else
+      argv[out++] = argv[i];
   }
   *argc = out;
   if (!strncmp(o->addr, "http://", 7)) memmove(o->addr, o->addr + 7, strlen(o->addr + 7) + 1);
@@ -63,7 +67,8 @@ int cli_call(const struct cli_options *o, const char *method, const char *path, 
   headers = curl_slist_append(headers, auth);
   headers = curl_slist_append(headers, actor);
   headers = curl_slist_append(headers, "Content-Type: application/json");
-  for (size_t i = 0; extra_headers && extra_headers[i]; i++) headers = curl_slist_append(headers, extra_headers[i]);
+  for (size_t i = 0; extra_headers && extra_headers[i]; i++)
+    headers = curl_slist_append(headers, extra_headers[i]);
   char *text = body ? cJSON_PrintUnformatted(body) : NULL;
   zg_buf response;
   zg_buf_init(&response);
@@ -87,7 +92,8 @@ int cli_call(const struct cli_options *o, const char *method, const char *path, 
   if (rc != CURLE_OK) {
     fprintf(stderr,
             "error: cannot reach the admin API at %s: %s\n"
-            "       is zonegate running there? set the address with --addr HOST:PORT or ZONEGATE_ADDR\n",
+            "       is zonegate running there? set the address with --addr HOST:PORT or "
+            "ZONEGATE_ADDR\n",
             o->addr, curl_easy_strerror(rc));
     zg_buf_free(&response);
     return -1;
@@ -99,10 +105,13 @@ int cli_call(const struct cli_options *o, const char *method, const char *path, 
     const cJSON *msg = cJSON_GetObjectItemCaseSensitive(err, "message");
     const char *text_msg = cJSON_IsString(msg) ? msg->valuestring : "no details";
     if (status == 401)
-      fprintf(stderr, "error: the admin token was rejected by %s (check --token / ZONEGATE_ADMIN_TOKEN)\n", o->addr);
+      fprintf(stderr,
+              "error: the admin token was rejected by %s (check --token / ZONEGATE_ADMIN_TOKEN)\n",
+              o->addr);
     else if (status == 503)
       fprintf(stderr, "error: %s (HTTP 503: no leader reachable; retry in a moment)\n", text_msg);
-    else fprintf(stderr, "error: %s (HTTP %ld)\n", text_msg, status);
+    else
+      fprintf(stderr, "error: %s (HTTP %ld)\n", text_msg, status);
     cJSON_Delete(json);
     return -1;
   }
@@ -148,25 +157,27 @@ static int cmd_status(const struct cli_options *o) {
   }
   const cJSON *leader = cJSON_GetObjectItemCaseSensitive(a, "leader");
   const cJSON *fo = cJSON_GetObjectItemCaseSensitive(a, "failover");
-  printf("node %s   leader %s   term %.0f   commit %.0f   applied %.0f   config v%.0f\n", str(a, "node"),
-         leader ? str(leader, "id") : "none", num(a, "term", 0), num(a, "commit_index", 0),
-         num(a, "applied_index", 0), num(a, "config_version", 0));
-  if (fo)
-    printf("this node: %s (%s)\n", str(fo, "role"), str(fo, "role_reason"));
-  printf("\n%-12s %-6s %-8s %-7s %-7s %-8s %-7s %-10s %s\n", "MEMBER", "ZONE", "ROLE", "VOTER", "LEADER", "MATCH",
-         "LAG", "CONTACT", "RAFT ADDRESS");
+  printf("node %s   leader %s   term %.0f   commit %.0f   applied %.0f   config v%.0f\n",
+         str(a, "node"), leader ? str(leader, "id") : "none", num(a, "term", 0),
+         num(a, "commit_index", 0), num(a, "applied_index", 0), num(a, "config_version", 0));
+  if (fo) printf("this node: %s (%s)\n", str(fo, "role"), str(fo, "role_reason"));
+  printf("\n%-12s %-6s %-8s %-7s %-7s %-8s %-7s %-10s %s\n", "MEMBER", "ZONE", "ROLE", "VOTER",
+         "LEADER", "MATCH", "LAG", "CONTACT", "RAFT ADDRESS");
   const cJSON *m;
   cJSON_ArrayForEach(m, cJSON_GetObjectItemCaseSensitive(a, "members")) {
     char match[24] = "-", lag[24] = "-", contact[24] = "-";
     if (cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(m, "match_index")))
       snprintf(match, sizeof(match), "%.0f", num(m, "match_index", 0));
-    if (cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(m, "lag"))) snprintf(lag, sizeof(lag), "%.0f", num(m, "lag", 0));
+    if (cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(m, "lag")))
+      snprintf(lag, sizeof(lag), "%.0f", num(m, "lag", 0));
     if (cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(m, "last_contact_ms")))
       snprintf(contact, sizeof(contact), "%.0f ms", num(m, "last_contact_ms", 0));
-    printf("%-12s %-6s %-8s %-7s %-7s %-8s %-7s %-10s %s%s\n", str(m, "id"), str(m, "zone"), str(m, "role"),
+    printf("%-12s %-6s %-8s %-7s %-7s %-8s %-7s %-10s %s%s\n", str(m, "id"), str(m, "zone"),
+           str(m, "role"),
            cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(m, "voter")) ? "yes" : "no",
-           cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(m, "leader")) ? "*" : "", match, lag, contact,
-           str(m, "raft_address"), cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(m, "self")) ? "  (this node)" : "");
+           cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(m, "leader")) ? "*" : "", match, lag,
+           contact, str(m, "raft_address"),
+           cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(m, "self")) ? "  (this node)" : "");
   }
   cJSON_Delete(a);
   return 0;
@@ -198,7 +209,8 @@ static int cmd_config(const struct cli_options *o, int argc, char **argv) {
   if (argc >= 1 && !strcmp(argv[0], "get")) {
     cJSON *a;
     if (cli_call(o, "GET", "/v1/config", NULL, NULL, &a)) return 1;
-    if (o->json) print_json(a);
+    if (o->json)
+      print_json(a);
     else {
       printf("# replicated config, version %.0f\n", num(a, "version", 0));
       print_json(cJSON_GetObjectItemCaseSensitive(a, "config"));
@@ -219,8 +231,10 @@ static int cmd_config(const struct cli_options *o, int argc, char **argv) {
     int rc = cli_call(o, "PUT", "/v1/config", file, extra, &a);
     cJSON_Delete(file);
     if (rc) return 1;
-    if (o->json) print_json(a);
-    else printf("config applied: version %.0f is live on every node\n", num(a, "version", 0));
+    if (o->json)
+      print_json(a);
+    else
+      printf("config applied: version %.0f is live on every node\n", num(a, "version", 0));
     cJSON_Delete(a);
     return 0;
   }
@@ -267,7 +281,8 @@ static char *read_secret(int argc, char **argv) {
     fprintf(stderr, "\n");
   }
   if (!got) {
-    fprintf(stderr, "error: no secret given (use --secret-file PATH, --secret-env NAME or stdin)\n");
+    fprintf(stderr,
+            "error: no secret given (use --secret-file PATH, --secret-env NAME or stdin)\n");
     return NULL;
   }
   line[strcspn(line, "\r\n")] = '\0';
@@ -286,8 +301,8 @@ static void print_key(const cJSON *k) {
   char created[32], retire[32];
   when(num(k, "created_at", 0), created);
   when(num(k, "retire_at", 0), retire);
-  printf("%-16s %-12s %-9s %-21s %5.0f %6.0f %-4s %s\n", str(k, "id"), str(k, "upstream"), str(k, "state"), created,
-         num(k, "age_days", 0), num(k, "rotate_after_days", 0),
+  printf("%-16s %-12s %-9s %-21s %5.0f %6.0f %-4s %s\n", str(k, "id"), str(k, "upstream"),
+         str(k, "state"), created, num(k, "age_days", 0), num(k, "rotate_after_days", 0),
          cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(k, "rotation_due")) ? "yes" : "no", retire);
 }
 
@@ -297,10 +312,11 @@ static int cmd_keys(const struct cli_options *o, int argc, char **argv) {
   int rc;
   if (!strcmp(sub, "list")) {
     if (cli_call(o, "GET", "/v1/keys", NULL, NULL, &a)) return 1;
-    if (o->json) print_json(a);
+    if (o->json)
+      print_json(a);
     else {
-      printf("%-16s %-12s %-9s %-21s %5s %6s %-4s %s\n", "ID", "UPSTREAM", "STATE", "CREATED", "AGE_D", "ROTATE",
-             "DUE", "RETIRES");
+      printf("%-16s %-12s %-9s %-21s %5s %6s %-4s %s\n", "ID", "UPSTREAM", "STATE", "CREATED",
+             "AGE_D", "ROTATE", "DUE", "RETIRES");
       const cJSON *k;
       cJSON_ArrayForEach(k, cJSON_GetObjectItemCaseSensitive(a, "keys")) print_key(k);
     }
@@ -316,9 +332,11 @@ static int cmd_keys(const struct cli_options *o, int argc, char **argv) {
     char path[256];
     if (!strcmp(sub, "add")) {
       if (opt(argc, argv, "--id")) cJSON_AddStringToObject(body, "id", opt(argc, argv, "--id"));
-      if (opt(argc, argv, "--upstream")) cJSON_AddStringToObject(body, "upstream", opt(argc, argv, "--upstream"));
+      if (opt(argc, argv, "--upstream"))
+        cJSON_AddStringToObject(body, "upstream", opt(argc, argv, "--upstream"));
       if (opt(argc, argv, "--rotate-after-days"))
-        cJSON_AddNumberToObject(body, "rotate_after_days", atof(opt(argc, argv, "--rotate-after-days")));
+        cJSON_AddNumberToObject(body, "rotate_after_days",
+                                atof(opt(argc, argv, "--rotate-after-days")));
       snprintf(path, sizeof(path), "/v1/keys");
     } else {
       if (opt(argc, argv, "--grace-seconds"))
@@ -328,7 +346,8 @@ static int cmd_keys(const struct cli_options *o, int argc, char **argv) {
     rc = cli_call(o, "POST", path, body, NULL, &a);
     cJSON_Delete(body);
     if (rc) return 1;
-    if (o->json) print_json(a);
+    if (o->json)
+      print_json(a);
     else {
       printf("%s key %s (%s); every node uses it from the next request, no restart\n",
              !strcmp(sub, "add") ? "added" : "rotated to", str(a, "id"), str(a, "state"));
@@ -340,26 +359,33 @@ static int cmd_keys(const struct cli_options *o, int argc, char **argv) {
     char path[256];
     snprintf(path, sizeof(path), "/v1/keys/%s", argv[1]);
     if (cli_call(o, "DELETE", path, NULL, NULL, &a)) return 1;
-    if (o->json) print_json(a);
-    else printf("revoked key %s\n", argv[1]);
+    if (o->json)
+      print_json(a);
+    else
+      printf("revoked key %s\n", argv[1]);
     cJSON_Delete(a);
     return 0;
   }
-  fprintf(stderr,
-          "usage: zonegate keys list\n"
-          "       zonegate keys add [--id ID] [--upstream NAME] [--rotate-after-days N] [--secret-file F | --secret-env VAR]\n"
-          "       zonegate keys rotate ID [--grace-seconds N] [--secret-file F | --secret-env VAR]\n"
-          "       zonegate keys revoke ID\n"
-          "(without --secret-file/--secret-env the key is read from stdin)\n");
+  fprintf(
+      stderr,
+      "usage: zonegate keys list\n"
+      "       zonegate keys add [--id ID] [--upstream NAME] [--rotate-after-days N] [--secret-file "
+      "F | --secret-env VAR]\n"
+      "       zonegate keys rotate ID [--grace-seconds N] [--secret-file F | --secret-env VAR]\n"
+      "       zonegate keys revoke ID\n"
+      "(without --secret-file/--secret-env the key is read from stdin)\n");
   return 2;
 }
 
 static double parse_duration_s(const char *text) {
   char *end;
   double v = strtod(text, &end);
-  if (*end == 'd') v *= 86400;
-  else if (*end == 'h') v *= 3600;
-  else if (*end == 'm') v *= 60;
+  if (*end == 'd')
+    v *= 86400;
+  else if (*end == 'h')
+    v *= 3600;
+  else if (*end == 'm')
+    v *= 60;
   return v;
 }
 
@@ -370,27 +396,33 @@ static int cmd_tokens(const struct cli_options *o, int argc, char **argv) {
     cJSON *body = cJSON_CreateObject();
     cJSON_AddStringToObject(body, "name", argv[1]);
     if (opt(argc, argv, "--expires-in"))
-      cJSON_AddNumberToObject(body, "expires_in_s", parse_duration_s(opt(argc, argv, "--expires-in")));
-    if (opt(argc, argv, "--rpm")) cJSON_AddNumberToObject(body, "rpm", atof(opt(argc, argv, "--rpm")));
+      cJSON_AddNumberToObject(body, "expires_in_s",
+                              parse_duration_s(opt(argc, argv, "--expires-in")));
+    if (opt(argc, argv, "--rpm"))
+      cJSON_AddNumberToObject(body, "rpm", atof(opt(argc, argv, "--rpm")));
     cJSON *allow = cJSON_AddArrayToObject(body, "allow");
     for (int i = 0; i + 1 < argc; i++)
       if (!strcmp(argv[i], "--allow")) cJSON_AddItemToArray(allow, cJSON_CreateString(argv[i + 1]));
     int rc = cli_call(o, "POST", "/v1/tokens", body, NULL, &a);
     cJSON_Delete(body);
     if (rc) return 1;
-    if (o->json) print_json(a);
+    if (o->json)
+      print_json(a);
     else {
       printf("%s\n", str(a, "token"));
-      fprintf(stderr, "created token %s (%s); it is shown once: store it now\n", str(a, "id"), str(a, "name"));
+      fprintf(stderr, "created token %s (%s); it is shown once: store it now\n", str(a, "id"),
+              str(a, "name"));
     }
     cJSON_Delete(a);
     return 0;
   }
   if (!strcmp(sub, "list")) {
     if (cli_call(o, "GET", "/v1/tokens", NULL, NULL, &a)) return 1;
-    if (o->json) print_json(a);
+    if (o->json)
+      print_json(a);
     else {
-      printf("%-14s %-20s %-10s %-21s %-21s %6s %s\n", "ID", "NAME", "SHA256", "CREATED", "EXPIRES", "RPM", "ALLOW");
+      printf("%-14s %-20s %-10s %-21s %-21s %6s %s\n", "ID", "NAME", "SHA256", "CREATED", "EXPIRES",
+             "RPM", "ALLOW");
       const cJSON *t;
       cJSON_ArrayForEach(t, cJSON_GetObjectItemCaseSensitive(a, "tokens")) {
         char created[32], expires[32];
@@ -402,8 +434,9 @@ static int cmd_tokens(const struct cli_options *o, int argc, char **argv) {
           if (allow[0]) strncat(allow, ",", sizeof(allow) - strlen(allow) - 1);
           strncat(allow, c->valuestring, sizeof(allow) - strlen(allow) - 1);
         }
-        printf("%-14s %-20s %-10s %-21s %-21s %6.0f %s\n", str(t, "id"), str(t, "name"), str(t, "sha256_prefix"),
-               created, expires, num(t, "rpm", 0), allow[0] ? allow : "any");
+        printf("%-14s %-20s %-10s %-21s %-21s %6.0f %s\n", str(t, "id"), str(t, "name"),
+               str(t, "sha256_prefix"), created, expires, num(t, "rpm", 0),
+               allow[0] ? allow : "any");
       }
     }
     cJSON_Delete(a);
@@ -413,13 +446,16 @@ static int cmd_tokens(const struct cli_options *o, int argc, char **argv) {
     char path[256];
     snprintf(path, sizeof(path), "/v1/tokens/%s", argv[1]);
     if (cli_call(o, "DELETE", path, NULL, NULL, &a)) return 1;
-    if (o->json) print_json(a);
-    else printf("revoked token %s on every node\n", argv[1]);
+    if (o->json)
+      print_json(a);
+    else
+      printf("revoked token %s on every node\n", argv[1]);
     cJSON_Delete(a);
     return 0;
   }
-  fprintf(stderr, "usage: zonegate tokens create NAME [--expires-in 30d] [--rpm N] [--allow CIDR]...\n"
-                  "       zonegate tokens list | revoke ID\n");
+  fprintf(stderr,
+          "usage: zonegate tokens create NAME [--expires-in 30d] [--rpm N] [--allow CIDR]...\n"
+          "       zonegate tokens list | revoke ID\n");
   return 2;
 }
 
@@ -429,15 +465,17 @@ static int cmd_audit(const struct cli_options *o, int argc, char **argv) {
   snprintf(path, sizeof(path), "/v1/audit?limit=%s", limit ? limit : "50");
   cJSON *a;
   if (cli_call(o, "GET", path, NULL, NULL, &a)) return 1;
-  if (o->json) print_json(a);
+  if (o->json)
+    print_json(a);
   else {
-    printf("%-5s %-21s %-16s %-16s %-14s %-16s %s\n", "SEQ", "AT", "ACTOR", "SOURCE", "ACTION", "TARGET", "DETAIL");
+    printf("%-5s %-21s %-16s %-16s %-14s %-16s %s\n", "SEQ", "AT", "ACTOR", "SOURCE", "ACTION",
+           "TARGET", "DETAIL");
     const cJSON *r;
     cJSON_ArrayForEach(r, cJSON_GetObjectItemCaseSensitive(a, "audit")) {
       char at[32];
       when(num(r, "at", 0), at);
-      printf("%-5.0f %-21s %-16s %-16s %-14s %-16s %s\n", num(r, "seq", 0), at, str(r, "actor"), str(r, "source"),
-             str(r, "action"), str(r, "target"), str(r, "detail"));
+      printf("%-5.0f %-21s %-16s %-16s %-14s %-16s %s\n", num(r, "seq", 0), at, str(r, "actor"),
+             str(r, "source"), str(r, "action"), str(r, "target"), str(r, "detail"));
     }
   }
   cJSON_Delete(a);
@@ -451,14 +489,18 @@ static int cmd_members(const struct cli_options *o, int argc, char **argv) {
     cJSON *body = cJSON_CreateObject();
     cJSON_AddStringToObject(body, "id", argv[1]);
     cJSON_AddStringToObject(body, "raft", opt(argc, argv, "--raft"));
-    const char *fields[][2] = {{"--zone", "zone"}, {"--role", "role"}, {"--admin", "admin"}, {"--gateway", "gateway"}};
+    const char *fields[][2] = {
+        {"--zone", "zone"}, {"--role", "role"}, {"--admin", "admin"}, {"--gateway", "gateway"}};
     for (size_t i = 0; i < ZG_ARRAY_LEN(fields); i++)
-      if (opt(argc, argv, fields[i][0])) cJSON_AddStringToObject(body, fields[i][1], opt(argc, argv, fields[i][0]));
+      if (opt(argc, argv, fields[i][0]))
+        cJSON_AddStringToObject(body, fields[i][1], opt(argc, argv, fields[i][0]));
     int rc = cli_call(o, "POST", "/v1/cluster/members", body, NULL, &a);
     cJSON_Delete(body);
     if (rc) return 1;
-    if (o->json) print_json(a);
-    else printf("added %s: it joins as a non-voter and is promoted once caught up\n", argv[1]);
+    if (o->json)
+      print_json(a);
+    else
+      printf("added %s: it joins as a non-voter and is promoted once caught up\n", argv[1]);
     cJSON_Delete(a);
     return 0;
   }
@@ -466,14 +508,17 @@ static int cmd_members(const struct cli_options *o, int argc, char **argv) {
     char path[256];
     snprintf(path, sizeof(path), "/v1/cluster/members/%s", argv[1]);
     if (cli_call(o, "DELETE", path, NULL, NULL, &a)) return 1;
-    if (o->json) print_json(a);
-    else printf("removed %s from the group\n", argv[1]);
+    if (o->json)
+      print_json(a);
+    else
+      printf("removed %s from the group\n", argv[1]);
     cJSON_Delete(a);
     return 0;
   }
-  fprintf(stderr, "usage: zonegate members add ID --raft HOST:PORT [--zone Z] [--role gateway|witness] "
-                  "[--admin HOST:PORT] [--gateway HOST:PORT]\n"
-                  "       zonegate members remove ID\n");
+  fprintf(stderr,
+          "usage: zonegate members add ID --raft HOST:PORT [--zone Z] [--role gateway|witness] "
+          "[--admin HOST:PORT] [--gateway HOST:PORT]\n"
+          "       zonegate members remove ID\n");
   return 2;
 }
 
@@ -485,9 +530,11 @@ static int cmd_switchover(const struct cli_options *o, int argc, char **argv) {
   int rc = cli_call(o, "POST", "/v1/cluster/switchover", body, NULL, &a);
   cJSON_Delete(body);
   if (rc) return 1;
-  if (o->json) print_json(a);
-  else printf("switchover done in %llu ms: new leader %s\n", (unsigned long long)(zg_mono_ms() - start),
-              str(a, "leader"));
+  if (o->json)
+    print_json(a);
+  else
+    printf("switchover done in %llu ms: new leader %s\n",
+           (unsigned long long)(zg_mono_ms() - start), str(a, "leader"));
   cJSON_Delete(a);
   return 0;
 }
@@ -498,13 +545,20 @@ int node_cli(const char *command, int argc, char **argv) {
   cli_options_parse(&o, &argc, argv);
   /* argv[0] is the command itself */
   int rc;
-  if (!strcmp(command, "status")) rc = cmd_status(&o);
-  else if (!strcmp(command, "config")) rc = cmd_config(&o, argc - 1, argv + 1);
-  else if (!strcmp(command, "keys")) rc = cmd_keys(&o, argc - 1, argv + 1);
-  else if (!strcmp(command, "tokens")) rc = cmd_tokens(&o, argc - 1, argv + 1);
-  else if (!strcmp(command, "audit")) rc = cmd_audit(&o, argc - 1, argv + 1);
-  else if (!strcmp(command, "members")) rc = cmd_members(&o, argc - 1, argv + 1);
-  else if (!strcmp(command, "switchover")) rc = cmd_switchover(&o, argc - 1, argv + 1);
+  if (!strcmp(command, "status"))
+    rc = cmd_status(&o);
+  else if (!strcmp(command, "config"))
+    rc = cmd_config(&o, argc - 1, argv + 1);
+  else if (!strcmp(command, "keys"))
+    rc = cmd_keys(&o, argc - 1, argv + 1);
+  else if (!strcmp(command, "tokens"))
+    rc = cmd_tokens(&o, argc - 1, argv + 1);
+  else if (!strcmp(command, "audit"))
+    rc = cmd_audit(&o, argc - 1, argv + 1);
+  else if (!strcmp(command, "members"))
+    rc = cmd_members(&o, argc - 1, argv + 1);
+  else if (!strcmp(command, "switchover"))
+    rc = cmd_switchover(&o, argc - 1, argv + 1);
   else {
     fprintf(stderr, "zonegate: unknown command '%s' (see zonegate --help)\n", command);
     rc = 2;

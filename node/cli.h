@@ -18,7 +18,7 @@ struct cli_options {
 void cli_options_parse(struct cli_options *o, int *argc, char **argv);
 /* One admin API call. 0 with *answer (caller frees), or -1 after printing
  * a clear error. */
-int cli_call(const struct cli_options *o, const char *method, const char *path, const struct cJSON *body,
-             const char *const *extra_headers, struct cJSON **answer);
+int cli_call(const struct cli_options *o, const char *method, const char *path,
+             const struct cJSON *body, const char *const *extra_headers, struct cJSON **answer);
 
 #endif

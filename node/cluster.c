@@ -39,7 +39,8 @@ void node_cluster_apply_replicated(struct node *n) {
   uint64_t version = consensus_config_version(n->consensus);
   if (!replicated || version == n->applied_config_version) return;
   char err[1024];
-  struct zg_config *effective = zg_config_with_replicated(n->cfg, replicated, "replicated config", err, sizeof(err));
+  struct zg_config *effective =
+      zg_config_with_replicated(n->cfg, replicated, "replicated config", err, sizeof(err));
   if (!effective) {
     zg_log(ZG_ERROR, "replicated_config_rejected", "version %llu cannot be applied here: %s",
            (unsigned long long)version, err);
@@ -47,15 +48,19 @@ void node_cluster_apply_replicated(struct node *n) {
   }
   gateway_apply_config(n->gateway, effective);
   if (n->failover) failover_apply_config(n->failover, effective);
-  if (n->alerts) alerts_apply_config(n->alerts, cJSON_GetObjectItemCaseSensitive(replicated, "alerts"));
+  if (n->alerts)
+    alerts_apply_config(n->alerts, cJSON_GetObjectItemCaseSensitive(replicated, "alerts"));
   n->applied_config_version = version;
-  zg_log(ZG_INFO, "config_applied", "replicated config version %llu applied live", (unsigned long long)version);
+  zg_log(ZG_INFO, "config_applied", "replicated config version %llu applied live",
+         (unsigned long long)version);
   zg_config_free(effective);
 }
 
 /* Literal provider keys from the file become sealed provider keys. */
 static void on_seed_key_added(void *ud, int status, const char *errmsg, const cJSON *result) {
-  if (status == 0) zg_log(ZG_INFO, "seed_key_added", "literal api_key from the config stored as a sealed provider key");
+  if (status == 0)
+    zg_log(ZG_INFO, "seed_key_added",
+           "literal api_key from the config stored as a sealed provider key");
   else if (status != CONSENSUS_ECONFLICT)
     zg_log(ZG_WARN, "seed_key_failed", "could not store the config api_key as a provider key: %s",
            errmsg ? errmsg : consensus_strerror(status));
@@ -74,7 +79,8 @@ static void maybe_seed_literal_keys(struct node *n) {
     const char *spec, *upstream;
   } literals[1 + ZG_MAX_FALLBACKS];
   size_t count = 0;
-  if (literal(n->cfg->api_key)) literals[count++] = (typeof(literals[0])){n->cfg->api_key, "default"};
+  if (literal(n->cfg->api_key))
+    literals[count++] = (typeof(literals[0])){n->cfg->api_key, "default"};
   static char ids[ZG_MAX_FALLBACKS][16];
   for (size_t i = 0; i < n->cfg->n_fallbacks; i++)
     if (literal(n->cfg->fallbacks[i].api_key)) {
@@ -85,7 +91,8 @@ static void maybe_seed_literal_keys(struct node *n) {
     cJSON *args = cJSON_CreateObject();
     cJSON_AddStringToObject(args, "upstream", literals[i].upstream);
     cJSON_AddStringToObject(args, "secret", literals[i].spec);
-    consensus_write(n->consensus, "key.add", args, "bootstrap", "config file", on_seed_key_added, n);
+    consensus_write(n->consensus, "key.add", args, "bootstrap", "config file", on_seed_key_added,
+                    n);
   }
 }
 
@@ -105,9 +112,11 @@ static void on_consensus_event(void *ud, enum consensus_event ev) {
     maybe_seed_literal_keys(n);
     break;
   case CONSENSUS_EV_DISK_ERROR:
-    zg_log(ZG_ERROR, "disk_error", "the Raft log cannot be written; this node stops serving as active");
+    zg_log(ZG_ERROR, "disk_error",
+           "the Raft log cannot be written; this node stops serving as active");
     break;
-  default: break;
+  default:
+    break;
   }
 }
 
@@ -144,8 +153,10 @@ int node_cluster_start(struct node *n, char *errmsg, size_t errlen) {
   bool clustered = cfg->n_peers > 0 || cfg->master_key[0];
   if (!clustered) {
     zg_log(ZG_INFO, "standalone",
-           "no cluster.peers and no security.master_key: running standalone (always active, no admin API). "
-           "Set security.master_key and security.admin_token to enable the replicated state and admin API.");
+           "no cluster.peers and no security.master_key: running standalone (always active, no "
+           "admin API). "
+           "Set security.master_key and security.admin_token to enable the replicated state and "
+           "admin API.");
     return 0;
   }
   char *master_b64 = NULL, *secret = NULL;
@@ -154,26 +165,33 @@ int node_cluster_start(struct node *n, char *errmsg, size_t errlen) {
   if (resolve(cfg->master_key, "security.master_key", &master_b64, errmsg, errlen) != 0) goto out;
   if (zg_base64_decode(master_b64, master, sizeof(master)) != 32) {
     snprintf(errmsg, errlen,
-             "security.master_key: expected base64 of 32 random bytes (make one with: openssl rand -base64 32)");
+             "security.master_key: expected base64 of 32 random bytes (make one with: openssl rand "
+             "-base64 32)");
     goto out;
   }
   if (cfg->n_peers > 0) {
     if (resolve(cfg->cluster_secret, "cluster.secret", &secret, errmsg, errlen) != 0) goto out;
     if (strlen(secret) < 16) {
-      snprintf(errmsg, errlen, "cluster.secret: expected at least 16 characters, found %zu", strlen(secret));
+      snprintf(errmsg, errlen, "cluster.secret: expected at least 16 characters, found %zu",
+               strlen(secret));
       goto out;
     }
   } else {
     /* One voter: no peer ever connects, but the transport needs a key. */
     secret = zg_random_token("local-");
   }
-  struct consensus_member self = {cfg->node_id, cfg->zone, role_of(cfg->role), cfg->advertise_raft,
+  struct consensus_member self = {cfg->node_id,         cfg->zone,
+                                  role_of(cfg->role),   cfg->advertise_raft,
                                   cfg->advertise_admin, cfg->advertise_gateway};
   struct consensus_member peers[ZG_MAX_PEERS];
   for (size_t i = 0; i < cfg->n_peers; i++) {
     const struct zg_peer *p = &cfg->peers[i];
-    peers[i] = (struct consensus_member){p->id, p->zone, role_of(p->role), p->raft,
-                                         p->admin[0] ? p->admin : NULL, p->gateway[0] ? p->gateway : NULL};
+    peers[i] = (struct consensus_member){p->id,
+                                         p->zone,
+                                         role_of(p->role),
+                                         p->raft,
+                                         p->admin[0] ? p->admin : NULL,
+                                         p->gateway[0] ? p->gateway : NULL};
   }
   cJSON *seed = seed_config(cfg);
   cJSON *tokens = cJSON_CreateArray();
@@ -204,10 +222,12 @@ int node_cluster_start(struct node *n, char *errmsg, size_t errlen) {
   cJSON_Delete(seed);
   cJSON_Delete(tokens);
   if (rc != 0) {
-    if (strstr(errmsg, "raft_init(") || strstr(errmsg, "raft_uv_init(") || strstr(errmsg, "raft_start(")) {
+    if (strstr(errmsg, "raft_init(") || strstr(errmsg, "raft_uv_init(") ||
+        strstr(errmsg, "raft_start(")) {
       size_t len = strlen(errmsg);
       snprintf(errmsg + len, errlen - len,
-               "\n       the Raft data in %s/raft is corrupt or unreadable: restore it from a backup, or move it "
+               "\n       the Raft data in %s/raft is corrupt or unreadable: restore it from a "
+               "backup, or move it "
                "away to let this node rejoin as a fresh member (the leader copies the state to it)",
                cfg->data_dir);
     }
@@ -217,8 +237,8 @@ int node_cluster_start(struct node *n, char *errmsg, size_t errlen) {
   if (rc != 0) goto out;
   node_cluster_apply_replicated(n); /* state restored from disk, if any */
   gateway_set_cluster(n->gateway, failover_gateway_hooks(n->failover));
-  zg_log(ZG_INFO, "cluster_started", "node %s (zone %s, %s) in a group of %zu voters; raft on %s", cfg->node_id,
-         cfg->zone, cfg->role, cfg->n_peers + 1, cfg->listen_raft);
+  zg_log(ZG_INFO, "cluster_started", "node %s (zone %s, %s) in a group of %zu voters; raft on %s",
+         cfg->node_id, cfg->zone, cfg->role, cfg->n_peers + 1, cfg->listen_raft);
 out:
   OPENSSL_cleanse(master, sizeof(master));
   zg_secret_free(master_b64);

@@ -74,7 +74,8 @@ struct drill {
   /* results */
   int64_t t_fault, t_lease_lapsed, t_new_leader, t_new_active, t_lb_new_active;
   char new_active[64];
-  unsigned chats_total, chats_failed, writes_total, writes_acked, double_active_samples, health_samples;
+  unsigned chats_total, chats_failed, writes_total, writes_acked, double_active_samples,
+      health_samples;
   int *acked;
   size_t n_acked, cap_acked;
   unsigned last_failed_streak;
@@ -198,8 +199,9 @@ static void start_chat(struct drill *d) {
   curl_easy_setopt(p->easy, CURLOPT_PRIVATE, h);
   curl_easy_setopt(p->easy, CURLOPT_HEADERFUNCTION, header_cb);
   curl_easy_setopt(p->easy, CURLOPT_HEADERDATA, p);
-  curl_easy_setopt(p->easy, CURLOPT_COPYPOSTFIELDS,
-                   "{\"model\":\"drill\",\"messages\":[{\"role\":\"user\",\"content\":\"drill probe\"}]}");
+  curl_easy_setopt(
+      p->easy, CURLOPT_COPYPOSTFIELDS,
+      "{\"model\":\"drill\",\"messages\":[{\"role\":\"user\",\"content\":\"drill probe\"}]}");
   curl_multi_add_handle(d->multi, p->easy);
   d->chats_total++;
 }
@@ -262,8 +264,9 @@ static void note_health_round(struct drill *d) {
   struct drill_node *old = node_by_id(d, d->old_active);
   if (d->t_lease_lapsed < 0 && old && old->last_status != 200) {
     d->t_lease_lapsed = (int64_t)(now_ms() - d->t0);
-    event(d, "old active stopped", old->last_status ? "answers non-200 on /health/active (lease lapsed)"
-                                                    : "does not answer /health/active");
+    event(d, "old active stopped",
+          old->last_status ? "answers non-200 on /health/active (lease lapsed)"
+                           : "does not answer /health/active");
   }
   if (d->t_new_active < 0 && active == 1 && strcmp(who, d->old_active) != 0) {
     d->t_new_active = (int64_t)(now_ms() - d->t0);
@@ -282,7 +285,8 @@ static void on_done(struct drill *d, CURL *e, CURLcode result) {
       if (d->t_fault >= 0 && d->t_new_leader < 0 && code == 429 && d->nodes[i].body.data) {
         cJSON *b = cJSON_Parse(d->nodes[i].body.data);
         const cJSON *leader = cJSON_GetObjectItemCaseSensitive(b, "leader");
-        if (cJSON_IsString(leader) && leader->valuestring[0] && strcmp(leader->valuestring, d->old_active)) {
+        if (cJSON_IsString(leader) && leader->valuestring[0] &&
+            strcmp(leader->valuestring, d->old_active)) {
           d->t_new_leader = (int64_t)(now_ms() - d->t0);
           event(d, "new leader elected", leader->valuestring);
         }
@@ -353,8 +357,10 @@ static void inject(struct drill *d) {
   cJSON *body = cJSON_CreateObject();
   cJSON_AddNumberToObject(body, "duration_ms", d->fault_ms);
   char path[64];
-  if (!strcmp(d->kind, "switchover")) snprintf(path, sizeof(path), "/v1/cluster/switchover");
-  else snprintf(path, sizeof(path), "/v1/drills/%s", d->kind);
+  if (!strcmp(d->kind, "switchover"))
+    snprintf(path, sizeof(path), "/v1/cluster/switchover");
+  else
+    snprintf(path, sizeof(path), "/v1/drills/%s", d->kind);
   snprintf(detail, sizeof(detail), "%s on %s", d->kind, d->old_active);
   event(d, "fault injected", detail);
   if (!strcmp(d->kind, "switchover")) {
@@ -464,7 +470,8 @@ static int count_lost_writes(struct drill *d, unsigned *lost) {
       snprintf(needle, sizeof(needle), "\"drill-probe-%d\"", d->acked[k]);
       if (!strstr(text, needle)) {
         (*lost)++;
-        fprintf(stderr, "lost: acknowledged write drill-probe-%d is missing from the audit trail of %s\n",
+        fprintf(stderr,
+                "lost: acknowledged write drill-probe-%d is missing from the audit trail of %s\n",
                 d->acked[k], d->nodes[i].id);
       }
     }
@@ -507,26 +514,32 @@ static void report(struct drill *d, int lost_rc, unsigned lost) {
                               {"RTO through the LB", "rto_lb_ms"}};
     for (size_t i = 0; i < ZG_ARRAY_LEN(names); i++) {
       double v = cJSON_GetObjectItemCaseSensitive(r, names[i][1])->valuedouble;
-      if (v < 0) printf("  %-30s -\n", names[i][0]);
-      else printf("  %-30s %.0f ms\n", names[i][0], v);
+      if (v < 0)
+        printf("  %-30s -\n", names[i][0]);
+      else
+        printf("  %-30s %.0f ms\n", names[i][0], v);
     }
     printf("  %-30s %u of %u\n", "client requests failed", d->chats_failed, d->chats_total);
-    printf("  %-30s %u of %u samples\n", "double-active samples", d->double_active_samples, d->health_samples);
+    printf("  %-30s %u of %u samples\n", "double-active samples", d->double_active_samples,
+           d->health_samples);
     printf("  %-30s %u acknowledged of %u\n", "admin writes", d->writes_acked, d->writes_total);
-    if (lost_rc == 0) printf("  %-30s %u\n", "acknowledged writes lost", lost);
-    else printf("  %-30s unknown (no admin API answered)\n", "acknowledged writes lost");
+    if (lost_rc == 0)
+      printf("  %-30s %u\n", "acknowledged writes lost", lost);
+    else
+      printf("  %-30s unknown (no admin API answered)\n", "acknowledged writes lost");
   }
   cJSON_Delete(r);
 }
 
 static void usage(void) {
-  fprintf(stderr,
-          "usage: zonegate drill switchover|crash|freeze|isolate|external --lb URL [--duration S]\n"
-          "                      [--fault-duration S] [--inject-at S] [--inject \"COMMAND\"] [--json]\n"
-          "                      [--addr HOST:PORT] [--token ADMIN_TOKEN]\n"
-          "  runs client and admin-write probes through the load balancer, injects the fault on the\n"
-          "  active node (drills.enabled must be true there), prints a timeline and a report.\n"
-          "  external: the fault is --inject COMMAND (e.g. \"docker kill gw-a\").\n");
+  fprintf(
+      stderr,
+      "usage: zonegate drill switchover|crash|freeze|isolate|external --lb URL [--duration S]\n"
+      "                      [--fault-duration S] [--inject-at S] [--inject \"COMMAND\"] [--json]\n"
+      "                      [--addr HOST:PORT] [--token ADMIN_TOKEN]\n"
+      "  runs client and admin-write probes through the load balancer, injects the fault on the\n"
+      "  active node (drills.enabled must be true there), prints a timeline and a report.\n"
+      "  external: the fault is --inject COMMAND (e.g. \"docker kill gw-a\").\n");
 }
 
 int node_drill(int argc, char **argv) {
@@ -548,17 +561,23 @@ int node_drill(int argc, char **argv) {
   d.fault_ms = 5000;
   d.inject_at_ms = 2000;
   for (int i = 2; i < argc; i++) {
-    if (!strcmp(argv[i], "--lb") && i + 1 < argc) snprintf(d.lb, sizeof(d.lb), "%s", argv[++i]);
-    else if (!strcmp(argv[i], "--duration") && i + 1 < argc) d.duration_s = (unsigned)atoi(argv[++i]);
-    else if (!strcmp(argv[i], "--fault-duration") && i + 1 < argc) d.fault_ms = (unsigned)(atof(argv[++i]) * 1000);
-    else if (!strcmp(argv[i], "--inject-at") && i + 1 < argc) d.inject_at_ms = (unsigned)(atof(argv[++i]) * 1000);
-    else if (!strcmp(argv[i], "--inject") && i + 1 < argc) snprintf(d.inject_cmd, sizeof(d.inject_cmd), "%s", argv[++i]);
+    if (!strcmp(argv[i], "--lb") && i + 1 < argc)
+      snprintf(d.lb, sizeof(d.lb), "%s", argv[++i]);
+    else if (!strcmp(argv[i], "--duration") && i + 1 < argc)
+      d.duration_s = (unsigned)atoi(argv[++i]);
+    else if (!strcmp(argv[i], "--fault-duration") && i + 1 < argc)
+      d.fault_ms = (unsigned)(atof(argv[++i]) * 1000);
+    else if (!strcmp(argv[i], "--inject-at") && i + 1 < argc)
+      d.inject_at_ms = (unsigned)(atof(argv[++i]) * 1000);
+    else if (!strcmp(argv[i], "--inject") && i + 1 < argc)
+      snprintf(d.inject_cmd, sizeof(d.inject_cmd), "%s", argv[++i]);
     else {
       usage();
       return 2;
     }
   }
-  if (!d.lb[0] || d.duration_s < 3 || d.duration_s > 3600 || (!strcmp(d.kind, "external") && !d.inject_cmd[0])) {
+  if (!d.lb[0] || d.duration_s < 3 || d.duration_s > 3600 ||
+      (!strcmp(d.kind, "external") && !d.inject_cmd[0])) {
     usage();
     return 2;
   }
@@ -571,7 +590,8 @@ int node_drill(int argc, char **argv) {
   if (load_members(&d) != 0) return 1;
   const char *active = find_active(&d);
   if (!active) {
-    fprintf(stderr, "error: no active node before the drill; fix the cluster first (zonegate status)\n");
+    fprintf(stderr,
+            "error: no active node before the drill; fix the cluster first (zonegate status)\n");
     return 1;
   }
   snprintf(d.old_active, sizeof(d.old_active), "%s", active);
@@ -584,14 +604,15 @@ int node_drill(int argc, char **argv) {
   if (rc) return 1;
   snprintf(d.client_token, sizeof(d.client_token), "%s",
            cJSON_GetObjectItemCaseSensitive(answer, "token")->valuestring);
-  snprintf(d.token_id, sizeof(d.token_id), "%s", cJSON_GetObjectItemCaseSensitive(answer, "id")->valuestring);
+  snprintf(d.token_id, sizeof(d.token_id), "%s",
+           cJSON_GetObjectItemCaseSensitive(answer, "id")->valuestring);
   cJSON_Delete(answer);
   d.timeline = cJSON_CreateArray();
   d.t_fault = d.t_lease_lapsed = d.t_new_leader = d.t_new_active = d.t_lb_new_active = -1;
   d.multi = curl_multi_init();
   if (!d.json)
-    printf("drill %s: active %s, probing through %s for %u s, fault at +%u ms\n", d.kind, d.old_active, d.lb,
-           d.duration_s, d.inject_at_ms);
+    printf("drill %s: active %s, probing through %s for %u s, fault at +%u ms\n", d.kind,
+           d.old_active, d.lb, d.duration_s, d.inject_at_ms);
   d.t0 = now_ms();
   event(&d, "probes started", NULL);
   drive(&d);

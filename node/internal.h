@@ -20,10 +20,10 @@ struct node {
   uv_loop_t *loop;
   struct zg_config *cfg; /* local file */
   struct gateway *gateway;
-  struct consensus *consensus; /* NULL in standalone mode */
-  struct failover *failover;   /* NULL in standalone mode */
-  struct alerts *alerts;       /* alert engine (failover/alerts.h) */
-  struct httpd_server *admin;  /* NULL when no admin token is configured */
+  struct consensus *consensus;          /* NULL in standalone mode */
+  struct failover *failover;            /* NULL in standalone mode */
+  struct alerts *alerts;                /* alert engine (failover/alerts.h) */
+  struct httpd_server *admin;           /* NULL when no admin token is configured */
   struct upstream_client *admin_client; /* forwards admin writes to the leader */
   char *admin_token;                    /* resolved secret */
   uint64_t applied_config_version;

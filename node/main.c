@@ -8,31 +8,36 @@
 #include <string.h>
 
 static void usage(FILE *out) {
-  fprintf(out,
-          "zonegate %s: OpenAI-compatible AI chat gateway, active/standby across zones\n"
-          "\n"
-          "Usage:\n"
-          "  zonegate serve --config FILE       run a node (default FILE: /app/config.json)\n"
-          "  zonegate config check FILE         validate FILE, print it with secrets masked\n"
-          "\n"
-          "Cluster administration (admin API; --addr HOST:PORT or ZONEGATE_ADDR, default 127.0.0.1:18790;\n"
-          "--token or ZONEGATE_ADMIN_TOKEN; --json for scripts):\n"
-          "  zonegate status                    members, leader, term, lag\n"
-          "  zonegate config get | apply FILE [--if-match VERSION]\n"
-          "  zonegate keys list | add | rotate ID | revoke ID   provider keys (secret from stdin/file/env)\n"
-          "  zonegate tokens create NAME [--expires-in 30d] [--rpm N] [--allow CIDR] | list | revoke ID\n"
-          "  zonegate audit [--limit N]\n"
-          "  zonegate members add ID --raft HOST:PORT [...] | remove ID\n"
-          "  zonegate switchover [--to NODE]    planned handover of the active role\n"
-          "  zonegate drill switchover|crash|freeze|isolate --lb URL [--duration S] [--json]\n"
-          "                                     failover rehearsal: timeline, RTO, failed requests, RPO\n"
-          "  zonegate recover --force --config FILE [--yes]\n"
-          "                                     quorum lost for good: rebuild a one-node cluster here\n"
-          "\n"
-          "  zonegate --version | --help\n"
-          "\n"
-          "Exit status: 0 ok, 1 failure, 2 usage error.\n",
-          ZG_VERSION);
+  fprintf(
+      out,
+      "zonegate %s: OpenAI-compatible AI chat gateway, active/standby across zones\n"
+      "\n"
+      "Usage:\n"
+      "  zonegate serve --config FILE       run a node (default FILE: /app/config.json)\n"
+      "  zonegate config check FILE         validate FILE, print it with secrets masked\n"
+      "\n"
+      "Cluster administration (admin API; --addr HOST:PORT or ZONEGATE_ADDR, default "
+      "127.0.0.1:18790;\n"
+      "--token or ZONEGATE_ADMIN_TOKEN; --json for scripts):\n"
+      "  zonegate status                    members, leader, term, lag\n"
+      "  zonegate config get | apply FILE [--if-match VERSION]\n"
+      "  zonegate keys list | add | rotate ID | revoke ID   provider keys (secret from "
+      "stdin/file/env)\n"
+      "  zonegate tokens create NAME [--expires-in 30d] [--rpm N] [--allow CIDR] | list | revoke "
+      "ID\n"
+      "  zonegate audit [--limit N]\n"
+      "  zonegate members add ID --raft HOST:PORT [...] | remove ID\n"
+      "  zonegate switchover [--to NODE]    planned handover of the active role\n"
+      "  zonegate drill switchover|crash|freeze|isolate --lb URL [--duration S] [--json]\n"
+      "                                     failover rehearsal: timeline, RTO, failed requests, "
+      "RPO\n"
+      "  zonegate recover --force --config FILE [--yes]\n"
+      "                                     quorum lost for good: rebuild a one-node cluster here\n"
+      "\n"
+      "  zonegate --version | --help\n"
+      "\n"
+      "Exit status: 0 ok, 1 failure, 2 usage error.\n",
+      ZG_VERSION);
 }
 
 int main(int argc, char **argv) {
@@ -54,8 +59,8 @@ int main(int argc, char **argv) {
   if (!strcmp(cmd, "config")) return node_config_command(argc - 1, argv + 1);
   if (!strcmp(cmd, "drill")) return node_drill(argc - 1, argv + 1);
   if (!strcmp(cmd, "recover")) return node_recover(argc - 1, argv + 1);
-  if (!strcmp(cmd, "status") || !strcmp(cmd, "keys") || !strcmp(cmd, "tokens") || !strcmp(cmd, "audit") ||
-      !strcmp(cmd, "members") || !strcmp(cmd, "switchover"))
+  if (!strcmp(cmd, "status") || !strcmp(cmd, "keys") || !strcmp(cmd, "tokens") ||
+      !strcmp(cmd, "audit") || !strcmp(cmd, "members") || !strcmp(cmd, "switchover"))
     return node_cli(cmd, argc - 1, argv + 1);
   fprintf(stderr, "zonegate: unknown command '%s'\n\n", cmd);
   usage(stderr);

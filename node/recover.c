@@ -34,8 +34,8 @@ static bool http_live(const char *address) {
   curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
   curl_easy_setopt(e, CURLOPT_NOPROXY, "*");
   long code = 0;
-  bool ok = curl_easy_perform(e) == CURLE_OK && curl_easy_getinfo(e, CURLINFO_RESPONSE_CODE, &code) == CURLE_OK &&
-            code == 200;
+  bool ok = curl_easy_perform(e) == CURLE_OK &&
+            curl_easy_getinfo(e, CURLINFO_RESPONSE_CODE, &code) == CURLE_OK && code == 200;
   curl_easy_cleanup(e);
   return ok;
 }
@@ -61,17 +61,22 @@ int node_recover(int argc, char **argv) {
   const char *config_path = NULL;
   bool force = false, yes = false;
   for (int i = 1; i < argc; i++) {
-    if (!strcmp(argv[i], "--force")) force = true;
-    else if (!strcmp(argv[i], "--yes")) yes = true;
-    else if (!strcmp(argv[i], "--config") && i + 1 < argc) config_path = argv[++i];
+    if (!strcmp(argv[i], "--force"))
+      force = true;
+    else if (!strcmp(argv[i], "--yes"))
+      yes = true;
+    else if (!strcmp(argv[i], "--config") && i + 1 < argc)
+      config_path = argv[++i];
     else {
       fprintf(stderr, "usage: zonegate recover --force --config FILE [--yes]\n");
       return 2;
     }
   }
   if (!force || !config_path) {
-    fprintf(stderr, "usage: zonegate recover --force --config FILE [--yes]\n"
-                    "  rebuilds a one-node cluster from this node's data when a majority of voters is lost.\n");
+    fprintf(
+        stderr,
+        "usage: zonegate recover --force --config FILE [--yes]\n"
+        "  rebuilds a one-node cluster from this node's data when a majority of voters is lost.\n");
     return 2;
   }
   char err[1024];
@@ -83,8 +88,11 @@ int node_recover(int argc, char **argv) {
   curl_global_init(CURL_GLOBAL_DEFAULT);
   int rc = 1;
   if (http_live(cfg->listen_gateway) || http_live(cfg->advertise_gateway)) {
-    fprintf(stderr, "error: zonegate is running on this node (%s answers): stop it first (systemctl stop zonegate "
-                    "or docker stop), then run recover again\n", cfg->listen_gateway);
+    fprintf(stderr,
+            "error: zonegate is running on this node (%s answers): stop it first (systemctl stop "
+            "zonegate "
+            "or docker stop), then run recover again\n",
+            cfg->listen_gateway);
     goto out;
   }
   size_t voters = cfg->n_peers + 1, reachable = 1;
@@ -93,32 +101,41 @@ int node_recover(int argc, char **argv) {
     const struct zg_peer *p = &cfg->peers[i];
     bool up = http_live(p->gateway) || tcp_open(p->raft);
     if (up) reachable++;
-    printf("  %-12s zone %-4s %-8s raft %-22s %s\n", p->id, p->zone, p->role, p->raft, up ? "REACHABLE" : "unreachable");
+    printf("  %-12s zone %-4s %-8s raft %-22s %s\n", p->id, p->zone, p->role, p->raft,
+           up ? "REACHABLE" : "unreachable");
   }
   if (reachable * 2 > voters) {
-    fprintf(stderr,
-            "refused: %zu of %zu voters are reachable, which is a majority. A forced recovery would split the "
-            "cluster. Start the stopped nodes instead (zonegate serve); they rejoin on their own.\n",
-            reachable, voters);
+    fprintf(
+        stderr,
+        "refused: %zu of %zu voters are reachable, which is a majority. A forced recovery would "
+        "split the "
+        "cluster. Start the stopped nodes instead (zonegate serve); they rejoin on their own.\n",
+        reachable, voters);
     goto out;
   }
   uint64_t term = 0, last = 0;
-  if (consensus_inspect_log(cfg->data_dir, cfg->node_id, cfg->advertise_raft, &term, &last, err, sizeof(err)) != 0) {
+  if (consensus_inspect_log(cfg->data_dir, cfg->node_id, cfg->advertise_raft, &term, &last, err,
+                            sizeof(err)) != 0) {
     fprintf(stderr, "error: %s\n", err);
     goto out;
   }
-  printf("\nthis node: %s (zone %s), data %s/raft\n  log: term %llu, last index %llu\n\n", cfg->node_id, cfg->zone,
-         cfg->data_dir, (unsigned long long)term, (unsigned long long)last);
-  printf("This will:\n"
-         "  1. rewrite the Raft configuration in %s/raft to this node ALONE (%s), a one-voter cluster;\n"
-         "  2. after `zonegate serve`, this node becomes active by itself;\n"
-         "  3. writes that were committed only on the lost nodes and not here are LOST.\n"
-         "Before you go on:\n"
-         "  - run it on the survivor with the HIGHEST term and then the LONGEST log (compare the line above\n"
-         "    on every survivor: `zonegate recover --force --config ...` and answer no);\n"
-         "  - make sure the lost nodes cannot come back with their old data (wipe their data dirs);\n"
-         "  - afterwards re-add each other node with an EMPTY data dir: zonegate members add ID --raft HOST:PORT ...\n\n",
-         cfg->data_dir, cfg->node_id);
+  printf("\nthis node: %s (zone %s), data %s/raft\n  log: term %llu, last index %llu\n\n",
+         cfg->node_id, cfg->zone, cfg->data_dir, (unsigned long long)term,
+         (unsigned long long)last);
+  printf(
+      "This will:\n"
+      "  1. rewrite the Raft configuration in %s/raft to this node ALONE (%s), a one-voter "
+      "cluster;\n"
+      "  2. after `zonegate serve`, this node becomes active by itself;\n"
+      "  3. writes that were committed only on the lost nodes and not here are LOST.\n"
+      "Before you go on:\n"
+      "  - run it on the survivor with the HIGHEST term and then the LONGEST log (compare the line "
+      "above\n"
+      "    on every survivor: `zonegate recover --force --config ...` and answer no);\n"
+      "  - make sure the lost nodes cannot come back with their old data (wipe their data dirs);\n"
+      "  - afterwards re-add each other node with an EMPTY data dir: zonegate members add ID "
+      "--raft HOST:PORT ...\n\n",
+      cfg->data_dir, cfg->node_id);
   if (!yes) {
     printf("Type 'recover' to continue: ");
     fflush(stdout);
@@ -129,12 +146,13 @@ int node_recover(int argc, char **argv) {
       goto out;
     }
   }
-  if (consensus_recover_single(cfg->data_dir, cfg->node_id, cfg->advertise_raft, err, sizeof(err)) != 0) {
+  if (consensus_recover_single(cfg->data_dir, cfg->node_id, cfg->advertise_raft, err,
+                               sizeof(err)) != 0) {
     fprintf(stderr, "error: %s\n", err);
     goto out;
   }
-  printf("recovered: %s is now the only voter. Start it with `zonegate serve --config %s`.\n", cfg->node_id,
-         config_path);
+  printf("recovered: %s is now the only voter. Start it with `zonegate serve --config %s`.\n",
+         cfg->node_id, config_path);
   rc = 0;
 out:
   curl_global_cleanup();

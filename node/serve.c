@@ -105,14 +105,16 @@ static void finish_shutdown(struct node *n) {
   uv_timer_stop(&n->drain_timer);
   size_t left = n->gateway ? gateway_active_requests(n->gateway) : 0;
   if (left > 0)
-    zg_log(ZG_WARN, "drain_timeout", "drain_timeout reached with %zu requests still in flight; closing them", left);
-  else zg_log(ZG_INFO, "drained", "all in-flight requests finished");
+    zg_log(ZG_WARN, "drain_timeout",
+           "drain_timeout reached with %zu requests still in flight; closing them", left);
+  else
+    zg_log(ZG_INFO, "drained", "all in-flight requests finished");
   uv_close((uv_handle_t *)&n->sigterm, NULL);
   uv_close((uv_handle_t *)&n->sigint, NULL);
   uv_close((uv_handle_t *)&n->sighup, NULL);
   uv_close((uv_handle_t *)&n->drain_timer, NULL);
   n->closing_parts = 1; /* released below, after every part was asked to close */
-  if (n->alerts) { /* first: it borrows consensus, failover and gateway */
+  if (n->alerts) {      /* first: it borrows consensus, failover and gateway */
     n->closing_parts++;
     alerts_close(n->alerts, on_part_closed, n);
     n->alerts = NULL;
@@ -140,12 +142,14 @@ static void finish_shutdown(struct node *n) {
 
 static void on_drain_tick(uv_timer_t *t) {
   struct node *n = t->data;
-  if (gateway_active_requests(n->gateway) == 0 || zg_mono_ms() >= n->drain_deadline_ms) finish_shutdown(n);
+  if (gateway_active_requests(n->gateway) == 0 || zg_mono_ms() >= n->drain_deadline_ms)
+    finish_shutdown(n);
 }
 
 static void begin_drain(struct node *n, const char *why) {
   n->draining = true;
-  zg_log(ZG_INFO, "draining", "%s: stopped accepting; waiting up to %u ms for %zu in-flight requests", why,
+  zg_log(ZG_INFO, "draining",
+         "%s: stopped accepting; waiting up to %u ms for %zu in-flight requests", why,
          n->cfg->drain_timeout_ms, gateway_active_requests(n->gateway));
   gateway_drain(n->gateway);
   if (n->admin) httpd_stop_accepting(n->admin);
@@ -156,7 +160,8 @@ static void begin_drain(struct node *n, const char *why) {
 static void on_shutdown_switchover(void *ud, int status, const char *msg) {
   struct node *n = ud;
   n->switching_over = false;
-  if (status != 0) zg_log(ZG_WARN, "shutdown_switchover_failed", "handover before shutdown failed: %s", msg);
+  if (status != 0)
+    zg_log(ZG_WARN, "shutdown_switchover_failed", "handover before shutdown failed: %s", msg);
   begin_drain(n, "SIGTERM (after handover)");
 }
 
@@ -169,7 +174,8 @@ static void on_stop_signal(uv_signal_t *s, int signum) {
     return;
   }
   if (n->draining) {
-    zg_log(ZG_WARN, "shutdown_forced", "second %s: exiting now", signum == SIGINT ? "SIGINT" : "SIGTERM");
+    zg_log(ZG_WARN, "shutdown_forced", "second %s: exiting now",
+           signum == SIGINT ? "SIGINT" : "SIGTERM");
     finish_shutdown(n);
     return;
   }
@@ -177,7 +183,8 @@ static void on_stop_signal(uv_signal_t *s, int signum) {
    * in-flight requests finish, leadership moves), then drains what is
    * left (requests it forwarded) and exits. */
   if (n->failover && failover_is_active(n->failover) &&
-      failover_switchover(n->failover, NULL, "shutdown (SIGTERM)", on_shutdown_switchover, n) == 0) {
+      failover_switchover(n->failover, NULL, "shutdown (SIGTERM)", on_shutdown_switchover, n) ==
+          0) {
     n->switching_over = true;
     return;
   }
@@ -192,7 +199,8 @@ static void on_sighup(uv_signal_t *s, int signum) {
     zg_log(ZG_ERROR, "config_reload_rejected", "SIGHUP: keeping the running config: %s", err);
     return;
   }
-  if (strcmp(fresh->listen_gateway, n->cfg->listen_gateway) != 0 || strcmp(fresh->node_id, n->cfg->node_id) != 0 ||
+  if (strcmp(fresh->listen_gateway, n->cfg->listen_gateway) != 0 ||
+      strcmp(fresh->node_id, n->cfg->node_id) != 0 ||
       strcmp(fresh->data_dir, n->cfg->data_dir) != 0)
     zg_log(ZG_WARN, "config_reload_partial",
            "SIGHUP: node, listen and cluster changes need a restart; applying the rest");
@@ -201,7 +209,8 @@ static void on_sighup(uv_signal_t *s, int signum) {
     /* Gateway behaviour is replicated: the file only seeds a new cluster.
      * Changes go through `zonegate config apply`. */
     zg_log(ZG_INFO, "config_reload_local",
-           "SIGHUP: this node is in a cluster; replicated sections change with `zonegate config apply FILE`");
+           "SIGHUP: this node is in a cluster; replicated sections change with `zonegate config "
+           "apply FILE`");
     zg_config_free(n->cfg);
     n->cfg = fresh;
     n->applied_config_version = 0;
@@ -209,8 +218,9 @@ static void on_sighup(uv_signal_t *s, int signum) {
     return;
   }
   gateway_apply_config(n->gateway, fresh);
-  if (n->alerts) alerts_apply_config(n->alerts, cJSON_GetObjectItemCaseSensitive(fresh->effective, "alerts"));
-  zg_log_set_level(!strcmp(fresh->log_level, "debug")  ? ZG_DEBUG
+  if (n->alerts)
+    alerts_apply_config(n->alerts, cJSON_GetObjectItemCaseSensitive(fresh->effective, "alerts"));
+  zg_log_set_level(!strcmp(fresh->log_level, "debug")   ? ZG_DEBUG
                    : !strcmp(fresh->log_level, "warn")  ? ZG_WARN
                    : !strcmp(fresh->log_level, "error") ? ZG_ERROR
                                                         : ZG_INFO);
@@ -222,8 +232,10 @@ static void on_sighup(uv_signal_t *s, int signum) {
 int node_serve(int argc, char **argv) {
   const char *config_path = "/app/config.json";
   for (int i = 1; i < argc; i++) {
-    if ((!strcmp(argv[i], "--config") || !strcmp(argv[i], "-c")) && i + 1 < argc) config_path = argv[++i];
-    else if (!strncmp(argv[i], "--config=", 9)) config_path = argv[i] + 9;
+    if ((!strcmp(argv[i], "--config") || !strcmp(argv[i], "-c")) && i + 1 < argc)
+      config_path = argv[++i];
+    else if (!strncmp(argv[i], "--config=", 9))
+      config_path = argv[i] + 9;
     else {
       fprintf(stderr, "usage: zonegate serve --config FILE\n");
       return 2;
@@ -237,15 +249,16 @@ int node_serve(int argc, char **argv) {
     return 1;
   }
   zg_log_set_node(n.cfg->node_id);
-  zg_log_set_level(!strcmp(n.cfg->log_level, "debug")  ? ZG_DEBUG
+  zg_log_set_level(!strcmp(n.cfg->log_level, "debug")   ? ZG_DEBUG
                    : !strcmp(n.cfg->log_level, "warn")  ? ZG_WARN
                    : !strcmp(n.cfg->log_level, "error") ? ZG_ERROR
                                                         : ZG_INFO);
   zg_config_warnings(n.cfg, log_warning, (void *)config_path);
   struct stat st;
-  if (mkdir_p(n.cfg->data_dir, 0700) == 0 && stat(n.cfg->data_dir, &st) == 0 && !S_ISDIR(st.st_mode)) {
-    fprintf(stderr, "error: %s: cluster.data_dir: expected a directory, found a file at %s\n", config_path,
-            n.cfg->data_dir);
+  if (mkdir_p(n.cfg->data_dir, 0700) == 0 && stat(n.cfg->data_dir, &st) == 0 &&
+      !S_ISDIR(st.st_mode)) {
+    fprintf(stderr, "error: %s: cluster.data_dir: expected a directory, found a file at %s\n",
+            config_path, n.cfg->data_dir);
     zg_config_free(n.cfg);
     return 1;
   }
@@ -269,12 +282,14 @@ int node_serve(int argc, char **argv) {
     return 1;
   }
   if (bootstrap_hash[0]) gateway_add_token(n.gateway, "bootstrap", bootstrap_hash);
-  if (node_cluster_start(&n, err, sizeof(err)) != 0 || node_admin_start(&n, err, sizeof(err)) != 0) {
+  if (node_cluster_start(&n, err, sizeof(err)) != 0 ||
+      node_admin_start(&n, err, sizeof(err)) != 0) {
     fprintf(stderr, "error: %s\n", err);
     zg_log(ZG_ERROR, "start_failed", "%s", err);
     return 1;
   }
-  if (alerts_start(n.loop, n.cfg->node_id, n.consensus, n.failover, n.gateway, &n.alerts, err, sizeof(err)) != 0) {
+  if (alerts_start(n.loop, n.cfg->node_id, n.consensus, n.failover, n.gateway, &n.alerts, err,
+                   sizeof(err)) != 0) {
     fprintf(stderr, "error: %s\n", err);
     zg_log(ZG_ERROR, "start_failed", "%s", err);
     return 1;
