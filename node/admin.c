@@ -44,6 +44,7 @@ struct admin_req {
   zg_buf body;
   uint64_t wait_for_index;
   uint64_t wait_deadline_ms;
+  uint64_t forward_deadline_ms; /* retries while the leader is changing */
   uv_timer_t *wait_timer;
   char *one_time_token; /* token created here, answered once */
 };
@@ -147,6 +148,8 @@ static void submit(struct admin_req *a, const char *type, cJSON *args) {
 
 /* ---- forwarding to the leader ---------------------------------------- */
 
+static bool retry_forward_later(struct admin_req *a);
+
 static void relay(struct admin_req *a) {
   httpd_req_set_abort(a->req, NULL, NULL);
   const char *extra[] = {"X-Zonegate-Forwarded-To-Leader: 1", NULL};
@@ -176,9 +179,17 @@ static int on_fwd_data(void *ud, const char *data, size_t len) {
   return zg_buf_append(&a->body, data, len);
 }
 
+static bool refused_unsubmitted(const struct admin_req *a) {
+  return a->status == 503 && a->body.data &&
+         (strstr(a->body.data, "\"not_leader\"") || strstr(a->body.data, "\"no_leader\""));
+}
+
 static void on_fwd_done(void *ud, enum upstream_result result, const char *curl_error) {
   struct admin_req *a = ud;
   a->transfer = NULL;
+  bool never_sent = result == UPSTREAM_CONNECT_FAILED || result == UPSTREAM_CONNECT_TIMEOUT;
+  if ((never_sent || (result == UPSTREAM_OK && refused_unsubmitted(a))) && retry_forward_later(a))
+    return;
   if (result != UPSTREAM_OK) {
     httpd_req_set_abort(a->req, NULL, NULL);
     const char *retry[] = {"Retry-After: 1", NULL};
@@ -190,9 +201,11 @@ static void on_fwd_done(void *ud, enum upstream_result result, const char *curl_
   }
   if (a->status < 300 && a->wait_for_index > consensus_applied_index(a->node->consensus)) {
     /* Read-your-writes: answer once this node applied the entry too. */
-    a->wait_timer = malloc(sizeof(*a->wait_timer));
+    if (!a->wait_timer) {
+      a->wait_timer = malloc(sizeof(*a->wait_timer));
+      if (a->wait_timer) uv_timer_init(a->node->loop, a->wait_timer);
+    }
     if (a->wait_timer) {
-      uv_timer_init(a->node->loop, a->wait_timer);
       a->wait_timer->data = a;
       a->wait_deadline_ms = zg_mono_ms() + READ_YOUR_WRITES_TIMEOUT_MS;
       uv_timer_start(a->wait_timer, on_wait_tick, 2, 2);
@@ -202,8 +215,35 @@ static void on_fwd_done(void *ud, enum upstream_result result, const char *curl_
   relay(a);
 }
 
+static void forward_to_leader(struct admin_req *a);
+static void admin_route(struct admin_req *a);
+
+static void on_forward_retry(uv_timer_t *t) {
+  forward_to_leader(t->data);
+}
+
+/* The write was never submitted (no leader known, the target refused as
+ * not leader, or could not be reached): try again shortly while the
+ * deadline allows. Returns false when the deadline has passed. */
+static bool retry_forward_later(struct admin_req *a) {
+  if (zg_mono_ms() >= a->forward_deadline_ms) return false;
+  if (!a->wait_timer) {
+    a->wait_timer = malloc(sizeof(*a->wait_timer));
+    if (!a->wait_timer) return false;
+    uv_timer_init(a->node->loop, a->wait_timer);
+    a->wait_timer->data = a;
+  }
+  zg_buf_reset(&a->body);
+  httpd_req_set_abort(a->req, on_admin_abort, a);
+  uv_timer_start(a->wait_timer, on_forward_retry, 50, 0);
+  return true;
+}
+
 static void forward_to_leader(struct admin_req *a) {
+  if (!a->forward_deadline_ms) a->forward_deadline_ms = zg_mono_ms() + READ_YOUR_WRITES_TIMEOUT_MS;
+  if (a->wait_timer) uv_timer_stop(a->wait_timer);
   const struct consensus_member *leader = consensus_leader(a->node->consensus);
+  const struct consensus_member *self = consensus_self(a->node->consensus);
   const char *retry[] = {"Retry-After: 1", NULL};
   if (httpd_req_header(a->req, "X-Zonegate-Forwarded")) {
     httpd_respond_error(a->req, 503, "admin_error", "not_leader", retry,
@@ -211,7 +251,22 @@ static void forward_to_leader(struct admin_req *a) {
     admin_req_finish(a);
     return;
   }
-  if (!leader || !leader->admin_address || !leader->admin_address[0]) {
+  if (consensus_is_leader(a->node->consensus)) {
+    /* Became the leader while waiting: take the write here. */
+    httpd_req_set_abort(a->req, NULL, NULL);
+    a->forward_deadline_ms = 0;
+    zg_buf_reset(&a->body);
+    if (a->wait_timer) {
+      uv_close((uv_handle_t *)a->wait_timer, (uv_close_cb)free);
+      a->wait_timer = NULL;
+    }
+    admin_route(a);
+    return;
+  }
+  bool leader_usable = leader && leader->admin_address && leader->admin_address[0] &&
+                       !(self && strcmp(leader->id, self->id) == 0);
+  if (!leader_usable && retry_forward_later(a)) return;
+  if (!leader_usable) {
     httpd_respond_error(
         a->req, 503, "admin_error", "no_leader", retry,
         "no leader is known right now (election in progress or quorum lost); retry shortly");
@@ -521,6 +576,14 @@ static void on_admin_request(void *ctx, struct httpd_req *req) {
   a->node = n;
   a->req = req;
   zg_buf_init(&a->body);
+  admin_route(a);
+}
+
+/* Routes an authenticated admin request (again, after a node became the
+ * leader while a forward was waiting). */
+static void admin_route(struct admin_req *a) {
+  struct node *n = a->node;
+  struct httpd_req *req = a->req;
   const char *m = httpd_req_method(req);
   const char *p = httpd_req_path(req);
   struct consensus *cs = n->consensus;

@@ -1,6 +1,7 @@
 """Shared helpers for the end-to-end tests: they drive the Docker CLI and
-docker-compose against the zonegate image (env ZONEGATE_IMAGE, default
-zonegate:dev) and talk to it over published loopback ports only.
+docker compose (`docker compose` when present, else `docker-compose`;
+override with env COMPOSE) against the zonegate image (env ZONEGATE_IMAGE,
+default zonegate:dev) and talk to it over published loopback ports only.
 
 Every container, network and volume a test creates carries a unique name
 prefix and is removed at teardown, also when the test fails. Tests are
@@ -29,6 +30,17 @@ def docker(*args, check=True, timeout=180, input_text=None):
     if check and proc.returncode != 0:
         raise AssertionError(f"docker {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
     return proc
+
+
+def compose_command():
+    """The compose tool as an argv prefix: env COMPOSE, `docker compose`, or `docker-compose`."""
+    if os.environ.get("COMPOSE"):
+        return os.environ["COMPOSE"].split()
+    if subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        return ["docker", "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    pytest.skip("neither `docker compose` nor `docker-compose` is installed")
 
 
 def free_loopback_port():

@@ -23,7 +23,6 @@ and on its bridge; the test skips if 10.77.0.0/24 is already routed.)
 import json
 import os
 import shutil
-import signal
 import subprocess
 import time
 
@@ -31,7 +30,7 @@ import pytest
 
 from cluster import SECRETS
 from harness import MOCKLLM_BIN, ZONEGATE_BIN, Proc, TempDir, free_port, wait_for
-from test_failover import AuditProbe, HealthPoller, admin_json, http_call
+from test_failover import AuditProbe, HealthPoller, http_call
 
 SUBNET = "10.77.0"
 GATEWAY_PORT, ADMIN_PORT, RAFT_PORT = 18789, 18790, 18791
