@@ -34,6 +34,7 @@ void cli_options_parse(struct cli_options *o, int *argc, char **argv) {
   snprintf(o->addr, sizeof(o->addr), "%s", addr && *addr ? addr : "127.0.0.1:18790");
   snprintf(o->token, sizeof(o->token), "%s", token ? token : "");
   o->json = false;
+  o->quiet = false;
   int out = 0;
   for (int i = 0; i < *argc; i++) {
     if (!strcmp(argv[i], "--json"))
@@ -52,8 +53,10 @@ void cli_options_parse(struct cli_options *o, int *argc, char **argv) {
 int cli_call(const struct cli_options *o, const char *method, const char *path, const cJSON *body,
              const char *const *extra_headers, cJSON **answer) {
   *answer = NULL;
+  FILE *err_out = o->quiet ? NULL : stderr;
   if (!o->token[0]) {
-    fprintf(stderr, "error: no admin token: pass --token or set ZONEGATE_ADMIN_TOKEN\n");
+    if (err_out)
+      fprintf(err_out, "error: no admin token: pass --token or set ZONEGATE_ADMIN_TOKEN\n");
     return -1;
   }
   CURL *curl = curl_easy_init();
@@ -90,11 +93,12 @@ int cli_call(const struct cli_options *o, const char *method, const char *path, 
   free(text);
   memset(auth, 0, sizeof(auth));
   if (rc != CURLE_OK) {
-    fprintf(stderr,
-            "error: cannot reach the admin API at %s: %s\n"
-            "       is zonegate running there? set the address with --addr HOST:PORT or "
-            "ZONEGATE_ADDR\n",
-            o->addr, curl_easy_strerror(rc));
+    if (err_out)
+      fprintf(err_out,
+              "error: cannot reach the admin API at %s: %s\n"
+              "       is zonegate running there? set the address with --addr HOST:PORT or "
+              "ZONEGATE_ADDR\n",
+              o->addr, curl_easy_strerror(rc));
     zg_buf_free(&response);
     return -1;
   }
@@ -104,14 +108,16 @@ int cli_call(const struct cli_options *o, const char *method, const char *path, 
     const cJSON *err = cJSON_GetObjectItemCaseSensitive(json, "error");
     const cJSON *msg = cJSON_GetObjectItemCaseSensitive(err, "message");
     const char *text_msg = cJSON_IsString(msg) ? msg->valuestring : "no details";
-    if (status == 401)
-      fprintf(stderr,
+    if (!err_out) {
+      /* quiet: the caller reports */
+    } else if (status == 401)
+      fprintf(err_out,
               "error: the admin token was rejected by %s (check --token / ZONEGATE_ADMIN_TOKEN)\n",
               o->addr);
     else if (status == 503)
-      fprintf(stderr, "error: %s (HTTP 503: no leader reachable; retry in a moment)\n", text_msg);
+      fprintf(err_out, "error: %s (HTTP 503: no leader reachable; retry in a moment)\n", text_msg);
     else
-      fprintf(stderr, "error: %s (HTTP %ld)\n", text_msg, status);
+      fprintf(err_out, "error: %s (HTTP %ld)\n", text_msg, status);
     cJSON_Delete(json);
     return -1;
   }

@@ -11,6 +11,7 @@ struct cli_options {
   char addr[256];
   char token[512];
   bool json;
+  bool quiet; /* cli_call prints no error (callers that retry elsewhere) */
 };
 
 /* Reads --addr, --token, --json (and ZONEGATE_ADDR / ZONEGATE_ADMIN_TOKEN)

@@ -368,7 +368,7 @@ static void inject(struct drill *d) {
     pid_t pid = fork();
     if (pid == 0) {
       cJSON *a = NULL;
-      freopen("/dev/null", "w", stderr);
+      o.quiet = true;
       _exit(cli_call(&o, "POST", path, body, NULL, &a) ? 1 : 0);
     }
     cJSON_Delete(body);
@@ -442,11 +442,8 @@ static int count_lost_writes(struct drill *d, unsigned *lost) {
       struct cli_options o = d->o;
       snprintf(o.addr, sizeof(o.addr), "%s", d->nodes[i].admin);
       cJSON *st = NULL;
-      FILE *saved = stderr;
-      stderr = fopen("/dev/null", "w");
+      o.quiet = true;
       int rc = cli_call(&o, "GET", "/v1/cluster/status", NULL, NULL, &st);
-      fclose(stderr);
-      stderr = saved;
       if (rc == 0 && cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(st, "is_leader"))) leader = i;
       cJSON_Delete(st);
     }
@@ -457,11 +454,8 @@ static int count_lost_writes(struct drill *d, unsigned *lost) {
     struct cli_options o = d->o;
     snprintf(o.addr, sizeof(o.addr), "%s", d->nodes[i].admin);
     cJSON *audit = NULL;
-    FILE *saved = stderr;
-    stderr = fopen("/dev/null", "w");
+    o.quiet = true;
     int rc = cli_call(&o, "GET", "/v1/audit?limit=0", NULL, NULL, &audit);
-    fclose(stderr);
-    stderr = saved;
     if (rc) continue;
     char *text = cJSON_PrintUnformatted(audit);
     *lost = 0;
@@ -625,12 +619,9 @@ int node_drill(int argc, char **argv) {
     snprintf(o.addr, sizeof(o.addr), "%s", d.nodes[i].admin);
     char path[128];
     snprintf(path, sizeof(path), "/v1/tokens/%s", d.token_id);
-    FILE *saved = stderr;
-    stderr = fopen("/dev/null", "w");
+    o.quiet = true;
     cJSON *a = NULL;
     int r = cli_call(&o, "DELETE", path, NULL, NULL, &a);
-    fclose(stderr);
-    stderr = saved;
     cJSON_Delete(a);
     if (r == 0) break;
   }
