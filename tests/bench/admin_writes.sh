@@ -6,13 +6,14 @@
 # not a pass/fail test. Bounded: each wrk run lasts DURATION seconds.
 #
 # Usage: tests/bench/admin_writes.sh [BUILD_DIR] [DURATION]
+#   SNAP=N overrides cluster.snapshot_threshold (default: the config default).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 build=${1:-build}
 duration=${2:-10}
 work=$(mktemp -d /tmp/zg-bench-admin.XXXXXX)
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+cleanup() { for p in "${pids[@]}"; do { kill -9 "$p"; wait "$p"; } 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT
 
 export ZONEGATE_CLUSTER_SECRET=bench-cluster-secret-0001
@@ -23,6 +24,8 @@ declare -A G A R
 for n in gw-a gw-b witness; do G[$n]=$(port); A[$n]=$(port); R[$n]=$(port); done
 zone() { case $1 in gw-a) echo A;; gw-b) echo B;; *) echo C;; esac; }
 role() { [ "$1" = witness ] && echo witness || echo gateway; }
+snapopt=""
+[ -n "${SNAP:-}" ] && snapopt=",\"snapshot_threshold\":$SNAP"
 for n in gw-a gw-b witness; do
   peers=""
   for p in gw-a gw-b witness; do
@@ -32,7 +35,7 @@ for n in gw-a gw-b witness; do
   cat > "$work/$n.json" <<JSON
 {"node":{"id":"$n","zone":"$(zone $n)","role":"$(role $n)"},
  "listen":{"gateway":"127.0.0.1:${G[$n]}","admin":"127.0.0.1:${A[$n]}","raft":"127.0.0.1:${R[$n]}"},
- "cluster":{"data_dir":"$work/data-$n","peers":[${peers%,}],"secret":"env:ZONEGATE_CLUSTER_SECRET","snapshot_threshold":${SNAP:-1024}},
+ "cluster":{"data_dir":"$work/data-$n","peers":[${peers%,}],"secret":"env:ZONEGATE_CLUSTER_SECRET"$snapopt},
  "security":{"master_key":"env:ZONEGATE_MASTER_KEY","admin_token":"env:ZONEGATE_ADMIN_TOKEN"},
  "endpoint":"http://127.0.0.1:9","logging":{"level":"warn"}}
 JSON
