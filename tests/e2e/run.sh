@@ -29,8 +29,9 @@ fi
 export ZONEGATE_IMAGE="${ZONEGATE_IMAGE:-zonegate:dev}"
 export ZONEGATE_LB_IMAGE="${ZONEGATE_LB_IMAGE:-zonegate-haproxy:dev}"
 
+volumes_before=" $(docker volume ls -q | tr '\n' ' ') "
 cleanup() {
-  local ids projects p
+  local ids projects p v
   ids=$(docker ps -aq --filter name=zge2e 2>/dev/null || true)
   projects=$(docker ps -a --format '{{.Label "com.docker.compose.project"}}' 2>/dev/null | grep '^zge2e' | sort -u || true)
   for p in $projects; do
@@ -44,6 +45,10 @@ cleanup() {
   ids=$(docker volume ls --format '{{.Name}}' | grep '^zge2e' || true)
   # shellcheck disable=SC2086
   [ -z "$ids" ] || docker volume rm -f $ids >/dev/null 2>&1 || true
+  # Anonymous volumes that appeared during the run and are no longer used.
+  for v in $(docker volume ls -q --filter dangling=true); do
+    case "$volumes_before" in *" $v "*) ;; *) [ ${#v} -eq 64 ] && docker volume rm "$v" >/dev/null 2>&1 || true ;; esac
+  done
 }
 trap cleanup EXIT
 
