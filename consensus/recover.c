@@ -87,8 +87,23 @@ int consensus_inspect_log(const char *data_dir, const char *node_id, const char 
   }
   *term = t;
   *last_index = n > 0 ? start + n - 1 : (snap ? snap->index : 0);
-  /* The entries and snapshot belong to us now; the process is a short-lived
-   * CLI, so their buffers are released with it. */
+  /* The loaded entries and snapshot are ours to free. Entries read from a
+   * segment share batches: free each batch once. */
+  void *last_batch = NULL;
+  for (size_t i = 0; i < n; i++) {
+    if (entries[i].batch == NULL)
+      raft_free(entries[i].buf.base);
+    else if (entries[i].batch != last_batch)
+      raft_free(entries[i].batch);
+    if (entries[i].batch) last_batch = entries[i].batch;
+  }
+  raft_free(entries);
+  if (snap) {
+    raft_configuration_close(&snap->configuration);
+    for (unsigned i = 0; i < snap->n_bufs; i++) raft_free(snap->bufs[i].base);
+    raft_free(snap->bufs);
+    raft_free(snap);
+  }
   rc = 0;
 out:
   offline_close(&o);

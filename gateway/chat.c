@@ -17,6 +17,7 @@
 #include "gateway/internal.h"
 
 #include <openssl/crypto.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -27,6 +28,16 @@
  * the heap, so the common request allocates little. */
 #define INLINE_ATTEMPTS 2
 #define MAX_BUFFERED_RESPONSE (64u * 1024u * 1024u)
+/* Finished chats kept for reuse, so a request does not allocate its
+ * (several KiB) struct; response buffers larger than this are not kept.
+ * Under AddressSanitizer nothing is pooled, so a use after the end of a
+ * request is still caught. */
+#if defined(__SANITIZE_ADDRESS__)
+#define CHAT_POOL_SIZE 0
+#else
+#define CHAT_POOL_SIZE 256
+#endif
+#define CHAT_POOLED_RESPONSE_MAX (64u * 1024u)
 
 struct attempt {
   char url[600];
@@ -36,6 +47,10 @@ struct attempt {
 };
 
 struct chat {
+  /* Kept while the chat sits in the gateway's pool (capacity reused). */
+  zg_buf response;
+  struct chat *next_pooled;
+  /* Per request: chat_new zeroes everything from here on. */
   struct gateway *gw;
   struct httpd_req *req;
   const char *route;
@@ -68,20 +83,54 @@ struct chat {
   char content_type[128];
   char retry_after[32];
   bool streaming_to_client;
-  zg_buf response;
   bool finished;
 };
 
 static void stop_hold(struct chat *c);
 
+/* Copies src into dst[size], cut to fit and NUL-terminated: what
+ * snprintf(dst, size, "%s", src) does, without the format machinery (this
+ * runs several times per request). */
+static size_t bounded_len(const char *s, size_t max) {
+  size_t len = 0;
+  while (len < max && s[len]) len++;
+  return len;
+}
+
+static void copy_cut(char *dst, size_t size, const char *src) {
+  size_t len = bounded_len(src, size - 1);
+  memcpy(dst, src, len);
+  dst[len] = '\0';
+}
+
+/* Releases what the request owns; the struct goes back to the gateway's
+ * pool (its response buffer kept when small), or is freed. */
 static void chat_free(struct chat *c) {
+  struct gateway *gw = c->gw;
   stop_hold(c);
   for (size_t i = 0; i < c->n_attempts; i++) zg_secret_free(c->attempts[i].api_key);
   if (c->attempts != c->inline_attempts) free(c->attempts);
-  zg_buf_free(&c->response);
   if (c->body_owned) free((char *)c->body);
   if (c->forwarded_auth) zg_secret_free(c->forwarded_auth);
+  if (c->response.cap > CHAT_POOLED_RESPONSE_MAX) zg_buf_free(&c->response);
+  if (gw->chat_pool_count + 1 <= CHAT_POOL_SIZE) {
+    c->next_pooled = gw->chat_pool;
+    gw->chat_pool = c;
+    gw->chat_pool_count++;
+    return;
+  }
+  zg_buf_free(&c->response);
   free(c);
+}
+
+void gateway_free_chat_pool(struct gateway *gw) {
+  while (gw->chat_pool) {
+    struct chat *c = gw->chat_pool;
+    gw->chat_pool = c->next_pooled;
+    zg_buf_free(&c->response);
+    free(c);
+  }
+  gw->chat_pool_count = 0;
 }
 
 /* The next free attempt slot, or NULL when MAX_ATTEMPTS are used (or out
@@ -116,15 +165,15 @@ static void note_fields(struct chat *c, const char *cache, const char *result, u
   f->cache = cache;
   f->stream = c->stream;
   f->has_token = c->has_token;
-  if (c->has_token) snprintf(f->token, sizeof(f->token), "%s", c->token.name);
+  if (c->has_token) copy_cut(f->token, sizeof(f->token), c->token.name);
   f->has_upstream = c->n_attempts > 0;
   if (c->n_attempts > 0) {
     struct attempt *a = &c->attempts[c->current < c->n_attempts ? c->current : c->n_attempts - 1];
-    snprintf(f->upstream, sizeof(f->upstream), "%s", a->upstream_id);
-    snprintf(f->key_id, sizeof(f->key_id), "%s", a->key_id);
+    copy_cut(f->upstream, sizeof(f->upstream), a->upstream_id);
+    copy_cut(f->key_id, sizeof(f->key_id), a->key_id);
     f->attempts = (unsigned)(c->current + 1);
   }
-  snprintf(f->upstream_result, sizeof(f->upstream_result), "%.39s", result ? result : "");
+  copy_cut(f->upstream_result, sizeof(f->upstream_result), result ? result : "");
   f->upstream_us = upstream_us;
   f->ttfb_us = ttfb_us;
 }
@@ -160,7 +209,7 @@ static void on_upstream_response(void *ud, int status, const char *content_type,
   struct chat *c = ud;
   struct attempt *a = &c->attempts[c->current];
   c->status = status;
-  snprintf(c->content_type, sizeof(c->content_type), "%s",
+  copy_cut(c->content_type, sizeof(c->content_type),
            content_type ? content_type : "application/json");
   c->retry_after[0] = '\0';
   for (size_t i = 0; headers && headers[i]; i++)
@@ -337,31 +386,42 @@ static bool header_passes(const char *name) {
   return strncasecmp(name, "x-zonegate-", 11) != 0;
 }
 
+/* Header lines per attempt held on the stack; more go to the heap. */
+#define INLINE_UPSTREAM_HEADERS 32
+
 static void start_attempt(struct chat *c) {
   struct gateway *gw = c->gw;
   struct attempt *a = &c->attempts[c->current];
   size_t n_client = httpd_req_header_count(c->req);
-  const char **headers = calloc(n_client + 8, sizeof(*headers));
-  char **owned = calloc(n_client + 1, sizeof(*owned));
-  size_t n = 0, n_owned = 0;
+  const char *inline_headers[INLINE_UPSTREAM_HEADERS];
+  size_t max_headers = n_client + 8;
+  const char **headers = inline_headers;
+  if (max_headers > INLINE_UPSTREAM_HEADERS) headers = calloc(max_headers, sizeof(*headers));
+  size_t n = 0;
   char auth[1100] = "";
   char forwarded_for[128];
-  if (!headers || !owned) {
-    free(headers);
-    free(owned);
+  if (!headers) {
     respond_error(c, 500, "server_error", NULL, NULL, "out of memory", "oom");
     return;
   }
+  /* The passing client headers, "Name: value\0" one after the other in the
+   * gateway's reused buffer (upstream_start copies them); pointed at once
+   * the buffer stops growing. */
+  zg_buf *lines = &gw->upstream_header_lines;
+  zg_buf_reset(lines);
+  size_t n_lines = 0;
   for (size_t i = 0; i < n_client; i++) {
     const char *name, *value;
     httpd_req_header_at(c->req, i, &name, &value);
     if (!header_passes(name)) continue;
-    size_t len = strlen(name) + strlen(value) + 3;
-    char *line = malloc(len);
-    if (!line) continue;
-    snprintf(line, len, "%s: %s", name, value);
-    owned[n_owned++] = line;
-    headers[n++] = line;
+    if (zg_buf_append(lines, name, strlen(name)) != 0 || zg_buf_append(lines, ": ", 2) != 0 ||
+        zg_buf_append(lines, value, strlen(value) + 1) != 0)
+      break; /* out of memory: the lines so far are complete */
+    n_lines++;
+  }
+  for (size_t i = 0, at = 0; i < n_lines; i++) {
+    headers[n++] = lines->data + at;
+    at += strlen(lines->data + at) + 1;
   }
   const char *prior = httpd_req_header(c->req, "X-Forwarded-For");
   snprintf(forwarded_for, sizeof(forwarded_for), "X-Forwarded-For: %.60s%s%s", prior ? prior : "",
@@ -398,9 +458,7 @@ static void start_attempt(struct chat *c) {
   c->response.len = 0;
   int rc = upstream_start(gw->upstream, &ureq, &callbacks, c, &c->transfer, err, sizeof(err));
   OPENSSL_cleanse(auth, sizeof(auth));
-  for (size_t i = 0; i < n_owned; i++) free(owned[i]);
-  free(owned);
-  free(headers);
+  if (headers != inline_headers) free(headers);
   if (rc != 0) {
     zg_log(ZG_ERROR, "upstream_start_failed", "%s", err);
     respond_error(c, 502, "upstream_error", "upstream_unreachable", NULL,
@@ -430,6 +488,15 @@ static void on_slot(void *ud, enum limiter_verdict verdict) {
   start_attempt(c);
 }
 
+/* The attempt goes to ep: url = base_url + upstream path, and its id. */
+static void attempt_set_endpoint(const struct chat *c, struct attempt *a,
+                                 const struct gateway_endpoint *ep) {
+  size_t base_len = bounded_len(ep->base_url, sizeof(a->url) - 1);
+  memcpy(a->url, ep->base_url, base_len);
+  copy_cut(a->url + base_len, sizeof(a->url) - base_len, c->upstream_path);
+  copy_cut(a->upstream_id, sizeof(a->upstream_id), ep->upstream_id);
+}
+
 /* Builds the attempt list: provider keys of the primary endpoint in
  * priority order (replicated keys first, else the config api_key), then
  * each fallback endpoint with its own key. */
@@ -444,8 +511,7 @@ static void build_attempts(struct chat *c) {
     if (n_keys == 0) {
       struct attempt *a = new_attempt(c);
       if (!a) break;
-      snprintf(a->url, sizeof(a->url), "%s%s", ep->base_url, c->upstream_path);
-      snprintf(a->upstream_id, sizeof(a->upstream_id), "%s", ep->upstream_id);
+      attempt_set_endpoint(c, a, ep);
       a->api_key = ep->api_key ? strdup(ep->api_key) : NULL;
       continue;
     }
@@ -455,8 +521,7 @@ static void build_attempts(struct chat *c) {
         zg_secret_free(keys[k].secret);
         continue;
       }
-      snprintf(a->url, sizeof(a->url), "%s%s", ep->base_url, c->upstream_path);
-      snprintf(a->upstream_id, sizeof(a->upstream_id), "%s", ep->upstream_id);
+      attempt_set_endpoint(c, a, ep);
       snprintf(a->key_id, sizeof(a->key_id), "%.47s", keys[k].id);
       a->api_key = keys[k].secret;
     }
@@ -465,7 +530,15 @@ static void build_attempts(struct chat *c) {
 
 static struct chat *chat_new(struct gateway *gw, struct httpd_req *req, const char *route,
                              const char *upstream_path) {
-  struct chat *c = calloc(1, sizeof(*c));
+  struct chat *c = gw->chat_pool;
+  if (c) {
+    gw->chat_pool = c->next_pooled;
+    gw->chat_pool_count--;
+    zg_buf_reset(&c->response);
+    memset(&c->gw, 0, sizeof(*c) - offsetof(struct chat, gw));
+  } else {
+    c = calloc(1, sizeof(*c));
+  }
   if (!c) {
     httpd_respond_error(req, 500, "server_error", NULL, NULL, "out of memory");
     return NULL;
@@ -475,8 +548,7 @@ static struct chat *chat_new(struct gateway *gw, struct httpd_req *req, const ch
   c->route = route;
   c->attempts = c->inline_attempts;
   c->method = httpd_req_method(req);
-  snprintf(c->upstream_path, sizeof(c->upstream_path), "%s", upstream_path);
-  zg_buf_init(&c->response);
+  copy_cut(c->upstream_path, sizeof(c->upstream_path), upstream_path);
   return c;
 }
 

@@ -129,8 +129,14 @@ static void on_request_finished(void *ctx, struct httpd_req *req) {
   int status = httpd_req_status(req);
   if (status == 0) status = 499; /* client closed before the answer was complete */
   const char *route = a ? a->route : "invalid";
-  char code[8];
-  snprintf(code, sizeof(code), "%d", status);
+  char code[8] = "499";
+  if (status >= 100 && status <= 999) { /* always, from httpd; hand-written: runs per request */
+    code[0] = (char)('0' + status / 100);
+    code[1] = (char)('0' + status / 10 % 10);
+    code[2] = (char)('0' + status % 10);
+  } else {
+    snprintf(code, sizeof(code), "%d", status);
+  }
   metrics_counter_add(gw->m_requests, 1, route, code);
   uint64_t received = httpd_req_received_us(req);
   uint64_t elapsed_us = received ? zg_mono_us() - received : 0;
@@ -343,7 +349,8 @@ int gateway_start(uv_loop_t *loop, const struct zg_config *cfg, struct gateway *
                      &gw->limiter) != 0 ||
       upstream_client_create(loop, &gw->upstream, errmsg, errlen) != 0) {
     if (!errmsg[0]) snprintf(errmsg, errlen, "out of memory while starting the gateway");
-    return -1; /* the process exits on this path */
+    gateway_close(gw, NULL, NULL); /* released once the caller runs the loop */
+    return -1;
   }
   register_metrics(gw);
   gateway_reload_endpoints(gw);
@@ -358,6 +365,8 @@ int gateway_start(uv_loop_t *loop, const struct zg_config *cfg, struct gateway *
                strrchr(cfg->listen_gateway, ':') + 1, cfg->path);
     else
       snprintf(errmsg, errlen, "listen.gateway: %s", err);
+    gw->http = NULL;
+    gateway_close(gw, NULL, NULL); /* released once the caller runs the loop */
     return -1;
   }
   httpd_set_finish_hook(gw->http, on_request_finished);
@@ -430,6 +439,8 @@ static void part_closed(void *arg) {
   rate_limiter_destroy(gw->rate);
   metrics_destroy(gw->metrics);
   zg_buf_free(&gw->access_line);
+  zg_buf_free(&gw->upstream_header_lines);
+  gateway_free_chat_pool(gw);
   zg_config_free(gw->cfg);
   free(gw);
   if (done) done(done_arg);
@@ -439,12 +450,26 @@ static void on_loop_timer_closed(uv_handle_t *h) {
   part_closed(h->data);
 }
 
+/* Closes whatever exists (also after a start that failed half-way). */
 void gateway_close(struct gateway *gw, void (*done)(void *arg), void *arg) {
   gw->close_done = done;
   gw->close_arg = arg;
-  gw->closing_parts = 4;
-  httpd_close(gw->http, part_closed, gw);
-  limiter_close(gw->limiter, part_closed, gw);
-  upstream_client_close(gw->upstream, part_closed, gw);
-  uv_close((uv_handle_t *)&gw->loop_timer, on_loop_timer_closed);
+  gw->closing_parts = 1; /* released at the end, after every part was asked to close */
+  if (gw->http) {
+    gw->closing_parts++;
+    httpd_close(gw->http, part_closed, gw);
+  }
+  if (gw->limiter) {
+    gw->closing_parts++;
+    limiter_close(gw->limiter, part_closed, gw);
+  }
+  if (gw->upstream) {
+    gw->closing_parts++;
+    upstream_client_close(gw->upstream, part_closed, gw);
+  }
+  if (gw->loop_timer.data) {
+    gw->closing_parts++;
+    uv_close((uv_handle_t *)&gw->loop_timer, on_loop_timer_closed);
+  }
+  part_closed(gw);
 }

@@ -75,6 +75,8 @@ struct gateway_stats {
   unsigned queued;
 };
 
+/* On failure everything created is already closing: run the loop until it
+ * is empty to release it. */
 int gateway_start(uv_loop_t *loop, const struct zg_config *cfg, struct gateway **out, char *errmsg,
                   size_t errlen);
 /* Cluster callbacks; NULL = single node (always active). Borrowed. */

@@ -37,7 +37,10 @@ struct gateway {
   struct metrics *metrics;
   struct gateway_endpoint endpoints[GATEWAY_MAX_ENDPOINTS];
   size_t n_endpoints;
-  zg_buf access_line; /* reused for every access line */
+  zg_buf access_line;           /* reused for every access line */
+  zg_buf upstream_header_lines; /* reused by chat.c for each upstream attempt */
+  struct chat *chat_pool;       /* finished chat requests kept for reuse (chat.c) */
+  size_t chat_pool_count;
   /* metrics */
   struct metric_counter *m_requests;
   struct metric_histogram *m_latency;
@@ -73,6 +76,7 @@ void gateway_handle_chat(struct gateway *gw, struct httpd_req *req);
 void gateway_handle_models(struct gateway *gw, struct httpd_req *req);
 void gateway_reload_endpoints(struct gateway *gw);
 void gateway_free_endpoints(struct gateway *gw);
+void gateway_free_chat_pool(struct gateway *gw);
 
 /* auth.c: 0 = allowed (token filled when auth is on), else it answered. */
 int gateway_authenticate(struct gateway *gw, struct httpd_req *req, struct gateway_token *token);

@@ -1,8 +1,9 @@
 /* gateway/metrics: Prometheus registry. Families sit in a list in
  * registration order; each family keeps its children in a chained hash
  * table keyed by the label values (plus a list in first-use order for
- * rendering). Updating an existing child hashes the values, walks one
- * chain and compares strings: no allocation. Failure modes: a bad name or
+ * rendering). Updating the child updated last compares its strings;
+ * another existing child hashes the values, walks one chain and compares
+ * strings: no allocation. Failure modes: a bad name or
  * out of memory at registration returns NULL (updates on NULL are no-ops);
  * out of memory creating a child drops that one update.
  */
@@ -53,6 +54,7 @@ struct metric_family {
   size_t bucket_count; /* power of two */
   size_t child_count;
   struct metric_child *first_child, *last_child;
+  struct metric_child *last_used; /* checked first: most updates repeat the last labels */
   struct metric_family *next;
 };
 
@@ -242,15 +244,23 @@ static struct metric_child *child_lookup(struct metric_family *family, va_list a
     const char *v = va_arg(ap, const char *);
     values[i] = v ? v : "";
   }
+  struct metric_child *last = family->last_used;
+  if (last) {
+    size_t i = 0;
+    while (i < family->n_labels && strcmp(last->values[i], values[i]) == 0) i++;
+    if (i == family->n_labels) return last;
+  }
   uint64_t hash = hash_values(values, family->n_labels);
   for (struct metric_child *c = family->buckets[hash & (family->bucket_count - 1)]; c;
        c = c->bucket_next) {
     if (c->hash != hash) continue;
     size_t i = 0;
     while (i < family->n_labels && strcmp(c->values[i], values[i]) == 0) i++;
-    if (i == family->n_labels) return c;
+    if (i == family->n_labels) return family->last_used = c;
   }
-  return child_create(family, values, hash);
+  struct metric_child *created = child_create(family, values, hash);
+  if (created) family->last_used = created;
+  return created;
 }
 
 /* ---- registration -------------------------------------------------- */

@@ -17,6 +17,8 @@
 
 #include <http_parser.h>
 #include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,25 +26,44 @@
 
 #define MAX_QUEUED_REQUESTS 32
 #define READ_BUFFER_SIZE 65536
+/* Finished requests kept per server for reuse, with their buffers (so a
+ * keep-alive request allocates nothing in httpd); buffers that grew past
+ * POOLED_BUFFER_MAX are not kept. Under AddressSanitizer nothing is
+ * pooled, so a use after the end of a request is still caught. */
+#if defined(__SANITIZE_ADDRESS__)
+#define REQUEST_POOL_SIZE 0
+#else
+#define REQUEST_POOL_SIZE 64
+#endif
+#define POOLED_BUFFER_MAX (64u * 1024u)
+#define HEADER_NOT_STARTED SIZE_MAX
 
+/* A request header: offsets into the request's header_text while parsing
+ * (the buffer may move as it grows), pointers once the head is complete. */
 struct header {
-  char *name;
-  char *value;
+  size_t name_off, value_off; /* value_off = HEADER_NOT_STARTED until its value */
+  const char *name;
+  const char *value;
 };
 
 struct conn;
 
 struct httpd_req {
+  /* Kept while the request sits in the server's pool (capacity reused). */
+  zg_buf url;         /* request target; split in place into path and query */
+  zg_buf body;        /* NUL-terminated */
+  zg_buf header_text; /* every header's "name\0value\0", one after the other */
+  struct header *headers;
+  size_t cap_headers;
+  /* Per request: req_new zeroes everything from here on. */
   struct conn *conn; /* NULL once the connection is gone */
   struct httpd_server *srv;
   struct httpd_req *next;
   char method[16];
-  zg_buf url;
-  char *path;
-  char *query;
-  struct header *headers;
-  size_t n_headers, cap_headers;
-  zg_buf body;
+  const char *path;   /* in url, or "/" */
+  const char *query;  /* in url, or "" */
+  size_t n_headers;   /* headers parsed so far */
+  bool headers_ready; /* name/value pointers are set */
   char peer_ip[64];
   bool keep_alive;
   bool is_head;
@@ -75,6 +96,11 @@ struct conn {
   int handles_open;
   int pending_writes;
   enum timer_phase phase;
+  /* When on_timer should act (loop ms; 0 = nothing due) and when the uv
+   * timer is armed for (0 = not armed). The timer is restarted only for a
+   * deadline EARLIER than the armed one; firing early, it re-arms for the
+   * rest. So back-to-back keep-alive requests cost no timer operation. */
+  uint64_t deadline_ms, timer_armed_ms;
   char peer_ip[64];
 };
 
@@ -87,7 +113,9 @@ struct httpd_server {
   void (*finish_hook)(void *ctx, struct httpd_req *req);
   void *ctx;
   char response_header[160];
-  zg_buf head; /* response head being built; reused (single-threaded loop) */
+  zg_buf head;                    /* response head being built; reused (single-threaded loop) */
+  struct httpd_req *request_pool; /* finished requests for reuse, via next */
+  size_t request_pool_count;
   struct conn *conns;
   size_t n_conns;
   size_t active_requests;
@@ -104,6 +132,20 @@ static void conn_arm_timer(struct conn *c);
 static void on_timer(uv_timer_t *t);
 static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf);
 static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf);
+
+/* on_timer runs timeout_ms from now (see struct conn). */
+static void conn_set_deadline(struct conn *c, unsigned timeout_ms) {
+  uint64_t now = uv_now(c->srv->loop);
+  c->deadline_ms = now + timeout_ms;
+  if (c->timer_armed_ms && c->timer_armed_ms <= c->deadline_ms) return;
+  c->timer_armed_ms = c->deadline_ms;
+  uv_timer_start(&c->timer, on_timer, timeout_ms, 0);
+}
+
+/* Nothing due; an armed timer fires and finds nothing to do. */
+static void conn_clear_deadline(struct conn *c) {
+  c->deadline_ms = 0;
+}
 static void on_listener_closed(uv_handle_t *h);
 
 /* ---- small helpers -------------------------------------------------- */
@@ -163,27 +205,58 @@ const char *httpd_status_text(int status) {
   }
 }
 
-static void req_free(struct httpd_req *r) {
-  if (!r) return;
+static void req_release_buffers(struct httpd_req *r) {
   zg_buf_free(&r->url);
   zg_buf_free(&r->body);
-  for (size_t i = 0; i < r->n_headers; i++) {
-    free(r->headers[i].name);
-    free(r->headers[i].value);
-  }
+  zg_buf_free(&r->header_text);
   free(r->headers);
-  free(r->path);
+  r->headers = NULL;
+  r->cap_headers = 0;
+}
+
+/* Puts a finished request in its server's pool, or frees it. */
+static void req_free(struct httpd_req *r) {
+  if (!r) return;
+  struct httpd_server *srv = r->srv;
+  bool small = r->url.cap <= POOLED_BUFFER_MAX && r->body.cap <= POOLED_BUFFER_MAX &&
+               r->header_text.cap <= POOLED_BUFFER_MAX;
+  if (srv && !srv->closing && small && srv->request_pool_count + 1 <= REQUEST_POOL_SIZE) {
+    r->next = srv->request_pool;
+    srv->request_pool = r;
+    srv->request_pool_count++;
+    return;
+  }
+  req_release_buffers(r);
   free(r);
 }
 
+static void free_request_pool(struct httpd_server *srv) {
+  while (srv->request_pool) {
+    struct httpd_req *r = srv->request_pool;
+    srv->request_pool = r->next;
+    req_release_buffers(r);
+    free(r);
+  }
+  srv->request_pool_count = 0;
+}
+
 static struct httpd_req *req_new(struct conn *c) {
-  struct httpd_req *r = calloc(1, sizeof(*r));
-  if (!r) return NULL;
+  struct httpd_server *srv = c->srv;
+  struct httpd_req *r = srv->request_pool;
+  if (r) {
+    srv->request_pool = r->next;
+    srv->request_pool_count--;
+    zg_buf_reset(&r->url);
+    zg_buf_reset(&r->body);
+    zg_buf_reset(&r->header_text);
+    memset(&r->conn, 0, sizeof(*r) - offsetof(struct httpd_req, conn));
+  } else {
+    r = calloc(1, sizeof(*r));
+    if (!r) return NULL;
+  }
   r->conn = c;
-  r->srv = c->srv;
+  r->srv = srv;
   r->keep_alive = true;
-  zg_buf_init(&r->url);
-  zg_buf_init(&r->body);
   memcpy(r->peer_ip, c->peer_ip, sizeof(r->peer_ip));
   return r;
 }
@@ -311,18 +384,37 @@ static void head_line(zg_buf *head, const char *a, const char *b) {
   zg_buf_append(head, "\r\n", 2);
 }
 
+/* Appends n in decimal (hand-written: runs for every response). */
+static void append_decimal(zg_buf *head, uint64_t n) {
+  char digits[24];
+  size_t at = sizeof(digits);
+  do {
+    digits[--at] = (char)('0' + n % 10);
+    n /= 10;
+  } while (n);
+  zg_buf_append(head, digits + at, sizeof(digits) - at);
+}
+
 /* Builds the response head into srv->head (reset first); valid until the
- * next call. */
+ * next call. length_or_chunked is a whole header line, or NULL for
+ * "Content-Length: <content_length>". */
 static zg_buf *build_head(struct httpd_req *r, int status, const char *content_type,
-                          const char *const *extra, const char *length_or_chunked) {
+                          const char *const *extra, const char *length_or_chunked,
+                          size_t content_length) {
   zg_buf *head = &r->srv->head;
   zg_buf_reset(head);
   bool closing = !r->keep_alive || r->srv->stopping || (r->conn && r->conn->close_after);
-  char status_line[64];
-  snprintf(status_line, sizeof(status_line), "HTTP/1.1 %d ", status);
-  head_line(head, status_line, httpd_status_text(status));
+  zg_buf_append(head, "HTTP/1.1 ", 9);
+  append_decimal(head, status >= 0 ? (uint64_t)status : 0);
+  head_line(head, " ", httpd_status_text(status));
   if (content_type) head_line(head, "Content-Type: ", content_type);
-  head_line(head, length_or_chunked, NULL);
+  if (length_or_chunked) {
+    head_line(head, length_or_chunked, NULL);
+  } else {
+    zg_buf_append(head, "Content-Length: ", 16);
+    append_decimal(head, content_length);
+    zg_buf_append(head, "\r\n", 2);
+  }
   for (size_t i = 0; extra && extra[i]; i++) head_line(head, extra[i], NULL);
   if (r->srv->response_header[0]) head_line(head, r->srv->response_header, NULL);
   head_line(head, closing ? "Connection: close\r\n" : "Connection: keep-alive\r\n", NULL);
@@ -336,9 +428,7 @@ void httpd_respond(struct httpd_req *r, int status, const char *content_type,
   r->started = true;
   r->status = status;
   if (r->conn) {
-    char length[64];
-    snprintf(length, sizeof(length), "Content-Length: %zu", len);
-    zg_buf *head = build_head(r, status, content_type, extra_headers, length);
+    zg_buf *head = build_head(r, status, content_type, extra_headers, NULL, len);
     conn_write(r->conn, head->data, head->len, body, r->is_head ? 0 : len);
     r->bytes_sent = r->is_head ? 0 : len;
   }
@@ -390,7 +480,8 @@ void httpd_stream_begin(struct httpd_req *r, int status, const char *content_typ
   r->streaming = true;
   r->status = status;
   if (!r->conn) return;
-  zg_buf *head = build_head(r, status, content_type, extra_headers, "Transfer-Encoding: chunked");
+  zg_buf *head =
+      build_head(r, status, content_type, extra_headers, "Transfer-Encoding: chunked", 0);
   conn_write(r->conn, head->data, head->len, NULL, 0);
 }
 
@@ -455,13 +546,14 @@ const char *httpd_req_query_param(const struct httpd_req *r, const char *name, c
 }
 
 const char *httpd_req_header(const struct httpd_req *r, const char *name) {
+  if (!r->headers_ready) return NULL;
   for (size_t i = 0; i < r->n_headers; i++)
     if (strcasecmp(r->headers[i].name, name) == 0) return r->headers[i].value;
   return NULL;
 }
 
 size_t httpd_req_header_count(const struct httpd_req *r) {
-  return r->n_headers;
+  return r->headers_ready ? r->n_headers : 0;
 }
 
 void httpd_req_header_at(const struct httpd_req *r, size_t i, const char **name,
@@ -528,8 +620,8 @@ static int on_message_begin(http_parser *p) {
   if (!c->parsing) return -1;
   c->phase = PHASE_REQUEST;
   /* client_timeout runs from the request's first byte; later reads do not
-   * extend it (conn_arm_timer leaves a running request timer alone). */
-  uv_timer_start(&c->timer, on_timer, c->srv->limits.client_timeout_ms, 0);
+   * extend it (conn_arm_timer leaves a request deadline alone). */
+  conn_set_deadline(c, c->srv->limits.client_timeout_ms);
   return 0;
 }
 
@@ -539,11 +631,17 @@ static int on_url(http_parser *p, const char *at, size_t len) {
   return zg_buf_append(&c->parsing->url, at, len);
 }
 
+/* Appends the terminating NUL of the name or value being parsed. */
+static int header_text_end_piece(struct httpd_req *r) {
+  return zg_buf_append(&r->header_text, "", 1);
+}
+
 static int on_header_field(http_parser *p, const char *at, size_t len) {
   struct conn *c = p->data;
   struct httpd_req *r = c->parsing;
   if (count_header_bytes(c, len)) return -1;
   if (r->n_headers == 0 || c->header_value_last) {
+    if (r->n_headers > 0 && header_text_end_piece(r) != 0) return -1; /* previous value */
     if (r->n_headers == r->cap_headers) {
       size_t cap = r->cap_headers ? r->cap_headers * 2 : 16;
       struct header *h = realloc(r->headers, cap * sizeof(*h));
@@ -551,20 +649,12 @@ static int on_header_field(http_parser *p, const char *at, size_t len) {
       r->headers = h;
       r->cap_headers = cap;
     }
-    r->headers[r->n_headers].name = strndup(at, len);
-    r->headers[r->n_headers].value = strdup("");
-    r->n_headers++;
-  } else {
-    struct header *h = &r->headers[r->n_headers - 1];
-    size_t old = strlen(h->name);
-    char *name = realloc(h->name, old + len + 1);
-    if (!name) return -1;
-    memcpy(name + old, at, len);
-    name[old + len] = '\0';
-    h->name = name;
+    struct header *h = &r->headers[r->n_headers++];
+    h->name_off = r->header_text.len;
+    h->value_off = HEADER_NOT_STARTED;
   }
   c->header_value_last = false;
-  return 0;
+  return zg_buf_append(&r->header_text, at, len); /* the name, or more of it */
 }
 
 static int on_header_value(http_parser *p, const char *at, size_t len) {
@@ -573,20 +663,40 @@ static int on_header_value(http_parser *p, const char *at, size_t len) {
   if (count_header_bytes(c, len)) return -1;
   if (r->n_headers == 0) return -1;
   struct header *h = &r->headers[r->n_headers - 1];
-  size_t old = strlen(h->value);
-  char *value = realloc(h->value, old + len + 1);
-  if (!value) return -1;
-  memcpy(value + old, at, len);
-  value[old + len] = '\0';
-  h->value = value;
+  if (h->value_off == HEADER_NOT_STARTED) {
+    if (header_text_end_piece(r) != 0) return -1; /* the name */
+    h->value_off = r->header_text.len;
+  }
   c->header_value_last = true;
+  return zg_buf_append(&r->header_text, at, len);
+}
+
+/* Ends the last header and points every header into header_text. */
+static int finish_headers(struct httpd_req *r) {
+  if (r->n_headers > 0) {
+    struct header *last = &r->headers[r->n_headers - 1];
+    if (last->value_off == HEADER_NOT_STARTED) { /* a name without a value: "" */
+      if (header_text_end_piece(r) != 0) return -1;
+      last->value_off = r->header_text.len;
+    }
+    if (header_text_end_piece(r) != 0) return -1;
+  }
+  for (size_t i = 0; i < r->n_headers; i++) {
+    r->headers[i].name = r->header_text.data + r->headers[i].name_off;
+    r->headers[i].value = r->header_text.data + r->headers[i].value_off;
+  }
+  r->headers_ready = true;
   return 0;
 }
 
 static int on_headers_complete(http_parser *p) {
   struct conn *c = p->data;
   struct httpd_req *r = c->parsing;
-  snprintf(r->method, sizeof(r->method), "%s", http_method_str((enum http_method)p->method));
+  if (finish_headers(r) != 0) return -1;
+  const char *method = http_method_str((enum http_method)p->method);
+  size_t method_len = strnlen(method, sizeof(r->method) - 1);
+  memcpy(r->method, method, method_len);
+  r->method[method_len] = '\0';
   r->is_head = p->method == HTTP_HEAD;
   r->keep_alive = http_should_keep_alive(p) != 0;
   if (p->content_length != ULLONG_MAX && p->content_length > c->srv->limits.max_body_bytes)
@@ -600,19 +710,12 @@ static int on_headers_complete(http_parser *p) {
     static const char interim[] = "HTTP/1.1 100 Continue\r\n\r\n";
     conn_write(c, interim, sizeof(interim) - 1, NULL, 0);
   }
-  const char *url = r->url.data ? r->url.data : "/";
-  const char *q = strchr(url, '?');
-  size_t path_len = q ? (size_t)(q - url) : strlen(url);
-  size_t total = strlen(url);
-  r->path = malloc(total + 2);
-  if (!r->path) return -1;
-  memcpy(r->path, url, path_len);
-  r->path[path_len] = '\0';
-  r->query = r->path + path_len + 1;
-  if (q)
-    memcpy(r->query, q + 1, total - path_len); /* includes the NUL */
-  else
-    r->query[0] = '\0';
+  /* Split the target in place: the path ends where the query begins. */
+  char *url = r->url.len ? r->url.data : NULL;
+  char *q = url ? strchr(url, '?') : NULL;
+  if (q) *q = '\0';
+  r->path = url ? url : "/";
+  r->query = q ? q + 1 : "";
   return 0;
 }
 
@@ -651,6 +754,7 @@ static void server_maybe_closed(struct httpd_server *srv) {
     void (*done)(void *) = srv->close_done;
     void *arg = srv->close_arg;
     zg_buf_free(&srv->head);
+    free_request_pool(srv);
     free(srv);
     if (done) done(arg);
   }
@@ -704,7 +808,15 @@ static void conn_close(struct conn *c) {
 
 static void on_timer(uv_timer_t *t) {
   struct conn *c = t->data;
-  if (c->closing) return;
+  c->timer_armed_ms = 0;
+  if (c->closing || !c->deadline_ms) return;
+  uint64_t now = uv_now(c->srv->loop);
+  if (now < c->deadline_ms) { /* the deadline moved later since arming */
+    c->timer_armed_ms = c->deadline_ms;
+    uv_timer_start(&c->timer, on_timer, c->deadline_ms - now, 0);
+    return;
+  }
+  c->deadline_ms = 0;
   if (c->phase == PHASE_REQUEST && c->saw_bytes) {
     /* Slow or stalled client: answer 408 after earlier answers, then close. */
     if (c->parsing) {
@@ -726,15 +838,14 @@ static void conn_arm_timer(struct conn *c) {
   if (c->closing) return;
   if (c->phase == PHASE_REQUEST) {
     /* A trickling client must not push its own deadline back. */
-    if (!uv_is_active((uv_handle_t *)&c->timer))
-      uv_timer_start(&c->timer, on_timer, c->srv->limits.client_timeout_ms, 0);
+    if (!c->deadline_ms) conn_set_deadline(c, c->srv->limits.client_timeout_ms);
   } else if (!c->saw_bytes && !c->inflight && !c->queue_head) {
-    uv_timer_start(&c->timer, on_timer, c->srv->limits.client_timeout_ms, 0);
+    conn_set_deadline(c, c->srv->limits.client_timeout_ms);
   } else if (!c->inflight && !c->queue_head && !c->parsing) {
     c->phase = PHASE_IDLE;
-    uv_timer_start(&c->timer, on_timer, c->srv->limits.keepalive_timeout_ms, 0);
+    conn_set_deadline(c, c->srv->limits.keepalive_timeout_ms);
   } else {
-    uv_timer_stop(&c->timer);
+    conn_clear_deadline(c);
   }
 }
 

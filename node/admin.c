@@ -495,6 +495,12 @@ static void add_member(struct admin_req *a) {
   if (rc != 0) on_write_done(a, rc, consensus_strerror(rc), NULL);
 }
 
+static void on_drill_timer(uv_timer_t *t) {
+  struct node *n = t->data;
+  if (n->drill_crash) _exit(137); /* abrupt, as a crash: no drain, no handover */
+  failover_drill_freeze(n->failover, n->drill_freeze_ms);
+}
+
 static void drill(struct admin_req *a, const char *kind) {
   struct node *n = a->node;
   if (!n->cfg->drills_enabled) {
@@ -520,18 +526,18 @@ static void drill(struct admin_req *a, const char *kind) {
   cJSON_AddStringToObject(answer, "node", n->cfg->node_id);
   cJSON_AddNumberToObject(answer, "duration_ms", duration);
   cJSON_AddNumberToObject(answer, "injected_at_ms", (double)zg_wall_ms());
-  if (!strcmp(kind, "crash")) {
+  if (!strcmp(kind, "crash") || !strcmp(kind, "freeze")) {
+    /* Answer first; the fault runs from a timer a moment later, once the
+     * answer has been written (never a nested uv_run). */
     json_answer(a->req, 200, answer, NULL);
     admin_req_free(a);
-    /* Abrupt exit, as a crash: no drain, no handover. Flushed answer first. */
-    uv_run(n->loop, UV_RUN_NOWAIT);
-    _exit(137);
-  }
-  if (!strcmp(kind, "freeze")) {
-    json_answer(a->req, 200, answer, NULL);
-    admin_req_free(a);
-    uv_run(n->loop, UV_RUN_NOWAIT);
-    failover_drill_freeze(n->failover, duration);
+    n->drill_crash = !strcmp(kind, "crash");
+    n->drill_freeze_ms = duration;
+    if (!n->drill_timer.data) {
+      uv_timer_init(n->loop, &n->drill_timer);
+      n->drill_timer.data = n;
+    }
+    uv_timer_start(&n->drill_timer, on_drill_timer, 20, 0);
     return;
   }
   if (!strcmp(kind, "isolate")) {

@@ -33,6 +33,9 @@ struct node {
   bool draining;
   bool switching_over; /* SIGTERM on the active: planned handover first */
   bool literal_keys_seeded;
+  uv_timer_t drill_timer; /* crash / freeze drills; data set once initialised */
+  bool drill_crash;
+  unsigned drill_freeze_ms;
   int exit_code;
   int closing_parts;
 };

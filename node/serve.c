@@ -101,6 +101,8 @@ static void on_part_closed(void *arg) {
   if (--n->closing_parts == 0) uv_stop(n->loop);
 }
 
+static void close_parts(struct node *n);
+
 static void finish_shutdown(struct node *n) {
   uv_timer_stop(&n->drain_timer);
   size_t left = n->gateway ? gateway_active_requests(n->gateway) : 0;
@@ -113,6 +115,13 @@ static void finish_shutdown(struct node *n) {
   uv_close((uv_handle_t *)&n->sigint, NULL);
   uv_close((uv_handle_t *)&n->sighup, NULL);
   uv_close((uv_handle_t *)&n->drain_timer, NULL);
+  if (n->drill_timer.data) uv_close((uv_handle_t *)&n->drill_timer, NULL);
+  close_parts(n);
+}
+
+/* Asks every running part to close; uv_stop() once all have. Also used
+ * when start fails half-way (then the caller runs the loop). */
+static void close_parts(struct node *n) {
   n->closing_parts = 1; /* released below, after every part was asked to close */
   if (n->alerts) {      /* first: it borrows consensus, failover and gateway */
     n->closing_parts++;
@@ -135,8 +144,10 @@ static void finish_shutdown(struct node *n) {
     n->closing_parts++;
     upstream_client_close(n->admin_client, on_part_closed, n);
   }
-  n->closing_parts++;
-  gateway_close(n->gateway, on_part_closed, n);
+  if (n->gateway) {
+    n->closing_parts++;
+    gateway_close(n->gateway, on_part_closed, n);
+  }
   on_part_closed(n);
 }
 
@@ -278,20 +289,21 @@ int node_serve(int argc, char **argv) {
   if (gateway_start(n.loop, n.cfg, &n.gateway, err, sizeof(err)) != 0) {
     fprintf(stderr, "error: %s\n", err);
     zg_log(ZG_ERROR, "start_failed", "%s", err);
+    uv_run(n.loop, UV_RUN_DEFAULT); /* lets the half-started gateway close */
     zg_config_free(n.cfg);
     return 1;
   }
   if (bootstrap_hash[0]) gateway_add_token(n.gateway, "bootstrap", bootstrap_hash);
   if (node_cluster_start(&n, err, sizeof(err)) != 0 ||
-      node_admin_start(&n, err, sizeof(err)) != 0) {
-    fprintf(stderr, "error: %s\n", err);
-    zg_log(ZG_ERROR, "start_failed", "%s", err);
-    return 1;
-  }
-  if (alerts_start(n.loop, n.cfg->node_id, n.consensus, n.failover, n.gateway, &n.alerts, err,
+      node_admin_start(&n, err, sizeof(err)) != 0 ||
+      alerts_start(n.loop, n.cfg->node_id, n.consensus, n.failover, n.gateway, &n.alerts, err,
                    sizeof(err)) != 0) {
     fprintf(stderr, "error: %s\n", err);
     zg_log(ZG_ERROR, "start_failed", "%s", err);
+    close_parts(&n);
+    uv_run(n.loop, UV_RUN_DEFAULT);
+    zg_secret_free(n.admin_token);
+    zg_config_free(n.cfg);
     return 1;
   }
   /* Replicated config in a cluster (it may have been applied before the

@@ -9,9 +9,15 @@
  * and the end to on_done.
  *
  * Phase timeouts: curl enforces the connect timeout; after that one uv timer
- * per transfer is re-armed at each phase change (request sent, each response
- * piece) with the earliest deadline among first byte / idle / total, and the
- * callback it is armed with names the timeout that fired (h2o style).
+ * per transfer watches the earliest deadline among first byte / idle /
+ * total. It is restarted only when a deadline comes EARLIER than the one it
+ * is armed for; when it fires, the deadline that applies now is computed
+ * again and either its timeout fires or the timer is re-armed for the rest
+ * (a response piece that pushes the idle deadline back costs nothing).
+ *
+ * Per-request allocations are few: the request headers for curl are one
+ * block, the response header lines one growing buffer, and easy handles and
+ * transfer structs (released from the timer's close callback) are pooled.
  *
  * Failure modes: curl errors are classified into enum upstream_result (see
  * upstream.h). User callbacks run inside curl_multi_socket_action(), where
@@ -25,6 +31,7 @@
 
 #include <curl/curl.h>
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -39,6 +46,14 @@
 /* Easy handles kept for reuse after their transfer (curl_easy_reset keeps
  * their buffers; the connection and DNS caches belong to the multi). */
 #define UPSTREAM_EASY_POOL_SIZE 256
+/* Finished transfer structs kept for reuse (with their header buffer).
+ * Under AddressSanitizer nothing is pooled, so a use after the end of a
+ * transfer is still caught. */
+#if defined(__SANITIZE_ADDRESS__)
+#define UPSTREAM_TRANSFER_POOL_SIZE 0
+#else
+#define UPSTREAM_TRANSFER_POOL_SIZE 256
+#endif
 
 enum transfer_phase {
   PHASE_CONNECTING,         /* DNS, TCP, TLS (curl's connect timeout) */
@@ -73,16 +88,29 @@ struct upstream_fd_slot {
 };
 
 struct upstream_transfer {
+  /* Kept while the transfer sits in the client's pool (capacity reused):
+   * the response header lines of the response being received, each stored
+   * NUL-terminated one after the other in one growing buffer. */
+  char *response_header_text;
+  size_t response_header_text_cap;
+  /* Per transfer: acquire_transfer zeroes everything from here on. */
   struct upstream_client *client;
   struct upstream_transfer *prev, *next; /* in client->transfers while linked */
   bool linked;
   CURL *easy;
+  /* The request's header lines for curl, in ONE allocation (see
+   * build_request_headers); freed with free(). */
   struct curl_slist *request_headers;
   struct upstream_callbacks cb;
   void *ud;
   struct upstream_timeouts timeouts;
 
   uv_timer_t phase_timer; /* phase_timer.data = this */
+  /* Deadline the phase timer is armed for (loop ms); 0 = not armed. The
+   * timer is re-armed only when a phase needs an EARLIER deadline; when it
+   * fires early (the deadline moved later meanwhile) on_phase_timer re-arms
+   * it for what is left. So a response piece costs no timer operation. */
+  uint64_t phase_timer_armed_ms;
   enum transfer_phase phase;
   uint64_t start_loop_ms, request_sent_loop_ms, last_activity_loop_ms;
   uint64_t start_us, connected_us, first_byte_us, done_us; /* monotonic, 0 = not yet */
@@ -93,7 +121,7 @@ struct upstream_transfer {
   bool finished;     /* detached; on_done running or done */
   bool response_delivered;
 
-  char **response_headers; /* NULL-terminated while n > 0 */
+  size_t response_header_text_len; /* bytes used in response_header_text */
   size_t response_header_count;
   bool has_forced_result;
   enum upstream_result forced_result;
@@ -114,6 +142,9 @@ struct upstream_client {
   CURL *easy_pool[UPSTREAM_EASY_POOL_SIZE];
   size_t easy_pool_count;
   struct upstream_transfer *transfers;
+  /* Finished transfers (timer closed) kept for reuse, via next. */
+  struct upstream_transfer *transfer_pool;
+  size_t transfer_pool_count;
   struct upstream_socket_watch *watches;
   size_t active;
   size_t open_handles;    /* uv handles not yet through their close callback */
@@ -195,18 +226,30 @@ static void close_watch(struct upstream_socket_watch *w) {
   uv_close((uv_handle_t *)&w->poll, on_watch_closed);
 }
 
+static void free_transfer_memory(struct upstream_transfer *t) {
+  free(t->response_header_text);
+  free(t);
+}
+
+/* The transfer's memory is released (pooled, or freed) only here. */
 static void on_transfer_timer_closed(uv_handle_t *h) {
   struct upstream_transfer *t = h->data;
   struct upstream_client *c = t->client;
-  free(t);
+  if (!c->closing && c->transfer_pool_count + 1 <= UPSTREAM_TRANSFER_POOL_SIZE) {
+    t->next = c->transfer_pool;
+    c->transfer_pool = t;
+    c->transfer_pool_count++;
+  } else {
+    free_transfer_memory(t);
+  }
   c->open_handles--;
   maybe_free_client(c);
 }
 
-static void free_response_headers(struct upstream_transfer *t) {
-  for (size_t i = 0; i < t->response_header_count; i++) free(t->response_headers[i]);
-  free(t->response_headers);
-  t->response_headers = NULL;
+/* Forgets the stored response header lines (an interim response, or
+ * after delivery); the buffer is kept for reuse. */
+static void forget_response_headers(struct upstream_transfer *t) {
+  t->response_header_text_len = 0;
   t->response_header_count = 0;
 }
 
@@ -217,6 +260,7 @@ static void detach_transfer(struct upstream_transfer *t) {
   if (!t->cancelled && !t->finished) c->active--;
   t->finished = true;
   uv_timer_stop(&t->phase_timer);
+  t->phase_timer_armed_ms = 0;
   if (t->linked) {
     if (t->prev)
       t->prev->next = t->next;
@@ -251,9 +295,9 @@ static CURL *acquire_easy(struct upstream_client *c) {
 static void dispose_transfer(struct upstream_transfer *t) {
   release_easy(t->client, t->easy);
   t->easy = NULL;
-  curl_slist_free_all(t->request_headers);
+  free(t->request_headers);
   t->request_headers = NULL;
-  free_response_headers(t);
+  forget_response_headers(t);
   uv_close((uv_handle_t *)&t->phase_timer, on_transfer_timer_closed);
 }
 
@@ -269,55 +313,83 @@ static void finish_transfer(struct upstream_transfer *t, enum upstream_result re
 
 /* ---- phase timer ----------------------------------------------------- */
 
-static void on_first_byte_timeout(uv_timer_t *h) {
-  struct upstream_transfer *t = h->data;
+static void on_first_byte_timeout(struct upstream_transfer *t) {
   snprintf(t->error_text, sizeof t->error_text, "no response byte within %u ms",
            t->timeouts.first_byte_ms);
   finish_transfer(t, UPSTREAM_FIRST_BYTE_TIMEOUT, t->error_text);
 }
 
-static void on_idle_timeout(uv_timer_t *h) {
-  struct upstream_transfer *t = h->data;
+static void on_idle_timeout(struct upstream_transfer *t) {
   snprintf(t->error_text, sizeof t->error_text, "response idle for %u ms", t->timeouts.idle_ms);
   finish_transfer(t, UPSTREAM_IDLE_TIMEOUT, t->error_text);
 }
 
-static void on_total_timeout(uv_timer_t *h) {
-  struct upstream_transfer *t = h->data;
+static void on_total_timeout(struct upstream_transfer *t) {
   snprintf(t->error_text, sizeof t->error_text, "transfer exceeded %u ms total",
            t->timeouts.total_ms);
   finish_transfer(t, UPSTREAM_TOTAL_TIMEOUT, t->error_text);
 }
 
-/* Arms the transfer's one timer with the earliest deadline that applies in
- * the current phase; the callback chosen names that timeout. */
-static void arm_phase_timer(struct upstream_transfer *t) {
-  uint64_t now = uv_now(t->client->loop);
+typedef void (*phase_timeout_fn)(struct upstream_transfer *t);
+
+/* The earliest deadline (loop ms) that applies in the current phase, and
+ * the timeout it names; UINT64_MAX and NULL when none applies. */
+static uint64_t phase_deadline(const struct upstream_transfer *t, phase_timeout_fn *fire) {
   uint64_t deadline = UINT64_MAX;
-  uv_timer_cb fire = NULL;
+  *fire = NULL;
   if (t->timeouts.total_ms) {
     deadline = t->start_loop_ms + t->timeouts.total_ms;
-    fire = on_total_timeout;
+    *fire = on_total_timeout;
   }
   if (t->phase == PHASE_WAITING_FIRST_BYTE && t->timeouts.first_byte_ms) {
     uint64_t first_byte_deadline = t->request_sent_loop_ms + t->timeouts.first_byte_ms;
     if (first_byte_deadline < deadline) {
       deadline = first_byte_deadline;
-      fire = on_first_byte_timeout;
+      *fire = on_first_byte_timeout;
     }
   }
   if (t->phase == PHASE_RECEIVING && t->timeouts.idle_ms) {
     uint64_t idle_deadline = t->last_activity_loop_ms + t->timeouts.idle_ms;
     if (idle_deadline < deadline) {
       deadline = idle_deadline;
-      fire = on_idle_timeout;
+      *fire = on_idle_timeout;
     }
   }
-  if (!fire) {
-    uv_timer_stop(&t->phase_timer);
+  return deadline;
+}
+
+static void on_phase_timer(uv_timer_t *h);
+
+static void start_phase_timer(struct upstream_transfer *t, uint64_t deadline) {
+  uint64_t now = uv_now(t->client->loop);
+  t->phase_timer_armed_ms = deadline;
+  uv_timer_start(&t->phase_timer, on_phase_timer, deadline > now ? deadline - now : 0, 0);
+}
+
+/* Makes sure the timer fires no later than the earliest deadline of the
+ * current phase. A timer already armed for an earlier moment is left alone
+ * (on_phase_timer re-checks when it fires). */
+static void arm_phase_timer(struct upstream_transfer *t) {
+  phase_timeout_fn fire;
+  uint64_t deadline = phase_deadline(t, &fire);
+  if (!fire) return; /* none applies; an armed timer finds nothing due */
+  if (t->phase_timer_armed_ms && t->phase_timer_armed_ms <= deadline) return;
+  start_phase_timer(t, deadline);
+}
+
+/* Fires the timeout that is due, or re-arms for the deadline that moved
+ * later since the timer was armed. */
+static void on_phase_timer(uv_timer_t *h) {
+  struct upstream_transfer *t = h->data;
+  t->phase_timer_armed_ms = 0;
+  phase_timeout_fn fire;
+  uint64_t deadline = phase_deadline(t, &fire);
+  if (!fire) return;
+  if (deadline > uv_now(t->client->loop)) {
+    start_phase_timer(t, deadline);
     return;
   }
-  uv_timer_start(&t->phase_timer, fire, deadline > now ? deadline - now : 0, 0);
+  fire(t);
 }
 
 /* ---- curl easy callbacks (run inside curl_multi_socket_action) ------- */
@@ -342,10 +414,11 @@ static void note_response_activity(struct upstream_transfer *t) {
   arm_phase_timer(t);
 }
 
-static const char *find_content_type(struct upstream_transfer *t) {
+/* The Content-Type value among the header lines, or NULL. */
+static const char *find_content_type(const char *const *lines) {
   static const char name[] = "content-type:";
-  for (size_t i = 0; i < t->response_header_count; i++) {
-    const char *line = t->response_headers[i];
+  for (size_t i = 0; lines[i]; i++) {
+    const char *line = lines[i];
     if (strncasecmp(line, name, sizeof name - 1) == 0) {
       const char *value = line + sizeof name - 1;
       while (*value == ' ' || *value == '\t') value++;
@@ -359,25 +432,33 @@ static void deliver_response(struct upstream_transfer *t) {
   long status = 0;
   curl_easy_getinfo(t->easy, CURLINFO_RESPONSE_CODE, &status);
   t->response_delivered = true;
-  static const char *const no_headers[] = {NULL};
-  const char *const *headers =
-      t->response_header_count ? (const char *const *)t->response_headers : no_headers;
-  if (t->cb.on_response) t->cb.on_response(t->ud, (int)status, find_content_type(t), headers);
-  free_response_headers(t);
+  /* Point at each stored NUL-terminated line, in order. */
+  const char *lines[UPSTREAM_MAX_RESPONSE_HEADERS + 1];
+  const char *at = t->response_header_text;
+  for (size_t i = 0; i < t->response_header_count; i++) {
+    lines[i] = at;
+    at += strlen(at) + 1;
+  }
+  lines[t->response_header_count] = NULL;
+  if (t->cb.on_response) t->cb.on_response(t->ud, (int)status, find_content_type(lines), lines);
+  forget_response_headers(t);
 }
 
 static int add_response_header(struct upstream_transfer *t, const char *line, size_t len) {
   if (t->response_header_count >= UPSTREAM_MAX_RESPONSE_HEADERS) return -1;
-  char **grown =
-      realloc(t->response_headers, (t->response_header_count + 2) * sizeof t->response_headers[0]);
-  if (!grown) return -1;
-  t->response_headers = grown;
-  char *copy = malloc(len + 1);
-  if (!copy) return -1;
-  memcpy(copy, line, len);
-  copy[len] = '\0';
-  t->response_headers[t->response_header_count++] = copy;
-  t->response_headers[t->response_header_count] = NULL;
+  size_t need = t->response_header_text_len + len + 1;
+  if (need > t->response_header_text_cap) {
+    size_t cap = t->response_header_text_cap ? t->response_header_text_cap * 2 : 512;
+    while (cap < need) cap *= 2;
+    char *grown = realloc(t->response_header_text, cap);
+    if (!grown) return -1;
+    t->response_header_text = grown;
+    t->response_header_text_cap = cap;
+  }
+  memcpy(t->response_header_text + t->response_header_text_len, line, len);
+  t->response_header_text[t->response_header_text_len + len] = '\0';
+  t->response_header_text_len = need;
+  t->response_header_count++;
   return 0;
 }
 
@@ -391,14 +472,14 @@ static size_t on_curl_header(char *buffer, size_t size, size_t nitems, void *use
   size_t line_len = len;
   while (line_len > 0 && (buffer[line_len - 1] == '\n' || buffer[line_len - 1] == '\r')) line_len--;
   if (line_len >= 5 && memcmp(buffer, "HTTP/", 5) == 0) {
-    free_response_headers(t); /* a new status line: forget any interim response */
+    forget_response_headers(t); /* a new status line: forget any interim response */
     return len;
   }
   if (line_len == 0) {
     long status = 0;
     curl_easy_getinfo(t->easy, CURLINFO_RESPONSE_CODE, &status);
     if (status >= 100 && status < 200) {
-      free_response_headers(t);
+      forget_response_headers(t);
       return len;
     }
     deliver_response(t);
@@ -767,6 +848,12 @@ static void do_close(struct upstream_client *c) {
   curl_multi_cleanup(multi); /* may announce REMOVE and close cached connections */
   c->multi = NULL;
   while (c->easy_pool_count > 0) curl_easy_cleanup(c->easy_pool[--c->easy_pool_count]);
+  while (c->transfer_pool) {
+    struct upstream_transfer *t = c->transfer_pool;
+    c->transfer_pool = t->next;
+    free_transfer_memory(t);
+  }
+  c->transfer_pool_count = 0;
   while (c->watches) close_watch(c->watches);
   free(c->fds);
   c->fds = NULL;
@@ -852,29 +939,52 @@ static int configure_easy(struct upstream_transfer *t, const struct upstream_req
   return rc == CURLE_OK ? 0 : -1;
 }
 
-static int copy_request_headers(struct upstream_transfer *t, const char *const *headers,
-                                char *errmsg, size_t errlen) {
-  for (size_t i = 0; headers && headers[i]; i++) {
-    const char *line = headers[i];
+/* Builds t->request_headers: the caller's lines and then "Expect:" (no
+ * "Expect: 100-continue" round trip before the body), as a curl_slist
+ * (a public struct) whose nodes and text share ONE allocation, instead of
+ * two allocations per line with curl_slist_append. Freed with free(). */
+static int build_request_headers(struct upstream_transfer *t, const char *const *headers,
+                                 char *errmsg, size_t errlen) {
+  static const char no_expect[] = "Expect:";
+  size_t n = 0, text_len = sizeof no_expect;
+  for (; headers && headers[n]; n++) {
+    const char *line = headers[n];
     if (strpbrk(line, "\r\n")) {
       /* Name only: the value may be a secret. */
       size_t name_len = strcspn(line, ":\r\n");
-      snprintf(errmsg, errlen, "request header %d (\"%.*s\") contains CR or LF", (int)i,
+      snprintf(errmsg, errlen, "request header %d (\"%.*s\") contains CR or LF", (int)n,
                (int)(name_len > 64 ? 64 : name_len), line);
       return -1;
     }
-    struct curl_slist *grown = curl_slist_append(t->request_headers, line);
-    if (!grown) goto oom;
-    t->request_headers = grown;
+    text_len += strlen(line) + 1;
   }
-  /* No "Expect: 100-continue" round trip before the body. */
-  struct curl_slist *grown = curl_slist_append(t->request_headers, "Expect:");
-  if (!grown) goto oom;
-  t->request_headers = grown;
+  struct curl_slist *nodes = malloc((n + 1) * sizeof *nodes + text_len);
+  if (!nodes) {
+    snprintf(errmsg, errlen, "request headers: out of memory");
+    return -1;
+  }
+  char *text = (char *)(nodes + n + 1);
+  for (size_t i = 0; i <= n; i++) {
+    const char *line = i < n ? headers[i] : no_expect;
+    size_t len = strlen(line) + 1;
+    memcpy(text, line, len);
+    nodes[i].data = text;
+    nodes[i].next = i < n ? &nodes[i + 1] : NULL;
+    text += len;
+  }
+  t->request_headers = nodes;
   return 0;
-oom:
-  snprintf(errmsg, errlen, "curl_slist_append(): out of memory");
-  return -1;
+}
+
+/* A zeroed transfer, from the pool when one is there (its header buffer
+ * kept), else newly allocated. NULL when out of memory. */
+static struct upstream_transfer *acquire_transfer(struct upstream_client *c) {
+  struct upstream_transfer *t = c->transfer_pool;
+  if (!t) return calloc(1, sizeof *t);
+  c->transfer_pool = t->next;
+  c->transfer_pool_count--;
+  memset(&t->client, 0, sizeof *t - offsetof(struct upstream_transfer, client));
+  return t;
 }
 
 int upstream_start(struct upstream_client *c, const struct upstream_request *req,
@@ -889,7 +999,7 @@ int upstream_start(struct upstream_client *c, const struct upstream_request *req
     snprintf(errmsg, errlen, "upstream_start(): client is closing");
     return -1;
   }
-  struct upstream_transfer *t = calloc(1, sizeof *t);
+  struct upstream_transfer *t = acquire_transfer(c);
   if (!t) {
     snprintf(errmsg, errlen, "upstream_start(): out of memory");
     return -1;
@@ -906,7 +1016,7 @@ int upstream_start(struct upstream_client *c, const struct upstream_request *req
     snprintf(errmsg, errlen, "curl_easy_init() failed");
     goto err_after_alloc;
   }
-  if (copy_request_headers(t, req->headers, errmsg, errlen) != 0) goto err_after_easy;
+  if (build_request_headers(t, req->headers, errmsg, errlen) != 0) goto err_after_easy;
   if (configure_easy(t, req, errmsg, errlen) != 0) goto err_after_easy;
   if (c->in_multi_call > 0) {
     t->needs_attach = true; /* curl is on the stack: add after it returns */
@@ -928,9 +1038,9 @@ int upstream_start(struct upstream_client *c, const struct upstream_request *req
 
 err_after_easy:
   release_easy(c, t->easy);
-  curl_slist_free_all(t->request_headers);
+  free(t->request_headers);
 err_after_alloc:
-  free(t);
+  free_transfer_memory(t);
   return -1;
 }
 
@@ -940,6 +1050,7 @@ void upstream_cancel(struct upstream_transfer *t) {
   t->cancelled = true;
   c->active--;
   uv_timer_stop(&t->phase_timer);
+  t->phase_timer_armed_ms = 0;
   if (c->in_multi_call > 0) {
     c->deferred_work = true; /* its curl callbacks now return "abort" */
     return;
