@@ -6,11 +6,8 @@ import json
 import os
 import signal
 import subprocess
-import time
-import urllib.error
-import urllib.request
 
-from harness import MOCKLLM_BIN, ZONEGATE_BIN, Proc, free_port, request, start_mockllm, wait_for
+from harness import ZONEGATE_BIN, Proc, admin_call, free_port, request, start_mockllm, wait_for
 
 SECRETS = {
     "ZONEGATE_CLUSTER_SECRET": "cluster-secret-" + base64.b16encode(os.urandom(8)).decode(),
@@ -94,21 +91,7 @@ class Node:
             return None, None
 
     def admin_call(self, method, path, body=None, timeout=10, headers=None):
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(f"http://{self.admin}{path}", data=data, method=method)
-        req.add_header("Authorization", "Bearer " + SECRETS["ZONEGATE_ADMIN_TOKEN"])
-        req.add_header("Content-Type", "application/json")
-        for k, v in (headers or {}).items():
-            req.add_header(k, v)
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                return resp.status, json.loads(resp.read() or b"{}")
-        except urllib.error.HTTPError as e:
-            payload = e.read()
-            try:
-                return e.code, json.loads(payload or b"{}")
-            except ValueError:
-                return e.code, {"raw": payload.decode("utf-8", "replace")}
+        return admin_call(self.admin, SECRETS["ZONEGATE_ADMIN_TOKEN"], method, path, body, timeout, headers)
 
     def cli(self, *args, input_text=None, check=True):
         env = dict(os.environ)

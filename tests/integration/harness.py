@@ -118,8 +118,11 @@ def start_zonegate(config_path, port, env_extra=None, expect_ready=True):
     return proc
 
 
-def request(port, method, path, body=None, headers=None, timeout=10):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+def http_call(host, port, method, path, body=None, headers=None, timeout=10, lower=True):
+    """One request on a fresh connection. Returns (status, headers dict —
+    names lower-cased unless lower=False —, body bytes); raises OSError when
+    there is no answer."""
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
         hdrs = dict(headers or {})
         data = None
@@ -129,9 +132,36 @@ def request(port, method, path, body=None, headers=None, timeout=10):
         conn.request(method, path, body=data, headers=hdrs)
         resp = conn.getresponse()
         payload = resp.read()
-        return resp.status, dict(resp.getheaders()), payload
+        got = resp.getheaders()
+        return resp.status, {(k.lower() if lower else k): v for k, v in got}, payload
     finally:
         conn.close()
+
+
+def request(port, method, path, body=None, headers=None, timeout=10):
+    """http_call on 127.0.0.1, header names as the server sent them."""
+    return http_call("127.0.0.1", port, method, path, body, headers, timeout, lower=False)
+
+
+def admin_call(admin_addr, admin_token, method, path, body=None, timeout=10, headers=None):
+    """One admin API call: (status, parsed JSON answer)."""
+    import urllib.error
+    import urllib.request
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(f"http://{admin_addr}{path}", data=data, method=method)
+    req.add_header("Authorization", "Bearer " + admin_token)
+    req.add_header("Content-Type", "application/json")
+    for k, v in (headers or {}).items():
+        req.add_header(k, v)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        payload = e.read()
+        try:
+            return e.code, json.loads(payload or b"{}")
+        except ValueError:
+            return e.code, {"raw": payload.decode("utf-8", "replace")}
 
 
 def chat_body(content="hello", **extra):

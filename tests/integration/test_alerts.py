@@ -14,13 +14,12 @@ import json
 import os
 import socketserver
 import threading
-import urllib.error
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from harness import Stack, TempDir, chat_body, mock_stats, wait_for
+from harness import admin_call as harness_admin_call
 
 
 
@@ -152,19 +151,7 @@ class SMTPSink:
 # ---- helpers ---------------------------------------------------------------
 
 def admin_call(admin_addr, method, path, body=None, timeout=10):
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(f"http://{admin_addr}{path}", data=data, method=method)
-    req.add_header("Authorization", "Bearer " + ADMIN_TOKEN)
-    req.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, json.loads(resp.read() or b"{}")
-    except urllib.error.HTTPError as e:
-        payload = e.read()
-        try:
-            return e.code, json.loads(payload or b"{}")
-        except ValueError:
-            return e.code, {"raw": payload.decode("utf-8", "replace")}
+    return harness_admin_call(admin_addr, ADMIN_TOKEN, method, path, body, timeout)
 
 
 def alerts_section(http_port, smtp_port):

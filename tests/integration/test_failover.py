@@ -39,7 +39,7 @@ import time
 import pytest
 
 from cluster import SECRETS, Cluster
-from harness import Proc, TempDir, chat_body, free_port, wait_for
+from harness import Proc, TempDir, chat_body, free_port, http_call, wait_for
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The shipped config; ZG_HAPROXY_CFG points the suites at a candidate
@@ -52,22 +52,6 @@ HEARTBEAT_MS = 100
 
 # ---- small HTTP helper (any host: loopback here, netns addresses there) ----
 
-def http_call(host, port, method, path, body=None, headers=None, timeout=5.0):
-    """One request on a fresh connection. Returns (status, headers dict with
-    lower-case names, body bytes); raises OSError when there is no answer."""
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
-    try:
-        hdrs = dict(headers or {})
-        data = None
-        if body is not None:
-            data = body if isinstance(body, (bytes, str)) else json.dumps(body)
-            hdrs.setdefault("Content-Type", "application/json")
-        conn.request(method, path, body=data, headers=hdrs)
-        resp = conn.getresponse()
-        payload = resp.read()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, payload
-    finally:
-        conn.close()
 
 
 def admin_headers():
