@@ -75,6 +75,9 @@ void zg_buf_reset(zg_buf *b);
 int zg_buf_append(zg_buf *b, const void *data, size_t len); /* 0 or -1 (ENOMEM) */
 int zg_buf_appendf(zg_buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 int zg_buf_vappendf(zg_buf *b, const char *fmt, va_list ap) __attribute__((format(printf, 2, 0)));
+/* Appends a whole file to out (NUL-terminated). 0, or -1 with errno set
+ * (open or read failure). The read buffer is wiped: fine for secrets. */
+int zg_read_file(const char *path, zg_buf *out);
 /* Hands the data to the caller (NUL-terminated) and leaves b empty. */
 char *zg_buf_steal(zg_buf *b);
 

@@ -57,18 +57,13 @@ int zg_secret_resolve(const char *spec, char **out, bool *was_literal, char *err
     return *out ? 0 : -1;
   }
   if (strncmp(spec, "file:", 5) == 0) {
-    FILE *f = fopen(spec + 5, "r");
-    if (!f) {
-      snprintf(err, errlen, "cannot read secret file %s: %s", spec + 5, strerror(errno));
-      return -1;
-    }
     zg_buf b;
     zg_buf_init(&b);
-    char chunk[512];
-    size_t n;
-    while ((n = fread(chunk, 1, sizeof(chunk), f)) > 0) zg_buf_append(&b, chunk, n);
-    fclose(f);
-    OPENSSL_cleanse(chunk, sizeof(chunk));
+    if (zg_read_file(spec + 5, &b) != 0) {
+      snprintf(err, errlen, "cannot read secret file %s: %s", spec + 5, strerror(errno));
+      zg_buf_free(&b);
+      return -1;
+    }
     while (b.len > 0 && (b.data[b.len - 1] == '\n' || b.data[b.len - 1] == '\r')) b.len--;
     if (b.len == 0) {
       zg_buf_free(&b);
@@ -195,6 +190,27 @@ int zg_buf_appendf(zg_buf *b, const char *fmt, ...) {
   va_start(ap, fmt);
   int rc = zg_buf_vappendf(b, fmt, ap);
   va_end(ap);
+  return rc;
+}
+
+int zg_read_file(const char *path, zg_buf *out) {
+  FILE *f = fopen(path, "r");
+  if (!f) return -1;
+  char chunk[4096];
+  size_t n;
+  int rc = 0;
+  while ((n = fread(chunk, 1, sizeof(chunk), f)) > 0)
+    if (zg_buf_append(out, chunk, n) != 0) {
+      errno = ENOMEM;
+      rc = -1;
+      break;
+    }
+  if (rc == 0 && ferror(f)) rc = -1;
+  int saved = errno;
+  fclose(f);
+  OPENSSL_cleanse(chunk, sizeof(chunk));
+  errno = saved;
+  if (rc == 0 && zg_buf_append(out, "", 0) != 0) rc = -1;
   return rc;
 }
 

@@ -470,24 +470,13 @@ struct zg_config *zg_config_parse(const char *text, const char *origin, char *er
 }
 
 struct zg_config *zg_config_load(const char *path, char *err, size_t errlen) {
-  FILE *f = fopen(path, "r");
-  if (!f) {
-    snprintf(err, errlen, "%s: cannot open config file: %s", path, strerror(errno));
-    return NULL;
-  }
   zg_buf text;
   zg_buf_init(&text);
-  char chunk[4096];
-  size_t n;
-  while ((n = fread(chunk, 1, sizeof(chunk), f)) > 0) zg_buf_append(&text, chunk, n);
-  bool read_error = ferror(f);
-  fclose(f);
-  if (read_error) {
-    snprintf(err, errlen, "%s: cannot read config file", path);
+  if (zg_read_file(path, &text) != 0) {
+    snprintf(err, errlen, "%s: cannot read config file: %s", path, strerror(errno));
     zg_buf_free(&text);
     return NULL;
   }
-  zg_buf_append(&text, "", 0);
   struct zg_config *cfg = zg_config_parse(text.data, path, err, errlen);
   zg_buf_free(&text);
   return cfg;

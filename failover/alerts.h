@@ -44,34 +44,7 @@
 #include <stdint.h>
 #include <uv.h>
 
-struct cJSON;
-struct consensus;
-struct failover;
-struct gateway;
-struct alerts;
-
-/* Starts the engine on `loop` with default rules and no channels (call
- * alerts_apply_config with the replicated "alerts" section next).
- * node_id is copied. cs, fo and gw are borrowed and must outlive the
- * engine; cs and fo may be NULL (standalone: only node-level rules and the
- * 5xx rule run, and this node counts as active); gw may be NULL (no 5xx
- * rule). Returns 0 and *out, or -1 with a message in errmsg. */
-int alerts_start(uv_loop_t *loop, const char *node_id, struct consensus *cs, struct failover *fo,
-                 struct gateway *gw, struct alerts **out, char *errmsg, size_t errlen);
-/* Validates an "alerts" section strictly (unknown keys rejected). Returns 0,
- * or -1 with a message naming the JSON path ("alerts.channels[1].to: ...").
- * NULL is valid (defaults). */
-int alerts_validate(const struct cJSON *alerts_section, char *err, size_t errlen);
-/* Applies a section live (borrowed; copied). NULL = defaults, no channels.
- * An invalid section is logged and the running config is kept. */
-void alerts_apply_config(struct alerts *a, const struct cJSON *alerts_section);
-/* Adds "alerts": {firing: [...], recent_deliveries: [...], channels,
- * pending_deliveries} to `out`. No secrets. */
-void alerts_status_json(const struct alerts *a, struct cJSON *out);
-/* Stops evaluating, cancels queued and retrying deliveries, waits for the
- * ones running in the threadpool (bounded by their curl timeout), frees
- * everything, then calls done(arg) from the loop. */
-void alerts_close(struct alerts *a, void (*done)(void *), void *arg);
+#include "failover/failover.h" /* the public alerts_* API is declared there */
 
 /* ---- evaluation internals, exposed for unit tests ------------------- */
 

@@ -691,6 +691,19 @@ static void wait_for_slot(struct chat *c) {
   httpd_req_set_abort(req, on_client_abort, c);
 }
 
+/* Local serve: the provider keys / endpoints to try, then an upstream
+ * slot. */
+static void send_upstream(struct chat *c) {
+  if (c->gw->n_endpoints == 0) {
+    respond_error(c, 502, "upstream_error", "no_endpoint", NULL,
+                  "no upstream endpoint is configured (set \"endpoint\" in the config)",
+                  "no_endpoint");
+    return;
+  }
+  build_attempts(c);
+  wait_for_slot(c);
+}
+
 static void proceed_local(struct chat *c) {
   struct gateway *gw = c->gw;
   struct httpd_req *req = c->req;
@@ -700,14 +713,7 @@ static void proceed_local(struct chat *c) {
       return;
     }
     c->has_token = c->token.name[0] != '\0';
-    if (gw->n_endpoints == 0) {
-      respond_error(c, 502, "upstream_error", "no_endpoint", NULL,
-                    "no upstream endpoint is configured (set \"endpoint\" in the config)",
-                    "no_endpoint");
-      return;
-    }
-    build_attempts(c);
-    wait_for_slot(c);
+    send_upstream(c);
     return;
   }
   size_t body_len;
@@ -801,16 +807,7 @@ static void proceed_local(struct chat *c) {
       return;
     }
   }
-  {
-    if (gw->n_endpoints == 0) {
-      respond_error(c, 502, "upstream_error", "no_endpoint", NULL,
-                    "no upstream endpoint is configured (set \"endpoint\" in the config)",
-                    "no_endpoint");
-      return;
-    }
-    build_attempts(c);
-  }
-  wait_for_slot(c);
+  send_upstream(c);
 }
 
 void gateway_handle_models(struct gateway *gw, struct httpd_req *req) {

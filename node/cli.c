@@ -16,6 +16,7 @@
 
 #include <cjson/cJSON.h>
 #include <curl/curl.h>
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -190,17 +191,13 @@ static int cmd_status(const struct cli_options *o) {
 }
 
 static cJSON *read_json_file(const char *path) {
-  FILE *f = fopen(path, "r");
-  if (!f) {
-    fprintf(stderr, "error: cannot open %s\n", path);
-    return NULL;
-  }
   zg_buf b;
   zg_buf_init(&b);
-  char chunk[4096];
-  size_t n;
-  while ((n = fread(chunk, 1, sizeof(chunk), f)) > 0) zg_buf_append(&b, chunk, n);
-  fclose(f);
+  if (zg_read_file(path, &b) != 0) {
+    fprintf(stderr, "error: cannot read %s: %s\n", path, strerror(errno));
+    zg_buf_free(&b);
+    return NULL;
+  }
   cJSON *j = b.data ? cJSON_Parse(b.data) : NULL;
   zg_buf_free(&b);
   if (!cJSON_IsObject(j)) {

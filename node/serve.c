@@ -59,14 +59,10 @@ static int bootstrap_token(struct node *n, char sha256_hex[65]) {
   char path[600];
   snprintf(path, sizeof(path), "%s/bootstrap-token", n->cfg->data_dir);
   char *token = NULL;
-  FILE *f = fopen(path, "r");
-  if (f) {
-    char line[256] = "";
-    if (fgets(line, sizeof(line), f)) line[strcspn(line, "\r\n")] = '\0';
-    fclose(f);
-    if (line[0]) token = strdup(line);
-    OPENSSL_cleanse(line, sizeof(line));
-  }
+  char spec[620], err[256];
+  snprintf(spec, sizeof(spec), "file:%s", path);
+  if (access(path, F_OK) == 0 && zg_secret_resolve(spec, &token, NULL, err, sizeof(err)) != 0)
+    token = NULL; /* empty or unreadable: a new token replaces it */
   bool created = false;
   if (!token) {
     token = zg_random_token("zg-");
