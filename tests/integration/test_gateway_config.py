@@ -203,3 +203,13 @@ def test_secrets_never_in_logs(tmp, mock):
     for secret in (UPSTREAM_KEY, CLIENT_TOKEN):
         offending = [l for l in log.splitlines() if secret in l]
         assert not offending, offending
+
+
+def test_readme_config_reference_matches_the_schema():
+    """The README's key table is `zonegate config reference`: it cannot drift."""
+    import subprocess
+    from harness import ZONEGATE_BIN
+    out = subprocess.run([ZONEGATE_BIN, "config", "reference"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md")).read()
+    assert out.stdout.strip() in readme, "README.md config reference is stale: paste `zonegate config reference`"
