@@ -1,8 +1,9 @@
 /* gateway/cache: private to the gateway module. An exact-match response
  * cache: LRU, bounded by total bytes, with optional per-entry TTL.
  *
- * Keys are SHA-256 digests of a canonical form of the request (see
- * response_cache_key). Single-threaded (the uv loop): no locks.
+ * Keys are 32-byte digests chosen by the caller (chat.c: SHA-256 of
+ * exactly what the upstream would see). Single-threaded (the uv loop): no
+ * locks.
  */
 #ifndef ZG_GATEWAY_CACHE_H
 #define ZG_GATEWAY_CACHE_H
@@ -10,8 +11,6 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
-
-#include <cjson/cJSON.h>
 
 struct response_cache;
 
@@ -27,27 +26,6 @@ void response_cache_destroy(struct response_cache *cache); /* NULL is fine */
 /* Live resize: evicts least recently used entries until the cache fits.
  * 0 empties the cache and disables it. */
 void response_cache_set_max_bytes(struct response_cache *cache, uint64_t max_bytes);
-
-/* key = SHA-256 of the canonical request plus the upstream id:
- * - object keys sorted bytewise, recursively (key order does not matter);
- * - numbers written in one canonical form (1, 1.0 and 1e0 are the same;
- *   -0 is 0);
- * - strings length-prefixed (no escaping ambiguity);
- * - the top-level "user" field is excluded (it does not change the answer);
- * - upstream_id (NULL is treated as "") is appended, so two upstreams
- *   never share entries.
- * The caller should apply model defaults (temperature, top_p) before
- * computing the key so that an explicit default and an omitted field hit
- * the same entry. Returns 0, or -1 when request_body is not an object or
- * memory ran out. */
-int response_cache_key(const cJSON *request_body, const char *upstream_id, uint8_t key[32]);
-
-/* Cacheability rule. By default a request is cacheable only when it is
- * not streaming ("stream" absent, false or null) AND "temperature" is present,
- * a number, and exactly 0 (a deterministic answer is the only one worth
- * replaying). With cache_all_temperatures, every non-streaming request is
- * cacheable. A request with "n" > 1 is never cacheable (several answers). */
-bool response_cache_cacheable(const cJSON *request_body, bool cache_all_temperatures);
 
 /* Looks key up. On a hit, moves the entry to the front and sets *body,
  * *len, *status and *content_type (any of these pointers may be NULL).

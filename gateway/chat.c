@@ -14,8 +14,10 @@
  * error event and an incomplete HTTP response, never a clean finish. A
  * client that disconnects cancels its upstream transfer.
  */
+#include "gateway/body.h"
 #include "gateway/internal.h"
 
+#include <openssl/evp.h>
 #include <openssl/crypto.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -386,6 +388,24 @@ static bool header_passes(const char *name) {
   return strncasecmp(name, "x-zonegate-", 11) != 0;
 }
 
+/* The client headers that pass upstream, "Name: value\0" one after the
+ * other in lines (reset first); returns how many. Pointers into lines are
+ * taken only once it stops growing. Out of memory: the lines so far. */
+static size_t collect_passing_headers(struct chat *c, zg_buf *lines) {
+  zg_buf_reset(lines);
+  size_t n_lines = 0, n_client = httpd_req_header_count(c->req);
+  for (size_t i = 0; i < n_client; i++) {
+    const char *name, *value;
+    httpd_req_header_at(c->req, i, &name, &value);
+    if (!header_passes(name)) continue;
+    if (zg_buf_append(lines, name, strlen(name)) != 0 || zg_buf_append(lines, ": ", 2) != 0 ||
+        zg_buf_append(lines, value, strlen(value) + 1) != 0)
+      break;
+    n_lines++;
+  }
+  return n_lines;
+}
+
 /* Header lines per attempt held on the stack; more go to the heap. */
 #define INLINE_UPSTREAM_HEADERS 32
 
@@ -404,21 +424,8 @@ static void start_attempt(struct chat *c) {
     respond_error(c, 500, "server_error", NULL, NULL, "out of memory", "oom");
     return;
   }
-  /* The passing client headers, "Name: value\0" one after the other in the
-   * gateway's reused buffer (upstream_start copies them); pointed at once
-   * the buffer stops growing. */
   zg_buf *lines = &gw->upstream_header_lines;
-  zg_buf_reset(lines);
-  size_t n_lines = 0;
-  for (size_t i = 0; i < n_client; i++) {
-    const char *name, *value;
-    httpd_req_header_at(c->req, i, &name, &value);
-    if (!header_passes(name)) continue;
-    if (zg_buf_append(lines, name, strlen(name)) != 0 || zg_buf_append(lines, ": ", 2) != 0 ||
-        zg_buf_append(lines, value, strlen(value) + 1) != 0)
-      break; /* out of memory: the lines so far are complete */
-    n_lines++;
-  }
+  size_t n_lines = collect_passing_headers(c, lines);
   for (size_t i = 0, at = 0; i < n_lines; i++) {
     headers[n++] = lines->data + at;
     at += strlen(lines->data + at) + 1;
@@ -552,6 +559,95 @@ static struct chat *chat_new(struct gateway *gw, struct httpd_req *req, const ch
   return c;
 }
 
+/* Top-level members the gateway reads from a chat request body; the one
+ * parse (body.c) finds them, every decision below reads these slots. */
+enum { F_MESSAGES, F_STREAM, F_MODEL, F_TEMPERATURE, F_TOP_P, F_N, F_COUNT };
+static const char *const chat_fields[F_COUNT] = {"messages",    "stream", "model",
+                                                 "temperature", "top_p",  "n"};
+
+/* The one strict parse of the request body. 0 with v[] filled, or it
+ * answered 400 naming the problem and freed c (-1). */
+static int parse_body(struct chat *c, const char *body, size_t body_len, struct body_value *v,
+                      size_t *object_end, size_t *members) {
+  char err[160];
+  if (body_scan(body, body_len, chat_fields, v, F_COUNT, object_end, members, err, sizeof(err)) ==
+      0)
+    return 0;
+  char msg[256];
+  if (!body_len)
+    snprintf(msg, sizeof(msg),
+             "the request body is empty; expected a JSON object with \"messages\"");
+  else
+    snprintf(msg, sizeof(msg), "the request body is not valid JSON: %s", err);
+  respond_error(c, 400, "invalid_request_error",
+                strncmp(err, "duplicate member", 16) == 0 ? "duplicate_member" : "invalid_json",
+                NULL, msg, "bad_request");
+  return -1;
+}
+
+/* The cache key: SHA-256 over everything the upstream will see that can
+ * change its answer: upstream id, path, the client headers that pass
+ * upstream (as sent) and the body bytes as sent (defaults included). */
+static int compute_cache_key(struct chat *c, const char *upstream_id) {
+  zg_buf *lines = &c->gw->upstream_header_lines;
+  size_t n_lines = collect_passing_headers(c, lines);
+  EVP_MD_CTX *md = EVP_MD_CTX_new();
+  unsigned int out_len = 0;
+  int ok = md && EVP_DigestInit_ex(md, EVP_sha256(), NULL) == 1;
+  char counts[64];
+  int n =
+      snprintf(counts, sizeof(counts), "%zu:%zu:%zu:", strlen(upstream_id), n_lines, lines->len);
+  ok = ok && EVP_DigestUpdate(md, counts, (size_t)n) == 1;
+  ok = ok && EVP_DigestUpdate(md, upstream_id, strlen(upstream_id) + 1) == 1;
+  ok = ok && EVP_DigestUpdate(md, c->upstream_path, strlen(c->upstream_path) + 1) == 1;
+  ok = ok && (!lines->len || EVP_DigestUpdate(md, lines->data, lines->len) == 1);
+  ok = ok && (!c->body_len || EVP_DigestUpdate(md, c->body, c->body_len) == 1);
+  ok = ok && EVP_DigestFinal_ex(md, c->cache_key, &out_len) == 1 && out_len == 32;
+  EVP_MD_CTX_free(md);
+  return ok ? 0 : -1;
+}
+
+/* Model defaults fill only the members the client left out: the text is
+ * spliced in before the object's closing brace, the client's bytes are
+ * kept as they are (nothing is re-printed). Returns 0, -1 out of memory. */
+static int insert_defaults(struct chat *c, const char *body, size_t body_len,
+                           const struct body_value *v, size_t object_end, size_t members) {
+  const struct zg_config *cfg = c->gw->cfg;
+  char added[96];
+  size_t n = 0;
+  bool comma = members > 0;
+  const struct {
+    bool on;
+    double value;
+    const char *name;
+    int field;
+  } defaults[] = {{cfg->has_temperature, cfg->temperature, "temperature", F_TEMPERATURE},
+                  {cfg->has_top_p, cfg->top_p, "top_p", F_TOP_P}};
+  for (size_t i = 0; i < ZG_ARRAY_LEN(defaults); i++) {
+    if (!defaults[i].on || v[defaults[i].field].type != BODY_ABSENT) continue;
+    char number[40];
+    body_format_number(defaults[i].value, number, sizeof(number));
+    n += (size_t)snprintf(added + n, sizeof(added) - n, "%s\"%s\":%s", comma ? "," : "",
+                          defaults[i].name, number);
+    comma = true;
+  }
+  if (n == 0) {
+    c->body = body; /* borrowed: the request lives until it is answered */
+    c->body_owned = false;
+    c->body_len = body_len;
+    return 0;
+  }
+  char *out = malloc(body_len + n);
+  if (!out) return -1;
+  memcpy(out, body, object_end);
+  memcpy(out + object_end, added, n);
+  memcpy(out + object_end + n, body + object_end, body_len - object_end);
+  c->body = out;
+  c->body_owned = true;
+  c->body_len = body_len + n;
+  return 0;
+}
+
 static void hold_timer_closed(uv_handle_t *h) {
   free(h);
 }
@@ -574,6 +670,15 @@ static void on_hold_tick(uv_timer_t *t) {
 static void proceed_forward(struct chat *c, const char *forward_to) {
   size_t body_len;
   const char *body = httpd_req_body(c->req, &body_len);
+  /* The standby parses the body the same way the active will (a body the
+   * active would refuse is refused here with the same answer); only the
+   * stream flag is used here. */
+  if (strcmp(c->upstream_path, "/models") != 0) {
+    struct body_value v[F_COUNT];
+    size_t object_end, members;
+    if (parse_body(c, body, body_len, v, &object_end, &members) != 0) return;
+    c->stream = v[F_STREAM].type == BODY_TRUE;
+  }
   c->forwarding = true;
   const char *auth = httpd_req_header(c->req, "Authorization");
   if (c->forwarded_auth) zg_secret_free(c->forwarded_auth);
@@ -590,13 +695,6 @@ static void proceed_forward(struct chat *c, const char *forward_to) {
     c->body = body;
     c->body_owned = false;
     c->body_len = body_len;
-  }
-  /* Only the stream flag matters here; the active node checks the rest. */
-  const char *stream = body_len ? strstr(body, "\"stream\"") : NULL;
-  if (stream) {
-    stream += 8;
-    while (*stream == ' ' || *stream == ':') stream++;
-    c->stream = strncmp(stream, "true", 4) == 0;
   }
   start_attempt(c);
 }
@@ -707,93 +805,47 @@ static void send_upstream(struct chat *c) {
 static void proceed_local(struct chat *c) {
   struct gateway *gw = c->gw;
   struct httpd_req *req = c->req;
-  if (strcmp(c->upstream_path, "/models") == 0) {
-    if (gateway_authenticate(gw, req, &c->token) != 0) {
-      chat_free(c);
-      return;
-    }
-    c->has_token = c->token.name[0] != '\0';
-    send_upstream(c);
-    return;
-  }
-  size_t body_len;
-  const char *body = httpd_req_body(req, &body_len);
-  cJSON *json = NULL;
   if (gateway_authenticate(gw, req, &c->token) != 0) {
     chat_free(c);
     return;
   }
   c->has_token = c->token.name[0] != '\0';
-  const char *error_ptr = NULL;
-  json = body_len ? cJSON_ParseWithLengthOpts(body, body_len, &error_ptr, 0) : NULL;
-  if (json) { /* trailing bytes after the JSON value are an error too */
-    const char *rest = error_ptr ? error_ptr : body + body_len;
-    while (rest < body + body_len &&
-           (*rest == ' ' || *rest == '\n' || *rest == '\r' || *rest == '\t'))
-      rest++;
-    if (rest < body + body_len) {
-      cJSON_Delete(json);
-      json = NULL;
-      error_ptr = rest;
-    }
-  }
-  if (!json) {
-    char msg[256];
-    if (!body_len)
-      snprintf(msg, sizeof(msg),
-               "the request body is empty; expected a JSON object with \"messages\"");
-    else
-      snprintf(msg, sizeof(msg), "the request body is not valid JSON (error at byte %ld)",
-               error_ptr ? (long)(error_ptr - body) : 0L);
-    respond_error(c, 400, "invalid_request_error", "invalid_json", NULL, msg, "bad_request");
+  if (strcmp(c->upstream_path, "/models") == 0) {
+    send_upstream(c);
     return;
   }
-  const cJSON *messages = cJSON_GetObjectItemCaseSensitive(json, "messages");
-  const cJSON *stream = cJSON_GetObjectItemCaseSensitive(json, "stream");
-  const cJSON *model = cJSON_GetObjectItemCaseSensitive(json, "model");
+  size_t body_len, object_end = 0, members = 0;
+  const char *body = httpd_req_body(req, &body_len);
+  struct body_value v[F_COUNT];
+  if (parse_body(c, body, body_len, v, &object_end, &members) != 0) return;
   const char *problem = NULL;
-  if (!cJSON_IsObject(json))
-    problem = "the request body must be a JSON object";
-  else if (!cJSON_IsArray(messages) || cJSON_GetArraySize(messages) == 0)
+  if (v[F_MESSAGES].type != BODY_ARRAY || v[F_MESSAGES].empty)
     problem = "\"messages\" must be a non-empty array";
-  else if (stream && !cJSON_IsBool(stream))
+  else if (v[F_STREAM].type != BODY_ABSENT && v[F_STREAM].type != BODY_TRUE &&
+           v[F_STREAM].type != BODY_FALSE)
     problem = "\"stream\" must be true or false";
-  else if (model && !cJSON_IsString(model))
+  else if (v[F_MODEL].type != BODY_ABSENT && v[F_MODEL].type != BODY_STRING)
     problem = "\"model\" must be a string";
   if (problem) {
-    cJSON_Delete(json);
     respond_error(c, 400, "invalid_request_error", "invalid_request", NULL, problem, "bad_request");
     return;
   }
-  c->stream = cJSON_IsTrue(stream);
-  bool added_default = false;
-  {
-    /* Model defaults fill only what the client left out. */
-    if (gw->cfg->has_temperature && !cJSON_GetObjectItemCaseSensitive(json, "temperature")) {
-      cJSON_AddNumberToObject(json, "temperature", gw->cfg->temperature);
-      added_default = true;
-    }
-    if (gw->cfg->has_top_p && !cJSON_GetObjectItemCaseSensitive(json, "top_p")) {
-      cJSON_AddNumberToObject(json, "top_p", gw->cfg->top_p);
-      added_default = true;
-    }
-    c->cacheable = gw->cfg->cache_size_bytes > 0 &&
-                   response_cache_cacheable(json, gw->cfg->cache_all_temperatures) &&
-                   response_cache_key(json, "default", c->cache_key) == 0;
+  c->stream = v[F_STREAM].type == BODY_TRUE;
+  if (insert_defaults(c, body, body_len, v, object_end, members) != 0) {
+    respond_error(c, 500, "server_error", NULL, NULL, "out of memory", "oom");
+    return;
   }
-  if (added_default) {
-    char *printed = cJSON_PrintUnformatted(json);
-    c->body = printed;
-    c->body_owned = printed != NULL;
-    c->body_len = printed ? strlen(printed) : 0;
-  } else {
-    /* Nothing to add: the client's own bytes go upstream as they came
-     * (borrowed; the request lives until it is answered). */
-    c->body = body;
-    c->body_owned = false;
-    c->body_len = body_len;
-  }
-  cJSON_Delete(json);
+  /* Cacheable: not a stream, one answer (n <= 1), and deterministic
+   * (temperature 0, the default counted when it was inserted) unless every
+   * temperature is cached. */
+  bool deterministic = gw->cfg->cache_all_temperatures;
+  if (v[F_TEMPERATURE].type == BODY_NUMBER)
+    deterministic = deterministic || body_number(&v[F_TEMPERATURE]) == 0;
+  else if (v[F_TEMPERATURE].type == BODY_ABSENT && gw->cfg->has_temperature)
+    deterministic = deterministic || gw->cfg->temperature == 0;
+  c->cacheable = gw->cfg->cache_size_bytes > 0 && !c->stream && deterministic &&
+                 !(v[F_N].type == BODY_NUMBER && body_number(&v[F_N]) > 1) &&
+                 compute_cache_key(c, "default") == 0;
   if (c->cacheable) {
     const char *cached;
     size_t cached_len;

@@ -1,0 +1,473 @@
+/* body.c: the strict one-pass JSON request-body scanner (see body.h).
+ *
+ * Recursive descent over the bytes with a depth bound; member names of
+ * every open object are unescaped onto one stack (a byte buffer plus
+ * (hash, offset, length) entries) and checked for duplicates when the
+ * object closes, by pairwise comparison for small objects and a scratch
+ * open-addressing table for large ones, so the work stays linear.
+ * Failure: the first problem found ends the scan with a message naming
+ * the byte offset; out of memory is reported the same way.
+ */
+#include "gateway/body.h"
+
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct name_entry {
+  uint64_t hash;
+  size_t off, len; /* into scan.names */
+};
+
+struct scan {
+  const unsigned char *p, *start, *end;
+  int depth;
+  /* unescaped member names of the open objects */
+  unsigned char *names;
+  size_t names_len, names_cap;
+  struct name_entry *entries;
+  size_t n_entries, cap_entries;
+  uint32_t *table; /* scratch for the duplicate check */
+  size_t table_cap;
+  /* what the caller asked for */
+  const char *const *want;
+  struct body_value *slots;
+  size_t n_want;
+  size_t object_end, members;
+  char *err;
+  size_t errlen;
+  bool failed;
+};
+
+static int fail(struct scan *s, const char *what) {
+  if (!s->failed) snprintf(s->err, s->errlen, "%s at byte %zu", what, (size_t)(s->p - s->start));
+  s->failed = true;
+  return -1;
+}
+
+static void skip_ws(struct scan *s) {
+  while (s->p < s->end && (*s->p == ' ' || *s->p == '\t' || *s->p == '\n' || *s->p == '\r')) s->p++;
+}
+
+static int names_put(struct scan *s, const unsigned char *b, size_t n) {
+  if (s->names_len + n > s->names_cap) {
+    size_t cap = s->names_cap ? s->names_cap : 256;
+    while (cap < s->names_len + n) cap *= 2;
+    unsigned char *grown = realloc(s->names, cap);
+    if (!grown) return fail(s, "out of memory");
+    s->names = grown;
+    s->names_cap = cap;
+  }
+  memcpy(s->names + s->names_len, b, n);
+  s->names_len += n;
+  return 0;
+}
+
+static int hex4(const unsigned char *p, unsigned *out) {
+  unsigned v = 0;
+  for (int i = 0; i < 4; i++) {
+    unsigned char ch = p[i];
+    v <<= 4;
+    if (ch >= '0' && ch <= '9')
+      v |= ch - '0';
+    else if (ch >= 'a' && ch <= 'f')
+      v |= ch - 'a' + 10;
+    else if (ch >= 'A' && ch <= 'F')
+      v |= ch - 'A' + 10;
+    else
+      return -1;
+  }
+  *out = v;
+  return 0;
+}
+
+/* Length of the valid UTF-8 sequence at p (RFC 3629: no overlongs, no
+ * surrogates, at most U+10FFFF), or 0. */
+static size_t utf8_len(const unsigned char *p, const unsigned char *end) {
+  unsigned char c = p[0];
+  size_t n;
+  unsigned cp;
+  if (c < 0x80) return 1;
+  if (c >= 0xC2 && c <= 0xDF) {
+    n = 2;
+    cp = c & 0x1F;
+  } else if (c >= 0xE0 && c <= 0xEF) {
+    n = 3;
+    cp = c & 0x0F;
+  } else if (c >= 0xF0 && c <= 0xF4) {
+    n = 4;
+    cp = c & 0x07;
+  } else {
+    return 0;
+  }
+  if ((size_t)(end - p) < n) return 0;
+  for (size_t i = 1; i < n; i++) {
+    if ((p[i] & 0xC0) != 0x80) return 0;
+    cp = (cp << 6) | (p[i] & 0x3F);
+  }
+  if ((n == 3 && (cp < 0x800 || (cp >= 0xD800 && cp <= 0xDFFF))) ||
+      (n == 4 && (cp < 0x10000 || cp > 0x10FFFF)))
+    return 0;
+  return n;
+}
+
+/* Appends code point cp (a lone surrogate included, as its 3-byte form,
+ * so that distinct escapes stay distinct) to the name stack. */
+static int put_codepoint(struct scan *s, unsigned cp) {
+  unsigned char b[4];
+  size_t n;
+  if (cp < 0x80) {
+    b[0] = (unsigned char)cp;
+    n = 1;
+  } else if (cp < 0x800) {
+    b[0] = (unsigned char)(0xC0 | (cp >> 6));
+    b[1] = (unsigned char)(0x80 | (cp & 0x3F));
+    n = 2;
+  } else if (cp < 0x10000) {
+    b[0] = (unsigned char)(0xE0 | (cp >> 12));
+    b[1] = (unsigned char)(0x80 | ((cp >> 6) & 0x3F));
+    b[2] = (unsigned char)(0x80 | (cp & 0x3F));
+    n = 3;
+  } else {
+    b[0] = (unsigned char)(0xF0 | (cp >> 18));
+    b[1] = (unsigned char)(0x80 | ((cp >> 12) & 0x3F));
+    b[2] = (unsigned char)(0x80 | ((cp >> 6) & 0x3F));
+    b[3] = (unsigned char)(0x80 | (cp & 0x3F));
+    n = 4;
+  }
+  return names_put(s, b, n);
+}
+
+/* A string at s->p (the opening quote). With decode, its unescaped bytes
+ * are appended to the name stack. */
+static int scan_string(struct scan *s, bool decode) {
+  s->p++; /* opening quote */
+  const unsigned char *run = s->p;
+  while (s->p < s->end) {
+    unsigned char ch = *s->p;
+    if (ch == '"') {
+      if (decode && names_put(s, run, (size_t)(s->p - run)) != 0) return -1;
+      s->p++;
+      return 0;
+    }
+    if (ch < 0x20) return fail(s, "control character in a string (escape it)");
+    if (ch == '\\') {
+      if (decode && names_put(s, run, (size_t)(s->p - run)) != 0) return -1;
+      if (s->end - s->p < 2) break;
+      unsigned char esc = s->p[1];
+      static const char plain[] = "\"\\/bfnrt";
+      static const char value[] = "\"\\/\b\f\n\r\t";
+      const char *at = esc ? strchr(plain, esc) : NULL;
+      if (at) {
+        if (decode && names_put(s, (const unsigned char *)&value[at - plain], 1) != 0) return -1;
+        s->p += 2;
+      } else if (esc == 'u') {
+        unsigned cp;
+        if (s->end - s->p < 6 || hex4(s->p + 2, &cp) != 0) return fail(s, "invalid \\u escape");
+        s->p += 6;
+        if (cp >= 0xD800 && cp <= 0xDBFF && s->end - s->p >= 6 && s->p[0] == '\\' &&
+            s->p[1] == 'u') {
+          unsigned lo;
+          if (hex4(s->p + 2, &lo) == 0 && lo >= 0xDC00 && lo <= 0xDFFF) {
+            cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
+            s->p += 6;
+          }
+        }
+        if (decode && put_codepoint(s, cp) != 0) return -1;
+      } else {
+        return fail(s, "invalid escape in a string");
+      }
+      run = s->p;
+      continue;
+    }
+    size_t n = utf8_len(s->p, s->end);
+    if (!n) return fail(s, "invalid UTF-8 in a string");
+    s->p += n;
+  }
+  return fail(s, "unterminated string");
+}
+
+static int scan_number(struct scan *s) {
+  const unsigned char *p = s->p, *e = s->end;
+  if (p < e && *p == '-') p++;
+  if (p < e && *p == '0') {
+    p++;
+  } else if (p < e && *p >= '1' && *p <= '9') {
+    while (p < e && *p >= '0' && *p <= '9') p++;
+  } else {
+    return fail(s, "invalid number");
+  }
+  if (p < e && *p == '.') {
+    p++;
+    if (!(p < e && *p >= '0' && *p <= '9')) return fail(s, "invalid number");
+    while (p < e && *p >= '0' && *p <= '9') p++;
+  }
+  if (p < e && (*p == 'e' || *p == 'E')) {
+    p++;
+    if (p < e && (*p == '+' || *p == '-')) p++;
+    if (!(p < e && *p >= '0' && *p <= '9')) return fail(s, "invalid number");
+    while (p < e && *p >= '0' && *p <= '9') p++;
+  }
+  s->p = p;
+  return 0;
+}
+
+static uint64_t hash_bytes(const unsigned char *b, size_t n) {
+  uint64_t h = 1469598103934665603ull; /* FNV-1a */
+  for (size_t i = 0; i < n; i++) h = (h ^ b[i]) * 1099511628211ull;
+  return h;
+}
+
+static int duplicate(struct scan *s, const struct name_entry *a) {
+  char shown[48];
+  size_t n = 0;
+  for (size_t i = 0; i < a->len && n + 4 < sizeof(shown); i++) {
+    unsigned char ch = s->names[a->off + i];
+    shown[n++] = (ch >= 0x20 && ch < 0x7F && ch != '"' && ch != '\\') ? (char)ch : '?';
+  }
+  if (n + 4 >= sizeof(shown)) shown[n++] = '.', shown[n++] = '.', shown[n++] = '.';
+  shown[n] = '\0';
+  char what[96];
+  snprintf(what, sizeof(what), "duplicate member \"%s\"", shown);
+  return fail(s, what);
+}
+
+static bool same_name(const struct scan *s, const struct name_entry *a,
+                      const struct name_entry *b) {
+  return a->hash == b->hash && a->len == b->len &&
+         memcmp(s->names + a->off, s->names + b->off, a->len) == 0;
+}
+
+/* Checks the names of the object whose entries start at base. */
+static int check_duplicates(struct scan *s, size_t base) {
+  size_t count = s->n_entries - base;
+  struct name_entry *e = s->entries + base;
+  if (count <= 8) {
+    for (size_t i = 1; i < count; i++)
+      for (size_t j = 0; j < i; j++)
+        if (same_name(s, &e[i], &e[j])) return duplicate(s, &e[i]);
+    return 0;
+  }
+  size_t cap = 16;
+  while (cap < count * 2) cap *= 2;
+  if (cap > s->table_cap) {
+    uint32_t *t = realloc(s->table, cap * sizeof(*t));
+    if (!t) return fail(s, "out of memory");
+    s->table = t;
+    s->table_cap = cap;
+  }
+  memset(s->table, 0xFF, cap * sizeof(*s->table));
+  for (size_t i = 0; i < count; i++) {
+    size_t slot = (size_t)e[i].hash & (cap - 1);
+    while (s->table[slot] != UINT32_MAX) {
+      if (same_name(s, &e[i], &e[s->table[slot]])) return duplicate(s, &e[i]);
+      slot = (slot + 1) & (cap - 1);
+    }
+    s->table[slot] = (uint32_t)i;
+  }
+  return 0;
+}
+
+static int scan_value(struct scan *s, struct body_value *out);
+
+static int scan_object(struct scan *s) {
+  size_t base = s->n_entries, names_base = s->names_len;
+  bool top = s->depth == 1;
+  s->p++; /* { */
+  skip_ws(s);
+  if (s->p < s->end && *s->p == '}') {
+    if (top) s->object_end = (size_t)(s->p - s->start);
+    s->p++;
+    return 0;
+  }
+  for (;;) {
+    skip_ws(s);
+    if (s->p >= s->end || *s->p != '"') return fail(s, "expected a member name in quotes");
+    size_t name_off = s->names_len;
+    if (scan_string(s, true) != 0) return -1;
+    if (s->n_entries == s->cap_entries) {
+      size_t cap = s->cap_entries ? s->cap_entries * 2 : 64;
+      struct name_entry *grown = realloc(s->entries, cap * sizeof(*grown));
+      if (!grown) return fail(s, "out of memory");
+      s->entries = grown;
+      s->cap_entries = cap;
+    }
+    if (s->n_entries - base >= UINT32_MAX / 2) return fail(s, "too many members");
+    struct name_entry *ent = &s->entries[s->n_entries++];
+    ent->off = name_off;
+    ent->len = s->names_len - name_off;
+    ent->hash = hash_bytes(s->names + name_off, ent->len);
+    struct body_value *slot = NULL;
+    if (top) {
+      s->members++;
+      for (size_t i = 0; i < s->n_want; i++)
+        if (strlen(s->want[i]) == ent->len &&
+            memcmp(s->want[i], s->names + name_off, ent->len) == 0)
+          slot = &s->slots[i];
+    }
+    skip_ws(s);
+    if (s->p >= s->end || *s->p != ':') return fail(s, "expected ':' after a member name");
+    s->p++;
+    skip_ws(s);
+    if (scan_value(s, slot) != 0) return -1;
+    skip_ws(s);
+    if (s->p < s->end && *s->p == ',') {
+      s->p++;
+      continue;
+    }
+    if (s->p < s->end && *s->p == '}') break;
+    return fail(s, "expected ',' or '}' in an object");
+  }
+  if (check_duplicates(s, base) != 0) return -1;
+  if (top) s->object_end = (size_t)(s->p - s->start);
+  s->p++;
+  s->n_entries = base;
+  s->names_len = names_base;
+  return 0;
+}
+
+static int scan_array(struct scan *s, bool *empty) {
+  s->p++; /* [ */
+  skip_ws(s);
+  *empty = true;
+  if (s->p < s->end && *s->p == ']') {
+    s->p++;
+    return 0;
+  }
+  *empty = false;
+  for (;;) {
+    skip_ws(s);
+    if (scan_value(s, NULL) != 0) return -1;
+    skip_ws(s);
+    if (s->p < s->end && *s->p == ',') {
+      s->p++;
+      continue;
+    }
+    if (s->p < s->end && *s->p == ']') {
+      s->p++;
+      return 0;
+    }
+    return fail(s, "expected ',' or ']' in an array");
+  }
+}
+
+static int literal(struct scan *s, const char *word) {
+  size_t n = strlen(word);
+  if ((size_t)(s->end - s->p) < n || memcmp(s->p, word, n) != 0) return fail(s, "unexpected token");
+  s->p += n;
+  return 0;
+}
+
+static int scan_value(struct scan *s, struct body_value *out) {
+  if (s->p >= s->end) return fail(s, "unexpected end of the body");
+  const unsigned char *begin = s->p;
+  enum body_type type;
+  bool empty = false;
+  int rc;
+  switch (*s->p) {
+  case '{':
+    if (++s->depth > BODY_MAX_DEPTH) return fail(s, "nesting deeper than 128 levels");
+    type = BODY_OBJECT;
+    rc = scan_object(s);
+    if (rc == 0) { /* "{", whitespace, "}" is empty */
+      const unsigned char *q = begin + 1;
+      while (*q == ' ' || *q == '\t' || *q == '\n' || *q == '\r') q++;
+      empty = *q == '}';
+    }
+    s->depth--;
+    break;
+  case '[':
+    if (++s->depth > BODY_MAX_DEPTH) return fail(s, "nesting deeper than 128 levels");
+    type = BODY_ARRAY;
+    rc = scan_array(s, &empty);
+    s->depth--;
+    break;
+  case '"':
+    type = BODY_STRING;
+    rc = scan_string(s, false);
+    break;
+  case 't':
+    type = BODY_TRUE;
+    rc = literal(s, "true");
+    break;
+  case 'f':
+    type = BODY_FALSE;
+    rc = literal(s, "false");
+    break;
+  case 'n':
+    type = BODY_NULL;
+    rc = literal(s, "null");
+    break;
+  default:
+    type = BODY_NUMBER;
+    rc = scan_number(s);
+    break;
+  }
+  if (rc != 0) return -1;
+  if (out) {
+    out->type = type;
+    out->value = (const char *)begin;
+    out->len = (size_t)(s->p - begin);
+    out->empty = empty;
+  }
+  return 0;
+}
+
+int body_scan(const char *body, size_t len, const char *const *names, struct body_value *slots,
+              size_t n, size_t *object_end, size_t *members, char *err, size_t errlen) {
+  struct scan s;
+  memset(&s, 0, sizeof(s));
+  s.start = s.p = (const unsigned char *)body;
+  s.end = s.start + len;
+  s.want = names;
+  s.slots = slots;
+  s.n_want = n;
+  s.err = err;
+  s.errlen = errlen;
+  if (errlen) err[0] = '\0';
+  for (size_t i = 0; i < n; i++) memset(&slots[i], 0, sizeof(slots[i]));
+  int rc = 0;
+  skip_ws(&s);
+  if (s.p >= s.end) {
+    rc = fail(&s, "the body is empty");
+  } else if (*s.p != '{') {
+    rc = fail(&s, "the body must be a JSON object");
+  } else {
+    s.depth = 1;
+    rc = scan_object(&s);
+    if (rc == 0) {
+      skip_ws(&s);
+      if (s.p < s.end) rc = fail(&s, "unexpected bytes after the JSON object");
+    }
+  }
+  free(s.names);
+  free(s.entries);
+  free(s.table);
+  if (rc != 0) {
+    for (size_t i = 0; i < n; i++) memset(&slots[i], 0, sizeof(slots[i]));
+    return -1;
+  }
+  if (object_end) *object_end = s.object_end;
+  if (members) *members = s.members;
+  return 0;
+}
+
+double body_number(const struct body_value *v) {
+  if (!v || v->type != BODY_NUMBER || v->len == 0 || v->len > 400) return 0;
+  char text[401];
+  memcpy(text, v->value, v->len);
+  text[v->len] = '\0';
+  return strtod(text, NULL);
+}
+
+size_t body_format_number(double d, char *out, size_t size) {
+  if (!isfinite(d)) d = 0;
+  int n = 0;
+  for (int precision = 1; precision <= 17; precision++) {
+    n = snprintf(out, size, "%.*g", precision, d);
+    if (strtod(out, NULL) == d) break;
+  }
+  return n > 0 ? (size_t)n : 0;
+}
