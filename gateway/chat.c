@@ -43,6 +43,7 @@
 
 struct attempt {
   char url[600];
+  size_t base_len; /* url[0..base_len) is the endpoint's base (".../v1") */
   char upstream_id[16];
   char key_id[48];
   char *api_key; /* owned */
@@ -77,6 +78,12 @@ struct chat {
   uint64_t hold_deadline_ms;
   bool holds_slot;
   struct upstream_transfer *transfer;
+  /* Upstream 401 with a provider key: the key is checked by a probe that
+   * carries nothing of the client's (see on_upstream_done). */
+  bool check_key;       /* the 401 being buffered needs a probe */
+  bool key_invalidated; /* this request already retired one key */
+  struct upstream_transfer *probe;
+  int probe_status;
   struct attempt *attempts; /* inline_attempts, or a heap array of MAX_ATTEMPTS */
   struct attempt inline_attempts[INLINE_ATTEMPTS];
   size_t n_attempts, current;
@@ -110,6 +117,8 @@ static void copy_cut(char *dst, size_t size, const char *src) {
 static void chat_free(struct chat *c) {
   struct gateway *gw = c->gw;
   stop_hold(c);
+  if (c->probe) upstream_cancel(c->probe);
+  c->probe = NULL;
   for (size_t i = 0; i < c->n_attempts; i++) zg_secret_free(c->attempts[i].api_key);
   if (c->attempts != c->inline_attempts) free(c->attempts);
   if (c->body_owned) free((char *)c->body);
@@ -206,6 +215,116 @@ static bool have_next_attempt(struct chat *c) {
   return c->current + 1 < c->n_attempts;
 }
 
+/* ---- provider-key check after an upstream 401 ------------------------
+ *
+ * An upstream 401 marks a provider key invalid only when a probe that
+ * carries nothing of the client's (GET <endpoint>/models with the key
+ * alone) is refused too; then this request goes once more with the next
+ * usable key (at most one key is retired per client request). When the
+ * probe succeeds the 401 was the request's own doing and the client gets
+ * the upstream's answer as it came. A key the probe found good is trusted
+ * for KEY_GOOD_MS, so 401s a client provokes cost at most one probe per key
+ * in that window. A probe that fails for another reason retires nothing. */
+#define KEY_GOOD_MS 30000u
+#define KEY_PROBE_TIMEOUT_MS 10000u
+
+static void key_ident(const struct attempt *a, char *out, size_t size) {
+  snprintf(out, size, "%s/%s", a->upstream_id, a->key_id);
+}
+
+static bool key_recently_good(struct gateway *gw, const struct attempt *a) {
+  char id[sizeof(gw->key_good[0].id)];
+  key_ident(a, id, sizeof(id));
+  uint64_t now = zg_mono_ms();
+  for (size_t i = 0; i < ZG_ARRAY_LEN(gw->key_good); i++)
+    if (gw->key_good[i].until_ms > now && strcmp(gw->key_good[i].id, id) == 0) return true;
+  return false;
+}
+
+static void key_mark_good(struct gateway *gw, const struct attempt *a) {
+  size_t slot = gw->key_good_next++ % ZG_ARRAY_LEN(gw->key_good);
+  key_ident(a, gw->key_good[slot].id, sizeof(gw->key_good[slot].id));
+  gw->key_good[slot].until_ms = zg_mono_ms() + KEY_GOOD_MS;
+}
+
+static void respond_buffered(struct chat *c);
+static void on_client_abort(void *ud);
+
+static void on_probe_response(void *ud, int status, const char *content_type,
+                              const char *const *headers) {
+  struct chat *c = ud;
+  c->probe_status = status;
+}
+
+static int on_probe_data(void *ud, const char *data, size_t len) {
+  return 0; /* the probe's body is not needed */
+}
+
+static void on_probe_done(void *ud, enum upstream_result result, const char *curl_error) {
+  struct chat *c = ud;
+  struct gateway *gw = c->gw;
+  struct attempt *a = &c->attempts[c->current];
+  c->probe = NULL;
+  httpd_req_set_abort(c->req, NULL, NULL);
+  c->check_key = false;
+  if (result == UPSTREAM_OK && c->probe_status == 401) {
+    /* The key itself is refused: retire it and try the next one. */
+    c->key_invalidated = true;
+    zg_log(ZG_WARN, "upstream_key_invalid",
+           "upstream %s refused provider key %s (confirmed by a probe without client data)",
+           a->upstream_id, a->key_id[0] ? a->key_id : "(config api_key)");
+    if (gw->cluster && gw->cluster->key_rejected && a->key_id[0])
+      gw->cluster->key_rejected(gw->cluster->ud, a->key_id, a->upstream_id);
+    if (have_next_attempt(c)) {
+      c->current++;
+      start_attempt(c);
+      return;
+    }
+    respond_error(c, 502, "upstream_error", "upstream_key_invalid", NULL,
+                  "the upstream refused the gateway's provider key and no other usable key is "
+                  "configured (operators: zonegate keys add)",
+                  "key_invalid");
+    return;
+  }
+  if (result == UPSTREAM_OK && c->probe_status >= 200 && c->probe_status < 300)
+    key_mark_good(gw, a);
+  else
+    zg_log(ZG_INFO, "upstream_key_probe_inconclusive",
+           "upstream %s key %s: probe %s status %d; key kept", a->upstream_id,
+           a->key_id[0] ? a->key_id : "(config api_key)", upstream_result_name(result),
+           c->probe_status);
+  respond_buffered(c);
+}
+
+static void start_key_probe(struct chat *c) {
+  struct gateway *gw = c->gw;
+  struct attempt *a = &c->attempts[c->current];
+  char url[sizeof(a->url) + 8];
+  snprintf(url, sizeof(url), "%.*s/models", (int)a->base_len, a->url);
+  char auth[1100];
+  snprintf(auth, sizeof(auth), "Authorization: Bearer %s", a->api_key);
+  const char *headers[] = {auth, "Accept: application/json", NULL};
+  struct upstream_request ureq = {0};
+  ureq.url = url;
+  ureq.method = "GET";
+  ureq.headers = headers;
+  ureq.timeouts.connect_ms = gw->cfg->connect_timeout_ms;
+  ureq.timeouts.first_byte_ms = gw->cfg->first_byte_timeout_ms;
+  ureq.timeouts.total_ms = KEY_PROBE_TIMEOUT_MS;
+  static const struct upstream_callbacks callbacks = {on_probe_response, on_probe_data,
+                                                      on_probe_done};
+  char err[256];
+  c->probe_status = 0;
+  int rc = upstream_start(gw->upstream, &ureq, &callbacks, c, &c->probe, err, sizeof(err));
+  OPENSSL_cleanse(auth, sizeof(auth));
+  if (rc != 0) {
+    c->check_key = false;
+    respond_buffered(c);
+    return;
+  }
+  httpd_req_set_abort(c->req, on_client_abort, c);
+}
+
 static void on_upstream_response(void *ud, int status, const char *content_type,
                                  const char *const *headers) {
   struct chat *c = ud;
@@ -228,13 +347,14 @@ static void on_upstream_response(void *ud, int status, const char *content_type,
     return;
   }
   bool retry = false;
+  c->check_key = false;
   if (status == 401 && !c->forwarding) {
-    zg_log(ZG_WARN, "upstream_key_rejected", "upstream %s answered 401 for key %s", a->upstream_id,
-           a->key_id[0] ? a->key_id : "(config api_key)");
+    /* Whose fault is it? Something the client sent (a header naming an
+     * organization the key does not belong to, ...) or the key itself. The
+     * answer is buffered; on_upstream_done decides once it is complete. */
     metrics_counter_add(c->gw->m_upstream_errors, 1, a->upstream_id, "unauthorized");
-    if (c->gw->cluster && c->gw->cluster->key_rejected && a->key_id[0])
-      c->gw->cluster->key_rejected(c->gw->cluster->ud, a->key_id, a->upstream_id);
-    retry = have_next_attempt(c);
+    c->check_key =
+        a->api_key && a->api_key[0] && !c->key_invalidated && !key_recently_good(c->gw, a);
   } else if (status >= 500 && !c->forwarding) {
     metrics_counter_add(c->gw->m_upstream_errors, 1, a->upstream_id, "status_5xx");
     gateway_note_upstream(c->gw, false, "upstream answered 5xx");
@@ -280,25 +400,17 @@ static void on_upstream_done(void *ud, enum upstream_result result, const char *
       metrics_histogram_observe(gw->m_ttfb, (double)timing.first_byte_us / 1e6, a->upstream_id);
       if (c->status < 500) gateway_note_upstream(gw, true, NULL);
     }
+    if (c->check_key && c->status == 401) {
+      start_key_probe(c);
+      return;
+    }
     note_fields(c, c->cacheable ? "miss" : "none", "ok", timing.total_us, timing.first_byte_us);
     if (c->streaming_to_client) {
       httpd_stream_end(c->req);
+      chat_done(c);
     } else {
-      if (c->cacheable && c->status == 200)
-        response_cache_put(gw->cache, c->cache_key, c->status, c->content_type, c->response.data,
-                           c->response.len, (uint64_t)gw->cfg->cache_ttl_s * 1000u);
-      char retry[64];
-      const char *extra[3] = {NULL, NULL, NULL};
-      size_t n = 0;
-      if (c->cacheable) extra[n++] = "X-Cache: MISS";
-      if (c->retry_after[0]) {
-        snprintf(retry, sizeof(retry), "Retry-After: %s", c->retry_after);
-        extra[n++] = retry;
-      }
-      httpd_respond(c->req, c->status, c->content_type, extra,
-                    c->response.data ? c->response.data : "", c->response.len);
+      respond_buffered(c);
     }
-    chat_done(c);
     return;
   }
 
@@ -350,11 +462,33 @@ static void on_upstream_done(void *ud, enum upstream_result result, const char *
   }
 }
 
+/* Answers with the buffered upstream response (status, body, the headers
+ * kept) and ends the request. */
+static void respond_buffered(struct chat *c) {
+  struct gateway *gw = c->gw;
+  if (c->cacheable && c->status == 200)
+    response_cache_put(gw->cache, c->cache_key, c->status, c->content_type, c->response.data,
+                       c->response.len, (uint64_t)gw->cfg->cache_ttl_s * 1000u);
+  char retry[64];
+  const char *extra[3] = {NULL, NULL, NULL};
+  size_t n = 0;
+  if (c->cacheable) extra[n++] = "X-Cache: MISS";
+  if (c->retry_after[0]) {
+    snprintf(retry, sizeof(retry), "Retry-After: %s", c->retry_after);
+    extra[n++] = retry;
+  }
+  httpd_respond(c->req, c->status, c->content_type, extra, c->response.data ? c->response.data : "",
+                c->response.len);
+  chat_done(c);
+}
+
 static void on_client_abort(void *ud) {
   struct chat *c = ud;
   stop_hold(c);
   if (c->transfer) upstream_cancel(c->transfer);
   c->transfer = NULL;
+  if (c->probe) upstream_cancel(c->probe);
+  c->probe = NULL;
   if (c->waiter) limiter_cancel(c->waiter);
   c->waiter = NULL;
   note_fields(c, "none", "client_disconnected", 0, 0);
@@ -500,13 +634,15 @@ static void attempt_set_endpoint(const struct chat *c, struct attempt *a,
                                  const struct gateway_endpoint *ep) {
   size_t base_len = bounded_len(ep->base_url, sizeof(a->url) - 1);
   memcpy(a->url, ep->base_url, base_len);
+  a->base_len = base_len;
   copy_cut(a->url + base_len, sizeof(a->url) - base_len, c->upstream_path);
   copy_cut(a->upstream_id, sizeof(a->upstream_id), ep->upstream_id);
 }
 
-/* Builds the attempt list: provider keys of the primary endpoint in
- * priority order (replicated keys first, else the config api_key), then
- * each fallback endpoint with its own key. */
+/* Builds the attempt list: per endpoint (primary, then each fallback),
+ * its replicated provider keys in priority order, then the endpoint's
+ * api_key from the config file when it has one (so a bad replicated key
+ * never hides a working configured one). */
 static void build_attempts(struct chat *c) {
   struct gateway *gw = c->gw;
   for (size_t e = 0; e < gw->n_endpoints && c->n_attempts < MAX_ATTEMPTS; e++) {
@@ -515,13 +651,6 @@ static void build_attempts(struct chat *c) {
     size_t n_keys = 0;
     if (gw->cluster && gw->cluster->usable_keys)
       n_keys = gw->cluster->usable_keys(gw->cluster->ud, ep->upstream_id, keys, ZG_ARRAY_LEN(keys));
-    if (n_keys == 0) {
-      struct attempt *a = new_attempt(c);
-      if (!a) break;
-      attempt_set_endpoint(c, a, ep);
-      a->api_key = ep->api_key ? strdup(ep->api_key) : NULL;
-      continue;
-    }
     for (size_t k = 0; k < n_keys; k++) {
       struct attempt *a = new_attempt(c);
       if (!a) {
@@ -531,6 +660,12 @@ static void build_attempts(struct chat *c) {
       attempt_set_endpoint(c, a, ep);
       snprintf(a->key_id, sizeof(a->key_id), "%.47s", keys[k].id);
       a->api_key = keys[k].secret;
+    }
+    if (n_keys == 0 || (ep->api_key && ep->api_key[0])) {
+      struct attempt *a = new_attempt(c);
+      if (!a) break;
+      attempt_set_endpoint(c, a, ep);
+      a->api_key = ep->api_key ? strdup(ep->api_key) : NULL;
     }
   }
 }

@@ -39,7 +39,12 @@ struct gateway {
   size_t n_endpoints;
   zg_buf access_line;           /* reused for every access line */
   zg_buf upstream_header_lines; /* reused by chat.c for each upstream attempt */
-  struct chat *chat_pool;       /* finished chat requests kept for reuse (chat.c) */
+  struct {                      /* provider keys a probe found good lately (chat.c) */
+    char id[80];                /* "<upstream id>/<key id>" */
+    uint64_t until_ms;          /* monotonic; 0 = empty */
+  } key_good[16];
+  size_t key_good_next;
+  struct chat *chat_pool; /* finished chat requests kept for reuse (chat.c) */
   size_t chat_pool_count;
   /* metrics */
   struct metric_counter *m_requests;

@@ -775,9 +775,12 @@ static void respond_chat_completion(request *req) {
     if (cJSON_IsString(role) && strcmp(role->valuestring, "user") == 0) last_user = text;
   }
   const char *echo = request_header(req, "x-mock-echo");
-  if (echo && strcmp(echo, "1") == 0) {
+  if (echo && (strcmp(echo, "1") == 0 || strcmp(echo, "raw") == 0)) {
     cJSON *doc = cJSON_CreateObject();
-    cJSON_AddItemReferenceToObject(doc, "body", body);
+    if (strcmp(echo, "raw") == 0) /* the request body exactly as received, as a string */
+      cJSON_AddItemToObject(doc, "body", cJSON_CreateString(req->body.data ? req->body.data : ""));
+    else
+      cJSON_AddItemReferenceToObject(doc, "body", body);
     cJSON_AddItemToObject(doc, "headers", headers_as_json(req));
     char *printed = cJSON_PrintUnformatted(doc);
     if (!printed) abort();
