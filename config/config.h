@@ -94,6 +94,7 @@ struct zg_config {
   unsigned failback_after_s;
   double lease_ratio;
   bool drills_enabled;
+  bool upstream_forwarded_for; /* send X-Forwarded-For to the upstream */
 
   struct cJSON *effective; /* the whole effective document (defaults filled) */
 };

@@ -1,17 +1,23 @@
-/* chat.c: POST /v1/chat/completions and GET /v1/models.
+/* chat.c: the proxy for every OpenAI endpoint under /v1/ (chat
+ * completions, responses, embeddings, completions, moderations, models,
+ * audio, files, ...).
  *
- * Happy path: authenticate → parse and check the JSON body → fill model
- * defaults the client left out → cache lookup → wait for an upstream slot
- * → send upstream with the provider key → pass the answer through (SSE
- * streams chunk by chunk as they arrive) → cache it when allowed.
+ * Happy path: authenticate → one strict parse of a JSON body (body.c; other
+ * bodies pass as bytes) → for chat completions: check it, splice in the
+ * model defaults the client left out, cache lookup → wait for an upstream
+ * slot → send upstream with the provider key, the client's other
+ * end-to-end headers and its body bytes → pass the answer back: status,
+ * end-to-end headers and body as they came (an event stream chunk by chunk,
+ * event by event) → cache it when allowed.
  *
  * Failure modes, each answered in OpenAI's error shape: 400 malformed
  * body, 401 token, 429 no slot in time (Retry-After), 502 upstream
  * unreachable, 504 upstream timeout. Connect failures and 5xx answers
  * before the first byte reaches the client move on to the next provider
- * key / fallback endpoint; an upstream 401 marks that key rejected and
- * tries the next key. A stream that breaks after it started ends with an
- * error event and an incomplete HTTP response, never a clean finish. A
+ * key / fallback endpoint; an upstream 401 retires a key only when a probe
+ * without client data is refused too (see the key check below). A stream
+ * that breaks after it started ends with an error event on an event
+ * boundary and an incomplete HTTP response, never a clean finish. A
  * client that disconnects cancels its upstream transfer.
  */
 #include "gateway/body.h"
@@ -41,8 +47,13 @@
 #endif
 #define CHAT_POOLED_RESPONSE_MAX (64u * 1024u)
 
+/* Longest path + query (after "/v1") passed upstream; longer is a 414. */
+#define UPSTREAM_PATH_MAX 2048
+/* End-to-end headers of an upstream answer passed to the client. */
+#define MAX_RESPONSE_HEADERS 64
+
 struct attempt {
-  char url[600];
+  char url[UPSTREAM_PATH_MAX + 600];
   size_t base_len; /* url[0..base_len) is the endpoint's base (".../v1") */
   char upstream_id[16];
   char key_id[48];
@@ -52,12 +63,19 @@ struct attempt {
 struct chat {
   /* Kept while the chat sits in the gateway's pool (capacity reused). */
   zg_buf response;
+  zg_buf response_headers; /* end-to-end upstream headers, "Name: value\0" each */
+  /* SSE passthrough: bytes after the last event boundary are held back
+   * until the event is complete, so an error event after a broken stream
+   * always starts on a boundary (never glued to half an event). */
+  zg_buf sse_partial;
   struct chat *next_pooled;
   /* Per request: chat_new zeroes everything from here on. */
   struct gateway *gw;
   struct httpd_req *req;
   const char *route;
-  char upstream_path[32]; /* "/chat/completions" or "/models" */
+  char upstream_path[UPSTREAM_PATH_MAX]; /* after "/v1": "/chat/completions?x=1" */
+  bool chat;                             /* POST /v1/chat/completions */
+  bool json_body; /* the body was parsed as JSON (and has no Content-Type of its own) */
   const char *method;
   /* Request body sent upstream: owned (body_owned) when it was re-printed
    * with model defaults or copied for forwarding, else it points into the
@@ -90,7 +108,9 @@ struct chat {
   /* response */
   int status;
   char content_type[128];
-  char retry_after[32];
+  size_t n_response_headers; /* lines in response_headers */
+  bool sse_line_empty;       /* the current line has no byte yet */
+  bool sse_prev_cr;          /* the last byte was CR (a following LF ends nothing) */
   bool streaming_to_client;
   bool finished;
 };
@@ -124,6 +144,8 @@ static void chat_free(struct chat *c) {
   if (c->body_owned) free((char *)c->body);
   if (c->forwarded_auth) zg_secret_free(c->forwarded_auth);
   if (c->response.cap > CHAT_POOLED_RESPONSE_MAX) zg_buf_free(&c->response);
+  if (c->response_headers.cap > CHAT_POOLED_RESPONSE_MAX) zg_buf_free(&c->response_headers);
+  if (c->sse_partial.cap > CHAT_POOLED_RESPONSE_MAX) zg_buf_free(&c->sse_partial);
   if (gw->chat_pool_count + 1 <= CHAT_POOL_SIZE) {
     c->next_pooled = gw->chat_pool;
     gw->chat_pool = c;
@@ -131,6 +153,8 @@ static void chat_free(struct chat *c) {
     return;
   }
   zg_buf_free(&c->response);
+  zg_buf_free(&c->response_headers);
+  zg_buf_free(&c->sse_partial);
   free(c);
 }
 
@@ -139,6 +163,8 @@ void gateway_free_chat_pool(struct gateway *gw) {
     struct chat *c = gw->chat_pool;
     gw->chat_pool = c->next_pooled;
     zg_buf_free(&c->response);
+    zg_buf_free(&c->response_headers);
+    zg_buf_free(&c->sse_partial);
     free(c);
   }
   gw->chat_pool_count = 0;
@@ -213,6 +239,74 @@ static bool gw_has_cluster(const struct chat *c) {
 
 static bool have_next_attempt(struct chat *c) {
   return c->current + 1 < c->n_attempts;
+}
+
+/* ---- headers: what passes, each way ----------------------------------
+ *
+ * RFC 9110 §7.6.1: a proxy removes the hop-by-hop headers and every header
+ * the Connection header names; end-to-end headers pass. Also not passed:
+ * framing (Content-Length, Transfer-Encoding: each hop frames its own),
+ * cookies, X-Zonegate-* (internal), and towards the upstream the client's
+ * credentials (replaced by the provider key) and Accept-Encoding (the
+ * gateway asks for identity and decodes what comes encoded anyway). */
+static bool is_hop_by_hop(const char *name, size_t len) {
+  static const char *const names[] = {"connection", "keep-alive",      "te",
+                                      "trailer",    "trailers",        "transfer-encoding",
+                                      "upgrade",    "proxy-connection"};
+  for (size_t i = 0; i < ZG_ARRAY_LEN(names); i++)
+    if (strlen(names[i]) == len && strncasecmp(name, names[i], len) == 0) return true;
+  return false;
+}
+
+/* True when the comma-separated token list `list` names name[0..len). */
+static bool list_names(const char *list, const char *name, size_t len) {
+  while (list && *list) {
+    while (*list == ' ' || *list == '\t' || *list == ',') list++;
+    size_t n = strcspn(list, ", \t");
+    if (n == len && n && strncasecmp(list, name, len) == 0) return true;
+    list += n;
+  }
+  return false;
+}
+
+/* The upstream's answer headers the client gets: end-to-end ones, minus
+ * what the gateway writes itself (Content-Type is passed separately;
+ * Content-Length and Date/Server are the gateway's own; Content-Encoding
+ * is gone because the body arrives decoded). Kept in c->response_headers. */
+static void keep_response_headers(struct chat *c, const char *const *headers) {
+  static const char *const own[] = {
+      "content-length", "content-type", "content-encoding",   "date",
+      "server",         "set-cookie",   "proxy-authenticate", "proxy-authorization"};
+  zg_buf_reset(&c->response_headers);
+  c->n_response_headers = 0;
+  const char *connection = NULL;
+  for (size_t i = 0; headers && headers[i]; i++)
+    if (strncasecmp(headers[i], "Connection:", 11) == 0) connection = headers[i] + 11;
+  for (size_t i = 0; headers && headers[i] && c->n_response_headers < MAX_RESPONSE_HEADERS; i++) {
+    const char *line = headers[i];
+    size_t len = strcspn(line, ":");
+    if (!line[len] || len == 0) continue;
+    bool drop = is_hop_by_hop(line, len) || list_names(connection, line, len);
+    for (size_t k = 0; !drop && k < ZG_ARRAY_LEN(own); k++)
+      drop = strlen(own[k]) == len && strncasecmp(line, own[k], len) == 0;
+    if (!drop && !c->forwarding && len >= 11 && strncasecmp(line, "x-zonegate-", 11) == 0)
+      drop = true; /* only our own nodes speak for zonegate */
+    if (drop) continue;
+    if (zg_buf_append(&c->response_headers, line, strlen(line) + 1) != 0) break;
+    c->n_response_headers++;
+  }
+}
+
+/* out: the kept response headers, then `extra` (may be NULL), then NULL.
+ * out has room for MAX_RESPONSE_HEADERS + 2 pointers. */
+static void response_header_list(struct chat *c, const char **out, const char *extra) {
+  size_t n = 0, at = 0;
+  for (size_t i = 0; i < c->n_response_headers; i++) {
+    out[n++] = c->response_headers.data + at;
+    at += strlen(c->response_headers.data + at) + 1;
+  }
+  if (extra) out[n++] = extra;
+  out[n] = NULL;
 }
 
 /* ---- provider-key check after an upstream 401 ------------------------
@@ -332,11 +426,7 @@ static void on_upstream_response(void *ud, int status, const char *content_type,
   c->status = status;
   copy_cut(c->content_type, sizeof(c->content_type),
            content_type ? content_type : "application/json");
-  c->retry_after[0] = '\0';
-  for (size_t i = 0; headers && headers[i]; i++)
-    if (strncasecmp(headers[i], "Retry-After:", 12) == 0)
-      snprintf(c->retry_after, sizeof(c->retry_after), "%s",
-               headers[i] + 12 + (headers[i][12] == ' '));
+  keep_response_headers(c, headers);
 
   if (c->forwarding && status == 503 && gw_has_cluster(c)) {
     /* The node we forwarded to is not active (any more): nothing reached the
@@ -367,19 +457,62 @@ static void on_upstream_response(void *ud, int status, const char *content_type,
     start_attempt(c);
     return;
   }
-  if (c->stream && status == 200) {
+  /* An event stream passes through as it arrives; any other answer
+   * (JSON, an error, JSON to a stream request) is buffered and sent whole
+   * with its own Content-Type. */
+  if (status >= 200 && status < 300 && strncasecmp(c->content_type, "text/event-stream", 17) == 0) {
     c->streaming_to_client = true;
-    const char *extra[] = {"Cache-Control: no-cache", "X-Accel-Buffering: no", NULL};
-    httpd_stream_begin(c->req, 200, "text/event-stream", extra);
+    c->sse_line_empty = true;
+    const char *extra[MAX_RESPONSE_HEADERS + 2];
+    response_header_list(c, extra, NULL);
+    httpd_stream_begin(c->req, status, c->content_type, extra);
   }
+}
+
+/* Offset just past the last SSE event boundary (an empty line: LF, CR or
+ * CRLF line ends, as the SSE spec allows) in data[0..len), or 0 when there
+ * is none; updates the line state across calls. */
+static size_t sse_last_boundary(struct chat *c, const char *data, size_t len) {
+  size_t last = 0;
+  for (size_t i = 0; i < len; i++) {
+    char ch = data[i];
+    if (ch == '\n' && c->sse_prev_cr) {
+      c->sse_prev_cr = false;
+      if (last == i) last = i + 1; /* the LF of a CRLF that ended the event */
+      continue;
+    }
+    c->sse_prev_cr = ch == '\r';
+    if (ch == '\n' || ch == '\r') {
+      if (c->sse_line_empty) last = i + 1;
+      c->sse_line_empty = true;
+    } else {
+      c->sse_line_empty = false;
+    }
+  }
+  return last;
+}
+
+/* Writes the complete events of data to the client and holds the rest.
+ * Returns 0, or 1 when the client is gone. */
+static int sse_pass(struct chat *c, const char *data, size_t len) {
+  size_t boundary = sse_last_boundary(c, data, len);
+  if (boundary == 0) /* still inside an event */
+    return zg_buf_append(&c->sse_partial, data, len) == 0 ? 0 : 1;
+  if (c->sse_partial.len) {
+    if (zg_buf_append(&c->sse_partial, data, boundary) != 0) return 1;
+    if (httpd_stream_write(c->req, c->sse_partial.data, c->sse_partial.len) != 0) return 1;
+    zg_buf_reset(&c->sse_partial);
+  } else if (httpd_stream_write(c->req, data, boundary) != 0) {
+    return 1; /* client gone */
+  }
+  if (boundary < len && zg_buf_append(&c->sse_partial, data + boundary, len - boundary) != 0)
+    return 1;
+  return 0;
 }
 
 static int on_upstream_data(void *ud, const char *data, size_t len) {
   struct chat *c = ud;
-  if (c->streaming_to_client) {
-    if (httpd_stream_write(c->req, data, len) != 0) return 1; /* client gone */
-    return 0;
-  }
+  if (c->streaming_to_client) return sse_pass(c, data, len);
   if (c->response.len + len > MAX_BUFFERED_RESPONSE) return 1;
   zg_buf_append(&c->response, data, len);
   return 0;
@@ -406,6 +539,8 @@ static void on_upstream_done(void *ud, enum upstream_result result, const char *
     }
     note_fields(c, c->cacheable ? "miss" : "none", "ok", timing.total_us, timing.first_byte_us);
     if (c->streaming_to_client) {
+      /* a clean end: whatever followed the last boundary goes out as is */
+      if (c->sse_partial.len) httpd_stream_write(c->req, c->sse_partial.data, c->sse_partial.len);
       httpd_stream_end(c->req);
       chat_done(c);
     } else {
@@ -469,14 +604,8 @@ static void respond_buffered(struct chat *c) {
   if (c->cacheable && c->status == 200)
     response_cache_put(gw->cache, c->cache_key, c->status, c->content_type, c->response.data,
                        c->response.len, (uint64_t)gw->cfg->cache_ttl_s * 1000u);
-  char retry[64];
-  const char *extra[3] = {NULL, NULL, NULL};
-  size_t n = 0;
-  if (c->cacheable) extra[n++] = "X-Cache: MISS";
-  if (c->retry_after[0]) {
-    snprintf(retry, sizeof(retry), "Retry-After: %s", c->retry_after);
-    extra[n++] = retry;
-  }
+  const char *extra[MAX_RESPONSE_HEADERS + 2];
+  response_header_list(c, extra, c->cacheable ? "X-Cache: MISS" : NULL);
   httpd_respond(c->req, c->status, c->content_type, extra, c->response.data ? c->response.data : "",
                 c->response.len);
   chat_done(c);
@@ -495,28 +624,18 @@ static void on_client_abort(void *ud) {
   chat_done(c);
 }
 
-/* Client headers that are not passed upstream: hop-by-hop ones, the
- * client's own credentials (replaced by the provider key), and the ones
- * the gateway sets itself. Everything else passes through, as nginx's
- * proxy_pass does. */
-static bool header_passes(const char *name) {
-  static const char *const dropped[] = {"authorization",
-                                        "host",
-                                        "content-length",
-                                        "content-type",
-                                        "accept",
-                                        "connection",
-                                        "keep-alive",
-                                        "transfer-encoding",
-                                        "te",
-                                        "trailer",
-                                        "upgrade",
-                                        "expect",
-                                        "proxy-authorization",
-                                        "proxy-connection",
-                                        "cookie",
-                                        "accept-encoding",
-                                        "x-forwarded-for"};
+/* Client headers that are not passed upstream (besides the hop-by-hop
+ * ones and those named in Connection, see is_hop_by_hop): the client's
+ * credentials (replaced by the provider key), the ones libcurl sets for
+ * the upstream (Host, Content-Length, Expect), cookies, Accept-Encoding,
+ * X-Forwarded-For (sent only when upstream.forwarded_for is on) and
+ * X-Zonegate-* (internal). */
+static bool header_passes(const char *name, const char *connection) {
+  static const char *const dropped[] = {
+      "authorization",       "host",   "content-length",  "expect",
+      "proxy-authorization", "cookie", "accept-encoding", "x-forwarded-for"};
+  size_t len = strlen(name);
+  if (is_hop_by_hop(name, len) || list_names(connection, name, len)) return false;
   for (size_t i = 0; i < ZG_ARRAY_LEN(dropped); i++)
     if (strcasecmp(name, dropped[i]) == 0) return false;
   return strncasecmp(name, "x-zonegate-", 11) != 0;
@@ -528,10 +647,11 @@ static bool header_passes(const char *name) {
 static size_t collect_passing_headers(struct chat *c, zg_buf *lines) {
   zg_buf_reset(lines);
   size_t n_lines = 0, n_client = httpd_req_header_count(c->req);
+  const char *connection = httpd_req_header(c->req, "Connection");
   for (size_t i = 0; i < n_client; i++) {
     const char *name, *value;
     httpd_req_header_at(c->req, i, &name, &value);
-    if (!header_passes(name)) continue;
+    if (!header_passes(name, connection)) continue;
     if (zg_buf_append(lines, name, strlen(name)) != 0 || zg_buf_append(lines, ": ", 2) != 0 ||
         zg_buf_append(lines, value, strlen(value) + 1) != 0)
       break;
@@ -564,10 +684,13 @@ static void start_attempt(struct chat *c) {
     headers[n++] = lines->data + at;
     at += strlen(lines->data + at) + 1;
   }
-  const char *prior = httpd_req_header(c->req, "X-Forwarded-For");
-  snprintf(forwarded_for, sizeof(forwarded_for), "X-Forwarded-For: %.60s%s%s", prior ? prior : "",
-           prior ? ", " : "", httpd_req_peer_ip(c->req));
-  headers[n++] = forwarded_for;
+  if (c->forwarding || gw->cfg->upstream_forwarded_for) {
+    /* The client's address goes to a third-party API only when asked for. */
+    const char *prior = httpd_req_header(c->req, "X-Forwarded-For");
+    snprintf(forwarded_for, sizeof(forwarded_for), "X-Forwarded-For: %.60s%s%s", prior ? prior : "",
+             prior ? ", " : "", httpd_req_peer_ip(c->req));
+    headers[n++] = forwarded_for;
+  }
   if (c->forwarding) {
     if (c->forwarded_auth && c->forwarded_auth[0]) {
       snprintf(auth, sizeof(auth), "Authorization: %s", c->forwarded_auth);
@@ -578,8 +701,11 @@ static void start_attempt(struct chat *c) {
     snprintf(auth, sizeof(auth), "Authorization: Bearer %s", a->api_key);
     headers[n++] = auth;
   }
-  if (c->body) headers[n++] = "Content-Type: application/json";
-  headers[n++] = c->stream ? "Accept: text/event-stream" : "Accept: application/json";
+  /* "Name:" with nothing after it stops libcurl from adding its own. */
+  if (!httpd_req_header(c->req, "Content-Type"))
+    headers[n++] = c->json_body ? "Content-Type: application/json" : "Content-Type:";
+  if (!httpd_req_header(c->req, "Accept")) headers[n++] = "Accept:";
+  headers[n++] = "Accept-Encoding: identity";
   headers[n] = NULL;
   struct upstream_request ureq = {0};
   ureq.url = a->url;
@@ -677,6 +803,8 @@ static struct chat *chat_new(struct gateway *gw, struct httpd_req *req, const ch
     gw->chat_pool = c->next_pooled;
     gw->chat_pool_count--;
     zg_buf_reset(&c->response);
+    zg_buf_reset(&c->response_headers);
+    zg_buf_reset(&c->sse_partial);
     memset(&c->gw, 0, sizeof(*c) - offsetof(struct chat, gw));
   } else {
     c = calloc(1, sizeof(*c));
@@ -718,6 +846,36 @@ static int parse_body(struct chat *c, const char *body, size_t body_len, struct 
                 strncmp(err, "duplicate member", 16) == 0 ? "duplicate_member" : "invalid_json",
                 NULL, msg, "bad_request");
   return -1;
+}
+
+/* True for a Content-Type that says JSON (application/json, or any
+ * "+json" type), parameters allowed. */
+static bool is_json_type(const char *ct) {
+  size_t len = strcspn(ct, ";");
+  while (len && (ct[len - 1] == ' ' || ct[len - 1] == '\t')) len--;
+  return (len == 16 && strncasecmp(ct, "application/json", 16) == 0) ||
+         (len > 5 && strncasecmp(ct + len - 5, "+json", 5) == 0);
+}
+
+/* The body is parsed (strictly, once) when it is JSON: a chat completion,
+ * or any body whose Content-Type says JSON or is missing. Other bodies
+ * (multipart uploads, audio) pass as bytes. Returns 0 (v[] filled when
+ * *parsed), or -1 after answering 400. */
+static int read_body(struct chat *c, const char *body, size_t body_len, struct body_value *v,
+                     size_t *object_end, size_t *members, bool *parsed) {
+  const char *ct = httpd_req_header(c->req, "Content-Type");
+  *parsed = c->chat || (body_len > 0 && (!ct || is_json_type(ct)));
+  if (!*parsed) return 0;
+  if (parse_body(c, body, body_len, v, object_end, members) != 0) return -1;
+  c->json_body = !ct;
+  if (v[F_STREAM].type != BODY_ABSENT && v[F_STREAM].type != BODY_TRUE &&
+      v[F_STREAM].type != BODY_FALSE) {
+    respond_error(c, 400, "invalid_request_error", "invalid_request", NULL,
+                  "\"stream\" must be true or false", "bad_request");
+    return -1;
+  }
+  c->stream = v[F_STREAM].type == BODY_TRUE;
+  return 0;
 }
 
 /* The cache key: SHA-256 over everything the upstream will see that can
@@ -808,12 +966,10 @@ static void proceed_forward(struct chat *c, const char *forward_to) {
   /* The standby parses the body the same way the active will (a body the
    * active would refuse is refused here with the same answer); only the
    * stream flag is used here. */
-  if (strcmp(c->upstream_path, "/models") != 0) {
-    struct body_value v[F_COUNT];
-    size_t object_end, members;
-    if (parse_body(c, body, body_len, v, &object_end, &members) != 0) return;
-    c->stream = v[F_STREAM].type == BODY_TRUE;
-  }
+  struct body_value v[F_COUNT];
+  size_t object_end, members;
+  bool parsed;
+  if (read_body(c, body, body_len, v, &object_end, &members, &parsed) != 0) return;
   c->forwarding = true;
   const char *auth = httpd_req_header(c->req, "Authorization");
   if (c->forwarded_auth) zg_secret_free(c->forwarded_auth);
@@ -908,9 +1064,46 @@ static void retry_route_later(struct chat *c) {
   uv_timer_start(c->hold_timer, on_hold_tick, 20, 0);
 }
 
-void gateway_handle_chat(struct gateway *gw, struct httpd_req *req) {
-  struct chat *c = chat_new(gw, req, "/v1/chat/completions", "/chat/completions");
-  if (c) decide_route(c);
+/* Path segments a client cannot use to climb out of the upstream's /v1:
+ * "." and ".." (also percent-encoded) and encoded slashes or backslashes. */
+static bool path_is_safe(const char *path) {
+  if (strchr(path, '\\')) return false;
+  for (const char *p = path; *p; p++)
+    if (*p == '%' && p[1] && p[2]) {
+      char hex[3] = {p[1], p[2], 0};
+      long ch = strtol(hex, NULL, 16);
+      if (ch == '.' || ch == '/' || ch == '\\' || ch == 0) return false;
+    }
+  for (const char *seg = path; seg; seg = strchr(seg + 1, '/')) {
+    const char *s = seg + 1;
+    size_t len = strcspn(s, "/");
+    if ((len == 1 && s[0] == '.') || (len == 2 && s[0] == '.' && s[1] == '.')) return false;
+  }
+  return true;
+}
+
+void gateway_handle_proxy(struct gateway *gw, struct httpd_req *req, const char *route) {
+  const char *path = httpd_req_path(req);
+  const char *query = httpd_req_query(req);
+  char upstream_path[UPSTREAM_PATH_MAX];
+  if (!path_is_safe(path)) {
+    httpd_respond_error(req, 404, "invalid_request_error", "not_found", NULL,
+                        "no route for %s: dot segments and encoded slashes are refused",
+                        httpd_req_method(req));
+    return;
+  }
+  int n = snprintf(upstream_path, sizeof(upstream_path), "%s%s%s", path + 3, query[0] ? "?" : "",
+                   query);
+  if (n < 0 || (size_t)n >= sizeof(upstream_path)) {
+    httpd_respond_error(req, 414, "invalid_request_error", "uri_too_long", NULL,
+                        "the request path and query are longer than %d bytes",
+                        UPSTREAM_PATH_MAX - 1);
+    return;
+  }
+  struct chat *c = chat_new(gw, req, route, upstream_path);
+  if (!c) return;
+  c->chat = strcmp(route, "/v1/chat/completions") == 0 && strcmp(c->method, "POST") == 0;
+  decide_route(c);
 }
 
 /* Asks the limiter for an upstream slot. When the answer comes at once,
@@ -945,27 +1138,26 @@ static void proceed_local(struct chat *c) {
     return;
   }
   c->has_token = c->token.name[0] != '\0';
-  if (strcmp(c->upstream_path, "/models") == 0) {
-    send_upstream(c);
-    return;
-  }
   size_t body_len, object_end = 0, members = 0;
   const char *body = httpd_req_body(req, &body_len);
   struct body_value v[F_COUNT];
-  if (parse_body(c, body, body_len, v, &object_end, &members) != 0) return;
+  bool parsed;
+  if (read_body(c, body, body_len, v, &object_end, &members, &parsed) != 0) return;
+  if (!c->chat) {
+    c->body = body; /* borrowed: the request lives until it is answered */
+    c->body_len = body_len;
+    send_upstream(c);
+    return;
+  }
   const char *problem = NULL;
   if (v[F_MESSAGES].type != BODY_ARRAY || v[F_MESSAGES].empty)
     problem = "\"messages\" must be a non-empty array";
-  else if (v[F_STREAM].type != BODY_ABSENT && v[F_STREAM].type != BODY_TRUE &&
-           v[F_STREAM].type != BODY_FALSE)
-    problem = "\"stream\" must be true or false";
   else if (v[F_MODEL].type != BODY_ABSENT && v[F_MODEL].type != BODY_STRING)
     problem = "\"model\" must be a string";
   if (problem) {
     respond_error(c, 400, "invalid_request_error", "invalid_request", NULL, problem, "bad_request");
     return;
   }
-  c->stream = v[F_STREAM].type == BODY_TRUE;
   if (insert_defaults(c, body, body_len, v, object_end, members) != 0) {
     respond_error(c, 500, "server_error", NULL, NULL, "out of memory", "oom");
     return;
@@ -995,13 +1187,6 @@ static void proceed_local(struct chat *c) {
     }
   }
   send_upstream(c);
-}
-
-void gateway_handle_models(struct gateway *gw, struct httpd_req *req) {
-  struct chat *c = chat_new(gw, req, "/v1/models", "/models");
-  if (!c) return;
-  c->method = "GET";
-  decide_route(c);
 }
 
 static void endpoint_set(struct gateway_endpoint *ep, const char *url, const char *key_spec,

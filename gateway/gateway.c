@@ -1,7 +1,8 @@
 /* gateway.c: start and stop of the client-facing side, the router, the
- * access log and request metrics. Routes: POST /v1/chat/completions,
- * GET /v1/models, the /health family and GET /metrics; anything else is
- * 404, a known path with the wrong method 405. Start fails only when the
+ * access log and request metrics. Routes: the whole OpenAI API under /v1/
+ * (passed through by chat.c, labelled by endpoint), the /health family
+ * and GET /metrics; anything else is 404, a known path with the wrong
+ * method 405. Start fails only when the
  * client port cannot be bound or memory runs out. */
 #include "gateway/internal.h"
 
@@ -188,6 +189,75 @@ static const char *health_route(const char *path) {
   return "unknown";
 }
 
+/* The OpenAI endpoints by path template ("{}" is one path segment, an
+ * id): the route label of metrics and access lines, so that ids never
+ * become label values. A path under /v1 that matches none is "/v1/other". */
+static const char *const api_routes[] = {
+    "/v1/chat/completions",
+    "/v1/chat/completions/{}",
+    "/v1/chat/completions/{}/messages",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/moderations",
+    "/v1/responses",
+    "/v1/responses/{}",
+    "/v1/responses/{}/cancel",
+    "/v1/responses/{}/input_items",
+    "/v1/models",
+    "/v1/models/{}",
+    "/v1/audio/speech",
+    "/v1/audio/transcriptions",
+    "/v1/audio/translations",
+    "/v1/images/generations",
+    "/v1/images/edits",
+    "/v1/images/variations",
+    "/v1/files",
+    "/v1/files/{}",
+    "/v1/files/{}/content",
+    "/v1/uploads",
+    "/v1/uploads/{}/parts",
+    "/v1/uploads/{}/complete",
+    "/v1/uploads/{}/cancel",
+    "/v1/batches",
+    "/v1/batches/{}",
+    "/v1/batches/{}/cancel",
+    "/v1/fine_tuning/jobs",
+    "/v1/fine_tuning/jobs/{}",
+    "/v1/fine_tuning/jobs/{}/cancel",
+    "/v1/fine_tuning/jobs/{}/events",
+    "/v1/vector_stores",
+    "/v1/vector_stores/{}",
+    "/v1/vector_stores/{}/files",
+    "/v1/vector_stores/{}/files/{}",
+    "/v1/assistants",
+    "/v1/assistants/{}",
+    "/v1/threads",
+    "/v1/threads/{}",
+    "/v1/threads/{}/messages",
+    "/v1/threads/{}/runs",
+    "/v1/threads/{}/runs/{}",
+};
+
+static bool route_matches(const char *tpl, const char *path) {
+  while (*tpl && *path) {
+    if (tpl[0] == '{' && tpl[1] == '}') {
+      size_t seg = strcspn(path, "/");
+      if (seg == 0) return false;
+      path += seg;
+      tpl += 2;
+      continue;
+    }
+    if (*tpl++ != *path++) return false;
+  }
+  return *tpl == '\0' && *path == '\0';
+}
+
+static const char *api_route(const char *path) {
+  for (size_t i = 0; i < ZG_ARRAY_LEN(api_routes); i++)
+    if (route_matches(api_routes[i], path)) return api_routes[i];
+  return "/v1/other";
+}
+
 static void on_request(void *ctx, struct httpd_req *req) {
   struct gateway *gw = ctx;
   struct gateway_access *access = calloc(1, sizeof(*access));
@@ -200,22 +270,13 @@ static void on_request(void *ctx, struct httpd_req *req) {
   const char *route = NULL;
   const char *allowed = NULL;
 
-  if (strcmp(path, "/v1/chat/completions") == 0) {
-    route = "/v1/chat/completions";
+  if (strncmp(path, "/v1/", 4) == 0) {
+    /* The whole OpenAI API under /v1 passes through (the upstream answers
+     * for what it does not know); the metrics label is the endpoint. */
+    route = api_route(path);
     gateway_access_route(req, route);
-    if (post) {
-      gateway_handle_chat(gw, req);
-      return;
-    }
-    allowed = "Allow: POST";
-  } else if (strcmp(path, "/v1/models") == 0) {
-    route = "/v1/models";
-    gateway_access_route(req, route);
-    if (get) {
-      gateway_handle_models(gw, req);
-      return;
-    }
-    allowed = "Allow: GET, HEAD";
+    gateway_handle_proxy(gw, req, route);
+    return;
   } else if (strcmp(path, "/health") == 0 || strncmp(path, "/health/", 8) == 0) {
     route = "/health";
     gateway_access_route(req, health_route(path));
@@ -239,9 +300,11 @@ static void on_request(void *ctx, struct httpd_req *req) {
                         "method %s is not allowed on %s", method, path);
     return;
   }
-  httpd_respond_error(req, 404, "invalid_request_error", "not_found", NULL,
-                      "no route for %s %s; see /v1/chat/completions, /v1/models, /health, /metrics",
-                      method, path);
+  httpd_respond_error(
+      req, 404, "invalid_request_error", "not_found", NULL,
+      "no route for %s %s; the OpenAI API is under /v1/ (e.g. /v1/chat/completions), "
+      "health checks under /health",
+      method, path);
 }
 
 static double gauge_in_flight(void *ud) {

@@ -77,8 +77,8 @@ struct gateway {
 };
 
 /* chat.c */
-void gateway_handle_chat(struct gateway *gw, struct httpd_req *req);
-void gateway_handle_models(struct gateway *gw, struct httpd_req *req);
+/* Any request under /v1/: route is its static route label (gateway.c). */
+void gateway_handle_proxy(struct gateway *gw, struct httpd_req *req, const char *route);
 void gateway_reload_endpoints(struct gateway *gw);
 void gateway_free_endpoints(struct gateway *gw);
 void gateway_free_chat_pool(struct gateway *gw);

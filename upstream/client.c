@@ -905,6 +905,13 @@ static int configure_easy(struct upstream_transfer *t, const struct upstream_req
   SETOPT(CURLOPT_TCP_NODELAY, 1L);
   SETOPT(CURLOPT_TCP_KEEPALIVE, 1L);
   SETOPT(CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_1_1);
+  /* An encoded answer (a CDN may gzip although identity was asked for) is
+   * decoded here, so the caller always sees the plain body. */
+  SETOPT(CURLOPT_ACCEPT_ENCODING, "");
+  /* A proxy only when the config names one: http_proxy / HTTPS_PROXY in
+   * the node's environment must not reroute upstream traffic (and the
+   * provider key). "" disables libcurl's environment lookup. */
+  SETOPT(CURLOPT_PROXY, "");
   SETOPT(CURLOPT_FOLLOWLOCATION, 0L);
   SETOPT(CURLOPT_HTTPHEADER, t->request_headers);
   SETOPT(CURLOPT_HEADERFUNCTION, on_curl_header);
