@@ -31,6 +31,24 @@ void zg_log(enum zg_log_level level, const char *event, const char *fmt, ...)
  * taken and it is freed). `fields` may be NULL. */
 void zg_log_fields(enum zg_log_level level, const char *event, struct cJSON *fields);
 
+/* Rate limit for repeated log lines about one source (failed peer
+ * handshakes, failed admin logins, keyed by peer address): a small fixed
+ * table of keys, least recently logged evicted first. Zero-initialise it
+ * and set interval_ms. Not thread-safe: use one per loop thread. */
+#define ZG_LOG_THROTTLE_SLOTS 16
+struct zg_log_throttle {
+  uint64_t interval_ms;
+  struct {
+    char key[72];
+    uint64_t last_ms;
+    unsigned suppressed;
+  } slots[ZG_LOG_THROTTLE_SLOTS];
+};
+/* True when a line for `key` may be written now; *suppressed (may be
+ * NULL) gets how many were dropped for that key since its last line.
+ * False (and counted) inside the interval. */
+bool zg_log_throttle(struct zg_log_throttle *t, const char *key, unsigned *suppressed);
+
 #define ZG_LOG_INFO(event, ...) zg_log(ZG_INFO, event, __VA_ARGS__)
 #define ZG_LOG_WARN(event, ...) zg_log(ZG_WARN, event, __VA_ARGS__)
 #define ZG_LOG_ERROR(event, ...) zg_log(ZG_ERROR, event, __VA_ARGS__)
@@ -53,6 +71,8 @@ void zg_secret_free(char *secret);
 /* ---- crypto helpers -------------------------------------------------- */
 void zg_sha256_hex(const void *data, size_t len, char out[65]);
 void zg_sha256(const void *data, size_t len, uint8_t out[32]);
+/* HMAC-SHA256 of data under key. */
+void zg_hmac_sha256(const void *key, size_t keylen, const void *data, size_t len, uint8_t out[32]);
 int zg_random_bytes(void *buf, size_t len); /* 0 or -1 */
 /* Constant-time equality; lengths are compared too (not secret). */
 bool zg_ct_equal(const void *a, size_t alen, const void *b, size_t blen);

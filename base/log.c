@@ -73,3 +73,28 @@ void zg_log_fields(enum zg_log_level level, const char *event, cJSON *fields) {
   }
   emit(level, event, fields);
 }
+
+/* The least recently logged slot is reused for a new key, so a flood from
+ * many addresses costs at most one line per slot per interval. */
+bool zg_log_throttle(struct zg_log_throttle *t, const char *key, unsigned *suppressed) {
+  uint64_t now = zg_mono_ms();
+  size_t slot = 0;
+  bool found = false;
+  for (size_t i = 0; i < ZG_LOG_THROTTLE_SLOTS; i++) {
+    if (t->slots[i].key[0] && strcmp(t->slots[i].key, key) == 0) {
+      slot = i;
+      found = true;
+      break;
+    }
+    if (t->slots[i].last_ms < t->slots[slot].last_ms) slot = i;
+  }
+  if (found && now - t->slots[slot].last_ms < t->interval_ms) {
+    t->slots[slot].suppressed++;
+    return false;
+  }
+  if (suppressed) *suppressed = found ? t->slots[slot].suppressed : 0;
+  snprintf(t->slots[slot].key, sizeof(t->slots[slot].key), "%s", key);
+  t->slots[slot].last_ms = now;
+  t->slots[slot].suppressed = 0;
+  return true;
+}

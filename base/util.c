@@ -8,6 +8,7 @@
 #include <errno.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
+#include <openssl/hmac.h>
 #include <openssl/rand.h>
 #include <openssl/sha.h>
 #include <stdio.h>
@@ -87,6 +88,11 @@ void zg_secret_free(char *secret) {
 
 void zg_sha256(const void *data, size_t len, uint8_t out[32]) {
   SHA256(data, len, out);
+}
+
+void zg_hmac_sha256(const void *key, size_t keylen, const void *data, size_t len, uint8_t out[32]) {
+  unsigned int out_len = 32;
+  HMAC(EVP_sha256(), key, (int)keylen, data, len, out, &out_len);
 }
 
 void zg_sha256_hex(const void *data, size_t len, char out[65]) {

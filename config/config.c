@@ -586,6 +586,77 @@ struct zg_config *zg_config_with_replicated(const struct zg_config *local, const
   return cfg;
 }
 
+bool zg_secret_is_reference(const char *value) {
+  return value && (strncmp(value, "env:", 4) == 0 || strncmp(value, "file:", 5) == 0);
+}
+
+struct foreign_walk {
+  void (*found)(void *ud, const char *path);
+  void *ud;
+  bool neutralise;
+  size_t count;
+};
+
+/* Walks `node` (replicated) beside `mirror` (the same path in the local
+ * file, or NULL). Every string that is a reference and differs from the
+ * local string at the same path is foreign. Returns true when the caller
+ * must drop `node` from its parent (an alert channel holding one). */
+static bool walk_foreign(struct foreign_walk *w, cJSON *node, const cJSON *mirror,
+                         const char *path) {
+  if (cJSON_IsString(node)) {
+    if (!zg_secret_is_reference(node->valuestring)) return false;
+    if (cJSON_IsString(mirror) && strcmp(mirror->valuestring, node->valuestring) == 0) return false;
+    w->count++;
+    if (w->found) w->found(w->ud, path);
+    if (w->neutralise) cJSON_SetValuestring(node, "");
+    return w->neutralise && strncmp(path, "alerts.channels[", 16) == 0;
+  }
+  if (!cJSON_IsObject(node) && !cJSON_IsArray(node)) return false;
+  bool drop_self = false;
+  int index = 0;
+  cJSON *child = node->child;
+  while (child) {
+    cJSON *next = child->next;
+    char sub[512];
+    const cJSON *mirror_child = NULL;
+    if (cJSON_IsArray(node)) {
+      snprintf(sub, sizeof(sub), "%s[%d]", path, index);
+      mirror_child = cJSON_IsArray(mirror) ? cJSON_GetArrayItem(mirror, index) : NULL;
+    } else {
+      snprintf(sub, sizeof(sub), "%s%s%s", path, path[0] ? "." : "", child->string);
+      mirror_child =
+          cJSON_IsObject(mirror) ? cJSON_GetObjectItemCaseSensitive(mirror, child->string) : NULL;
+    }
+    index++;
+    if (walk_foreign(w, child, mirror_child, sub)) {
+      /* An alert channel: the whole element of alerts.channels goes. */
+      bool is_channel = cJSON_IsArray(node) && strcmp(path, "alerts.channels") == 0;
+      if (is_channel)
+        cJSON_Delete(cJSON_DetachItemViaPointer(node, child));
+      else
+        drop_self = true;
+    }
+    child = next;
+  }
+  return drop_self;
+}
+
+size_t zg_config_foreign_refs(const struct zg_config *local, const cJSON *replicated,
+                              void (*found)(void *ud, const char *path), void *ud) {
+  struct foreign_walk w = {found, ud, false, 0};
+  walk_foreign(&w, (cJSON *)replicated, local ? local->effective : NULL, "");
+  return w.count;
+}
+
+cJSON *zg_config_without_foreign_refs(const struct zg_config *local, const cJSON *replicated,
+                                      void (*found)(void *ud, const char *path), void *ud) {
+  cJSON *copy = cJSON_Duplicate(replicated, 1);
+  if (!copy) return NULL;
+  struct foreign_walk w = {found, ud, true, 0};
+  walk_foreign(&w, copy, local ? local->effective : NULL, "");
+  return copy;
+}
+
 static const char *kind_name(enum schema_kind k) {
   switch (k) {
   case K_OBJECT:

@@ -119,6 +119,29 @@ struct cJSON *zg_config_replicated_json(const struct zg_config *cfg);
 struct zg_config *zg_config_with_replicated(const struct zg_config *local,
                                             const struct cJSON *replicated, const char *origin,
                                             char *err, size_t errlen);
+/* Secret references in replicated config. A replicated document can be
+ * changed by any admin token holder, so an "env:NAME" / "file:PATH" in it
+ * must not reach into a node's environment or files: a node resolves such
+ * a reference only when its own local file holds the very same string at
+ * the same JSON path (every node's file seeds the same references; a
+ * `config get` -> edit -> `config apply` round trip keeps them). Any other
+ * one is "foreign".
+ *
+ * zg_config_foreign_refs() calls found(ud, path) for each foreign
+ * reference in `replicated` (path like "alerts.channels[0].url"; the value
+ * is never passed: it names a variable or file) and returns how many.
+ * zg_config_without_foreign_refs() returns a copy of `replicated` (caller
+ * frees) with each foreign reference neutralised, calling found() for
+ * each: a config field becomes "" (no key), an alert channel using one is
+ * dropped (it cannot be delivered without its secret). */
+size_t zg_config_foreign_refs(const struct zg_config *local, const struct cJSON *replicated,
+                              void (*found)(void *ud, const char *path), void *ud);
+struct cJSON *zg_config_without_foreign_refs(const struct zg_config *local,
+                                             const struct cJSON *replicated,
+                                             void (*found)(void *ud, const char *path), void *ud);
+/* True for "env:..." and "file:..." strings. */
+bool zg_secret_is_reference(const char *value);
+
 /* A free-form section (K_ANY in the schema, e.g. "alerts") is validated by
  * the module that owns it; node/ registers the validator at start-up.
  * The validator writes a message naming the JSON path into err. */

@@ -182,32 +182,12 @@ static void hs_close_handles(struct handshake *hs, bool close_tcp) {
  * and direction every AUTH_LOG_INTERVAL_MS (a misconfigured node retries
  * several times a second); the next line says how many were suppressed. */
 #define AUTH_LOG_INTERVAL_MS 10000
-#define AUTH_LOG_SLOTS 16
 static void log_auth_failure(struct handshake *hs, const char *why) {
-  static struct {
-    char key[72];
-    uint64_t last_ms;
-    unsigned suppressed;
-  } slots[AUTH_LOG_SLOTS];
+  static struct zg_log_throttle throttle = {.interval_ms = AUTH_LOG_INTERVAL_MS};
   char key[72];
   snprintf(key, sizeof key, "%c%.63s", hs->outbound ? 'o' : 'i', hs->peer_ip);
-  uint64_t now = zg_mono_ms();
-  size_t slot = 0;
-  for (size_t i = 0; i < AUTH_LOG_SLOTS; i++) {
-    if (strcmp(slots[i].key, key) == 0) {
-      slot = i;
-      break;
-    }
-    if (slots[i].last_ms < slots[slot].last_ms) slot = i; /* else reuse the oldest */
-  }
-  if (strcmp(slots[slot].key, key) == 0 && now - slots[slot].last_ms < AUTH_LOG_INTERVAL_MS) {
-    slots[slot].suppressed++;
-    return;
-  }
-  unsigned suppressed = strcmp(slots[slot].key, key) == 0 ? slots[slot].suppressed : 0;
-  snprintf(slots[slot].key, sizeof slots[slot].key, "%s", key);
-  slots[slot].last_ms = now;
-  slots[slot].suppressed = 0;
+  unsigned suppressed = 0;
+  if (!zg_log_throttle(&throttle, key, &suppressed)) return;
   cJSON *fields = cJSON_CreateObject();
   if (fields != NULL) {
     cJSON_AddStringToObject(fields, "peer_ip", hs->peer_ip[0] ? hs->peer_ip : "?");

@@ -8,6 +8,22 @@
  * writes). With no leader: 503 and Retry-After. Answers never contain a
  * secret, except the one-time token of POST /v1/tokens.
  *
+ * Identity: the audit records the actor this node derives ("admin": the
+ * admin token) and the real peer address. X-Zonegate-* headers from a
+ * client are ignored; only a request forwarded by another node carries
+ * X-Zonegate-Actor / X-Zonegate-Source / X-Zonegate-Forwarded, and only
+ * with a valid X-Zonegate-Forward-Auth: "v1 <wall ms> <hex HMAC-SHA256>"
+ * under a key derived from the cluster secret, over the method, path,
+ * query, actor, source, timestamp and the body's SHA-256, accepted for
+ * FORWARD_AUTH_WINDOW_MS either side of this node's clock. A bad one is
+ * 401 (never processed as a client request: no forwarding loop).
+ *
+ * Failed authentications are logged as WARN admin_auth_failed with the
+ * peer address (never the offered token), at most once per address every
+ * AUTH_LOG_INTERVAL_MS with a count of the suppressed ones.
+ *
+ * Routes match the whole path exactly ({id}: one non-empty segment); an
+ * unknown path is 404, a known one with another method 405 with Allow.
  * Routes: GET /v1/cluster/status; GET|PUT /v1/config (If-Match);
  * GET|POST /v1/keys, POST /v1/keys/{id}/rotate, DELETE /v1/keys/{id};
  * GET|POST /v1/tokens, DELETE /v1/tokens/{id}; GET /v1/audit, POST /v1/audit
@@ -25,6 +41,7 @@
 #include "upstream/upstream.h"
 
 #include <cjson/cJSON.h>
+#include <openssl/crypto.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -33,6 +50,8 @@
 #include <unistd.h>
 
 #define READ_YOUR_WRITES_TIMEOUT_MS 5000
+#define FORWARD_AUTH_WINDOW_MS 30000
+#define AUTH_LOG_INTERVAL_MS 10000
 
 struct admin_req {
   struct node *node;
@@ -47,6 +66,10 @@ struct admin_req {
   uint64_t forward_deadline_ms; /* retries while the leader is changing */
   uv_timer_t *wait_timer;
   char *one_time_token; /* token created here, answered once */
+  /* who, for the audit: derived here, or from an authenticated forward */
+  bool forwarded;
+  char actor[96];
+  char source[64];
 };
 
 static void json_answer(struct httpd_req *req, int status, cJSON *body, const char *const *extra) {
@@ -136,14 +159,8 @@ static void on_write_done(void *ud, int status, const char *errmsg, const cJSON 
 }
 
 static void submit(struct admin_req *a, const char *type, cJSON *args) {
-  const char *actor_header = httpd_req_header(a->req, "X-Zonegate-Actor");
-  char actor[96];
-  snprintf(actor, sizeof(actor), "admin%s%.60s", actor_header ? ":" : "",
-           actor_header ? actor_header : "");
-  const char *source = httpd_req_header(a->req, "X-Zonegate-Source");
-  if (!source) source = httpd_req_peer_ip(a->req);
   httpd_req_set_abort(a->req, on_admin_abort, a);
-  consensus_write(a->node->consensus, type, args, actor, source, on_write_done, a);
+  consensus_write(a->node->consensus, type, args, a->actor, a->source, on_write_done, a);
 }
 
 /* ---- forwarding to the leader ---------------------------------------- */
@@ -218,6 +235,61 @@ static void on_fwd_done(void *ud, enum upstream_result result, const char *curl_
 static void forward_to_leader(struct admin_req *a);
 static void admin_route(struct admin_req *a);
 
+/* HMAC over everything the leader acts on or records; "\n" cannot occur
+ * in any part (headers and the request line cannot hold one). */
+static void forward_mac(const struct node *n, const char *method, const char *path,
+                        const char *query, const char *actor, const char *source, uint64_t ts_ms,
+                        const char *body, size_t body_len, uint8_t mac[32]) {
+  char body_hash[65];
+  zg_sha256_hex(body ? body : "", body ? body_len : 0, body_hash);
+  zg_buf msg;
+  zg_buf_init(&msg);
+  zg_buf_appendf(&msg, "zonegate-admin-forward-v1\n%s\n%s\n%s\n%s\n%s\n%llu\n%s", method, path,
+                 query, actor, source, (unsigned long long)ts_ms, body_hash);
+  zg_hmac_sha256(n->forward_key, sizeof(n->forward_key), msg.data ? msg.data : "", msg.len, mac);
+  zg_buf_free(&msg);
+}
+
+static void hex32(const uint8_t in[32], char out[65]) {
+  for (int i = 0; i < 32; i++) snprintf(out + 2 * i, 3, "%02x", in[i]);
+}
+
+/* Checks X-Zonegate-Forward-Auth. 1: valid (a->actor, a->source taken
+ * from the forwarding node), 0: absent, -1: present but invalid. */
+static int check_forward_auth(struct admin_req *a, const char **why) {
+  struct httpd_req *req = a->req;
+  const char *auth = httpd_req_header(req, "X-Zonegate-Forward-Auth");
+  if (!auth) return 0;
+  *why = "bad forwarding signature";
+  unsigned long long ts = 0;
+  char given[80] = "";
+  if (!a->node->have_forward_key || sscanf(auth, "v1 %llu %79s", &ts, given) != 2 ||
+      strlen(given) != 64)
+    return -1;
+  uint64_t now = zg_wall_ms();
+  if ((uint64_t)ts + FORWARD_AUTH_WINDOW_MS < now || (uint64_t)ts > now + FORWARD_AUTH_WINDOW_MS) {
+    *why = "forwarding signature outside its validity window (clock skew?)";
+    return -1;
+  }
+  const char *actor = httpd_req_header(req, "X-Zonegate-Actor");
+  const char *source = httpd_req_header(req, "X-Zonegate-Source");
+  if (!actor || !source || strlen(actor) >= sizeof(a->actor) || strlen(source) >= sizeof(a->source))
+    return -1;
+  size_t len;
+  const char *body = httpd_req_body(req, &len);
+  uint8_t mac[32];
+  char want[65];
+  forward_mac(a->node, httpd_req_method(req), httpd_req_path(req), httpd_req_query(req), actor,
+              source, ts, body, len, mac);
+  hex32(mac, want);
+  bool ok = zg_ct_equal(want, 64, given, strlen(given));
+  OPENSSL_cleanse(mac, sizeof(mac));
+  if (!ok) return -1;
+  snprintf(a->actor, sizeof(a->actor), "%s", actor);
+  snprintf(a->source, sizeof(a->source), "%s", source);
+  return 1;
+}
+
 static void on_forward_retry(uv_timer_t *t) {
   forward_to_leader(t->data);
 }
@@ -245,7 +317,7 @@ static void forward_to_leader(struct admin_req *a) {
   const struct consensus_member *leader = consensus_leader(a->node->consensus);
   const struct consensus_member *self = consensus_self(a->node->consensus);
   const char *retry[] = {"Retry-After: 1", NULL};
-  if (httpd_req_header(a->req, "X-Zonegate-Forwarded")) {
+  if (a->forwarded) {
     httpd_respond_error(a->req, 503, "admin_error", "not_leader", retry,
                         "this node is no longer the leader; retry");
     admin_req_finish(a);
@@ -273,24 +345,36 @@ static void forward_to_leader(struct admin_req *a) {
     admin_req_finish(a);
     return;
   }
-  char url[300], auth[600], actor[160], source[160];
+  char url[300], auth[600], actor[160], source[160], sig[128];
   snprintf(url, sizeof(url), "http://%s%s%s%s", leader->admin_address, httpd_req_path(a->req),
            httpd_req_query(a->req)[0] ? "?" : "", httpd_req_query(a->req));
   snprintf(auth, sizeof(auth), "Authorization: %s", httpd_req_header(a->req, "Authorization"));
-  const char *actor_h = httpd_req_header(a->req, "X-Zonegate-Actor");
-  snprintf(actor, sizeof(actor), "X-Zonegate-Actor: %.100s", actor_h ? actor_h : "");
-  snprintf(source, sizeof(source), "X-Zonegate-Source: %s", httpd_req_peer_ip(a->req));
+  snprintf(actor, sizeof(actor), "X-Zonegate-Actor: %s", a->actor);
+  snprintf(source, sizeof(source), "X-Zonegate-Source: %s", a->source);
+  size_t body_len;
+  const char *body_text = httpd_req_body(a->req, &body_len);
+  uint64_t ts = zg_wall_ms();
+  uint8_t mac[32];
+  char mac_hex[65];
+  forward_mac(a->node, httpd_req_method(a->req), httpd_req_path(a->req), httpd_req_query(a->req),
+              a->actor, a->source, ts, body_text, body_len, mac);
+  hex32(mac, mac_hex);
+  snprintf(sig, sizeof(sig), "X-Zonegate-Forward-Auth: v1 %llu %s", (unsigned long long)ts,
+           mac_hex);
+  OPENSSL_cleanse(mac, sizeof(mac));
   const char *if_match = httpd_req_header(a->req, "If-Match");
   char if_match_line[96];
   snprintf(if_match_line, sizeof(if_match_line), "If-Match: %.60s", if_match ? if_match : "");
-  const char *headers[] = {auth,   "X-Zonegate-Forwarded: 1", "Content-Type: application/json",
-                           source, actor_h ? actor : NULL,    NULL,
+  const char *headers[] = {auth,
+                           "X-Zonegate-Forwarded: 1",
+                           "Content-Type: application/json",
+                           source,
+                           actor,
+                           sig,
+                           if_match ? if_match_line : NULL,
                            NULL};
-  if (if_match) headers[actor_h ? 5 : 4] = if_match_line;
-  size_t len;
-  const char *body = httpd_req_body(a->req, &len);
-  struct upstream_request ureq = {url, httpd_req_method(a->req), headers, body,
-                                  len, {2000, 10000, 0, 15000}};
+  struct upstream_request ureq = {url,      httpd_req_method(a->req), headers, body_text,
+                                  body_len, {2000, 10000, 0, 15000}};
   static const struct upstream_callbacks cb = {on_fwd_response, on_fwd_data, on_fwd_done};
   char err[256];
   zg_buf_init(&a->body);
@@ -320,6 +404,13 @@ static cJSON *parse_body(struct httpd_req *req, bool required) {
 
 static bool literal_secret(const char *v) {
   return v && v[0] && strncmp(v, "env:", 4) && strncmp(v, "file:", 5);
+}
+
+/* Collects the JSON paths of foreign references ("a, b"); values are never
+ * collected. */
+static void note_foreign_ref(void *ud, const char *path) {
+  zg_buf *paths = ud;
+  if (paths->len < 600) zg_buf_appendf(paths, "%s%s", paths->len ? ", " : "", path);
 }
 
 static void put_config(struct admin_req *a) {
@@ -361,6 +452,25 @@ static void put_config(struct admin_req *a) {
     admin_req_free(a);
     return;
   }
+  zg_buf foreign;
+  zg_buf_init(&foreign);
+  size_t n_foreign = zg_config_foreign_refs(a->node->cfg, config, note_foreign_ref, &foreign);
+  if (n_foreign > 0) {
+    zg_config_free(check);
+    cJSON_Delete(config);
+    httpd_respond_error(
+        a->req, 400, "invalid_request_error", "secret_reference_not_local", NULL,
+        "PUT /v1/config: %s: an \"env:\" / \"file:\" reference in the replicated config is "
+        "resolved only where each node's own local config file has the very same reference at "
+        "the same path (a node's environment and files are not reachable through the admin API); "
+        "put the reference in each node's local config file, or add the provider key with "
+        "`zonegate keys add` (secrets enter the replicated state only sealed)",
+        foreign.data ? foreign.data : "?");
+    zg_buf_free(&foreign);
+    admin_req_free(a);
+    return;
+  }
+  zg_buf_free(&foreign);
   bool literal = literal_secret(check->api_key);
   for (size_t i = 0; i < check->n_fallbacks; i++)
     literal |= literal_secret(check->fallbacks[i].api_key);
@@ -370,7 +480,8 @@ static void put_config(struct admin_req *a) {
     httpd_respond_error(
         a->req, 400, "invalid_request_error", "literal_secret", NULL,
         "PUT /v1/config: api_key: a literal key would be replicated in plaintext; add it with "
-        "`zonegate keys add` (sealed) or use \"env:NAME\" / \"file:PATH\"");
+        "`zonegate keys add` (sealed), or put \"env:NAME\" / \"file:PATH\" in each node's "
+        "local config file");
     admin_req_free(a);
     return;
   }
@@ -562,13 +673,35 @@ static bool is_write(const char *method) {
   return strcmp(method, "GET") != 0 && strcmp(method, "HEAD") != 0;
 }
 
+/* One WARN line per peer address (and kind: admin token, or forwarding
+ * signature) every AUTH_LOG_INTERVAL_MS; the offered token is never
+ * logged. */
+static void log_auth_failure(struct httpd_req *req, bool forward, const char *why) {
+  static struct zg_log_throttle throttle = {.interval_ms = AUTH_LOG_INTERVAL_MS};
+  const char *peer = httpd_req_peer_ip(req);
+  char key[72];
+  snprintf(key, sizeof(key), "%c%.63s", forward ? 'f' : 't', peer);
+  unsigned suppressed = 0;
+  if (!zg_log_throttle(&throttle, key, &suppressed)) return;
+  cJSON *fields = cJSON_CreateObject();
+  if (fields) {
+    char msg[200];
+    snprintf(msg, sizeof(msg), "admin API: %s from %.63s", why, peer);
+    cJSON_AddStringToObject(fields, "msg", msg);
+    cJSON_AddStringToObject(fields, "peer_ip", peer);
+    cJSON_AddStringToObject(fields, "method", httpd_req_method(req));
+    cJSON_AddStringToObject(fields, "reason", why);
+    cJSON_AddNumberToObject(fields, "suppressed_since_last", suppressed);
+  }
+  zg_log_fields(ZG_WARN, "admin_auth_failed", fields);
+}
+
 static void on_admin_request(void *ctx, struct httpd_req *req) {
   struct node *n = ctx;
   const char *auth = httpd_req_header(req, "Authorization");
   const char *presented = auth && !strncasecmp(auth, "Bearer ", 7) ? auth + 7 : "";
   if (!zg_ct_equal(presented, strlen(presented), n->admin_token, strlen(n->admin_token))) {
-    zg_log(ZG_WARN, "admin_auth_failed", "admin API: missing or wrong admin token from %s",
-           httpd_req_peer_ip(req));
+    log_auth_failure(req, false, presented[0] ? "wrong admin token" : "missing admin token");
     httpd_respond_error(
         req, 401, "invalid_request_error", "invalid_admin_token", NULL,
         "missing or wrong admin token: send \"Authorization: Bearer <admin token>\"");
@@ -582,7 +715,87 @@ static void on_admin_request(void *ctx, struct httpd_req *req) {
   a->node = n;
   a->req = req;
   zg_buf_init(&a->body);
+  const char *why = NULL;
+  int fwd = check_forward_auth(a, &why);
+  if (fwd < 0) {
+    log_auth_failure(req, true, why);
+    httpd_respond_error(req, 401, "invalid_request_error", "invalid_forward_auth", NULL,
+                        "X-Zonegate-Forward-Auth did not verify: %s", why);
+    admin_req_free(a);
+    return;
+  }
+  a->forwarded = fwd == 1;
+  if (!a->forwarded) {
+    /* A client: whatever X-Zonegate-* it sent is ignored. The actor is
+     * what the credential proves; the source is the TCP peer. */
+    snprintf(a->actor, sizeof(a->actor), "admin");
+    snprintf(a->source, sizeof(a->source), "%s", httpd_req_peer_ip(req));
+  }
   admin_route(a);
+}
+
+/* ---- routing ----------------------------------------------------------- */
+
+enum route {
+  R_STATUS,
+  R_CONFIG,
+  R_KEYS,
+  R_KEY_ROTATE,
+  R_KEY,
+  R_TOKENS,
+  R_TOKEN,
+  R_AUDIT,
+  R_MEMBERS,
+  R_MEMBER,
+  R_SWITCHOVER,
+  R_DRILL,
+};
+
+/* `pattern` segments: literal, or "*" for one non-empty id segment. */
+static const struct {
+  const char *pattern;
+  const char *methods; /* "GET" also allows HEAD */
+  enum route route;
+} routes[] = {
+    {"/v1/cluster/status", "GET", R_STATUS},
+    {"/v1/config", "GET, PUT", R_CONFIG},
+    {"/v1/keys", "GET, POST", R_KEYS},
+    {"/v1/keys/*/rotate", "POST", R_KEY_ROTATE},
+    {"/v1/keys/*", "DELETE", R_KEY},
+    {"/v1/tokens", "GET, POST", R_TOKENS},
+    {"/v1/tokens/*", "DELETE", R_TOKEN},
+    {"/v1/audit", "GET, POST", R_AUDIT},
+    {"/v1/cluster/members", "POST", R_MEMBERS},
+    {"/v1/cluster/members/*", "DELETE", R_MEMBER},
+    {"/v1/cluster/switchover", "POST", R_SWITCHOVER},
+    {"/v1/drills/*", "POST", R_DRILL},
+};
+
+/* Whole-path match; the "*" segment is copied to id. */
+static bool route_match(const char *pattern, const char *path, char *id, size_t idlen) {
+  while (*pattern) {
+    if (*pattern == '*') {
+      size_t seg = strcspn(path, "/");
+      if (seg == 0 || seg >= idlen) return false;
+      memcpy(id, path, seg);
+      id[seg] = '\0';
+      path += seg;
+      pattern++;
+      continue;
+    }
+    if (*pattern != *path) return false;
+    pattern++;
+    path++;
+  }
+  return *path == '\0';
+}
+
+static bool method_allowed(const char *methods, const char *m) {
+  if (!strcmp(m, "HEAD")) m = "GET";
+  size_t mlen = strlen(m);
+  for (const char *p = methods; (p = strstr(p, m)) != NULL; p += mlen)
+    if ((p == methods || p[-1] == ' ') && (p[mlen] == '\0' || p[mlen] == ',')) return true;
+  return false;
 }
 
 /* Routes an authenticated admin request (again, after a node became the
@@ -593,43 +806,77 @@ static void admin_route(struct admin_req *a) {
   const char *m = httpd_req_method(req);
   const char *p = httpd_req_path(req);
   struct consensus *cs = n->consensus;
+  char id[128] = "";
+  size_t r = 0;
+  bool path_known = false;
+  for (; r < ZG_ARRAY_LEN(routes); r++) {
+    if (!route_match(routes[r].pattern, p, id, sizeof(id))) continue;
+    path_known = true;
+    if (method_allowed(routes[r].methods, m)) break;
+  }
+  if (r == ZG_ARRAY_LEN(routes)) {
+    if (path_known) {
+      /* Paths never match two patterns, so the last match is the one. */
+      const char *allow = "";
+      for (size_t i = 0; i < ZG_ARRAY_LEN(routes); i++)
+        if (route_match(routes[i].pattern, p, id, sizeof(id))) allow = routes[i].methods;
+      char allow_line[64];
+      snprintf(allow_line, sizeof(allow_line), "Allow: %s", allow);
+      const char *extra[] = {allow_line, NULL};
+      httpd_respond_error(req, 405, "invalid_request_error", "method_not_allowed", extra,
+                          "%s is not allowed on %s (allowed: %s)", m, p, allow);
+    } else {
+      httpd_respond_error(req, 404, "invalid_request_error", "not_found", NULL,
+                          "no admin route %s %s", m, p);
+    }
+    admin_req_free(a);
+    return;
+  }
+  enum route route = routes[r].route;
   bool write = is_write(m);
-  bool leader_only = write && strncmp(p, "/v1/drills/", 11) != 0;
-  if (leader_only && !consensus_is_leader(cs)) {
+  if (write && route != R_DRILL && !consensus_is_leader(cs)) {
     forward_to_leader(a);
     return;
   }
-  char id[128] = "";
-  if (!strcmp(p, "/v1/cluster/status") && !write) {
+  switch (route) {
+  case R_STATUS: {
     cJSON *body = consensus_status_json(cs);
     if (n->failover) failover_status_json(n->failover, cJSON_AddObjectToObject(body, "failover"));
     if (n->alerts) alerts_status_json(n->alerts, body);
     cJSON_AddNumberToObject(body, "config_version", (double)consensus_config_version(cs));
     json_answer(req, 200, body, NULL);
-  } else if (!strcmp(p, "/v1/config") && !write) {
-    cJSON *body = cJSON_CreateObject();
-    cJSON_AddNumberToObject(body, "version", (double)consensus_config_version(cs));
-    const cJSON *cfg = consensus_config(cs);
-    cJSON_AddItemToObject(body, "config", cfg ? cJSON_Duplicate(cfg, 1) : cJSON_CreateObject());
-    char etag[64];
-    snprintf(etag, sizeof(etag), "ETag: \"%llu\"",
-             (unsigned long long)consensus_config_version(cs));
-    const char *extra[] = {etag, NULL};
-    json_answer(req, 200, body, extra);
-  } else if (!strcmp(p, "/v1/config") && !strcmp(m, "PUT")) {
-    put_config(a);
-    return;
-  } else if (!strcmp(p, "/v1/keys") && !write) {
-    cJSON *body = cJSON_CreateObject();
-    cJSON_AddItemToObject(body, "keys", consensus_keys_json(cs));
-    json_answer(req, 200, body, NULL);
-  } else if (!strcmp(p, "/v1/keys") && !strcmp(m, "POST")) {
-    cJSON *args = parse_body(req, true);
-    if (args) {
-      submit(a, "key.add", args);
+    break;
+  }
+  case R_CONFIG:
+    if (write) {
+      put_config(a);
       return;
+    } else {
+      cJSON *body = cJSON_CreateObject();
+      cJSON_AddNumberToObject(body, "version", (double)consensus_config_version(cs));
+      const cJSON *cfg = consensus_config(cs);
+      cJSON_AddItemToObject(body, "config", cfg ? cJSON_Duplicate(cfg, 1) : cJSON_CreateObject());
+      char etag[64];
+      snprintf(etag, sizeof(etag), "ETag: \"%llu\"",
+               (unsigned long long)consensus_config_version(cs));
+      const char *extra[] = {etag, NULL};
+      json_answer(req, 200, body, extra);
     }
-  } else if (sscanf(p, "/v1/keys/%127[^/]/rotate", id) == 1 && !strcmp(m, "POST")) {
+    break;
+  case R_KEYS:
+    if (write) {
+      cJSON *args = parse_body(req, true);
+      if (args) {
+        submit(a, "key.add", args);
+        return;
+      }
+    } else {
+      cJSON *body = cJSON_CreateObject();
+      cJSON_AddItemToObject(body, "keys", consensus_keys_json(cs));
+      json_answer(req, 200, body, NULL);
+    }
+    break;
+  case R_KEY_ROTATE: {
     cJSON *args = parse_body(req, true);
     if (args) {
       cJSON_DeleteItemFromObjectCaseSensitive(args, "id");
@@ -637,53 +884,56 @@ static void admin_route(struct admin_req *a) {
       submit(a, "key.rotate", args);
       return;
     }
-  } else if (sscanf(p, "/v1/keys/%127[^/]", id) == 1 && !strcmp(m, "DELETE")) {
+    break;
+  }
+  case R_KEY:
+  case R_TOKEN: {
     cJSON *args = cJSON_CreateObject();
     cJSON_AddStringToObject(args, "id", id);
-    submit(a, "key.revoke", args);
+    submit(a, route == R_KEY ? "key.revoke" : "token.revoke", args);
     return;
-  } else if (!strcmp(p, "/v1/tokens") && !write) {
-    cJSON *body = cJSON_CreateObject();
-    cJSON_AddItemToObject(body, "tokens", consensus_tokens_json(cs));
-    json_answer(req, 200, body, NULL);
-  } else if (!strcmp(p, "/v1/tokens") && !strcmp(m, "POST")) {
-    create_token(a);
-    return;
-  } else if (sscanf(p, "/v1/tokens/%127[^/]", id) == 1 && !strcmp(m, "DELETE")) {
-    cJSON *args = cJSON_CreateObject();
-    cJSON_AddStringToObject(args, "id", id);
-    submit(a, "token.revoke", args);
-    return;
-  } else if (!strcmp(p, "/v1/audit") && !write) {
-    char buf[16];
-    const char *limit = httpd_req_query_param(req, "limit", buf, sizeof(buf));
-    cJSON *body = cJSON_CreateObject();
-    cJSON_AddItemToObject(body, "audit",
-                          consensus_audit_json(cs, limit ? strtoul(limit, NULL, 10) : 100));
-    json_answer(req, 200, body, NULL);
-  } else if (!strcmp(p, "/v1/audit") && !strcmp(m, "POST")) {
-    cJSON *args = parse_body(req, true);
-    if (args) {
-      submit(a, "audit.note", args);
+  }
+  case R_TOKENS:
+    if (write) {
+      create_token(a);
       return;
+    } else {
+      cJSON *body = cJSON_CreateObject();
+      cJSON_AddItemToObject(body, "tokens", consensus_tokens_json(cs));
+      json_answer(req, 200, body, NULL);
     }
-  } else if (!strcmp(p, "/v1/cluster/members") && !strcmp(m, "POST")) {
+    break;
+  case R_AUDIT:
+    if (write) {
+      cJSON *args = parse_body(req, true);
+      if (args) {
+        submit(a, "audit.note", args);
+        return;
+      }
+    } else {
+      char buf[16];
+      const char *limit = httpd_req_query_param(req, "limit", buf, sizeof(buf));
+      cJSON *body = cJSON_CreateObject();
+      cJSON_AddItemToObject(body, "audit",
+                            consensus_audit_json(cs, limit ? strtoul(limit, NULL, 10) : 100));
+      json_answer(req, 200, body, NULL);
+    }
+    break;
+  case R_MEMBERS:
     add_member(a);
     return;
-  } else if (sscanf(p, "/v1/cluster/members/%127[^/]", id) == 1 && !strcmp(m, "DELETE")) {
+  case R_MEMBER: {
     httpd_req_set_abort(req, on_admin_abort, a);
     int rc = consensus_remove_member(cs, id, on_member_done, a);
     if (rc != 0) on_write_done(a, rc, consensus_strerror(rc), NULL);
     return;
-  } else if (!strcmp(p, "/v1/cluster/switchover") && !strcmp(m, "POST")) {
+  }
+  case R_SWITCHOVER:
     handle_switchover(a);
     return;
-  } else if (sscanf(p, "/v1/drills/%127[^/]", id) == 1 && !strcmp(m, "POST")) {
+  case R_DRILL:
     drill(a, id);
     return;
-  } else {
-    httpd_respond_error(req, 404, "invalid_request_error", "not_found", NULL,
-                        "no admin route %s %s", m, p);
   }
   admin_req_free(a);
 }

@@ -62,14 +62,13 @@ int cli_call(const struct cli_options *o, const char *method, const char *path, 
   }
   CURL *curl = curl_easy_init();
   if (!curl) return -1;
-  char url[512], auth[600], actor[128];
+  /* No X-Zonegate-* identity headers: the node records the actor the
+   * admin token proves and this connection's address. */
+  char url[512], auth[600];
   snprintf(url, sizeof(url), "http://%s%s", o->addr, path);
   snprintf(auth, sizeof(auth), "Authorization: Bearer %s", o->token);
-  const char *user = getenv("USER");
-  snprintf(actor, sizeof(actor), "X-Zonegate-Actor: %.60s", user && *user ? user : "cli");
   struct curl_slist *headers = NULL;
   headers = curl_slist_append(headers, auth);
-  headers = curl_slist_append(headers, actor);
   headers = curl_slist_append(headers, "Content-Type: application/json");
   for (size_t i = 0; extra_headers && extra_headers[i]; i++)
     headers = curl_slist_append(headers, extra_headers[i]);

@@ -34,16 +34,37 @@ static enum consensus_role role_of(const char *role) {
   return strcmp(role, "witness") == 0 ? CONSENSUS_WITNESS : CONSENSUS_GATEWAY;
 }
 
+struct foreign_ctx {
+  uint64_t version;
+};
+
+static void warn_foreign_ref(void *ud, const char *path) {
+  const struct foreign_ctx *f = ud;
+  /* The path only: the value names a variable or a file. */
+  zg_log(ZG_WARN, "replicated_secret_ref_ignored",
+         "replicated config version %llu: %s: an \"env:\"/\"file:\" reference that this node's "
+         "local config file does not hold at the same path is ignored; put the reference in each "
+         "node's local file, or add the provider key with `zonegate keys add`",
+         (unsigned long long)f->version, path);
+}
+
 void node_cluster_apply_replicated(struct node *n) {
-  const cJSON *replicated = consensus_config(n->consensus);
+  const cJSON *stored = consensus_config(n->consensus);
   uint64_t version = consensus_config_version(n->consensus);
-  if (!replicated || version == n->applied_config_version) return;
+  if (!stored || version == n->applied_config_version) return;
+  /* Defence in depth: config apply refuses foreign references, but one
+   * that reaches this node anyway (an older leader, another node's file)
+   * is never resolved here. */
+  struct foreign_ctx fctx = {version};
+  cJSON *replicated = zg_config_without_foreign_refs(n->cfg, stored, warn_foreign_ref, &fctx);
+  if (!replicated) return;
   char err[1024];
   struct zg_config *effective =
       zg_config_with_replicated(n->cfg, replicated, "replicated config", err, sizeof(err));
   if (!effective) {
     zg_log(ZG_ERROR, "replicated_config_rejected", "version %llu cannot be applied here: %s",
            (unsigned long long)version, err);
+    cJSON_Delete(replicated);
     return;
   }
   gateway_apply_config(n->gateway, effective);
@@ -54,6 +75,7 @@ void node_cluster_apply_replicated(struct node *n) {
   zg_log(ZG_INFO, "config_applied", "replicated config version %llu applied live",
          (unsigned long long)version);
   zg_config_free(effective);
+  cJSON_Delete(replicated);
 }
 
 /* Literal provider keys from the file become sealed provider keys. */
@@ -180,6 +202,15 @@ int node_cluster_start(struct node *n, char *errmsg, size_t errlen) {
     /* One voter: no peer ever connects, but the transport needs a key. */
     secret = zg_random_token("local-");
   }
+  if (!secret) {
+    snprintf(errmsg, errlen, "cluster.secret: out of memory");
+    goto out;
+  }
+  /* Admin forwarding has its own key, derived from the cluster secret, so
+   * the raft handshake MACs and the admin MACs never share a key. */
+  static const char label[] = "zonegate admin forwarding v1";
+  zg_hmac_sha256(secret, strlen(secret), label, sizeof(label) - 1, n->forward_key);
+  n->have_forward_key = true;
   struct consensus_member self = {cfg->node_id,         cfg->zone,
                                   role_of(cfg->role),   cfg->advertise_raft,
                                   cfg->advertise_admin, cfg->advertise_gateway};

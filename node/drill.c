@@ -225,7 +225,6 @@ static void start_write(struct drill *d, int seq) {
   snprintf(auth, sizeof(auth), "Authorization: Bearer %s", d->o.token);
   struct curl_slist *h = curl_slist_append(NULL, auth);
   h = curl_slist_append(h, "Content-Type: application/json");
-  h = curl_slist_append(h, "X-Zonegate-Actor: drill");
   curl_easy_setopt(p->easy, CURLOPT_HTTPHEADER, h);
   curl_easy_setopt(p->easy, CURLOPT_PRIVATE, h);
   snprintf(body, sizeof(body), "{\"what\":\"drill-probe-%d\"}", seq);

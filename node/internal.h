@@ -26,6 +26,10 @@ struct node {
   struct httpd_server *admin;           /* NULL when no admin token is configured */
   struct upstream_client *admin_client; /* forwards admin writes to the leader */
   char *admin_token;                    /* resolved secret */
+  /* Signs and checks admin requests forwarded between nodes (derived from
+   * the cluster secret; see admin.c). Wiped at exit. */
+  uint8_t forward_key[32];
+  bool have_forward_key;
   uint64_t applied_config_version;
   uv_signal_t sigterm, sigint, sighup;
   uv_timer_t drain_timer;

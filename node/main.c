@@ -45,6 +45,7 @@ int main(int argc, char **argv) {
     usage(stderr);
     return 2;
   }
+  node_disable_core_dumps();
   const char *cmd = argv[1];
   zg_config_set_validator("alerts", alerts_validate);
   if (!strcmp(cmd, "--help") || !strcmp(cmd, "-h") || !strcmp(cmd, "help")) {

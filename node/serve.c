@@ -29,11 +29,45 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <uv.h>
 
 #define DRAIN_POLL_MS 50
+
+static enum { CORES_DISABLED, CORES_ALLOWED, CORES_DISABLE_FAILED } core_state;
+static int core_errno;
+
+void node_disable_core_dumps(void) {
+  const char *allow = getenv("ZONEGATE_ALLOW_CORE_DUMPS");
+  if (allow && !strcmp(allow, "1")) {
+    core_state = CORES_ALLOWED;
+    return;
+  }
+  struct rlimit none = {0, 0};
+  if (setrlimit(RLIMIT_CORE, &none) != 0 || prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0) {
+    core_state = CORES_DISABLE_FAILED;
+    core_errno = errno;
+    return;
+  }
+  core_state = CORES_DISABLED;
+}
+
+void node_log_core_dump_state(void) {
+  if (core_state == CORES_DISABLED)
+    zg_log(ZG_INFO, "core_dumps_disabled",
+           "core dumps are disabled (not dumpable, RLIMIT_CORE 0): a crash leaves no memory image "
+           "with the master key, cluster secret, admin token or provider keys");
+  else if (core_state == CORES_ALLOWED)
+    zg_log(ZG_WARN, "core_dumps_allowed",
+           "ZONEGATE_ALLOW_CORE_DUMPS=1: core dumps are left on; a core file holds every secret "
+           "this node knows: delete it after debugging and unset the variable");
+  else
+    zg_log(ZG_WARN, "core_dumps_not_disabled", "could not disable core dumps: %s",
+           strerror(core_errno));
+}
 
 static void log_warning(void *ud, const char *path, const char *msg) {
   zg_log(ZG_WARN, "config_warning", "%s: %s: %s", (const char *)ud, path, msg);
@@ -260,6 +294,7 @@ int node_serve(int argc, char **argv) {
                    : !strcmp(n.cfg->log_level, "warn")  ? ZG_WARN
                    : !strcmp(n.cfg->log_level, "error") ? ZG_ERROR
                                                         : ZG_INFO);
+  node_log_core_dump_state();
   zg_config_warnings(n.cfg, log_warning, (void *)config_path);
   struct stat st;
   if (mkdir_p(n.cfg->data_dir, 0700) == 0 && stat(n.cfg->data_dir, &st) == 0 &&
@@ -299,13 +334,21 @@ int node_serve(int argc, char **argv) {
     close_parts(&n);
     uv_run(n.loop, UV_RUN_DEFAULT);
     zg_secret_free(n.admin_token);
+    OPENSSL_cleanse(n.forward_key, sizeof(n.forward_key));
     zg_config_free(n.cfg);
     return 1;
   }
   /* Replicated config in a cluster (it may have been applied before the
-   * engine existed), the file's section when standalone. */
-  const cJSON *alerts_cfg = n.consensus ? consensus_config(n.consensus) : n.cfg->effective;
-  alerts_apply_config(n.alerts, cJSON_GetObjectItemCaseSensitive(alerts_cfg, "alerts"));
+   * engine existed: apply it again, through the same filter for secret
+   * references), the file's section when standalone. */
+  if (n.consensus && consensus_config(n.consensus)) {
+    n.applied_config_version = 0;
+    node_cluster_apply_replicated(&n);
+  } else {
+    alerts_apply_config(n.alerts,
+                        n.consensus ? NULL
+                                    : cJSON_GetObjectItemCaseSensitive(n.cfg->effective, "alerts"));
+  }
 
   uv_signal_init(n.loop, &n.sigterm);
   uv_signal_init(n.loop, &n.sigint);
@@ -324,6 +367,7 @@ int node_serve(int argc, char **argv) {
   /* Let close callbacks finish. */
   uv_run(n.loop, UV_RUN_NOWAIT);
   zg_secret_free(n.admin_token);
+  OPENSSL_cleanse(n.forward_key, sizeof(n.forward_key));
   zg_log(ZG_INFO, "stopped", "zonegate stopped");
   zg_config_free(n.cfg);
   return n.exit_code;
