@@ -21,6 +21,7 @@
  * client that disconnects cancels its upstream transfer.
  */
 #include "gateway/body.h"
+#include "gateway/sse.h"
 #include "gateway/internal.h"
 
 #include <openssl/evp.h>
@@ -109,8 +110,7 @@ struct chat {
   int status;
   char content_type[128];
   size_t n_response_headers; /* lines in response_headers */
-  bool sse_line_empty;       /* the current line has no byte yet */
-  bool sse_prev_cr;          /* the last byte was CR (a following LF ends nothing) */
+  struct sse_cursor sse;     /* where the passed-through event stream stands */
   bool streaming_to_client;
   bool finished;
 };
@@ -462,40 +462,17 @@ static void on_upstream_response(void *ud, int status, const char *content_type,
    * with its own Content-Type. */
   if (status >= 200 && status < 300 && strncasecmp(c->content_type, "text/event-stream", 17) == 0) {
     c->streaming_to_client = true;
-    c->sse_line_empty = true;
+    sse_cursor_init(&c->sse);
     const char *extra[MAX_RESPONSE_HEADERS + 2];
     response_header_list(c, extra, NULL);
     httpd_stream_begin(c->req, status, c->content_type, extra);
   }
 }
 
-/* Offset just past the last SSE event boundary (an empty line: LF, CR or
- * CRLF line ends, as the SSE spec allows) in data[0..len), or 0 when there
- * is none; updates the line state across calls. */
-static size_t sse_last_boundary(struct chat *c, const char *data, size_t len) {
-  size_t last = 0;
-  for (size_t i = 0; i < len; i++) {
-    char ch = data[i];
-    if (ch == '\n' && c->sse_prev_cr) {
-      c->sse_prev_cr = false;
-      if (last == i) last = i + 1; /* the LF of a CRLF that ended the event */
-      continue;
-    }
-    c->sse_prev_cr = ch == '\r';
-    if (ch == '\n' || ch == '\r') {
-      if (c->sse_line_empty) last = i + 1;
-      c->sse_line_empty = true;
-    } else {
-      c->sse_line_empty = false;
-    }
-  }
-  return last;
-}
-
 /* Writes the complete events of data to the client and holds the rest.
  * Returns 0, or 1 when the client is gone. */
 static int sse_pass(struct chat *c, const char *data, size_t len) {
-  size_t boundary = sse_last_boundary(c, data, len);
+  size_t boundary = sse_last_boundary(&c->sse, data, len);
   if (boundary == 0) /* still inside an event */
     return zg_buf_append(&c->sse_partial, data, len) == 0 ? 0 : 1;
   if (c->sse_partial.len) {

@@ -1,0 +1,28 @@
+/* sse.c: event-boundary tracking for a passed-through SSE stream (see
+ * sse.h). One pass over each piece; cannot fail. */
+#include "gateway/sse.h"
+
+void sse_cursor_init(struct sse_cursor *cur) {
+  cur->line_empty = true;
+  cur->prev_cr = false;
+}
+
+size_t sse_last_boundary(struct sse_cursor *cur, const char *data, size_t len) {
+  size_t last = 0;
+  for (size_t i = 0; i < len; i++) {
+    char ch = data[i];
+    if (ch == '\n' && cur->prev_cr) {
+      cur->prev_cr = false;
+      if (last == i) last = i + 1; /* the LF of a CRLF that ended the event */
+      continue;
+    }
+    cur->prev_cr = ch == '\r';
+    if (ch == '\n' || ch == '\r') {
+      if (cur->line_empty) last = i + 1;
+      cur->line_empty = true;
+    } else {
+      cur->line_empty = false;
+    }
+  }
+  return last;
+}
