@@ -252,10 +252,19 @@ static void on_upstream_response(void *ud, int status, const char *content_type,
   }
 }
 
+static void on_client_drained(void *ud) {
+  struct chat *c = ud;
+  upstream_resume(c->transfer);
+}
+
 static int on_upstream_data(void *ud, const char *data, size_t len) {
   struct chat *c = ud;
   if (c->streaming_to_client) {
     if (httpd_stream_write(c->req, data, len) != 0) return 1; /* client gone */
+    if (httpd_req_write_full(c->req)) { /* slow reader: pause only its own transfer */
+      httpd_req_set_drain(c->req, on_client_drained, c);
+      upstream_pause(c->transfer);
+    }
     return 0;
   }
   if (c->response.len + len > MAX_BUFFERED_RESPONSE) return 1;
