@@ -83,7 +83,7 @@ struct zg_config {
   unsigned cache_ttl_s;
   bool cache_all_temperatures;
   uint64_t max_body_bytes, max_header_bytes;
-  unsigned client_timeout_ms, drain_timeout_ms;
+  unsigned client_timeout_ms, drain_timeout_ms, slow_client_timeout_ms;
   bool has_temperature, has_top_p;
   double temperature, top_p;
   char auth_mode[16]; /* "token" | "none" | "bootstrap" (no auth section) */

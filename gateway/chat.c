@@ -469,8 +469,14 @@ static void on_upstream_response(void *ud, int status, const char *content_type,
   }
 }
 
+static void on_client_drained(void *ud) {
+  struct chat *c = ud;
+  upstream_resume(c->transfer);
+}
+
 /* Writes the complete events of data to the client and holds the rest.
- * Returns 0, or 1 when the client is gone. */
+ * Returns 0, or 1 when the client is gone. A client whose write queue is
+ * full pauses its own upstream transfer until it drains. */
 static int sse_pass(struct chat *c, const char *data, size_t len) {
   size_t boundary = sse_last_boundary(&c->sse, data, len);
   if (boundary == 0) /* still inside an event */
@@ -484,6 +490,10 @@ static int sse_pass(struct chat *c, const char *data, size_t len) {
   }
   if (boundary < len && zg_buf_append(&c->sse_partial, data + boundary, len - boundary) != 0)
     return 1;
+  if (httpd_req_write_full(c->req)) { /* slow reader: pause only its own transfer */
+    httpd_req_set_drain(c->req, on_client_drained, c);
+    upstream_pause(c->transfer);
+  }
   return 0;
 }
 

@@ -16,6 +16,7 @@ static struct httpd_limits limits_from(const struct zg_config *cfg) {
   l.max_header_bytes = cfg->max_header_bytes;
   l.client_timeout_ms = cfg->client_timeout_ms;
   l.keepalive_timeout_ms = 75000;
+  l.slow_client_timeout_ms = cfg->slow_client_timeout_ms;
   return l;
 }
 

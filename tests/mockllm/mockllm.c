@@ -42,6 +42,12 @@
 #define READ_BUFFER_BYTES 65536u
 #define MAX_DELAY_MS 600000L
 #define MAX_CHUNKS 100000L
+#define MAX_PAD_BYTES (64L * 1024L * 1024L) /* X-Mock-Pad-Bytes */
+/* A stream without a chunk interval is written in pieces of about this
+ * size, waiting while the connection's write queue is over
+ * MAX_WRITE_BACKLOG_BYTES (a client that does not read costs mockllm at
+ * most that, however long the stream). */
+#define STREAM_WRITE_PIECE_BYTES (256u * 1024u)
 
 /* ---------- small helpers ---------- */
 
@@ -222,6 +228,7 @@ typedef struct request {
   /* streaming state, owned by the request */
   char *stream_model;
   char *stream_content;
+  char *pad_text;     /* X-Mock-Pad-Bytes: every chunk's content instead, or NULL */
   size_t *piece_ends; /* chunks_total entries: end offset of each content piece */
   long chunks_total;
   long chunks_sent;
@@ -308,6 +315,7 @@ static void request_free_memory(request *req) {
   sb_free(&req->field);
   sb_free(&req->value);
   free(req->stream_model);
+  free(req->pad_text);
   free(req->stream_content);
   free(req->piece_ends);
   free(req);
@@ -792,13 +800,24 @@ static void respond_chat_completion(request *req) {
     if (last_user) append_content_text(&content, last_user);
   }
   if (!content.data) sb_appends(&content, "");
+  long pad_bytes = request_knob(req, "x-mock-pad-bytes", 0, 0, MAX_PAD_BYTES);
+  const cJSON *stream = cJSON_GetObjectItemCaseSensitive(body, "stream");
+  if (pad_bytes > 0 && cJSON_IsTrue(stream)) {
+    req->pad_text = xmalloc((size_t)pad_bytes + 1);
+    memset(req->pad_text, 'x', (size_t)pad_bytes);
+    req->pad_text[pad_bytes] = '\0';
+  } else if (pad_bytes > 0) {
+    sb_reserve(&content, (size_t)pad_bytes);
+    memset(content.data + content.len, 'x', (size_t)pad_bytes);
+    content.len += (size_t)pad_bytes;
+    content.data[content.len] = '\0';
+  }
   long prompt_tokens = (long)(all_text.len + 3) / 4;
   if (prompt_tokens < 1) prompt_tokens = 1;
   long completion_tokens = (long)(content.len + 3) / 4;
   if (completion_tokens < 1) completion_tokens = 1;
   sb_free(&all_text);
 
-  const cJSON *stream = cJSON_GetObjectItemCaseSensitive(body, "stream");
   const cJSON *stream_options = cJSON_GetObjectItemCaseSensitive(body, "stream_options");
   int include_usage =
       cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(stream_options, "include_usage"));
@@ -894,10 +913,14 @@ static void stream_append_chunk(request *req, strbuf *out, long index) {
   cJSON_AddNumberToObject(choice, "index", 0);
   cJSON *delta = cJSON_AddObjectToObject(choice, "delta");
   if (index == 0) cJSON_AddStringToObject(delta, "role", "assistant");
-  char saved = req->stream_content[end];
-  req->stream_content[end] = '\0';
-  cJSON_AddStringToObject(delta, "content", req->stream_content + start);
-  req->stream_content[end] = saved;
+  if (req->pad_text) {
+    cJSON_AddStringToObject(delta, "content", req->pad_text);
+  } else {
+    char saved = req->stream_content[end];
+    req->stream_content[end] = '\0';
+    cJSON_AddStringToObject(delta, "content", req->stream_content + start);
+    req->stream_content[end] = saved;
+  }
   if (index + 1 == req->chunks_total)
     cJSON_AddStringToObject(choice, "finish_reason", "stop");
   else
@@ -961,6 +984,14 @@ static void stream_step(request *req) {
         connection_write2(conn, out.data, out.len, NULL, 0);
         sb_free(&out);
         if (!conn->closing) request_start_timer(req, req->chunk_interval_ms, on_stream_timer);
+        return;
+      }
+      if (out.len >= STREAM_WRITE_PIECE_BYTES && req->chunks_sent < req->chunks_total) {
+        connection_write2(conn, out.data, out.len, NULL, 0);
+        sb_free(&out);
+        if (conn->closing) return;
+        size_t backlog = uv_stream_get_write_queue_size((uv_stream_t *)&conn->tcp);
+        request_start_timer(req, backlog >= MAX_WRITE_BACKLOG_BYTES ? 5 : 0, on_stream_timer);
         return;
       }
       continue;
