@@ -95,6 +95,8 @@ struct zg_config {
   double lease_ratio;
   bool drills_enabled;
   bool upstream_forwarded_for; /* send X-Forwarded-For to the upstream */
+  bool usage_enabled;          /* count usage and enforce tpm/budgets */
+  unsigned usage_flush_ms;     /* replicated flush interval */
 
   struct cJSON *effective; /* the whole effective document (defaults filled) */
 };

@@ -365,6 +365,11 @@ static void register_metrics(struct gateway *gw) {
                                  metrics_default_latency_buckets_count);
   gw->m_upstream_errors = metrics_counter(m, "zonegate_upstream_errors_total",
                                           "Upstream failures by kind", "upstream,kind");
+  gw->m_tokens = metrics_counter(m, "zonegate_tokens_total",
+                                 "Tokens the upstream reported, by client token, model and kind "
+                                 "(prompt, completion, cached, reasoning; unknown_requests counts "
+                                 "answers without usage)",
+                                 "token,model,kind");
   gw->m_auth_failures = metrics_counter(m, "zonegate_auth_failures_total",
                                         "Rejected client credentials by reason", "reason");
   metrics_gauge_fn(m, "zonegate_in_flight", "Upstream requests in flight", gauge_in_flight, gw);
@@ -385,6 +390,68 @@ static void register_metrics(struct gateway *gw) {
                    gw);
   metrics_counter_fn(m, "process_cpu_seconds_total", "User and system CPU time in seconds",
                      gauge_cpu, gw);
+}
+
+/* ---- usage flush (accounting.h) ----------------------------------------
+ * One usage.add write per usage.flush_ms while there are counts, through
+ * the cluster's usage_write; one write in flight at a time. A ticket
+ * outlives the gateway so a write that completes after gateway_close
+ * touches nothing. */
+struct usage_ticket {
+  struct gateway *gw; /* NULL once the gateway closed */
+};
+
+static void usage_waiters_done(struct gateway *gw) {
+  size_t n = gw->n_usage_waiters;
+  struct usage_flush_waiter waiters[ZG_ARRAY_LEN(gw->usage_waiters)];
+  memcpy(waiters, gw->usage_waiters, sizeof(waiters));
+  gw->n_usage_waiters = 0;
+  for (size_t i = 0; i < n; i++) waiters[i].done(waiters[i].arg);
+}
+
+static void on_usage_written(void *arg, bool committed) {
+  struct usage_ticket *t = arg;
+  struct gateway *gw = t->gw;
+  free(t);
+  if (!gw) return;
+  gw->usage_ticket = NULL;
+  accounting_settle(gw->accounting, committed);
+  if (!committed) zg_log(ZG_WARN, "usage_flush_failed", "usage counts kept for the next flush");
+  usage_waiters_done(gw);
+}
+
+/* Starts a write of the counts since the last one; false when there was
+ * nothing to write (or no cluster to write to). */
+static bool usage_flush_now(struct gateway *gw) {
+  if (!gw->accounting || gw->usage_ticket || !gw->cluster || !gw->cluster->usage_write)
+    return false;
+  cJSON *args = accounting_take(gw->accounting, zg_wall_ms() / 1000);
+  if (!args) return false;
+  struct usage_ticket *t = calloc(1, sizeof(*t));
+  if (!t) {
+    cJSON_Delete(args);
+    accounting_settle(gw->accounting, false);
+    return false;
+  }
+  t->gw = gw;
+  gw->usage_ticket = t;
+  gw->cluster->usage_write(gw->cluster->ud, args, on_usage_written, t);
+  return true;
+}
+
+static void on_usage_tick(uv_timer_t *timer) {
+  usage_flush_now(timer->data);
+}
+
+void gateway_flush_usage(struct gateway *gw, void (*done)(void *arg), void *arg) {
+  bool writing = gw->usage_ticket || usage_flush_now(gw);
+  if (!writing || gw->n_usage_waiters >= ZG_ARRAY_LEN(gw->usage_waiters)) {
+    done(arg);
+    return;
+  }
+  gw->usage_waiters[gw->n_usage_waiters].done = done;
+  gw->usage_waiters[gw->n_usage_waiters].arg = arg;
+  gw->n_usage_waiters++;
 }
 
 int gateway_start(uv_loop_t *loop, const struct zg_config *cfg, struct gateway **out, char *errmsg,
@@ -418,6 +485,11 @@ int gateway_start(uv_loop_t *loop, const struct zg_config *cfg, struct gateway *
   }
   register_metrics(gw);
   gateway_reload_endpoints(gw);
+  if (cfg->usage_enabled) gw->accounting = accounting_create();
+  uv_timer_init(loop, &gw->usage_timer);
+  gw->usage_timer.data = gw;
+  gw->usage_timer_started = true;
+  uv_timer_start(&gw->usage_timer, on_usage_tick, cfg->usage_flush_ms, cfg->usage_flush_ms);
   struct httpd_limits l = limits_from(cfg);
   int rc = httpd_listen(loop, cfg->listen_gateway, &l, on_request, gw, &gw->http, err, sizeof(err));
   if (rc != 0) {
@@ -462,6 +534,9 @@ void gateway_apply_config(struct gateway *gw, const struct zg_config *cfg) {
   struct httpd_limits l = limits_from(cfg);
   httpd_set_limits(gw->http, &l);
   gateway_reload_endpoints(gw);
+  if (cfg->usage_enabled && !gw->accounting) gw->accounting = accounting_create();
+  if (gw->usage_timer_started)
+    uv_timer_start(&gw->usage_timer, on_usage_tick, cfg->usage_flush_ms, cfg->usage_flush_ms);
 }
 
 void gateway_add_token(struct gateway *gw, const char *name, const char sha256_hex[65]) {
@@ -501,6 +576,9 @@ static void part_closed(void *arg) {
   gateway_free_endpoints(gw);
   response_cache_destroy(gw->cache);
   rate_limiter_destroy(gw->rate);
+  accounting_destroy(gw->accounting);
+  zg_buf_free(&gw->sse_scratch);
+  zg_buf_free(&gw->sse_edit);
   metrics_destroy(gw->metrics);
   zg_buf_free(&gw->access_line);
   zg_buf_free(&gw->upstream_header_lines);
@@ -535,5 +613,13 @@ void gateway_close(struct gateway *gw, void (*done)(void *arg), void *arg) {
     gw->closing_parts++;
     uv_close((uv_handle_t *)&gw->loop_timer, on_loop_timer_closed);
   }
+  if (gw->usage_timer_started) {
+    gw->usage_timer_started = false;
+    gw->closing_parts++;
+    uv_close((uv_handle_t *)&gw->usage_timer, on_loop_timer_closed);
+  }
+  if (gw->usage_ticket) gw->usage_ticket->gw = NULL;
+  gw->usage_ticket = NULL;
+  usage_waiters_done(gw);
   part_closed(gw);
 }
