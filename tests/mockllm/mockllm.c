@@ -699,7 +699,7 @@ static void base64_append(strbuf *out, const unsigned char *data, size_t len) {
                     i + 2 < len ? alphabet[v & 63] : '='};
     sb_append(out, quad, 4);
   }
-  if (!out->data) sb_appends(out, "");
+  sb_append(out, "", 0); /* NUL-terminated even when len is 0 */
 }
 
 /* Compresses in into out with zlib's gzip wrapper; flush is Z_SYNC_FLUSH (the receiver can
