@@ -1288,13 +1288,12 @@ static void proceed_local(struct chat *c) {
     send_upstream(c);
     return;
   }
-  const char *problem = NULL;
-  if (v[F_MESSAGES].type != BODY_ARRAY || v[F_MESSAGES].empty)
-    problem = "\"messages\" must be a non-empty array";
-  else if (v[F_MODEL].type != BODY_ABSENT && v[F_MODEL].type != BODY_STRING)
-    problem = "\"model\" must be a string";
-  if (problem) {
-    respond_error(c, 400, "invalid_request_error", "invalid_request", NULL, problem, "bad_request");
+  /* Only what the gateway itself reads is checked here (the JSON, stream,
+   * model); what the request means is the upstream's to judge, and its
+   * answer reaches the client as it came. */
+  if (v[F_MODEL].type != BODY_ABSENT && v[F_MODEL].type != BODY_STRING) {
+    respond_error(c, 400, "invalid_request_error", "invalid_request", NULL,
+                  "\"model\" must be a string", "bad_request");
     return;
   }
   add_defaults(c, v, object_end, members, sp, &n_sp);

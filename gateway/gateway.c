@@ -190,22 +190,22 @@ static const char *health_route(const char *path) {
   return "unknown";
 }
 
-/* The OpenAI endpoints by path template ("{}" is one path segment, an
- * id): the route label of metrics and access lines, so that ids never
- * become label values. A path under /v1 that matches none is "/v1/other". */
+/* The OpenAI endpoints by path template ("{id}" is one path segment): the route label of metrics
+ * and access lines, so that ids never become label values. A path under /v1 that matches none is
+ * "/v1/other". */
 static const char *const api_routes[] = {
     "/v1/chat/completions",
-    "/v1/chat/completions/{}",
-    "/v1/chat/completions/{}/messages",
+    "/v1/chat/completions/{id}",
+    "/v1/chat/completions/{id}/messages",
     "/v1/completions",
     "/v1/embeddings",
     "/v1/moderations",
     "/v1/responses",
-    "/v1/responses/{}",
-    "/v1/responses/{}/cancel",
-    "/v1/responses/{}/input_items",
+    "/v1/responses/{id}",
+    "/v1/responses/{id}/cancel",
+    "/v1/responses/{id}/input_items",
     "/v1/models",
-    "/v1/models/{}",
+    "/v1/models/{id}",
     "/v1/audio/speech",
     "/v1/audio/transcriptions",
     "/v1/audio/translations",
@@ -213,39 +213,39 @@ static const char *const api_routes[] = {
     "/v1/images/edits",
     "/v1/images/variations",
     "/v1/files",
-    "/v1/files/{}",
-    "/v1/files/{}/content",
+    "/v1/files/{id}",
+    "/v1/files/{id}/content",
     "/v1/uploads",
-    "/v1/uploads/{}/parts",
-    "/v1/uploads/{}/complete",
-    "/v1/uploads/{}/cancel",
+    "/v1/uploads/{id}/parts",
+    "/v1/uploads/{id}/complete",
+    "/v1/uploads/{id}/cancel",
     "/v1/batches",
-    "/v1/batches/{}",
-    "/v1/batches/{}/cancel",
+    "/v1/batches/{id}",
+    "/v1/batches/{id}/cancel",
     "/v1/fine_tuning/jobs",
-    "/v1/fine_tuning/jobs/{}",
-    "/v1/fine_tuning/jobs/{}/cancel",
-    "/v1/fine_tuning/jobs/{}/events",
+    "/v1/fine_tuning/jobs/{id}",
+    "/v1/fine_tuning/jobs/{id}/cancel",
+    "/v1/fine_tuning/jobs/{id}/events",
     "/v1/vector_stores",
-    "/v1/vector_stores/{}",
-    "/v1/vector_stores/{}/files",
-    "/v1/vector_stores/{}/files/{}",
+    "/v1/vector_stores/{id}",
+    "/v1/vector_stores/{id}/files",
+    "/v1/vector_stores/{id}/files/{id}",
     "/v1/assistants",
-    "/v1/assistants/{}",
+    "/v1/assistants/{id}",
     "/v1/threads",
-    "/v1/threads/{}",
-    "/v1/threads/{}/messages",
-    "/v1/threads/{}/runs",
-    "/v1/threads/{}/runs/{}",
+    "/v1/threads/{id}",
+    "/v1/threads/{id}/messages",
+    "/v1/threads/{id}/runs",
+    "/v1/threads/{id}/runs/{id}",
 };
 
 static bool route_matches(const char *tpl, const char *path) {
   while (*tpl && *path) {
-    if (tpl[0] == '{' && tpl[1] == '}') {
+    if (tpl[0] == '{') { /* "{id}": one path segment */
       size_t seg = strcspn(path, "/");
       if (seg == 0) return false;
       path += seg;
-      tpl += 2;
+      tpl += strcspn(tpl, "}") + 1;
       continue;
     }
     if (*tpl++ != *path++) return false;

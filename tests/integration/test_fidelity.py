@@ -337,7 +337,11 @@ def mock():
 def _stack(mock, **overrides):
     tmp = TempDir()
     path = tmp.__enter__()
-    s = Stack(path, mock=mock, performance={"cache_size": 0, "request_timeout": 20000}, **overrides)
+    # usage accounting off: it asks streams for usage (stream_options), the
+    # one documented change to a stream request; test_stream_usage_* below
+    # covers it with accounting on
+    s = Stack(path, mock=mock, performance={"cache_size": 0, "request_timeout": 20000},
+              usage={"enabled": False}, **overrides)
     s.tmp = tmp
     return s
 
@@ -723,3 +727,43 @@ def test_json_answer_to_a_stream_request_reaches_the_client_unchanged(stacks, mo
     assert via.header("content-type") == "application/json"
     assert via.body == direct.body
     assert json.loads(via.body)["object"] == "chat.completion"
+
+
+# ---- usage accounting on (the default) -----------------------------------
+
+STREAM_IDS = re.compile(rb'"id":"(chatcmpl|cmpl)-[0-9a-f]+"|"created":[0-9]+')
+
+
+def _events(body):
+    return [e for e in body.split(b"\n\n") if e.strip()]
+
+
+@pytest.mark.parametrize("path,doc", [
+    ("/v1/chat/completions", chat("count me", stream=True)),
+    ("/v1/chat/completions", chat("count me too", stream=True, stream_options={})),
+    ("/v1/chat/completions", chat("and me", stream=True, stream_options={"include_usage": False})),
+    ("/v1/completions", {"model": "gpt-4o-mini", "prompt": "complete me", "stream": True}),
+])
+def test_stream_usage_is_asked_for_and_removed_again(mock, path, doc):
+    """With accounting on, the upstream is asked for usage; the client's
+    stream is what it would get without the gateway (no usage chunk, no
+    "usage":null members), ids and timestamps aside (the mock derives them
+    from the body it received)."""
+    tmp = TempDir()
+    d = tmp.__enter__()
+    s = Stack(d, mock=mock, performance={"cache_size": 0})
+    try:
+        hdrs = JSON + [("X-Mock-Deterministic", "1"), ("X-Mock-Chunks", "4")]
+        body = jbody(doc)
+        direct, _ = exchange(mock.port, "POST", path,
+                             hdrs + [("Authorization", f"Bearer {UPSTREAM_KEY}")], body)
+        via, _ = exchange(s.port, "POST", path, hdrs, body)
+        seen = json.loads(base64.b64decode(recorded(mock)["requests"][-1]["body_b64"]))
+        assert seen["stream_options"]["include_usage"] is True
+        assert via.status == 200 and direct.status == 200
+        assert b'"usage"' not in via.body, via.body[-300:]
+        assert STREAM_IDS.sub(b"", via.body) == STREAM_IDS.sub(b"", direct.body)
+        assert len(_events(via.body)) == len(_events(direct.body))
+    finally:
+        s.stop()
+        tmp.__exit__(None, None, None)

@@ -1652,6 +1652,8 @@ static void stream_append_chunk(request *req, strbuf *plain, long index) {
     cJSON_AddNullToObject(choice, "finish_reason");
   if (!req->deterministic)
     cJSON_AddNumberToObject(root, "mock_sent_at_ms", (double)wall_clock_ms());
+  /* as OpenAI does: with include_usage every other chunk has "usage": null */
+  if (req->include_usage) cJSON_AddNullToObject(root, "usage");
   char *text = cJSON_PrintUnformatted(root);
   if (!text) abort();
   stream_add_event(req, plain, NULL, text, strlen(text));
@@ -1742,9 +1744,8 @@ static void stream_step(request *req) {
         if (!conn->closing) request_start_timer(req, req->chunk_interval_ms, on_stream_timer);
         return;
       }
-      if (out.len >= STREAM_WRITE_PIECE_BYTES && req->chunks_sent < req->chunks_total) {
-        connection_write2(conn, out.data, out.len, NULL, 0);
-        sb_free(&out);
+      if (out.len + plain.len >= STREAM_WRITE_PIECE_BYTES && req->chunks_sent < req->chunks_total) {
+        stream_write(req, &out, &plain, 0);
         if (conn->closing) return;
         size_t backlog = uv_stream_get_write_queue_size((uv_stream_t *)&conn->tcp);
         request_start_timer(req, backlog >= MAX_WRITE_BACKLOG_BYTES ? 5 : 0, on_stream_timer);
