@@ -130,6 +130,8 @@ const struct schema_entry zg_schema[] = {
     {"drills.enabled", K_BOOL, 0, 0, "false", NULL, OFF(drills_enabled),
      "expose fault-injection endpoints on the admin API"},
     {"alerts", K_ANY, 0, 0, NULL, NULL, NOFF, "alert rules and channels"},
+    {"models", K_ANY, 0, 0, NULL, NULL, NOFF,
+     "model routing: [{name, aliases, endpoints: [{endpoint, keys, model}]}] (README)"},
     {"usage", K_OBJECT, 0, 0, NULL, NULL, NOFF, "usage accounting and token limits"},
     {"usage.enabled", K_BOOL, 0, 0, "true", NULL, OFF(usage_enabled),
      "read usage from answers, count it per token/model/key, enforce tpm and budgets"},

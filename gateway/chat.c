@@ -22,6 +22,7 @@
  */
 #define _GNU_SOURCE /* memmem */
 #include "gateway/body.h"
+#include "gateway/routes.h"
 #include "gateway/sse.h"
 #include "gateway/usage.h"
 #include "gateway/internal.h"
@@ -58,9 +59,12 @@
 struct attempt {
   char url[UPSTREAM_PATH_MAX + 600];
   size_t base_len; /* url[0..base_len) is the endpoint's base (".../v1") */
-  char upstream_id[16];
+  char upstream_id[64];
   char key_id[48];
-  char *api_key; /* owned */
+  char *api_key;   /* owned */
+  char model[128]; /* routing: the upstream's model name, "" = the client's */
+  char *body;      /* owned: c->body with the model rewritten (NULL = c->body) */
+  size_t body_len;
 };
 
 struct chat {
@@ -78,10 +82,12 @@ struct chat {
   const char *route;
   char upstream_path[UPSTREAM_PATH_MAX]; /* after "/v1": "/chat/completions?x=1" */
   bool chat;                             /* POST /v1/chat/completions */
-  bool json_body;   /* the body was parsed as JSON (and has no Content-Type of its own) */
-  char model[128];  /* the request's "model" (unescaped), "" when none */
-  bool account;     /* usage is read from the answer and counted (accounting.h) */
-  bool strip_usage; /* the gateway asked the stream for usage: remove it again */
+  bool json_body;             /* the body was parsed as JSON (and has no Content-Type of its own) */
+  char model[128];            /* the request's "model" (unescaped), "" when none */
+  bool routed;                /* the models table decides the upstream (routes.h) */
+  size_t model_at, model_len; /* the "model" value's bytes in c->body (routing) */
+  bool account;               /* usage is read from the answer and counted (accounting.h) */
+  bool strip_usage;           /* the gateway asked the stream for usage: remove it again */
   struct usage_counts usage;
   const char *method;
   /* Request body sent upstream: owned (body_owned) when it was re-printed
@@ -145,7 +151,10 @@ static void chat_free(struct chat *c) {
   stop_hold(c);
   if (c->probe) upstream_cancel(c->probe);
   c->probe = NULL;
-  for (size_t i = 0; i < c->n_attempts; i++) zg_secret_free(c->attempts[i].api_key);
+  for (size_t i = 0; i < c->n_attempts; i++) {
+    zg_secret_free(c->attempts[i].api_key);
+    free(c->attempts[i].body);
+  }
   if (c->attempts != c->inline_attempts) free(c->attempts);
   if (c->body_owned) free((char *)c->body);
   if (c->forwarded_auth) zg_secret_free(c->forwarded_auth);
@@ -718,6 +727,36 @@ static size_t collect_passing_headers(struct chat *c, zg_buf *lines) {
 /* Header lines per attempt held on the stack; more go to the heap. */
 #define INLINE_UPSTREAM_HEADERS 32
 
+/* a->body = c->body with the "model" value replaced by a->model (the
+ * upstream's name for a routed model); every other byte stays. Returns 0,
+ * or -1 (no model member, or out of memory: the body goes as it is). */
+static int attempt_body(struct chat *c, struct attempt *a) {
+  if (a->body) return 0;
+  if (!c->model_len) {
+    static const char *const names[] = {"model"};
+    struct body_value v[1];
+    char err[96];
+    if (body_scan(c->body, c->body_len, names, v, 1, NULL, NULL, err, sizeof(err)) != 0 ||
+        v[0].type != BODY_STRING)
+      return -1;
+    c->model_at = (size_t)(v[0].value - c->body);
+    c->model_len = v[0].len;
+  }
+  size_t name_len = strlen(a->model);
+  size_t len = c->body_len - c->model_len + name_len + 2;
+  char *out = malloc(len);
+  if (!out) return -1;
+  memcpy(out, c->body, c->model_at);
+  out[c->model_at] = '"';
+  memcpy(out + c->model_at + 1, a->model, name_len);
+  out[c->model_at + 1 + name_len] = '"';
+  memcpy(out + c->model_at + name_len + 2, c->body + c->model_at + c->model_len,
+         c->body_len - c->model_at - c->model_len);
+  a->body = out;
+  a->body_len = len;
+  return 0;
+}
+
 static void start_attempt(struct chat *c) {
   struct gateway *gw = c->gw;
   struct attempt *a = &c->attempts[c->current];
@@ -768,6 +807,10 @@ static void start_attempt(struct chat *c) {
   ureq.headers = headers;
   ureq.body = c->body;
   ureq.body_len = c->body_len;
+  if (a->model[0] && strcmp(a->model, c->model) != 0 && c->body && attempt_body(c, a) == 0) {
+    ureq.body = a->body;
+    ureq.body_len = a->body_len;
+  }
   const struct zg_config *cfg = gw->cfg;
   ureq.timeouts.connect_ms = cfg->connect_timeout_ms;
   ureq.timeouts.first_byte_ms = cfg->first_byte_timeout_ms;
@@ -824,8 +867,51 @@ static void attempt_set_endpoint(const struct chat *c, struct attempt *a,
  * its replicated provider keys in priority order, then the endpoint's
  * api_key from the config file when it has one (so a bad replicated key
  * never hides a working configured one). */
+/* Attempts of a routed model: its endpoints in order, each with its own
+ * keys by id (the config file's api_key when it names none). */
+static void build_route_attempts(struct chat *c, const struct model_route *route) {
+  struct gateway *gw = c->gw;
+  for (size_t e = 0; e < route->n_endpoints && c->n_attempts < MAX_ATTEMPTS; e++) {
+    const struct route_endpoint *rep = &route->endpoints[e];
+    struct gateway_endpoint ep;
+    snprintf(ep.base_url, sizeof(ep.base_url), "%s", rep->base_url);
+    snprintf(ep.upstream_id, sizeof(ep.upstream_id), "%.40s#%zu", route->name, e + 1);
+    for (size_t k = 0; k < rep->n_keys; k++) {
+      struct gateway_key key = {{0}, NULL};
+      if (!gw->cluster || !gw->cluster->key_by_id ||
+          !gw->cluster->key_by_id(gw->cluster->ud, rep->keys[k], &key))
+        continue; /* revoked, invalid or unknown: not usable */
+      struct attempt *a = new_attempt(c);
+      if (!a) {
+        zg_secret_free(key.secret);
+        return;
+      }
+      attempt_set_endpoint(c, a, &ep);
+      snprintf(a->key_id, sizeof(a->key_id), "%.47s", key.id);
+      a->api_key = key.secret;
+      copy_cut(a->model, sizeof(a->model), rep->model);
+    }
+    if (rep->n_keys == 0) {
+      struct attempt *a = new_attempt(c);
+      if (!a) return;
+      attempt_set_endpoint(c, a, &ep);
+      const char *key = gw->n_endpoints ? gw->endpoints[0].api_key : gw->routes_api_key;
+      a->api_key = key ? strdup(key) : NULL;
+      copy_cut(a->model, sizeof(a->model), rep->model);
+    }
+  }
+}
+
 static void build_attempts(struct chat *c) {
   struct gateway *gw = c->gw;
+  if (c->routed) {
+    const struct model_route *route = routes_find(&gw->routes, c->model);
+    if (!route && !c->model[0] && gw->routes.n && !gw->n_endpoints) route = &gw->routes.models[0];
+    if (route) {
+      build_route_attempts(c, route);
+      return;
+    }
+  }
   for (size_t e = 0; e < gw->n_endpoints && c->n_attempts < MAX_ATTEMPTS; e++) {
     struct gateway_endpoint *ep = &gw->endpoints[e];
     struct gateway_key keys[8];
@@ -1166,7 +1252,10 @@ static void decide_route(struct chat *c) {
  * decide again shortly (the hold deadline still bounds the wait). */
 static void retry_route_later(struct chat *c) {
   c->forwarding = false;
-  for (size_t i = 0; i < c->n_attempts; i++) zg_secret_free(c->attempts[i].api_key);
+  for (size_t i = 0; i < c->n_attempts; i++) {
+    zg_secret_free(c->attempts[i].api_key);
+    free(c->attempts[i].body);
+  }
   c->n_attempts = 0;
   c->current = 0;
   if (c->body_owned) free((char *)c->body);
@@ -1249,14 +1338,70 @@ static void wait_for_slot(struct chat *c) {
 /* Local serve: the provider keys / endpoints to try, then an upstream
  * slot. */
 static void send_upstream(struct chat *c) {
-  if (c->gw->n_endpoints == 0) {
+  if (c->gw->n_endpoints == 0 && !c->routed) {
     respond_error(c, 502, "upstream_error", "no_endpoint", NULL,
-                  "no upstream endpoint is configured (set \"endpoint\" in the config)",
+                  "no upstream endpoint is configured (set \"endpoint\" or \"models\" in the "
+                  "config)",
                   "no_endpoint");
     return;
   }
   build_attempts(c);
+  if (c->n_attempts == 0) {
+    respond_error(c, 502, "upstream_error", "no_usable_key", NULL,
+                  "no usable provider key for this model (operators: zonegate keys list; the "
+                  "\"keys\" of its endpoints in \"models\")",
+                  "no_usable_key");
+    return;
+  }
   wait_for_slot(c);
+}
+
+/* GET /v1/models and /v1/models/{id} from the models table. */
+static void answer_models(struct chat *c) {
+  const char *path = httpd_req_path(c->req);
+  const char *id = strlen(path) > 11 ? path + 11 : NULL; /* after "/v1/models/" */
+  char *text = routes_models_json(&c->gw->routes, id);
+  if (!text) {
+    char known[512];
+    routes_names(&c->gw->routes, known, sizeof(known));
+    char msg[700];
+    snprintf(msg, sizeof(msg), "The model '%.100s' does not exist; known models: %s", id, known);
+    respond_error(c, 404, "invalid_request_error", "model_not_found", NULL, msg, "unknown_model");
+    return;
+  }
+  note_fields(c, "none", "local", 0, 0);
+  httpd_respond(c->req, 200, "application/json", NULL, text, strlen(text));
+  free(text);
+  chat_done(c);
+}
+
+/* The models table decides where a request goes: by its "model" (an
+ * unknown one is a 404 naming the known ones); a request without one goes
+ * to `endpoint`, or to the first model when there is none. Returns false
+ * after answering. */
+static bool route_model(struct chat *c, bool parsed) {
+  struct gateway *gw = c->gw;
+  if (!gw->routes.n) return true;
+  if (strcmp(c->method, "GET") == 0 &&
+      (!strcmp(c->route, "/v1/models") || !strcmp(c->route, "/v1/models/{id}"))) {
+    answer_models(c);
+    return false;
+  }
+  if (parsed && c->model[0]) {
+    if (!routes_find(&gw->routes, c->model)) {
+      char known[512];
+      routes_names(&gw->routes, known, sizeof(known));
+      char msg[700];
+      snprintf(msg, sizeof(msg), "The model '%.100s' does not exist; known models: %s", c->model,
+               known);
+      respond_error(c, 404, "invalid_request_error", "model_not_found", NULL, msg, "unknown_model");
+      return false;
+    }
+    c->routed = true;
+  } else if (!gw->n_endpoints) {
+    c->routed = true;
+  }
+  return true;
 }
 
 static void proceed_local(struct chat *c) {
@@ -1276,6 +1421,7 @@ static void proceed_local(struct chat *c) {
   size_t n_sp = 0;
   if (parsed && v[F_MODEL].type == BODY_STRING)
     body_string(&v[F_MODEL], c->model, sizeof(c->model));
+  if (!route_model(c, parsed)) return;
   c->account = parsed && gw->accounting != NULL;
   bool usage_route = c->chat || strcmp(c->route, "/v1/completions") == 0;
   if (c->account && c->stream && usage_route && strcmp(c->method, "POST") == 0)
@@ -1348,12 +1494,26 @@ static void endpoint_set(struct gateway_endpoint *ep, const char *url, const cha
 void gateway_free_endpoints(struct gateway *gw) {
   for (size_t i = 0; i < gw->n_endpoints; i++) zg_secret_free(gw->endpoints[i].api_key);
   gw->n_endpoints = 0;
+  routes_free(&gw->routes);
+  zg_secret_free(gw->routes_api_key);
+  gw->routes_api_key = NULL;
 }
 
 void gateway_reload_endpoints(struct gateway *gw) {
   gateway_free_endpoints(gw);
   const struct zg_config *cfg = gw->cfg;
-  if (!cfg->endpoint[0]) return;
+  char err[256];
+  const cJSON *models =
+      cfg->effective ? cJSON_GetObjectItemCaseSensitive(cfg->effective, "models") : NULL;
+  if (routes_parse(models, &gw->routes, err, sizeof(err)) != 0)
+    zg_log(ZG_ERROR, "models_table_refused", "%s (model routing off until fixed)", err);
+  if (!cfg->endpoint[0]) {
+    /* no single endpoint: the api_key serves routed endpoints without keys */
+    if (cfg->api_key[0] &&
+        zg_secret_resolve(cfg->api_key, &gw->routes_api_key, NULL, err, sizeof(err)) != 0)
+      zg_log(ZG_WARN, "api_key_unresolved", "api_key: %s", err);
+    return;
+  }
   endpoint_set(&gw->endpoints[gw->n_endpoints++], cfg->endpoint, cfg->api_key, "default");
   for (size_t i = 0; i < cfg->n_fallbacks; i++) {
     char id[16];
@@ -1361,4 +1521,11 @@ void gateway_reload_endpoints(struct gateway *gw) {
     endpoint_set(&gw->endpoints[gw->n_endpoints++], cfg->fallbacks[i].endpoint,
                  cfg->fallbacks[i].api_key, id);
   }
+}
+
+int gateway_models_validate(const cJSON *models, char *err, size_t errlen) {
+  struct routes r;
+  if (routes_parse(models, &r, err, errlen) != 0) return -1;
+  routes_free(&r);
+  return 0;
 }

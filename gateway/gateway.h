@@ -87,6 +87,10 @@ struct gateway_cluster {
   void (*usage_view)(void *ud, const char *token, uint64_t now_s, struct gateway_usage_view *out);
   void (*usage_write)(void *ud, struct cJSON *args, void (*done)(void *arg, bool committed),
                       void *arg);
+  /* Model routing (optional): a usable (active or retiring) provider key
+   * by id; fills out (secret malloc'd, the gateway frees it) and returns
+   * true, or false when the key is unknown, revoked or invalid. */
+  bool (*key_by_id)(void *ud, const char *id, struct gateway_key *out);
 };
 
 struct gateway_stats {
@@ -114,6 +118,10 @@ void gateway_add_token(struct gateway *gw, const char *name, const char sha256_h
  * # TYPE) to `out` (a zg_buf) at scrape time. Up to 8 collectors. */
 void gateway_add_metrics_collector(struct gateway *gw, void (*collect)(void *ud, void *out),
                                    void *ud);
+/* Checks a "models" section (the model routing table, see
+ * gateway/routes.h) for config validation: 0, or -1 with err naming the
+ * JSON path. Register it with zg_config_set_validator("models", ...). */
+int gateway_models_validate(const struct cJSON *models, char *err, size_t errlen);
 /* Writes the usage counts not yet flushed at once (planned switchover,
  * shutdown) instead of at the next usage.flush_ms tick; done(arg) runs
  * once they are committed, failed, or there was nothing (maybe before

@@ -11,6 +11,7 @@
 #include "gateway/gateway.h"
 #include "gateway/limiter.h"
 #include "gateway/metrics.h"
+#include "gateway/routes.h"
 #include "upstream/upstream.h"
 #include "httpd/httpd.h"
 
@@ -23,7 +24,7 @@
 struct gateway_endpoint {
   char base_url[512];
   char *api_key;        /* resolved secret, may be NULL */
-  char upstream_id[16]; /* "default", "fallback-1", ... */
+  char upstream_id[64]; /* "default", "fallback-1", "<model>#1", ... */
 };
 
 struct gateway {
@@ -37,6 +38,8 @@ struct gateway {
   struct response_cache *cache;
   struct metrics *metrics;
   struct gateway_endpoint endpoints[GATEWAY_MAX_ENDPOINTS];
+  struct routes routes; /* the replicated models table (routes.h); empty = all to endpoints */
+  char *routes_api_key; /* api_key resolved when there is no `endpoint` (routed, keyless) */
   size_t n_endpoints;
   zg_buf access_line;            /* reused for every access line */
   zg_buf upstream_header_lines;  /* reused by chat.c for each upstream attempt */
@@ -52,7 +55,7 @@ struct gateway {
   size_t n_usage_waiters;
   struct metric_counter *m_tokens;
   struct {             /* provider keys a probe found good lately (chat.c) */
-    char id[80];       /* "<upstream id>/<key id>" */
+    char id[128];      /* "<upstream id>/<key id>" */
     uint64_t until_ms; /* monotonic; 0 = empty */
   } key_good[16];
   size_t key_good_next;

@@ -2,6 +2,7 @@
  * to it; unknown commands and flags print usage and exit 2. */
 #include "config/config.h"
 #include "failover/failover.h"
+#include "gateway/gateway.h"
 #include "node/node.h"
 
 #include <stdio.h>
@@ -48,6 +49,7 @@ int main(int argc, char **argv) {
   node_disable_core_dumps();
   const char *cmd = argv[1];
   zg_config_set_validator("alerts", alerts_validate);
+  zg_config_set_validator("models", gateway_models_validate);
   if (!strcmp(cmd, "--help") || !strcmp(cmd, "-h") || !strcmp(cmd, "help")) {
     usage(stdout);
     return 0;
