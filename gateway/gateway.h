@@ -24,6 +24,7 @@
 struct cJSON;
 struct zg_config;
 struct gateway;
+struct httpd_req;
 
 struct gateway_token {
   char id[80];
@@ -66,6 +67,12 @@ struct gateway_cluster {
    * body and returns the health status code for `check` ("active",
    * "standby", "ready"). */
   int (*health)(void *ud, const char *check, struct cJSON *body);
+  /* Key of the signature that carries a client's identity on a request a
+   * standby forwards to the active (derived from the cluster secret; see
+   * gateway/ident.c). Without it a standby forwards no identity and every
+   * signed request is refused. */
+  bool have_forward_key;
+  uint8_t forward_key[32];
 };
 
 struct gateway_stats {
@@ -93,6 +100,12 @@ void gateway_add_token(struct gateway *gw, const char *name, const char sha256_h
  * # TYPE) to `out` (a zg_buf) at scrape time. Up to 8 collectors. */
 void gateway_add_metrics_collector(struct gateway *gw, void (*collect)(void *ud, void *out),
                                    void *ud);
+/* GET /metrics (Prometheus text) answered on another server's request
+ * (the admin API); any other method gets 405. */
+void gateway_metrics_respond(struct gateway *gw, struct httpd_req *req);
+/* An extra listener (listen.metrics) that serves only GET /metrics. 0 ok,
+ * else the message names the address. Closed by gateway_close(). */
+int gateway_metrics_listen(struct gateway *gw, const char *address, char *errmsg, size_t errlen);
 /* Stops accepting new connections; in-flight requests (streams included)
  * carry on. */
 void gateway_drain(struct gateway *gw);
