@@ -110,6 +110,8 @@ size_t zg_edit_distance(const char *a, const char *b);
 int zg_parse_size(const char *text, uint64_t *bytes);
 /* Splits "host:port" (IPv4 or [IPv6]) into parts. 0 ok, -1 bad. */
 int zg_split_host_port(const char *addr, char *host, size_t hostlen, int *port);
+/* True for "address" or "address/prefix", IPv4 or IPv6, prefix in range. */
+bool zg_cidr_ok(const char *cidr);
 /* Process resident memory in bytes and CPU seconds (user+sys). */
 uint64_t zg_process_rss_bytes(void);
 double zg_process_cpu_seconds(void);

@@ -4,6 +4,7 @@
  * aborts. Secrets are wiped before they are freed. */
 #include "base/base.h"
 
+#include <arpa/inet.h>
 #include <ctype.h>
 #include <errno.h>
 #include <openssl/crypto.h>
@@ -303,4 +304,23 @@ double zg_process_cpu_seconds(void) {
   if (getrusage(RUSAGE_SELF, &ru) != 0) return 0;
   return (double)ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6 + (double)ru.ru_stime.tv_sec +
          ru.ru_stime.tv_usec / 1e6;
+}
+
+bool zg_cidr_ok(const char *cidr) {
+  char net[64];
+  if (!cidr || strlen(cidr) >= sizeof(net)) return false;
+  snprintf(net, sizeof(net), "%s", cidr);
+  char *slash = strchr(net, '/');
+  long bits = -1;
+  if (slash) {
+    *slash = '\0';
+    char *end;
+    if (!slash[1] || slash[1] == '-' || slash[1] == '+') return false;
+    bits = strtol(slash + 1, &end, 10);
+    if (*end) return false;
+  }
+  unsigned char a[16];
+  int family = strchr(net, ':') ? AF_INET6 : AF_INET;
+  if (inet_pton(family, net, a) != 1) return false;
+  return bits <= (family == AF_INET6 ? 128 : 32);
 }

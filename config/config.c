@@ -237,6 +237,22 @@ static int check_value(struct parse_ctx *ctx, const struct schema_entry *e, cons
   case K_BOOL:
     if (!cJSON_IsBool(v)) return fail(ctx, path, "true or false", v);
     return 0;
+  case K_CIDRS: {
+    if (!cJSON_IsArray(v)) return fail(ctx, path, "an array of CIDRs (e.g. [\"10.0.0.0/8\"])", v);
+    if (cJSON_GetArraySize(v) > e->max) {
+      snprintf(ctx->err, ctx->errlen, "%s: %s: expected at most %g entries, found %d", ctx->origin,
+               path, e->max, cJSON_GetArraySize(v));
+      return -1;
+    }
+    int i = 0;
+    for (cJSON *item = v->child; item; item = item->next, i++) {
+      char jp[256];
+      snprintf(jp, sizeof(jp), "%.200s[%d]", path, i);
+      if (!cJSON_IsString(item) || !zg_cidr_ok(item->valuestring))
+        return fail(ctx, jp, "an IPv4 or IPv6 address or CIDR (e.g. 10.0.0.0/8, fd00::/8)", item);
+    }
+    return 0;
+  }
   case K_SIZE: {
     uint64_t bytes;
     if (cJSON_IsNumber(v) && v->valuedouble >= 0) return 0;
@@ -380,6 +396,12 @@ static int store_arrays(struct parse_ctx *ctx, struct zg_config *cfg) {
       return -1;
     }
     i++;
+  }
+  const cJSON *proxies = get_path(cfg->effective, "listen.trusted_proxies");
+  cJSON_ArrayForEach(p, proxies) {
+    if (cfg->n_trusted_proxies >= ZG_MAX_TRUSTED_PROXIES) break;
+    copy_string(cfg->trusted_proxies[cfg->n_trusted_proxies++], sizeof(cfg->trusted_proxies[0]),
+                p->valuestring);
   }
   const cJSON *tokens = get_path(cfg->effective, "auth.tokens");
   i = 0;
@@ -685,6 +707,8 @@ static const char *kind_name(enum schema_kind k) {
     return "enum";
   case K_HEX64:
     return "hex";
+  case K_CIDRS:
+    return "CIDR list";
   }
   return "?";
 }

@@ -22,6 +22,7 @@ struct cJSON;
 #define ZG_MAX_PEERS 15
 #define ZG_MAX_FALLBACKS 8
 #define ZG_MAX_FILE_TOKENS 64
+#define ZG_MAX_TRUSTED_PROXIES 32
 
 struct zg_peer {
   char id[64];
@@ -52,6 +53,10 @@ struct zg_config {
   char listen_gateway[128];
   char listen_admin[128];
   char listen_raft[128];
+  char listen_metrics[128]; /* "" = /metrics on the admin port only */
+  /* Peers whose PROXY protocol header or X-Forwarded-For is believed. */
+  char trusted_proxies[ZG_MAX_TRUSTED_PROXIES][64];
+  size_t n_trusted_proxies;
   /* advertised addresses (local; default: the listen address) */
   char advertise_raft[128];
   char advertise_admin[128];

@@ -25,11 +25,16 @@ const struct schema_entry zg_schema[] = {
     /* listen (local) */
     {"listen", K_OBJECT, 0, 0, NULL, NULL, NOFF, "listening addresses"},
     {"listen.gateway", K_ADDR, 0, 0, "\"0.0.0.0:18789\"", NULL, OFF(listen_gateway),
-     "client API, health, metrics"},
+     "client API and health endpoints (no /metrics)"},
     {"listen.admin", K_ADDR, 0, 0, "\"127.0.0.1:18790\"", NULL, OFF(listen_admin),
-     "admin API (private network only)"},
+     "admin API and /metrics (private network only)"},
     {"listen.raft", K_ADDR, 0, 0, "\"0.0.0.0:18791\"", NULL, OFF(listen_raft),
      "Raft peer traffic (private network only)"},
+    {"listen.metrics", K_ADDR, 0, 0, NULL, NULL, OFF(listen_metrics),
+     "optional extra listener serving only GET /metrics (private network only)"},
+    {"listen.trusted_proxies", K_CIDRS, 0, ZG_MAX_TRUSTED_PROXIES, "[]", NULL, NOFF,
+     "load balancers (CIDRs) whose PROXY protocol header or X-Forwarded-For names the client; "
+     "none by default"},
     /* cluster (local) */
     {"cluster", K_OBJECT, 0, 0, NULL, NULL, NOFF, "Raft group membership"},
     {"cluster.data_dir", K_STRING, 1, 511, "\"/var/lib/zonegate\"", NULL, OFF(data_dir),

@@ -20,6 +20,7 @@ enum schema_kind {
   K_SIZE, /* number of bytes or "512MB" */
   K_ENUM,
   K_HEX64,
+  K_CIDRS, /* array of "address[/prefix]" strings, IPv4 or IPv6 */
 };
 
 struct schema_entry {

@@ -3,7 +3,9 @@
  * (constant-time compare) and then in the replicated token table; expiry,
  * the IP allowlist and the per-token requests-per-minute limit are checked.
  * Failures answer 401 (missing/unknown/expired), 403 (address not
- * allowed) or 429 (rate) in OpenAI's error shape. The token itself is
+ * allowed) or 429 (rate) in OpenAI's error shape. The allowlist is checked
+ * against the client's address as ident.c decided it (PROXY header or
+ * X-Forwarded-For of a trusted proxy, or a standby's signed forward). The token itself is
  * never logged or stored; only its hash is compared. */
 #include "gateway/internal.h"
 
@@ -89,7 +91,7 @@ int gateway_authenticate(struct gateway *gw, struct httpd_req *req, struct gatew
   if (token->n_allow > 0) {
     bool allowed = false;
     for (size_t i = 0; i < token->n_allow && !allowed; i++)
-      allowed = gateway_cidr_match(token->allow[i], httpd_req_peer_ip(req));
+      allowed = gateway_cidr_match(token->allow[i], gateway_client_ip(req));
     if (!allowed)
       return reject(gw, req, 403, "ip_not_allowed", "ip_not_allowed", NULL,
                     "this client token may not be used from this address");

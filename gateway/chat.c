@@ -768,6 +768,7 @@ static void start_attempt(struct chat *c) {
   size_t n = 0;
   char auth[1100] = "";
   char forwarded_for[128];
+  char forward_auth[256];
   if (!headers) {
     respond_error(c, 500, "server_error", NULL, NULL, "out of memory", "oom");
     return;
@@ -778,11 +779,11 @@ static void start_attempt(struct chat *c) {
     headers[n++] = lines->data + at;
     at += strlen(lines->data + at) + 1;
   }
-  if (c->forwarding || gw->cfg->upstream_forwarded_for) {
-    /* The client's address goes to a third-party API only when asked for. */
-    const char *prior = httpd_req_header(c->req, "X-Forwarded-For");
-    snprintf(forwarded_for, sizeof(forwarded_for), "X-Forwarded-For: %.60s%s%s", prior ? prior : "",
-             prior ? ", " : "", httpd_req_peer_ip(c->req));
+  if (!c->forwarding && gw->cfg->upstream_forwarded_for) {
+    /* The client's address goes to a third-party API only when asked for:
+     * the address ident.c decided, not what the client wrote. */
+    snprintf(forwarded_for, sizeof(forwarded_for), "X-Forwarded-For: %s",
+             gateway_client_ip(c->req));
     headers[n++] = forwarded_for;
   }
   if (c->forwarding) {
@@ -790,6 +791,13 @@ static void start_attempt(struct chat *c) {
       snprintf(auth, sizeof(auth), "Authorization: %s", c->forwarded_auth);
       headers[n++] = auth;
     }
+    /* The client's address, signed for the active (ident.c); the plain
+     * flag is for nodes of the previous version during an upgrade (this
+     * version strips it at entry and believes only the signature). */
+    if (gateway_forward_sign(gw, c->method, httpd_req_path(c->req), httpd_req_query(c->req),
+                             gateway_client_ip(c->req), c->body, c->body_len, forward_auth,
+                             sizeof(forward_auth)) == 0)
+      headers[n++] = forward_auth;
     headers[n++] = "X-Zonegate-Forwarded: 1";
   } else if (a->api_key && a->api_key[0]) {
     snprintf(auth, sizeof(auth), "Authorization: Bearer %s", a->api_key);
@@ -1212,7 +1220,7 @@ static void decide_route(struct chat *c) {
     proceed_local(c);
     return;
   }
-  bool forwarded = httpd_req_header(c->req, "X-Zonegate-Forwarded") != NULL;
+  bool forwarded = gateway_request_forwarded(c->req); /* signature verified at entry */
   char forward_to[160] = "";
   enum gateway_serve_mode mode =
       gw->cluster->serve_mode(gw->cluster->ud, forwarded, forward_to, sizeof(forward_to));

@@ -1,8 +1,11 @@
 /* gateway.c: start and stop of the client-facing side, the router, the
  * access log and request metrics. Routes: the whole OpenAI API under /v1/
- * (passed through by chat.c, labelled by endpoint), the /health family
- * and GET /metrics; anything else is 404, a known path with the wrong
- * method 405. Start fails only when the
+ * (passed through by chat.c, labelled by endpoint) and the /health family;
+ * anything else is 404, a known path with the wrong method 405. /metrics
+ * is not served on the client port (it is public behind the LB): the
+ * admin API answers it (gateway_metrics_respond), and listen.metrics can
+ * add a listener of its own (gateway_metrics_listen). Every request's
+ * client address is decided first (ident.c). Start fails only when the
  * client port cannot be bound or memory runs out. */
 #include "gateway/internal.h"
 
@@ -116,7 +119,10 @@ static void write_access_line(struct gateway *gw, enum zg_log_level level,
   zg_buf_appendf(out, ",\"status\":%d,\"latency_ms\":%llu.%03u,\"bytes\":%llu", status,
                  (unsigned long long)(elapsed_us / 1000), (unsigned)(elapsed_us % 1000),
                  (unsigned long long)httpd_req_bytes_sent(req));
-  append_field(out, "client_ip", httpd_req_peer_ip(req));
+  append_field(out, "client_ip", a && a->client_ip[0] ? a->client_ip : httpd_req_peer_ip(req));
+  if (strcmp(httpd_req_socket_ip(req), a && a->client_ip[0] ? a->client_ip : "") != 0)
+    append_field(out, "peer_ip", httpd_req_socket_ip(req)); /* the LB or the forwarding node */
+  if (a && a->forwarded) zg_buf_appendf(out, ",\"forwarded\":true");
   zg_buf_append(out, "}\n", 2);
   if (out->data) {
     fwrite(out->data, 1, out->len, stdout);
@@ -147,7 +153,7 @@ static void on_request_finished(void *ctx, struct httpd_req *req) {
   if (status >= 500) gw->requests_5xx++;
   /* Load-balancer probes and scrapes arrive several times a second: they
    * are logged at debug level unless they fail. */
-  bool probe = strncmp(route, "/health", 7) == 0 || strcmp(route, "/metrics") == 0;
+  bool probe = strncmp(route, "/health", 7) == 0;
   enum zg_log_level level = probe && status < 500 ? ZG_DEBUG : ZG_INFO;
   if (zg_log_enabled(level)) write_access_line(gw, level, a, req, route, status, elapsed_us);
   free(a);
@@ -169,7 +175,14 @@ bool gateway_upstream_healthy(const struct gateway *gw) {
   return gw->upstream_consecutive_failures < GATEWAY_UPSTREAM_FAILURE_THRESHOLD;
 }
 
-static void handle_metrics(struct gateway *gw, struct httpd_req *req) {
+void gateway_metrics_respond(struct gateway *gw, struct httpd_req *req) {
+  const char *method = httpd_req_method(req);
+  if (strcmp(method, "GET") != 0 && strcmp(method, "HEAD") != 0) {
+    const char *headers[] = {"Allow: GET, HEAD", NULL};
+    httpd_respond_error(req, 405, "invalid_request_error", "method_not_allowed", headers,
+                        "method %s is not allowed on /metrics", method);
+    return;
+  }
   zg_buf out;
   zg_buf_init(&out);
   metrics_render(gw->metrics, &out);
@@ -262,8 +275,13 @@ static const char *api_route(const char *path) {
 static void on_request(void *ctx, struct httpd_req *req) {
   struct gateway *gw = ctx;
   struct gateway_access *access = calloc(1, sizeof(*access));
-  if (access) access->route = "unknown";
+  if (!access) {
+    httpd_respond_error(req, 500, "server_error", NULL, NULL, "out of memory");
+    return;
+  }
+  access->route = "unknown";
   httpd_req_set_user(req, access);
+  if (gateway_identify(gw, req, access) != 0) return; /* answered 401 */
   const char *path = httpd_req_path(req);
   const char *method = httpd_req_method(req);
   bool get = strcmp(method, "GET") == 0 || strcmp(method, "HEAD") == 0;
@@ -287,13 +305,10 @@ static void on_request(void *ctx, struct httpd_req *req) {
     }
     allowed = "Allow: GET, HEAD, POST";
   } else if (strcmp(path, "/metrics") == 0) {
-    route = "/metrics";
-    gateway_access_route(req, route);
-    if (get) {
-      handle_metrics(gw, req);
-      return;
-    }
-    allowed = "Allow: GET, HEAD";
+    httpd_respond_error(req, 404, "invalid_request_error", "not_found", NULL,
+                        "/metrics is not served on the client port: scrape the admin port "
+                        "(listen.admin) or listen.metrics");
+    return;
   }
   if (route) {
     const char *headers[] = {allowed, NULL};
@@ -506,6 +521,7 @@ int gateway_start(uv_loop_t *loop, const struct zg_config *cfg, struct gateway *
     return -1;
   }
   httpd_set_finish_hook(gw->http, on_request_finished);
+  gateway_ident_start(gw);
   char node_header[128];
   snprintf(node_header, sizeof(node_header), "X-Zonegate-Node: %.60s", cfg->node_id);
   httpd_set_response_header(gw->http, node_header);
@@ -550,6 +566,31 @@ void gateway_add_metrics_collector(struct gateway *gw, void (*collect)(void *ud,
   gw->collectors[gw->n_collectors].collect = collect;
   gw->collectors[gw->n_collectors].ud = ud;
   gw->n_collectors++;
+}
+
+static void on_metrics_request(void *ctx, struct httpd_req *req) {
+  struct gateway *gw = ctx;
+  if (strcmp(httpd_req_path(req), "/metrics") == 0) {
+    gateway_metrics_respond(gw, req);
+    return;
+  }
+  httpd_respond_error(req, 404, "invalid_request_error", "not_found", NULL,
+                      "this listener (listen.metrics) serves only GET /metrics");
+}
+
+int gateway_metrics_listen(struct gateway *gw, const char *address, char *errmsg, size_t errlen) {
+  struct httpd_limits l = {0};
+  l.max_body_bytes = 4096;
+  char err[256];
+  int rc = httpd_listen(gw->loop, address, &l, on_metrics_request, gw, &gw->metrics_http, err,
+                        sizeof(err));
+  if (rc != 0) {
+    gw->metrics_http = NULL;
+    snprintf(errmsg, errlen, "listen.metrics: %s", err);
+    return -1;
+  }
+  zg_log(ZG_INFO, "metrics_listening", "GET /metrics on %s", address);
+  return 0;
 }
 
 void gateway_drain(struct gateway *gw) {
@@ -600,6 +641,11 @@ void gateway_close(struct gateway *gw, void (*done)(void *arg), void *arg) {
   if (gw->http) {
     gw->closing_parts++;
     httpd_close(gw->http, part_closed, gw);
+  }
+  if (gw->metrics_http) {
+    gw->closing_parts++;
+    httpd_close(gw->metrics_http, part_closed, gw);
+    gw->metrics_http = NULL;
   }
   if (gw->limiter) {
     gw->closing_parts++;

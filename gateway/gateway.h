@@ -24,6 +24,7 @@
 struct cJSON;
 struct zg_config;
 struct gateway;
+struct httpd_req;
 
 struct gateway_token {
   char id[80];
@@ -91,6 +92,12 @@ struct gateway_cluster {
    * by id; fills out (secret malloc'd, the gateway frees it) and returns
    * true, or false when the key is unknown, revoked or invalid. */
   bool (*key_by_id)(void *ud, const char *id, struct gateway_key *out);
+  /* Key of the signature that carries a client's identity on a request a
+   * standby forwards to the active (derived from the cluster secret; see
+   * gateway/ident.c). Without it a standby forwards no identity and every
+   * signed request is refused. */
+  bool have_forward_key;
+  uint8_t forward_key[32];
 };
 
 struct gateway_stats {
@@ -127,6 +134,12 @@ int gateway_models_validate(const struct cJSON *models, char *err, size_t errlen
  * once they are committed, failed, or there was nothing (maybe before
  * this returns). */
 void gateway_flush_usage(struct gateway *gw, void (*done)(void *arg), void *arg);
+/* GET /metrics (Prometheus text) answered on another server's request
+ * (the admin API); any other method gets 405. */
+void gateway_metrics_respond(struct gateway *gw, struct httpd_req *req);
+/* An extra listener (listen.metrics) that serves only GET /metrics. 0 ok,
+ * else the message names the address. Closed by gateway_close(). */
+int gateway_metrics_listen(struct gateway *gw, const char *address, char *errmsg, size_t errlen);
 /* Stops accepting new connections; in-flight requests (streams included)
  * carry on. */
 void gateway_drain(struct gateway *gw);

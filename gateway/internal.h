@@ -32,6 +32,8 @@ struct gateway {
   struct zg_config *cfg; /* private copy */
   const struct gateway_cluster *cluster;
   struct httpd_server *http;
+  struct httpd_server *metrics_http;  /* listen.metrics, or NULL */
+  struct zg_log_throttle forward_log; /* forward_auth_failed lines (ident.c) */
   struct upstream_client *upstream;
   struct limiter *limiter;
   struct rate_limiter *rate;
@@ -105,6 +107,21 @@ bool gateway_cidr_match(const char *cidr, const char *ip);
  * admitted and counted, else it answered 429 naming the limit. */
 int gateway_admit(struct gateway *gw, struct httpd_req *req, const struct gateway_token *token);
 
+struct gateway_access;
+/* ident.c: the client's address and whether another node forwarded the
+ * request, decided once at entry (see ident.c). 0, or -1 after answering
+ * 401 (a forwarding signature that does not verify). */
+int gateway_identify(struct gateway *gw, struct httpd_req *req, struct gateway_access *a);
+void gateway_ident_start(struct gateway *gw);
+bool gateway_ip_trusted(const struct gateway *gw, const char *ip);
+const char *gateway_client_ip(struct httpd_req *req);
+bool gateway_request_forwarded(struct httpd_req *req);
+/* The X-Zonegate-Forward-Auth header line for a request forwarded with
+ * these parts; -1 when this node has no forwarding key. */
+int gateway_forward_sign(const struct gateway *gw, const char *method, const char *path,
+                         const char *query, const char *client_ip, const char *body,
+                         size_t body_len, char *line, size_t linelen);
+
 /* health.c */
 void gateway_handle_health(struct gateway *gw, struct httpd_req *req);
 int gateway_health_start(struct gateway *gw);
@@ -126,6 +143,8 @@ struct gateway_access {
   unsigned attempts;
   char upstream_result[40];      /* "" = none */
   uint64_t upstream_us, ttfb_us; /* 0 = not written */
+  char client_ip[64];            /* the client's address (ident.c) */
+  bool forwarded;                /* a verified forward from another node */
 };
 void gateway_access_route(struct httpd_req *req, const char *route);
 /* The request's access record (NULL only when it could not be allocated). */

@@ -54,6 +54,18 @@ void httpd_set_limits(struct httpd_server *srv, const struct httpd_limits *limit
 /* One header line ("Name: value", copied) added to every response, e.g.
  * which node answered. NULL removes it. */
 void httpd_set_response_header(struct httpd_server *srv, const char *line);
+/* PROXY protocol (haproxy's doc/proxy-protocol.txt, v1 text and v2
+ * binary) at the start of each connection of this server. trusted(ud, ip)
+ * says whether the TCP peer may send one: a trusted peer's connection is
+ * accepted with or without a header, and a header naming a TCP client
+ * makes that client the connection's peer (httpd_req_peer_ip; the proxy
+ * stays in httpd_req_socket_ip). A header from any other peer, a malformed
+ * one, or one not complete within min(client_timeout, 3 s) closes the
+ * connection (logged as WARN proxy_header_refused / proxy_header_invalid
+ * with the address, at most once per address every 10 s). Not called:
+ * no header is looked for (it would be a malformed request). */
+void httpd_set_proxy_protocol(struct httpd_server *srv, bool (*trusted)(void *ud, const char *ip),
+                              void *ud);
 /* Stops accepting; idle keep-alive connections are closed, busy ones close
  * after their current response. In-flight requests finish normally. */
 void httpd_stop_accepting(struct httpd_server *srv);
@@ -86,7 +98,13 @@ size_t httpd_req_header_count(const struct httpd_req *req);
 void httpd_req_header_at(const struct httpd_req *req, size_t i, const char **name,
                          const char **value);
 const char *httpd_req_body(const struct httpd_req *req, size_t *len); /* NUL-terminated */
+/* The client: the address a trusted proxy's PROXY header named, else the
+ * TCP peer. httpd_req_socket_ip: always the TCP peer. */
 const char *httpd_req_peer_ip(const struct httpd_req *req);
+const char *httpd_req_socket_ip(const struct httpd_req *req);
+/* Removes every request header whose name starts with prefix
+ * (case-insensitive), e.g. internal headers a client must not set. */
+void httpd_req_drop_headers(struct httpd_req *req, const char *prefix);
 uint64_t httpd_req_received_us(const struct httpd_req *req); /* monotonic, when complete */
 void httpd_req_set_abort(struct httpd_req *req, void (*on_abort)(void *ud), void *ud);
 bool httpd_req_is_head(const struct httpd_req *req);

@@ -19,6 +19,7 @@
 
 #include "base/base.h"
 
+#include <arpa/inet.h>
 #include <http_parser.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -71,7 +72,8 @@ struct httpd_req {
   const char *query;  /* in url, or "" */
   size_t n_headers;   /* headers parsed so far */
   bool headers_ready; /* name/value pointers are set */
-  char peer_ip[64];
+  char peer_ip[64];   /* the client: a trusted proxy's PROXY header, else socket_ip */
+  char socket_ip[64]; /* the TCP peer */
   bool keep_alive;
   bool is_head;
   uint64_t received_us;
@@ -122,7 +124,16 @@ struct conn {
    * deadline EARLIER than the armed one; firing early, it re-arms for the
    * rest. So back-to-back keep-alive requests cost no timer operation. */
   uint64_t deadline_ms, timer_armed_ms;
-  char peer_ip[64];
+  char peer_ip[64];   /* the client (after a trusted PROXY header) */
+  char socket_ip[64]; /* the TCP peer */
+  /* PROXY protocol header at the start of the connection (proxy_consume):
+   * bytes held while deciding, and v2 TLV bytes still to discard. */
+  struct {
+    uint8_t state; /* PP_DONE (also: not enabled), PP_DETECT, PP_SKIP */
+    uint16_t have;
+    uint32_t skip;
+    char buf[240];
+  } pp;
 };
 
 struct httpd_server {
@@ -145,6 +156,11 @@ struct httpd_server {
   void (*close_done)(void *arg);
   void *close_arg;
   http_parser_settings settings;
+  /* PROXY protocol (httpd_set_proxy_protocol): detection on when set. */
+  bool proxy_enabled;
+  bool (*proxy_trusted)(void *ud, const char *ip);
+  void *proxy_ud;
+  struct zg_log_throttle proxy_log;
 };
 
 static void conn_close(struct conn *c);
@@ -279,6 +295,7 @@ static struct httpd_req *req_new(struct conn *c) {
   r->srv = srv;
   r->keep_alive = true;
   memcpy(r->peer_ip, c->peer_ip, sizeof(r->peer_ip));
+  memcpy(r->socket_ip, c->socket_ip, sizeof(r->socket_ip));
   return r;
 }
 
@@ -649,6 +666,16 @@ const char *httpd_req_body(const struct httpd_req *r, size_t *len) {
 
 const char *httpd_req_peer_ip(const struct httpd_req *r) {
   return r->peer_ip;
+}
+const char *httpd_req_socket_ip(const struct httpd_req *r) {
+  return r->socket_ip;
+}
+void httpd_req_drop_headers(struct httpd_req *r, const char *prefix) {
+  if (!r->headers_ready) return;
+  size_t plen = strlen(prefix), kept = 0;
+  for (size_t i = 0; i < r->n_headers; i++)
+    if (strncasecmp(r->headers[i].name, prefix, plen) != 0) r->headers[kept++] = r->headers[i];
+  r->n_headers = kept;
 }
 uint64_t httpd_req_received_us(const struct httpd_req *r) {
   return r->received_us;
@@ -1035,6 +1062,212 @@ static int parse_read(struct conn *c, const char *data, size_t len) {
   return 0;
 }
 
+/* ---- PROXY protocol header ------------------------------------------
+ *
+ * haproxy's doc/proxy-protocol.txt: a load balancer may start a
+ * connection with one header naming the client, v1 (text: "PROXY TCP4
+ * <src> <dst> <sport> <dport>\r\n", at most 107 bytes) or v2 (binary: a
+ * 12-byte signature, version/command, family/transport, length, then the
+ * addresses and optional TLVs, which are skipped). It is looked for only
+ * on a server with httpd_set_proxy_protocol(), only at the start of a
+ * connection, and parsed strictly: anything malformed closes the
+ * connection. A header from a peer that is not trusted closes it too
+ * (logged with the address, at most once per address every 10 s). Bytes
+ * that turn out not to be a header are given to http_parser unchanged.
+ * LOCAL (v2), UNKNOWN (v1) and families other than TCP over IPv4/IPv6
+ * keep the socket's own address, as the spec asks. */
+enum { PP_DONE = 0, PP_DETECT, PP_SKIP };
+#define PP_V1_MAX 107
+#define PP_TIMEOUT_MS 3000u
+static const char pp_v2_sig[12] = {'\r', '\n', '\r', '\n', '\0', '\r',
+                                   '\n', 'Q',  'U',  'I',  'T',  '\n'};
+
+static void pp_log(struct conn *c, const char *event, const char *what) {
+  unsigned suppressed = 0;
+  if (!zg_log_throttle(&c->srv->proxy_log, c->socket_ip, &suppressed)) return;
+  zg_log(ZG_WARN, event, "%s: %s; connection closed (suppressed_since_last=%u)", c->socket_ip, what,
+         suppressed);
+}
+
+static bool pp_trusted(struct conn *c) {
+  if (c->srv->proxy_trusted && c->srv->proxy_trusted(c->srv->proxy_ud, c->socket_ip)) return true;
+  pp_log(c, "proxy_header_refused",
+         "sent a PROXY protocol header but is not in listen.trusted_proxies");
+  return false;
+}
+
+/* The client address the header names becomes the connection's peer. */
+static void pp_set_peer(struct conn *c, int family, const void *addr) {
+  char ip[INET6_ADDRSTRLEN];
+  if (!inet_ntop(family, addr, ip, sizeof(ip))) return;
+  const char *shown = ip;
+  if (family == AF_INET6 && strncmp(ip, "::ffff:", 7) == 0 && strchr(ip + 7, '.')) shown = ip + 7;
+  snprintf(c->peer_ip, sizeof(c->peer_ip), "%s", shown);
+}
+
+/* A decimal port: 0..65535, no sign, no leading zero. */
+static bool pp_port(const char *s) {
+  size_t n = strlen(s);
+  if (n == 0 || n > 5 || (n > 1 && s[0] == '0')) return false;
+  for (size_t i = 0; i < n; i++)
+    if (s[i] < '0' || s[i] > '9') return false;
+  return atol(s) <= 65535;
+}
+
+/* The v1 line without its CRLF (NUL-terminated in place). 0 ok, -1 bad. */
+static int pp_parse_v1(struct conn *c, char *line) {
+  char *f[7];
+  size_t n = 0;
+  for (char *p = line; n < 7;) {
+    f[n++] = p;
+    char *sp = strchr(p, ' ');
+    if (!sp) break;
+    *sp = '\0';
+    p = sp + 1;
+  }
+  if (n >= 2 && strcmp(f[0], "PROXY") == 0 && strcmp(f[1], "UNKNOWN") == 0) return 0;
+  if (n != 6 || strcmp(f[0], "PROXY") != 0) return -1;
+  int family = strcmp(f[1], "TCP4") == 0 ? AF_INET : strcmp(f[1], "TCP6") == 0 ? AF_INET6 : 0;
+  unsigned char src[16], dst[16];
+  if (!family || inet_pton(family, f[2], src) != 1 || inet_pton(family, f[3], dst) != 1 ||
+      !pp_port(f[4]) || !pp_port(f[5]))
+    return -1;
+  pp_set_peer(c, family, src);
+  return 0;
+}
+
+/* v2 fixed part and address block in pp.buf (need bytes). 0 ok, -1 bad. */
+static int pp_parse_v2(struct conn *c) {
+  const unsigned char *h = (const unsigned char *)c->pp.buf;
+  unsigned version = h[12] >> 4, command = h[12] & 0x0f;
+  if (version != 2 || command > 1) return -1;
+  if (command == 0) return 0; /* LOCAL: the proxy's own connection (health checks) */
+  switch (h[13]) {
+  case 0x00: /* UNSPEC */
+  case 0x31: /* UNIX stream, dgram */
+  case 0x32:
+    return 0;
+  case 0x11: /* TCP over IPv4 */
+    pp_set_peer(c, AF_INET, h + 16);
+    return 0;
+  case 0x21: /* TCP over IPv6 */
+    pp_set_peer(c, AF_INET6, h + 16);
+    return 0;
+  default:
+    return -1;
+  }
+}
+
+/* Bytes of the v2 address block the family needs; -1 for an unknown one. */
+static long pp_v2_addr_len(unsigned char fam) {
+  switch (fam >> 4) {
+  case 0:
+    return 0;
+  case 1:
+    return 12;
+  case 2:
+    return 36;
+  case 3:
+    return 216;
+  default:
+    return -1;
+  }
+}
+
+/* More header bytes are needed: they must come soon. */
+static int pp_wait(struct conn *c) {
+  unsigned t = c->srv->limits.client_timeout_ms;
+  conn_set_deadline(c, t < PP_TIMEOUT_MS ? t : PP_TIMEOUT_MS);
+  return 0;
+}
+
+/* Looks for a PROXY header at the start of a connection. Consumes header
+ * bytes from *data and *len. Returns 1 when the header is done (or absent:
+ * then *replay bytes held in pp.buf go to the parser before *data), 0
+ * when more bytes are needed (a short deadline is set), -1 to close. */
+static int proxy_consume(struct conn *c, const char **data, size_t *len, size_t *replay) {
+  *replay = 0;
+  if (c->pp.state == PP_SKIP) {
+    size_t n = *len < c->pp.skip ? *len : c->pp.skip;
+    *data += n;
+    *len -= n;
+    c->pp.skip -= (uint32_t)n;
+    if (c->pp.skip) return pp_wait(c);
+    c->pp.state = PP_DONE;
+    return 1;
+  }
+  size_t before = c->pp.have;
+  size_t take = sizeof(c->pp.buf) - before;
+  if (take > *len) take = *len;
+  memcpy(c->pp.buf + before, *data, take);
+  size_t have = before + take;
+  size_t cmp = have < sizeof(pp_v2_sig) ? have : sizeof(pp_v2_sig);
+  size_t cmp1 = have < 6 ? have : 6;
+  size_t header = 0; /* bytes of pp.buf that are header, once known */
+  if (memcmp(c->pp.buf, pp_v2_sig, cmp) == 0) {
+    if (have < 16) goto more;
+    if (!pp_trusted(c)) return -1;
+    const unsigned char *h = (const unsigned char *)c->pp.buf;
+    size_t total = 16 + ((size_t)h[14] << 8 | h[15]);
+    long addr = pp_v2_addr_len(h[13]);
+    if (addr < 0 || 16 + (size_t)addr > total) {
+      pp_log(c, "proxy_header_invalid", "sent a malformed PROXY v2 header");
+      return -1;
+    }
+    size_t need = 16 + (size_t)addr;
+    if (have < need) goto more;
+    if (pp_parse_v2(c) != 0) {
+      pp_log(c, "proxy_header_invalid", "sent an unsupported PROXY v2 header");
+      return -1;
+    }
+    header = total < have ? total : have;
+    c->pp.skip = (uint32_t)(total - header);
+  } else if (memcmp(c->pp.buf, "PROXY ", cmp1) == 0) {
+    if (have < 6) goto more;
+    if (!pp_trusted(c)) return -1;
+    char *end = memchr(c->pp.buf, '\n', have < PP_V1_MAX ? have : PP_V1_MAX);
+    if (!end) {
+      if (have < PP_V1_MAX) goto more;
+      pp_log(c, "proxy_header_invalid", "sent a PROXY v1 header longer than 107 bytes");
+      return -1;
+    }
+    header = (size_t)(end - c->pp.buf) + 1;
+    if (header < 2 || end[-1] != '\r' || memchr(c->pp.buf, '\r', header - 2) ||
+        memchr(c->pp.buf, '\0', header)) {
+      pp_log(c, "proxy_header_invalid", "sent a malformed PROXY v1 header");
+      return -1;
+    }
+    end[-1] = '\0';
+    if (pp_parse_v1(c, c->pp.buf) != 0) {
+      pp_log(c, "proxy_header_invalid", "sent a malformed PROXY v1 header");
+      return -1;
+    }
+  } else {
+    /* Not a header: what earlier reads held goes to the parser first. */
+    c->pp.state = PP_DONE;
+    *replay = before;
+    return 1;
+  }
+  /* The header ends inside this read: the rest of it is request bytes. */
+  *data += header - before;
+  *len -= header - before;
+  c->pp.have = 0;
+  if (c->pp.skip) {
+    c->pp.state = PP_SKIP;
+    return proxy_consume(c, data, len, replay);
+  }
+  c->pp.state = PP_DONE;
+  return 1;
+more:
+  c->pp.have = (uint16_t)have;
+  *data += take;
+  *len -= take;
+  if (*len == 0) return pp_wait(c);
+  /* The buffer is full and still no decision: only v1 can get here (a
+   * v2 address block always fits), and it was refused above. */
+  return -1;
+}
+
 static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
   struct conn *c = s->data;
   if (nread == 0) return;
@@ -1053,8 +1286,24 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
     conn_close(c);
     return;
   }
+  const char *data = buf->base;
+  size_t len = (size_t)nread, replay = 0;
+  if (c->pp.state != PP_DONE) {
+    int pp = proxy_consume(c, &data, &len, &replay);
+    if (pp < 0) {
+      conn_close(c);
+      return;
+    }
+    if (pp == 0) return; /* more of the header to come (deadline set) */
+    if (replay + len == 0) {
+      conn_arm_timer(c); /* a header alone: the request is still to come */
+      return;
+    }
+  }
   c->saw_bytes = true;
-  if (parse_read(c, buf->base, (size_t)nread) != 0) {
+  int parsed = replay ? parse_read(c, c->pp.buf, replay) : 0;
+  if (parsed == 0) parsed = parse_read(c, data, len);
+  if (parsed != 0) {
     if (c->closing) return;
     struct httpd_req *r = c->parsing;
     if (!r) r = req_new(c);
@@ -1117,6 +1366,8 @@ static void on_connection(uv_stream_t *listener, int status) {
       uv_ip4_name((struct sockaddr_in *)&addr, c->peer_ip, sizeof(c->peer_ip));
     }
   }
+  memcpy(c->socket_ip, c->peer_ip, sizeof(c->socket_ip));
+  c->pp.state = srv->proxy_enabled ? PP_DETECT : PP_DONE;
   http_parser_init(&c->parser, HTTP_REQUEST);
   c->parser.data = c;
   conn_arm_timer(c);
@@ -1133,6 +1384,14 @@ static void apply_limit_defaults(struct httpd_limits *l) {
   if (!l->max_connections) l->max_connections = 10000;
   if (!l->max_write_queue_bytes) l->max_write_queue_bytes = 1024 * 1024;
   if (!l->slow_client_timeout_ms) l->slow_client_timeout_ms = 30000;
+}
+
+void httpd_set_proxy_protocol(struct httpd_server *srv, bool (*trusted)(void *ud, const char *ip),
+                              void *ud) {
+  srv->proxy_enabled = true;
+  srv->proxy_trusted = trusted;
+  srv->proxy_ud = ud;
+  srv->proxy_log.interval_ms = 10000;
 }
 
 void httpd_set_response_header(struct httpd_server *srv, const char *line) {

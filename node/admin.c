@@ -22,6 +22,9 @@
  * peer address (never the offered token), at most once per address every
  * AUTH_LOG_INTERVAL_MS with a count of the suppressed ones.
  *
+ * GET /metrics (the gateway's Prometheus text) needs no token: it is
+ * served here, on the private port, instead of the public client port.
+ *
  * Routes match the whole path exactly ({id}: one non-empty segment); an
  * unknown path is 404, a known one with another method 405 with Allow.
  * Routes: GET /v1/cluster/status; GET|PUT /v1/config (If-Match);
@@ -698,6 +701,12 @@ static void log_auth_failure(struct httpd_req *req, bool forward, const char *wh
 
 static void on_admin_request(void *ctx, struct httpd_req *req) {
   struct node *n = ctx;
+  if (strcmp(httpd_req_path(req), "/metrics") == 0) {
+    /* Prometheus scrapes here (the private port) without the admin token:
+     * metrics hold no secret, and a scraper must not hold that token. */
+    gateway_metrics_respond(n->gateway, req);
+    return;
+  }
   const char *auth = httpd_req_header(req, "Authorization");
   const char *presented = auth && !strncasecmp(auth, "Bearer ", 7) ? auth + 7 : "";
   if (!zg_ct_equal(presented, strlen(presented), n->admin_token, strlen(n->admin_token))) {

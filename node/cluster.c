@@ -267,7 +267,14 @@ int node_cluster_start(struct node *n, char *errmsg, size_t errlen) {
   rc = failover_start(n->loop, n->consensus, n->gateway, cfg, &n->failover, errmsg, errlen);
   if (rc != 0) goto out;
   node_cluster_apply_replicated(n); /* state restored from disk, if any */
-  gateway_set_cluster(n->gateway, failover_gateway_hooks(n->failover));
+  /* Client requests a standby forwards carry the client's address signed
+   * with a key of their own (gateway/ident.c). */
+  n->gateway_hooks = *failover_gateway_hooks(n->failover);
+  static const char client_label[] = "zonegate client forwarding v1";
+  zg_hmac_sha256(secret, strlen(secret), client_label, sizeof(client_label) - 1,
+                 n->gateway_hooks.forward_key);
+  n->gateway_hooks.have_forward_key = true;
+  gateway_set_cluster(n->gateway, &n->gateway_hooks);
   zg_log(ZG_INFO, "cluster_started", "node %s (zone %s, %s) in a group of %zu voters; raft on %s",
          cfg->node_id, cfg->zone, cfg->role, cfg->n_peers + 1, cfg->listen_raft);
 out:

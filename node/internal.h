@@ -4,6 +4,7 @@
 #define ZG_NODE_INTERNAL_H
 
 #include "config/config.h"
+#include "gateway/gateway.h"
 
 #include <stdbool.h>
 #include <stdint.h>
@@ -30,6 +31,9 @@ struct node {
    * the cluster secret; see admin.c). Wiped at exit. */
   uint8_t forward_key[32];
   bool have_forward_key;
+  /* The failover hooks plus the client-forwarding key (another key
+   * derived from the cluster secret), handed to the gateway. */
+  struct gateway_cluster gateway_hooks;
   uint64_t applied_config_version;
   uv_signal_t sigterm, sigint, sighup;
   uv_timer_t drain_timer;

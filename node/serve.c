@@ -335,8 +335,29 @@ int node_serve(int argc, char **argv) {
     uv_run(n.loop, UV_RUN_DEFAULT);
     zg_secret_free(n.admin_token);
     OPENSSL_cleanse(n.forward_key, sizeof(n.forward_key));
+    OPENSSL_cleanse(n.gateway_hooks.forward_key, sizeof(n.gateway_hooks.forward_key));
     zg_config_free(n.cfg);
     return 1;
+  }
+  /* /metrics: on listen.metrics when set (a bind failure is fatal), else on
+   * the admin port (admin.c); with no admin API running (standalone, or no
+   * admin token) a metrics-only listener takes listen.admin's address. */
+  if (n.cfg->listen_metrics[0] || !n.admin) {
+    const char *addr = n.cfg->listen_metrics[0] ? n.cfg->listen_metrics : n.cfg->listen_admin;
+    if (gateway_metrics_listen(n.gateway, addr, err, sizeof(err)) != 0) {
+      if (n.cfg->listen_metrics[0]) {
+        fprintf(stderr, "error: %s\n", err);
+        zg_log(ZG_ERROR, "start_failed", "%s", err);
+        close_parts(&n);
+        uv_run(n.loop, UV_RUN_DEFAULT);
+        zg_secret_free(n.admin_token);
+        OPENSSL_cleanse(n.forward_key, sizeof(n.forward_key));
+        OPENSSL_cleanse(n.gateway_hooks.forward_key, sizeof(n.gateway_hooks.forward_key));
+        zg_config_free(n.cfg);
+        return 1;
+      }
+      zg_log(ZG_WARN, "metrics_unavailable", "no /metrics on this node: %s (listen.admin)", err);
+    }
   }
   /* Replicated config in a cluster (it may have been applied before the
    * engine existed: apply it again, through the same filter for secret
@@ -368,6 +389,7 @@ int node_serve(int argc, char **argv) {
   uv_run(n.loop, UV_RUN_NOWAIT);
   zg_secret_free(n.admin_token);
   OPENSSL_cleanse(n.forward_key, sizeof(n.forward_key));
+  OPENSSL_cleanse(n.gateway_hooks.forward_key, sizeof(n.gateway_hooks.forward_key));
   zg_log(ZG_INFO, "stopped", "zonegate stopped");
   zg_config_free(n.cfg);
   return n.exit_code;

@@ -60,6 +60,7 @@ class Node:
             "drills": {"enabled": True},
             "performance": {"drain_timeout": 5000},
         }
+        cfg["listen"].update(self.cluster.listen_extra)
         for k, v in (extra or {}).items():
             cfg[k] = v
         with open(self.config_path, "w") as f:
@@ -106,8 +107,10 @@ class Node:
 
 class Cluster:
     def __init__(self, tmpdir, election_timeout_ms=1000, heartbeat_ms=100, snapshot_threshold=1024,
-                 failback="manual", mock_args=()):
+                 failback="manual", mock_args=(), listen_extra=None):
         self.dir = tmpdir
+        # Extra local "listen" keys for every node, e.g. trusted_proxies.
+        self.listen_extra = dict(listen_extra or {})
         self.election_timeout_ms = election_timeout_ms
         self.heartbeat_ms = heartbeat_ms
         self.snapshot_threshold = snapshot_threshold

@@ -241,6 +241,13 @@ class Stack:
         self.procs.append(self.gw)
         return self.gw
 
+    @property
+    def metrics_port(self):
+        """/metrics is not on the client port: a standalone node serves it on
+        listen.metrics when set, else on listen.admin's address."""
+        addr = self.cfg["listen"].get("metrics") or self.cfg["listen"]["admin"]
+        return int(addr.rpartition(":")[2])
+
     def rewrite(self, cfg):
         self.cfg = cfg
         write_config(self.tmpdir, cfg)

@@ -449,7 +449,9 @@ class LBCluster:
     """Cluster (gw-a, gw-b, witness) + HAProxy with the shipped config."""
 
     def __init__(self, directory):
-        self.cluster = Cluster(directory, election_timeout_ms=ELECTION_TIMEOUT_MS, heartbeat_ms=HEARTBEAT_MS)
+        # HAProxy (loopback) sends PROXY protocol v2: the nodes must trust it.
+        self.cluster = Cluster(directory, election_timeout_ms=ELECTION_TIMEOUT_MS, heartbeat_ms=HEARTBEAT_MS,
+                               listen_extra={"trusted_proxies": ["127.0.0.1/32"]})
         self.haproxy = None
         try:
             self.cluster.start()

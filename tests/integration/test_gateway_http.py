@@ -139,6 +139,9 @@ def test_unknown_route_404_and_wrong_method_405(stack):
     assert status == 404
     error_of(payload)
     status, _, payload = request(stack.port, "DELETE", "/metrics")
+    assert status == 404  # /metrics is not on the client port at all
+    error_of(payload)
+    status, _, payload = request(stack.metrics_port, "DELETE", "/metrics")
     assert status == 405
     error_of(payload)
 

@@ -187,7 +187,7 @@ def test_client_gone_while_queued_or_waiting_frees_everything(make_stack):
     # The dropped request never reached the upstream, and nothing is left queued or in flight.
     assert s.chat(chat_body("next"))[0] == 200
     assert mock_stats(s.mock)["by_route"]["chat_completions"] == 2
-    status, _, payload = request(s.port, "GET", "/metrics")
+    status, _, payload = request(s.metrics_port, "GET", "/metrics")
     text = payload.decode()
     assert "\nzonegate_in_flight 0" in text and "\nzonegate_queue_depth 0" in text
     # A non-stream request whose client leaves is cancelled upstream too.

@@ -114,7 +114,8 @@ def test_metrics_prometheus_text(stack):
     assert request(stack.port, "GET", "/nope")[0] == 404
     for i in range(3):  # client-chosen paths must not become metric series
         assert request(stack.port, "GET", f"/health/made-up-{i}")[0] == 404
-    status, headers, payload = request(stack.port, "GET", "/metrics")
+    assert request(stack.port, "GET", "/metrics")[0] == 404  # never on the public client port
+    status, headers, payload = request(stack.metrics_port, "GET", "/metrics")
     assert status == 200
     assert headers["Content-Type"].startswith("text/plain")
     text = payload.decode()
@@ -135,7 +136,8 @@ def test_metrics_prometheus_text(stack):
     assert metric_value(text, "process_cpu_seconds_total") > 0
     assert "zonegate_upstream_ttfb_seconds_bucket" in text
     assert "made-up" not in text
-    assert metric_value(text, "zonegate_requests_total", route="unknown", code="404") == 4
+    # /nope, three made-up health paths and /metrics on the client port
+    assert metric_value(text, "zonegate_requests_total", route="unknown", code="404") == 5
 
 
 def test_sigterm_drains_inflight_stream_and_refuses_new_connections(stack):
