@@ -708,7 +708,7 @@ def test_paths_outside_v1_never_reach_the_upstream_and_metrics_use_templates(sta
 
     ans, _ = exchange(port, "GET", "/v1/files/file-abc", auth)
     assert ans.status == 404  # mockllm knows no such file; the answer is the upstream's
-    status, _, metrics = request(port, "GET", "/metrics")
+    status, _, metrics = request(stacks["plain"].metrics_port, "GET", "/metrics")
     assert status == 200
     text = metrics.decode()
     assert "file-abc" not in text, "a raw id in a metrics label (unbounded cardinality)"
