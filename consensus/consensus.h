@@ -148,6 +148,12 @@ cJSON *consensus_status_json(const struct consensus *c);
 
 bool consensus_is_leader(const struct consensus *c); /* raft leader AND its post-election barrier
                                                         has committed in the current term */
+/* The two halves of consensus_is_leader, for failover's role table:
+ * raft leader whose post-election barrier committed in the current term;
+ * a leadership transfer started by this leader and not yet finished. */
+bool consensus_barrier_committed(const struct consensus *c);
+bool consensus_transfer_under_way(const struct consensus *c);
+unsigned consensus_voter_count(const struct consensus *c); /* in the latest configuration */
 const struct consensus_member *consensus_leader(const struct consensus *c); /* NULL if unknown */
 const struct consensus_member *consensus_self(const struct consensus *c);
 uint64_t consensus_term(const struct consensus *c);

@@ -75,7 +75,6 @@ struct consensus {
   raft_term barrier_submitted_term, barrier_committed_term;
   bool last_fenced;
   bool seed_inflight;
-  raft_term witness_handoff_term;
   bool disk_error_reported;
   struct pending_write *pending;
   /* shutdown */
@@ -499,28 +498,6 @@ static void track_progress(struct consensus *c) {
   }
 }
 
-static void witness_handoff_done(void *ud, int status) {
-  struct consensus *c = ud;
-  if (status != 0)
-    ZG_LOG_WARN("witness_handoff_failed", "witness could not hand leadership away (%s); retrying",
-                consensus_strerror(status));
-  if (status != 0 && !c->closing) c->witness_handoff_term = 0;
-}
-
-/* A witness never stays leader: once its barrier (and the seed) committed it
- * hands leadership to the most caught-up voter. */
-static void witness_handoff(struct consensus *c, raft_term term) {
-  unsigned voters = 0;
-  for (unsigned i = 0; i < c->raft.configuration.n; i++)
-    if (c->raft.configuration.servers[i].role == RAFT_VOTER) voters++;
-  if (voters < 2) return;
-  c->witness_handoff_term = term;
-  ZG_LOG_INFO("witness_handoff", "witness won term %llu: handing leadership to a gateway",
-              (unsigned long long)term);
-  int rv = consensus_transfer_leadership(c, NULL, witness_handoff_done, c);
-  if (rv != 0) ZG_LOG_WARN("witness_handoff_failed", "%s", consensus_strerror(rv));
-}
-
 static void check_cb(uv_check_t *h) {
   struct consensus *c = h->data;
   if (c->closing) return;
@@ -556,9 +533,6 @@ static void check_cb(uv_check_t *h) {
     emit(c, CONSENSUS_EV_DISK_ERROR);
   }
   if (fenced) maybe_seed(c);
-  if (fenced && c->members[0].pub.role == CONSENSUS_WITNESS && c->witness_handoff_term != term &&
-      c->fsm.st.seeded)
-    witness_handoff(c, term);
 }
 
 /* ---- start / close ------------------------------------------------------ */
@@ -902,6 +876,23 @@ bool consensus_is_leader(const struct consensus *c) {
   if (c->closing || raft_state(r) != RAFT_LEADER) return false;
   if (raft_transferee(r) != 0) return false;
   return c->barrier_committed_term == raft_current_term(r);
+}
+
+bool consensus_barrier_committed(const struct consensus *c) {
+  struct raft *r = (struct raft *)&c->raft;
+  return !c->closing && raft_state(r) == RAFT_LEADER &&
+         c->barrier_committed_term == raft_current_term(r);
+}
+
+bool consensus_transfer_under_way(const struct consensus *c) {
+  return raft_transferee((struct raft *)&c->raft) != 0;
+}
+
+unsigned consensus_voter_count(const struct consensus *c) {
+  unsigned voters = 0;
+  for (unsigned i = 0; i < c->raft.configuration.n; i++)
+    if (c->raft.configuration.servers[i].role == RAFT_VOTER) voters++;
+  return voters;
 }
 
 const struct consensus_member *consensus_leader(const struct consensus *c) {

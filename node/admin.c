@@ -609,7 +609,8 @@ static void add_member(struct admin_req *a) {
 static void on_drill_timer(uv_timer_t *t) {
   struct node *n = t->data;
   if (n->drill_crash) _exit(137); /* abrupt, as a crash: no drain, no handover */
-  failover_drill_freeze(n->failover, n->drill_freeze_ms);
+  zg_log(ZG_WARN, "drill_freeze", "drill: freezing the event loop for %u ms", n->drill_freeze_ms);
+  uv_sleep(n->drill_freeze_ms);
 }
 
 static void drill(struct admin_req *a, const char *kind) {

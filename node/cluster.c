@@ -1,5 +1,8 @@
 /* cluster.c: wires consensus (the Raft group) and failover (the role) into
- * a running node.
+ * a running node, and answers the gateway's cluster questions
+ * (gateway_cluster): client tokens and provider keys from the replicated
+ * state, key.invalidate writes when the upstream refuses a key, serve mode
+ * and health from failover; plus the raft and provider-key metrics.
  *
  * A node runs consensus when its config lists peers, or when it has a
  * master key (a one-voter cluster with the admin API). Otherwise it runs
@@ -142,6 +145,119 @@ static void on_consensus_event(void *ud, enum consensus_event ev) {
   }
 }
 
+/* ---- the gateway's cluster hooks ------------------------------------- */
+
+static bool hook_token_lookup(void *ud, const char sha256_hex[65], struct gateway_token *out) {
+  struct node *n = ud;
+  struct consensus_token_view v;
+  if (!consensus_token_lookup(n->consensus, sha256_hex, &v)) return false;
+  snprintf(out->id, sizeof(out->id), "%s", v.id);
+  snprintf(out->name, sizeof(out->name), "%s", v.name);
+  out->expires_at_ms = v.expires_at;
+  out->rpm = v.rpm;
+  out->n_allow = 0;
+  for (size_t i = 0; i < v.n_allow && i < ZG_ARRAY_LEN(out->allow); i++)
+    snprintf(out->allow[out->n_allow++], sizeof(out->allow[0]), "%s", v.allow[i]);
+  return true;
+}
+
+static size_t hook_usable_keys(void *ud, const char *upstream, struct gateway_key *out,
+                               size_t max) {
+  struct node *n = ud;
+  struct consensus_key_use keys[16];
+  if (max > ZG_ARRAY_LEN(keys)) max = ZG_ARRAY_LEN(keys);
+  size_t count = consensus_usable_keys(n->consensus, upstream, keys, max);
+  for (size_t i = 0; i < count; i++) {
+    snprintf(out[i].id, sizeof(out[i].id), "%.47s", keys[i].id);
+    out[i].secret = keys[i].secret;
+  }
+  return count;
+}
+
+static void on_key_invalidated(void *ud, int status, const char *errmsg, const cJSON *result) {
+  if (status != 0)
+    zg_log(ZG_WARN, "key_invalidate_failed", "%s", errmsg ? errmsg : consensus_strerror(status));
+}
+
+/* The upstream answered 401 with this key: mark it invalid cluster-wide. */
+static void hook_key_rejected(void *ud, const char *key_id, const char *upstream) {
+  struct node *n = ud;
+  cJSON *args = cJSON_CreateObject();
+  cJSON_AddStringToObject(args, "id", key_id);
+  cJSON_AddStringToObject(args, "reason", "upstream answered 401");
+  consensus_write(n->consensus, "key.invalidate", args, "gateway", n->cfg->node_id,
+                  on_key_invalidated, n);
+}
+
+static enum gateway_serve_mode hook_serve_mode(void *ud, bool forwarded, char *forward_to,
+                                               size_t len) {
+  struct node *n = ud;
+  return failover_serve_mode(n->failover, forwarded, forward_to, len);
+}
+
+static int hook_health(void *ud, const char *check, cJSON *body) {
+  struct node *n = ud;
+  return failover_health(n->failover, check, body);
+}
+
+/* /metrics: raft progress and provider keys, for the Prometheus rules in
+ * deploy/prometheus/alerts.yml (the role and lease are failover's). */
+static void collect_cluster_metrics(void *ud, void *out_buf) {
+  struct node *n = ud;
+  zg_buf *out = out_buf;
+  zg_buf_appendf(
+      out,
+      "# HELP zonegate_raft_term Current Raft term\n# TYPE zonegate_raft_term "
+      "gauge\nzonegate_raft_term %llu\n"
+      "# HELP zonegate_raft_commit_index Raft commit index\n# TYPE zonegate_raft_commit_index "
+      "gauge\n"
+      "zonegate_raft_commit_index %llu\n"
+      "# HELP zonegate_raft_applied_index Raft applied index\n# TYPE zonegate_raft_applied_index "
+      "gauge\n"
+      "zonegate_raft_applied_index %llu\n",
+      (unsigned long long)consensus_term(n->consensus),
+      (unsigned long long)consensus_commit_index(n->consensus),
+      (unsigned long long)consensus_applied_index(n->consensus));
+  cJSON *keys = consensus_keys_json(n->consensus);
+  static const char *const states[] = {"active", "retiring", "revoked", "invalid"};
+  int counts[4] = {0, 0, 0, 0};
+  zg_buf_appendf(out, "# HELP zonegate_provider_key_age_days Age of each provider key\n"
+                      "# TYPE zonegate_provider_key_age_days gauge\n");
+  const cJSON *k;
+  cJSON_ArrayForEach(k, keys) {
+    const cJSON *id = cJSON_GetObjectItemCaseSensitive(k, "id");
+    const cJSON *up = cJSON_GetObjectItemCaseSensitive(k, "upstream");
+    const cJSON *state = cJSON_GetObjectItemCaseSensitive(k, "state");
+    const cJSON *age = cJSON_GetObjectItemCaseSensitive(k, "age_days");
+    if (!cJSON_IsString(id) || !cJSON_IsString(up) || !cJSON_IsString(state)) continue;
+    for (int i = 0; i < 4; i++)
+      if (!strcmp(state->valuestring, states[i])) counts[i]++;
+    if (!strcmp(state->valuestring, "revoked")) continue;
+    zg_buf_appendf(out, "zonegate_provider_key_age_days{upstream=\"%s\",key_id=\"%s\"} %g\n",
+                   up->valuestring, id->valuestring, cJSON_IsNumber(age) ? age->valuedouble : 0);
+  }
+  zg_buf_appendf(
+      out, "# HELP zonegate_provider_key_rotate_after_days Rotation period of each provider key\n"
+           "# TYPE zonegate_provider_key_rotate_after_days gauge\n");
+  cJSON_ArrayForEach(k, keys) {
+    const cJSON *id = cJSON_GetObjectItemCaseSensitive(k, "id");
+    const cJSON *up = cJSON_GetObjectItemCaseSensitive(k, "upstream");
+    const cJSON *state = cJSON_GetObjectItemCaseSensitive(k, "state");
+    const cJSON *rot = cJSON_GetObjectItemCaseSensitive(k, "rotate_after_days");
+    if (!cJSON_IsString(id) || !cJSON_IsString(up) || !cJSON_IsString(state) ||
+        !strcmp(state->valuestring, "revoked"))
+      continue;
+    zg_buf_appendf(out,
+                   "zonegate_provider_key_rotate_after_days{upstream=\"%s\",key_id=\"%s\"} %g\n",
+                   up->valuestring, id->valuestring, cJSON_IsNumber(rot) ? rot->valuedouble : 0);
+  }
+  zg_buf_appendf(out, "# HELP zonegate_provider_keys Provider keys by state\n# TYPE "
+                      "zonegate_provider_keys gauge\n");
+  for (int i = 0; i < 4; i++)
+    zg_buf_appendf(out, "zonegate_provider_keys{state=\"%s\"} %d\n", states[i], counts[i]);
+  cJSON_Delete(keys);
+}
+
 /* The seed: the replicated sections, with literal secrets blanked (they
  * become sealed provider keys instead). */
 static cJSON *seed_config(const struct zg_config *cfg) {
@@ -267,7 +383,15 @@ int node_cluster_start(struct node *n, char *errmsg, size_t errlen) {
   rc = failover_start(n->loop, n->consensus, n->gateway, cfg, &n->failover, errmsg, errlen);
   if (rc != 0) goto out;
   node_cluster_apply_replicated(n); /* state restored from disk, if any */
-  gateway_set_cluster(n->gateway, failover_gateway_hooks(n->failover));
+  n->hooks = (struct gateway_cluster){.ud = n,
+                                      .token_lookup = hook_token_lookup,
+                                      .usable_keys = hook_usable_keys,
+                                      .key_rejected = hook_key_rejected,
+                                      .serve_mode = hook_serve_mode,
+                                      .hold_timeout_ms = cfg->election_timeout_ms * 3,
+                                      .health = hook_health};
+  gateway_add_metrics_collector(n->gateway, collect_cluster_metrics, n);
+  gateway_set_cluster(n->gateway, &n->hooks);
   zg_log(ZG_INFO, "cluster_started", "node %s (zone %s, %s) in a group of %zu voters; raft on %s",
          cfg->node_id, cfg->zone, cfg->role, cfg->n_peers + 1, cfg->listen_raft);
 out:

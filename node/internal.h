@@ -4,6 +4,7 @@
 #define ZG_NODE_INTERNAL_H
 
 #include "config/config.h"
+#include "gateway/gateway.h"
 
 #include <stdbool.h>
 #include <stdint.h>
@@ -22,7 +23,8 @@ struct node {
   struct gateway *gateway;
   struct consensus *consensus;          /* NULL in standalone mode */
   struct failover *failover;            /* NULL in standalone mode */
-  struct alerts *alerts;                /* alert engine (failover/alerts.h) */
+  struct alerts *alerts;                /* alert engine (alerts/alerts.h) */
+  struct gateway_cluster hooks;         /* what the gateway asks the cluster (cluster.c) */
   struct httpd_server *admin;           /* NULL when no admin token is configured */
   struct upstream_client *admin_client; /* forwards admin writes to the leader */
   char *admin_token;                    /* resolved secret */
