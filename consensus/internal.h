@@ -12,6 +12,11 @@
 #include <raft.h>
 #include <raft/uv.h>
 
+/* Files: codec.c (entry framing), commands.c (the command table), fsm.c
+ * (apply path, raft_fsm glue), state.c (containers, records, argument
+ * checks), snapshot.c, seal.c, transport.c, node.c (start/stop, writes,
+ * reads), recover.c. */
+
 /* ---- command codec (codec.c) ------------------------------------------
  * Entry layout: [4] magic "ZGCM" [1] format version [1] command type
  * [2] reserved (0) [4] payload length, big endian; then a JSON payload
@@ -22,6 +27,8 @@
 #define ZGC_HEADER_LEN 12
 #define ZGC_MAX_PAYLOAD (4u << 20)
 
+/* Command type numbers as written in entries: never reuse one. Each has
+ * one row in the command table (commands.c). */
 enum zgc_type {
   ZGC_CONFIG_PUT = 1,
   ZGC_KEY_ADD,
@@ -32,7 +39,6 @@ enum zgc_type {
   ZGC_TOKEN_REVOKE,
   ZGC_AUDIT_NOTE,
   ZGC_CLUSTER_SEED, /* internal: first leader seeds config + tokens once */
-  ZGC_TYPE_END
 };
 
 struct zgc_command {
@@ -43,6 +49,7 @@ struct zgc_command {
   cJSON *args; /* object */
 };
 
+/* Names come from the command table. */
 const char *zgc_type_name(int type);      /* "config.put", ... or NULL */
 int zgc_type_from_name(const char *name); /* 0 if unknown (cluster.seed is not public) */
 /* Encodes into a raft_malloc'd buffer (ownership to the caller / raft_apply). */
@@ -115,6 +122,14 @@ struct zg_state {
 
 enum { ZG_CHANGED_CONFIG = 1, ZG_CHANGED_KEYS = 2, ZG_CHANGED_TOKENS = 4, ZG_CHANGED_AUDIT = 8 };
 
+/* Argument and record limits. */
+#define SECRET_PURPOSE "provider-key"
+#define MAX_ID_LEN 47
+#define MAX_NAME_LEN 128
+#define MAX_SECRET_LEN 8192
+#define MAX_ALLOW 64
+#define MAX_GRACE_SECONDS (365u * 86400u)
+
 /* Called after each applied command (also on followers). result: owned by
  * the fsm, valid during the call; NULL on error. */
 typedef void (*zg_fsm_applied_fn)(void *ud, const struct zgc_command *cmd, int status,
@@ -147,6 +162,36 @@ int zg_fsm_snapshot_bytes(const struct zg_fsm *f, char **out, size_t *out_len);
 /* Validates a snapshot and, only if valid, replaces the state. Borrowed. */
 int zg_fsm_restore_bytes(struct zg_fsm *f, const void *data, size_t len, char *err, size_t errlen);
 
+/* ---- the command table (commands.c) -----------------------------------
+ * One row per command type. prepare runs on the leader before the entry
+ * enters the log (args already checked against `fields`; it validates,
+ * normalises, seals secrets and picks ids, editing args in place; -1 with
+ * a message naming the field). apply runs on every node and must be
+ * deterministic; it fills `o` (status via errmsg, result, changed bits,
+ * audit target and detail). */
+struct zg_apply_out {
+  int status;
+  char errmsg[256];
+  cJSON *result; /* owned by the apply path; NULL on error */
+  unsigned changed;
+  const char *target; /* points into args or state; used for the audit record */
+  char detail[160];
+};
+
+struct zg_command_def {
+  int type;                  /* enum zgc_type: the byte in the entry header */
+  const char *name;          /* consensus_write's type and the audit action */
+  bool internal;             /* written by consensus itself, never by consensus_write */
+  const char *const *fields; /* known argument names, NULL-terminated; NULL: unchecked */
+  int (*prepare)(cJSON *args, const uint8_t master_key[32], char *err, size_t errlen);
+  int (*apply)(struct zg_fsm *f, const struct zgc_command *cmd, struct zg_apply_out *o);
+  bool result_has_audit_seq; /* the result carries the audit record's seq */
+};
+const struct zg_command_def *zg_command_by_type(int type); /* NULL if unknown */
+const struct zg_command_def *zg_command_by_name(const char *name, bool include_internal);
+/* Applies through the row of cmd->type (unknown: CONSENSUS_EINVALID). */
+int zg_apply_command(struct zg_fsm *f, const struct zgc_command *cmd, struct zg_apply_out *o);
+
 /* Leader-side preparation of a write: validates `args` (ownership taken),
  * seals secrets, generates ids; returns the normalized command args or NULL
  * with a message naming the field. */
@@ -156,6 +201,53 @@ cJSON *zg_prepare_args(int type, cJSON *args, const uint8_t master_key[32], char
 int zg_build_entry(const char *type, cJSON *args, const char *actor, const char *source,
                    uint64_t at, const char *req_id, const uint8_t master_key[32],
                    struct raft_buffer *out, char *err, size_t errlen);
+
+/* ---- containers and records (state.c) ---------------------------------
+ * The helpers the commands and snapshot restore share. Allocation
+ * failures return -1 and leave the state unchanged. */
+extern const char *const zg_key_state_names[];
+void zg_key_free(struct zg_key *k);
+void zg_token_free(struct zg_token *t);
+bool zg_token_live(const struct zg_token *t);
+/* Frees a cached snapshot text now, or at snapshot_finalize while pinned. */
+void zg_text_drop(struct zg_fsm *f, char *text);
+int zg_state_init(struct zg_state *st, size_t audit_cap);
+void zg_state_free(struct zg_state *st);
+void zg_state_discard(struct zg_fsm *f, struct zg_state *st);
+/* ",{...}" text of `o` (taken and deleted); *len its length. */
+char *zg_comma_text(cJSON *o, size_t *len);
+void zg_audit_push(struct zg_fsm *f, struct zg_state *st, char *text, size_t len);
+struct zg_key *zg_key_find(struct zg_state *st, const char *id);
+int zg_key_insert(struct zg_state *st, const struct zg_key *k, bool first);
+long zg_token_index_find(const struct zg_state *st, bool by_sha, const char *key);
+int zg_token_reindex(struct zg_state *st, bool compact);
+int zg_token_append(struct zg_state *st, const struct zg_token *t);
+void zg_token_remove(struct zg_fsm *f, struct zg_state *st, size_t slot);
+cJSON *zg_key_to_json(const struct zg_key *k, bool with_sealed, uint64_t now_ms);
+cJSON *zg_token_to_json(const struct zg_token *t, bool with_hash);
+bool zg_id_valid(const char *s);
+int zg_arg_string(const cJSON *args, const char *name, bool required, size_t max_len,
+                  const char **out, char *err, size_t errlen);
+int zg_arg_uint(const cJSON *args, const char *name, bool required, uint64_t min, uint64_t max,
+                uint64_t dflt, uint64_t *out, char *err, size_t errlen);
+int zg_arg_bool(const cJSON *args, const char *name, bool dflt, bool *out, char *err,
+                size_t errlen);
+int zg_check_known_fields(const cJSON *args, const char *const *known, char *err, size_t errlen);
+bool zg_sha256_hex_valid(const char *s);
+void zg_random_id(const char *prefix, char *out, size_t outlen);
+int zg_validate_token_args(const cJSON *args, bool need_id, char *err, size_t errlen);
+void zg_lower_hex_field(cJSON *args, const char *name);
+int zg_seal_secret_into(cJSON *args, const uint8_t master_key[32], char *err, size_t errlen);
+int zg_parse_token(const cJSON *j, uint64_t created_at, struct zg_token *t, char *err,
+                   size_t errlen);
+int zg_token_cache_text(struct zg_token *t);
+int zg_parse_key(const cJSON *j, struct zg_key *k, char *err, size_t errlen);
+
+/* ---- snapshots (snapshot.c) ------------------------------------------- */
+/* The snapshot as buffers borrowing cached texts (see snapshot.c); free
+ * with zg_snapshot_parts_free. */
+int zg_snapshot_parts(const struct zg_fsm *f, struct raft_buffer **out, unsigned *n_out);
+void zg_snapshot_parts_free(struct raft_buffer *bufs, unsigned n);
 
 cJSON *zg_state_keys_json(const struct zg_state *st, uint64_t now_ms);
 cJSON *zg_state_tokens_json(const struct zg_state *st);

@@ -71,7 +71,8 @@ int failover_health(struct failover *f, const char *check, struct cJSON *body);
  * once: status 0 when leadership moved. Only on the active node. */
 int failover_switchover(struct failover *f, const char *to, const char *reason,
                         void (*cb)(void *ud, int status, const char *msg), void *ud);
-/* Raft leadership or fencing changed (consensus event): re-evaluate now. */
+/* Raft leadership, fencing or the applied state changed (consensus
+ * event): re-evaluate now (lease, role, witness hand-off). */
 void failover_on_leader_changed(struct failover *f);
 
 void failover_close(struct failover *f, void (*done)(void *arg), void *arg);

@@ -131,6 +131,8 @@ static void on_consensus_event(void *ud, enum consensus_event ev) {
   case CONSENSUS_EV_STATE_APPLIED:
     node_cluster_apply_replicated(n);
     maybe_seed_literal_keys(n);
+    /* The seed's commit is what a witness leader waits for to hand off. */
+    if (n->failover) failover_on_leader_changed(n->failover);
     break;
   case CONSENSUS_EV_LEADER_CHANGED:
     if (n->failover) failover_on_leader_changed(n->failover);
