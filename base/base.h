@@ -93,6 +93,8 @@ void zg_buf_init(zg_buf *b);
 void zg_buf_free(zg_buf *b);
 void zg_buf_reset(zg_buf *b);
 int zg_buf_append(zg_buf *b, const void *data, size_t len); /* 0 or -1 (ENOMEM) */
+/* Room for `extra` more bytes (and a NUL) without a reallocation: 0 or -1 (ENOMEM). */
+int zg_buf_reserve(zg_buf *b, size_t extra);
 int zg_buf_appendf(zg_buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 int zg_buf_vappendf(zg_buf *b, const char *fmt, va_list ap) __attribute__((format(printf, 2, 0)));
 /* Appends a whole file to out (NUL-terminated). 0, or -1 with errno set

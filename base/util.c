@@ -161,7 +161,7 @@ void zg_buf_reset(zg_buf *b) {
   if (b->data) b->data[0] = '\0';
 }
 
-static int buf_reserve(zg_buf *b, size_t extra) {
+int zg_buf_reserve(zg_buf *b, size_t extra) {
   if (b->len + extra + 1 <= b->cap) return 0;
   size_t cap = b->cap ? b->cap : 256;
   while (cap < b->len + extra + 1) cap *= 2;
@@ -173,7 +173,7 @@ static int buf_reserve(zg_buf *b, size_t extra) {
 }
 
 int zg_buf_append(zg_buf *b, const void *data, size_t len) {
-  if (buf_reserve(b, len) != 0) return -1;
+  if (zg_buf_reserve(b, len) != 0) return -1;
   if (len) memcpy(b->data + b->len, data, len);
   b->len += len;
   b->data[b->len] = '\0';
@@ -185,7 +185,7 @@ int zg_buf_vappendf(zg_buf *b, const char *fmt, va_list ap) {
   va_copy(copy, ap);
   int n = vsnprintf(NULL, 0, fmt, copy);
   va_end(copy);
-  if (n < 0 || buf_reserve(b, (size_t)n) != 0) return -1;
+  if (n < 0 || zg_buf_reserve(b, (size_t)n) != 0) return -1;
   vsnprintf(b->data + b->len, (size_t)n + 1, fmt, ap);
   b->len += (size_t)n;
   return 0;

@@ -83,7 +83,7 @@ struct zg_config {
   unsigned cache_ttl_s;
   bool cache_all_temperatures;
   uint64_t max_body_bytes, max_header_bytes;
-  unsigned client_timeout_ms, drain_timeout_ms;
+  unsigned client_timeout_ms, drain_timeout_ms, slow_client_timeout_ms;
   bool has_temperature, has_top_p;
   double temperature, top_p;
   char auth_mode[16]; /* "token" | "none" | "bootstrap" (no auth section) */
@@ -95,6 +95,8 @@ struct zg_config {
   double lease_ratio;
   bool drills_enabled;
   bool upstream_forwarded_for; /* send X-Forwarded-For to the upstream */
+  bool usage_enabled;          /* count usage and enforce tpm/budgets */
+  unsigned usage_flush_ms;     /* replicated flush interval */
 
   struct cJSON *effective; /* the whole effective document (defaults filled) */
 };

@@ -103,6 +103,9 @@ const struct schema_entry zg_schema[] = {
      "largest request head; beyond it 431"},
     {"performance.client_timeout", K_UINT, 100, 600000, "10000", NULL, OFF(client_timeout_ms),
      "ms for a client to send a whole request; then 408"},
+    {"performance.slow_client_timeout", K_UINT, 100, 3600000, "30000", NULL,
+     OFF(slow_client_timeout_ms),
+     "ms a client may take no response byte while its answer waits; then cut"},
     {"performance.drain_timeout", K_UINT, 0, 3600000, "30000", NULL, OFF(drain_timeout_ms),
      "ms in-flight requests may take to finish at shutdown"},
     {"model", K_OBJECT, 0, 0, NULL, NULL, NOFF, "defaults for fields the client left out"},
@@ -127,6 +130,11 @@ const struct schema_entry zg_schema[] = {
     {"drills.enabled", K_BOOL, 0, 0, "false", NULL, OFF(drills_enabled),
      "expose fault-injection endpoints on the admin API"},
     {"alerts", K_ANY, 0, 0, NULL, NULL, NOFF, "alert rules and channels"},
+    {"usage", K_OBJECT, 0, 0, NULL, NULL, NOFF, "usage accounting and token limits"},
+    {"usage.enabled", K_BOOL, 0, 0, "true", NULL, OFF(usage_enabled),
+     "read usage from answers, count it per token/model/key, enforce tpm and budgets"},
+    {"usage.flush_ms", K_UINT, 100, 60000, "1000", NULL, OFF(usage_flush_ms),
+     "ms between replicated usage writes: a failover loses at most this much counting"},
     {"upstream", K_OBJECT, 0, 0, NULL, NULL, NOFF, "how requests are sent to the upstream"},
     {"upstream.forwarded_for", K_BOOL, 0, 0, "false", NULL, OFF(upstream_forwarded_for),
      "send the client's address as X-Forwarded-For (off: a third-party API never sees it)"},
@@ -134,10 +142,9 @@ const struct schema_entry zg_schema[] = {
 
 const size_t zg_schema_len = sizeof(zg_schema) / sizeof(zg_schema[0]);
 
-static const char *const replicated_keys[] = {"api_key",     "endpoint", "fallback_endpoints",
-                                              "performance", "model",    "auth",
-                                              "failover",    "drills",   "alerts",
-                                              "upstream"};
+static const char *const replicated_keys[] = {
+    "api_key", "endpoint", "fallback_endpoints", "performance", "model", "auth", "failover",
+    "drills",  "alerts",   "upstream",           "usage"};
 
 bool zg_config_key_is_replicated(const char *key) {
   for (size_t i = 0; i < sizeof(replicated_keys) / sizeof(replicated_keys[0]); i++)

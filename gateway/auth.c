@@ -94,15 +94,86 @@ int gateway_authenticate(struct gateway *gw, struct httpd_req *req, struct gatew
       return reject(gw, req, 403, "ip_not_allowed", "ip_not_allowed", NULL,
                     "this client token may not be used from this address");
   }
-  if (token->rpm > 0) {
+  return gateway_admit(gw, req, token);
+  return 0;
+}
+
+/* OpenAI's reset format: "1s", "6m0s", "2h3m4s". */
+static void reset_text(uint64_t s, char *out, size_t size) {
+  if (s >= 3600)
+    snprintf(out, size, "%lluh%llum%llus", (unsigned long long)(s / 3600),
+             (unsigned long long)(s % 3600 / 60), (unsigned long long)(s % 60));
+  else if (s >= 60)
+    snprintf(out, size, "%llum%llus", (unsigned long long)(s / 60), (unsigned long long)(s % 60));
+  else
+    snprintf(out, size, "%llus", (unsigned long long)s);
+}
+
+int gateway_admit(struct gateway *gw, struct httpd_req *req, const struct gateway_token *token) {
+  uint64_t now_s = zg_wall_ms() / 1000;
+  const char *name = token->name[0] ? token->name : "-";
+  struct acct_limits limits = {token->rpm, token->tpm, token->budget_day, token->budget_month};
+  if (!gw->accounting) {
+    /* accounting off (usage.enabled false): requests per minute only, in
+     * this node's memory */
     unsigned retry_after = 1;
-    if (!rate_limiter_allow(gw->rate, token->id, token->rpm, zg_mono_ms(), &retry_after)) {
+    if (token->rpm > 0 &&
+        !rate_limiter_allow(gw->rate, token->id, token->rpm, zg_mono_ms(), &retry_after)) {
       char retry[48];
       snprintf(retry, sizeof(retry), "Retry-After: %u", retry_after);
       const char *headers[] = {retry, NULL};
       return reject(gw, req, 429, "rate_limit_exceeded", "rate_limited", headers,
-                    "requests-per-minute limit of this client token reached");
+                    "requests-per-minute limit (rpm) of this client token reached");
     }
+    return 0;
   }
-  return 0;
+  struct gateway_usage_view view = {0};
+  if (gw->cluster && gw->cluster->usage_view)
+    gw->cluster->usage_view(gw->cluster->ud, name, now_s, &view);
+  struct acct_verdict v;
+  if (accounting_check(gw->accounting, name, &limits, &view, now_s, &v) == ACCT_OK) {
+    accounting_request(gw->accounting, name, now_s);
+    return 0;
+  }
+  /* 429 in OpenAI's shape, with the headers its SDKs read */
+  char h[8][96];
+  const char *headers[9];
+  size_t n = 0;
+  char reset[32];
+  snprintf(h[n], sizeof(h[n]), "Retry-After: %llu", (unsigned long long)v.retry_after_s);
+  headers[n] = h[n], n++;
+  if (v.limit_requests) {
+    snprintf(h[n], sizeof(h[n]), "x-ratelimit-limit-requests: %llu",
+             (unsigned long long)v.limit_requests);
+    headers[n] = h[n], n++;
+    snprintf(h[n], sizeof(h[n]), "x-ratelimit-remaining-requests: %llu",
+             (unsigned long long)v.remaining_requests);
+    headers[n] = h[n], n++;
+    reset_text(v.reset_requests_s, reset, sizeof(reset));
+    snprintf(h[n], sizeof(h[n]), "x-ratelimit-reset-requests: %s", reset);
+    headers[n] = h[n], n++;
+  }
+  if (v.limit_tokens) {
+    snprintf(h[n], sizeof(h[n]), "x-ratelimit-limit-tokens: %llu",
+             (unsigned long long)v.limit_tokens);
+    headers[n] = h[n], n++;
+    snprintf(h[n], sizeof(h[n]), "x-ratelimit-remaining-tokens: %llu",
+             (unsigned long long)v.remaining_tokens);
+    headers[n] = h[n], n++;
+    reset_text(v.reset_tokens_s, reset, sizeof(reset));
+    snprintf(h[n], sizeof(h[n]), "x-ratelimit-reset-tokens: %s", reset);
+    headers[n] = h[n], n++;
+  }
+  headers[n] = NULL;
+  static const char *const messages[] = {
+      [ACCT_RPM] = "requests-per-minute limit (rpm) of this client token reached",
+      [ACCT_TPM] = "tokens-per-minute limit (tpm) of this client token reached",
+      [ACCT_BUDGET_DAY] = "daily token budget (budget_day) of this client token is used up",
+      [ACCT_BUDGET_MONTH] = "monthly token budget (budget_month) of this client token is used up"};
+  static const char *const codes[] = {[ACCT_RPM] = "rate_limit_exceeded",
+                                      [ACCT_TPM] = "tokens_rate_limit_exceeded",
+                                      [ACCT_BUDGET_DAY] = "budget_exceeded",
+                                      [ACCT_BUDGET_MONTH] = "budget_exceeded"};
+  return reject(gw, req, 429, codes[v.limit], accounting_limit_name(v.limit), headers,
+                messages[v.limit]);
 }

@@ -286,6 +286,7 @@ static int scan_object(struct scan *s) {
     skip_ws(s);
     if (s->p >= s->end || *s->p != '"') return fail(s, "expected a member name in quotes");
     size_t name_off = s->names_len;
+    const unsigned char *member = s->p;
     if (scan_string(s, true) != 0) return -1;
     if (s->n_entries == s->cap_entries) {
       size_t cap = s->cap_entries ? s->cap_entries * 2 : 64;
@@ -312,6 +313,7 @@ static int scan_object(struct scan *s) {
     s->p++;
     skip_ws(s);
     if (scan_value(s, slot) != 0) return -1;
+    if (slot) slot->member = (const char *)member;
     skip_ws(s);
     if (s->p < s->end && *s->p == ',') {
       s->p++;
@@ -470,4 +472,49 @@ size_t body_format_number(double d, char *out, size_t size) {
     if (strtod(out, NULL) == d) break;
   }
   return n > 0 ? (size_t)n : 0;
+}
+
+size_t body_string(const struct body_value *v, char *out, size_t size) {
+  if (!size) return 0;
+  out[0] = '\0';
+  if (!v || v->type != BODY_STRING || v->len < 2) return 0;
+  size_t n = 0;
+  const char *p = v->value + 1, *end = v->value + v->len - 1;
+  while (p < end && n + 1 < size) {
+    if (*p != '\\') {
+      out[n++] = *p++;
+      continue;
+    }
+    if (end - p < 2) break;
+    char esc = p[1];
+    static const char plain[] = "\"\\/bfnrt";
+    static const char value[] = "\"\\/\b\f\n\r\t";
+    const char *at = strchr(plain, esc);
+    if (esc && at) {
+      out[n++] = value[at - plain];
+      p += 2;
+      continue;
+    }
+    if (esc != 'u' || end - p < 6) break;
+    unsigned cp;
+    if (hex4((const unsigned char *)p + 2, &cp) != 0 || cp == 0) break;
+    p += 6;
+    char utf8[4];
+    size_t k = 0;
+    if (cp < 0x80) {
+      utf8[k++] = (char)cp;
+    } else if (cp < 0x800) {
+      utf8[k++] = (char)(0xC0 | (cp >> 6));
+      utf8[k++] = (char)(0x80 | (cp & 0x3F));
+    } else {
+      utf8[k++] = (char)(0xE0 | (cp >> 12));
+      utf8[k++] = (char)(0x80 | ((cp >> 6) & 0x3F));
+      utf8[k++] = (char)(0x80 | (cp & 0x3F));
+    }
+    if (n + k + 1 > size) break;
+    memcpy(out + n, utf8, k);
+    n += k;
+  }
+  out[n] = '\0';
+  return n;
 }

@@ -32,13 +32,21 @@ enum body_type {
 
 /* Where one top-level member's value is: value[0..len) are its raw bytes
  * in the body (a string includes its quotes, escapes not decoded). For an
- * array or object, empty says it has no element/member. */
+ * array or object, empty says it has no element/member. member points at
+ * the opening quote of the member's name (member..value+len is the whole
+ * "name": value text). */
 struct body_value {
   enum body_type type;
   const char *value;
   size_t len;
   bool empty;
+  const char *member;
 };
+
+/* The string value v (BODY_STRING) unescaped into out[size] (NUL-terminated,
+ * cut to fit; an escaped NUL ends it early: only for names and labels).
+ * Returns the length written; 0 for anything else. */
+size_t body_string(const struct body_value *v, char *out, size_t size);
 
 /* Scans body[0..len) (not NUL-terminated; NUL bytes are not special).
  * names: n top-level member names to look for (plain ASCII, no escapes);

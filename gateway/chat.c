@@ -20,8 +20,10 @@
  * boundary and an incomplete HTTP response, never a clean finish. A
  * client that disconnects cancels its upstream transfer.
  */
+#define _GNU_SOURCE /* memmem */
 #include "gateway/body.h"
 #include "gateway/sse.h"
+#include "gateway/usage.h"
 #include "gateway/internal.h"
 
 #include <openssl/evp.h>
@@ -76,7 +78,11 @@ struct chat {
   const char *route;
   char upstream_path[UPSTREAM_PATH_MAX]; /* after "/v1": "/chat/completions?x=1" */
   bool chat;                             /* POST /v1/chat/completions */
-  bool json_body; /* the body was parsed as JSON (and has no Content-Type of its own) */
+  bool json_body;   /* the body was parsed as JSON (and has no Content-Type of its own) */
+  char model[128];  /* the request's "model" (unescaped), "" when none */
+  bool account;     /* usage is read from the answer and counted (accounting.h) */
+  bool strip_usage; /* the gateway asked the stream for usage: remove it again */
+  struct usage_counts usage;
   const char *method;
   /* Request body sent upstream: owned (body_owned) when it was re-printed
    * with model defaults or copied for forwarding, else it points into the
@@ -469,21 +475,62 @@ static void on_upstream_response(void *ud, int status, const char *content_type,
   }
 }
 
+static void on_client_drained(void *ud) {
+  struct chat *c = ud;
+  upstream_resume(c->transfer);
+}
+
+/* Writes whole events to the client. With accounting, each event that
+ * mentions "usage" is read (and, when the gateway asked for the usage,
+ * the usage chunk dropped and `"usage":null` members removed); the others
+ * pass untouched. Returns 0, or 1 when the client is gone. */
+static int sse_write_events(struct chat *c, const char *data, size_t len) {
+  if (!c->account || !memmem(data, len, "\"usage\"", 7))
+    return httpd_stream_write(c->req, data, len) != 0 ? 1 : 0;
+  zg_buf *out = &c->gw->sse_scratch;
+  zg_buf_reset(out);
+  struct sse_cursor cur;
+  sse_cursor_init(&cur);
+  size_t at = 0;
+  while (at < len) {
+    size_t n = sse_next_boundary(&cur, data + at, len - at);
+    if (n == 0) n = len - at;
+    size_t keep;
+    bool edited;
+    char *edit = NULL;
+    if (c->strip_usage) {
+      zg_buf_reset(&c->gw->sse_edit);
+      if (zg_buf_reserve(&c->gw->sse_edit, n) != 0) return 1;
+      edit = c->gw->sse_edit.data;
+    }
+    usage_stream_event(data + at, n, c->strip_usage, &c->usage, edit, &keep, &edited);
+    if (keep && zg_buf_append(out, edited ? edit : data + at, keep) != 0) return 1;
+    at += n;
+  }
+  if (out->len == 0) return 0;
+  return httpd_stream_write(c->req, out->data, out->len) != 0 ? 1 : 0;
+}
+
 /* Writes the complete events of data to the client and holds the rest.
- * Returns 0, or 1 when the client is gone. */
+ * Returns 0, or 1 when the client is gone. A client whose write queue is
+ * full pauses its own upstream transfer until it drains. */
 static int sse_pass(struct chat *c, const char *data, size_t len) {
   size_t boundary = sse_last_boundary(&c->sse, data, len);
   if (boundary == 0) /* still inside an event */
     return zg_buf_append(&c->sse_partial, data, len) == 0 ? 0 : 1;
   if (c->sse_partial.len) {
     if (zg_buf_append(&c->sse_partial, data, boundary) != 0) return 1;
-    if (httpd_stream_write(c->req, c->sse_partial.data, c->sse_partial.len) != 0) return 1;
+    if (sse_write_events(c, c->sse_partial.data, c->sse_partial.len) != 0) return 1;
     zg_buf_reset(&c->sse_partial);
-  } else if (httpd_stream_write(c->req, data, boundary) != 0) {
+  } else if (sse_write_events(c, data, boundary) != 0) {
     return 1; /* client gone */
   }
   if (boundary < len && zg_buf_append(&c->sse_partial, data + boundary, len - boundary) != 0)
     return 1;
+  if (httpd_req_write_full(c->req)) { /* slow reader: pause only its own transfer */
+    httpd_req_set_drain(c->req, on_client_drained, c);
+    upstream_pause(c->transfer);
+  }
   return 0;
 }
 
@@ -493,6 +540,33 @@ static int on_upstream_data(void *ud, const char *data, size_t len) {
   if (c->response.len + len > MAX_BUFFERED_RESPONSE) return 1;
   zg_buf_append(&c->response, data, len);
   return 0;
+}
+
+/* Counts the answer's usage once (accounting.h): by token, model and
+ * provider key; an answer without usage counts as unknown, never guessed.
+ * Only 2xx answers the upstream gave count tokens. */
+static void record_usage(struct chat *c) {
+  struct gateway *gw = c->gw;
+  if (!c->account || !gw->accounting) return;
+  c->account = false;
+  if (c->status < 200 || c->status >= 300) return;
+  const struct attempt *a = &c->attempts[c->current < c->n_attempts ? c->current : 0];
+  const char *token = c->has_token ? c->token.name : "-";
+  const char *model = c->model[0] ? c->model : "-";
+  struct acct_counts t = {
+      0, c->usage.prompt, c->usage.completion, c->usage.total, c->usage.cached, c->usage.reasoning,
+      0};
+  accounting_usage(gw->accounting, token, model, c->n_attempts ? a->key_id : "", c->usage.known, &t,
+                   zg_wall_ms() / 1000);
+  if (!c->usage.known) {
+    metrics_counter_add(gw->m_tokens, 1, token, model, "unknown_requests");
+    return;
+  }
+  metrics_counter_add(gw->m_tokens, (double)t.prompt, token, model, "prompt");
+  metrics_counter_add(gw->m_tokens, (double)t.completion, token, model, "completion");
+  if (t.cached) metrics_counter_add(gw->m_tokens, (double)t.cached, token, model, "cached");
+  if (t.reasoning)
+    metrics_counter_add(gw->m_tokens, (double)t.reasoning, token, model, "reasoning");
 }
 
 static void on_upstream_done(void *ud, enum upstream_result result, const char *curl_error) {
@@ -514,6 +588,9 @@ static void on_upstream_done(void *ud, enum upstream_result result, const char *
       start_key_probe(c);
       return;
     }
+    if (c->account && c->status >= 200 && c->status < 300 && !c->streaming_to_client)
+      usage_from_answer(c->response.data, c->response.len, &c->usage);
+    record_usage(c);
     note_fields(c, c->cacheable ? "miss" : "none", "ok", timing.total_us, timing.first_byte_us);
     if (c->streaming_to_client) {
       /* a clean end: whatever followed the last boundary goes out as is */
@@ -557,6 +634,7 @@ static void on_upstream_done(void *ud, enum upstream_result result, const char *
         "data: {\"error\":{\"message\":\"upstream stream failed: %s\",\"type\":\"upstream_error\","
         "\"code\":\"%s\"}}\n\n",
         kind, timeout ? "upstream_timeout" : "upstream_broken");
+    record_usage(c);
     note_fields(c, "none", kind, timing.total_us, timing.first_byte_us);
     httpd_stream_write(c->req, event, (size_t)n);
     httpd_stream_abort(c->req);
@@ -801,9 +879,9 @@ static struct chat *chat_new(struct gateway *gw, struct httpd_req *req, const ch
 
 /* Top-level members the gateway reads from a chat request body; the one
  * parse (body.c) finds them, every decision below reads these slots. */
-enum { F_MESSAGES, F_STREAM, F_MODEL, F_TEMPERATURE, F_TOP_P, F_N, F_COUNT };
-static const char *const chat_fields[F_COUNT] = {"messages",    "stream", "model",
-                                                 "temperature", "top_p",  "n"};
+enum { F_MESSAGES, F_STREAM, F_MODEL, F_TEMPERATURE, F_TOP_P, F_N, F_STREAM_OPTIONS, F_COUNT };
+static const char *const chat_fields[F_COUNT] = {
+    "messages", "stream", "model", "temperature", "top_p", "n", "stream_options"};
 
 /* The one strict parse of the request body. 0 with v[] filled, or it
  * answered 400 naming the problem and freed c (-1). */
@@ -877,14 +955,66 @@ static int compute_cache_key(struct chat *c, const char *upstream_id) {
   return ok ? 0 : -1;
 }
 
-/* Model defaults fill only the members the client left out: the text is
- * spliced in before the object's closing brace, the client's bytes are
- * kept as they are (nothing is re-printed). Returns 0, -1 out of memory. */
-static int insert_defaults(struct chat *c, const char *body, size_t body_len,
-                           const struct body_value *v, size_t object_end, size_t members) {
+/* The changes the gateway makes to a JSON body, as byte splices: text
+ * inserted at an offset, replacing `remove` bytes there. Everything else
+ * stays the client's bytes (nothing is re-printed). */
+struct splice {
+  size_t at, remove;
+  char text[96];
+  size_t len;
+};
+#define MAX_SPLICES 4
+
+static void splice_add(struct splice *sp, size_t *n, size_t at, size_t remove, const char *text) {
+  if (*n >= MAX_SPLICES) return;
+  struct splice *x = &sp[(*n)++];
+  x->at = at;
+  x->remove = remove;
+  x->len = bounded_len(text, sizeof(x->text) - 1);
+  memcpy(x->text, text, x->len);
+}
+
+/* Asks a stream for its usage when the client did not (issue: usage from
+ * every answer): "stream_options":{"include_usage":true} is added, or
+ * include_usage set inside the client's stream_options. Returns true when
+ * the gateway asked (the usage chunk is then removed from the client's
+ * stream). */
+static bool ask_stream_usage(const char *body, const struct body_value *v, size_t object_end,
+                             size_t members, struct splice *sp, size_t *n) {
+  const struct body_value *so = &v[F_STREAM_OPTIONS];
+  if (so->type == BODY_ABSENT) {
+    splice_add(sp, n, object_end, 0,
+               members ? ",\"stream_options\":{\"include_usage\":true}"
+                       : "\"stream_options\":{\"include_usage\":true}");
+    return true;
+  }
+  if (so->type != BODY_OBJECT) return false; /* the upstream will say what is wrong */
+  static const char *const inner[] = {"include_usage"};
+  struct body_value iu[1];
+  size_t end, count;
+  char err[96];
+  if (body_scan(so->value, so->len, inner, iu, 1, &end, &count, err, sizeof(err)) != 0)
+    return false;
+  if (iu[0].type == BODY_TRUE) return false; /* the client asked itself */
+  if (iu[0].type == BODY_ABSENT) {
+    splice_add(sp, n, (size_t)(so->value - body) + 1, 0,
+               count ? "\"include_usage\":true," : "\"include_usage\":true");
+    return true;
+  }
+  if (iu[0].type == BODY_FALSE) {
+    splice_add(sp, n, (size_t)(iu[0].value - body), iu[0].len, "true");
+    return true;
+  }
+  return false;
+}
+
+/* Model defaults fill only the members the client left out (chat
+ * completions): spliced in before the object's closing brace. */
+static void add_defaults(struct chat *c, const struct body_value *v, size_t object_end,
+                         size_t members, struct splice *sp, size_t *n) {
   const struct zg_config *cfg = c->gw->cfg;
   char added[96];
-  size_t n = 0;
+  size_t len = 0;
   bool comma = members > 0;
   const struct {
     bool on;
@@ -897,24 +1027,46 @@ static int insert_defaults(struct chat *c, const char *body, size_t body_len,
     if (!defaults[i].on || v[defaults[i].field].type != BODY_ABSENT) continue;
     char number[40];
     body_format_number(defaults[i].value, number, sizeof(number));
-    n += (size_t)snprintf(added + n, sizeof(added) - n, "%s\"%s\":%s", comma ? "," : "",
-                          defaults[i].name, number);
+    len += (size_t)snprintf(added + len, sizeof(added) - len, "%s\"%s\":%s", comma ? "," : "",
+                            defaults[i].name, number);
     comma = true;
   }
+  if (len) splice_add(sp, n, object_end, 0, added);
+}
+
+/* c->body = body with the splices applied (sorted by offset; the same
+ * offset keeps the order they were added in), or body itself (borrowed)
+ * when there are none. Returns 0, -1 out of memory. */
+static int apply_splices(struct chat *c, const char *body, size_t body_len, struct splice *sp,
+                         size_t n) {
   if (n == 0) {
     c->body = body; /* borrowed: the request lives until it is answered */
     c->body_owned = false;
     c->body_len = body_len;
     return 0;
   }
-  char *out = malloc(body_len + n);
+  for (size_t i = 1; i < n; i++) /* insertion sort, stable */
+    for (size_t j = i; j > 0 && sp[j - 1].at > sp[j].at; j--) {
+      struct splice t = sp[j];
+      sp[j] = sp[j - 1];
+      sp[j - 1] = t;
+    }
+  size_t out_len = body_len;
+  for (size_t i = 0; i < n; i++) out_len = out_len - sp[i].remove + sp[i].len;
+  char *out = malloc(out_len ? out_len : 1);
   if (!out) return -1;
-  memcpy(out, body, object_end);
-  memcpy(out + object_end, added, n);
-  memcpy(out + object_end + n, body + object_end, body_len - object_end);
+  size_t from = 0, to = 0;
+  for (size_t i = 0; i < n; i++) {
+    memcpy(out + to, body + from, sp[i].at - from);
+    to += sp[i].at - from;
+    memcpy(out + to, sp[i].text, sp[i].len);
+    to += sp[i].len;
+    from = sp[i].at + sp[i].remove;
+  }
+  memcpy(out + to, body + from, body_len - from);
   c->body = out;
   c->body_owned = true;
-  c->body_len = body_len + n;
+  c->body_len = out_len;
   return 0;
 }
 
@@ -1120,22 +1272,32 @@ static void proceed_local(struct chat *c) {
   struct body_value v[F_COUNT];
   bool parsed;
   if (read_body(c, body, body_len, v, &object_end, &members, &parsed) != 0) return;
+  struct splice sp[MAX_SPLICES];
+  size_t n_sp = 0;
+  if (parsed && v[F_MODEL].type == BODY_STRING)
+    body_string(&v[F_MODEL], c->model, sizeof(c->model));
+  c->account = parsed && gw->accounting != NULL;
+  bool usage_route = c->chat || strcmp(c->route, "/v1/completions") == 0;
+  if (c->account && c->stream && usage_route && strcmp(c->method, "POST") == 0)
+    c->strip_usage = ask_stream_usage(body, v, object_end, members, sp, &n_sp);
   if (!c->chat) {
-    c->body = body; /* borrowed: the request lives until it is answered */
-    c->body_len = body_len;
+    if (apply_splices(c, body, body_len, sp, n_sp) != 0) {
+      respond_error(c, 500, "server_error", NULL, NULL, "out of memory", "oom");
+      return;
+    }
     send_upstream(c);
     return;
   }
-  const char *problem = NULL;
-  if (v[F_MESSAGES].type != BODY_ARRAY || v[F_MESSAGES].empty)
-    problem = "\"messages\" must be a non-empty array";
-  else if (v[F_MODEL].type != BODY_ABSENT && v[F_MODEL].type != BODY_STRING)
-    problem = "\"model\" must be a string";
-  if (problem) {
-    respond_error(c, 400, "invalid_request_error", "invalid_request", NULL, problem, "bad_request");
+  /* Only what the gateway itself reads is checked here (the JSON, stream,
+   * model); what the request means is the upstream's to judge, and its
+   * answer reaches the client as it came. */
+  if (v[F_MODEL].type != BODY_ABSENT && v[F_MODEL].type != BODY_STRING) {
+    respond_error(c, 400, "invalid_request_error", "invalid_request", NULL,
+                  "\"model\" must be a string", "bad_request");
     return;
   }
-  if (insert_defaults(c, body, body_len, v, object_end, members) != 0) {
+  add_defaults(c, v, object_end, members, sp, &n_sp);
+  if (apply_splices(c, body, body_len, sp, n_sp) != 0) {
     respond_error(c, 500, "server_error", NULL, NULL, "out of memory", "oom");
     return;
   }

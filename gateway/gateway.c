@@ -16,6 +16,7 @@ static struct httpd_limits limits_from(const struct zg_config *cfg) {
   l.max_header_bytes = cfg->max_header_bytes;
   l.client_timeout_ms = cfg->client_timeout_ms;
   l.keepalive_timeout_ms = 75000;
+  l.slow_client_timeout_ms = cfg->slow_client_timeout_ms;
   return l;
 }
 
@@ -189,22 +190,22 @@ static const char *health_route(const char *path) {
   return "unknown";
 }
 
-/* The OpenAI endpoints by path template ("{}" is one path segment, an
- * id): the route label of metrics and access lines, so that ids never
- * become label values. A path under /v1 that matches none is "/v1/other". */
+/* The OpenAI endpoints by path template ("{id}" is one path segment): the route label of metrics
+ * and access lines, so that ids never become label values. A path under /v1 that matches none is
+ * "/v1/other". */
 static const char *const api_routes[] = {
     "/v1/chat/completions",
-    "/v1/chat/completions/{}",
-    "/v1/chat/completions/{}/messages",
+    "/v1/chat/completions/{id}",
+    "/v1/chat/completions/{id}/messages",
     "/v1/completions",
     "/v1/embeddings",
     "/v1/moderations",
     "/v1/responses",
-    "/v1/responses/{}",
-    "/v1/responses/{}/cancel",
-    "/v1/responses/{}/input_items",
+    "/v1/responses/{id}",
+    "/v1/responses/{id}/cancel",
+    "/v1/responses/{id}/input_items",
     "/v1/models",
-    "/v1/models/{}",
+    "/v1/models/{id}",
     "/v1/audio/speech",
     "/v1/audio/transcriptions",
     "/v1/audio/translations",
@@ -212,39 +213,39 @@ static const char *const api_routes[] = {
     "/v1/images/edits",
     "/v1/images/variations",
     "/v1/files",
-    "/v1/files/{}",
-    "/v1/files/{}/content",
+    "/v1/files/{id}",
+    "/v1/files/{id}/content",
     "/v1/uploads",
-    "/v1/uploads/{}/parts",
-    "/v1/uploads/{}/complete",
-    "/v1/uploads/{}/cancel",
+    "/v1/uploads/{id}/parts",
+    "/v1/uploads/{id}/complete",
+    "/v1/uploads/{id}/cancel",
     "/v1/batches",
-    "/v1/batches/{}",
-    "/v1/batches/{}/cancel",
+    "/v1/batches/{id}",
+    "/v1/batches/{id}/cancel",
     "/v1/fine_tuning/jobs",
-    "/v1/fine_tuning/jobs/{}",
-    "/v1/fine_tuning/jobs/{}/cancel",
-    "/v1/fine_tuning/jobs/{}/events",
+    "/v1/fine_tuning/jobs/{id}",
+    "/v1/fine_tuning/jobs/{id}/cancel",
+    "/v1/fine_tuning/jobs/{id}/events",
     "/v1/vector_stores",
-    "/v1/vector_stores/{}",
-    "/v1/vector_stores/{}/files",
-    "/v1/vector_stores/{}/files/{}",
+    "/v1/vector_stores/{id}",
+    "/v1/vector_stores/{id}/files",
+    "/v1/vector_stores/{id}/files/{id}",
     "/v1/assistants",
-    "/v1/assistants/{}",
+    "/v1/assistants/{id}",
     "/v1/threads",
-    "/v1/threads/{}",
-    "/v1/threads/{}/messages",
-    "/v1/threads/{}/runs",
-    "/v1/threads/{}/runs/{}",
+    "/v1/threads/{id}",
+    "/v1/threads/{id}/messages",
+    "/v1/threads/{id}/runs",
+    "/v1/threads/{id}/runs/{id}",
 };
 
 static bool route_matches(const char *tpl, const char *path) {
   while (*tpl && *path) {
-    if (tpl[0] == '{' && tpl[1] == '}') {
+    if (tpl[0] == '{') { /* "{id}": one path segment */
       size_t seg = strcspn(path, "/");
       if (seg == 0) return false;
       path += seg;
-      tpl += 2;
+      tpl += strcspn(tpl, "}") + 1;
       continue;
     }
     if (*tpl++ != *path++) return false;
@@ -364,6 +365,11 @@ static void register_metrics(struct gateway *gw) {
                                  metrics_default_latency_buckets_count);
   gw->m_upstream_errors = metrics_counter(m, "zonegate_upstream_errors_total",
                                           "Upstream failures by kind", "upstream,kind");
+  gw->m_tokens = metrics_counter(m, "zonegate_tokens_total",
+                                 "Tokens the upstream reported, by client token, model and kind "
+                                 "(prompt, completion, cached, reasoning; unknown_requests counts "
+                                 "answers without usage)",
+                                 "token,model,kind");
   gw->m_auth_failures = metrics_counter(m, "zonegate_auth_failures_total",
                                         "Rejected client credentials by reason", "reason");
   metrics_gauge_fn(m, "zonegate_in_flight", "Upstream requests in flight", gauge_in_flight, gw);
@@ -384,6 +390,68 @@ static void register_metrics(struct gateway *gw) {
                    gw);
   metrics_counter_fn(m, "process_cpu_seconds_total", "User and system CPU time in seconds",
                      gauge_cpu, gw);
+}
+
+/* ---- usage flush (accounting.h) ----------------------------------------
+ * One usage.add write per usage.flush_ms while there are counts, through
+ * the cluster's usage_write; one write in flight at a time. A ticket
+ * outlives the gateway so a write that completes after gateway_close
+ * touches nothing. */
+struct usage_ticket {
+  struct gateway *gw; /* NULL once the gateway closed */
+};
+
+static void usage_waiters_done(struct gateway *gw) {
+  size_t n = gw->n_usage_waiters;
+  struct usage_flush_waiter waiters[ZG_ARRAY_LEN(gw->usage_waiters)];
+  memcpy(waiters, gw->usage_waiters, sizeof(waiters));
+  gw->n_usage_waiters = 0;
+  for (size_t i = 0; i < n; i++) waiters[i].done(waiters[i].arg);
+}
+
+static void on_usage_written(void *arg, bool committed) {
+  struct usage_ticket *t = arg;
+  struct gateway *gw = t->gw;
+  free(t);
+  if (!gw) return;
+  gw->usage_ticket = NULL;
+  accounting_settle(gw->accounting, committed);
+  if (!committed) zg_log(ZG_WARN, "usage_flush_failed", "usage counts kept for the next flush");
+  usage_waiters_done(gw);
+}
+
+/* Starts a write of the counts since the last one; false when there was
+ * nothing to write (or no cluster to write to). */
+static bool usage_flush_now(struct gateway *gw) {
+  if (!gw->accounting || gw->usage_ticket || !gw->cluster || !gw->cluster->usage_write)
+    return false;
+  cJSON *args = accounting_take(gw->accounting, zg_wall_ms() / 1000);
+  if (!args) return false;
+  struct usage_ticket *t = calloc(1, sizeof(*t));
+  if (!t) {
+    cJSON_Delete(args);
+    accounting_settle(gw->accounting, false);
+    return false;
+  }
+  t->gw = gw;
+  gw->usage_ticket = t;
+  gw->cluster->usage_write(gw->cluster->ud, args, on_usage_written, t);
+  return true;
+}
+
+static void on_usage_tick(uv_timer_t *timer) {
+  usage_flush_now(timer->data);
+}
+
+void gateway_flush_usage(struct gateway *gw, void (*done)(void *arg), void *arg) {
+  bool writing = gw->usage_ticket || usage_flush_now(gw);
+  if (!writing || gw->n_usage_waiters >= ZG_ARRAY_LEN(gw->usage_waiters)) {
+    done(arg);
+    return;
+  }
+  gw->usage_waiters[gw->n_usage_waiters].done = done;
+  gw->usage_waiters[gw->n_usage_waiters].arg = arg;
+  gw->n_usage_waiters++;
 }
 
 int gateway_start(uv_loop_t *loop, const struct zg_config *cfg, struct gateway **out, char *errmsg,
@@ -417,6 +485,11 @@ int gateway_start(uv_loop_t *loop, const struct zg_config *cfg, struct gateway *
   }
   register_metrics(gw);
   gateway_reload_endpoints(gw);
+  if (cfg->usage_enabled) gw->accounting = accounting_create();
+  uv_timer_init(loop, &gw->usage_timer);
+  gw->usage_timer.data = gw;
+  gw->usage_timer_started = true;
+  uv_timer_start(&gw->usage_timer, on_usage_tick, cfg->usage_flush_ms, cfg->usage_flush_ms);
   struct httpd_limits l = limits_from(cfg);
   int rc = httpd_listen(loop, cfg->listen_gateway, &l, on_request, gw, &gw->http, err, sizeof(err));
   if (rc != 0) {
@@ -461,6 +534,9 @@ void gateway_apply_config(struct gateway *gw, const struct zg_config *cfg) {
   struct httpd_limits l = limits_from(cfg);
   httpd_set_limits(gw->http, &l);
   gateway_reload_endpoints(gw);
+  if (cfg->usage_enabled && !gw->accounting) gw->accounting = accounting_create();
+  if (gw->usage_timer_started)
+    uv_timer_start(&gw->usage_timer, on_usage_tick, cfg->usage_flush_ms, cfg->usage_flush_ms);
 }
 
 void gateway_add_token(struct gateway *gw, const char *name, const char sha256_hex[65]) {
@@ -500,6 +576,9 @@ static void part_closed(void *arg) {
   gateway_free_endpoints(gw);
   response_cache_destroy(gw->cache);
   rate_limiter_destroy(gw->rate);
+  accounting_destroy(gw->accounting);
+  zg_buf_free(&gw->sse_scratch);
+  zg_buf_free(&gw->sse_edit);
   metrics_destroy(gw->metrics);
   zg_buf_free(&gw->access_line);
   zg_buf_free(&gw->upstream_header_lines);
@@ -534,5 +613,13 @@ void gateway_close(struct gateway *gw, void (*done)(void *arg), void *arg) {
     gw->closing_parts++;
     uv_close((uv_handle_t *)&gw->loop_timer, on_loop_timer_closed);
   }
+  if (gw->usage_timer_started) {
+    gw->usage_timer_started = false;
+    gw->closing_parts++;
+    uv_close((uv_handle_t *)&gw->usage_timer, on_loop_timer_closed);
+  }
+  if (gw->usage_ticket) gw->usage_ticket->gw = NULL;
+  gw->usage_ticket = NULL;
+  usage_waiters_done(gw);
   part_closed(gw);
 }

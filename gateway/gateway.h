@@ -29,9 +29,21 @@ struct gateway_token {
   char id[80];
   char name[64];
   uint64_t expires_at_ms; /* wall clock; 0 = never */
-  unsigned rpm;           /* 0 = unlimited */
+  unsigned rpm;           /* requests per minute; 0 = unlimited */
+  uint64_t tpm;           /* tokens per minute; 0 = unlimited */
+  uint64_t budget_day;    /* tokens per UTC day; 0 = unlimited */
+  uint64_t budget_month;  /* tokens per UTC month; 0 = unlimited */
   size_t n_allow;
   char allow[16][64]; /* CIDRs; none = any address */
+};
+
+/* What the replicated usage counters say about one client token (by
+ * name) at wall second now_s: requests and tokens in the 60 s before it
+ * (minute_oldest_s: the oldest second with traffic in that window, 0 =
+ * none) and its token totals of the current UTC day and month. */
+struct gateway_usage_view {
+  uint64_t minute_requests, minute_tokens, minute_oldest_s;
+  uint64_t day_tokens, month_tokens;
 };
 
 struct gateway_key {
@@ -66,6 +78,15 @@ struct gateway_cluster {
    * body and returns the health status code for `check` ("active",
    * "standby", "ready"). */
   int (*health)(void *ud, const char *check, struct cJSON *body);
+  /* Usage accounting (optional, both or neither). usage_view: the
+   * replicated counters of a token. usage_write: commit one usage.add
+   * command (args owned by the callee, shape in gateway/accounting.h);
+   * done runs exactly once, later, with committed true once it is
+   * applied here, false when it failed (the counts are kept and sent
+   * again). */
+  void (*usage_view)(void *ud, const char *token, uint64_t now_s, struct gateway_usage_view *out);
+  void (*usage_write)(void *ud, struct cJSON *args, void (*done)(void *arg, bool committed),
+                      void *arg);
 };
 
 struct gateway_stats {
@@ -93,6 +114,11 @@ void gateway_add_token(struct gateway *gw, const char *name, const char sha256_h
  * # TYPE) to `out` (a zg_buf) at scrape time. Up to 8 collectors. */
 void gateway_add_metrics_collector(struct gateway *gw, void (*collect)(void *ud, void *out),
                                    void *ud);
+/* Writes the usage counts not yet flushed at once (planned switchover,
+ * shutdown) instead of at the next usage.flush_ms tick; done(arg) runs
+ * once they are committed, failed, or there was nothing (maybe before
+ * this returns). */
+void gateway_flush_usage(struct gateway *gw, void (*done)(void *arg), void *arg);
 /* Stops accepting new connections; in-flight requests (streams included)
  * carry on. */
 void gateway_drain(struct gateway *gw);

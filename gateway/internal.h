@@ -6,6 +6,7 @@
 
 #include "base/base.h"
 #include "config/config.h"
+#include "gateway/accounting.h"
 #include "gateway/cache.h"
 #include "gateway/gateway.h"
 #include "gateway/limiter.h"
@@ -37,11 +38,22 @@ struct gateway {
   struct metrics *metrics;
   struct gateway_endpoint endpoints[GATEWAY_MAX_ENDPOINTS];
   size_t n_endpoints;
-  zg_buf access_line;           /* reused for every access line */
-  zg_buf upstream_header_lines; /* reused by chat.c for each upstream attempt */
-  struct {                      /* provider keys a probe found good lately (chat.c) */
-    char id[80];                /* "<upstream id>/<key id>" */
-    uint64_t until_ms;          /* monotonic; 0 = empty */
+  zg_buf access_line;            /* reused for every access line */
+  zg_buf upstream_header_lines;  /* reused by chat.c for each upstream attempt */
+  zg_buf sse_scratch, sse_edit;  /* reused by chat.c when it reads usage from a stream */
+  struct accounting *accounting; /* usage counters and limits; NULL = usage.enabled false */
+  uv_timer_t usage_timer;        /* flushes accounting every usage.flush_ms */
+  bool usage_timer_started;
+  struct usage_ticket *usage_ticket; /* the usage.add write in flight (gateway.c) */
+  struct usage_flush_waiter {
+    void (*done)(void *arg);
+    void *arg;
+  } usage_waiters[4];
+  size_t n_usage_waiters;
+  struct metric_counter *m_tokens;
+  struct {             /* provider keys a probe found good lately (chat.c) */
+    char id[80];       /* "<upstream id>/<key id>" */
+    uint64_t until_ms; /* monotonic; 0 = empty */
   } key_good[16];
   size_t key_good_next;
   struct chat *chat_pool; /* finished chat requests kept for reuse (chat.c) */
@@ -86,6 +98,9 @@ void gateway_free_chat_pool(struct gateway *gw);
 /* auth.c: 0 = allowed (token filled when auth is on), else it answered. */
 int gateway_authenticate(struct gateway *gw, struct httpd_req *req, struct gateway_token *token);
 bool gateway_cidr_match(const char *cidr, const char *ip);
+/* The token's limits (rpm, tpm, budgets; accounting.h) at admission: 0 =
+ * admitted and counted, else it answered 429 naming the limit. */
+int gateway_admit(struct gateway *gw, struct httpd_req *req, const struct gateway_token *token);
 
 /* health.c */
 void gateway_handle_health(struct gateway *gw, struct httpd_req *req);

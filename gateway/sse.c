@@ -26,3 +26,29 @@ size_t sse_last_boundary(struct sse_cursor *cur, const char *data, size_t len) {
   }
   return last;
 }
+
+size_t sse_next_boundary(struct sse_cursor *cur, const char *data, size_t len) {
+  for (size_t i = 0; i < len; i++) {
+    char ch = data[i];
+    if (ch == '\n' && cur->prev_cr) {
+      cur->prev_cr = false;
+      continue;
+    }
+    cur->prev_cr = ch == '\r';
+    if (ch == '\n' || ch == '\r') {
+      bool ends = cur->line_empty;
+      cur->line_empty = true;
+      if (ends) {
+        /* a CRLF's LF belongs to the boundary it ends */
+        if (ch == '\r' && i + 1 < len && data[i + 1] == '\n') {
+          cur->prev_cr = false;
+          return i + 2;
+        }
+        return i + 1;
+      }
+    } else {
+      cur->line_empty = false;
+    }
+  }
+  return 0;
+}

@@ -24,4 +24,9 @@ void sse_cursor_init(struct sse_cursor *cur);
  * piece ends no event; cur then describes the stream after the piece. */
 size_t sse_last_boundary(struct sse_cursor *cur, const char *data, size_t len);
 
+/* Like sse_last_boundary, but stops at the first boundary: returns the
+ * offset just past it (cur then describes the stream up to there), or 0
+ * when data[0..len) ends no event (cur has consumed all of it). */
+size_t sse_next_boundary(struct sse_cursor *cur, const char *data, size_t len);
+
 #endif

@@ -3,7 +3,11 @@
  * answered in order (one request per connection is dispatched at a time),
  * chunked request bodies, chunked streaming responses, and the bad-input
  * answers a public endpoint needs: 400 malformed, 413 body too large, 431
- * headers too large, 408 request not received within client_timeout.
+ * headers too large (every byte of the request line and header lines
+ * counts, separators and CRLFs included; also more than 256 header lines,
+ * or chunked-body trailers over the same byte limit), 408 request not
+ * received within client_timeout. Memory per connection is bounded: see
+ * max_write_queue_bytes and httpd_req_write_full().
  * Error bodies use OpenAI's shape {"error":{"message","type","code"}}.
  *
  * Ownership: a struct httpd_req belongs to httpd. A handler answers it
@@ -31,6 +35,14 @@ struct httpd_limits {
   unsigned client_timeout_ms;    /* whole request must arrive within this; default 10000 → 408 */
   unsigned keepalive_timeout_ms; /* idle keep-alive connection closed after; default 60000 */
   unsigned max_connections;      /* default 10000; over it new connections are closed at once */
+  /* Response bytes held for one connection that its client has not taken
+   * yet (beyond what the kernel's socket buffer took); default 1 MiB. Past
+   * it httpd_req_write_full() is true and the next pipelined request waits. */
+  size_t max_write_queue_bytes;
+  /* A connection whose client takes no response byte for this long while
+   * bytes wait for it is closed (its in-flight request aborted); default
+   * 30000. Checked every slow_client_timeout_ms / 4 (at most every 1 s). */
+  unsigned slow_client_timeout_ms;
 };
 
 /* Listens on "host:port". On failure returns a negative uv error code and
@@ -97,6 +109,18 @@ void httpd_stream_end(struct httpd_req *req);
  * connection is closed WITHOUT the terminating chunk, so the client sees
  * an incomplete response rather than a clean-looking finish. */
 void httpd_stream_abort(struct httpd_req *req);
+/* Back-pressure for a producer faster than the client (e.g. an upstream
+ * stream). httpd_req_write_full() is true once the request's connection
+ * holds max_write_queue_bytes or more of response bytes the client has not
+ * taken: stop producing (writing on still works, nothing is dropped, the
+ * queue only grows) until on_drain(ud) runs. on_drain runs once per full
+ * episode, from the loop (never from inside an httpd_* call), when the
+ * queue is down to max_write_queue_bytes / 2, and only while req is still
+ * unanswered; it may call any httpd_* function on req. If the client never
+ * drains, slow_client_timeout closes the connection and the abort callback
+ * runs instead. False (and no on_drain) once the connection is gone. */
+bool httpd_req_write_full(const struct httpd_req *req);
+void httpd_req_set_drain(struct httpd_req *req, void (*on_drain)(void *ud), void *ud);
 /* Bytes of the response body written so far (for access logs). */
 uint64_t httpd_req_bytes_sent(const struct httpd_req *req);
 int httpd_req_status(const struct httpd_req *req);

@@ -9,7 +9,11 @@
  * request that does not arrive within client_timeout is answered (400,
  * 431, 413, 408) after any earlier pipelined answers and the connection is
  * closed. A client that disconnects aborts its in-flight request through
- * the abort callback. Out of memory closes the connection.
+ * the abort callback. Out of memory closes the connection. A client that
+ * does not read holds at most max_write_queue_bytes of queued answer (plus
+ * the one being written): past it the producer is told to wait
+ * (httpd_req_write_full / on_drain) and the next pipelined request waits;
+ * after slow_client_timeout without taking a byte it is cut.
  */
 #include "httpd/httpd.h"
 
@@ -25,6 +29,9 @@
 #include <strings.h>
 
 #define MAX_QUEUED_REQUESTS 32
+/* Header lines per request (the byte limit alone would allow 4096 "a:"
+ * lines, each costing a struct header); more → 431. */
+#define MAX_HEADER_LINES 256
 #define READ_BUFFER_SIZE 65536
 /* Finished requests kept per server for reuse, with their buffers (so a
  * keep-alive request allocates nothing in httpd); buffers that grew past
@@ -72,6 +79,8 @@ struct httpd_req {
   const char *error_message;
   void (*on_abort)(void *ud);
   void *abort_ud;
+  void (*on_drain)(void *ud);
+  void *drain_ud;
   int status;
   void *user;
   bool started, finished, streaming, dispatched;
@@ -83,6 +92,9 @@ enum timer_phase { PHASE_NONE, PHASE_REQUEST, PHASE_IDLE };
 struct conn {
   uv_tcp_t tcp;
   uv_timer_t timer;
+  /* Slow-client watch: runs while response bytes wait in the write queue
+   * (see on_write_timer). */
+  uv_timer_t write_timer;
   http_parser parser;
   struct httpd_server *srv;
   struct conn *prev, *next;
@@ -90,8 +102,17 @@ struct conn {
   struct httpd_req *queue_head, *queue_tail;
   struct httpd_req *inflight;
   size_t queued;
-  size_t header_bytes;
+  size_t header_bytes;  /* names, values, target: an early bound inside one read */
+  size_t head_bytes;    /* every byte of the head so far (see parse_read) */
+  size_t trailer_bytes; /* chunked-body trailer lines (not stored) */
+  bool in_head;         /* the parser is before the end of a request head */
+  bool head_completed, message_completed; /* set by callbacks that pause the parser */
   bool header_value_last;
+  /* Response bytes handed to uv_write in total; minus what is still queued,
+   * the bytes the client took. write_full: queue at or over the limit (the
+   * producer waits for on_drain; dispatch of the next request waits). */
+  uint64_t write_queued_total, write_taken_seen, write_progress_ms;
+  bool write_full;
   bool closing, close_after, read_stopped, paused_for_backlog, dispatching, saw_bytes;
   int handles_open;
   int pending_writes;
@@ -288,6 +309,21 @@ static void conn_maybe_finish_close(struct conn *c) {
   c->pending_writes++; /* keeps close_after from shutting down twice */
 }
 
+static size_t conn_write_queue(const struct conn *c) {
+  return uv_stream_get_write_queue_size((const uv_stream_t *)&c->tcp);
+}
+
+/* The queue is down to half the limit after being full: the producer may
+ * go on (on_drain), and the next pipelined request may be dispatched. */
+static void conn_drained(struct conn *c) {
+  c->write_full = false;
+  struct httpd_req *r = c->inflight;
+  if (r && r->on_drain && !r->finished) r->on_drain(r->drain_ud);
+  if (c->closing || c->close_after) return; /* as req_finish: no further dispatch */
+  conn_dispatch(c);
+  conn_arm_timer(c);
+}
+
 static void on_write(uv_write_t *req, int status) {
   struct write_req *w = (struct write_req *)req;
   struct conn *c = w->conn;
@@ -297,7 +333,50 @@ static void on_write(uv_write_t *req, int status) {
     conn_close(c);
     return;
   }
+  if (c->write_full && !c->closing &&
+      conn_write_queue(c) <= c->srv->limits.max_write_queue_bytes / 2)
+    conn_drained(c);
   conn_maybe_finish_close(c);
+}
+
+/* Runs every slow_client_timeout / 4 (10 ms..1 s) while bytes wait in the
+ * write queue: a client that took none of them for slow_client_timeout is
+ * cut (its in-flight request aborted), so it holds its queue (bounded by
+ * max_write_queue_bytes plus one answer) only that long. */
+static void on_write_timer(uv_timer_t *t) {
+  struct conn *c = t->data;
+  if (c->closing) return;
+  size_t waiting = conn_write_queue(c);
+  if (waiting == 0) {
+    uv_timer_stop(t);
+    return;
+  }
+  uint64_t now = uv_now(c->srv->loop);
+  uint64_t taken = c->write_queued_total - waiting;
+  if (taken != c->write_taken_seen) {
+    c->write_taken_seen = taken;
+    c->write_progress_ms = now;
+    return;
+  }
+  if (now - c->write_progress_ms < c->srv->limits.slow_client_timeout_ms) return;
+  zg_log(ZG_INFO, "slow_client_closed",
+         "%s took no response byte for %u ms (%zu bytes waiting); connection closed", c->peer_ip,
+         c->srv->limits.slow_client_timeout_ms, waiting);
+  conn_close(c);
+}
+
+/* Called after bytes were queued with uv_write. */
+static void conn_note_queued(struct conn *c, size_t len) {
+  c->write_queued_total += len;
+  size_t waiting = conn_write_queue(c);
+  if (waiting >= c->srv->limits.max_write_queue_bytes) c->write_full = true;
+  if (waiting == 0 || uv_is_active((uv_handle_t *)&c->write_timer)) return;
+  c->write_taken_seen = c->write_queued_total - waiting;
+  c->write_progress_ms = uv_now(c->srv->loop);
+  uint64_t every = c->srv->limits.slow_client_timeout_ms / 4;
+  if (every < 10) every = 10;
+  if (every > 1000) every = 1000;
+  uv_timer_start(&c->write_timer, on_write_timer, every, every);
 }
 
 /* Writes the pieces in order. Tries the socket at once (uv_try_write, one
@@ -343,6 +422,7 @@ static int conn_writev(struct conn *c, uv_buf_t *bufs, unsigned nbufs) {
     return -1;
   }
   c->pending_writes++;
+  conn_note_queued(c, total);
   return 0;
 }
 
@@ -577,6 +657,13 @@ void httpd_req_set_abort(struct httpd_req *r, void (*on_abort)(void *ud), void *
   r->on_abort = on_abort;
   r->abort_ud = ud;
 }
+bool httpd_req_write_full(const struct httpd_req *r) {
+  return r->conn && !r->conn->closing && r->conn->write_full;
+}
+void httpd_req_set_drain(struct httpd_req *r, void (*on_drain)(void *ud), void *ud) {
+  r->on_drain = on_drain;
+  r->drain_ud = ud;
+}
 uint64_t httpd_req_bytes_sent(const struct httpd_req *r) {
   return r->bytes_sent;
 }
@@ -616,6 +703,7 @@ static int on_message_begin(http_parser *p) {
   struct conn *c = p->data;
   c->parsing = req_new(c);
   c->header_bytes = 0;
+  c->trailer_bytes = 0;
   c->header_value_last = false;
   if (!c->parsing) return -1;
   c->phase = PHASE_REQUEST;
@@ -636,11 +724,28 @@ static int header_text_end_piece(struct httpd_req *r) {
   return zg_buf_append(&r->header_text, "", 1);
 }
 
+/* A trailer line of a chunked body: counted against max_header_bytes (each
+ * line at least ":" and CRLF more than its name and value), never stored:
+ * the head's header pointers are final by now. */
+static int count_trailer(struct conn *c, size_t len, bool new_line) {
+  c->trailer_bytes += len + (new_line ? 3 : 0);
+  if (c->trailer_bytes > c->srv->limits.max_header_bytes)
+    return fail_parse(c, 431, "request trailers are larger than the server accepts");
+  return 0;
+}
+
 static int on_header_field(http_parser *p, const char *at, size_t len) {
   struct conn *c = p->data;
   struct httpd_req *r = c->parsing;
+  if (r->headers_ready) {
+    int rc = count_trailer(c, len, c->header_value_last || c->trailer_bytes == 0);
+    c->header_value_last = false;
+    return rc;
+  }
   if (count_header_bytes(c, len)) return -1;
   if (r->n_headers == 0 || c->header_value_last) {
+    if (r->n_headers >= MAX_HEADER_LINES)
+      return fail_parse(c, 431, "request has more header lines than the server accepts");
     if (r->n_headers > 0 && header_text_end_piece(r) != 0) return -1; /* previous value */
     if (r->n_headers == r->cap_headers) {
       size_t cap = r->cap_headers ? r->cap_headers * 2 : 16;
@@ -660,6 +765,10 @@ static int on_header_field(http_parser *p, const char *at, size_t len) {
 static int on_header_value(http_parser *p, const char *at, size_t len) {
   struct conn *c = p->data;
   struct httpd_req *r = c->parsing;
+  if (r->headers_ready) {
+    c->header_value_last = true;
+    return count_trailer(c, len, false);
+  }
   if (count_header_bytes(c, len)) return -1;
   if (r->n_headers == 0) return -1;
   struct header *h = &r->headers[r->n_headers - 1];
@@ -716,6 +825,9 @@ static int on_headers_complete(http_parser *p) {
   if (q) *q = '\0';
   r->path = url ? url : "/";
   r->query = q ? q + 1 : "";
+  c->head_completed = true;
+  c->header_value_last = false;
+  http_parser_pause(p, 1); /* parse_read counts the head's bytes exactly */
   return 0;
 }
 
@@ -744,6 +856,8 @@ static int on_message_complete(http_parser *p) {
   r->received_us = zg_mono_us();
   conn_enqueue(c, r);
   c->phase = PHASE_NONE;
+  c->message_completed = true;
+  http_parser_pause(p, 1); /* the next head starts here (parse_read) */
   return 0;
 }
 
@@ -803,6 +917,7 @@ static void conn_close(struct conn *c) {
   req_free(c->parsing);
   c->parsing = NULL;
   uv_close((uv_handle_t *)&c->timer, on_conn_handle_closed);
+  uv_close((uv_handle_t *)&c->write_timer, on_conn_handle_closed);
   uv_close((uv_handle_t *)&c->tcp, on_conn_handle_closed);
 }
 
@@ -852,7 +967,9 @@ static void conn_arm_timer(struct conn *c) {
 static void conn_dispatch(struct conn *c) {
   if (c->dispatching) return;
   c->dispatching = true;
-  while (!c->closing && !c->inflight && c->queue_head) {
+  /* A client that does not take its answers gets no further ones: the
+   * next pipelined request waits until the write queue drains. */
+  while (!c->closing && !c->inflight && c->queue_head && !c->write_full) {
     struct httpd_req *r = c->queue_head;
     c->queue_head = r->next;
     if (!c->queue_head) c->queue_tail = NULL;
@@ -879,6 +996,45 @@ static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
   buf->len = sizeof(slab);
 }
 
+/* Feeds one read to the parser. The callbacks that end a head or a
+ * message pause the parser, so each execute call covers either head bytes
+ * or body bytes, never both: every byte of a head (request line, header
+ * lines, separators, CRLFs, empty lines before it) is counted in
+ * head_bytes, across reads. Returns 0, or -1 on a parse error or an
+ * oversized head (c->parsing then carries the status when it is not 400). */
+static int parse_read(struct conn *c, const char *data, size_t len) {
+  size_t limit = c->srv->limits.max_header_bytes;
+  while (len > 0) {
+    c->head_completed = c->message_completed = false;
+    size_t parsed = http_parser_execute(&c->parser, &c->srv->settings, data, len);
+    if (c->closing) return -1;
+    enum http_errno err = HTTP_PARSER_ERRNO(&c->parser);
+    if (c->in_head) {
+      /* Paused at the end of a head, the parser has not consumed the final
+       * LF yet: it belongs to the head. */
+      c->head_bytes += parsed + (c->head_completed ? 1 : 0);
+      if (c->head_bytes > limit) {
+        fail_parse(c, 431, "request headers are larger than the server accepts");
+        return -1;
+      }
+      if (c->head_completed) c->in_head = false;
+    }
+    if (c->message_completed) {
+      c->in_head = true;
+      c->head_bytes = 0;
+    }
+    if (err == HPE_PAUSED) {
+      http_parser_pause(&c->parser, 0);
+      data += parsed;
+      len -= parsed;
+      continue;
+    }
+    if (err != HPE_OK || parsed != len) return -1;
+    break;
+  }
+  return 0;
+}
+
 static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
   struct conn *c = s->data;
   if (nread == 0) return;
@@ -898,15 +1054,18 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
     return;
   }
   c->saw_bytes = true;
-  size_t parsed = http_parser_execute(&c->parser, &c->srv->settings, buf->base, (size_t)nread);
-  if (c->closing) return;
-  if (parsed != (size_t)nread || HTTP_PARSER_ERRNO(&c->parser) != HPE_OK) {
+  if (parse_read(c, buf->base, (size_t)nread) != 0) {
+    if (c->closing) return;
     struct httpd_req *r = c->parsing;
     if (!r) r = req_new(c);
     c->parsing = NULL;
     if (!r) {
       conn_close(c);
       return;
+    }
+    if (!r->error_status && HTTP_PARSER_ERRNO(&c->parser) == HPE_HEADER_OVERFLOW) {
+      r->error_status = 431;
+      r->error_message = "request headers are larger than the server accepts";
     }
     if (!r->error_status) {
       r->error_status = 400;
@@ -931,9 +1090,12 @@ static void on_connection(uv_stream_t *listener, int status) {
   c->srv = srv;
   uv_tcp_init(srv->loop, &c->tcp);
   uv_timer_init(srv->loop, &c->timer);
+  uv_timer_init(srv->loop, &c->write_timer);
   c->tcp.data = c;
   c->timer.data = c;
-  c->handles_open = 2;
+  c->write_timer.data = c;
+  c->handles_open = 3;
+  c->in_head = true;
   c->next = srv->conns;
   if (srv->conns) srv->conns->prev = c;
   srv->conns = c;
@@ -969,6 +1131,8 @@ static void apply_limit_defaults(struct httpd_limits *l) {
   if (!l->client_timeout_ms) l->client_timeout_ms = 10000;
   if (!l->keepalive_timeout_ms) l->keepalive_timeout_ms = 60000;
   if (!l->max_connections) l->max_connections = 10000;
+  if (!l->max_write_queue_bytes) l->max_write_queue_bytes = 1024 * 1024;
+  if (!l->slow_client_timeout_ms) l->slow_client_timeout_ms = 30000;
 }
 
 void httpd_set_response_header(struct httpd_server *srv, const char *line) {

@@ -51,6 +51,106 @@ void cli_options_parse(struct cli_options *o, int *argc, char **argv) {
   if (!strncmp(o->addr, "http://", 7)) memmove(o->addr, o->addr + 7, strlen(o->addr + 7) + 1);
 }
 
+/* Levenshtein distance of a and b (short option names). */
+static size_t edit_distance(const char *a, const char *b) {
+  size_t la = strlen(a), lb = strlen(b);
+  if (la > 63 || lb > 63) return 64;
+  size_t prev[64], cur[64];
+  for (size_t j = 0; j <= lb; j++) prev[j] = j;
+  for (size_t i = 1; i <= la; i++) {
+    cur[0] = i;
+    for (size_t j = 1; j <= lb; j++) {
+      size_t sub = prev[j - 1] + (a[i - 1] != b[j - 1]);
+      size_t del = prev[j] + 1, ins = cur[j - 1] + 1;
+      cur[j] = sub < del ? (sub < ins ? sub : ins) : (del < ins ? del : ins);
+    }
+    memcpy(prev, cur, (lb + 1) * sizeof(size_t));
+  }
+  return prev[lb];
+}
+
+int cli_check_options(const char *what, int argc, char *const *argv, const char *const *known) {
+  static const char *const global[] = {"--json", "--addr=", "--token=", NULL};
+  for (int i = 0; i < argc; i++) {
+    const char *arg = argv[i];
+    if (strncmp(arg, "--", 2) != 0) continue;
+    bool found = false, takes_value = false;
+    const char *nearest = NULL;
+    size_t best = 64;
+    for (int list = 0; list < 2 && !found; list++) {
+      for (const char *const *k = list ? global : known; k && *k; k++) {
+        size_t len = strcspn(*k, "=");
+        char name[64];
+        snprintf(name, sizeof(name), "%.*s", (int)len, *k);
+        if (!strcmp(arg, name)) {
+          found = true;
+          takes_value = (*k)[len] == '=';
+          break;
+        }
+        size_t d = edit_distance(arg, name);
+        if (d < best) {
+          best = d;
+          nearest = *k;
+        }
+      }
+    }
+    if (!found) {
+      const char *eq = strchr(arg, '=');
+      if (eq)
+        fprintf(stderr, "%s: write '%.*s %s', not '%s'\n", what, (int)(eq - arg), arg, eq + 1, arg);
+      else if (nearest && best <= 3)
+        fprintf(stderr, "%s: unknown option '%s' (did you mean '%.*s'?)\n", what, arg,
+                (int)strcspn(nearest, "="), nearest);
+      else
+        fprintf(stderr, "%s: unknown option '%s' (see the usage: run it without arguments)\n", what,
+                arg);
+      return 2;
+    }
+    if (takes_value) {
+      if (i + 1 >= argc) {
+        fprintf(stderr, "%s: option '%s' needs a value\n", what, arg);
+        return 2;
+      }
+      i++;
+    }
+  }
+  return 0;
+}
+
+/* The options of each CLI subcommand (see cli_check_options). */
+struct cli_spec {
+  const char *command, *sub; /* sub NULL: any / none */
+  const char *known[8];
+};
+static const struct cli_spec cli_specs[] = {
+    {"config", "apply", {"--if-match=", NULL}},
+    {"keys",
+     "add",
+     {"--id=", "--upstream=", "--rotate-after-days=", "--secret-file=", "--secret-env=", NULL}},
+    {"keys", "rotate", {"--grace-seconds=", "--secret-file=", "--secret-env=", NULL}},
+    {"tokens", "create", {"--expires-in=", "--rpm=", "--allow=", NULL}},
+    {"audit", NULL, {"--limit=", NULL}},
+    {"members", "add", {"--raft=", "--zone=", "--role=", "--admin=", "--gateway=", NULL}},
+    {"switchover", NULL, {"--to=", NULL}},
+};
+
+/* Checks argv (after the command name) against the command's spec. */
+static int check_command_options(const char *command, int argc, char **argv) {
+  const char *sub = argc >= 1 && strncmp(argv[0], "--", 2) ? argv[0] : NULL;
+  static const char *const none[] = {NULL};
+  const char *const *known = none;
+  for (size_t i = 0; i < ZG_ARRAY_LEN(cli_specs); i++) {
+    const struct cli_spec *spec = &cli_specs[i];
+    if (strcmp(spec->command, command)) continue;
+    if (spec->sub && (!sub || strcmp(spec->sub, sub))) continue;
+    known = spec->known;
+    break;
+  }
+  char what[96];
+  snprintf(what, sizeof(what), "zonegate %s%s%s", command, sub ? " " : "", sub ? sub : "");
+  return cli_check_options(what, argc, argv, known);
+}
+
 int cli_call(const struct cli_options *o, const char *method, const char *path, const cJSON *body,
              const char *const *extra_headers, cJSON **answer) {
   *answer = NULL;
@@ -546,7 +646,12 @@ int node_cli(const char *command, int argc, char **argv) {
   curl_global_init(CURL_GLOBAL_DEFAULT);
   cli_options_parse(&o, &argc, argv);
   /* argv[0] is the command itself */
-  int rc;
+  int rc = check_command_options(command, argc - 1, argv + 1);
+  if (rc) {
+    memset(o.token, 0, sizeof(o.token));
+    curl_global_cleanup();
+    return rc;
+  }
   if (!strcmp(command, "status"))
     rc = cmd_status(&o);
   else if (!strcmp(command, "config"))

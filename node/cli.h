@@ -17,6 +17,15 @@ struct cli_options {
 /* Reads --addr, --token, --json (and ZONEGATE_ADDR / ZONEGATE_ADMIN_TOKEN)
  * and removes them from argv. */
 void cli_options_parse(struct cli_options *o, int *argc, char **argv);
+/* Refuses what a subcommand does not know (exit code 2 for the caller):
+ * every argument starting with "--" in argv[0..argc) must be one of
+ * `known` (NULL-terminated; a trailing '=' marks an option that takes a
+ * value, which must follow it). what names the subcommand in the error
+ * ("zonegate tokens create"). Returns 0, or 2 after printing one line on
+ * stderr naming the unknown option and the nearest known one. The options
+ * every CLI command takes (--json, --addr, --token) are removed by
+ * cli_options_parse first. */
+int cli_check_options(const char *what, int argc, char *const *argv, const char *const *known);
 /* One admin API call. 0 with *answer (caller frees), or -1 after printing
  * a clear error. */
 int cli_call(const struct cli_options *o, const char *method, const char *path,

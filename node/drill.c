@@ -550,6 +550,9 @@ int node_drill(int argc, char **argv) {
     usage();
     return 2;
   }
+  static const char *const known[] = {
+      "--lb=", "--duration=", "--fault-duration=", "--inject-at=", "--inject=", NULL};
+  if (cli_check_options("zonegate drill", argc - 2, argv + 2, known)) return 2;
   d.duration_s = 20;
   d.fault_ms = 5000;
   d.inject_at_ms = 2000;

@@ -12,6 +12,7 @@
 #include "base/base.h"
 #include "config/config.h"
 #include "consensus/consensus.h"
+#include "node/cli.h"
 #include "node/node.h"
 
 #include <curl/curl.h>
@@ -60,6 +61,8 @@ static bool tcp_open(const char *address) {
 int node_recover(int argc, char **argv) {
   const char *config_path = NULL;
   bool force = false, yes = false;
+  static const char *const known[] = {"--force", "--yes", "--config=", NULL};
+  if (cli_check_options("zonegate recover", argc - 1, argv + 1, known)) return 2;
   for (int i = 1; i < argc; i++) {
     if (!strcmp(argv[i], "--force"))
       force = true;

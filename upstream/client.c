@@ -120,6 +120,10 @@ struct upstream_transfer {
   bool cancelled;    /* no more user callbacks */
   bool finished;     /* detached; on_done running or done */
   bool response_delivered;
+  /* Back-pressure (upstream_pause): pause_wanted until upstream_resume;
+   * paused_in_curl once on_curl_body returned CURL_WRITEFUNC_PAUSE;
+   * resume_pending until on_resume_timer lifts curl's pause. */
+  bool pause_wanted, paused_in_curl, resume_pending;
 
   size_t response_header_text_len; /* bytes used in response_header_text */
   size_t response_header_count;
@@ -137,6 +141,9 @@ struct upstream_client {
   /* Runs curl's 0 ms wake-up right after this loop turn's I/O callbacks
    * instead of a loop turn later; kick.data = this. */
   uv_check_t kick;
+  /* Lifts curl's pause of resumed transfers from the loop (upstream_resume
+   * never calls into curl itself); resume_timer.data = this. */
+  uv_timer_t resume_timer;
   struct upstream_fd_slot *fds; /* indexed by fd; grows */
   size_t fds_cap;
   CURL *easy_pool[UPSTREAM_EASY_POOL_SIZE];
@@ -341,14 +348,15 @@ static uint64_t phase_deadline(const struct upstream_transfer *t, phase_timeout_
     deadline = t->start_loop_ms + t->timeouts.total_ms;
     *fire = on_total_timeout;
   }
-  if (t->phase == PHASE_WAITING_FIRST_BYTE && t->timeouts.first_byte_ms) {
+  bool paused = t->pause_wanted || t->paused_in_curl; /* silence is ours, not the upstream's */
+  if (t->phase == PHASE_WAITING_FIRST_BYTE && t->timeouts.first_byte_ms && !paused) {
     uint64_t first_byte_deadline = t->request_sent_loop_ms + t->timeouts.first_byte_ms;
     if (first_byte_deadline < deadline) {
       deadline = first_byte_deadline;
       *fire = on_first_byte_timeout;
     }
   }
-  if (t->phase == PHASE_RECEIVING && t->timeouts.idle_ms) {
+  if (t->phase == PHASE_RECEIVING && t->timeouts.idle_ms && !paused) {
     uint64_t idle_deadline = t->last_activity_loop_ms + t->timeouts.idle_ms;
     if (idle_deadline < deadline) {
       deadline = idle_deadline;
@@ -499,6 +507,12 @@ static size_t on_curl_body(char *data, size_t size, size_t nmemb, void *userdata
   struct upstream_transfer *t = userdata;
   size_t len = size * nmemb;
   if (t->cancelled) return 0;
+  if (t->pause_wanted) {
+    /* curl keeps this piece and stops reading until curl_easy_pause(CONT)
+     * (on_resume_timer), which delivers it again. */
+    t->paused_in_curl = true;
+    return CURL_WRITEFUNC_PAUSE;
+  }
   note_response_activity(t);
   if (!t->response_delivered) {
     deliver_response(t);
@@ -732,6 +746,26 @@ static int on_curl_close_socket(void *clientp, curl_socket_t fd) {
   return close(fd);
 }
 
+/* Lifts curl's pause of every transfer upstream_resume() asked for, then
+ * lets curl run (curl_easy_pause(CONT) may deliver the held piece at once,
+ * and the transfer needs a socket_action to read again). */
+static void on_resume_timer(uv_timer_t *h) {
+  struct upstream_client *c = h->data;
+  if (c->closing || !c->multi) return;
+  c->in_multi_call++; /* callbacks may run inside curl_easy_pause */
+  for (struct upstream_transfer *t = c->transfers; t; t = t->next) {
+    if (!t->resume_pending) continue;
+    t->resume_pending = false;
+    if (t->cancelled || t->finished || t->pause_wanted || !t->paused_in_curl) continue;
+    t->paused_in_curl = false;
+    t->last_activity_loop_ms = uv_now(c->loop);
+    curl_easy_pause(t->easy, CURLPAUSE_CONT); /* an error surfaces as the transfer's result */
+  }
+  c->in_multi_call--;
+  after_multi_call(c);
+  run_socket_action(c, CURL_SOCKET_TIMEOUT, 0);
+}
+
 static void on_multi_timer(uv_timer_t *h) {
   struct upstream_client *c = h->data;
   uv_check_stop(&c->kick);
@@ -824,7 +858,9 @@ int upstream_client_create(uv_loop_t *loop, struct upstream_client **out, char *
   c->multi_timer.data = c;
   uv_check_init(loop, &c->kick); /* cannot fail for a live loop */
   c->kick.data = c;
-  c->open_handles = 2;
+  uv_timer_init(loop, &c->resume_timer); /* cannot fail for a live loop */
+  c->resume_timer.data = c;
+  c->open_handles = 3;
   *out = c;
   return 0;
 
@@ -860,6 +896,7 @@ static void do_close(struct upstream_client *c) {
   c->fds_cap = 0;
   uv_close((uv_handle_t *)&c->multi_timer, on_multi_timer_closed);
   uv_close((uv_handle_t *)&c->kick, on_kick_closed);
+  uv_close((uv_handle_t *)&c->resume_timer, on_kick_closed);
 }
 
 void upstream_client_close(struct upstream_client *c, void (*done)(void *arg), void *arg) {
@@ -1064,6 +1101,28 @@ void upstream_cancel(struct upstream_transfer *t) {
   }
   detach_transfer(t);
   dispose_transfer(t);
+}
+
+void upstream_pause(struct upstream_transfer *t) {
+  if (!t || t->cancelled || t->finished) return;
+  /* Only a flag: curl is stopped by on_curl_body's next call (and reads
+   * nothing until then that it does not hold itself). The phase timer
+   * finds no first-byte or idle deadline when it next fires. */
+  t->pause_wanted = true;
+}
+
+void upstream_resume(struct upstream_transfer *t) {
+  if (!t || t->cancelled || t->finished || !t->pause_wanted) return;
+  struct upstream_client *c = t->client;
+  t->pause_wanted = false;
+  uint64_t now = uv_now(c->loop);
+  t->last_activity_loop_ms = now; /* idle counts from the resume */
+  if (t->phase == PHASE_WAITING_FIRST_BYTE) t->request_sent_loop_ms = now;
+  arm_phase_timer(t);
+  if (!t->paused_in_curl) return; /* curl never stopped */
+  t->resume_pending = true;
+  if (!uv_is_active((uv_handle_t *)&c->resume_timer))
+    uv_timer_start(&c->resume_timer, on_resume_timer, 0, 0);
 }
 
 void upstream_get_timing(const struct upstream_transfer *t, struct upstream_timing *out) {

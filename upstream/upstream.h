@@ -129,6 +129,20 @@ int upstream_start(struct upstream_client *c, const struct upstream_request *req
  * later, safely. */
 void upstream_cancel(struct upstream_transfer *t);
 
+/* Back-pressure: the consumer of on_data cannot take more for now (e.g. the
+ * client's write queue is full). curl stops reading the upstream socket; the
+ * TCP window then slows the upstream down. Held meanwhile: at most curl's
+ * receive buffer (one read, 16 KiB by default); a piece already being
+ * delivered by on_data when upstream_pause() is called from it counts as
+ * consumed. While paused the first-byte and idle timeouts do not run (the
+ * silence is ours); the total timeout still does. upstream_resume() undoes
+ * it: on_data resumes later from the loop, never from inside the call, and
+ * the idle timeout counts again from the resume. Both are safe from any
+ * callback and outside them; calling either twice is harmless; with NULL, a
+ * cancelled or a finished transfer they do nothing. */
+void upstream_pause(struct upstream_transfer *t);
+void upstream_resume(struct upstream_transfer *t);
+
 /* Microseconds from upstream_start(): until the connection was ready to send
  * (connect_us, includes DNS and TLS; ~0 on a reused connection; 0 if it
  * never got there), until the first response byte (first_byte_us; 0 if

@@ -1,13 +1,16 @@
 /*
  * mockllm: a small OpenAI-compatible stand-in for the upstream model API, used as the
- * upstream by every zonegate test and benchmark. Standalone: libuv, http_parser, cJSON.
+ * upstream by every zonegate test and benchmark.
  *
  * Happy path: one libuv loop accepts HTTP/1.x connections; http_parser splits each byte
  * stream into requests (keep-alive and pipelining: requests queue per connection and are
- * answered strictly in order). Routes: POST /v1/chat/completions (JSON or an SSE stream of
- * chat.completion.chunk events), GET /v1/models, GET /mock/stats, POST /mock/reset.
+ * answered strictly in order). Routes: POST /v1/chat/completions, /v1/completions and
+ * /v1/responses (JSON or SSE streams), /v1/embeddings, /v1/moderations,
+ * /v1/audio/transcriptions and /v1/files (multipart), GET /v1/models[/{id}], /v1/files/{id},
+ * GET /mock/stats, GET /mock/requests (the last 64 requests as received), POST /mock/reset.
  * Request headers X-Mock-* change one request's behaviour (latency, chunks, status,
- * injected failures and disconnects, echo); README.md lists them.
+ * injected failures and disconnects, echo, gzip, extra answer headers, determinism);
+ * README.md lists them. Standalone: libuv, http_parser, cJSON, zlib.
  *
  * Failure modes: cannot bind or listen -> message on stderr, exit 1. Bad HTTP -> 400 and
  * close; a body over 16 MiB -> 413 and close; malformed JSON -> 400 (connection kept). A
@@ -33,6 +36,7 @@
 #include <time.h>
 #include <unistd.h>
 #include <uv.h>
+#include <zlib.h>
 
 #define MAX_BODY_BYTES (16u * 1024u * 1024u)
 #define MAX_URL_BYTES 8192u
@@ -42,6 +46,12 @@
 #define READ_BUFFER_BYTES 65536u
 #define MAX_DELAY_MS 600000L
 #define MAX_CHUNKS 100000L
+#define MAX_PAD_BYTES (64L * 1024L * 1024L) /* X-Mock-Pad-Bytes */
+/* A stream without a chunk interval is written in pieces of about this
+ * size, waiting while the connection's write queue is over
+ * MAX_WRITE_BACKLOG_BYTES (a client that does not read costs mockllm at
+ * most that, however long the stream). */
+#define STREAM_WRITE_PIECE_BYTES (256u * 1024u)
 
 /* ---------- small helpers ---------- */
 
@@ -149,11 +159,25 @@ enum route {
   ROUTE_STATS,
   ROUTE_RESET,
   ROUTE_NOT_FOUND,
+  ROUTE_COMPLETIONS,
+  ROUTE_EMBEDDINGS,
+  ROUTE_MODERATIONS,
+  ROUTE_RESPONSES,
+  ROUTE_MODEL,
+  ROUTE_TRANSCRIPTIONS,
+  ROUTE_FILES,
+  ROUTE_FILE,
+  ROUTE_REQUESTS,
   ROUTE_COUNT,
 };
 
-static const char *const route_names[ROUTE_COUNT] = {"chat_completions", "models", "stats", "reset",
-                                                     "not_found"};
+static const char *const route_names[ROUTE_COUNT] = {
+    "chat_completions", "models",     "stats",       "reset",     "not_found",
+    "completions",      "embeddings", "moderations", "responses", "model",
+    "transcriptions",   "files",      "file",        "requests"};
+
+/* Stream kinds: which OpenAI event shapes a stream sends. */
+enum stream_kind { STREAM_CHAT, STREAM_COMPLETION, STREAM_RESPONSE };
 
 typedef struct {
   uint64_t total_requests; /* every request except /mock/stats and /mock/reset */
@@ -193,7 +217,8 @@ static uint64_t response_serial; /* for unique completion ids */
 /* ---------- connections and requests ---------- */
 
 typedef struct {
-  char *name; /* lower-cased */
+  char *name;     /* lower-cased */
+  char *raw_name; /* as the client sent it */
   char *value;
 } header_pair;
 
@@ -205,6 +230,7 @@ typedef struct request {
   uv_timer_t timer; /* latency and chunk spacing; initialised on first use */
   int timer_initialized;
   enum http_method method;
+  int http_major;
   int http_minor;
   int keep_alive;
   int forced_status; /* nonzero: the parser rejected this request; answer it and close */
@@ -222,6 +248,7 @@ typedef struct request {
   /* streaming state, owned by the request */
   char *stream_model;
   char *stream_content;
+  char *pad_text;     /* X-Mock-Pad-Bytes: every chunk's content instead, or NULL */
   size_t *piece_ends; /* chunks_total entries: end offset of each content piece */
   long chunks_total;
   long chunks_sent;
@@ -232,6 +259,18 @@ typedef struct request {
   int64_t created;
   char completion_id[48];
   long prompt_tokens;
+  /* answer shaping (X-Mock-Deterministic, X-Mock-Gzip, X-Mock-Partial-Close) */
+  uint64_t body_hash;
+  char request_id[40]; /* x-request-id of every answer: req_<hex of the body's hashes> */
+  int deterministic;
+  enum stream_kind stream_kind;
+  char item_id[48]; /* responses: id of the output message */
+  z_stream *gz;     /* gzip state of a compressed stream */
+  int partial_close;
+  int cut; /* the half event went out: close now */
+  int head_sent;
+  long events_sent;
+  long sequence_number;
 } request;
 
 typedef struct connection {
@@ -300,6 +339,7 @@ static request *request_new(connection *conn) {
 static void request_free_memory(request *req) {
   for (size_t i = 0; i < req->header_count; i++) {
     free(req->headers[i].name);
+    free(req->headers[i].raw_name);
     free(req->headers[i].value);
   }
   free(req->headers);
@@ -308,8 +348,13 @@ static void request_free_memory(request *req) {
   sb_free(&req->field);
   sb_free(&req->value);
   free(req->stream_model);
+  free(req->pad_text);
   free(req->stream_content);
   free(req->piece_ends);
+  if (req->gz) {
+    deflateEnd(req->gz);
+    free(req->gz);
+  }
   free(req);
 }
 
@@ -541,6 +586,7 @@ static void request_store_header(request *req) {
     req->header_cap = req->header_cap ? req->header_cap * 2 : 16;
     req->headers = xrealloc(req->headers, req->header_cap * sizeof *req->headers);
   }
+  req->headers[req->header_count].raw_name = xstrdup(req->field.data ? req->field.data : "");
   for (size_t i = 0; i < req->field.len; i++)
     req->field.data[i] = (char)tolower((unsigned char)req->field.data[i]);
   req->headers[req->header_count].name = req->field.data ? req->field.data : xstrdup("");
@@ -574,6 +620,7 @@ static int on_headers_complete(http_parser *p) {
   request *req = conn->parsing;
   request_store_header(req);
   req->method = (enum http_method)p->method;
+  req->http_major = p->http_major;
   req->http_minor = p->http_major == 1 ? p->http_minor : 0;
   if (p->content_length != ULLONG_MAX && p->content_length > MAX_BODY_BYTES)
     return parse_fail(conn, 413);
@@ -632,6 +679,97 @@ static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
   connection_pump(conn);
 }
 
+/* ---------- answer shaping: hashes, base64, gzip, common headers ---------- */
+
+static uint64_t fnv1a(const void *data, size_t len, uint64_t seed) {
+  const unsigned char *p = data;
+  uint64_t h = 0xcbf29ce484222325ULL ^ seed;
+  for (size_t i = 0; i < len; i++) {
+    h ^= p[i];
+    h *= 0x100000001b3ULL;
+  }
+  /* a final mix so that short inputs spread over every bit */
+  h ^= h >> 33;
+  h *= 0xff51afd7ed558ccdULL;
+  h ^= h >> 33;
+  return h;
+}
+
+static void base64_append(strbuf *out, const unsigned char *data, size_t len) {
+  static const char alphabet[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+  sb_reserve(out, (len + 2) / 3 * 4);
+  for (size_t i = 0; i < len; i += 3) {
+    uint32_t v = (uint32_t)data[i] << 16;
+    if (i + 1 < len) v |= (uint32_t)data[i + 1] << 8;
+    if (i + 2 < len) v |= data[i + 2];
+    char quad[4] = {alphabet[(v >> 18) & 63], alphabet[(v >> 12) & 63],
+                    i + 1 < len ? alphabet[(v >> 6) & 63] : '=',
+                    i + 2 < len ? alphabet[v & 63] : '='};
+    sb_append(out, quad, 4);
+  }
+  sb_append(out, "", 0); /* NUL-terminated even when len is 0 */
+}
+
+/* Compresses in into out with zlib's gzip wrapper; flush is Z_SYNC_FLUSH (the receiver can
+ * decode everything so far) or Z_FINISH (the gzip trailer follows). */
+static void gzip_feed(z_stream *z, const char *in, size_t in_len, int flush, strbuf *out) {
+  z->next_in = (Bytef *)(uintptr_t)in;
+  z->avail_in = (uInt)in_len;
+  for (;;) {
+    sb_reserve(out, 16384);
+    z->next_out = (Bytef *)out->data + out->len;
+    z->avail_out = (uInt)(out->cap - out->len - 1);
+    uInt before = z->avail_out;
+    int rc = deflate(z, flush);
+    out->len += before - z->avail_out;
+    out->data[out->len] = '\0';
+    if (rc == Z_STREAM_ERROR) abort();
+    if (flush == Z_FINISH ? rc == Z_STREAM_END : z->avail_out != 0) break;
+  }
+}
+
+static z_stream *gzip_new(void) {
+  z_stream *z = calloc(1, sizeof *z);
+  if (!z ||
+      deflateInit2(z, Z_DEFAULT_COMPRESSION, Z_DEFLATED, 15 + 16, 8, Z_DEFAULT_STRATEGY) != Z_OK)
+    abort();
+  return z;
+}
+
+static int request_is_mock_route(const request *req) {
+  return req->route == ROUTE_STATS || req->route == ROUTE_RESET || req->route == ROUTE_REQUESTS;
+}
+
+static int request_wants_gzip(const request *req) {
+  const char *gzip = request_header(req, "x-mock-gzip");
+  return gzip && strcmp(gzip, "1") == 0 && !request_is_mock_route(req);
+}
+
+/* Header lines every answer carries: x-request-id, openai-processing-ms, on a 429 the rate
+ * limit headers (and x-should-retry: false when asked), then each X-Mock-Response-Header. */
+static void append_common_headers(const request *req, int status, strbuf *out) {
+  sb_printf(out, "x-request-id: %s\r\nopenai-processing-ms: 1\r\n", req->request_id);
+  if (status == 429) {
+    sb_appends(out, "x-ratelimit-limit-requests: 60\r\nx-ratelimit-remaining-requests: 0\r\n"
+                    "x-ratelimit-reset-requests: 1s\r\nretry-after-ms: 1000\r\n");
+    const char *should_retry = request_header(req, "x-mock-should-retry");
+    if (should_retry && strcasecmp(should_retry, "false") == 0)
+      sb_appends(out, "x-should-retry: false\r\n");
+  }
+  for (size_t i = 0; i < req->header_count; i++) {
+    if (strcmp(req->headers[i].name, "x-mock-response-header") != 0) continue;
+    const char *line = req->headers[i].value;
+    const char *colon = strchr(line, ':');
+    if (!colon || colon == line || strpbrk(line, "\r\n")) continue;
+    int token = 1;
+    for (const char *c = line; c < colon; c++)
+      if (*c <= ' ' || *c >= 127) token = 0;
+    if (!token) continue;
+    sb_appends(out, line);
+    sb_appends(out, "\r\n");
+  }
+}
+
 /* ---------- responses ---------- */
 
 static const char *status_text(int status) {
@@ -644,18 +782,30 @@ static const char *status_text(int status) {
 static void send_response_partial(request *req, int status, const char *content_type,
                                   const char *extra_headers, const char *body, size_t body_len,
                                   size_t body_send_len) {
-  char head[512];
   int keep_alive = req->keep_alive && !req->forced_status;
-  int n = snprintf(head, sizeof head,
-                   "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n"
-                   "Connection: %s\r\n%s\r\n",
-                   status, status_text(status), content_type, body_len,
-                   keep_alive ? "keep-alive" : "close", extra_headers);
-  if (n < 0 || (size_t)n >= sizeof head) n = 0;
+  strbuf compressed = {0};
+  if (request_wants_gzip(req)) {
+    z_stream *z = gzip_new();
+    gzip_feed(z, body, body_len, Z_FINISH, &compressed);
+    deflateEnd(z);
+    free(z);
+    body_send_len = body_send_len == body_len ? compressed.len : compressed.len / 2;
+    body = compressed.data;
+    body_len = compressed.len;
+  }
+  strbuf head = {0};
+  sb_printf(
+      &head, "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\nConnection: %s\r\n",
+      status, status_text(status), content_type, body_len, keep_alive ? "keep-alive" : "close");
+  if (compressed.data) sb_appends(&head, "Content-Encoding: gzip\r\n");
+  append_common_headers(req, status, &head);
+  sb_appends(&head, extra_headers);
+  sb_appends(&head, "\r\n");
   req->status_sent = status;
-  if (req->route != ROUTE_STATS && req->route != ROUTE_RESET && status >= 100 && status < 600)
-    stats.by_status[status]++;
-  connection_write2(req->conn, head, (size_t)n, body, body_send_len);
+  if (!request_is_mock_route(req) && status >= 100 && status < 600) stats.by_status[status]++;
+  connection_write2(req->conn, head.data, head.len, body, body_send_len);
+  sb_free(&head);
+  sb_free(&compressed);
 }
 
 static void send_json(request *req, int status, cJSON *json, const char *extra_headers) {
@@ -743,15 +893,103 @@ static void append_content_text(strbuf *out, const cJSON *content) {
   }
 }
 
-static void respond_chat_completion(request *req) {
+static long token_estimate(size_t bytes) {
+  long tokens = (long)(bytes + 3) / 4;
+  return tokens < 1 ? 1 : tokens;
+}
+
+/* The request body as a JSON object, or NULL after answering 400. */
+static cJSON *parse_json_body(request *req) {
   cJSON *body = cJSON_ParseWithLength(req->body.data ? req->body.data : "", req->body.len);
   if (!body || !cJSON_IsObject(body)) {
     cJSON_Delete(body);
     send_error(req, 400, "We could not parse the JSON body of your request (mockllm).",
                "invalid_request_error", NULL, "");
     request_finish(req);
-    return;
+    return NULL;
   }
+  return body;
+}
+
+/* The answer's id (prefix + serial, or + a hash of the body with X-Mock-Deterministic) and
+ * its created time (now, or derived from the body). */
+static void assign_ids(request *req, const char *prefix) {
+  response_serial++;
+  if (req->deterministic) {
+    snprintf(req->completion_id, sizeof req->completion_id, "%s%016llx", prefix,
+             (unsigned long long)req->body_hash);
+    req->created = 1700000000 + (int64_t)(req->body_hash % 100000000ULL);
+  } else {
+    snprintf(req->completion_id, sizeof req->completion_id, "%smock-%llu", prefix,
+             (unsigned long long)response_serial);
+    req->created = (int64_t)time(NULL);
+  }
+}
+
+/* Sends a 200 JSON answer (X-Mock-Disconnect-After: half of it, then close) and finishes. */
+static void finish_json(request *req, cJSON *root) {
+  long disconnect_after = request_knob(req, "x-mock-disconnect-after", -1, 0, LONG_MAX);
+  char *text = cJSON_PrintUnformatted(root);
+  if (!text) abort();
+  size_t len = strlen(text);
+  send_response_partial(req, 200, "application/json", "", text, len,
+                        disconnect_after >= 0 ? len / 2 : len);
+  cJSON_free(text);
+  cJSON_Delete(root);
+  if (disconnect_after >= 0)
+    request_inject_disconnect(req);
+  else
+    request_finish(req);
+}
+
+static int stream_requested(const request *req, const cJSON *body) {
+  if (!cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(body, "stream"))) return 0;
+  const char *as_json = request_header(req, "x-mock-stream-as-json");
+  return !(as_json && strcmp(as_json, "1") == 0);
+}
+
+/* Starts an SSE stream of content (ownership taken) split into X-Mock-Chunks pieces. */
+static void stream_begin(request *req, enum stream_kind kind, const char *model, strbuf *content,
+                         long prompt_tokens, int include_usage) {
+  if (!content->data) sb_appends(content, "");
+  req->stream_kind = kind;
+  if (!req->stream_model) req->stream_model = xstrdup(model);
+  if (req->stream_content != content->data) {
+    free(req->stream_content);
+    req->stream_content = content->data;
+  }
+  size_t content_len = content->len;
+  *content = (strbuf){0};
+  req->chunks_total = request_knob(req, "x-mock-chunks", config.chunks, 0, MAX_CHUNKS);
+  req->chunk_interval_ms =
+      request_knob(req, "x-mock-chunk-interval-ms", config.chunk_interval_ms, 0, MAX_DELAY_MS);
+  req->disconnect_after = request_knob(req, "x-mock-disconnect-after", -1, 0, LONG_MAX);
+  const char *partial = request_header(req, "x-mock-partial-close");
+  req->partial_close = partial && strcmp(partial, "1") == 0;
+  req->include_usage = include_usage;
+  req->prompt_tokens = prompt_tokens;
+  req->chunked = req->http_minor >= 1;
+  if (!req->chunked) req->keep_alive = 0;
+  if (request_wants_gzip(req)) req->gz = gzip_new();
+  /* Split the content into chunks_total pieces on UTF-8 character boundaries. */
+  long pieces = req->chunks_total;
+  const char *text = req->stream_content;
+  req->piece_ends = xmalloc(sizeof(size_t) * (size_t)(pieces ? pieces : 1));
+  for (long i = 0; i < pieces; i++) {
+    size_t end = i + 1 == pieces ? content_len : content_len * (size_t)(i + 1) / (size_t)pieces;
+    while (end < content_len && ((unsigned char)text[end] & 0xC0) == 0x80) end++;
+    if (i > 0 && end < req->piece_ends[i - 1]) end = req->piece_ends[i - 1];
+    req->piece_ends[i] = end;
+  }
+  stats.streams_started++;
+  req->status_sent = 200;
+  stats.by_status[200]++;
+  stream_step(req);
+}
+
+static void respond_chat_completion(request *req) {
+  cJSON *body = parse_json_body(req);
+  if (!body) return;
   const cJSON *messages = cJSON_GetObjectItemCaseSensitive(body, "messages");
   if (!cJSON_IsArray(messages)) {
     cJSON_Delete(body);
@@ -792,47 +1030,30 @@ static void respond_chat_completion(request *req) {
     if (last_user) append_content_text(&content, last_user);
   }
   if (!content.data) sb_appends(&content, "");
-  long prompt_tokens = (long)(all_text.len + 3) / 4;
-  if (prompt_tokens < 1) prompt_tokens = 1;
-  long completion_tokens = (long)(content.len + 3) / 4;
-  if (completion_tokens < 1) completion_tokens = 1;
+  long pad_bytes = request_knob(req, "x-mock-pad-bytes", 0, 0, MAX_PAD_BYTES);
+  const cJSON *stream = cJSON_GetObjectItemCaseSensitive(body, "stream");
+  if (pad_bytes > 0 && cJSON_IsTrue(stream)) {
+    req->pad_text = xmalloc((size_t)pad_bytes + 1);
+    memset(req->pad_text, 'x', (size_t)pad_bytes);
+    req->pad_text[pad_bytes] = '\0';
+  } else if (pad_bytes > 0) {
+    sb_reserve(&content, (size_t)pad_bytes);
+    memset(content.data + content.len, 'x', (size_t)pad_bytes);
+    content.len += (size_t)pad_bytes;
+    content.data[content.len] = '\0';
+  }
+  long prompt_tokens = token_estimate(all_text.len);
+  long completion_tokens = token_estimate(content.len);
   sb_free(&all_text);
 
-  const cJSON *stream = cJSON_GetObjectItemCaseSensitive(body, "stream");
   const cJSON *stream_options = cJSON_GetObjectItemCaseSensitive(body, "stream_options");
   int include_usage =
       cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(stream_options, "include_usage"));
-  long disconnect_after = request_knob(req, "x-mock-disconnect-after", -1, 0, LONG_MAX);
-  response_serial++;
-  snprintf(req->completion_id, sizeof req->completion_id, "chatcmpl-mock-%llu",
-           (unsigned long long)response_serial);
-  req->created = (int64_t)time(NULL);
+  assign_ids(req, "chatcmpl-");
 
-  if (cJSON_IsTrue(stream)) {
-    req->stream_model = xstrdup(model);
+  if (stream_requested(req, body)) {
+    stream_begin(req, STREAM_CHAT, model, &content, prompt_tokens, include_usage);
     cJSON_Delete(body);
-    req->stream_content = content.data;
-    req->chunks_total = request_knob(req, "x-mock-chunks", config.chunks, 0, MAX_CHUNKS);
-    req->chunk_interval_ms =
-        request_knob(req, "x-mock-chunk-interval-ms", config.chunk_interval_ms, 0, MAX_DELAY_MS);
-    req->disconnect_after = disconnect_after;
-    req->include_usage = include_usage;
-    req->prompt_tokens = prompt_tokens;
-    req->chunked = req->http_minor >= 1;
-    if (!req->chunked) req->keep_alive = 0;
-    /* Split the content into chunks_total pieces on UTF-8 character boundaries. */
-    long pieces = req->chunks_total;
-    req->piece_ends = xmalloc(sizeof(size_t) * (size_t)(pieces ? pieces : 1));
-    for (long i = 0; i < pieces; i++) {
-      size_t end = i + 1 == pieces ? content.len : content.len * (size_t)(i + 1) / (size_t)pieces;
-      while (end < content.len && ((unsigned char)content.data[end] & 0xC0) == 0x80) end++;
-      if (i > 0 && end < req->piece_ends[i - 1]) end = req->piece_ends[i - 1];
-      req->piece_ends[i] = end;
-    }
-    stats.streams_started++;
-    req->status_sent = 200;
-    stats.by_status[200]++;
-    stream_step(req);
     return;
   }
 
@@ -855,67 +1076,598 @@ static void respond_chat_completion(request *req) {
   cJSON_AddNumberToObject(usage, "total_tokens", (double)(prompt_tokens + completion_tokens));
   sb_free(&content);
   cJSON_Delete(body);
+  finish_json(req, root);
+}
 
-  if (disconnect_after >= 0) {
-    char *text = cJSON_PrintUnformatted(root);
-    if (!text) abort();
-    size_t len = strlen(text);
-    send_response_partial(req, 200, "application/json", "", text, len, len / 2);
-    cJSON_free(text);
-    cJSON_Delete(root);
-    request_inject_disconnect(req);
+/* Text of a prompt / input: a string, or the strings of an array joined. */
+static void append_prompt_text(strbuf *out, const cJSON *prompt) {
+  if (cJSON_IsString(prompt)) {
+    sb_appends(out, prompt->valuestring);
+  } else if (cJSON_IsArray(prompt)) {
+    const cJSON *item;
+    cJSON_ArrayForEach(item, prompt) {
+      if (cJSON_IsString(item)) sb_appends(out, item->valuestring);
+    }
+  }
+}
+
+static void respond_completions(request *req) {
+  cJSON *body = parse_json_body(req);
+  if (!body) return;
+  const cJSON *model_item = cJSON_GetObjectItemCaseSensitive(body, "model");
+  const char *model = cJSON_IsString(model_item) ? model_item->valuestring : config.model;
+  strbuf prompt = {0};
+  append_prompt_text(&prompt, cJSON_GetObjectItemCaseSensitive(body, "prompt"));
+  strbuf content = {0};
+  sb_appends(&content, "mock completion for: ");
+  if (prompt.data) sb_appends(&content, prompt.data);
+  long prompt_tokens = token_estimate(prompt.len);
+  long completion_tokens = token_estimate(content.len);
+  sb_free(&prompt);
+  const cJSON *stream_options = cJSON_GetObjectItemCaseSensitive(body, "stream_options");
+  int include_usage =
+      cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(stream_options, "include_usage"));
+  assign_ids(req, "cmpl-");
+  if (stream_requested(req, body)) {
+    stream_begin(req, STREAM_COMPLETION, model, &content, prompt_tokens, include_usage);
+    cJSON_Delete(body);
     return;
   }
-  send_json(req, 200, root, "");
-  cJSON_Delete(root);
+  cJSON *root = cJSON_CreateObject();
+  cJSON_AddStringToObject(root, "id", req->completion_id);
+  cJSON_AddStringToObject(root, "object", "text_completion");
+  cJSON_AddNumberToObject(root, "created", (double)req->created);
+  cJSON_AddStringToObject(root, "model", model);
+  cJSON *choices = cJSON_AddArrayToObject(root, "choices");
+  cJSON *choice = cJSON_CreateObject();
+  cJSON_AddItemToArray(choices, choice);
+  cJSON_AddStringToObject(choice, "text", content.data);
+  cJSON_AddNumberToObject(choice, "index", 0);
+  cJSON_AddNullToObject(choice, "logprobs");
+  cJSON_AddStringToObject(choice, "finish_reason", "stop");
+  cJSON *usage = cJSON_AddObjectToObject(root, "usage");
+  cJSON_AddNumberToObject(usage, "prompt_tokens", (double)prompt_tokens);
+  cJSON_AddNumberToObject(usage, "completion_tokens", (double)completion_tokens);
+  cJSON_AddNumberToObject(usage, "total_tokens", (double)(prompt_tokens + completion_tokens));
+  sb_free(&content);
+  cJSON_Delete(body);
+  finish_json(req, root);
+}
+
+/* Responses API: the message output item (text so far, status) and the response object. */
+static cJSON *response_message_item(const request *req, const char *text, int done) {
+  cJSON *item = cJSON_CreateObject();
+  cJSON_AddStringToObject(item, "id", req->item_id);
+  cJSON_AddStringToObject(item, "type", "message");
+  cJSON_AddStringToObject(item, "status", done ? "completed" : "in_progress");
+  cJSON_AddStringToObject(item, "role", "assistant");
+  cJSON *content = cJSON_AddArrayToObject(item, "content");
+  if (text) {
+    cJSON *part = cJSON_CreateObject();
+    cJSON_AddStringToObject(part, "type", "output_text");
+    cJSON_AddStringToObject(part, "text", text);
+    cJSON_AddArrayToObject(part, "annotations");
+    cJSON_AddItemToArray(content, part);
+  }
+  return item;
+}
+
+static cJSON *response_object(const request *req, int done) {
+  cJSON *root = cJSON_CreateObject();
+  cJSON_AddStringToObject(root, "id", req->completion_id);
+  cJSON_AddStringToObject(root, "object", "response");
+  cJSON_AddNumberToObject(root, "created_at", (double)req->created);
+  cJSON_AddStringToObject(root, "status", done ? "completed" : "in_progress");
+  cJSON_AddNullToObject(root, "error");
+  cJSON_AddNullToObject(root, "incomplete_details");
+  cJSON_AddNullToObject(root, "instructions");
+  cJSON_AddNullToObject(root, "max_output_tokens");
+  cJSON_AddStringToObject(root, "model", req->stream_model);
+  cJSON *output = cJSON_AddArrayToObject(root, "output");
+  if (done) cJSON_AddItemToArray(output, response_message_item(req, req->stream_content, 1));
+  cJSON_AddTrueToObject(root, "parallel_tool_calls");
+  cJSON_AddNullToObject(root, "previous_response_id");
+  cJSON_AddNumberToObject(root, "temperature", 1);
+  cJSON *text = cJSON_AddObjectToObject(root, "text");
+  cJSON_AddStringToObject(cJSON_AddObjectToObject(text, "format"), "type", "text");
+  cJSON_AddStringToObject(root, "tool_choice", "auto");
+  cJSON_AddArrayToObject(root, "tools");
+  cJSON_AddNumberToObject(root, "top_p", 1);
+  if (done) {
+    long output_tokens = token_estimate(strlen(req->stream_content));
+    cJSON *usage = cJSON_AddObjectToObject(root, "usage");
+    cJSON_AddNumberToObject(usage, "input_tokens", (double)req->prompt_tokens);
+    cJSON_AddNumberToObject(usage, "output_tokens", (double)output_tokens);
+    cJSON_AddNumberToObject(usage, "total_tokens", (double)(req->prompt_tokens + output_tokens));
+  } else {
+    cJSON_AddNullToObject(root, "usage");
+  }
+  return root;
+}
+
+static void respond_responses(request *req) {
+  cJSON *body = parse_json_body(req);
+  if (!body) return;
+  const cJSON *model_item = cJSON_GetObjectItemCaseSensitive(body, "model");
+  const char *model = cJSON_IsString(model_item) ? model_item->valuestring : config.model;
+  const cJSON *input = cJSON_GetObjectItemCaseSensitive(body, "input");
+  strbuf all_text = {0};
+  const cJSON *last = NULL;
+  if (cJSON_IsString(input)) {
+    last = input;
+    sb_appends(&all_text, input->valuestring);
+  } else if (cJSON_IsArray(input)) {
+    const cJSON *item;
+    cJSON_ArrayForEach(item, input) {
+      const cJSON *content =
+          cJSON_IsString(item) ? item : cJSON_GetObjectItemCaseSensitive(item, "content");
+      append_content_text(&all_text, content);
+      if (content) last = content;
+    }
+  }
+  strbuf content = {0};
+  sb_appends(&content, "mock reply to: ");
+  if (last) append_content_text(&content, last);
+  req->prompt_tokens = token_estimate(all_text.len);
+  sb_free(&all_text);
+  assign_ids(req, "resp_");
+  snprintf(req->item_id, sizeof req->item_id, "msg_%s", req->completion_id + 5);
+  req->stream_model = xstrdup(model);
+  if (stream_requested(req, body)) {
+    stream_begin(req, STREAM_RESPONSE, model, &content, req->prompt_tokens, 0);
+    cJSON_Delete(body);
+    return;
+  }
+  req->stream_content = content.data;
+  cJSON_Delete(body);
+  finish_json(req, response_object(req, 1));
+}
+
+/* Deterministic embedding values: multiples of 1/128 in [-1, 1), exact in float32. */
+static float embedding_value(const char *text, size_t len, long index) {
+  uint64_t h = fnv1a(text, len, (uint64_t)index * 0x9E3779B97F4A7C15ULL + 1);
+  return (float)((int)(h & 0xff) - 128) / 128.0f;
+}
+
+static void respond_embeddings(request *req) {
+  cJSON *body = parse_json_body(req);
+  if (!body) return;
+  const cJSON *model_item = cJSON_GetObjectItemCaseSensitive(body, "model");
+  const char *model = cJSON_IsString(model_item) ? model_item->valuestring : config.model;
+  long dims = 8;
+  const cJSON *dims_item = cJSON_GetObjectItemCaseSensitive(body, "dimensions");
+  if (cJSON_IsNumber(dims_item) && dims_item->valuedouble >= 1 && dims_item->valuedouble <= 4096)
+    dims = (long)dims_item->valuedouble;
+  const cJSON *format = cJSON_GetObjectItemCaseSensitive(body, "encoding_format");
+  int base64 = cJSON_IsString(format) && strcmp(format->valuestring, "base64") == 0;
+  const cJSON *input = cJSON_GetObjectItemCaseSensitive(body, "input");
+  /* One input per string; an array of strings or of token arrays is many inputs. */
+  int many = cJSON_IsArray(input) && cJSON_GetArraySize(input) > 0 &&
+             !cJSON_IsNumber(cJSON_GetArrayItem(input, 0));
+  cJSON *root = cJSON_CreateObject();
+  cJSON_AddStringToObject(root, "object", "list");
+  cJSON *data = cJSON_AddArrayToObject(root, "data");
+  size_t total_len = 0;
+  int count = many ? cJSON_GetArraySize(input) : 1;
+  for (int i = 0; i < count; i++) {
+    const cJSON *one = many ? cJSON_GetArrayItem(input, i) : input;
+    char *text = cJSON_IsString(one) ? NULL : cJSON_PrintUnformatted(one);
+    const char *value = cJSON_IsString(one) ? one->valuestring : text ? text : "";
+    size_t len = strlen(value);
+    total_len += len;
+    cJSON *item = cJSON_CreateObject();
+    cJSON_AddStringToObject(item, "object", "embedding");
+    cJSON_AddNumberToObject(item, "index", i);
+    if (base64) {
+      float *floats = xmalloc(sizeof(float) * (size_t)dims);
+      for (long j = 0; j < dims; j++) floats[j] = embedding_value(value, len, j);
+      strbuf encoded = {0};
+      base64_append(&encoded, (const unsigned char *)floats, sizeof(float) * (size_t)dims);
+      cJSON_AddStringToObject(item, "embedding", encoded.data);
+      sb_free(&encoded);
+      free(floats);
+    } else {
+      cJSON *vector = cJSON_AddArrayToObject(item, "embedding");
+      for (long j = 0; j < dims; j++)
+        cJSON_AddItemToArray(vector, cJSON_CreateNumber(embedding_value(value, len, j)));
+    }
+    cJSON_AddItemToArray(data, item);
+    cJSON_free(text);
+  }
+  cJSON_AddStringToObject(root, "model", model);
+  cJSON *usage = cJSON_AddObjectToObject(root, "usage");
+  cJSON_AddNumberToObject(usage, "prompt_tokens", (double)token_estimate(total_len));
+  cJSON_AddNumberToObject(usage, "total_tokens", (double)token_estimate(total_len));
+  cJSON_Delete(body);
+  finish_json(req, root);
+}
+
+static void respond_moderations(request *req) {
+  static const char *const categories[] = {"harassment",
+                                           "harassment/threatening",
+                                           "hate",
+                                           "hate/threatening",
+                                           "illicit",
+                                           "illicit/violent",
+                                           "self-harm",
+                                           "self-harm/instructions",
+                                           "self-harm/intent",
+                                           "sexual",
+                                           "sexual/minors",
+                                           "violence",
+                                           "violence/graphic"};
+  cJSON *body = parse_json_body(req);
+  if (!body) return;
+  const cJSON *model_item = cJSON_GetObjectItemCaseSensitive(body, "model");
+  const char *model =
+      cJSON_IsString(model_item) ? model_item->valuestring : "omni-moderation-latest";
+  const cJSON *input = cJSON_GetObjectItemCaseSensitive(body, "input");
+  assign_ids(req, "modr-");
+  cJSON *root = cJSON_CreateObject();
+  cJSON_AddStringToObject(root, "id", req->completion_id);
+  cJSON_AddStringToObject(root, "model", model);
+  cJSON *results = cJSON_AddArrayToObject(root, "results");
+  int count = cJSON_IsArray(input) ? cJSON_GetArraySize(input) : 1;
+  for (int i = 0; i < count; i++) {
+    const cJSON *one = cJSON_IsArray(input) ? cJSON_GetArrayItem(input, i) : input;
+    const cJSON *text = cJSON_IsString(one) ? one : cJSON_GetObjectItemCaseSensitive(one, "text");
+    /* Flagged (as violence) when the text contains "mock-flag". */
+    int flagged = cJSON_IsString(text) && strstr(text->valuestring, "mock-flag") != NULL;
+    cJSON *result = cJSON_CreateObject();
+    cJSON_AddBoolToObject(result, "flagged", flagged);
+    cJSON *flags = cJSON_AddObjectToObject(result, "categories");
+    cJSON *scores = cJSON_AddObjectToObject(result, "category_scores");
+    for (size_t c = 0; c < sizeof categories / sizeof *categories; c++) {
+      int hit = flagged && strcmp(categories[c], "violence") == 0;
+      cJSON_AddBoolToObject(flags, categories[c], hit);
+      cJSON_AddNumberToObject(scores, categories[c], hit ? 0.96875 : 0.0001220703125);
+    }
+    cJSON_AddItemToArray(results, result);
+  }
+  cJSON_Delete(body);
+  finish_json(req, root);
+}
+
+/* ---------- multipart/form-data (audio transcriptions, file uploads) ---------- */
+
+typedef struct {
+  char name[64];
+  char filename[256];
+  const char *data;
+  size_t len;
+} form_part;
+
+/* Copies the value of parameter key (name, filename) of a Content-Disposition line. */
+static void disposition_param(const char *line, size_t line_len, const char *key, char *out,
+                              size_t out_size) {
+  out[0] = '\0';
+  size_t key_len = strlen(key);
+  const char *end = line + line_len;
+  for (const char *p = line; p < end; p++) {
+    if (*p != ';') continue;
+    const char *q = p + 1;
+    while (q < end && (*q == ' ' || *q == '\t')) q++;
+    if ((size_t)(end - q) <= key_len || strncasecmp(q, key, key_len) != 0 || q[key_len] != '=')
+      continue;
+    q += key_len + 1;
+    size_t n = 0;
+    if (q < end && *q == '"') {
+      q++;
+      while (q < end && *q != '"' && n + 1 < out_size) out[n++] = *q++;
+    } else {
+      while (q < end && *q != ';' && *q != ' ' && n + 1 < out_size) out[n++] = *q++;
+    }
+    out[n] = '\0';
+    return;
+  }
+}
+
+/* Splits a multipart/form-data body into at most max parts; returns how many (0 if none). */
+static int multipart_parts(const request *req, form_part *parts, int max) {
+  const char *type = request_header(req, "content-type");
+  const char *b = type ? strcasestr(type, "boundary=") : NULL;
+  if (!b || !req->body.data) return 0;
+  b += 9;
+  char delimiter[256] = "--";
+  size_t n = 2;
+  if (*b == '"') b++;
+  while (*b && *b != '"' && *b != ';' && n + 1 < sizeof delimiter) delimiter[n++] = *b++;
+  delimiter[n] = '\0';
+  const char *body = req->body.data, *end = req->body.data + req->body.len;
+  const char *at = memmem(body, req->body.len, delimiter, n);
+  int count = 0;
+  while (at && count < max) {
+    at += n;
+    if (end - at >= 2 && at[0] == '-' && at[1] == '-') break;
+    if (end - at >= 2 && at[0] == '\r' && at[1] == '\n') at += 2;
+    const char *head_end = memmem(at, (size_t)(end - at), "\r\n\r\n", 4);
+    if (!head_end) break;
+    form_part *part = &parts[count];
+    memset(part, 0, sizeof *part);
+    for (const char *line = at; line < head_end;) {
+      const char *eol = memmem(line, (size_t)(head_end - line), "\r\n", 2);
+      if (!eol) eol = head_end;
+      if ((size_t)(eol - line) > 20 && strncasecmp(line, "content-disposition:", 20) == 0) {
+        disposition_param(line, (size_t)(eol - line), "name", part->name, sizeof part->name);
+        disposition_param(line, (size_t)(eol - line), "filename", part->filename,
+                          sizeof part->filename);
+      }
+      line = eol + 2;
+    }
+    part->data = head_end + 4;
+    char closing[260];
+    snprintf(closing, sizeof closing, "\r\n%s", delimiter);
+    const char *next = memmem(part->data, (size_t)(end - part->data), closing, n + 2);
+    if (!next) break;
+    part->len = (size_t)(next - part->data);
+    count++;
+    at = next + 2;
+  }
+  return count;
+}
+
+static const form_part *form_find(const form_part *parts, int count, const char *name) {
+  for (int i = 0; i < count; i++)
+    if (strcmp(parts[i].name, name) == 0) return &parts[i];
+  return NULL;
+}
+
+static void form_value(const form_part *part, char *out, size_t out_size) {
+  out[0] = '\0';
+  if (!part) return;
+  size_t n = part->len < out_size - 1 ? part->len : out_size - 1;
+  memcpy(out, part->data, n);
+  out[n] = '\0';
+}
+
+/* A multipart request without a "file" part gets 400; returns the part or NULL. */
+static const form_part *require_file_part(request *req, form_part *parts, int *count) {
+  *count = multipart_parts(req, parts, 32);
+  const form_part *file = form_find(parts, *count, "file");
+  if (!file) {
+    send_error(req, 400, "A multipart/form-data body with a 'file' part is required (mockllm).",
+               "invalid_request_error", NULL, "");
+    request_finish(req);
+  }
+  return file;
+}
+
+static void respond_transcriptions(request *req) {
+  form_part parts[32];
+  int count = 0;
+  const form_part *file = require_file_part(req, parts, &count);
+  if (!file) return;
+  char format[32];
+  form_value(form_find(parts, count, "response_format"), format, sizeof format);
+  char text[64];
+  snprintf(text, sizeof text, "received %zu bytes", file->len);
+  if (strcmp(format, "text") == 0) {
+    size_t len = strlen(text);
+    send_response_partial(req, 200, "text/plain; charset=utf-8", "", text, len, len);
+    request_finish(req);
+    return;
+  }
+  cJSON *root = cJSON_CreateObject();
+  cJSON_AddStringToObject(root, "text", text);
+  finish_json(req, root);
+}
+
+/* Uploaded files, remembered so that GET /v1/files/{id} finds them (the last 64). */
+#define MAX_UPLOADS 64
+typedef struct {
+  char id[48];
+  char filename[256];
+  char purpose[64];
+  size_t bytes;
+  int64_t created_at;
+} upload;
+static upload uploads[MAX_UPLOADS];
+static size_t upload_next;
+
+static cJSON *file_object(const upload *u) {
+  cJSON *root = cJSON_CreateObject();
+  cJSON_AddStringToObject(root, "id", u->id);
+  cJSON_AddStringToObject(root, "object", "file");
+  cJSON_AddNumberToObject(root, "bytes", (double)u->bytes);
+  cJSON_AddNumberToObject(root, "created_at", (double)u->created_at);
+  cJSON_AddStringToObject(root, "filename", u->filename);
+  cJSON_AddStringToObject(root, "purpose", u->purpose);
+  cJSON_AddStringToObject(root, "status", "processed");
+  cJSON_AddNullToObject(root, "expires_at");
+  cJSON_AddNullToObject(root, "status_details");
+  return root;
+}
+
+static void respond_files_upload(request *req) {
+  form_part parts[32];
+  int count = 0;
+  const form_part *file = require_file_part(req, parts, &count);
+  if (!file) return;
+  assign_ids(req, "file-");
+  upload *u = &uploads[upload_next++ % MAX_UPLOADS];
+  memset(u, 0, sizeof *u);
+  snprintf(u->id, sizeof u->id, "%s", req->completion_id);
+  snprintf(u->filename, sizeof u->filename, "%s", file->filename);
+  form_value(form_find(parts, count, "purpose"), u->purpose, sizeof u->purpose);
+  u->bytes = file->len;
+  u->created_at = req->created;
+  finish_json(req, file_object(u));
+}
+
+static void respond_file_get(request *req, const char *id, size_t id_len) {
+  for (size_t i = 0; i < MAX_UPLOADS; i++) {
+    if (uploads[i].id[0] && strlen(uploads[i].id) == id_len &&
+        memcmp(uploads[i].id, id, id_len) == 0) {
+      finish_json(req, file_object(&uploads[i]));
+      return;
+    }
+  }
+  char message[160];
+  snprintf(message, sizeof message, "No such File object: %.*s", (int)(id_len > 100 ? 100 : id_len),
+           id);
+  send_error(req, 404, message, "invalid_request_error", NULL, "");
   request_finish(req);
 }
 
-/* Appends one SSE event (with chunked framing when the response is chunked). */
-static void stream_append_event(request *req, strbuf *out, const char *payload, size_t len) {
-  if (req->chunked) sb_printf(out, "%zx\r\n", len + 8);
-  sb_appends(out, "data: ");
-  sb_append(out, payload, len);
-  sb_appends(out, "\n\n");
-  if (req->chunked) sb_appends(out, "\r\n");
+static void respond_model(request *req, const char *id, size_t id_len) {
+  char name[256];
+  snprintf(name, sizeof name, "%.*s", (int)(id_len > 200 ? 200 : id_len), id);
+  cJSON *root = cJSON_CreateObject();
+  cJSON_AddStringToObject(root, "id", name);
+  cJSON_AddStringToObject(root, "object", "model");
+  cJSON_AddNumberToObject(root, "created", 0);
+  cJSON_AddStringToObject(root, "owned_by", "mockllm");
+  finish_json(req, root);
 }
 
-static void stream_append_chunk(request *req, strbuf *out, long index) {
+/* ---------- SSE streams ---------- */
+
+/* Appends one SSE event (`event: type` line when type is set) to plain. With
+ * X-Mock-Partial-Close, the second event goes out cut in half and the stream is marked cut. */
+static void stream_add_event(request *req, strbuf *plain, const char *type, const char *data,
+                             size_t len) {
+  if (req->cut) return;
+  strbuf event = {0};
+  if (type) sb_printf(&event, "event: %s\n", type);
+  sb_appends(&event, "data: ");
+  sb_append(&event, data, len);
+  sb_appends(&event, "\n\n");
+  if (req->partial_close && req->events_sent == 1) {
+    sb_append(plain, event.data, event.len / 2);
+    req->cut = 1;
+  } else {
+    sb_append(plain, event.data, event.len);
+  }
+  req->events_sent++;
+  sb_free(&event);
+}
+
+/* Adds "sequence_number" to a typed Responses event, prints it and deletes it. */
+static void stream_add_typed(request *req, strbuf *plain, const char *type, cJSON *root) {
+  cJSON_AddNumberToObject(root, "sequence_number", (double)req->sequence_number++);
+  char *text = cJSON_PrintUnformatted(root);
+  if (!text) abort();
+  stream_add_event(req, plain, type, text, strlen(text));
+  cJSON_free(text);
+  cJSON_Delete(root);
+}
+
+static cJSON *typed_event(const char *type) {
+  cJSON *root = cJSON_CreateObject();
+  cJSON_AddStringToObject(root, "type", type);
+  return root;
+}
+
+static cJSON *text_part(const char *text) {
+  cJSON *part = cJSON_CreateObject();
+  cJSON_AddStringToObject(part, "type", "output_text");
+  cJSON_AddStringToObject(part, "text", text);
+  cJSON_AddArrayToObject(part, "annotations");
+  return part;
+}
+
+static void response_add_indices(cJSON *root, const request *req, int content_index) {
+  cJSON_AddStringToObject(root, "item_id", req->item_id);
+  cJSON_AddNumberToObject(root, "output_index", 0);
+  if (content_index) cJSON_AddNumberToObject(root, "content_index", 0);
+}
+
+static void response_stream_prelude(request *req, strbuf *plain) {
+  cJSON *ev = typed_event("response.created");
+  cJSON_AddItemToObject(ev, "response", response_object(req, 0));
+  stream_add_typed(req, plain, "response.created", ev);
+  ev = typed_event("response.in_progress");
+  cJSON_AddItemToObject(ev, "response", response_object(req, 0));
+  stream_add_typed(req, plain, "response.in_progress", ev);
+  ev = typed_event("response.output_item.added");
+  cJSON_AddNumberToObject(ev, "output_index", 0);
+  cJSON_AddItemToObject(ev, "item", response_message_item(req, NULL, 0));
+  stream_add_typed(req, plain, "response.output_item.added", ev);
+  ev = typed_event("response.content_part.added");
+  response_add_indices(ev, req, 1);
+  cJSON_AddItemToObject(ev, "part", text_part(""));
+  stream_add_typed(req, plain, "response.content_part.added", ev);
+}
+
+static void response_stream_finale(request *req, strbuf *plain) {
+  cJSON *ev = typed_event("response.output_text.done");
+  response_add_indices(ev, req, 1);
+  cJSON_AddStringToObject(ev, "text", req->stream_content);
+  cJSON_AddArrayToObject(ev, "logprobs");
+  stream_add_typed(req, plain, "response.output_text.done", ev);
+  ev = typed_event("response.content_part.done");
+  response_add_indices(ev, req, 1);
+  cJSON_AddItemToObject(ev, "part", text_part(req->stream_content));
+  stream_add_typed(req, plain, "response.content_part.done", ev);
+  ev = typed_event("response.output_item.done");
+  cJSON_AddNumberToObject(ev, "output_index", 0);
+  cJSON_AddItemToObject(ev, "item", response_message_item(req, req->stream_content, 1));
+  stream_add_typed(req, plain, "response.output_item.done", ev);
+  ev = typed_event("response.completed");
+  cJSON_AddItemToObject(ev, "response", response_object(req, 1));
+  stream_add_typed(req, plain, "response.completed", ev);
+}
+
+static void stream_append_chunk(request *req, strbuf *plain, long index) {
   size_t start = index == 0 ? 0 : req->piece_ends[index - 1];
   size_t end = req->piece_ends[index];
-  cJSON *root = cJSON_CreateObject();
+  char saved = req->stream_content[end];
+  req->stream_content[end] = '\0';
+  const char *piece = req->stream_content + start;
+  int last = index + 1 == req->chunks_total;
+  cJSON *root;
+  if (req->stream_kind == STREAM_RESPONSE) {
+    root = typed_event("response.output_text.delta");
+    response_add_indices(root, req, 1);
+    cJSON_AddStringToObject(root, "delta", piece);
+    cJSON_AddArrayToObject(root, "logprobs");
+    req->stream_content[end] = saved;
+    stream_add_typed(req, plain, "response.output_text.delta", root);
+    return;
+  }
+  root = cJSON_CreateObject();
   cJSON_AddStringToObject(root, "id", req->completion_id);
-  cJSON_AddStringToObject(root, "object", "chat.completion.chunk");
+  int chat = req->stream_kind == STREAM_CHAT;
+  cJSON_AddStringToObject(root, "object", chat ? "chat.completion.chunk" : "text_completion");
   cJSON_AddNumberToObject(root, "created", (double)req->created);
   cJSON_AddStringToObject(root, "model", req->stream_model);
   cJSON *choices = cJSON_AddArrayToObject(root, "choices");
   cJSON *choice = cJSON_CreateObject();
   cJSON_AddItemToArray(choices, choice);
-  cJSON_AddNumberToObject(choice, "index", 0);
-  cJSON *delta = cJSON_AddObjectToObject(choice, "delta");
-  if (index == 0) cJSON_AddStringToObject(delta, "role", "assistant");
-  char saved = req->stream_content[end];
-  req->stream_content[end] = '\0';
-  cJSON_AddStringToObject(delta, "content", req->stream_content + start);
+  if (req->pad_text) piece = req->pad_text;
+  if (chat) {
+    cJSON_AddNumberToObject(choice, "index", 0);
+    cJSON *delta = cJSON_AddObjectToObject(choice, "delta");
+    if (index == 0) cJSON_AddStringToObject(delta, "role", "assistant");
+    cJSON_AddStringToObject(delta, "content", piece);
+  } else {
+    cJSON_AddStringToObject(choice, "text", piece);
+    cJSON_AddNumberToObject(choice, "index", 0);
+    cJSON_AddNullToObject(choice, "logprobs");
+  }
   req->stream_content[end] = saved;
-  if (index + 1 == req->chunks_total)
+  if (last)
     cJSON_AddStringToObject(choice, "finish_reason", "stop");
   else
     cJSON_AddNullToObject(choice, "finish_reason");
-  cJSON_AddNumberToObject(root, "mock_sent_at_ms", (double)wall_clock_ms());
+  if (!req->deterministic)
+    cJSON_AddNumberToObject(root, "mock_sent_at_ms", (double)wall_clock_ms());
+  /* as OpenAI does: with include_usage every other chunk has "usage": null */
+  if (req->include_usage) cJSON_AddNullToObject(root, "usage");
   char *text = cJSON_PrintUnformatted(root);
   if (!text) abort();
-  stream_append_event(req, out, text, strlen(text));
+  stream_add_event(req, plain, NULL, text, strlen(text));
   cJSON_free(text);
   cJSON_Delete(root);
 }
 
-static void stream_append_usage(request *req, strbuf *out) {
-  long completion_tokens = (long)(strlen(req->stream_content) + 3) / 4;
-  if (completion_tokens < 1) completion_tokens = 1;
+static void stream_append_usage(request *req, strbuf *plain) {
+  long completion_tokens = token_estimate(strlen(req->stream_content));
   cJSON *root = cJSON_CreateObject();
   cJSON_AddStringToObject(root, "id", req->completion_id);
-  cJSON_AddStringToObject(root, "object", "chat.completion.chunk");
+  cJSON_AddStringToObject(root, "object",
+                          req->stream_kind == STREAM_CHAT ? "chat.completion.chunk"
+                                                          : "text_completion");
   cJSON_AddNumberToObject(root, "created", (double)req->created);
   cJSON_AddStringToObject(root, "model", req->stream_model);
   cJSON_AddArrayToObject(root, "choices");
@@ -923,12 +1675,37 @@ static void stream_append_usage(request *req, strbuf *out) {
   cJSON_AddNumberToObject(usage, "prompt_tokens", (double)req->prompt_tokens);
   cJSON_AddNumberToObject(usage, "completion_tokens", (double)completion_tokens);
   cJSON_AddNumberToObject(usage, "total_tokens", (double)(req->prompt_tokens + completion_tokens));
-  cJSON_AddNumberToObject(root, "mock_sent_at_ms", (double)wall_clock_ms());
+  if (!req->deterministic)
+    cJSON_AddNumberToObject(root, "mock_sent_at_ms", (double)wall_clock_ms());
   char *text = cJSON_PrintUnformatted(root);
   if (!text) abort();
-  stream_append_event(req, out, text, strlen(text));
+  stream_add_event(req, plain, NULL, text, strlen(text));
   cJSON_free(text);
   cJSON_Delete(root);
+}
+
+/* Writes out (the head, if any) then plain as stream bytes: gzip-compressed when asked (each
+ * write decodable on its own), chunk-framed on HTTP/1.1; final ends the body. Empties both. */
+static void stream_write(request *req, strbuf *out, strbuf *plain, int final) {
+  strbuf packed = {0};
+  const char *payload = plain->data;
+  size_t payload_len = plain->len;
+  if (req->gz && (payload_len || final)) {
+    gzip_feed(req->gz, plain->data ? plain->data : "", plain->len, final ? Z_FINISH : Z_SYNC_FLUSH,
+              &packed);
+    payload = packed.data;
+    payload_len = packed.len;
+  }
+  if (payload_len) {
+    if (req->chunked) sb_printf(out, "%zx\r\n", payload_len);
+    sb_append(out, payload, payload_len);
+    if (req->chunked) sb_appends(out, "\r\n");
+  }
+  if (final && req->chunked) sb_appends(out, "0\r\n\r\n");
+  if (out->len) connection_write2(req->conn, out->data, out->len, NULL, 0);
+  sb_free(out);
+  sb_free(plain);
+  sb_free(&packed);
 }
 
 static void on_stream_timer(uv_timer_t *timer) {
@@ -940,36 +1717,50 @@ static void on_stream_timer(uv_timer_t *timer) {
 static void stream_step(request *req) {
   connection *conn = req->conn;
   strbuf out = {0};
-  if (req->chunks_sent == 0) {
+  strbuf plain = {0};
+  if (!req->head_sent) {
+    req->head_sent = 1;
     sb_printf(&out,
               "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
-              "%sConnection: %s\r\n\r\n",
+              "%s%sConnection: %s\r\n",
               req->chunked ? "Transfer-Encoding: chunked\r\n" : "",
+              req->gz ? "Content-Encoding: gzip\r\n" : "",
               req->keep_alive ? "keep-alive" : "close");
+    append_common_headers(req, 200, &out);
+    sb_appends(&out, "\r\n");
+    if (req->stream_kind == STREAM_RESPONSE) response_stream_prelude(req, &plain);
   }
   for (;;) {
-    if (req->disconnect_after >= 0 && req->chunks_sent >= req->disconnect_after) {
-      connection_write2(conn, out.data, out.len, NULL, 0);
-      sb_free(&out);
+    if (req->cut || (req->disconnect_after >= 0 && req->chunks_sent >= req->disconnect_after)) {
+      stream_write(req, &out, &plain, 0);
       request_inject_disconnect(req);
       return;
     }
     if (req->chunks_sent < req->chunks_total) {
-      stream_append_chunk(req, &out, req->chunks_sent);
+      stream_append_chunk(req, &plain, req->chunks_sent);
       req->chunks_sent++;
-      if (req->chunk_interval_ms > 0 && req->chunks_sent < req->chunks_total) {
-        connection_write2(conn, out.data, out.len, NULL, 0);
-        sb_free(&out);
+      if (!req->cut && req->chunk_interval_ms > 0 && req->chunks_sent < req->chunks_total) {
+        stream_write(req, &out, &plain, 0);
         if (!conn->closing) request_start_timer(req, req->chunk_interval_ms, on_stream_timer);
+        return;
+      }
+      if (out.len + plain.len >= STREAM_WRITE_PIECE_BYTES && req->chunks_sent < req->chunks_total) {
+        stream_write(req, &out, &plain, 0);
+        if (conn->closing) return;
+        size_t backlog = uv_stream_get_write_queue_size((uv_stream_t *)&conn->tcp);
+        request_start_timer(req, backlog >= MAX_WRITE_BACKLOG_BYTES ? 5 : 0, on_stream_timer);
         return;
       }
       continue;
     }
-    if (req->include_usage) stream_append_usage(req, &out);
-    stream_append_event(req, &out, "[DONE]", 6);
-    if (req->chunked) sb_appends(&out, "0\r\n\r\n");
-    connection_write2(conn, out.data, out.len, NULL, 0);
-    sb_free(&out);
+    if (req->stream_kind == STREAM_RESPONSE) {
+      response_stream_finale(req, &plain);
+    } else {
+      if (req->include_usage) stream_append_usage(req, &plain);
+      stream_add_event(req, &plain, NULL, "[DONE]", 6);
+    }
+    if (req->cut) continue;
+    stream_write(req, &out, &plain, 1);
     stats.streams_completed++;
     request_finish(req);
     return;
@@ -986,9 +1777,7 @@ static void respond_models(request *req) {
   cJSON_AddStringToObject(model, "object", "model");
   cJSON_AddNumberToObject(model, "created", 0);
   cJSON_AddStringToObject(model, "owned_by", "mockllm");
-  send_json(req, 200, root, "");
-  cJSON_Delete(root);
-  request_finish(req);
+  finish_json(req, root);
 }
 
 static void respond_stats(request *req) {
@@ -1065,6 +1854,88 @@ static void stats_record_request(const request *req, const char *path, size_t pa
   stats.last_auth = auth ? xstrdup(auth) : NULL;
 }
 
+/* ---------- recording: the last RECORD_CAPACITY requests, exactly as they arrived ---------- */
+
+#define RECORD_CAPACITY 64
+typedef struct {
+  char *method;
+  char *url;
+  char version[16];
+  size_t header_count;
+  char **names;
+  char **values;
+  char *body;
+  size_t body_len;
+} recorded_request;
+static recorded_request records[RECORD_CAPACITY];
+static size_t record_total; /* requests recorded since the last reset */
+
+static void record_free(recorded_request *r) {
+  free(r->method);
+  free(r->url);
+  for (size_t i = 0; i < r->header_count; i++) {
+    free(r->names[i]);
+    free(r->values[i]);
+  }
+  free(r->names);
+  free(r->values);
+  free(r->body);
+  memset(r, 0, sizeof *r);
+}
+
+static void records_clear(void) {
+  for (size_t i = 0; i < RECORD_CAPACITY; i++) record_free(&records[i]);
+  record_total = 0;
+}
+
+static void record_request(const request *req) {
+  recorded_request *r = &records[record_total++ % RECORD_CAPACITY];
+  record_free(r);
+  r->method = xstrdup(http_method_str(req->method));
+  r->url = xstrdup(req->url.data ? req->url.data : "");
+  snprintf(r->version, sizeof r->version, "HTTP/%d.%d", req->http_major, req->http_minor);
+  r->header_count = req->header_count;
+  r->names = xmalloc(sizeof(char *) * (req->header_count ? req->header_count : 1));
+  r->values = xmalloc(sizeof(char *) * (req->header_count ? req->header_count : 1));
+  for (size_t i = 0; i < req->header_count; i++) {
+    r->names[i] = xstrdup(req->headers[i].raw_name);
+    r->values[i] = xstrdup(req->headers[i].value);
+  }
+  r->body_len = req->body.len;
+  r->body = xmalloc(req->body.len);
+  if (req->body.len) memcpy(r->body, req->body.data, req->body.len);
+}
+
+static void respond_recorded(request *req) {
+  cJSON *root = cJSON_CreateObject();
+  cJSON_AddNumberToObject(root, "total", (double)record_total);
+  cJSON *list = cJSON_AddArrayToObject(root, "requests");
+  size_t count = record_total < RECORD_CAPACITY ? record_total : RECORD_CAPACITY;
+  for (size_t k = record_total - count; k < record_total; k++) {
+    const recorded_request *r = &records[k % RECORD_CAPACITY];
+    cJSON *item = cJSON_CreateObject();
+    cJSON_AddStringToObject(item, "method", r->method);
+    cJSON_AddStringToObject(item, "path", r->url);
+    cJSON_AddStringToObject(item, "version", r->version);
+    cJSON *headers = cJSON_AddArrayToObject(item, "headers");
+    for (size_t i = 0; i < r->header_count; i++) {
+      cJSON *pair = cJSON_CreateArray();
+      cJSON_AddItemToArray(pair, cJSON_CreateString(r->names[i]));
+      cJSON_AddItemToArray(pair, cJSON_CreateString(r->values[i]));
+      cJSON_AddItemToArray(headers, pair);
+    }
+    strbuf encoded = {0};
+    base64_append(&encoded, (const unsigned char *)r->body, r->body_len);
+    cJSON_AddStringToObject(item, "body_b64", encoded.data);
+    cJSON_AddNumberToObject(item, "body_len", (double)r->body_len);
+    sb_free(&encoded);
+    cJSON_AddItemToArray(list, item);
+  }
+  send_json(req, 200, root, "");
+  cJSON_Delete(root);
+  request_finish(req);
+}
+
 static void on_latency_timer(uv_timer_t *timer) {
   request_respond(timer->data);
 }
@@ -1091,14 +1962,51 @@ static void request_respond(request *req) {
     request_finish(req);
     return;
   }
-  if (req->route == ROUTE_CHAT)
+  const char *path = req->url.data ? req->url.data : "";
+  size_t path_len = strcspn(path, "?");
+  switch (req->route) {
+  case ROUTE_CHAT:
     respond_chat_completion(req);
-  else
+    return;
+  case ROUTE_COMPLETIONS:
+    respond_completions(req);
+    return;
+  case ROUTE_EMBEDDINGS:
+    respond_embeddings(req);
+    return;
+  case ROUTE_MODERATIONS:
+    respond_moderations(req);
+    return;
+  case ROUTE_RESPONSES:
+    respond_responses(req);
+    return;
+  case ROUTE_MODEL:
+    respond_model(req, path + 11, path_len - 11);
+    return;
+  case ROUTE_TRANSCRIPTIONS:
+    respond_transcriptions(req);
+    return;
+  case ROUTE_FILES:
+    respond_files_upload(req);
+    return;
+  case ROUTE_FILE:
+    respond_file_get(req, path + 10, path_len - 10);
+    return;
+  default:
     respond_models(req);
+    return;
+  }
 }
 
 static void request_start(request *req) {
   req->started = 1;
+  const char *body_data = req->body.data ? req->body.data : "";
+  req->body_hash = fnv1a(body_data, req->body.len, 0);
+  snprintf(req->request_id, sizeof req->request_id, "req_%016llx%016llx",
+           (unsigned long long)req->body_hash,
+           (unsigned long long)fnv1a(body_data, req->body.len, 0x5bd1e995ULL));
+  const char *deterministic = request_header(req, "x-mock-deterministic");
+  req->deterministic = deterministic && strcmp(deterministic, "1") == 0;
   if (req->forced_status) {
     const char *message = req->forced_status == 413   ? "Request body larger than 16 MiB (mockllm)."
                           : req->forced_status == 414 ? "Request URL too long (mockllm)."
@@ -1113,19 +2021,46 @@ static void request_start(request *req) {
   size_t path_len = strcspn(path, "?");
   int is_get = req->method == HTTP_GET, is_post = req->method == HTTP_POST;
 #define PATH_IS(literal) (path_len == sizeof(literal) - 1 && memcmp(path, literal, path_len) == 0)
+#define PATH_HAS_ID(prefix)                                                                        \
+  (path_len > sizeof(prefix) - 1 && memcmp(path, prefix, sizeof(prefix) - 1) == 0 &&               \
+   !memchr(path + sizeof(prefix) - 1, '/', path_len - (sizeof(prefix) - 1)))
   if (is_post && PATH_IS("/v1/chat/completions"))
     req->route = ROUTE_CHAT;
   else if (is_get && PATH_IS("/v1/models"))
     req->route = ROUTE_MODELS;
+  else if (is_get && PATH_HAS_ID("/v1/models/"))
+    req->route = ROUTE_MODEL;
+  else if (is_post && PATH_IS("/v1/completions"))
+    req->route = ROUTE_COMPLETIONS;
+  else if (is_post && PATH_IS("/v1/embeddings"))
+    req->route = ROUTE_EMBEDDINGS;
+  else if (is_post && PATH_IS("/v1/moderations"))
+    req->route = ROUTE_MODERATIONS;
+  else if (is_post && PATH_IS("/v1/responses"))
+    req->route = ROUTE_RESPONSES;
+  else if (is_post && PATH_IS("/v1/audio/transcriptions"))
+    req->route = ROUTE_TRANSCRIPTIONS;
+  else if (is_post && PATH_IS("/v1/files"))
+    req->route = ROUTE_FILES;
+  else if (is_get && PATH_HAS_ID("/v1/files/"))
+    req->route = ROUTE_FILE;
   else if (is_get && PATH_IS("/mock/stats"))
     req->route = ROUTE_STATS;
+  else if (is_get && PATH_IS("/mock/requests"))
+    req->route = ROUTE_REQUESTS;
   else if (is_post && PATH_IS("/mock/reset"))
     req->route = ROUTE_RESET;
   else
     req->route = ROUTE_NOT_FOUND;
 #undef PATH_IS
+#undef PATH_HAS_ID
+  if (req->route == ROUTE_REQUESTS) {
+    respond_recorded(req);
+    return;
+  }
   if (req->route == ROUTE_RESET) {
     stats_reset();
+    records_clear();
     stats.by_route[ROUTE_RESET]++;
     send_response_partial(req, 200, "application/json", "", "{\"reset\":true}", 14, 14);
     request_finish(req);
@@ -1137,6 +2072,7 @@ static void request_start(request *req) {
     return;
   }
   stats_record_request(req, path, path_len);
+  record_request(req);
   if (req->route == ROUTE_NOT_FOUND) {
     char message[160];
     snprintf(message, sizeof message, "Unknown request URL: %s %.*s (mockllm).",
@@ -1405,6 +2341,7 @@ int main(int argc, char **argv) {
   uv_run(loop, UV_RUN_DEFAULT);
   int rc = uv_loop_close(loop);
   stats_reset();
+  records_clear();
   if (config.required_keys) {
     for (char **key = config.required_keys; *key; key++) free(*key);
     free(config.required_keys);
