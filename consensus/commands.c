@@ -310,8 +310,8 @@ static int apply_key_invalidate(struct zg_fsm *f, const struct zgc_command *cmd,
 
 /* ---- token.create, token.revoke ------------------------------------------ */
 
-static const char *const token_create_fields[] = {"name", "sha256", "expires_at",
-                                                  "rpm",  "allow",  NULL};
+static const char *const token_create_fields[] = {
+    "name", "sha256", "expires_at", "rpm", "tpm", "budget_day", "budget_month", "allow", NULL};
 
 static int prepare_token_create(cJSON *args, const uint8_t master_key[32], char *err,
                                 size_t errlen) {
@@ -344,6 +344,155 @@ static int apply_token_revoke(struct zg_fsm *f, const struct zgc_command *cmd,
   zg_token_remove(f, st, (size_t)i);
   o->target = cJSON_GetObjectItemCaseSensitive(o->result, "id")->valuestring;
   o->changed = ZG_CHANGED_TOKENS;
+  return 0;
+}
+
+/* ---- token.update -------------------------------------------------------- */
+
+static const char *const token_update_fields[] = {
+    "id", "rpm", "tpm", "budget_day", "budget_month", "expires_at", "allow", NULL};
+
+/* Checks the fields token.update may change; -1 with a message. */
+static int check_token_update(const cJSON *args, char *err, size_t errlen) {
+  const char *s;
+  uint64_t u;
+  struct zg_token scratch = {0};
+  if (zg_arg_string(args, "id", true, MAX_NAME_LEN, &s, err, errlen)) return -1;
+  if (zg_token_limits_parse(args, &scratch, err, errlen)) return -1;
+  if (zg_arg_uint(args, "expires_at", false, 0, 9000000000000000ull, 0, &u, err, errlen)) return -1;
+  const cJSON *allow = cJSON_GetObjectItemCaseSensitive(args, "allow");
+  if (allow != NULL && !cJSON_IsNull(allow)) {
+    if (!cJSON_IsArray(allow) || cJSON_GetArraySize(allow) > MAX_ALLOW) {
+      snprintf(err, errlen, "field 'allow' must be an array of at most %d CIDR strings", MAX_ALLOW);
+      return -1;
+    }
+    int i = 0;
+    const cJSON *c;
+    cJSON_ArrayForEach(c, allow) {
+      if (!cJSON_IsString(c) || !zg_cidr_valid(c->valuestring)) {
+        snprintf(err, errlen, "field 'allow[%d]' is not a valid CIDR (e.g. 10.0.0.0/8)", i);
+        return -1;
+      }
+      i++;
+    }
+  }
+  return 0;
+}
+
+static int prepare_token_update(cJSON *args, const uint8_t master_key[32], char *err,
+                                size_t errlen) {
+  if (check_token_update(args, err, errlen)) return -1;
+  if (cJSON_GetArraySize(args) < 2) {
+    snprintf(err, errlen,
+             "nothing to change: give rpm, tpm, budget_day, budget_month, expires_at or allow");
+    return -1;
+  }
+  return 0;
+}
+
+static void detail_add(char *detail, size_t size, const char *what) {
+  size_t n = strlen(detail);
+  snprintf(detail + n, size - n, "%s%s", n ? ", " : "", what);
+}
+
+static int apply_token_update(struct zg_fsm *f, const struct zgc_command *cmd,
+                              struct zg_apply_out *o) {
+  struct zg_state *st = &f->st;
+  const cJSON *args = cmd->args;
+  char err[200];
+  if (check_token_update(args, err, sizeof err)) return fail(o, CONSENSUS_EINVALID, "%s", err);
+  const char *ref = cJSON_GetObjectItemCaseSensitive(args, "id")->valuestring;
+  long slot = zg_token_index_find(st, false, ref);
+  if (slot < 0) { /* by name: it must name exactly one live token */
+    size_t matches = 0;
+    for (size_t i = 0; i < st->n_token_slots; i++)
+      if (zg_token_live(&st->tokens[i]) && strcmp(st->tokens[i].name, ref) == 0) {
+        if (matches++ == 0) slot = (long)i;
+      }
+    if (matches == 0) return fail(o, CONSENSUS_ENOTFOUND, "token '%s' not found", ref);
+    if (matches > 1)
+      return fail(o, CONSENSUS_ECONFLICT, "%zu tokens are named '%s': give the token id", matches,
+                  ref);
+  }
+  struct zg_token *t = &st->tokens[slot];
+  struct zg_token nt = *t;
+  (void)zg_token_limits_parse(args, &nt, err, sizeof err);
+  uint64_t u;
+  const cJSON *expires = cJSON_GetObjectItemCaseSensitive(args, "expires_at");
+  if (expires != NULL && !cJSON_IsNull(expires)) {
+    (void)zg_arg_uint(args, "expires_at", false, 0, 9000000000000000ull, 0, &u, err, sizeof err);
+    nt.expires_at = u;
+  }
+  const cJSON *allow = cJSON_GetObjectItemCaseSensitive(args, "allow");
+  bool new_allow = allow != NULL && !cJSON_IsNull(allow);
+  if (new_allow) {
+    int n = cJSON_GetArraySize(allow);
+    nt.allow = n > 0 ? calloc((size_t)n, sizeof *nt.allow) : NULL;
+    nt.n_allow = 0;
+    const cJSON *c;
+    bool oom = n > 0 && nt.allow == NULL;
+    cJSON_ArrayForEach(c, allow) {
+      if (oom) break;
+      if ((nt.allow[nt.n_allow] = strdup(c->valuestring)) == NULL)
+        oom = true;
+      else
+        nt.n_allow++;
+    }
+    if (oom) {
+      for (size_t i = 0; i < nt.n_allow; i++) free(nt.allow[i]);
+      free(nt.allow);
+      return fail(o, CONSENSUS_ENOMEM, "out of memory");
+    }
+  }
+  nt.snap_text = NULL;
+  if (zg_token_cache_text(&nt)) {
+    if (new_allow) {
+      for (size_t i = 0; i < nt.n_allow; i++) free(nt.allow[i]);
+      free(nt.allow);
+    }
+    return fail(o, CONSENSUS_ENOMEM, "out of memory");
+  }
+  if (new_allow) {
+    for (size_t i = 0; i < t->n_allow; i++) free(t->allow[i]);
+    free(t->allow);
+  }
+  zg_text_drop(f, t->snap_text); /* a snapshot being written may still borrow it */
+  *t = nt;
+  char buf[80];
+  snprintf(o->detail, sizeof o->detail, "name %.60s: ", t->name);
+  size_t prefix = strlen(o->detail);
+  char changes[120] = "";
+  static const char *const limit_names[] = {"rpm", "tpm", "budget_day", "budget_month"};
+  const uint64_t values[] = {t->rpm, t->tpm, t->budget_day, t->budget_month};
+  for (size_t i = 0; i < 4; i++)
+    if (cJSON_GetObjectItemCaseSensitive(args, limit_names[i])) {
+      snprintf(buf, sizeof buf, "%s %llu", limit_names[i], (unsigned long long)values[i]);
+      detail_add(changes, sizeof changes, buf);
+    }
+  if (expires) detail_add(changes, sizeof changes, "expires_at");
+  if (new_allow) detail_add(changes, sizeof changes, "allow");
+  snprintf(o->detail + prefix, sizeof o->detail - prefix, "%s", changes);
+  o->result = zg_token_to_json(t, false);
+  o->target = t->id;
+  o->changed = ZG_CHANGED_TOKENS;
+  return 0;
+}
+
+/* ---- usage.add ----------------------------------------------------------- */
+
+static const char *const usage_add_fields[] = {"at", "rows", "seconds", NULL};
+
+static int prepare_usage_add(cJSON *args, const uint8_t master_key[32], char *err, size_t errlen) {
+  return zg_usage_check_args(args, err, errlen);
+}
+
+static int apply_usage_add(struct zg_fsm *f, const struct zgc_command *cmd,
+                           struct zg_apply_out *o) {
+  char err[200];
+  if (zg_usage_apply(&f->st.usage, cmd->args, err, sizeof err))
+    return fail(o, CONSENSUS_EINVALID, "%s", err);
+  o->result = cJSON_CreateObject();
+  o->target = "";
   return 0;
 }
 
@@ -431,22 +580,33 @@ static int apply_cluster_seed(struct zg_fsm *f, const struct zgc_command *cmd,
 /* ---- the table ----------------------------------------------------------- */
 
 static const struct zg_command_def commands[] = {
-    /* type, name, internal, known fields, prepare, apply, result gets audit seq */
+    /* type, name, internal, known fields, prepare, apply, result gets audit seq,
+     * not audited */
     {ZGC_CONFIG_PUT, "config.put", false, config_put_fields, prepare_config_put, apply_config_put,
+     false, false},
+    {ZGC_KEY_ADD, "key.add", false, key_add_fields, prepare_key_add, apply_key_add_cmd, false,
      false},
-    {ZGC_KEY_ADD, "key.add", false, key_add_fields, prepare_key_add, apply_key_add_cmd, false},
     {ZGC_KEY_ROTATE, "key.rotate", false, key_rotate_fields, prepare_key_rotate, apply_key_rotate,
+     false, false},
+    {ZGC_KEY_REVOKE, "key.revoke", false, id_only_fields, prepare_id_only, apply_key_revoke, false,
      false},
-    {ZGC_KEY_REVOKE, "key.revoke", false, id_only_fields, prepare_id_only, apply_key_revoke, false},
     {ZGC_KEY_INVALIDATE, "key.invalidate", false, key_invalidate_fields, prepare_key_invalidate,
-     apply_key_invalidate, false},
+     apply_key_invalidate, false, false},
     {ZGC_TOKEN_CREATE, "token.create", false, token_create_fields, prepare_token_create,
-     apply_token_create_cmd, false},
+     apply_token_create_cmd, false, false},
     {ZGC_TOKEN_REVOKE, "token.revoke", false, id_only_fields, prepare_id_only, apply_token_revoke,
-     false},
+     false, false},
     {ZGC_AUDIT_NOTE, "audit.note", false, audit_note_fields, prepare_audit_note, apply_audit_note,
+     true, false},
+    {ZGC_CLUSTER_SEED, "cluster.seed", true, NULL, prepare_cluster_seed, apply_cluster_seed, false,
+     false},
+    {ZGC_TOKEN_UPDATE, "token.update", false, token_update_fields, prepare_token_update,
+     apply_token_update, false, false},
+    /* usage.add is not audited: the active node writes one per usage.flush_ms
+     * while there is traffic, which would flood the bounded audit trail and
+     * push the operators' records out. The counters are the record. */
+    {ZGC_USAGE_ADD, "usage.add", false, usage_add_fields, prepare_usage_add, apply_usage_add, false,
      true},
-    {ZGC_CLUSTER_SEED, "cluster.seed", true, NULL, prepare_cluster_seed, apply_cluster_seed, false},
 };
 
 const struct zg_command_def *zg_command_by_type(int type) {

@@ -53,10 +53,13 @@ int zg_fsm_apply_buf(struct zg_fsm *f, const void *data, size_t len) {
   }
   struct zg_apply_out o = {0};
   int status = zg_apply_command(f, &cmd, &o);
-  if (status == 0) {
+  const struct zg_command_def *def = zg_command_by_type(cmd.type);
+  if (status == 0 && def->not_audited) {
+    /* counters only (usage.add): no audit record, no change event */
+  } else if (status == 0) {
     audit_append(f, &cmd, &o);
     o.changed |= ZG_CHANGED_AUDIT;
-    if (o.result && zg_command_by_type(cmd.type)->result_has_audit_seq)
+    if (o.result && def->result_has_audit_seq)
       cJSON_AddNumberToObject(o.result, "seq", (double)f->st.audit_seq);
   } else {
     cJSON_Delete(o.result);

@@ -39,6 +39,8 @@ enum zgc_type {
   ZGC_TOKEN_REVOKE,
   ZGC_AUDIT_NOTE,
   ZGC_CLUSTER_SEED, /* internal: first leader seeds config + tokens once */
+  ZGC_USAGE_ADD,    /* usage counters of one flush interval (not audited) */
+  ZGC_TOKEN_UPDATE, /* limits, expiry, allowlist of an existing token */
 };
 
 struct zgc_command {
@@ -88,11 +90,84 @@ struct zg_token {
   char sha256[65];
   uint64_t created_at, expires_at;
   unsigned rpm;
+  uint64_t tpm, budget_day, budget_month; /* tokens; 0 = none */
   size_t n_allow;
   char **allow;
-  char *snap_text; /* ",{...}": this token's snapshot JSON, comma first; immutable */
+  /* ",{...}": this token's snapshot JSON, comma first. Replaced (never
+   * edited) by token.update; the old text goes through zg_text_drop. */
+  char *snap_text;
   size_t snap_len;
 };
+
+/* ---- usage store (usage.c) ----------------------------------------------
+ * Replicated usage counters, fed by usage.add entries. Per token name: a
+ * ring of the last ZG_USAGE_SECONDS unix seconds (requests, tokens) for
+ * the rpm/tpm window, and token totals of the last ZG_USAGE_DAYS UTC days
+ * and ZG_USAGE_MONTHS UTC months (budgets). Per (token, model, key): all
+ * counters since the row appeared, and hourly buckets of the last
+ * ZG_USAGE_RETAIN_HOURS hours. Everything is pruned on apply from the
+ * entry's own `at` (never a local clock), so every node holds the same. */
+#define ZG_USAGE_SECONDS 120u
+#define ZG_USAGE_DAYS 4u
+#define ZG_USAGE_MONTHS 3u
+#define ZG_USAGE_RETAIN_HOURS (62u * 24u)
+#define ZG_USAGE_MAX_TOKENS 20000u
+#define ZG_USAGE_MAX_ROWS 20000u
+#define ZG_USAGE_MAX_HOURS 2000000u /* hourly buckets over all rows */
+#define ZG_USAGE_COUNTERS 7         /* requests prompt completion total cached reasoning unknown */
+
+struct zg_usage_second {
+  uint64_t at, requests, tokens;
+};
+struct zg_usage_period {
+  uint64_t key, tokens; /* key: unix day (at / 86400) or year * 12 + month (0-11); 0 = unused */
+};
+struct zg_usage_token {
+  char *name;
+  uint64_t last_at;                              /* newest entry `at` that touched it */
+  struct zg_usage_second ring[ZG_USAGE_SECONDS]; /* slot at % ZG_USAGE_SECONDS */
+  struct zg_usage_period days[ZG_USAGE_DAYS], months[ZG_USAGE_MONTHS];
+};
+struct zg_usage_hour {
+  uint64_t hour; /* at / 3600 */
+  uint64_t c[ZG_USAGE_COUNTERS];
+};
+struct zg_usage_row {
+  char *token, *model, *key;
+  uint64_t last_at;
+  uint64_t total[ZG_USAGE_COUNTERS];
+  struct zg_usage_hour *hours; /* ascending hour */
+  size_t n_hours, hours_cap;
+};
+struct zg_usage {
+  struct zg_usage_token *tokens; /* sorted by name */
+  size_t n_tokens, tokens_cap;
+  struct zg_usage_row *rows; /* sorted by (token, model, key) */
+  size_t n_rows, rows_cap;
+  size_t n_hours;      /* over all rows */
+  uint64_t last_at;    /* newest entry `at` applied */
+  uint64_t swept_hour; /* hour of the last full prune */
+  uint64_t dropped;    /* counts refused by the caps (rows/tokens/hours full) */
+};
+extern const char *const zg_usage_counter_names[ZG_USAGE_COUNTERS];
+void zg_usage_free(struct zg_usage *u);
+/* Validates and applies usage.add args (their `at`, unix seconds, is the
+ * entry's time: it alone decides pruning); -1 and a message (state
+ * unchanged) when the args are malformed. */
+int zg_usage_apply(struct zg_usage *u, const cJSON *args, char *err, size_t errlen);
+/* Validates args on the leader (same checks as apply). */
+int zg_usage_check_args(const cJSON *args, char *err, size_t errlen);
+/* Snapshot member "usage" (compact arrays) and its restore (into an empty
+ * store; -1 with a message on any malformed member). */
+cJSON *zg_usage_to_json(const struct zg_usage *u);
+int zg_usage_from_json(struct zg_usage *u, const cJSON *j, char *err, size_t errlen);
+const struct zg_usage_token *zg_usage_token_find(const struct zg_usage *u, const char *name);
+struct consensus_usage_view;
+void zg_usage_view(const struct zg_usage *u, const char *token, uint64_t now_s,
+                   struct consensus_usage_view *out);
+/* consensus_usage_query's document (see consensus.h); NULL on ENOMEM. */
+cJSON *zg_usage_query(const struct zg_usage *u, const char *token, const char *model,
+                      uint64_t since_s);
 
 /* One audit record as snapshot JSON text ",{...}" (comma first; immutable). */
 struct zg_audit_rec {
@@ -118,6 +193,7 @@ struct zg_state {
   struct zg_audit_rec *audit;
   size_t audit_cap, audit_head, n_audit;
   uint64_t audit_seq;
+  struct zg_usage usage; /* usage.c */
 };
 
 enum { ZG_CHANGED_CONFIG = 1, ZG_CHANGED_KEYS = 2, ZG_CHANGED_TOKENS = 4, ZG_CHANGED_AUDIT = 8 };
@@ -129,6 +205,7 @@ enum { ZG_CHANGED_CONFIG = 1, ZG_CHANGED_KEYS = 2, ZG_CHANGED_TOKENS = 4, ZG_CHA
 #define MAX_SECRET_LEN 8192
 #define MAX_ALLOW 64
 #define MAX_GRACE_SECONDS (365u * 86400u)
+#define ZG_TOKEN_LIMIT_MAX 9000000000000000ull /* tpm, budgets: exact in a JSON number */
 
 /* Called after each applied command (also on followers). result: owned by
  * the fsm, valid during the call; NULL on error. */
@@ -186,6 +263,7 @@ struct zg_command_def {
   int (*prepare)(cJSON *args, const uint8_t master_key[32], char *err, size_t errlen);
   int (*apply)(struct zg_fsm *f, const struct zgc_command *cmd, struct zg_apply_out *o);
   bool result_has_audit_seq; /* the result carries the audit record's seq */
+  bool not_audited;          /* never written to the audit trail (usage.add) */
 };
 const struct zg_command_def *zg_command_by_type(int type); /* NULL if unknown */
 const struct zg_command_def *zg_command_by_name(const char *name, bool include_internal);
@@ -241,6 +319,9 @@ int zg_seal_secret_into(cJSON *args, const uint8_t master_key[32], char *err, si
 int zg_parse_token(const cJSON *j, uint64_t created_at, struct zg_token *t, char *err,
                    size_t errlen);
 int zg_token_cache_text(struct zg_token *t);
+/* Reads the optional limit fields (rpm, tpm, budget_day, budget_month) of
+ * args into t (absent: unchanged); -1 with a message naming the field. */
+int zg_token_limits_parse(const cJSON *args, struct zg_token *t, char *err, size_t errlen);
 int zg_parse_key(const cJSON *j, struct zg_key *k, char *err, size_t errlen);
 
 /* ---- snapshots (snapshot.c) ------------------------------------------- */

@@ -839,6 +839,9 @@ bool consensus_token_lookup(const struct consensus *c, const char sha256_hex[65]
     out->name = t->name;
     out->expires_at = t->expires_at;
     out->rpm = t->rpm;
+    out->tpm = t->tpm;
+    out->budget_day = t->budget_day;
+    out->budget_month = t->budget_month;
     out->n_allow = t->n_allow;
     out->allow = (const char *const *)t->allow;
   }
@@ -869,6 +872,37 @@ size_t consensus_usable_keys(const struct consensus *c, const char *upstream,
     }
   }
   return n;
+}
+
+bool consensus_key_by_id(const struct consensus *c, const char *id, struct consensus_key_use *out) {
+  const struct zg_state *st = &c->fsm.st;
+  uint64_t now = zg_wall_ms();
+  char err[256];
+  for (size_t i = 0; id != NULL && i < st->n_keys; i++) {
+    const struct zg_key *k = &st->keys[i];
+    if (strcmp(k->id, id) != 0) continue;
+    if (k->state != ZG_KEY_ACTIVE && !(k->state == ZG_KEY_RETIRING && k->retire_at > now))
+      return false;
+    char *secret = NULL;
+    if (zg_unseal(c->master_key, SECRET_PURPOSE, k->sealed, &secret, NULL, err, sizeof err)) {
+      ZG_LOG_ERROR("key_unseal_failed", "provider key %s cannot be opened: %s", k->id, err);
+      return false;
+    }
+    snprintf(out->id, sizeof out->id, "%s", k->id);
+    out->secret = secret;
+    return true;
+  }
+  return false;
+}
+
+void consensus_usage_view(const struct consensus *c, const char *token, uint64_t now_s,
+                          struct consensus_usage_view *out) {
+  zg_usage_view(&c->fsm.st.usage, token, now_s, out);
+}
+
+cJSON *consensus_usage_query(const struct consensus *c, const char *token, const char *model,
+                             uint64_t since_s) {
+  return zg_usage_query(&c->fsm.st.usage, token, model, since_s);
 }
 
 cJSON *consensus_keys_json(const struct consensus *c) {

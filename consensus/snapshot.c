@@ -4,6 +4,9 @@
  * validating the whole document into a new state before it replaces the
  * current one.
  *
+ * The usage store is the member "usage" (usage.c; absent in snapshots of
+ * builds before it: restored empty).
+ *
  * Failure modes: a malformed or unknown-version snapshot is refused with a
  * message and the running state is kept.
  */
@@ -51,7 +54,12 @@ int zg_snapshot_parts(const struct zg_fsm *f, struct raft_buffer **out, unsigned
   cJSON *keys = cJSON_AddArrayToObject(doc, "keys");
   for (size_t i = 0; keys && i < st->n_keys; i++)
     cJSON_AddItemToArray(keys, zg_key_to_json(&st->keys[i], true, 0));
-  char *head = keys ? cJSON_PrintUnformatted(doc) : NULL;
+  /* The usage counters are printed here too: bounded (usage.c), and they
+   * change every flush interval, so there is no text worth caching. */
+  cJSON *usage = zg_usage_to_json(&st->usage);
+  bool usage_ok = usage != NULL && cJSON_AddItemToObject(doc, "usage", usage);
+  if (usage != NULL && !usage_ok) cJSON_Delete(usage);
+  char *head = keys && usage_ok ? cJSON_PrintUnformatted(doc) : NULL;
   cJSON_Delete(doc); /* the config reference is not freed */
   if (head == NULL) return -1;
   size_t head_len = strlen(head); /* ends with '}', replaced by ,"tokens":[ */
@@ -183,6 +191,11 @@ int zg_fsm_restore_bytes(struct zg_fsm *f, const void *data, size_t len, char *e
   if (!cJSON_IsBool(seeded) || !cJSON_IsArray(keys) || !cJSON_IsArray(tokens) ||
       !cJSON_IsArray(audit)) {
     snprintf(err, errlen, "snapshot: seeded/keys/tokens/audit missing or of the wrong type");
+    goto done;
+  }
+  if (zg_usage_from_json(&st.usage, cJSON_GetObjectItemCaseSensitive(doc, "usage"), inner,
+                         sizeof inner)) {
+    snprintf(err, errlen, "snapshot: %s", inner);
     goto done;
   }
   const cJSON *item;

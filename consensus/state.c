@@ -82,6 +82,7 @@ void zg_state_free(struct zg_state *st) {
   for (size_t i = 0; i < st->n_audit; i++)
     free(st->audit[(st->audit_head + i) % st->audit_cap].text);
   free(st->audit);
+  zg_usage_free(&st->usage);
   memset(st, 0, sizeof *st);
 }
 
@@ -318,6 +319,9 @@ cJSON *zg_token_to_json(const struct zg_token *t, bool with_hash) {
   else
     cJSON_AddNullToObject(o, "expires_at");
   cJSON_AddNumberToObject(o, "rpm", t->rpm);
+  cJSON_AddNumberToObject(o, "tpm", (double)t->tpm);
+  cJSON_AddNumberToObject(o, "budget_day", (double)t->budget_day);
+  cJSON_AddNumberToObject(o, "budget_month", (double)t->budget_month);
   cJSON *allow = cJSON_AddArrayToObject(o, "allow");
   for (size_t i = 0; allow && i < t->n_allow; i++)
     cJSON_AddItemToArray(allow, cJSON_CreateString(t->allow[i]));
@@ -486,6 +490,10 @@ int zg_validate_token_args(const cJSON *args, bool need_id, char *err, size_t er
   }
   if (zg_arg_uint(args, "expires_at", false, 0, 9000000000000000ull, 0, &u, err, errlen)) return -1;
   if (zg_arg_uint(args, "rpm", false, 0, 100000000ull, 0, &u, err, errlen)) return -1;
+  if (zg_arg_uint(args, "tpm", false, 0, ZG_TOKEN_LIMIT_MAX, 0, &u, err, errlen) ||
+      zg_arg_uint(args, "budget_day", false, 0, ZG_TOKEN_LIMIT_MAX, 0, &u, err, errlen) ||
+      zg_arg_uint(args, "budget_month", false, 0, ZG_TOKEN_LIMIT_MAX, 0, &u, err, errlen))
+    return -1;
   const cJSON *allow = cJSON_GetObjectItemCaseSensitive(args, "allow");
   if (allow != NULL && !cJSON_IsNull(allow)) {
     if (!cJSON_IsArray(allow) || cJSON_GetArraySize(allow) > MAX_ALLOW) {
@@ -538,6 +546,7 @@ int zg_parse_token(const cJSON *j, uint64_t created_at, struct zg_token *t, char
   t->expires_at = u;
   zg_arg_uint(j, "rpm", false, 0, 100000000ull, 0, &u, err, errlen);
   t->rpm = (unsigned)u;
+  (void)zg_token_limits_parse(j, t, err, errlen); /* validated above */
   t->created_at = created_at;
   if (zg_arg_uint(j, "created_at", false, 0, 9000000000000000ull, created_at, &u, err, errlen)) {
     zg_token_free(t);
@@ -561,7 +570,30 @@ int zg_parse_token(const cJSON *j, uint64_t created_at, struct zg_token *t, char
   return 0;
 }
 
-/* Caches the token's snapshot JSON (it never changes afterwards). */
+int zg_token_limits_parse(const cJSON *args, struct zg_token *t, char *err, size_t errlen) {
+  static const struct {
+    const char *name;
+    uint64_t max;
+  } fields[] = {{"rpm", 100000000ull},
+                {"tpm", ZG_TOKEN_LIMIT_MAX},
+                {"budget_day", ZG_TOKEN_LIMIT_MAX},
+                {"budget_month", ZG_TOKEN_LIMIT_MAX}};
+  uint64_t v[4];
+  for (size_t i = 0; i < 4; i++) {
+    const cJSON *item = cJSON_GetObjectItemCaseSensitive(args, fields[i].name);
+    v[i] = UINT64_MAX; /* absent: unchanged */
+    if (item == NULL || cJSON_IsNull(item)) continue;
+    if (zg_arg_uint(args, fields[i].name, false, 0, fields[i].max, 0, &v[i], err, errlen))
+      return -1;
+  }
+  if (v[0] != UINT64_MAX) t->rpm = (unsigned)v[0];
+  if (v[1] != UINT64_MAX) t->tpm = v[1];
+  if (v[2] != UINT64_MAX) t->budget_day = v[2];
+  if (v[3] != UINT64_MAX) t->budget_month = v[3];
+  return 0;
+}
+
+/* Caches the token's snapshot JSON (token.update replaces it). */
 int zg_token_cache_text(struct zg_token *t) {
   t->snap_text = zg_comma_text(zg_token_to_json(t, true), &t->snap_len);
   return t->snap_text ? 0 : -1;
