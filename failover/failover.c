@@ -120,13 +120,85 @@ static void on_transfer_done(void *ud, int status) {
   maybe_free(f);
 }
 
+/* Before leadership moves, the usage counts not yet written go through
+ * Raft (gateway_flush_usage, twice: counts taken while the first write was
+ * in flight), so a planned handover loses none; bounded by
+ * USAGE_FLUSH_BOUND_MS so a stuck write never blocks the handover. The
+ * wait counts as an operation in flight (keeps `f` alive on close). */
+#define USAGE_FLUSH_BOUND_MS 1000
+
+struct pre_transfer {
+  struct failover *f;
+  char to[64];
+  bool has_to, done;
+  int rounds, refs; /* refs: the timer handle + a flush not yet answered */
+  uv_timer_t timer;
+};
+
+static void pre_transfer_unref(struct pre_transfer *p) {
+  if (--p->refs == 0) free(p);
+}
+
+static void pre_transfer_closed(uv_handle_t *h) {
+  pre_transfer_unref(h->data);
+}
+
+static void pre_transfer_go(struct pre_transfer *p, bool timed_out) {
+  if (p->done) return;
+  p->done = true;
+  uv_timer_stop(&p->timer);
+  uv_close((uv_handle_t *)&p->timer, pre_transfer_closed);
+  struct failover *f = p->f;
+  if (timed_out)
+    zg_log(ZG_WARN, "usage_flush_slow",
+           "usage counts not written within %u ms before the handover; transferring anyway",
+           USAGE_FLUSH_BOUND_MS);
+  if (f->closing || !f->rm.draining || !f->rm.transfer_started) { /* closed or aborted */
+    f->ops_inflight--;
+    maybe_free(f);
+    return;
+  }
+  int rc = consensus_transfer_leadership(f->cs, p->has_to ? p->to : NULL, on_transfer_done, f);
+  if (rc != 0) {
+    f->ops_inflight--;
+    f->transfer_cb(f->transfer_arg, rc);
+  }
+}
+
+static void pre_transfer_flushed(void *arg) {
+  struct pre_transfer *p = arg;
+  if (!p->done && ++p->rounds < 2) {
+    gateway_flush_usage(p->f->gw, pre_transfer_flushed, p); /* p keeps its ref */
+    return;
+  }
+  pre_transfer_go(p, false);
+  pre_transfer_unref(p);
+}
+
+static void pre_transfer_timeout(uv_timer_t *t) {
+  pre_transfer_go(t->data, true);
+}
+
 static int view_transfer(void *ud, const char *to, void (*cb)(void *arg, int status), void *arg) {
   struct failover *f = ud;
   f->transfer_cb = cb;
   f->transfer_arg = arg;
-  int rc = consensus_transfer_leadership(f->cs, to, on_transfer_done, f);
-  if (rc == 0) f->ops_inflight++;
-  return rc;
+  struct pre_transfer *p = f->gw ? calloc(1, sizeof(*p)) : NULL;
+  if (!p) {
+    int rc = consensus_transfer_leadership(f->cs, to, on_transfer_done, f);
+    if (rc == 0) f->ops_inflight++;
+    return rc;
+  }
+  p->f = f;
+  p->has_to = to != NULL;
+  snprintf(p->to, sizeof(p->to), "%s", to ? to : "");
+  p->refs = 2;
+  uv_timer_init(f->loop, &p->timer);
+  p->timer.data = p;
+  uv_timer_start(&p->timer, pre_transfer_timeout, USAGE_FLUSH_BOUND_MS, 0);
+  f->ops_inflight++; /* answered through on_transfer_done or pre_transfer_go */
+  gateway_flush_usage(f->gw, pre_transfer_flushed, p);
+  return 0;
 }
 
 /* ---- reads ------------------------------------------------------------ */

@@ -87,6 +87,11 @@ struct gateway_cluster {
   void (*usage_view)(void *ud, const char *token, uint64_t now_s, struct gateway_usage_view *out);
   void (*usage_write)(void *ud, struct cJSON *args, void (*done)(void *arg, bool committed),
                       void *arg);
+  /* One usable provider key (active, or retiring before its retire_at) by
+   * id: fills out (secret malloc'd; the gateway frees it with
+   * zg_secret_free()) and returns true; false when unknown or not usable
+   * (optional: NULL in single-node mode). */
+  bool (*key_by_id)(void *ud, const char *id, struct gateway_key *out);
 };
 
 struct gateway_stats {

@@ -157,6 +157,9 @@ static bool hook_token_lookup(void *ud, const char sha256_hex[65], struct gatewa
   snprintf(out->name, sizeof(out->name), "%s", v.name);
   out->expires_at_ms = v.expires_at;
   out->rpm = v.rpm;
+  out->tpm = v.tpm;
+  out->budget_day = v.budget_day;
+  out->budget_month = v.budget_month;
   out->n_allow = 0;
   for (size_t i = 0; i < v.n_allow && i < ZG_ARRAY_LEN(out->allow); i++)
     snprintf(out->allow[out->n_allow++], sizeof(out->allow[0]), "%s", v.allow[i]);
@@ -174,6 +177,77 @@ static size_t hook_usable_keys(void *ud, const char *upstream, struct gateway_ke
     out[i].secret = keys[i].secret;
   }
   return count;
+}
+
+static bool hook_key_by_id(void *ud, const char *id, struct gateway_key *out) {
+  struct node *n = ud;
+  struct consensus_key_use k;
+  if (!consensus_key_by_id(n->consensus, id, &k)) return false;
+  snprintf(out->id, sizeof(out->id), "%.47s", k.id);
+  out->secret = k.secret;
+  return true;
+}
+
+static void hook_usage_view(void *ud, const char *token, uint64_t now_s,
+                            struct gateway_usage_view *out) {
+  struct node *n = ud;
+  struct consensus_usage_view v;
+  consensus_usage_view(n->consensus, token, now_s, &v);
+  *out = (struct gateway_usage_view){v.minute_requests, v.minute_tokens, v.minute_oldest_s,
+                                     v.day_tokens, v.month_tokens};
+}
+
+/* One usage.add write. The gateway's done runs exactly once and never
+ * before usage_write returns: a write refused at once (not the leader,
+ * shutting down) answers from a zero timer. */
+struct usage_write {
+  void (*done)(void *arg, bool committed);
+  void *arg;
+  bool returned, committed;
+  uv_timer_t timer;
+};
+
+static void usage_write_free(uv_handle_t *h) {
+  free(h->data);
+}
+
+static void usage_write_later(uv_timer_t *t) {
+  struct usage_write *w = t->data;
+  w->done(w->arg, w->committed);
+  uv_close((uv_handle_t *)&w->timer, usage_write_free);
+}
+
+static void on_usage_written(void *ud, int status, const char *errmsg, const cJSON *result) {
+  struct usage_write *w = ud;
+  w->committed = status == 0;
+  if (status != 0 && status != CONSENSUS_ENOTLEADER && status != CONSENSUS_ESHUTDOWN)
+    zg_log(ZG_WARN, "usage_write_failed", "usage.add: %s",
+           errmsg ? errmsg : consensus_strerror(status));
+  if (w->returned) {
+    w->done(w->arg, w->committed);
+    uv_close((uv_handle_t *)&w->timer, usage_write_free);
+  } else {
+    uv_timer_start(&w->timer, usage_write_later, 0, 0);
+  }
+}
+
+static void hook_usage_write(void *ud, cJSON *args, void (*done)(void *arg, bool committed),
+                             void *arg) {
+  struct node *n = ud;
+  struct usage_write *w = calloc(1, sizeof(*w));
+  if (!w) {
+    /* no memory for a timer: answer now (the counts go back, sent again) */
+    cJSON_Delete(args);
+    zg_log(ZG_ERROR, "usage_write_failed", "out of memory");
+    done(arg, false);
+    return;
+  }
+  w->done = done;
+  w->arg = arg;
+  uv_timer_init(n->loop, &w->timer);
+  w->timer.data = w;
+  consensus_write(n->consensus, "usage.add", args, "gateway", n->cfg->node_id, on_usage_written, w);
+  w->returned = true;
 }
 
 static void on_key_invalidated(void *ud, int status, const char *errmsg, const cJSON *result) {
@@ -391,7 +465,10 @@ int node_cluster_start(struct node *n, char *errmsg, size_t errlen) {
                                       .key_rejected = hook_key_rejected,
                                       .serve_mode = hook_serve_mode,
                                       .hold_timeout_ms = cfg->election_timeout_ms * 3,
-                                      .health = hook_health};
+                                      .health = hook_health,
+                                      .usage_view = hook_usage_view,
+                                      .usage_write = hook_usage_write,
+                                      .key_by_id = hook_key_by_id};
   gateway_add_metrics_collector(n->gateway, collect_cluster_metrics, n);
   gateway_set_cluster(n->gateway, &n->hooks);
   zg_log(ZG_INFO, "cluster_started", "node %s (zone %s, %s) in a group of %zu voters; raft on %s",

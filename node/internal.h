@@ -37,7 +37,9 @@ struct node {
   uv_timer_t drain_timer;
   uint64_t drain_deadline_ms;
   bool draining;
-  bool switching_over; /* SIGTERM on the active: planned handover first */
+  bool switching_over;    /* SIGTERM on the active: planned handover first */
+  bool flushing_for_exit; /* drained; writing the last usage counts */
+  bool closing_started;   /* handles and parts asked to close */
   bool literal_keys_seeded;
   uv_timer_t drill_timer; /* crash / freeze drills; data set once initialised */
   bool drill_crash;
