@@ -3,7 +3,8 @@
  * One libraft group (raft_uv on-disk storage, an authenticated TCP peer
  * transport) replicates a small state machine: the gateway config (versioned),
  * provider keys (secrets sealed with AES-256-GCM under the master key before
- * they enter the log), client tokens (SHA-256 only) and a bounded audit trail.
+ * they enter the log), client tokens (SHA-256 only, with their limits), a
+ * bounded audit trail and bounded usage counters (consensus/usage.c).
  *
  * Everything runs on the caller's uv loop; no function here is thread-safe.
  * Reads look at the state applied on this node. Writes are accepted only on
