@@ -11,7 +11,8 @@ three-node cluster (gw-a, gw-b, witness) with mockllm as the upstream.
 - Limits and counters hold across `zonegate switchover` (no count lost:
   the usage is flushed before leadership moves) and `--rpm 3` lets exactly
   3 requests through in a minute across it; across a SIGKILL of the active
-  at most one flush interval of counting is lost (the figure is printed).
+  at most one flush interval of counting is lost (the figure is printed)
+  and a budget counted before the crash still holds on the new active.
 - The openai SDK sees the rate-limit headers on a 429; the CLI refuses
   `--tmp` naming `--tpm`; `tokens list` shows the limits; token.update is
   audited and usage.add is not.
@@ -272,6 +273,9 @@ def test_counts_across_sigkill(cluster):
     u = one_chat_total(cluster, "kill")
     body = chat_body("kill")
     tok = create_token(active, "killed")
+    budget_tok = create_token(active, "kbudget", "--budget-day", str(3 * u))
+    for _ in range(2):  # flushed long before the kill (the loop below runs 3 s)
+        assert post(cluster, "/v1/chat/completions", body, budget_tok)[0] == 200
     done_at = []
     t_end = time.monotonic() + 3.0
     while time.monotonic() < t_end:
@@ -293,6 +297,10 @@ def test_counts_across_sigkill(cluster):
     # at most one flush interval (plus the write in flight at the kill)
     assert lost <= sum(1 for t in done_at if killed_at - t <= 2 * FLUSH_MS / 1000.0)
     assert got["total"] == got["requests"] * u
+    # the budget holds on the new active: one more, then 429
+    assert post(cluster, "/v1/chat/completions", body, budget_tok)[0] == 200
+    expect_429(*post(cluster, "/v1/chat/completions", body, budget_tok), "budget_day",
+               "budget_exceeded")
 
 
 # ---- SDK and CLI -----------------------------------------------------------
