@@ -13,26 +13,14 @@
 
 #include "consensus/internal.h"
 
-static const char *const type_names[ZGC_TYPE_END] = {
-    [ZGC_CONFIG_PUT] = "config.put",         [ZGC_KEY_ADD] = "key.add",
-    [ZGC_KEY_ROTATE] = "key.rotate",         [ZGC_KEY_REVOKE] = "key.revoke",
-    [ZGC_KEY_INVALIDATE] = "key.invalidate", [ZGC_TOKEN_CREATE] = "token.create",
-    [ZGC_TOKEN_REVOKE] = "token.revoke",     [ZGC_AUDIT_NOTE] = "audit.note",
-    [ZGC_CLUSTER_SEED] = "cluster.seed",
-};
-
 const char *zgc_type_name(int type) {
-  if (type <= 0 || type >= ZGC_TYPE_END) return NULL;
-  return type_names[type];
+  const struct zg_command_def *def = zg_command_by_type(type);
+  return def ? def->name : NULL;
 }
 
 int zgc_type_from_name(const char *name) {
-  if (name == NULL) return 0;
-  for (int t = 1; t < ZGC_TYPE_END; t++) {
-    if (t == ZGC_CLUSTER_SEED) continue;
-    if (strcmp(type_names[t], name) == 0) return t;
-  }
-  return 0;
+  const struct zg_command_def *def = zg_command_by_name(name, false);
+  return def ? def->type : 0;
 }
 
 static void put_be32(uint8_t *p, uint32_t v) {

@@ -3,7 +3,8 @@
  * One libraft group (raft_uv on-disk storage, an authenticated TCP peer
  * transport) replicates a small state machine: the gateway config (versioned),
  * provider keys (secrets sealed with AES-256-GCM under the master key before
- * they enter the log), client tokens (SHA-256 only) and a bounded audit trail.
+ * they enter the log), client tokens (SHA-256 only, with their limits), a
+ * bounded audit trail and bounded usage counters (consensus/usage.c).
  *
  * Everything runs on the caller's uv loop; no function here is thread-safe.
  * Reads look at the state applied on this node. Writes are accepted only on
@@ -104,7 +105,21 @@ void consensus_close(struct consensus *c, void (*done)(void *arg), void *arg);
  * error) is the applied object's metadata, never a secret.
  *
  * Types: config.put, key.add, key.rotate, key.revoke, key.invalidate,
- * token.create, token.revoke, audit.note (see DESIGN.md / consensus/fsm.c). */
+ * token.create, token.update, token.revoke, audit.note, usage.add (see
+ * DESIGN.md and the command table in consensus/commands.c).
+ *
+ * token.create / token.update limits: rpm (requests per minute), tpm
+ * (tokens per minute), budget_day / budget_month (tokens per UTC day /
+ * month); whole numbers, 0 = none. token.update {"id": id or name, any of
+ * rpm, tpm, budget_day, budget_month, expires_at (wall ms, 0 = never),
+ * allow ([] = any address)}: absent fields are unchanged; a name that
+ * matches several tokens is ECONFLICT (use the id).
+ *
+ * usage.add {"at": unix s, "rows": [{"token", "model", "key", "requests",
+ * "prompt", "completion", "total", "cached", "reasoning", "unknown"}],
+ * "seconds": [{"token", "at", "requests", "tokens"}]}: the gateway's
+ * counts of one flush interval (gateway/accounting.h). Not written to the
+ * audit trail. */
 typedef void (*consensus_write_cb)(void *ud, int status, const char *errmsg, const cJSON *result);
 int consensus_write(struct consensus *c, const char *type, cJSON *args, const char *actor,
                     const char *source, consensus_write_cb cb, void *ud);
@@ -115,8 +130,10 @@ uint64_t consensus_config_version(const struct consensus *c);
 
 struct consensus_token_view {
   const char *id, *name;
-  uint64_t expires_at; /* wall ms, 0 = never */
-  unsigned rpm;        /* 0 = unlimited */
+  uint64_t expires_at;               /* wall ms, 0 = never */
+  unsigned rpm;                      /* 0 = unlimited */
+  uint64_t tpm;                      /* tokens per minute; 0 = unlimited */
+  uint64_t budget_day, budget_month; /* tokens per UTC day / month; 0 = unlimited */
   size_t n_allow;
   const char *const *allow; /* CIDR strings; n_allow == 0: any address */
 };
@@ -136,11 +153,44 @@ struct consensus_key_use {
 size_t consensus_usable_keys(const struct consensus *c, const char *upstream,
                              struct consensus_key_use *out, size_t max);
 
+/* One usable key by id: active, or retiring before its retire_at. Fills
+ * out->id and out->secret (malloc'd; the caller frees it with
+ * zg_secret_free()) and returns true; false (out untouched) when the id is
+ * unknown, revoked, invalid, past its retire_at, or its secret cannot be
+ * opened (logged). */
+bool consensus_key_by_id(const struct consensus *c, const char *id, struct consensus_key_use *out);
+
+/* Replicated usage counters of one client token (by name) at wall second
+ * now_s (unix s, UTC): requests and tokens in the 60 s window
+ * (now_s - 60, now_s], minute_oldest_s the oldest second of that window
+ * with traffic (0: none), and the token totals of now_s's UTC day and
+ * UTC month. Unknown token or no traffic: all 0. Never fails. */
+struct consensus_usage_view {
+  uint64_t minute_requests, minute_tokens, minute_oldest_s;
+  uint64_t day_tokens, month_tokens;
+};
+void consensus_usage_view(const struct consensus *c, const char *token, uint64_t now_s,
+                          struct consensus_usage_view *out);
+/* Usage totals as a new JSON document (caller cJSON_Deletes it; NULL only
+ * when out of memory). token / model: exact filters, NULL = all.
+ * since_s: unix s; 0 = everything kept (each row's counters since it
+ * appeared), otherwise the hourly buckets from the hour holding since_s
+ * (hour granularity; buckets are kept 62 days). Shape:
+ * {"since", "since_hour", "rows": [{"token", "model", "keys" (provider
+ * keys summed), "requests", "prompt", "completion", "total", "cached",
+ * "reasoning", "unknown"}] (sorted by token, model; rows with nothing in
+ * the window left out), "sum": {the same counters}, "dropped" (requests
+ * the store's caps refused, ever)}. Counts are tokens as the upstream
+ * reported them; "unknown" counts answers without a usage object. */
+cJSON *consensus_usage_query(const struct consensus *c, const char *token, const char *model,
+                             uint64_t since_s);
+
 /* Caller frees the returned cJSON (cJSON_Delete). Never contain secrets. */
 cJSON *consensus_keys_json(const struct consensus *c);   /* id, upstream, state, created_at,
                                     rotate_after_days, age_days, retire_at, rotation_due */
 cJSON *consensus_tokens_json(const struct consensus *c); /* id, name, created_at, expires_at, rpm,
-                                                            allow, sha256_prefix (8 chars) */
+                                                            tpm, budget_day, budget_month, allow,
+                                                            sha256_prefix (8 chars) */
 cJSON *consensus_audit_json(const struct consensus *c, size_t limit); /* newest last; 0 = all */
 /* node, leader {id, address}, term, commit_index, applied_index, last_log_index,
  * state (follower/candidate/leader/unavailable), is_leader (fenced), members [...] */
@@ -148,6 +198,12 @@ cJSON *consensus_status_json(const struct consensus *c);
 
 bool consensus_is_leader(const struct consensus *c); /* raft leader AND its post-election barrier
                                                         has committed in the current term */
+/* The two halves of consensus_is_leader, for failover's role table:
+ * raft leader whose post-election barrier committed in the current term;
+ * a leadership transfer started by this leader and not yet finished. */
+bool consensus_barrier_committed(const struct consensus *c);
+bool consensus_transfer_under_way(const struct consensus *c);
+unsigned consensus_voter_count(const struct consensus *c); /* in the latest configuration */
 const struct consensus_member *consensus_leader(const struct consensus *c); /* NULL if unknown */
 const struct consensus_member *consensus_self(const struct consensus *c);
 uint64_t consensus_term(const struct consensus *c);

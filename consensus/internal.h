@@ -12,6 +12,11 @@
 #include <raft.h>
 #include <raft/uv.h>
 
+/* Files: codec.c (entry framing), commands.c (the command table), fsm.c
+ * (apply path, raft_fsm glue), state.c (containers, records, argument
+ * checks), snapshot.c, seal.c, transport.c, node.c (start/stop, writes,
+ * reads), recover.c. */
+
 /* ---- command codec (codec.c) ------------------------------------------
  * Entry layout: [4] magic "ZGCM" [1] format version [1] command type
  * [2] reserved (0) [4] payload length, big endian; then a JSON payload
@@ -22,6 +27,8 @@
 #define ZGC_HEADER_LEN 12
 #define ZGC_MAX_PAYLOAD (4u << 20)
 
+/* Command type numbers as written in entries: never reuse one. Each has
+ * one row in the command table (commands.c). */
 enum zgc_type {
   ZGC_CONFIG_PUT = 1,
   ZGC_KEY_ADD,
@@ -32,7 +39,8 @@ enum zgc_type {
   ZGC_TOKEN_REVOKE,
   ZGC_AUDIT_NOTE,
   ZGC_CLUSTER_SEED, /* internal: first leader seeds config + tokens once */
-  ZGC_TYPE_END
+  ZGC_USAGE_ADD,    /* usage counters of one flush interval (not audited) */
+  ZGC_TOKEN_UPDATE, /* limits, expiry, allowlist of an existing token */
 };
 
 struct zgc_command {
@@ -43,6 +51,7 @@ struct zgc_command {
   cJSON *args; /* object */
 };
 
+/* Names come from the command table. */
 const char *zgc_type_name(int type);      /* "config.put", ... or NULL */
 int zgc_type_from_name(const char *name); /* 0 if unknown (cluster.seed is not public) */
 /* Encodes into a raft_malloc'd buffer (ownership to the caller / raft_apply). */
@@ -81,11 +90,84 @@ struct zg_token {
   char sha256[65];
   uint64_t created_at, expires_at;
   unsigned rpm;
+  uint64_t tpm, budget_day, budget_month; /* tokens; 0 = none */
   size_t n_allow;
   char **allow;
-  char *snap_text; /* ",{...}": this token's snapshot JSON, comma first; immutable */
+  /* ",{...}": this token's snapshot JSON, comma first. Replaced (never
+   * edited) by token.update; the old text goes through zg_text_drop. */
+  char *snap_text;
   size_t snap_len;
 };
+
+/* ---- usage store (usage.c) ----------------------------------------------
+ * Replicated usage counters, fed by usage.add entries. Per token name: a
+ * ring of the last ZG_USAGE_SECONDS unix seconds (requests, tokens) for
+ * the rpm/tpm window, and token totals of the last ZG_USAGE_DAYS UTC days
+ * and ZG_USAGE_MONTHS UTC months (budgets). Per (token, model, key): all
+ * counters since the row appeared, and hourly buckets of the last
+ * ZG_USAGE_RETAIN_HOURS hours. Everything is pruned on apply from the
+ * entry's own `at` (never a local clock), so every node holds the same. */
+#define ZG_USAGE_SECONDS 120u
+#define ZG_USAGE_DAYS 4u
+#define ZG_USAGE_MONTHS 3u
+#define ZG_USAGE_RETAIN_HOURS (62u * 24u)
+#define ZG_USAGE_MAX_TOKENS 20000u
+#define ZG_USAGE_MAX_ROWS 20000u
+#define ZG_USAGE_MAX_HOURS 2000000u /* hourly buckets over all rows */
+#define ZG_USAGE_COUNTERS 7         /* requests prompt completion total cached reasoning unknown */
+
+struct zg_usage_second {
+  uint64_t at, requests, tokens;
+};
+struct zg_usage_period {
+  uint64_t key, tokens; /* key: unix day (at / 86400) or year * 12 + month (0-11); 0 = unused */
+};
+struct zg_usage_token {
+  char *name;
+  uint64_t last_at;                              /* newest entry `at` that touched it */
+  struct zg_usage_second ring[ZG_USAGE_SECONDS]; /* slot at % ZG_USAGE_SECONDS */
+  struct zg_usage_period days[ZG_USAGE_DAYS], months[ZG_USAGE_MONTHS];
+};
+struct zg_usage_hour {
+  uint64_t hour; /* at / 3600 */
+  uint64_t c[ZG_USAGE_COUNTERS];
+};
+struct zg_usage_row {
+  char *token, *model, *key;
+  uint64_t last_at;
+  uint64_t total[ZG_USAGE_COUNTERS];
+  struct zg_usage_hour *hours; /* ascending hour */
+  size_t n_hours, hours_cap;
+};
+struct zg_usage {
+  struct zg_usage_token *tokens; /* sorted by name */
+  size_t n_tokens, tokens_cap;
+  struct zg_usage_row *rows; /* sorted by (token, model, key) */
+  size_t n_rows, rows_cap;
+  size_t n_hours;      /* over all rows */
+  uint64_t last_at;    /* newest entry `at` applied */
+  uint64_t swept_hour; /* hour of the last full prune */
+  uint64_t dropped;    /* counts refused by the caps (rows/tokens/hours full) */
+};
+extern const char *const zg_usage_counter_names[ZG_USAGE_COUNTERS];
+void zg_usage_free(struct zg_usage *u);
+/* Validates and applies usage.add args (their `at`, unix seconds, is the
+ * entry's time: it alone decides pruning); -1 and a message (state
+ * unchanged) when the args are malformed. */
+int zg_usage_apply(struct zg_usage *u, const cJSON *args, char *err, size_t errlen);
+/* Validates args on the leader (same checks as apply). */
+int zg_usage_check_args(const cJSON *args, char *err, size_t errlen);
+/* Snapshot member "usage" (compact arrays) and its restore (into an empty
+ * store; -1 with a message on any malformed member). */
+cJSON *zg_usage_to_json(const struct zg_usage *u);
+int zg_usage_from_json(struct zg_usage *u, const cJSON *j, char *err, size_t errlen);
+const struct zg_usage_token *zg_usage_token_find(const struct zg_usage *u, const char *name);
+struct consensus_usage_view;
+void zg_usage_view(const struct zg_usage *u, const char *token, uint64_t now_s,
+                   struct consensus_usage_view *out);
+/* consensus_usage_query's document (see consensus.h); NULL on ENOMEM. */
+cJSON *zg_usage_query(const struct zg_usage *u, const char *token, const char *model,
+                      uint64_t since_s);
 
 /* One audit record as snapshot JSON text ",{...}" (comma first; immutable). */
 struct zg_audit_rec {
@@ -111,9 +193,19 @@ struct zg_state {
   struct zg_audit_rec *audit;
   size_t audit_cap, audit_head, n_audit;
   uint64_t audit_seq;
+  struct zg_usage usage; /* usage.c */
 };
 
 enum { ZG_CHANGED_CONFIG = 1, ZG_CHANGED_KEYS = 2, ZG_CHANGED_TOKENS = 4, ZG_CHANGED_AUDIT = 8 };
+
+/* Argument and record limits. */
+#define SECRET_PURPOSE "provider-key"
+#define MAX_ID_LEN 47
+#define MAX_NAME_LEN 128
+#define MAX_SECRET_LEN 8192
+#define MAX_ALLOW 64
+#define MAX_GRACE_SECONDS (365u * 86400u)
+#define ZG_TOKEN_LIMIT_MAX 9000000000000000ull /* tpm, budgets: exact in a JSON number */
 
 /* Called after each applied command (also on followers). result: owned by
  * the fsm, valid during the call; NULL on error. */
@@ -147,6 +239,37 @@ int zg_fsm_snapshot_bytes(const struct zg_fsm *f, char **out, size_t *out_len);
 /* Validates a snapshot and, only if valid, replaces the state. Borrowed. */
 int zg_fsm_restore_bytes(struct zg_fsm *f, const void *data, size_t len, char *err, size_t errlen);
 
+/* ---- the command table (commands.c) -----------------------------------
+ * One row per command type. prepare runs on the leader before the entry
+ * enters the log (args already checked against `fields`; it validates,
+ * normalises, seals secrets and picks ids, editing args in place; -1 with
+ * a message naming the field). apply runs on every node and must be
+ * deterministic; it fills `o` (status via errmsg, result, changed bits,
+ * audit target and detail). */
+struct zg_apply_out {
+  int status;
+  char errmsg[256];
+  cJSON *result; /* owned by the apply path; NULL on error */
+  unsigned changed;
+  const char *target; /* points into args or state; used for the audit record */
+  char detail[160];
+};
+
+struct zg_command_def {
+  int type;                  /* enum zgc_type: the byte in the entry header */
+  const char *name;          /* consensus_write's type and the audit action */
+  bool internal;             /* written by consensus itself, never by consensus_write */
+  const char *const *fields; /* known argument names, NULL-terminated; NULL: unchecked */
+  int (*prepare)(cJSON *args, const uint8_t master_key[32], char *err, size_t errlen);
+  int (*apply)(struct zg_fsm *f, const struct zgc_command *cmd, struct zg_apply_out *o);
+  bool result_has_audit_seq; /* the result carries the audit record's seq */
+  bool not_audited;          /* never written to the audit trail (usage.add) */
+};
+const struct zg_command_def *zg_command_by_type(int type); /* NULL if unknown */
+const struct zg_command_def *zg_command_by_name(const char *name, bool include_internal);
+/* Applies through the row of cmd->type (unknown: CONSENSUS_EINVALID). */
+int zg_apply_command(struct zg_fsm *f, const struct zgc_command *cmd, struct zg_apply_out *o);
+
 /* Leader-side preparation of a write: validates `args` (ownership taken),
  * seals secrets, generates ids; returns the normalized command args or NULL
  * with a message naming the field. */
@@ -156,6 +279,56 @@ cJSON *zg_prepare_args(int type, cJSON *args, const uint8_t master_key[32], char
 int zg_build_entry(const char *type, cJSON *args, const char *actor, const char *source,
                    uint64_t at, const char *req_id, const uint8_t master_key[32],
                    struct raft_buffer *out, char *err, size_t errlen);
+
+/* ---- containers and records (state.c) ---------------------------------
+ * The helpers the commands and snapshot restore share. Allocation
+ * failures return -1 and leave the state unchanged. */
+extern const char *const zg_key_state_names[];
+void zg_key_free(struct zg_key *k);
+void zg_token_free(struct zg_token *t);
+bool zg_token_live(const struct zg_token *t);
+/* Frees a cached snapshot text now, or at snapshot_finalize while pinned. */
+void zg_text_drop(struct zg_fsm *f, char *text);
+int zg_state_init(struct zg_state *st, size_t audit_cap);
+void zg_state_free(struct zg_state *st);
+void zg_state_discard(struct zg_fsm *f, struct zg_state *st);
+/* ",{...}" text of `o` (taken and deleted); *len its length. */
+char *zg_comma_text(cJSON *o, size_t *len);
+void zg_audit_push(struct zg_fsm *f, struct zg_state *st, char *text, size_t len);
+struct zg_key *zg_key_find(struct zg_state *st, const char *id);
+int zg_key_insert(struct zg_state *st, const struct zg_key *k, bool first);
+long zg_token_index_find(const struct zg_state *st, bool by_sha, const char *key);
+int zg_token_reindex(struct zg_state *st, bool compact);
+int zg_token_append(struct zg_state *st, const struct zg_token *t);
+void zg_token_remove(struct zg_fsm *f, struct zg_state *st, size_t slot);
+cJSON *zg_key_to_json(const struct zg_key *k, bool with_sealed, uint64_t now_ms);
+cJSON *zg_token_to_json(const struct zg_token *t, bool with_hash);
+bool zg_id_valid(const char *s);
+int zg_arg_string(const cJSON *args, const char *name, bool required, size_t max_len,
+                  const char **out, char *err, size_t errlen);
+int zg_arg_uint(const cJSON *args, const char *name, bool required, uint64_t min, uint64_t max,
+                uint64_t dflt, uint64_t *out, char *err, size_t errlen);
+int zg_arg_bool(const cJSON *args, const char *name, bool dflt, bool *out, char *err,
+                size_t errlen);
+int zg_check_known_fields(const cJSON *args, const char *const *known, char *err, size_t errlen);
+bool zg_sha256_hex_valid(const char *s);
+void zg_random_id(const char *prefix, char *out, size_t outlen);
+int zg_validate_token_args(const cJSON *args, bool need_id, char *err, size_t errlen);
+void zg_lower_hex_field(cJSON *args, const char *name);
+int zg_seal_secret_into(cJSON *args, const uint8_t master_key[32], char *err, size_t errlen);
+int zg_parse_token(const cJSON *j, uint64_t created_at, struct zg_token *t, char *err,
+                   size_t errlen);
+int zg_token_cache_text(struct zg_token *t);
+/* Reads the optional limit fields (rpm, tpm, budget_day, budget_month) of
+ * args into t (absent: unchanged); -1 with a message naming the field. */
+int zg_token_limits_parse(const cJSON *args, struct zg_token *t, char *err, size_t errlen);
+int zg_parse_key(const cJSON *j, struct zg_key *k, char *err, size_t errlen);
+
+/* ---- snapshots (snapshot.c) ------------------------------------------- */
+/* The snapshot as buffers borrowing cached texts (see snapshot.c); free
+ * with zg_snapshot_parts_free. */
+int zg_snapshot_parts(const struct zg_fsm *f, struct raft_buffer **out, unsigned *n_out);
+void zg_snapshot_parts_free(struct raft_buffer *bufs, unsigned n);
 
 cJSON *zg_state_keys_json(const struct zg_state *st, uint64_t now_ms);
 cJSON *zg_state_tokens_json(const struct zg_state *st);

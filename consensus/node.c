@@ -5,7 +5,8 @@
  * Start-up: check options, create data_dir (0700), verify the master key
  * against data_dir/keycheck, raft_uv_init on data_dir/raft, raft_init,
  * raft_bootstrap (a fresh dir: self + peers, all voters, sorted by raft id)
- * and raft_start. Any failure returns an error naming the call and the path.
+ * and raft_start, as an init ladder: a failure undoes exactly the steps that
+ * succeeded, in reverse, and returns an error naming the call and the path.
  * A node that restarts from disk stays off the network for one election
  * timeout (see transport.c). A new leader commits a barrier before
  * consensus_is_leader() turns true; the first such leader of a fresh cluster
@@ -58,7 +59,6 @@ struct consensus {
   struct raft_io io;
   struct raft_uv_transport transport;
   struct zg_fsm fsm;
-  bool transport_inited, io_inited, raft_inited;
   uv_check_t check;
   bool check_open;
   struct member_rec *members; /* [0] = self */
@@ -75,7 +75,6 @@ struct consensus {
   raft_term barrier_submitted_term, barrier_committed_term;
   bool last_fenced;
   bool seed_inflight;
-  raft_term witness_handoff_term;
   bool disk_error_reported;
   struct pending_write *pending;
   /* shutdown */
@@ -499,28 +498,6 @@ static void track_progress(struct consensus *c) {
   }
 }
 
-static void witness_handoff_done(void *ud, int status) {
-  struct consensus *c = ud;
-  if (status != 0)
-    ZG_LOG_WARN("witness_handoff_failed", "witness could not hand leadership away (%s); retrying",
-                consensus_strerror(status));
-  if (status != 0 && !c->closing) c->witness_handoff_term = 0;
-}
-
-/* A witness never stays leader: once its barrier (and the seed) committed it
- * hands leadership to the most caught-up voter. */
-static void witness_handoff(struct consensus *c, raft_term term) {
-  unsigned voters = 0;
-  for (unsigned i = 0; i < c->raft.configuration.n; i++)
-    if (c->raft.configuration.servers[i].role == RAFT_VOTER) voters++;
-  if (voters < 2) return;
-  c->witness_handoff_term = term;
-  ZG_LOG_INFO("witness_handoff", "witness won term %llu: handing leadership to a gateway",
-              (unsigned long long)term);
-  int rv = consensus_transfer_leadership(c, NULL, witness_handoff_done, c);
-  if (rv != 0) ZG_LOG_WARN("witness_handoff_failed", "%s", consensus_strerror(rv));
-}
-
 static void check_cb(uv_check_t *h) {
   struct consensus *c = h->data;
   if (c->closing) return;
@@ -556,9 +533,6 @@ static void check_cb(uv_check_t *h) {
     emit(c, CONSENSUS_EV_DISK_ERROR);
   }
   if (fenced) maybe_seed(c);
-  if (fenced && c->members[0].pub.role == CONSENSUS_WITNESS && c->witness_handoff_term != term &&
-      c->fsm.st.seeded)
-    witness_handoff(c, term);
 }
 
 /* ---- start / close ------------------------------------------------------ */
@@ -636,49 +610,39 @@ void consensus_close(struct consensus *c, void (*done)(void *arg), void *arg) {
   raft_close(&c->raft, on_raft_closed);
 }
 
-/* Undo for a failed start: raft (if initialised) closes asynchronously. */
-static void start_failed(struct consensus *c) {
-  if (c->raft_inited) {
-    c->closing = true;
-    c->close_waits = 1;
-    raft_close(&c->raft, on_raft_closed);
-    return;
+static int check_options(const struct consensus_options *opts, char *errmsg, size_t errlen) {
+  if (opts == NULL) {
+    snprintf(errmsg, errlen, "consensus_start(): no options");
+    return -1;
   }
-  if (c->io_inited) raft_uv_close(&c->io);
-  if (c->transport_inited) zg_transport_free(&c->transport);
-  free_consensus(c);
-}
-
-int consensus_start(uv_loop_t *loop, const struct consensus_options *opts, struct consensus **out,
-                    char *errmsg, size_t errlen) {
-  int rv;
-  *out = NULL;
-  if (opts == NULL || validate_member(opts->self, "self", errmsg, errlen) != 0) {
-    if (opts == NULL) snprintf(errmsg, errlen, "consensus_start(): no options");
-    return CONSENSUS_EINVALID;
-  }
+  if (validate_member(opts->self, "self", errmsg, errlen) != 0) return -1;
   for (size_t i = 0; i < opts->n_peers; i++)
-    if (validate_member(&opts->peers[i], "peer", errmsg, errlen) != 0) return CONSENSUS_EINVALID;
+    if (validate_member(&opts->peers[i], "peer", errmsg, errlen) != 0) return -1;
   if (opts->data_dir == NULL || opts->data_dir[0] == '\0') {
     snprintf(errmsg, errlen, "consensus_start(): data_dir is not set");
-    return CONSENSUS_EINVALID;
+    return -1;
   }
   if (opts->cluster_secret == NULL || strlen(opts->cluster_secret) < 16) {
     snprintf(errmsg, errlen, "cluster secret must be at least 16 characters");
-    return CONSENSUS_EINVALID;
+    return -1;
   }
   if (opts->master_key == NULL) {
     snprintf(errmsg, errlen, "master key (32 bytes) is not set");
-    return CONSENSUS_EINVALID;
+    return -1;
   }
   if (opts->seed_tokens != NULL && !cJSON_IsArray(opts->seed_tokens)) {
     snprintf(errmsg, errlen, "seed tokens must be an array of {name, sha256}");
-    return CONSENSUS_EINVALID;
+    return -1;
   }
+  return 0;
+}
 
-  /* A peer that goes away mid-write must not kill the process. */
-  signal(SIGPIPE, SIG_IGN);
+/* The struct with copies of everything in `opts`; NULL and a message on
+ * failure (nothing left allocated). */
+static struct consensus *consensus_alloc(uv_loop_t *loop, const struct consensus_options *opts,
+                                         int *rv, char *errmsg, size_t errlen) {
   struct consensus *c = calloc(1, sizeof *c);
+  *rv = CONSENSUS_ENOMEM;
   if (c == NULL) goto nomem;
   c->loop = loop;
   c->on_event = opts->on_event;
@@ -690,21 +654,12 @@ int consensus_start(uv_loop_t *loop, const struct consensus_options *opts, struc
   c->members = calloc(1 + opts->n_peers, sizeof *c->members);
   c->data_dir = strdup(opts->data_dir);
   c->raft_dir = malloc(strlen(opts->data_dir) + 8);
-  if (c->members == NULL || c->data_dir == NULL || c->raft_dir == NULL) {
-    free_consensus(c);
-    goto nomem;
-  }
+  if (c->members == NULL || c->data_dir == NULL || c->raft_dir == NULL) goto nomem_free;
   sprintf(c->raft_dir, "%s/raft", opts->data_dir);
-  if (member_copy(&c->members[0], opts->self) != 0) {
-    free_consensus(c);
-    goto nomem;
-  }
+  if (member_copy(&c->members[0], opts->self) != 0) goto nomem_free;
   c->n_members = 1;
   for (size_t i = 0; i < opts->n_peers; i++) {
-    if (member_copy(&c->members[c->n_members], &opts->peers[i]) != 0) {
-      free_consensus(c);
-      goto nomem;
-    }
+    if (member_copy(&c->members[c->n_members], &opts->peers[i]) != 0) goto nomem_free;
     c->n_members++;
   }
   for (size_t i = 0; i < c->n_members; i++)
@@ -714,54 +669,28 @@ int consensus_start(uv_loop_t *loop, const struct consensus_options *opts, struc
         snprintf(errmsg, errlen, "members '%.64s' and '%.64s' share an id or a raft address",
                  c->members[i].id, c->members[j].id);
         free_consensus(c);
-        return CONSENSUS_EINVALID;
+        *rv = CONSENSUS_EINVALID;
+        return NULL;
       }
     }
   c->seed_config = opts->seed_config ? cJSON_Duplicate(opts->seed_config, true) : NULL;
   c->seed_tokens = opts->seed_tokens ? cJSON_Duplicate(opts->seed_tokens, true) : NULL;
+  *rv = 0;
+  return c;
+nomem_free:
+  free_consensus(c);
+nomem:
+  snprintf(errmsg, errlen, "consensus_start(): out of memory");
+  return NULL;
+}
 
-  if (ensure_dir(c->data_dir, errmsg, errlen) != 0 ||
-      ensure_dir(c->raft_dir, errmsg, errlen) != 0 || keycheck(c, errmsg, errlen) != 0) {
-    free_consensus(c);
-    return CONSENSUS_EIO;
-  }
-
-  char err[256];
-  if (zg_transport_init(&c->transport, loop, opts->cluster_secret, opts->raft_listen, 0, err,
-                        sizeof err) != 0) {
-    snprintf(errmsg, errlen, "%s", err);
-    free_consensus(c);
-    return CONSENSUS_ENOMEM;
-  }
-  c->transport_inited = true;
-  rv = raft_uv_init(&c->io, loop, c->raft_dir, &c->transport);
-  if (rv != 0) {
-    snprintf(errmsg, errlen, "raft_uv_init(%s): %s", c->raft_dir, c->io.errmsg);
-    goto fail;
-  }
-  c->io_inited = true;
-  unsigned election = opts->election_timeout_ms ? opts->election_timeout_ms : 1000;
-  unsigned heartbeat = opts->heartbeat_ms ? opts->heartbeat_ms : 100;
-  raft_uv_set_connect_retry_delay(&c->io, election / 4 > 50 ? election / 4 : 50);
-  /* A damaged closed segment must stop the node with an error naming the
-   * path, not be silently cut away: entries this node acknowledged would be
-   * forgotten, which can undo a commit. The operator restores or re-joins. */
-  raft_uv_set_auto_recovery(&c->io, false);
-  rv = raft_init(&c->raft, &c->io, &c->fsm.raft, c->members[0].raft_id, c->members[0].raft_address);
-  if (rv != 0) {
-    snprintf(errmsg, errlen, "raft_init(%s): %s", c->raft_dir, raft_errmsg(&c->raft));
-    goto fail;
-  }
-  c->raft_inited = true;
-  c->raft.data = c;
-  raft_set_election_timeout(&c->raft, election);
-  raft_set_heartbeat_timeout(&c->raft, heartbeat);
-  raft_set_pre_vote(&c->raft, true);
-  raft_set_snapshot_threshold(&c->raft, opts->snapshot_threshold ? opts->snapshot_threshold : 1024);
-  raft_set_snapshot_trailing(&c->raft, opts->snapshot_trailing ? opts->snapshot_trailing : 128);
-
+/* A fresh dir is bootstrapped with every member as a voter; a joiner never
+ * bootstraps. *restarted: the dir already held raft state. */
+static int bootstrap_if_new(struct consensus *c, const struct consensus_options *opts,
+                            bool *restarted, char *errmsg, size_t errlen) {
   struct raft_configuration conf;
   raft_configuration_init(&conf);
+  int rv;
   for (size_t i = 0; i < c->n_members; i++) {
     rv = raft_configuration_add(&conf, c->members[i].raft_id, c->members[i].raft_address,
                                 RAFT_VOTER);
@@ -769,11 +698,11 @@ int consensus_start(uv_loop_t *loop, const struct consensus_options *opts, struc
       raft_configuration_close(&conf);
       snprintf(errmsg, errlen, "raft_configuration_add(%s): %s", c->members[i].id,
                raft_strerror(rv));
-      goto fail;
+      return -1;
     }
   }
   qsort(conf.servers, conf.n, sizeof *conf.servers, server_cmp);
-  bool restarted = false;
+  *restarted = false;
   if (opts->join_existing) {
     rv = RAFT_CANTBOOTSTRAP; /* never start a cluster of our own */
     char meta[4200];
@@ -791,21 +720,72 @@ int consensus_start(uv_loop_t *loop, const struct consensus_options *opts, struc
   }
   raft_configuration_close(&conf);
   if (rv == RAFT_CANTBOOTSTRAP) {
-    restarted = true;
+    *restarted = true;
   } else if (rv != 0) {
     snprintf(errmsg, errlen, "raft_bootstrap(%s): %s", c->raft_dir, raft_errmsg(&c->raft));
-    goto fail;
+    return -1;
   } else if (!opts->join_existing) {
     ZG_LOG_INFO("raft_bootstrapped", "new cluster of %zu voters bootstrapped in %s", c->n_members,
                 c->raft_dir);
   }
+  return 0;
+}
+
+/* Init ladder (dqlite-style): each step that succeeded is undone, in
+ * reverse, by the label its failure jumps past. Once raft_init succeeded
+ * the undo is asynchronous: raft_close, then raft_uv_close, the transport
+ * and the struct from on_raft_closed. */
+int consensus_start(uv_loop_t *loop, const struct consensus_options *opts, struct consensus **out,
+                    char *errmsg, size_t errlen) {
+  int rv;
+  char err[256];
+  *out = NULL;
+  if (check_options(opts, errmsg, errlen) != 0) return CONSENSUS_EINVALID;
+  /* A peer that goes away mid-write must not kill the process. */
+  signal(SIGPIPE, SIG_IGN);
+  struct consensus *c = consensus_alloc(loop, opts, &rv, errmsg, errlen);
+  if (c == NULL) return rv;
+
+  rv = CONSENSUS_EIO;
+  if (ensure_dir(c->data_dir, errmsg, errlen) != 0 ||
+      ensure_dir(c->raft_dir, errmsg, errlen) != 0 || keycheck(c, errmsg, errlen) != 0)
+    goto err_free;
+  if (zg_transport_init(&c->transport, loop, opts->cluster_secret, opts->raft_listen, 0, err,
+                        sizeof err) != 0) {
+    snprintf(errmsg, errlen, "%s", err);
+    rv = CONSENSUS_ENOMEM;
+    goto err_free;
+  }
+  if (raft_uv_init(&c->io, loop, c->raft_dir, &c->transport) != 0) {
+    snprintf(errmsg, errlen, "raft_uv_init(%s): %s", c->raft_dir, c->io.errmsg);
+    goto err_transport;
+  }
+  unsigned election = opts->election_timeout_ms ? opts->election_timeout_ms : 1000;
+  unsigned heartbeat = opts->heartbeat_ms ? opts->heartbeat_ms : 100;
+  raft_uv_set_connect_retry_delay(&c->io, election / 4 > 50 ? election / 4 : 50);
+  /* A damaged closed segment must stop the node with an error naming the
+   * path, not be silently cut away: entries this node acknowledged would be
+   * forgotten, which can undo a commit. The operator restores or re-joins. */
+  raft_uv_set_auto_recovery(&c->io, false);
+  if (raft_init(&c->raft, &c->io, &c->fsm.raft, c->members[0].raft_id,
+                c->members[0].raft_address) != 0) {
+    snprintf(errmsg, errlen, "raft_init(%s): %s", c->raft_dir, raft_errmsg(&c->raft));
+    goto err_io;
+  }
+  c->raft.data = c;
+  raft_set_election_timeout(&c->raft, election);
+  raft_set_heartbeat_timeout(&c->raft, heartbeat);
+  raft_set_pre_vote(&c->raft, true);
+  raft_set_snapshot_threshold(&c->raft, opts->snapshot_threshold ? opts->snapshot_threshold : 1024);
+  raft_set_snapshot_trailing(&c->raft, opts->snapshot_trailing ? opts->snapshot_trailing : 128);
+  bool restarted = false;
+  if (bootstrap_if_new(c, opts, &restarted, errmsg, errlen) != 0) goto err_raft;
   if (restarted && c->n_members > 1)
     zg_transport_set_quiet(&c->transport,
                            opts->startup_quiet_ms ? opts->startup_quiet_ms : election);
-  rv = raft_start(&c->raft);
-  if (rv != 0) {
+  if (raft_start(&c->raft) != 0) {
     snprintf(errmsg, errlen, "raft_start(%s): %s", c->raft_dir, raft_errmsg(&c->raft));
-    goto fail;
+    goto err_raft;
   }
   uv_check_init(loop, &c->check);
   c->check.data = c;
@@ -818,12 +798,18 @@ int consensus_start(uv_loop_t *loop, const struct consensus_options *opts, struc
   *out = c;
   return 0;
 
-fail:
-  start_failed(c);
-  return CONSENSUS_EIO;
-nomem:
-  snprintf(errmsg, errlen, "consensus_start(): out of memory");
-  return CONSENSUS_ENOMEM;
+err_raft:
+  c->closing = true;
+  c->close_waits = 1;
+  raft_close(&c->raft, on_raft_closed); /* closes io and transport, frees c */
+  return rv;
+err_io:
+  raft_uv_close(&c->io);
+err_transport:
+  zg_transport_free(&c->transport);
+err_free:
+  free_consensus(c);
+  return rv;
 }
 
 /* ---- reads ---------------------------------------------------------------- */
@@ -853,6 +839,9 @@ bool consensus_token_lookup(const struct consensus *c, const char sha256_hex[65]
     out->name = t->name;
     out->expires_at = t->expires_at;
     out->rpm = t->rpm;
+    out->tpm = t->tpm;
+    out->budget_day = t->budget_day;
+    out->budget_month = t->budget_month;
     out->n_allow = t->n_allow;
     out->allow = (const char *const *)t->allow;
   }
@@ -885,6 +874,37 @@ size_t consensus_usable_keys(const struct consensus *c, const char *upstream,
   return n;
 }
 
+bool consensus_key_by_id(const struct consensus *c, const char *id, struct consensus_key_use *out) {
+  const struct zg_state *st = &c->fsm.st;
+  uint64_t now = zg_wall_ms();
+  char err[256];
+  for (size_t i = 0; id != NULL && i < st->n_keys; i++) {
+    const struct zg_key *k = &st->keys[i];
+    if (strcmp(k->id, id) != 0) continue;
+    if (k->state != ZG_KEY_ACTIVE && !(k->state == ZG_KEY_RETIRING && k->retire_at > now))
+      return false;
+    char *secret = NULL;
+    if (zg_unseal(c->master_key, SECRET_PURPOSE, k->sealed, &secret, NULL, err, sizeof err)) {
+      ZG_LOG_ERROR("key_unseal_failed", "provider key %s cannot be opened: %s", k->id, err);
+      return false;
+    }
+    snprintf(out->id, sizeof out->id, "%s", k->id);
+    out->secret = secret;
+    return true;
+  }
+  return false;
+}
+
+void consensus_usage_view(const struct consensus *c, const char *token, uint64_t now_s,
+                          struct consensus_usage_view *out) {
+  zg_usage_view(&c->fsm.st.usage, token, now_s, out);
+}
+
+cJSON *consensus_usage_query(const struct consensus *c, const char *token, const char *model,
+                             uint64_t since_s) {
+  return zg_usage_query(&c->fsm.st.usage, token, model, since_s);
+}
+
 cJSON *consensus_keys_json(const struct consensus *c) {
   return zg_state_keys_json(&c->fsm.st, zg_wall_ms());
 }
@@ -902,6 +922,23 @@ bool consensus_is_leader(const struct consensus *c) {
   if (c->closing || raft_state(r) != RAFT_LEADER) return false;
   if (raft_transferee(r) != 0) return false;
   return c->barrier_committed_term == raft_current_term(r);
+}
+
+bool consensus_barrier_committed(const struct consensus *c) {
+  struct raft *r = (struct raft *)&c->raft;
+  return !c->closing && raft_state(r) == RAFT_LEADER &&
+         c->barrier_committed_term == raft_current_term(r);
+}
+
+bool consensus_transfer_under_way(const struct consensus *c) {
+  return raft_transferee((struct raft *)&c->raft) != 0;
+}
+
+unsigned consensus_voter_count(const struct consensus *c) {
+  unsigned voters = 0;
+  for (unsigned i = 0; i < c->raft.configuration.n; i++)
+    if (c->raft.configuration.servers[i].role == RAFT_VOTER) voters++;
+  return voters;
 }
 
 const struct consensus_member *consensus_leader(const struct consensus *c) {

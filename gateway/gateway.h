@@ -88,9 +88,10 @@ struct gateway_cluster {
   void (*usage_view)(void *ud, const char *token, uint64_t now_s, struct gateway_usage_view *out);
   void (*usage_write)(void *ud, struct cJSON *args, void (*done)(void *arg, bool committed),
                       void *arg);
-  /* Model routing (optional): a usable (active or retiring) provider key
-   * by id; fills out (secret malloc'd, the gateway frees it) and returns
-   * true, or false when the key is unknown, revoked or invalid. */
+  /* One usable provider key (active, or retiring before its retire_at) by
+   * id: fills out (secret malloc'd; the gateway frees it with
+   * zg_secret_free()) and returns true; false when unknown or not usable
+   * (optional: NULL in single-node mode). */
   bool (*key_by_id)(void *ud, const char *id, struct gateway_key *out);
   /* Key of the signature that carries a client's identity on a request a
    * standby forwards to the active (derived from the cluster secret; see

@@ -1,5 +1,6 @@
 /* cli.c: the operator's CLI for the admin API: status, config get|apply,
- * keys, tokens, audit, members, switchover. Blocking libcurl calls (a CLI
+ * keys, tokens (create, update, list, revoke), usage, audit, members,
+ * switchover. Blocking libcurl calls (a CLI
  * has no loop to share). Address and admin token from --addr/--token or
  * ZONEGATE_ADDR / ZONEGATE_ADMIN_TOKEN. Human tables by default, --json
  * for scripts.
@@ -42,7 +43,7 @@ void cli_options_parse(struct cli_options *o, int *argc, char **argv) {
       o->json = true;
     else if (!strcmp(argv[i], "--addr") && i + 1 < *argc)
       snprintf(o->addr, sizeof(o->addr), "%s", argv[++i]);
-    else if (!strcmp(argv[i], "--token") && i + 1 < *argc)
+    else if ((!strcmp(argv[i], "--token") || !strcmp(argv[i], "--admin-token")) && i + 1 < *argc)
       snprintf(o->token, sizeof(o->token), "%s", argv[++i]);
     else
       argv[out++] = argv[i];
@@ -70,7 +71,7 @@ static size_t edit_distance(const char *a, const char *b) {
 }
 
 int cli_check_options(const char *what, int argc, char *const *argv, const char *const *known) {
-  static const char *const global[] = {"--json", "--addr=", "--token=", NULL};
+  static const char *const global[] = {"--json", "--addr=", "--token=", "--admin-token=", NULL};
   for (int i = 0; i < argc; i++) {
     const char *arg = argv[i];
     if (strncmp(arg, "--", 2) != 0) continue;
@@ -128,7 +129,13 @@ static const struct cli_spec cli_specs[] = {
      "add",
      {"--id=", "--upstream=", "--rotate-after-days=", "--secret-file=", "--secret-env=", NULL}},
     {"keys", "rotate", {"--grace-seconds=", "--secret-file=", "--secret-env=", NULL}},
-    {"tokens", "create", {"--expires-in=", "--rpm=", "--allow=", NULL}},
+    {"tokens",
+     "create",
+     {"--expires-in=", "--rpm=", "--tpm=", "--budget-day=", "--budget-month=", "--allow=", NULL}},
+    {"tokens",
+     "update",
+     {"--expires-in=", "--rpm=", "--tpm=", "--budget-day=", "--budget-month=", "--allow=", NULL}},
+    {"usage", NULL, {"--token=", "--model=", "--since=", NULL}},
     {"audit", NULL, {"--limit=", NULL}},
     {"members", "add", {"--raft=", "--zone=", "--role=", "--admin=", "--gateway=", NULL}},
     {"switchover", NULL, {"--to=", NULL}},
@@ -491,20 +498,96 @@ static double parse_duration_s(const char *text) {
   return v;
 }
 
+/* The limit options of tokens create|update into body: --rpm, --tpm,
+ * --budget-day, --budget-month (whole numbers, 0 = none), --expires-in
+ * (30d, 12h, 0 = never), --allow CIDR (repeatable; "any" = no allowlist).
+ * -1 after a usage message on a malformed value. */
+static int token_limit_options(int argc, char **argv, cJSON *body, bool update) {
+  static const char *const limits[][2] = {{"--rpm", "rpm"},
+                                          {"--tpm", "tpm"},
+                                          {"--budget-day", "budget_day"},
+                                          {"--budget-month", "budget_month"}};
+  for (size_t i = 0; i < ZG_ARRAY_LEN(limits); i++) {
+    const char *v = opt(argc, argv, limits[i][0]);
+    if (!v) continue;
+    char *end;
+    errno = 0;
+    unsigned long long n = strtoull(v, &end, 10);
+    if (!*v || *end || errno || v[0] == '-' || n > 9000000000000000ull) {
+      fprintf(stderr, "zonegate tokens: %s expects a whole number of %s (0 = none), not '%s'\n",
+              limits[i][0], i == 0 ? "requests per minute" : "tokens", v);
+      return -1;
+    }
+    cJSON_AddNumberToObject(body, limits[i][1], (double)n);
+  }
+  if (opt(argc, argv, "--expires-in"))
+    cJSON_AddNumberToObject(body, "expires_in_s",
+                            parse_duration_s(opt(argc, argv, "--expires-in")));
+  bool any_allow = false;
+  for (int i = 0; i + 1 < argc; i++) any_allow |= !strcmp(argv[i], "--allow");
+  if (any_allow || !update) {
+    cJSON *allow = cJSON_AddArrayToObject(body, "allow");
+    for (int i = 0; i + 1 < argc; i++)
+      if (!strcmp(argv[i], "--allow") && strcmp(argv[i + 1], "any"))
+        cJSON_AddItemToArray(allow, cJSON_CreateString(argv[i + 1]));
+  }
+  return 0;
+}
+
+static void limit_text(const cJSON *t, const char *key, char out[24]) {
+  double v = num(t, key, 0);
+  if (v > 0)
+    snprintf(out, 24, "%.0f", v);
+  else
+    snprintf(out, 24, "-");
+}
+
 static int cmd_tokens(const struct cli_options *o, int argc, char **argv) {
   const char *sub = argc >= 1 ? argv[0] : "";
   cJSON *a = NULL;
+  if (!strcmp(sub, "update") && argc >= 2) {
+    cJSON *body = cJSON_CreateObject();
+    if (token_limit_options(argc, argv, body, true)) {
+      cJSON_Delete(body);
+      return 2;
+    }
+    if (cJSON_GetArraySize(body) == 0) {
+      cJSON_Delete(body);
+      fprintf(stderr, "zonegate tokens update: nothing to change (give --rpm, --tpm, "
+                      "--budget-day, --budget-month, --expires-in or --allow)\n");
+      return 2;
+    }
+    CURL *curl = curl_easy_init();
+    char *escaped = curl ? curl_easy_escape(curl, argv[1], 0) : NULL;
+    char path[512];
+    snprintf(path, sizeof(path), "/v1/tokens/%s", escaped ? escaped : argv[1]);
+    curl_free(escaped);
+    if (curl) curl_easy_cleanup(curl);
+    int rc = cli_call(o, "PATCH", path, body, NULL, &a);
+    cJSON_Delete(body);
+    if (rc) return 1;
+    if (o->json) {
+      print_json(a);
+    } else {
+      char rpm[24], tpm[24], day[24], month[24];
+      limit_text(a, "rpm", rpm);
+      limit_text(a, "tpm", tpm);
+      limit_text(a, "budget_day", day);
+      limit_text(a, "budget_month", month);
+      printf("updated token %s (%s) on every node: rpm %s, tpm %s, budget_day %s, budget_month "
+             "%s\n",
+             str(a, "id"), str(a, "name"), rpm, tpm, day, month);
+    }
+    cJSON_Delete(a);
+    return 0;
+  }
   if (!strcmp(sub, "create") && argc >= 2) {
     cJSON *body = cJSON_CreateObject();
     cJSON_AddStringToObject(body, "name", argv[1]);
-    if (opt(argc, argv, "--expires-in"))
-      cJSON_AddNumberToObject(body, "expires_in_s",
-                              parse_duration_s(opt(argc, argv, "--expires-in")));
-    if (opt(argc, argv, "--rpm"))
-      cJSON_AddNumberToObject(body, "rpm", atof(opt(argc, argv, "--rpm")));
-    cJSON *allow = cJSON_AddArrayToObject(body, "allow");
-    for (int i = 0; i + 1 < argc; i++)
-      if (!strcmp(argv[i], "--allow")) cJSON_AddItemToArray(allow, cJSON_CreateString(argv[i + 1]));
+    if (token_limit_options(argc, argv, body, false)) {
+      cJSON_Delete(body);
+      return 2;
+    }
     int rc = cli_call(o, "POST", "/v1/tokens", body, NULL, &a);
     cJSON_Delete(body);
     if (rc) return 1;
@@ -523,8 +606,8 @@ static int cmd_tokens(const struct cli_options *o, int argc, char **argv) {
     if (o->json)
       print_json(a);
     else {
-      printf("%-14s %-20s %-10s %-21s %-21s %6s %s\n", "ID", "NAME", "SHA256", "CREATED", "EXPIRES",
-             "RPM", "ALLOW");
+      printf("%-14s %-20s %-10s %-21s %-21s %6s %9s %11s %13s %s\n", "ID", "NAME", "SHA256",
+             "CREATED", "EXPIRES", "RPM", "TPM", "BUDGET_DAY", "BUDGET_MONTH", "ALLOW");
       const cJSON *t;
       cJSON_ArrayForEach(t, cJSON_GetObjectItemCaseSensitive(a, "tokens")) {
         char created[32], expires[32];
@@ -536,8 +619,13 @@ static int cmd_tokens(const struct cli_options *o, int argc, char **argv) {
           if (allow[0]) strncat(allow, ",", sizeof(allow) - strlen(allow) - 1);
           strncat(allow, c->valuestring, sizeof(allow) - strlen(allow) - 1);
         }
-        printf("%-14s %-20s %-10s %-21s %-21s %6.0f %s\n", str(t, "id"), str(t, "name"),
-               str(t, "sha256_prefix"), created, expires, num(t, "rpm", 0),
+        char rpm[24], tpm[24], day[24], month[24];
+        limit_text(t, "rpm", rpm);
+        limit_text(t, "tpm", tpm);
+        limit_text(t, "budget_day", day);
+        limit_text(t, "budget_month", month);
+        printf("%-14s %-20s %-10s %-21s %-21s %6s %9s %11s %13s %s\n", str(t, "id"), str(t, "name"),
+               str(t, "sha256_prefix"), created, expires, rpm, tpm, day, month,
                allow[0] ? allow : "any");
       }
     }
@@ -556,8 +644,12 @@ static int cmd_tokens(const struct cli_options *o, int argc, char **argv) {
     return 0;
   }
   fprintf(stderr,
-          "usage: zonegate tokens create NAME [--expires-in 30d] [--rpm N] [--allow CIDR]...\n"
-          "       zonegate tokens list | revoke ID\n");
+          "usage: zonegate tokens create NAME [--expires-in 30d] [--rpm N] [--tpm N] "
+          "[--budget-day N] [--budget-month N] [--allow CIDR]...\n"
+          "       zonegate tokens update ID|NAME [--rpm N] [--tpm N] [--budget-day N] "
+          "[--budget-month N] [--expires-in 30d|0] [--allow CIDR|any]...\n"
+          "       zonegate tokens list | revoke ID\n"
+          "(limits: 0 = none; tpm and budgets count tokens, budgets per UTC day / month)\n");
   return 2;
 }
 
@@ -624,6 +716,54 @@ static int cmd_members(const struct cli_options *o, int argc, char **argv) {
   return 2;
 }
 
+static void usage_line(const char *token, const char *model, const cJSON *c) {
+  printf("%-20s %-28s %9.0f %12.0f %12.0f %12.0f %10.0f %10.0f %8.0f\n", token, model,
+         num(c, "requests", 0), num(c, "prompt", 0), num(c, "completion", 0), num(c, "total", 0),
+         num(c, "cached", 0), num(c, "reasoning", 0), num(c, "unknown", 0));
+}
+
+/* zonegate usage [--token NAME] [--model M] [--since 24h|7d|all]: token
+ * usage per client token and model from the replicated counters. */
+static int cmd_usage(const struct cli_options *o, const char *token, int argc, char **argv) {
+  if (argc > 0 && strncmp(argv[0], "--", 2)) {
+    fprintf(stderr, "usage: zonegate usage [--token NAME] [--model M] [--since 24h|7d|30m|all] "
+                    "[--json]\n");
+    return 2;
+  }
+  CURL *curl = curl_easy_init();
+  if (!curl) return 1;
+  const char *model = opt(argc, argv, "--model");
+  const char *since = opt(argc, argv, "--since");
+  char *t = token ? curl_easy_escape(curl, token, 0) : NULL;
+  char *m = model ? curl_easy_escape(curl, model, 0) : NULL;
+  char *s = curl_easy_escape(curl, since ? since : "24h", 0);
+  char path[1024];
+  snprintf(path, sizeof(path), "/v1/usage?since=%s%s%s%s%s", s ? s : "24h", t ? "&token=" : "",
+           t ? t : "", m ? "&model=" : "", m ? m : "");
+  curl_free(t);
+  curl_free(m);
+  curl_free(s);
+  curl_easy_cleanup(curl);
+  cJSON *a;
+  if (cli_call(o, "GET", path, NULL, NULL, &a)) return 1;
+  if (o->json) {
+    print_json(a);
+    cJSON_Delete(a);
+    return 0;
+  }
+  printf("usage over %s%s (tokens as the upstream reported them)\n",
+         since && !strcmp(since, "all") ? "everything kept" : "the last ",
+         since && !strcmp(since, "all") ? "" : (since ? since : "24h"));
+  printf("%-20s %-28s %9s %12s %12s %12s %10s %10s %8s\n", "TOKEN", "MODEL", "REQUESTS", "PROMPT",
+         "COMPLETION", "TOTAL", "CACHED", "REASONING", "UNKNOWN");
+  const cJSON *r;
+  cJSON_ArrayForEach(r, cJSON_GetObjectItemCaseSensitive(a, "rows"))
+      usage_line(str(r, "token"), str(r, "model"), r);
+  usage_line("(sum)", "", cJSON_GetObjectItemCaseSensitive(a, "sum"));
+  cJSON_Delete(a);
+  return 0;
+}
+
 static int cmd_switchover(const struct cli_options *o, int argc, char **argv) {
   cJSON *body = cJSON_CreateObject();
   if (opt(argc, argv, "--to")) cJSON_AddStringToObject(body, "to", opt(argc, argv, "--to"));
@@ -644,6 +784,20 @@ static int cmd_switchover(const struct cli_options *o, int argc, char **argv) {
 int node_cli(const char *command, int argc, char **argv) {
   struct cli_options o;
   curl_global_init(CURL_GLOBAL_DEFAULT);
+  /* `zonegate usage --token NAME` names a client token: taken out before
+   * the common options (the admin token: --admin-token or
+   * ZONEGATE_ADMIN_TOKEN). */
+  const char *usage_token = NULL;
+  if (!strcmp(command, "usage")) {
+    int out = 0;
+    for (int i = 0; i < argc; i++) {
+      if (!strcmp(argv[i], "--token") && i + 1 < argc)
+        usage_token = argv[++i];
+      else
+        argv[out++] = argv[i];
+    }
+    argc = out;
+  }
   cli_options_parse(&o, &argc, argv);
   /* argv[0] is the command itself */
   int rc = check_command_options(command, argc - 1, argv + 1);
@@ -666,6 +820,8 @@ int node_cli(const char *command, int argc, char **argv) {
     rc = cmd_members(&o, argc - 1, argv + 1);
   else if (!strcmp(command, "switchover"))
     rc = cmd_switchover(&o, argc - 1, argv + 1);
+  else if (!strcmp(command, "usage"))
+    rc = cmd_usage(&o, usage_token, argc - 1, argv + 1);
   else {
     fprintf(stderr, "zonegate: unknown command '%s' (see zonegate --help)\n", command);
     rc = 2;

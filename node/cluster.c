@@ -1,5 +1,8 @@
 /* cluster.c: wires consensus (the Raft group) and failover (the role) into
- * a running node.
+ * a running node, and answers the gateway's cluster questions
+ * (gateway_cluster): client tokens and provider keys from the replicated
+ * state, key.invalidate writes when the upstream refuses a key, serve mode
+ * and health from failover; plus the raft and provider-key metrics.
  *
  * A node runs consensus when its config lists peers, or when it has a
  * master key (a one-voter cluster with the admin API). Otherwise it runs
@@ -128,6 +131,8 @@ static void on_consensus_event(void *ud, enum consensus_event ev) {
   case CONSENSUS_EV_STATE_APPLIED:
     node_cluster_apply_replicated(n);
     maybe_seed_literal_keys(n);
+    /* The seed's commit is what a witness leader waits for to hand off. */
+    if (n->failover) failover_on_leader_changed(n->failover);
     break;
   case CONSENSUS_EV_LEADER_CHANGED:
     if (n->failover) failover_on_leader_changed(n->failover);
@@ -140,6 +145,193 @@ static void on_consensus_event(void *ud, enum consensus_event ev) {
   default:
     break;
   }
+}
+
+/* ---- the gateway's cluster hooks ------------------------------------- */
+
+static bool hook_token_lookup(void *ud, const char sha256_hex[65], struct gateway_token *out) {
+  struct node *n = ud;
+  struct consensus_token_view v;
+  if (!consensus_token_lookup(n->consensus, sha256_hex, &v)) return false;
+  snprintf(out->id, sizeof(out->id), "%s", v.id);
+  snprintf(out->name, sizeof(out->name), "%s", v.name);
+  out->expires_at_ms = v.expires_at;
+  out->rpm = v.rpm;
+  out->tpm = v.tpm;
+  out->budget_day = v.budget_day;
+  out->budget_month = v.budget_month;
+  out->n_allow = 0;
+  for (size_t i = 0; i < v.n_allow && i < ZG_ARRAY_LEN(out->allow); i++)
+    snprintf(out->allow[out->n_allow++], sizeof(out->allow[0]), "%s", v.allow[i]);
+  return true;
+}
+
+static size_t hook_usable_keys(void *ud, const char *upstream, struct gateway_key *out,
+                               size_t max) {
+  struct node *n = ud;
+  struct consensus_key_use keys[16];
+  if (max > ZG_ARRAY_LEN(keys)) max = ZG_ARRAY_LEN(keys);
+  size_t count = consensus_usable_keys(n->consensus, upstream, keys, max);
+  for (size_t i = 0; i < count; i++) {
+    snprintf(out[i].id, sizeof(out[i].id), "%.47s", keys[i].id);
+    out[i].secret = keys[i].secret;
+  }
+  return count;
+}
+
+static bool hook_key_by_id(void *ud, const char *id, struct gateway_key *out) {
+  struct node *n = ud;
+  struct consensus_key_use k;
+  if (!consensus_key_by_id(n->consensus, id, &k)) return false;
+  snprintf(out->id, sizeof(out->id), "%.47s", k.id);
+  out->secret = k.secret;
+  return true;
+}
+
+static void hook_usage_view(void *ud, const char *token, uint64_t now_s,
+                            struct gateway_usage_view *out) {
+  struct node *n = ud;
+  struct consensus_usage_view v;
+  consensus_usage_view(n->consensus, token, now_s, &v);
+  *out = (struct gateway_usage_view){v.minute_requests, v.minute_tokens, v.minute_oldest_s,
+                                     v.day_tokens, v.month_tokens};
+}
+
+/* One usage.add write. The gateway's done runs exactly once and never
+ * before usage_write returns: a write refused at once (not the leader,
+ * shutting down) answers from a zero timer. */
+struct usage_write {
+  void (*done)(void *arg, bool committed);
+  void *arg;
+  bool returned, committed;
+  uv_timer_t timer;
+};
+
+static void usage_write_free(uv_handle_t *h) {
+  free(h->data);
+}
+
+static void usage_write_later(uv_timer_t *t) {
+  struct usage_write *w = t->data;
+  w->done(w->arg, w->committed);
+  uv_close((uv_handle_t *)&w->timer, usage_write_free);
+}
+
+static void on_usage_written(void *ud, int status, const char *errmsg, const cJSON *result) {
+  struct usage_write *w = ud;
+  w->committed = status == 0;
+  if (status != 0 && status != CONSENSUS_ENOTLEADER && status != CONSENSUS_ESHUTDOWN)
+    zg_log(ZG_WARN, "usage_write_failed", "usage.add: %s",
+           errmsg ? errmsg : consensus_strerror(status));
+  if (w->returned) {
+    w->done(w->arg, w->committed);
+    uv_close((uv_handle_t *)&w->timer, usage_write_free);
+  } else {
+    uv_timer_start(&w->timer, usage_write_later, 0, 0);
+  }
+}
+
+static void hook_usage_write(void *ud, cJSON *args, void (*done)(void *arg, bool committed),
+                             void *arg) {
+  struct node *n = ud;
+  struct usage_write *w = calloc(1, sizeof(*w));
+  if (!w) {
+    /* no memory for a timer: answer now (the counts go back, sent again) */
+    cJSON_Delete(args);
+    zg_log(ZG_ERROR, "usage_write_failed", "out of memory");
+    done(arg, false);
+    return;
+  }
+  w->done = done;
+  w->arg = arg;
+  uv_timer_init(n->loop, &w->timer);
+  w->timer.data = w;
+  consensus_write(n->consensus, "usage.add", args, "gateway", n->cfg->node_id, on_usage_written, w);
+  w->returned = true;
+}
+
+static void on_key_invalidated(void *ud, int status, const char *errmsg, const cJSON *result) {
+  if (status != 0)
+    zg_log(ZG_WARN, "key_invalidate_failed", "%s", errmsg ? errmsg : consensus_strerror(status));
+}
+
+/* The upstream answered 401 with this key: mark it invalid cluster-wide. */
+static void hook_key_rejected(void *ud, const char *key_id, const char *upstream) {
+  struct node *n = ud;
+  cJSON *args = cJSON_CreateObject();
+  cJSON_AddStringToObject(args, "id", key_id);
+  cJSON_AddStringToObject(args, "reason", "upstream answered 401");
+  consensus_write(n->consensus, "key.invalidate", args, "gateway", n->cfg->node_id,
+                  on_key_invalidated, n);
+}
+
+static enum gateway_serve_mode hook_serve_mode(void *ud, bool forwarded, char *forward_to,
+                                               size_t len) {
+  struct node *n = ud;
+  return failover_serve_mode(n->failover, forwarded, forward_to, len);
+}
+
+static int hook_health(void *ud, const char *check, cJSON *body) {
+  struct node *n = ud;
+  return failover_health(n->failover, check, body);
+}
+
+/* /metrics: raft progress and provider keys, for the Prometheus rules in
+ * deploy/prometheus/alerts.yml (the role and lease are failover's). */
+static void collect_cluster_metrics(void *ud, void *out_buf) {
+  struct node *n = ud;
+  zg_buf *out = out_buf;
+  zg_buf_appendf(
+      out,
+      "# HELP zonegate_raft_term Current Raft term\n# TYPE zonegate_raft_term "
+      "gauge\nzonegate_raft_term %llu\n"
+      "# HELP zonegate_raft_commit_index Raft commit index\n# TYPE zonegate_raft_commit_index "
+      "gauge\n"
+      "zonegate_raft_commit_index %llu\n"
+      "# HELP zonegate_raft_applied_index Raft applied index\n# TYPE zonegate_raft_applied_index "
+      "gauge\n"
+      "zonegate_raft_applied_index %llu\n",
+      (unsigned long long)consensus_term(n->consensus),
+      (unsigned long long)consensus_commit_index(n->consensus),
+      (unsigned long long)consensus_applied_index(n->consensus));
+  cJSON *keys = consensus_keys_json(n->consensus);
+  static const char *const states[] = {"active", "retiring", "revoked", "invalid"};
+  int counts[4] = {0, 0, 0, 0};
+  zg_buf_appendf(out, "# HELP zonegate_provider_key_age_days Age of each provider key\n"
+                      "# TYPE zonegate_provider_key_age_days gauge\n");
+  const cJSON *k;
+  cJSON_ArrayForEach(k, keys) {
+    const cJSON *id = cJSON_GetObjectItemCaseSensitive(k, "id");
+    const cJSON *up = cJSON_GetObjectItemCaseSensitive(k, "upstream");
+    const cJSON *state = cJSON_GetObjectItemCaseSensitive(k, "state");
+    const cJSON *age = cJSON_GetObjectItemCaseSensitive(k, "age_days");
+    if (!cJSON_IsString(id) || !cJSON_IsString(up) || !cJSON_IsString(state)) continue;
+    for (int i = 0; i < 4; i++)
+      if (!strcmp(state->valuestring, states[i])) counts[i]++;
+    if (!strcmp(state->valuestring, "revoked")) continue;
+    zg_buf_appendf(out, "zonegate_provider_key_age_days{upstream=\"%s\",key_id=\"%s\"} %g\n",
+                   up->valuestring, id->valuestring, cJSON_IsNumber(age) ? age->valuedouble : 0);
+  }
+  zg_buf_appendf(
+      out, "# HELP zonegate_provider_key_rotate_after_days Rotation period of each provider key\n"
+           "# TYPE zonegate_provider_key_rotate_after_days gauge\n");
+  cJSON_ArrayForEach(k, keys) {
+    const cJSON *id = cJSON_GetObjectItemCaseSensitive(k, "id");
+    const cJSON *up = cJSON_GetObjectItemCaseSensitive(k, "upstream");
+    const cJSON *state = cJSON_GetObjectItemCaseSensitive(k, "state");
+    const cJSON *rot = cJSON_GetObjectItemCaseSensitive(k, "rotate_after_days");
+    if (!cJSON_IsString(id) || !cJSON_IsString(up) || !cJSON_IsString(state) ||
+        !strcmp(state->valuestring, "revoked"))
+      continue;
+    zg_buf_appendf(out,
+                   "zonegate_provider_key_rotate_after_days{upstream=\"%s\",key_id=\"%s\"} %g\n",
+                   up->valuestring, id->valuestring, cJSON_IsNumber(rot) ? rot->valuedouble : 0);
+  }
+  zg_buf_appendf(out, "# HELP zonegate_provider_keys Provider keys by state\n# TYPE "
+                      "zonegate_provider_keys gauge\n");
+  for (int i = 0; i < 4; i++)
+    zg_buf_appendf(out, "zonegate_provider_keys{state=\"%s\"} %d\n", states[i], counts[i]);
+  cJSON_Delete(keys);
 }
 
 /* The seed: the replicated sections, with literal secrets blanked (they
@@ -267,14 +459,24 @@ int node_cluster_start(struct node *n, char *errmsg, size_t errlen) {
   rc = failover_start(n->loop, n->consensus, n->gateway, cfg, &n->failover, errmsg, errlen);
   if (rc != 0) goto out;
   node_cluster_apply_replicated(n); /* state restored from disk, if any */
+  n->hooks = (struct gateway_cluster){.ud = n,
+                                      .token_lookup = hook_token_lookup,
+                                      .usable_keys = hook_usable_keys,
+                                      .key_rejected = hook_key_rejected,
+                                      .serve_mode = hook_serve_mode,
+                                      .hold_timeout_ms = cfg->election_timeout_ms * 3,
+                                      .health = hook_health,
+                                      .usage_view = hook_usage_view,
+                                      .usage_write = hook_usage_write,
+                                      .key_by_id = hook_key_by_id};
+  gateway_add_metrics_collector(n->gateway, collect_cluster_metrics, n);
   /* Client requests a standby forwards carry the client's address signed
    * with a key of their own (gateway/ident.c). */
-  n->gateway_hooks = *failover_gateway_hooks(n->failover);
   static const char client_label[] = "zonegate client forwarding v1";
   zg_hmac_sha256(secret, strlen(secret), client_label, sizeof(client_label) - 1,
-                 n->gateway_hooks.forward_key);
-  n->gateway_hooks.have_forward_key = true;
-  gateway_set_cluster(n->gateway, &n->gateway_hooks);
+                 n->hooks.forward_key);
+  n->hooks.have_forward_key = true;
+  gateway_set_cluster(n->gateway, &n->hooks);
   zg_log(ZG_INFO, "cluster_started", "node %s (zone %s, %s) in a group of %zu voters; raft on %s",
          cfg->node_id, cfg->zone, cfg->role, cfg->n_peers + 1, cfg->listen_raft);
 out:

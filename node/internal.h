@@ -23,7 +23,8 @@ struct node {
   struct gateway *gateway;
   struct consensus *consensus;          /* NULL in standalone mode */
   struct failover *failover;            /* NULL in standalone mode */
-  struct alerts *alerts;                /* alert engine (failover/alerts.h) */
+  struct alerts *alerts;                /* alert engine (alerts/alerts.h) */
+  struct gateway_cluster hooks;         /* what the gateway asks the cluster (cluster.c) */
   struct httpd_server *admin;           /* NULL when no admin token is configured */
   struct upstream_client *admin_client; /* forwards admin writes to the leader */
   char *admin_token;                    /* resolved secret */
@@ -31,15 +32,14 @@ struct node {
    * the cluster secret; see admin.c). Wiped at exit. */
   uint8_t forward_key[32];
   bool have_forward_key;
-  /* The failover hooks plus the client-forwarding key (another key
-   * derived from the cluster secret), handed to the gateway. */
-  struct gateway_cluster gateway_hooks;
   uint64_t applied_config_version;
   uv_signal_t sigterm, sigint, sighup;
   uv_timer_t drain_timer;
   uint64_t drain_deadline_ms;
   bool draining;
-  bool switching_over; /* SIGTERM on the active: planned handover first */
+  bool switching_over;    /* SIGTERM on the active: planned handover first */
+  bool flushing_for_exit; /* drained; writing the last usage counts */
+  bool closing_started;   /* handles and parts asked to close */
   bool literal_keys_seeded;
   uv_timer_t drill_timer; /* crash / freeze drills; data set once initialised */
   bool drill_crash;

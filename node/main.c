@@ -24,8 +24,13 @@ static void usage(FILE *out) {
       "  zonegate config get | apply FILE [--if-match VERSION]\n"
       "  zonegate keys list | add | rotate ID | revoke ID   provider keys (secret from "
       "stdin/file/env)\n"
-      "  zonegate tokens create NAME [--expires-in 30d] [--rpm N] [--allow CIDR] | list | revoke "
-      "ID\n"
+      "  zonegate tokens create NAME [--expires-in 30d] [--rpm N] [--tpm N] [--budget-day N]\n"
+      "                [--budget-month N] [--allow CIDR] | update ID|NAME [same options] | list |\n"
+      "                revoke ID\n"
+      "  zonegate usage [--token NAME] [--model M] [--since 24h|7d|all]   token usage\n"
+      "                                     (here --token names a client token; the admin token\n"
+      "                                     then comes from --admin-token or "
+      "ZONEGATE_ADMIN_TOKEN)\n"
       "  zonegate audit [--limit N]\n"
       "  zonegate members add ID --raft HOST:PORT [...] | remove ID\n"
       "  zonegate switchover [--to NODE]    planned handover of the active role\n"
@@ -63,7 +68,8 @@ int main(int argc, char **argv) {
   if (!strcmp(cmd, "drill")) return node_drill(argc - 1, argv + 1);
   if (!strcmp(cmd, "recover")) return node_recover(argc - 1, argv + 1);
   if (!strcmp(cmd, "status") || !strcmp(cmd, "keys") || !strcmp(cmd, "tokens") ||
-      !strcmp(cmd, "audit") || !strcmp(cmd, "members") || !strcmp(cmd, "switchover"))
+      !strcmp(cmd, "audit") || !strcmp(cmd, "members") || !strcmp(cmd, "switchover") ||
+      !strcmp(cmd, "usage"))
     return node_cli(cmd, argc - 1, argv + 1);
   fprintf(stderr, "zonegate: unknown command '%s'\n\n", cmd);
   usage(stderr);

@@ -36,6 +36,7 @@
 #include <uv.h>
 
 #define DRAIN_POLL_MS 50
+#define SHUTDOWN_FLUSH_BOUND_MS 1000
 
 static enum { CORES_DISABLED, CORES_ALLOWED, CORES_DISABLE_FAILED } core_state;
 static int core_errno;
@@ -133,7 +134,34 @@ static void on_part_closed(void *arg) {
 
 static void close_parts(struct node *n);
 
+static void close_handles_and_parts(struct node *n) {
+  if (n->closing_started) return;
+  n->closing_started = true;
+  uv_timer_stop(&n->drain_timer);
+  uv_close((uv_handle_t *)&n->sigterm, NULL);
+  uv_close((uv_handle_t *)&n->sigint, NULL);
+  uv_close((uv_handle_t *)&n->sighup, NULL);
+  uv_close((uv_handle_t *)&n->drain_timer, NULL);
+  if (n->drill_timer.data) uv_close((uv_handle_t *)&n->drill_timer, NULL);
+  close_parts(n);
+}
+
+static void on_shutdown_flushed(void *arg) {
+  close_handles_and_parts(arg);
+}
+
+static void on_shutdown_flush_timeout(uv_timer_t *t) {
+  zg_log(ZG_WARN, "usage_flush_slow",
+         "usage counts not written within %u ms of shutdown; exiting without them",
+         SHUTDOWN_FLUSH_BOUND_MS);
+  close_handles_and_parts(t->data);
+}
+
+/* Drained: the usage counts not yet written go through Raft (a one-voter
+ * cluster, or an active node whose handover failed), bounded by
+ * SHUTDOWN_FLUSH_BOUND_MS so a stuck write never holds the exit. */
 static void finish_shutdown(struct node *n) {
+  if (n->closing_started || n->flushing_for_exit) return;
   uv_timer_stop(&n->drain_timer);
   size_t left = n->gateway ? gateway_active_requests(n->gateway) : 0;
   if (left > 0)
@@ -141,12 +169,13 @@ static void finish_shutdown(struct node *n) {
            "drain_timeout reached with %zu requests still in flight; closing them", left);
   else
     zg_log(ZG_INFO, "drained", "all in-flight requests finished");
-  uv_close((uv_handle_t *)&n->sigterm, NULL);
-  uv_close((uv_handle_t *)&n->sigint, NULL);
-  uv_close((uv_handle_t *)&n->sighup, NULL);
-  uv_close((uv_handle_t *)&n->drain_timer, NULL);
-  if (n->drill_timer.data) uv_close((uv_handle_t *)&n->drill_timer, NULL);
-  close_parts(n);
+  if (!n->consensus || !n->gateway) {
+    close_handles_and_parts(n);
+    return;
+  }
+  n->flushing_for_exit = true;
+  uv_timer_start(&n->drain_timer, on_shutdown_flush_timeout, SHUTDOWN_FLUSH_BOUND_MS, 0);
+  gateway_flush_usage(n->gateway, on_shutdown_flushed, n);
 }
 
 /* Asks every running part to close; uv_stop() once all have. Also used
@@ -217,7 +246,7 @@ static void on_stop_signal(uv_signal_t *s, int signum) {
   if (n->draining) {
     zg_log(ZG_WARN, "shutdown_forced", "second %s: exiting now",
            signum == SIGINT ? "SIGINT" : "SIGTERM");
-    finish_shutdown(n);
+    close_handles_and_parts(n);
     return;
   }
   /* The active node of a cluster hands over first (planned switchover:
@@ -335,7 +364,7 @@ int node_serve(int argc, char **argv) {
     uv_run(n.loop, UV_RUN_DEFAULT);
     zg_secret_free(n.admin_token);
     OPENSSL_cleanse(n.forward_key, sizeof(n.forward_key));
-    OPENSSL_cleanse(n.gateway_hooks.forward_key, sizeof(n.gateway_hooks.forward_key));
+    OPENSSL_cleanse(n.hooks.forward_key, sizeof(n.hooks.forward_key));
     zg_config_free(n.cfg);
     return 1;
   }
@@ -352,7 +381,7 @@ int node_serve(int argc, char **argv) {
         uv_run(n.loop, UV_RUN_DEFAULT);
         zg_secret_free(n.admin_token);
         OPENSSL_cleanse(n.forward_key, sizeof(n.forward_key));
-        OPENSSL_cleanse(n.gateway_hooks.forward_key, sizeof(n.gateway_hooks.forward_key));
+        OPENSSL_cleanse(n.hooks.forward_key, sizeof(n.hooks.forward_key));
         zg_config_free(n.cfg);
         return 1;
       }
@@ -389,7 +418,7 @@ int node_serve(int argc, char **argv) {
   uv_run(n.loop, UV_RUN_NOWAIT);
   zg_secret_free(n.admin_token);
   OPENSSL_cleanse(n.forward_key, sizeof(n.forward_key));
-  OPENSSL_cleanse(n.gateway_hooks.forward_key, sizeof(n.gateway_hooks.forward_key));
+  OPENSSL_cleanse(n.hooks.forward_key, sizeof(n.hooks.forward_key));
   zg_log(ZG_INFO, "stopped", "zonegate stopped");
   zg_config_free(n.cfg);
   return n.exit_code;

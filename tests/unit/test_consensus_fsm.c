@@ -430,6 +430,149 @@ static void test_snapshot_buffers_survive_changes(void **state) {
   zg_fsm_close(&h);
 }
 
+/* usage.add: per-second ring (window (now-60, now]), day/month totals,
+ * hourly rows and their queries, pruning from the entry's own time, no
+ * audit record, snapshot round trip, malformed args refused whole. */
+static void test_usage(void **state) {
+  (void)state;
+  struct zg_fsm f;
+  struct last_apply la;
+  fsm_setup(&f, &la, 100);
+  uint64_t at = 1700000000; /* 2023-11-14T22:13:20Z */
+  char args[1024];
+  snprintf(args, sizeof args,
+           "{\"at\":%llu,\"rows\":[{\"token\":\"app\",\"model\":\"m1\",\"key\":\"k1\","
+           "\"requests\":2,\"prompt\":10,\"completion\":5,\"total\":15,\"cached\":1,"
+           "\"reasoning\":2,\"unknown\":0},{\"token\":\"app\",\"model\":\"m1\",\"key\":\"k2\","
+           "\"requests\":1,\"prompt\":3,\"completion\":4,\"total\":7,\"cached\":0,"
+           "\"reasoning\":0,\"unknown\":1}],\"seconds\":[{\"token\":\"app\",\"at\":%llu,"
+           "\"requests\":2,\"tokens\":15},{\"token\":\"app\",\"at\":%llu,\"requests\":1,"
+           "\"tokens\":7}]}",
+           (unsigned long long)at, (unsigned long long)at - 1, (unsigned long long)at);
+  uint64_t seq = f.st.audit_seq;
+  char err[256];
+  assert_int_equal(apply(&f, at * 1000, "usage.add", args), 0);
+  assert_int_equal(f.st.audit_seq, seq); /* not audited */
+  assert_int_equal(la.changed, 0);
+  struct consensus_usage_view v;
+  zg_usage_view(&f.st.usage, "app", at, &v);
+  assert_int_equal(v.minute_requests, 3);
+  assert_int_equal(v.minute_tokens, 22);
+  assert_int_equal(v.minute_oldest_s, at - 1);
+  assert_int_equal(v.day_tokens, 22);
+  assert_int_equal(v.month_tokens, 22);
+  zg_usage_view(&f.st.usage, "app", at + 59, &v);
+  assert_int_equal(v.minute_requests, 1); /* at - 1 left the window */
+  zg_usage_view(&f.st.usage, "app", at + 86400, &v);
+  assert_int_equal(v.minute_requests, 0);
+  assert_int_equal(v.day_tokens, 0);
+  zg_usage_view(&f.st.usage, "nobody", at, &v);
+  assert_int_equal(v.minute_requests + v.day_tokens + v.month_tokens, 0);
+
+  cJSON *q = zg_usage_query(&f.st.usage, NULL, NULL, at - 3600);
+  const cJSON *sum = cJSON_GetObjectItemCaseSensitive(q, "sum");
+  assert_int_equal(cJSON_GetObjectItemCaseSensitive(sum, "requests")->valuedouble, 3);
+  assert_int_equal(cJSON_GetObjectItemCaseSensitive(sum, "total")->valuedouble, 22);
+  assert_int_equal(cJSON_GetObjectItemCaseSensitive(sum, "unknown")->valuedouble, 1);
+  assert_int_equal(cJSON_GetArraySize(cJSON_GetObjectItemCaseSensitive(q, "rows")), 1);
+  cJSON_Delete(q);
+  q = zg_usage_query(&f.st.usage, "app", "m2", 0);
+  assert_int_equal(cJSON_GetArraySize(cJSON_GetObjectItemCaseSensitive(q, "rows")), 0);
+  cJSON_Delete(q);
+
+  /* malformed (prepare would refuse it; apply must too): nothing changes */
+  struct zgc_command raw = {.type = ZGC_USAGE_ADD, .at = at * 1000, .actor = "x", .source = "y"};
+  raw.args = cJSON_Parse("{\"at\":1700000000,\"rows\":[{\"token\":\"app\"}]}");
+  struct raft_buffer buf;
+  assert_int_equal(zgc_encode(&raw, &buf, err, sizeof err), 0);
+  cJSON_Delete(raw.args);
+  assert_int_equal(zg_fsm_apply_buf(&f, buf.base, buf.len), CONSENSUS_EINVALID);
+  raft_free(buf.base);
+  zg_usage_view(&f.st.usage, "app", at, &v);
+  assert_int_equal(v.minute_requests, 3);
+
+  /* snapshot round trip keeps it exactly */
+  char *snap, *snap2;
+  size_t len, len2;
+  assert_int_equal(zg_fsm_snapshot_bytes(&f, &snap, &len), 0);
+  struct zg_fsm g;
+  struct last_apply lb;
+  fsm_setup(&g, &lb, 100);
+  assert_int_equal(zg_fsm_restore_bytes(&g, snap, len, err, sizeof err), 0);
+  assert_int_equal(zg_fsm_snapshot_bytes(&g, &snap2, &len2), 0);
+  assert_int_equal(len, len2);
+  assert_memory_equal(snap, snap2, len);
+  free(snap2);
+  zg_usage_view(&g.st.usage, "app", at, &v);
+  assert_int_equal(v.minute_tokens, 22);
+
+  /* 63 days later: the hourly buckets are pruned, the idle row leaves */
+  uint64_t later = at + 63u * 86400u;
+  snprintf(args, sizeof args,
+           "{\"at\":%llu,\"rows\":[{\"token\":\"other\",\"model\":\"m\",\"key\":\"\","
+           "\"requests\":1,\"prompt\":1,\"completion\":1,\"total\":2,\"cached\":0,"
+           "\"reasoning\":0,\"unknown\":0}],\"seconds\":[]}",
+           (unsigned long long)later);
+  assert_int_equal(apply(&f, later * 1000, "usage.add", args), 0);
+  assert_int_equal(f.st.usage.n_rows, 1);
+  assert_int_equal(f.st.usage.n_hours, 1);
+  zg_usage_view(&f.st.usage, "app", at, &v); /* app idle for 2 months: still kept */
+  assert_int_equal(v.month_tokens, 22);
+
+  free(snap);
+  zg_fsm_close(&g);
+  cJSON_Delete(lb.result);
+  zg_fsm_close(&f);
+  cJSON_Delete(la.result);
+}
+
+/* token.update: limits, expiry and allowlist by id or by name; audited;
+ * the snapshot carries the new values. */
+static void test_token_update(void **state) {
+  (void)state;
+  struct zg_fsm f;
+  struct last_apply la;
+  fsm_setup(&f, &la, 100);
+  uint64_t t0 = 1700000000000ull;
+  assert_int_equal(apply(&f, t0, "token.create",
+                         "{\"name\":\"app\",\"sha256\":\"" HASH_A "\",\"rpm\":3,\"tpm\":100}"),
+                   0);
+  char id[48];
+  snprintf(id, sizeof id, "%s", result_string(&la, "id"));
+  const struct zg_token *t = zg_state_token_find(&f.st, HASH_A);
+  assert_int_equal(t->rpm, 3);
+  assert_int_equal(t->tpm, 100);
+  assert_int_equal(
+      apply(&f, t0, "token.update",
+            "{\"id\":\"app\",\"tpm\":50,\"budget_day\":1000,\"allow\":[\"10.0.0.0/8\"]}"),
+      0);
+  t = zg_state_token_find(&f.st, HASH_A);
+  assert_int_equal(t->rpm, 3);
+  assert_int_equal(t->tpm, 50);
+  assert_int_equal(t->budget_day, 1000);
+  assert_int_equal(t->n_allow, 1);
+  assert_non_null(strstr(t->snap_text, "\"budget_day\":1000"));
+  char upd[128];
+  snprintf(upd, sizeof upd, "{\"id\":\"%s\",\"allow\":[],\"budget_month\":7}", id);
+  assert_int_equal(apply(&f, t0, "token.update", upd), 0);
+  t = zg_state_token_find(&f.st, HASH_A);
+  assert_int_equal(t->n_allow, 0);
+  assert_int_equal(t->budget_month, 7);
+  cJSON *audit = zg_state_audit_json(&f.st, 1);
+  assert_string_equal(
+      cJSON_GetObjectItemCaseSensitive(cJSON_GetArrayItem(audit, 0), "action")->valuestring,
+      "token.update");
+  cJSON_Delete(audit);
+  assert_int_equal(apply(&f, t0, "token.update", "{\"id\":\"nope\",\"rpm\":1}"),
+                   CONSENSUS_ENOTFOUND);
+  assert_int_equal(apply(&f, t0, "token.create", "{\"name\":\"app\",\"sha256\":\"" HASH_B "\"}"),
+                   0);
+  assert_int_equal(apply(&f, t0, "token.update", "{\"id\":\"app\",\"rpm\":1}"),
+                   CONSENSUS_ECONFLICT);
+  zg_fsm_close(&f);
+  cJSON_Delete(la.result);
+}
+
 int main(void) {
   zg_log_set_level(ZG_ERROR + 1);
   const struct CMUnitTest tests[] = {
@@ -439,6 +582,8 @@ int main(void) {
       cmocka_unit_test(test_seed_once),
       cmocka_unit_test(test_many_tokens),
       cmocka_unit_test(test_snapshot_buffers_survive_changes),
+      cmocka_unit_test(test_usage),
+      cmocka_unit_test(test_token_update),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

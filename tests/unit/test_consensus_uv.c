@@ -65,8 +65,27 @@ static int free_port(void) {
   return ntohs(sa.sin_port);
 }
 
+/* The witness's hand-off belongs to failover/ (failover.c,
+ * maybe_witness_handoff); these tests run consensus alone, so the ticker
+ * does the same through consensus's public calls: a fenced witness leader
+ * of a seeded cluster with another voter hands leadership away, once per
+ * term. */
+static uint64_t witness_handoff_term;
+
+static void handoff_done(void *ud, int status) {
+  (void)ud;
+  if (status != 0) witness_handoff_term = 0;
+}
+
 static void tick(uv_timer_t *t) {
-  (void)t;
+  struct cluster *cl = t->data;
+  struct tnode *w = &cl->nodes[N - 1];
+  if (w->closed || !consensus_is_leader(w->c)) return;
+  uint64_t term = consensus_term(w->c);
+  if (term == witness_handoff_term || !consensus_config(w->c) || consensus_voter_count(w->c) < 2)
+    return;
+  witness_handoff_term = term;
+  if (consensus_transfer_leadership(w->c, NULL, handoff_done, NULL) != 0) witness_handoff_term = 0;
 }
 
 /* Runs the loop until pred() holds or max_ms passes. */
@@ -136,6 +155,8 @@ static void cluster_init(struct cluster *cl, const char *bad_secret_for_last) {
   assert_non_null(mkdtemp(cl->root));
   assert_int_equal(uv_loop_init(&cl->loop), 0);
   uv_timer_init(&cl->loop, &cl->ticker);
+  cl->ticker.data = cl;
+  witness_handoff_term = 0;
   uv_timer_start(&cl->ticker, tick, 10, 10);
   static const char *const ids[N] = {"gw-a", "gw-b", "witness"};
   static const char *const zones[N] = {"A", "B", "C"};

@@ -1,0 +1,117 @@
+/* failover/role.h (private to failover/ and its unit tests): the role
+ * machine, the single source of truth for "is this node active".
+ *
+ * The machine reads the cluster through a small view (term, leader,
+ * post-election barrier, transfer under way, now) and acts on it through
+ * two calls (commit a barrier, transfer leadership), so the same code runs
+ * on consensus/ in a node and on libraft's raft_fixture with a virtual
+ * clock in tests/unit/test_role_fixture.c. It never includes consensus.h.
+ *
+ * Every role change goes through one function that checks the move
+ * against a transition table and logs it (role_changed). A move the table
+ * forbids is a bug: it is logged once as role_transition_refused, counted
+ * in illegal_moves (the tests assert it stays 0) and replaced by
+ * LEADER_UNFENCED, a role that never serves and from which every legal
+ * path continues, so a bug can never make a node serve nor loop in logs.
+ *
+ * Every reader (data plane, health, metrics, alerts, status) calls
+ * role_current(), which re-evaluates first: a lapsed lease stops serving
+ * at the very next request, and the answer is always the logged role.
+ */
+#ifndef ZG_FAILOVER_ROLE_H
+#define ZG_FAILOVER_ROLE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "failover/failover.h"
+
+/* The cluster as the role machine sees it. All calls are on the loop
+ * thread; `ud` is passed back. */
+struct failover_view {
+  void *ud;
+  uint64_t (*now_ms)(void *ud); /* monotonic milliseconds */
+  uint64_t (*term)(void *ud);
+  bool (*raft_leader)(void *ud);  /* this node is the raft leader */
+  bool (*leader_known)(void *ud); /* some node (maybe this one) is known to lead */
+  /* The barrier a new leader commits on election has committed in the
+   * current term (the node's state is current). */
+  bool (*barrier_committed)(void *ud);
+  bool (*transfer_under_way)(void *ud);
+  /* Commits a barrier; cb(arg, status) runs exactly once unless this
+   * returns non-zero. */
+  int (*barrier)(void *ud, void (*cb)(void *arg, int status), void *arg);
+  /* Transfers leadership to node `to` (NULL: the most caught-up voter).
+   * cb(arg, status) runs exactly once (status 0: leadership moved) unless
+   * this returns non-zero (then nothing was started). */
+  int (*transfer)(void *ud, const char *to, void (*cb)(void *arg, int status), void *arg);
+  const char *(*strerror)(int status); /* may be NULL */
+};
+
+struct role_machine {
+  const struct failover_view *view;
+  bool witness;
+  unsigned election_timeout_ms, heartbeat_ms, drain_timeout_ms;
+  double lease_ratio; /* < 1 */
+  /* lease */
+  bool barrier_inflight;
+  uint64_t barrier_submit_ms, barrier_term;
+  uint64_t lease_until_ms, lease_term;
+  /* role */
+  enum failover_role role;
+  char reason[128];
+  uint64_t moves, illegal_moves;
+  enum failover_role last_refused_from, last_refused_to;
+  /* TILT: the loop stalled; no lease and no decision until a normal tick */
+  uint64_t last_tick_ms;
+  bool tilt;
+  /* planned handover */
+  bool draining, transfer_started;
+  uint64_t drain_deadline_ms;
+  char switch_to[64], switch_reason[64];
+  void (*switch_cb)(void *ud, int status, const char *msg);
+  void *switch_ud;
+  /* Optional trace of every move (tests). */
+  void (*on_move)(void *ud, enum failover_role from, enum failover_role to, const char *reason);
+  void *on_move_ud;
+};
+
+/* True when the table allows from -> to (a no-move is always allowed). */
+bool role_move_allowed(enum failover_role from, enum failover_role to);
+
+/* Starts in UNAVAILABLE (not evaluated yet); the first role_current()
+ * moves it. `view` is borrowed and must outlive the machine. */
+void role_init(struct role_machine *m, const struct failover_view *view, bool witness,
+               unsigned election_timeout_ms, unsigned heartbeat_ms, double lease_ratio,
+               unsigned drain_timeout_ms);
+
+/* Re-evaluates and returns the role; *reason (may be NULL) gets the
+ * condition that decided it (valid until the next call). */
+enum failover_role role_current(struct role_machine *m, const char **reason);
+
+/* One heartbeat: the TILT guard (a tick later than 4 heartbeats drops the
+ * lease and returns false: take no decision now), then lease renewal and
+ * re-evaluation. `idle`: no client request in flight or queued (feeds the
+ * drain of a planned handover). */
+bool role_tick(struct role_machine *m, bool idle);
+
+/* Renews the lease now if due (on the fenced leader, no barrier in flight). */
+void role_renew_lease(struct role_machine *m);
+uint64_t role_lease_remaining_ms(const struct role_machine *m);
+
+/* Planned handover: only from ACTIVE. `to` may be NULL or "" (the most
+ * caught-up voter). The drain ends when `idle` (role_tick) or at
+ * drain_timeout; then the transfer starts. cb(ud, status, msg) runs once:
+ * status 0 when leadership moved; otherwise the node is back to ACTIVE
+ * (an aborted handover is a legal move back). Returns 0, ROLE_EBUSY (a
+ * handover is already under way) or ROLE_ENOTACTIVE. */
+enum { ROLE_EBUSY = -1, ROLE_ENOTACTIVE = -2 };
+int role_drain_begin(struct role_machine *m, const char *to, const char *reason,
+                     void (*cb)(void *ud, int status, const char *msg), void *ud);
+/* Advances a drain: starts the transfer once idle or past the deadline. */
+void role_drain_progress(struct role_machine *m, bool idle);
+/* Ends a drain without a transfer result (shutdown): cb gets status. */
+void role_drain_abort(struct role_machine *m, int status, const char *msg);
+
+#endif
