@@ -154,7 +154,7 @@ def test_usage_sums_exact(cluster):
     assert "m-chat" in table and "(sum)" in table and str(want["total"]) in table
 
     # Prometheus on the active node
-    _, _, metrics = request(active.gateway_port, "GET", "/metrics")
+    _, _, metrics = request(active.admin_port, "GET", "/metrics")
     text = metrics.decode()
     for kind, key in (("prompt", "prompt_tokens"), ("completion", "completion_tokens")):
         total = 0
