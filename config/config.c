@@ -585,12 +585,12 @@ struct zg_config *zg_config_with_replicated(const struct zg_config *local, const
   }
   for (const cJSON *child = replicated->child; child; child = child->next) {
     if (!zg_config_key_is_replicated(child->string)) {
-      snprintf(
-          err, errlen,
-          "%s: %s: expected only replicated sections (api_key, endpoint, fallback_endpoints, "
-          "performance, "
-          "model, auth, failover, drills, alerts), found \"%s\" which is local to each node's file",
-          origin, child->string, child->string);
+      char known[256];
+      zg_config_replicated_list(known, sizeof(known));
+      snprintf(err, errlen,
+               "%s: %s: expected only replicated sections (%s), found \"%s\" which is local to "
+               "each node's file",
+               origin, child->string, known, child->string);
       return NULL;
     }
   }

@@ -158,6 +158,8 @@ void zg_config_set_validator(const char *section,
  * meaning), generated from the schema so the docs cannot drift. Caller
  * frees. */
 char *zg_config_reference_markdown(void);
+/* The replicated top-level keys, "api_key, endpoint, ...", into out[size]. */
+void zg_config_replicated_list(char *out, size_t size);
 /* True when the top-level key belongs to the replicated part. */
 bool zg_config_key_is_replicated(const char *key);
 

@@ -5,6 +5,7 @@
 #include "config/schema.h"
 
 #include <stddef.h>
+#include <stdio.h>
 
 #define OFF(field) offsetof(struct zg_config, field), sizeof(((struct zg_config *)0)->field)
 #define NOFF ((size_t)-1), 0
@@ -151,7 +152,14 @@ const size_t zg_schema_len = sizeof(zg_schema) / sizeof(zg_schema[0]);
 
 static const char *const replicated_keys[] = {
     "api_key", "endpoint", "fallback_endpoints", "performance", "model", "auth", "failover",
-    "drills",  "alerts",   "upstream",           "usage"};
+    "drills",  "alerts",   "upstream",           "usage",       "models"};
+
+void zg_config_replicated_list(char *out, size_t size) {
+  size_t n = 0;
+  out[0] = '\0';
+  for (size_t i = 0; i < sizeof(replicated_keys) / sizeof(replicated_keys[0]) && n < size; i++)
+    n += (size_t)snprintf(out + n, size - n, "%s%s", i ? ", " : "", replicated_keys[i]);
+}
 
 bool zg_config_key_is_replicated(const char *key) {
   for (size_t i = 0; i < sizeof(replicated_keys) / sizeof(replicated_keys[0]); i++)

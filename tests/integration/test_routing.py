@@ -105,3 +105,45 @@ def test_bad_table_refused_naming_the_path(models, path):
                              timeout=10)
         assert out.returncode != 0
         assert path in out.stderr, out.stderr
+
+
+def test_cluster_routes_with_key_ids_and_skips_a_bad_key():
+    """In a cluster: a model's endpoint lists key ids from the sealed store;
+    a revoked key is skipped, a key the upstream refuses is retired once and
+    the next one serves; the table changes live with config apply."""
+    from cluster import SECRETS, Cluster
+    with TempDir() as d:
+        c = Cluster(d, mock_args=("--require-key", SECRETS["UPSTREAM_API_KEY"]))
+        try:
+            c.start()
+            active = c.active()
+            good = SECRETS["UPSTREAM_API_KEY"]
+            for kid, secret in (("key-bad", "sk-wrong-000000000000"), ("key-good", good),
+                                ("key-revoked", good)):
+                st, k = active.admin_call("POST", "/v1/keys", {"id": kid, "secret": secret})
+                assert st == 200, k
+            st, _ = active.admin_call("DELETE", "/v1/keys/key-revoked")
+            assert st == 200
+            st, doc = active.admin_call("GET", "/v1/config")
+            assert st == 200, doc
+            cfg = doc.get("config", doc)
+            cfg["models"] = [{"name": "routed", "endpoints": [
+                {"endpoint": c.mock.url, "keys": ["key-revoked", "key-bad", "key-good"],
+                 "model": "upstream-name"}]}]
+            st, ans = active.admin_call("PUT", "/v1/config", {"config": cfg} if "config" in doc else cfg)
+            assert st == 200, ans
+            st, tok = active.admin_call("POST", "/v1/tokens", {"name": "router"})
+            token = tok["token"]
+            hdr = {"Authorization": f"Bearer {token}"}
+            body = {"model": "routed", "messages": [{"role": "user", "content": "x"}]}
+            from harness import wait_for
+            wait_for(lambda: request(c.active().gateway_port, "POST", "/v1/chat/completions", body,
+                                     hdr)[0] == 200, timeout=10, what="routed model served")
+            st, keys = c.active().admin_call("GET", "/v1/keys")
+            states = {k["id"]: k["state"] for k in keys["keys"]}
+            assert states["key-bad"] == "invalid" and states["key-good"] == "active", states
+            st, _, payload = request(c.active().gateway_port, "POST", "/v1/chat/completions",
+                                     {"model": "gpt-unknown", "messages": [{"role": "user", "content": "x"}]}, hdr)
+            assert st == 404 and "routed" in error_of(payload)["message"]
+        finally:
+            c.stop()
