@@ -18,14 +18,16 @@
 
 bool gateway_cidr_match(const char *cidr, const char *ip) {
   char net[64];
+  if (strlen(cidr) >= sizeof(net)) return false; /* never match a cut-off network */
   snprintf(net, sizeof(net), "%s", cidr);
   char *slash = strchr(net, '/');
   long bits = -1;
   if (slash) {
     *slash = '\0';
-    char *end;
-    bits = strtol(slash + 1, &end, 10);
-    if (*end || end == slash + 1) return false;
+    /* 1-3 decimal digits only: strtol would also take " 8", "+8", "-1". */
+    size_t digits = strspn(slash + 1, "0123456789");
+    if (digits == 0 || digits > 3 || slash[1 + digits]) return false;
+    bits = strtol(slash + 1, NULL, 10);
   }
   unsigned char a[16], b[16];
   int family = strchr(net, ':') ? AF_INET6 : AF_INET;

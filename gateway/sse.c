@@ -5,6 +5,7 @@
 void sse_cursor_init(struct sse_cursor *cur) {
   cur->line_empty = true;
   cur->prev_cr = false;
+  cur->cr_ended = false;
 }
 
 size_t sse_last_boundary(struct sse_cursor *cur, const char *data, size_t len) {
@@ -13,12 +14,19 @@ size_t sse_last_boundary(struct sse_cursor *cur, const char *data, size_t len) {
     char ch = data[i];
     if (ch == '\n' && cur->prev_cr) {
       cur->prev_cr = false;
-      if (last == i) last = i + 1; /* the LF of a CRLF that ended the event */
+      /* The LF of a CRLF that ended the event, also when the CR came at
+       * the end of the previous piece (then only cur knows). */
+      if (cur->cr_ended) last = i + 1;
+      cur->cr_ended = false;
       continue;
     }
     cur->prev_cr = ch == '\r';
+    cur->cr_ended = false;
     if (ch == '\n' || ch == '\r') {
-      if (cur->line_empty) last = i + 1;
+      if (cur->line_empty) {
+        last = i + 1;
+        cur->cr_ended = ch == '\r';
+      }
       cur->line_empty = true;
     } else {
       cur->line_empty = false;

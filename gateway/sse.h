@@ -3,7 +3,7 @@
  * "Server-sent events", §9.2.5/§9.2.6: lines end with CRLF, LF or CR; an
  * empty line ends an event), so the proxy can hold back a partial event
  * and put its own error event on a boundary. No allocation; state is two
- * flags carried across pieces.
+ * three flags carried across pieces.
  */
 #ifndef ZG_GATEWAY_SSE_H
 #define ZG_GATEWAY_SSE_H
@@ -14,6 +14,7 @@
 struct sse_cursor {
   bool line_empty; /* the current line has no byte yet */
   bool prev_cr;    /* the last byte was CR (an LF right after it ends nothing) */
+  bool cr_ended;   /* ... and that CR ended an event (its LF belongs to it) */
 };
 
 /* At the start of a stream (which is on a boundary). */

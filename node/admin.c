@@ -43,6 +43,7 @@
 #include "failover/failover.h"
 #include "gateway/gateway.h"
 #include "httpd/httpd.h"
+#include "node/admin_routes.h"
 #include "node/internal.h"
 #include "upstream/upstream.h"
 
@@ -834,70 +835,6 @@ static void on_admin_request(void *ctx, struct httpd_req *req) {
 
 /* ---- routing ----------------------------------------------------------- */
 
-enum route {
-  R_STATUS,
-  R_CONFIG,
-  R_KEYS,
-  R_KEY_ROTATE,
-  R_KEY,
-  R_TOKENS,
-  R_TOKEN,
-  R_AUDIT,
-  R_MEMBERS,
-  R_MEMBER,
-  R_SWITCHOVER,
-  R_DRILL,
-  R_USAGE,
-};
-
-/* `pattern` segments: literal, or "*" for one non-empty id segment. */
-static const struct {
-  const char *pattern;
-  const char *methods; /* "GET" also allows HEAD */
-  enum route route;
-} routes[] = {
-    {"/v1/cluster/status", "GET", R_STATUS},
-    {"/v1/config", "GET, PUT", R_CONFIG},
-    {"/v1/keys", "GET, POST", R_KEYS},
-    {"/v1/keys/*/rotate", "POST", R_KEY_ROTATE},
-    {"/v1/keys/*", "DELETE", R_KEY},
-    {"/v1/tokens", "GET, POST", R_TOKENS},
-    {"/v1/tokens/*", "DELETE, PATCH", R_TOKEN},
-    {"/v1/usage", "GET", R_USAGE},
-    {"/v1/audit", "GET, POST", R_AUDIT},
-    {"/v1/cluster/members", "POST", R_MEMBERS},
-    {"/v1/cluster/members/*", "DELETE", R_MEMBER},
-    {"/v1/cluster/switchover", "POST", R_SWITCHOVER},
-    {"/v1/drills/*", "POST", R_DRILL},
-};
-
-/* Whole-path match; the "*" segment is copied to id. */
-static bool route_match(const char *pattern, const char *path, char *id, size_t idlen) {
-  while (*pattern) {
-    if (*pattern == '*') {
-      size_t seg = strcspn(path, "/");
-      if (seg == 0 || seg >= idlen) return false;
-      memcpy(id, path, seg);
-      id[seg] = '\0';
-      path += seg;
-      pattern++;
-      continue;
-    }
-    if (*pattern != *path) return false;
-    pattern++;
-    path++;
-  }
-  return *path == '\0';
-}
-
-static bool method_allowed(const char *methods, const char *m) {
-  if (!strcmp(m, "HEAD")) m = "GET";
-  size_t mlen = strlen(m);
-  for (const char *p = methods; (p = strstr(p, m)) != NULL; p += mlen)
-    if ((p == methods || p[-1] == ' ') && (p[mlen] == '\0' || p[mlen] == ',')) return true;
-  return false;
-}
-
 /* Routes an authenticated admin request (again, after a node became the
  * leader while a forward was waiting). */
 static void admin_route(struct admin_req *a) {
@@ -907,19 +844,11 @@ static void admin_route(struct admin_req *a) {
   const char *p = httpd_req_path(req);
   struct consensus *cs = n->consensus;
   char id[128] = "";
-  size_t r = 0;
-  bool path_known = false;
-  for (; r < ZG_ARRAY_LEN(routes); r++) {
-    if (!route_match(routes[r].pattern, p, id, sizeof(id))) continue;
-    path_known = true;
-    if (method_allowed(routes[r].methods, m)) break;
-  }
-  if (r == ZG_ARRAY_LEN(routes)) {
-    if (path_known) {
-      /* Paths never match two patterns, so the last match is the one. */
-      const char *allow = "";
-      for (size_t i = 0; i < ZG_ARRAY_LEN(routes); i++)
-        if (route_match(routes[i].pattern, p, id, sizeof(id))) allow = routes[i].methods;
+  enum route route = R_STATUS;
+  const char *allow = "";
+  int found = admin_route_lookup(m, p, &route, id, sizeof(id), &allow);
+  if (found != 200) {
+    if (found == 405) {
       char allow_line[64];
       snprintf(allow_line, sizeof(allow_line), "Allow: %s", allow);
       const char *extra[] = {allow_line, NULL};
@@ -932,7 +861,6 @@ static void admin_route(struct admin_req *a) {
     admin_req_free(a);
     return;
   }
-  enum route route = routes[r].route;
   bool write = is_write(m);
   if (write && route != R_DRILL && !consensus_is_leader(cs)) {
     forward_to_leader(a);

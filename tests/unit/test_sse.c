@@ -38,6 +38,12 @@ static void test_split_pieces(void **state) {
   sse_cursor_init(&cur);
   assert_int_equal(feed(&cur, "data: x\r\n\r"), 10);
   assert_int_equal(feed(&cur, "\ndata: y"), 1);
+  /* CRLF that ends a non-empty line, split CR | LF: no boundary (fuzz_sse) */
+  sse_cursor_init(&cur);
+  assert_int_equal(feed(&cur, "data: x\r"), 0);
+  assert_int_equal(feed(&cur, "\ndata: y\r\n"), 0);
+  assert_int_equal(feed(&cur, "\r"), 1);
+  assert_int_equal(feed(&cur, "\n"), 1);
   /* a stream that starts with a blank line is on a boundary after it */
   sse_cursor_init(&cur);
   assert_int_equal(feed(&cur, "\n"), 1);
