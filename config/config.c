@@ -448,6 +448,54 @@ static int finish(struct parse_ctx *ctx, struct zg_config *cfg) {
   return store_arrays(ctx, cfg);
 }
 
+/* Duplicate member names make a JSON document mean two things (cJSON
+ * keeps both; a lookup sees the first): refused anywhere in a config, with
+ * the path. Sorting the names keeps it O(n log n) per object. Returns 0, or
+ * -1 with err "<origin>: <path>: ...". */
+static int cmp_names(const void *a, const void *b) {
+  return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+static int check_duplicates(const cJSON *v, const char *path, const char *origin, char *err,
+                            size_t errlen) {
+  if (cJSON_IsObject(v)) {
+    size_t n = 0;
+    for (const cJSON *c = v->child; c; c = c->next) n++;
+    if (n > 1) {
+      const char **names = malloc(n * sizeof(*names));
+      if (!names) {
+        snprintf(err, errlen, "%s: out of memory", origin);
+        return -1;
+      }
+      size_t i = 0;
+      for (const cJSON *c = v->child; c; c = c->next) names[i++] = c->string ? c->string : "";
+      qsort(names, n, sizeof(*names), cmp_names);
+      for (i = 1; i < n; i++)
+        if (!strcmp(names[i], names[i - 1])) {
+          snprintf(err, errlen, "%s: %s%s%.100s: expected each key once, found it twice", origin,
+                   path, path[0] ? "." : "", names[i]);
+          free(names);
+          return -1;
+        }
+      free(names);
+    }
+    for (const cJSON *c = v->child; c; c = c->next) {
+      char sub[512];
+      snprintf(sub, sizeof(sub), "%s%s%.100s", path, path[0] ? "." : "",
+               c->string ? c->string : "");
+      if (check_duplicates(c, sub, origin, err, errlen)) return -1;
+    }
+  } else if (cJSON_IsArray(v)) {
+    int i = 0;
+    for (const cJSON *c = v->child; c; c = c->next, i++) {
+      char sub[512];
+      snprintf(sub, sizeof(sub), "%.400s[%d]", path, i);
+      if (check_duplicates(c, sub, origin, err, errlen)) return -1;
+    }
+  }
+  return 0;
+}
+
 struct zg_config *zg_config_parse(const char *text, const char *origin, char *err, size_t errlen) {
   struct parse_ctx ctx = {origin, err, errlen};
   const char *error_ptr = NULL;
@@ -472,7 +520,8 @@ struct zg_config *zg_config_parse(const char *text, const char *origin, char *er
     cJSON_Delete(root);
     return NULL;
   }
-  if (walk_object(&ctx, "", "", root) != 0) {
+  if (check_duplicates(root, "", origin, err, errlen) != 0 ||
+      walk_object(&ctx, "", "", root) != 0) {
     cJSON_Delete(root);
     return NULL;
   }
@@ -583,6 +632,7 @@ struct zg_config *zg_config_with_replicated(const struct zg_config *local, const
     snprintf(err, errlen, "%s: (top level): expected a JSON object", origin);
     return NULL;
   }
+  if (check_duplicates(replicated, "", origin, err, errlen) != 0) return NULL;
   for (const cJSON *child = replicated->child; child; child = child->next) {
     if (!zg_config_key_is_replicated(child->string)) {
       char known[256];

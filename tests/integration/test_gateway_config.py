@@ -213,3 +213,22 @@ def test_readme_config_reference_matches_the_schema():
     assert out.returncode == 0
     readme = open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md")).read()
     assert out.stdout.strip() in readme, "README.md config reference is stale: paste `zonegate config reference`"
+
+
+def test_duplicate_keys_are_refused_naming_the_path():
+    """A key written twice means two things (the parser would keep the
+    first): refused anywhere in the file, with its JSON path."""
+    import subprocess
+    from harness import ZONEGATE_BIN
+    with TempDir() as d:
+        for text, path in (('{"node":{"id":"a","id":"b"},"auth":{"mode":"none"}}', "node.id"),
+                           ('{"auth":{"mode":"none"},"alerts":{"channels":[{"type":"webhook",'
+                            '"url":"http://x","url":"env:HOME"}]}}', "alerts.channels[0].url"),
+                           ('{"api_key":"env:A","api_key":"env:B","auth":{"mode":"none"}}', "api_key")):
+            p = os.path.join(d, "dup.json")
+            with open(p, "w") as f:
+                f.write(text)
+            out = subprocess.run([ZONEGATE_BIN, "config", "check", p], capture_output=True, text=True,
+                                 timeout=10)
+            assert out.returncode != 0, text
+            assert f"{path}: expected each key once" in out.stderr, out.stderr
