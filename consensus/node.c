@@ -734,6 +734,7 @@ int consensus_start(uv_loop_t *loop, const struct consensus_options *opts, struc
     return CONSENSUS_ENOMEM;
   }
   c->transport_inited = true;
+  if (opts->tls) zg_transport_set_tls(&c->transport, opts->tls);
   rv = raft_uv_init(&c->io, loop, c->raft_dir, &c->transport);
   if (rv != 0) {
     snprintf(errmsg, errlen, "raft_uv_init(%s): %s", c->raft_dir, c->io.errmsg);

@@ -325,7 +325,9 @@ int node_serve(int argc, char **argv) {
     return 1;
   }
   if (bootstrap_hash[0]) gateway_add_token(n.gateway, "bootstrap", bootstrap_hash);
-  if (node_cluster_start(&n, err, sizeof(err)) != 0 ||
+  int tls_rc = node_tls_setup(&n, err, sizeof(err));
+  if (tls_rc == 0 && n.tls_gateway) gateway_set_tls(n.gateway, n.tls_gateway);
+  if (tls_rc != 0 || node_cluster_start(&n, err, sizeof(err)) != 0 ||
       node_admin_start(&n, err, sizeof(err)) != 0 ||
       alerts_start(n.loop, n.cfg->node_id, n.consensus, n.failover, n.gateway, &n.alerts, err,
                    sizeof(err)) != 0) {
@@ -335,9 +337,11 @@ int node_serve(int argc, char **argv) {
     uv_run(n.loop, UV_RUN_DEFAULT);
     zg_secret_free(n.admin_token);
     OPENSSL_cleanse(n.forward_key, sizeof(n.forward_key));
+    node_tls_free(&n);
     zg_config_free(n.cfg);
     return 1;
   }
+  node_tls_start(&n);
   /* Replicated config in a cluster (it may have been applied before the
    * engine existed: apply it again, through the same filter for secret
    * references), the file's section when standalone. */
@@ -368,6 +372,7 @@ int node_serve(int argc, char **argv) {
   uv_run(n.loop, UV_RUN_NOWAIT);
   zg_secret_free(n.admin_token);
   OPENSSL_cleanse(n.forward_key, sizeof(n.forward_key));
+  node_tls_free(&n);
   zg_log(ZG_INFO, "stopped", "zonegate stopped");
   zg_config_free(n.cfg);
   return n.exit_code;
