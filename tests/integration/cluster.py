@@ -60,6 +60,10 @@ class Node:
             "drills": {"enabled": True},
             "performance": {"drain_timeout": 5000},
         }
+        if self.cluster.tls:
+            d = self.cluster.cert_dir
+            cfg["security"]["tls"] = {"cert": f"{d}/{self.id}.crt", "key": f"{d}/{self.id}.key",
+                                      "ca": f"{d}/ca.crt"}
         for k, v in (extra or {}).items():
             cfg[k] = v
         with open(self.config_path, "w") as f:
@@ -91,12 +95,15 @@ class Node:
             return None, None
 
     def admin_call(self, method, path, body=None, timeout=10, headers=None):
-        return admin_call(self.admin, SECRETS["ZONEGATE_ADMIN_TOKEN"], method, path, body, timeout, headers)
+        return admin_call(self.admin, SECRETS["ZONEGATE_ADMIN_TOKEN"], method, path, body, timeout, headers,
+                          ca=self.cluster.ca if self.cluster.tls else None)
 
     def cli(self, *args, input_text=None, check=True):
         env = dict(os.environ)
         env["ZONEGATE_ADDR"] = self.admin
         env["ZONEGATE_ADMIN_TOKEN"] = SECRETS["ZONEGATE_ADMIN_TOKEN"]
+        if self.cluster.tls:
+            env["ZONEGATE_CA"] = self.cluster.ca
         out = subprocess.run([ZONEGATE_BIN, *args], env=env, input=input_text, capture_output=True, text=True,
                              timeout=60)
         if check and out.returncode != 0:
@@ -106,8 +113,14 @@ class Node:
 
 class Cluster:
     def __init__(self, tmpdir, election_timeout_ms=1000, heartbeat_ms=100, snapshot_threshold=1024,
-                 failback="manual", mock_args=()):
+                 failback="manual", mock_args=(), tls=False):
         self.dir = tmpdir
+        self.tls = tls
+        self.cert_dir = os.path.join(tmpdir, "certs")
+        self.ca = os.path.join(self.cert_dir, "ca.crt")
+        if tls:
+            subprocess.run([ZONEGATE_BIN, "certs", "init", self.cert_dir, "--nodes", "gw-a,gw-b,witness"],
+                           check=True, capture_output=True, timeout=30)
         self.election_timeout_ms = election_timeout_ms
         self.heartbeat_ms = heartbeat_ms
         self.snapshot_threshold = snapshot_threshold
