@@ -17,6 +17,7 @@
 #include "base/base.h"
 #include "base/tls.h"
 #include "consensus/consensus.h"
+#include "failover/failover.h"
 #include "gateway/gateway.h"
 #include "node/internal.h"
 
@@ -116,6 +117,11 @@ static int resolve_forward(void *ud, const char *gateway_address, char *admin, s
 }
 
 void node_tls_start(struct node *n) {
+  if (n->alerts) {
+    alerts_watch_cert(n->alerts, "node", n->cfg->tls_cert);
+    alerts_watch_cert(n->alerts, "ca", n->cfg->tls_ca);
+    alerts_watch_cert(n->alerts, "gateway", n->cfg->gateway_tls_cert);
+  }
   if (!n->gateway) return;
   gateway_add_metrics_collector(n->gateway, collect_tls_metrics, n);
   if (n->tls_peer && n->consensus && n->admin)
