@@ -62,6 +62,9 @@ class Node:
         }
         if self.cluster.tls:
             d = self.cluster.cert_dir
+            if not os.path.exists(f"{d}/{self.id}.crt"):  # a member added later: same CA
+                subprocess.run([ZONEGATE_BIN, "certs", "init", d, "--nodes", self.id],
+                               check=True, capture_output=True, timeout=30)
             cfg["security"]["tls"] = {"cert": f"{d}/{self.id}.crt", "key": f"{d}/{self.id}.key",
                                       "ca": f"{d}/ca.crt"}
         for k, v in (extra or {}).items():
@@ -113,12 +116,13 @@ class Node:
 
 class Cluster:
     def __init__(self, tmpdir, election_timeout_ms=1000, heartbeat_ms=100, snapshot_threshold=1024,
-                 failback="manual", mock_args=(), tls=False):
+                 failback="manual", mock_args=(), tls=None):
         self.dir = tmpdir
-        self.tls = tls
+        # ZG_TLS=1 runs any cluster suite with mutual TLS between nodes.
+        self.tls = tls if tls is not None else os.environ.get("ZG_TLS") == "1"
         self.cert_dir = os.path.join(tmpdir, "certs")
         self.ca = os.path.join(self.cert_dir, "ca.crt")
-        if tls:
+        if self.tls:
             subprocess.run([ZONEGATE_BIN, "certs", "init", self.cert_dir, "--nodes", "gw-a,gw-b,witness"],
                            check=True, capture_output=True, timeout=30)
         self.election_timeout_ms = election_timeout_ms

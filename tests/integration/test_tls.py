@@ -242,7 +242,7 @@ def _try(fn, *args):
 
 def test_plaintext_cluster_warns_at_start():
     with TempDir() as d:
-        c = Cluster(d)
+        c = Cluster(d, tls=False)
         try:
             c.start()
             assert "inter_node_plaintext" in c.node("gw-a").proc.output()
