@@ -442,6 +442,23 @@ static int finish(struct parse_ctx *ctx, struct zg_config *cfg) {
              ctx->origin, cfg->election_timeout_ms, cfg->heartbeat_ms);
     return -1;
   }
+  bool tls_any = cfg->tls_cert[0] || cfg->tls_key[0] || cfg->tls_ca[0];
+  if (tls_any && !(cfg->tls_cert[0] && cfg->tls_key[0] && cfg->tls_ca[0])) {
+    snprintf(ctx->err, ctx->errlen,
+             "%s: security.tls: expected \"cert\", \"key\" and \"ca\" together, found %s missing "
+             "(make them with: zonegate certs init DIR --nodes ID,...)",
+             ctx->origin,
+             !cfg->tls_cert[0]  ? "\"cert\""
+             : !cfg->tls_key[0] ? "\"key\""
+                                : "\"ca\"");
+    return -1;
+  }
+  if ((cfg->gateway_tls_cert[0] != 0) != (cfg->gateway_tls_key[0] != 0)) {
+    snprintf(ctx->err, ctx->errlen,
+             "%s: listen.gateway_tls: expected \"cert\" and \"key\" together, found %s missing",
+             ctx->origin, cfg->gateway_tls_cert[0] ? "\"key\"" : "\"cert\"");
+    return -1;
+  }
   if (strcmp(cfg->auth_mode, "token") == 0 && !get_path(cfg->effective, "auth.tokens")) {
     /* token mode with no file tokens: tokens come from the admin API. */
   }

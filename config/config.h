@@ -73,6 +73,10 @@ struct zg_config {
   /* security (local) */
   char master_key[512];  /* secret reference */
   char admin_token[512]; /* secret reference */
+  /* mutual TLS between nodes: PEM files ("" = plaintext) */
+  char tls_cert[512], tls_key[512], tls_ca[512];
+  /* optional TLS on the client port (listen.gateway_tls) */
+  char gateway_tls_cert[512], gateway_tls_key[512];
   /* logging (local) */
   char log_level[16];
 

@@ -36,6 +36,12 @@ const struct schema_entry zg_schema[] = {
     {"listen.trusted_proxies", K_CIDRS, 0, ZG_MAX_TRUSTED_PROXIES, "[]", NULL, NOFF,
      "load balancers (CIDRs) whose PROXY protocol header or X-Forwarded-For names the client; "
      "none by default"},
+    {"listen.gateway_tls", K_OBJECT, 0, 0, NULL, NULL, NOFF,
+     "TLS on the client port (for a load balancer passing TCP through); ALPN http/1.1"},
+    {"listen.gateway_tls.cert", K_STRING, 1, 511, NULL, NULL, OFF(gateway_tls_cert),
+     "PEM certificate (chain) for the client port"},
+    {"listen.gateway_tls.key", K_STRING, 1, 511, NULL, NULL, OFF(gateway_tls_key),
+     "PEM private key for the client port"},
     /* cluster (local) */
     {"cluster", K_OBJECT, 0, 0, NULL, NULL, NOFF, "Raft group membership"},
     {"cluster.data_dir", K_STRING, 1, 511, "\"/var/lib/zonegate\"", NULL, OFF(data_dir),
@@ -67,6 +73,14 @@ const struct schema_entry zg_schema[] = {
      "base64 of 32 bytes; seals provider keys"},
     {"security.admin_token", K_SECRET, 0, 0, NULL, NULL, OFF(admin_token),
      "bearer token of the admin API (>= 16 chars)"},
+    {"security.tls", K_OBJECT, 0, 0, NULL, NULL, NOFF,
+     "mutual TLS between nodes (Raft, admin API, forwarding); files from `zonegate certs init`"},
+    {"security.tls.cert", K_STRING, 1, 511, NULL, NULL, OFF(tls_cert),
+     "this node's PEM certificate (node id in its subjectAltName)"},
+    {"security.tls.key", K_STRING, 1, 511, NULL, NULL, OFF(tls_key),
+     "this node's PEM private key (mode 0600)"},
+    {"security.tls.ca", K_STRING, 1, 511, NULL, NULL, OFF(tls_ca),
+     "the cluster CA certificate every node certificate must chain to"},
     /* logging (local) */
     {"logging", K_OBJECT, 0, 0, NULL, NULL, NOFF, "log output"},
     {"logging.level", K_ENUM, 0, 0, "\"info\"", "debug|info|warn|error", OFF(log_level),

@@ -81,6 +81,9 @@ struct consensus_options {
    * node waits to be contacted by the leader. `peers` then only feeds the
    * member metadata shown in status. */
   bool join_existing;
+  /* Added: mutual TLS on the Raft transport (security.tls): a context from
+   * base/tls.h (the transport takes a reference). NULL: plaintext. */
+  struct ssl_ctx_st *tls;
 };
 
 /* Starts raft on `loop`. Returns 0 and *out, or a negative status with a

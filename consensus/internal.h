@@ -342,6 +342,10 @@ bool zg_cidr_valid(const char *cidr);
 int zg_transport_init(struct raft_uv_transport *t, uv_loop_t *loop, const char *secret,
                       const char *bind_address, unsigned quiet_ms, char *err, size_t errlen);
 void zg_transport_free(struct raft_uv_transport *t);
+/* Mutual TLS on every peer connection (NULL: plaintext, as before). The
+ * transport takes a reference. Call before raft starts. */
+struct ssl_ctx_st;
+void zg_transport_set_tls(struct raft_uv_transport *t, struct ssl_ctx_st *ctx);
 /* Sets the startup quiet period; must be called before raft_start(). */
 void zg_transport_set_quiet(struct raft_uv_transport *t, unsigned quiet_ms);
 /* Drill: cuts every peer connection and refuses new ones for duration_ms. */

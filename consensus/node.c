@@ -756,6 +756,7 @@ int consensus_start(uv_loop_t *loop, const struct consensus_options *opts, struc
     rv = CONSENSUS_ENOMEM;
     goto err_free;
   }
+  if (opts->tls) zg_transport_set_tls(&c->transport, opts->tls);
   if (raft_uv_init(&c->io, loop, c->raft_dir, &c->transport) != 0) {
     snprintf(errmsg, errlen, "raft_uv_init(%s): %s", c->raft_dir, c->io.errmsg);
     goto err_transport;

@@ -17,11 +17,27 @@
  * startup quiet period runs, inbound connections are closed at once and
  * outbound ones fail, so a restarted node takes part in no election. The
  * isolate drill uses the same switch after cutting the live connections.
+ *
+ * Mutual TLS (security.tls in the node's config; zg_transport_set_tls):
+ * every connection first runs a TLS 1.3 handshake over memory BIOs (see
+ * base/tls.h), both sides presenting a certificate that must chain to the
+ * cluster CA. The certificate names a node id (subjectAltName URI
+ * urn:zonegate:node:<id>, else the CN), and the raft id a peer uses must be
+ * consensus_raft_id() of that node id: an outbound connection checks the
+ * server's certificate against the member it dialled, an inbound one checks
+ * the raft id in HELLO against the client's certificate. Anything else is
+ * refused with peer_auth_failed. The HMAC handshake above then runs inside
+ * the TLS session as a second check (a stolen node key alone is not
+ * enough). raft_uv reads and writes a uv_stream_t itself, so the stream it
+ * gets is one end of a socketpair; a "tunnel" pumps between the other end
+ * and the TLS session on the TCP connection, with back-pressure both ways
+ * (TUNNEL_HIGH_WATER). Without TLS the TCP stream goes to raft as before.
  */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
@@ -30,6 +46,8 @@
 #include <cjson/cJSON.h>
 
 #include "base/base.h"
+#include "base/tls.h"
+#include "consensus/consensus.h"
 #include "consensus/internal.h"
 
 #define HANDSHAKE_TIMEOUT_MS 2000
@@ -41,6 +59,8 @@
 #define CHALLENGE_FIXED (4 + NONCE_LEN + 8 + MAC_LEN + 1)
 #define PROOF_LEN (4 + MAC_LEN)
 #define OK_LEN 4
+#define TUNNEL_READ_SIZE 65536
+#define TUNNEL_HIGH_WATER (4u << 20) /* bytes queued on one side before the other stops */
 
 enum hs_phase {
   HS_RESOLVING,
@@ -56,13 +76,20 @@ enum hs_phase {
 };
 
 struct zgt;
+struct tunnel;
 
 struct handshake {
   struct zgt *tr;
   struct handshake *next, *prev;
-  bool outbound, finished, tcp_open, timer_open, gai_pending;
+  bool outbound, finished, tcp_open, timer_open, gai_pending, inner_open;
   enum hs_phase phase;
   uv_tcp_t *tcp; /* raft_malloc'd: raft frees it after the handoff */
+  /* TLS: the tunnel owns the TCP connection (tcp is NULL then) and the HMAC
+   * handshake runs on `inner`, raft's end of the socketpair. */
+  struct tunnel *tunnel;
+  uv_pipe_t *inner; /* raft_malloc'd, like tcp */
+  uv_stream_t *io;  /* what the HMAC handshake reads and writes: tcp or inner */
+  char cert_id[64]; /* node id in the peer's verified certificate */
   uv_timer_t timer;
   uv_getaddrinfo_t gai;
   uv_connect_t connect_req;
@@ -88,10 +115,33 @@ struct handed_stream {
   struct sockaddr_storage local, peer;
 };
 
+/* A TLS connection to a peer and the socketpair end that raft's stream
+ * talks to (see the header comment). */
+struct tunnel {
+  struct zgt *tr;
+  struct tunnel *next, *prev;
+  struct handshake *hs; /* while the handshake runs */
+  uv_tcp_t *tcp;        /* raft_malloc'd (came from the handshake) */
+  uv_pipe_t pipe;       /* our end of the socketpair */
+  struct zg_tls *tls;
+  int handles_open;
+  bool pipe_open, closing, tcp_paused, pipe_paused, established;
+  char peer_ip[64];
+};
+
+struct tunnel_write {
+  uv_write_t req;
+  struct tunnel *t;
+  bool to_tcp;
+  char data[];
+};
+
 struct zgt {
   struct raft_uv_transport *t;
   uv_loop_t *loop;
   char *secret;
+  SSL_CTX *tls; /* NULL: plaintext peer traffic */
+  struct tunnel *tunnels;
   raft_id id;
   char address[ADDR_MAX + 1];
   char bind_address[ADDR_MAX + 1];
@@ -110,6 +160,8 @@ struct zgt {
 
 static void hs_fail(struct handshake *hs, const char *why);
 static void maybe_finish_close(struct zgt *tr);
+static void tunnel_close(struct tunnel *t, const char *why);
+static void hs_tls_ready(struct handshake *hs);
 
 /* ---- MACs ---------------------------------------------------------------- */
 
@@ -145,7 +197,7 @@ static void compute_mac(const struct zgt *tr, const char *label, const uint8_t *
 /* ---- handshake lifetime --------------------------------------------------- */
 
 static void hs_release(struct handshake *hs) {
-  if (hs->tcp_open || hs->timer_open || hs->gai_pending) return;
+  if (hs->tcp_open || hs->inner_open || hs->timer_open || hs->gai_pending) return;
   struct zgt *tr = hs->tr;
   if (hs->prev)
     hs->prev->next = hs->next;
@@ -165,6 +217,14 @@ static void hs_tcp_close_cb(uv_handle_t *h) {
   hs_release(hs);
 }
 
+static void hs_inner_close_cb(uv_handle_t *h) {
+  struct handshake *hs = h->data;
+  raft_free(h);
+  hs->inner = NULL;
+  hs->inner_open = false;
+  hs_release(hs);
+}
+
 static void hs_timer_close_cb(uv_handle_t *h) {
   struct handshake *hs = h->data;
   hs->timer_open = false;
@@ -176,6 +236,14 @@ static void hs_close_handles(struct handshake *hs, bool close_tcp) {
     uv_close((uv_handle_t *)&hs->timer, hs_timer_close_cb);
   if (close_tcp && hs->tcp_open && !uv_is_closing((uv_handle_t *)hs->tcp))
     uv_close((uv_handle_t *)hs->tcp, hs_tcp_close_cb);
+  if (close_tcp && hs->inner_open && !uv_is_closing((uv_handle_t *)hs->inner))
+    uv_close((uv_handle_t *)hs->inner, hs_inner_close_cb);
+  if (close_tcp && hs->tunnel) {
+    struct tunnel *t = hs->tunnel;
+    hs->tunnel = NULL;
+    t->hs = NULL;
+    tunnel_close(t, NULL);
+  }
 }
 
 /* Logs WARN peer_auth_failed with the peer's IP, at most once per peer IP
@@ -251,24 +319,34 @@ static void remember_handed(struct zgt *tr, uv_tcp_t *tcp) {
 /* Hands the authenticated stream to raft. */
 static void hs_succeed(struct handshake *hs) {
   struct zgt *tr = hs->tr;
-  uv_read_stop((uv_stream_t *)hs->tcp);
-  uv_tcp_t *tcp = hs->tcp;
-  remember_handed(tr, tcp);
+  uv_stream_t *stream = hs->io;
+  uv_read_stop(stream);
+  if (hs->tunnel) {
+    /* The tunnel lives on, pumping for raft's end of the socketpair. */
+    hs->tunnel->hs = NULL;
+    hs->tunnel = NULL;
+    hs->inner = NULL;
+    hs->inner_open = false;
+  } else {
+    remember_handed(tr, hs->tcp);
+    hs->tcp = NULL;
+    hs->tcp_open = false;
+  }
+  hs->io = NULL;
   hs->finished = true;
   hs->phase = HS_DONE;
-  hs->tcp = NULL;
-  hs->tcp_open = false;
-  tcp->data = NULL;
+  stream->data = NULL;
   hs_close_handles(hs, false);
-  ZG_LOG_INFO("peer_authenticated", "raft peer %llu (%s, %s) authenticated, %s",
+  ZG_LOG_INFO("peer_authenticated", "raft peer %llu (%s, %s) authenticated%s%s, %s",
               (unsigned long long)hs->peer_id, hs->peer_address, hs->peer_ip,
+              hs->cert_id[0] ? " by certificate for " : "", hs->cert_id,
               hs->outbound ? "outbound" : "inbound");
   if (hs->outbound) {
     struct raft_uv_connect *req = hs->req;
     hs->req = NULL;
-    req->cb(req, (uv_stream_t *)tcp, 0);
+    req->cb(req, stream, 0);
   } else {
-    tr->accept_cb(tr->t, hs->peer_id, hs->peer_address, (uv_stream_t *)tcp);
+    tr->accept_cb(tr->t, hs->peer_id, hs->peer_address, stream);
   }
   hs_release(hs);
 }
@@ -327,7 +405,7 @@ static void hs_write_cb(uv_write_t *w, int status) {
 static int hs_write(struct handshake *hs, uv_write_t *w, const uint8_t *data, size_t len) {
   uv_buf_t buf = uv_buf_init((char *)data, (unsigned)len);
   w->data = hs;
-  int rv = uv_write(w, (uv_stream_t *)hs->tcp, &buf, 1, hs_write_cb);
+  int rv = uv_write(w, hs->io, &buf, 1, hs_write_cb);
   if (rv == 0) hs->writes_pending++;
   return rv;
 }
@@ -372,6 +450,14 @@ static void on_hello(struct handshake *hs) {
     hs_fail(hs, "peer sent raft id 0");
     return;
   }
+  if (tr->tls && consensus_raft_id(hs->cert_id) != hs->peer_id) {
+    char why[160];
+    snprintf(why, sizeof why,
+             "certificate is for node '%.63s' but the peer claims another member's raft id",
+             hs->cert_id);
+    hs_fail(hs, why);
+    return;
+  }
   if (zg_random_bytes(hs->nonce_s, NONCE_LEN) != 0) {
     hs_fail(hs, "no randomness");
     return;
@@ -405,7 +491,7 @@ static void on_proof(struct handshake *hs) {
     hs_fail(hs, "wrong cluster secret (client proof did not verify)");
     return;
   }
-  uv_read_stop((uv_stream_t *)hs->tcp);
+  uv_read_stop(hs->io);
   memcpy(hs->wbuf2, "ZGH4", 4);
   hs->phase = HS_WRITING_OK;
   hs->rneed = hs->rgot = 0;
@@ -457,7 +543,7 @@ static void on_ok(struct handshake *hs) {
     hs_fail(hs, "malformed handshake confirmation");
     return;
   }
-  uv_read_stop((uv_stream_t *)hs->tcp);
+  uv_read_stop(hs->io);
   hs->ok_received = true;
   hs->rneed = hs->rgot = 0;
   if (hs->writes_pending == 0) hs_succeed(hs);
@@ -494,6 +580,281 @@ static void hs_read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
   }
 }
 
+/* ---- TLS tunnel ---------------------------------------------------------- */
+
+static void tunnel_handle_closed(struct tunnel *t) {
+  if (--t->handles_open > 0) return;
+  struct zgt *tr = t->tr;
+  if (t->prev)
+    t->prev->next = t->next;
+  else
+    tr->tunnels = t->next;
+  if (t->next) t->next->prev = t->prev;
+  zg_tls_free(t->tls);
+  free(t);
+  maybe_finish_close(tr);
+}
+
+static void tunnel_tcp_closed(uv_handle_t *h) {
+  struct tunnel *t = h->data;
+  raft_free(h);
+  tunnel_handle_closed(t);
+}
+
+static void tunnel_pipe_closed(uv_handle_t *h) {
+  tunnel_handle_closed(h->data);
+}
+
+static void tunnel_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
+  static char slab[TUNNEL_READ_SIZE]; /* single-threaded loop: one read at a time */
+  *buf = uv_buf_init(slab, sizeof slab);
+}
+
+static void tunnel_on_tcp_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf);
+static void tunnel_on_pipe_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf);
+
+static void tunnel_write_cb(uv_write_t *req, int status) {
+  struct tunnel_write *w = (struct tunnel_write *)req;
+  struct tunnel *t = w->t;
+  bool to_tcp = w->to_tcp;
+  free(w);
+  if (t->closing) return;
+  if (status != 0) {
+    tunnel_close(t, NULL);
+    return;
+  }
+  /* Resume the side that was paused because this one was full. */
+  if (to_tcp && t->pipe_paused &&
+      uv_stream_get_write_queue_size((uv_stream_t *)t->tcp) < TUNNEL_HIGH_WATER / 2) {
+    t->pipe_paused = false;
+    uv_read_start((uv_stream_t *)&t->pipe, tunnel_alloc, tunnel_on_pipe_read);
+  } else if (!to_tcp && t->tcp_paused &&
+             uv_stream_get_write_queue_size((uv_stream_t *)&t->pipe) < TUNNEL_HIGH_WATER / 2) {
+    t->tcp_paused = false;
+    uv_read_start((uv_stream_t *)t->tcp, tunnel_alloc, tunnel_on_tcp_read);
+  }
+}
+
+static int tunnel_write(struct tunnel *t, bool to_tcp, const void *data, size_t len) {
+  uv_stream_t *dst = to_tcp ? (uv_stream_t *)t->tcp : (uv_stream_t *)&t->pipe;
+  uv_buf_t b = uv_buf_init((char *)data, (unsigned)len);
+  if (uv_stream_get_write_queue_size(dst) == 0) {
+    int n = uv_try_write(dst, &b, 1);
+    if (n == (int)len) return 0;
+    if (n > 0) {
+      data = (const char *)data + n;
+      len -= (size_t)n;
+    }
+  }
+  struct tunnel_write *w = malloc(sizeof *w + len);
+  if (!w) return -1;
+  w->t = t;
+  w->to_tcp = to_tcp;
+  memcpy(w->data, data, len);
+  b = uv_buf_init(w->data, (unsigned)len);
+  if (uv_write(&w->req, dst, &b, 1, tunnel_write_cb) != 0) {
+    free(w);
+    return -1;
+  }
+  if (uv_stream_get_write_queue_size(dst) >= TUNNEL_HIGH_WATER) {
+    /* Stop the producer of this side until it drains. */
+    if (to_tcp && !t->pipe_paused && t->pipe_open) {
+      t->pipe_paused = true;
+      uv_read_stop((uv_stream_t *)&t->pipe);
+    } else if (!to_tcp && !t->tcp_paused) {
+      t->tcp_paused = true;
+      uv_read_stop((uv_stream_t *)t->tcp);
+    }
+  }
+  return 0;
+}
+
+/* Sends whatever ciphertext the TLS session has produced. */
+static int tunnel_flush(struct tunnel *t) {
+  char buf[16384];
+  while (zg_tls_pending(t->tls) > 0) {
+    size_t n = zg_tls_take(t->tls, buf, sizeof buf);
+    if (n == 0) break;
+    if (tunnel_write(t, true, buf, n) != 0) return -1;
+  }
+  return 0;
+}
+
+static void tunnel_close(struct tunnel *t, const char *why) {
+  if (t->closing) return;
+  t->closing = true;
+  struct handshake *hs = t->hs;
+  t->hs = NULL;
+  if (hs) {
+    hs->tunnel = NULL;
+    hs_fail(hs, why);
+  }
+  if (t->established) {
+    /* Best effort close_notify; the connection goes either way. */
+    zg_tls_shutdown(t->tls);
+    char buf[256];
+    size_t n = zg_tls_take(t->tls, buf, sizeof buf);
+    if (n > 0 && uv_stream_get_write_queue_size((uv_stream_t *)t->tcp) == 0) {
+      uv_buf_t b = uv_buf_init(buf, (unsigned)n);
+      uv_try_write((uv_stream_t *)t->tcp, &b, 1);
+    }
+  }
+  uv_close((uv_handle_t *)t->tcp, tunnel_tcp_closed);
+  if (t->pipe_open) uv_close((uv_handle_t *)&t->pipe, tunnel_pipe_closed);
+}
+
+static void tunnel_on_tcp_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
+  struct tunnel *t = s->data;
+  if (t->closing || nread == 0) return;
+  if (nread < 0) {
+    /* Before TLS is up that is a node in its quiet period or overloaded;
+     * after, while the handshake runs, usually a refused certificate. */
+    tunnel_close(t, t->established ? "peer closed during the handshake (it may have refused our "
+                                     "certificate or proof)"
+                                   : NULL);
+    return;
+  }
+  if (zg_tls_feed(t->tls, buf->base, (size_t)nread) != 0) {
+    tunnel_close(t, "out of memory");
+    return;
+  }
+  if (!t->established) {
+    int h = zg_tls_handshake(t->tls);
+    if (tunnel_flush(t) != 0 || h == ZG_TLS_ERROR) {
+      char why[300];
+      snprintf(why, sizeof why, "TLS handshake failed: %s", zg_tls_error(t->tls));
+      tunnel_close(t, h == ZG_TLS_ERROR ? why : NULL);
+      return;
+    }
+    if (h != 1) return;
+    t->established = true;
+    if (t->hs) hs_tls_ready(t->hs); /* may close t */
+    if (t->closing) return;
+  }
+  static char plain[TUNNEL_READ_SIZE];
+  for (;;) {
+    int n = zg_tls_read(t->tls, plain, sizeof plain);
+    if (n > 0) {
+      if (tunnel_write(t, false, plain, (size_t)n) != 0) {
+        tunnel_close(t, NULL);
+        return;
+      }
+      continue;
+    }
+    if (n == ZG_TLS_WANT) break;
+    char why[300];
+    snprintf(why, sizeof why, "TLS session ended: %s",
+             n == ZG_TLS_CLOSED ? "close_notify" : zg_tls_error(t->tls));
+    tunnel_close(t, t->hs ? why : NULL);
+    return;
+  }
+  if (tunnel_flush(t) != 0) tunnel_close(t, NULL);
+}
+
+static void tunnel_on_pipe_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
+  struct tunnel *t = s->data;
+  if (t->closing || nread == 0) return;
+  if (nread < 0) { /* raft (or the handshake) closed its end */
+    tunnel_close(t, NULL);
+    return;
+  }
+  if (zg_tls_write(t->tls, buf->base, (size_t)nread) != 0 || tunnel_flush(t) != 0)
+    tunnel_close(t, NULL);
+}
+
+/* Takes over the handshake's TCP connection and starts TLS on it. */
+static int tunnel_start(struct handshake *hs) {
+  struct zgt *tr = hs->tr;
+  struct tunnel *t = calloc(1, sizeof *t);
+  if (!t) return -1;
+  t->tls = zg_tls_new(tr->tls, !hs->outbound);
+  if (!t->tls) {
+    free(t);
+    return -1;
+  }
+  t->tr = tr;
+  t->tcp = hs->tcp;
+  t->tcp->data = t;
+  t->handles_open = 1;
+  t->hs = hs;
+  snprintf(t->peer_ip, sizeof t->peer_ip, "%s", hs->peer_ip);
+  hs->tcp = NULL;
+  hs->tcp_open = false;
+  hs->tunnel = t;
+  t->next = tr->tunnels;
+  if (t->next) t->next->prev = t;
+  tr->tunnels = t;
+  uv_tcp_nodelay(t->tcp, 1);
+  if (hs->outbound) {
+    zg_tls_handshake(t->tls); /* ClientHello */
+    if (tunnel_flush(t) != 0) return -1;
+  }
+  if (uv_read_start((uv_stream_t *)t->tcp, tunnel_alloc, tunnel_on_tcp_read) != 0) return -1;
+  return 0;
+}
+
+/* TLS is up: check who the certificate names, then open the socketpair
+ * and run the HMAC handshake on raft's end of it. */
+static void send_hello(struct handshake *hs);
+static void hs_tls_ready(struct handshake *hs) {
+  struct tunnel *t = hs->tunnel;
+  if (zg_tls_peer_node_id(zg_tls_ssl(t->tls), hs->cert_id, sizeof hs->cert_id) != 0) {
+    hs_fail(hs, "peer certificate names no node id");
+    return;
+  }
+  if (hs->outbound && consensus_raft_id(hs->cert_id) != hs->peer_id) {
+    char why[320];
+    snprintf(why, sizeof why,
+             "certificate is for node '%.63s', not the member dialled at %.80s (wrong node or "
+             "address)",
+             hs->cert_id, hs->peer_address);
+    hs_fail(hs, why);
+    return;
+  }
+  uv_os_sock_t fds[2];
+  if (uv_socketpair(SOCK_STREAM, 0, fds, UV_NONBLOCK_PIPE, UV_NONBLOCK_PIPE) != 0) {
+    hs_fail(hs, NULL);
+    return;
+  }
+  hs->inner = raft_malloc(sizeof *hs->inner);
+  if (!hs->inner || uv_pipe_init(hs->tr->loop, hs->inner, 0) != 0) {
+    raft_free(hs->inner);
+    hs->inner = NULL;
+    close(fds[0]);
+    close(fds[1]);
+    hs_fail(hs, NULL);
+    return;
+  }
+  hs->inner->data = hs;
+  hs->inner_open = true;
+  uv_pipe_init(hs->tr->loop, &t->pipe, 0);
+  t->pipe.data = t;
+  t->pipe_open = true;
+  t->handles_open++;
+  if (uv_pipe_open(&t->pipe, fds[0]) != 0) {
+    close(fds[0]);
+    close(fds[1]);
+    hs_fail(hs, NULL);
+    return;
+  }
+  if (uv_pipe_open(hs->inner, fds[1]) != 0) {
+    close(fds[1]);
+    hs_fail(hs, NULL);
+    return;
+  }
+  hs->io = (uv_stream_t *)hs->inner;
+  if (uv_read_start((uv_stream_t *)&t->pipe, tunnel_alloc, tunnel_on_pipe_read) != 0) {
+    hs_fail(hs, NULL);
+    return;
+  }
+  if (hs->outbound) {
+    send_hello(hs);
+  } else {
+    hs_expect(hs, HS_READ_HELLO, HELLO_FIXED);
+    if (uv_read_start(hs->io, hs_alloc_cb, hs_read_cb) != 0) hs_fail(hs, NULL);
+  }
+}
+
 /* ---- inbound ------------------------------------------------------------- */
 
 static void reject_close_cb(uv_handle_t *h) {
@@ -523,6 +884,11 @@ static void on_connection(uv_stream_t *server, int status) {
   hs->tcp_open = true;
   tcp->data = hs;
   note_peer_ip(hs);
+  if (tr->tls) {
+    if (tunnel_start(hs) != 0) hs_fail(hs, NULL);
+    return;
+  }
+  hs->io = (uv_stream_t *)tcp;
   hs_expect(hs, HS_READ_HELLO, HELLO_FIXED);
   if (uv_read_start((uv_stream_t *)tcp, hs_alloc_cb, hs_read_cb) != 0) hs_fail(hs, NULL);
 }
@@ -537,6 +903,15 @@ static void on_connect(uv_connect_t *creq, int status) {
     return;
   }
   note_peer_ip(hs);
+  if (hs->tr->tls) {
+    if (tunnel_start(hs) != 0) hs_fail(hs, NULL);
+    return;
+  }
+  hs->io = (uv_stream_t *)hs->tcp;
+  send_hello(hs);
+}
+
+static void send_hello(struct handshake *hs) {
   struct zgt *tr = hs->tr;
   size_t my_len = strlen(tr->address);
   uint8_t *w = hs->wbuf1;
@@ -554,7 +929,7 @@ static void on_connect(uv_connect_t *creq, int status) {
     return;
   }
   hs_expect(hs, HS_READ_CHALLENGE, CHALLENGE_FIXED);
-  if (uv_read_start((uv_stream_t *)hs->tcp, hs_alloc_cb, hs_read_cb) != 0) hs_fail(hs, NULL);
+  if (uv_read_start(hs->io, hs_alloc_cb, hs_read_cb) != 0) hs_fail(hs, NULL);
 }
 
 static void on_resolved(uv_getaddrinfo_t *gai, int status, struct addrinfo *res) {
@@ -687,7 +1062,7 @@ static int tr_listen(struct raft_uv_transport *t, raft_uv_accept_cb cb) {
 
 static void maybe_finish_close(struct zgt *tr) {
   if (!tr->closing || tr->listener_open || tr->quiet_timer_open || tr->handshakes != NULL ||
-      tr->close_cb == NULL)
+      tr->tunnels != NULL || tr->close_cb == NULL)
     return;
   raft_uv_transport_close_cb cb = tr->close_cb;
   tr->close_cb = NULL;
@@ -723,6 +1098,10 @@ static void tr_close(struct raft_uv_transport *t, raft_uv_transport_close_cb cb)
     next = hs->next;
     pending = true;
     hs_fail(hs, NULL); /* may free hs */
+  }
+  for (struct tunnel *tn = tr->tunnels; tn != NULL; tn = tn->next) {
+    pending = true;
+    tunnel_close(tn, NULL); /* freed from close callbacks, never here */
   }
   if (!pending && tr->handshakes == NULL) {
     /* Nothing to wait for: still call back from the loop, never inline. */
@@ -781,13 +1160,26 @@ void zg_transport_isolate(struct raft_uv_transport *t, unsigned duration_ms) {
     next = hs->next;
     hs_fail(hs, NULL);
   }
+  for (struct tunnel *tn = tr->tunnels; tn != NULL; tn = tn->next)
+    if (!tn->closing) {
+      tunnel_close(tn, NULL); /* raft sees its end of the socketpair close */
+      cut++;
+    }
   ZG_LOG_WARN("raft_isolated", "raft peer traffic dropped for %u ms (%u connections cut)",
               duration_ms, cut);
+}
+
+void zg_transport_set_tls(struct raft_uv_transport *t, SSL_CTX *ctx) {
+  struct zgt *tr = t->impl;
+  if (tr->tls) SSL_CTX_free(tr->tls);
+  tr->tls = ctx;
+  if (ctx) SSL_CTX_up_ref(ctx);
 }
 
 void zg_transport_free(struct raft_uv_transport *t) {
   struct zgt *tr = t->impl;
   if (tr == NULL) return;
+  if (tr->tls) SSL_CTX_free(tr->tls);
   zg_secret_free(tr->secret);
   free(tr);
   t->impl = NULL;

@@ -68,7 +68,7 @@ RUNTIME_PKGS=(libuv1 libcurl4 libcjson1 libssl3 libhttp-parser2.9 ca-certificate
 BUILD_PKGS=(build-essential cmake pkg-config libuv1-dev libcurl4-openssl-dev libcjson-dev
   libssl-dev libhttp-parser-dev libcmocka-dev zlib1g-dev)
 DEV_PKGS=(clang clang-format libclang-rt-14-dev git)
-TEST_PKGS=(haproxy nginx-light wrk python3 python3-venv iproute2 nftables procps jq debootstrap swaks)
+TEST_PKGS=(haproxy nginx-light wrk python3 python3-venv iproute2 nftables procps jq debootstrap swaks tcpdump)
 
 pkgs=("${RUNTIME_PKGS[@]}")
 raft_pkgs=(libraft0)

@@ -18,6 +18,7 @@
 #include "failover/alerts.h"
 
 #include "base/base.h"
+#include "base/tls.h"
 #include "consensus/consensus.h"
 #include "failover/failover.h"
 #include "gateway/gateway.h"
@@ -51,6 +52,7 @@ struct alerts_settings {
   unsigned error_min_requests;
   unsigned no_active_for_s; /* 0 disables */
   bool key_rotation, key_invalid, leader_changed;
+  unsigned tls_cert_expiry_days; /* 0 disables */
   unsigned eval_interval_ms, retry_max, retry_base_ms, repeat_after_s;
   cJSON *channels; /* array of channel objects, owned; NULL = none */
 };
@@ -67,6 +69,7 @@ static const struct alerts_settings default_settings = {
     .key_rotation = true,
     .key_invalid = true,
     .leader_changed = true,
+    .tls_cert_expiry_days = 14,
     .eval_interval_ms = 5000,
     .retry_max = 5,
     .retry_base_ms = 1000,
@@ -95,6 +98,7 @@ static const struct field rule_fields[] = {
     {"key_rotation", F_BOOL, 0, 0, S_OFF(key_rotation)},
     {"key_invalid", F_BOOL, 0, 0, S_OFF(key_invalid)},
     {"leader_changed", F_BOOL, 0, 0, S_OFF(leader_changed)},
+    {"tls_cert_expiry_days", F_UINT, 0, 3650, S_OFF(tls_cert_expiry_days)},
 };
 static const struct field top_fields[] = {
     {"eval_interval_ms", F_UINT, 100, 600000, S_OFF(eval_interval_ms)},
@@ -118,6 +122,7 @@ enum alert_rule {
   RULE_LEADER_CHANGED,
   RULE_KEY_ROTATION,
   RULE_KEY_INVALID,
+  RULE_TLS_CERT_EXPIRY,
 };
 
 static const struct {
@@ -131,6 +136,7 @@ static const struct {
     [RULE_LEADER_CHANGED] = {"leader_changed", "info", true},
     [RULE_KEY_ROTATION] = {"key_rotation", "warning", true},
     [RULE_KEY_INVALID] = {"key_invalid", "critical", true},
+    [RULE_TLS_CERT_EXPIRY] = {"tls_cert_expiry", "warning", false},
 };
 
 struct alert {
@@ -176,6 +182,10 @@ struct delivery_record {
 struct alerts {
   uv_loop_t *loop;
   char node_id[64];
+  struct {
+    char name[16], path[512];
+  } certs[4]; /* alerts_watch_cert */
+  size_t n_certs;
   struct consensus *cs;
   struct failover *fo;
   struct gateway *gw;
@@ -1327,6 +1337,35 @@ static void eval_keys(struct alerts *a) {
   }
 }
 
+/* Node-level: a TLS certificate of this node within tls_cert_expiry_days of
+ * its notAfter (or unreadable). */
+static void eval_certs(struct alerts *a) {
+  unsigned days = a->settings.tls_cert_expiry_days;
+  for (size_t i = 0; i < a->n_certs; i++) {
+    bool ok;
+    int64_t not_after = zg_tls_cert_file_not_after(a->certs[i].path, &ok);
+    double left_days = ok ? (double)(not_after - (int64_t)time(NULL)) / 86400.0 : 0;
+    char subject[96], summary[256];
+    snprintf(subject, sizeof(subject), "%s/%s", a->node_id, a->certs[i].name);
+    snprintf(summary, sizeof(summary),
+             ok ? "TLS certificate %s of %s expires in %.1f days (threshold %u days)"
+                : "TLS certificate %s of %s is unreadable (%.0f days; threshold %u days)",
+             a->certs[i].name, a->node_id, left_days, days);
+    cJSON *details = cJSON_CreateObject();
+    cJSON_AddStringToObject(details, "cert", a->certs[i].name);
+    cJSON_AddNumberToObject(details, "days_left", left_days);
+    observe(a, RULE_TLS_CERT_EXPIRY, subject, days > 0 && left_days < (double)days, 0, summary,
+            details);
+  }
+}
+
+void alerts_watch_cert(struct alerts *a, const char *name, const char *path) {
+  if (!a || !path || !path[0] || a->n_certs >= ZG_ARRAY_LEN(a->certs)) return;
+  snprintf(a->certs[a->n_certs].name, sizeof(a->certs[0].name), "%s", name);
+  snprintf(a->certs[a->n_certs].path, sizeof(a->certs[0].path), "%s", path);
+  a->n_certs++;
+}
+
 /* Cluster-wide alerts belong to the active node; a node that stops being
  * active drops them silently (the new active re-evaluates). */
 static void drop_cluster_wide(struct alerts *a) {
@@ -1347,6 +1386,7 @@ static void evaluate(struct alerts *a) {
   eval_cpu(a);
   eval_memory(a);
   eval_no_active(a);
+  eval_certs(a);
   if (!active) {
     if (a->was_active) drop_cluster_wide(a);
     a->was_active = false;

@@ -98,6 +98,10 @@ void failover_close(struct failover *f, void (*done)(void *arg), void *arg);
 struct alerts;
 int alerts_start(uv_loop_t *loop, const char *node_id, struct consensus *cs, struct failover *fo,
                  struct gateway *gw, struct alerts **out, char *errmsg, size_t errlen);
+/* Node-level rule tls_cert_expiry (rules.tls_cert_expiry_days, default 14,
+ * 0 off): fires while the PEM certificate at `path` ("node", "ca",
+ * "gateway") is that close to its notAfter. Up to 4. */
+void alerts_watch_cert(struct alerts *a, const char *name, const char *path);
 int alerts_validate(const struct cJSON *alerts_section, char *err, size_t errlen);
 void alerts_apply_config(struct alerts *a, const struct cJSON *alerts_section);
 void alerts_status_json(const struct alerts *a, struct cJSON *out);

@@ -102,7 +102,8 @@ struct chat {
   uint8_t cache_key[32];
   struct gateway_token token;
   bool has_token;
-  char *forwarded_auth; /* client Authorization when forwarding to the active (owned) */
+  char *forwarded_auth;  /* client Authorization when forwarding to the active (owned) */
+  char forward_node[64]; /* forwarding over mutual TLS: the active's node id */
   bool forwarding;
   struct limiter_waiter *waiter;
   uv_timer_t *hold_timer; /* waiting for an active node (GATEWAY_HOLD) */
@@ -824,6 +825,9 @@ static void start_attempt(struct chat *c) {
   ureq.timeouts.first_byte_ms = cfg->first_byte_timeout_ms;
   ureq.timeouts.idle_ms = c->stream ? cfg->idle_timeout_ms : 0;
   ureq.timeouts.total_ms = c->stream ? cfg->stream_timeout_ms : cfg->request_timeout_ms;
+  struct upstream_tls forward_tls;
+  if (c->forwarding && gateway_forward_tls(gw, c->forward_node, &forward_tls))
+    ureq.tls = &forward_tls;
   static const struct upstream_callbacks callbacks = {on_upstream_response, on_upstream_data,
                                                       on_upstream_done};
   char err[256];
@@ -1202,7 +1206,8 @@ static void proceed_forward(struct chat *c, const char *forward_to) {
     respond_error(c, 500, "server_error", NULL, NULL, "out of memory", "oom");
     return;
   }
-  snprintf(a->url, sizeof(a->url), "http://%s/v1%s", forward_to, c->upstream_path);
+  gateway_forward_url(c->gw, forward_to, c->upstream_path, a->url, sizeof(a->url), c->forward_node,
+                      sizeof(c->forward_node));
   snprintf(a->upstream_id, sizeof(a->upstream_id), "active");
   if (body_len) {
     /* Borrowed: the request lives until it is answered. */

@@ -599,7 +599,60 @@ void gateway_drain(struct gateway *gw) {
 }
 
 size_t gateway_active_requests(const struct gateway *gw) {
-  return gw->http ? httpd_active_requests(gw->http) : 0;
+  return (gw->http ? httpd_active_requests(gw->http) : 0) + gw->forwarded_active;
+}
+
+void gateway_set_tls(struct gateway *gw, struct ssl_ctx_st *ctx) {
+  if (gw->http) httpd_set_tls(gw->http, ctx);
+}
+
+void gateway_set_forward_tls(struct gateway *gw, const char *ca, const char *cert, const char *key,
+                             int (*resolve)(void *ud, const char *gateway_address, char *admin,
+                                            size_t admin_len, char *node, size_t node_len),
+                             void *ud) {
+  gw->forward_tls_on = true;
+  snprintf(gw->forward_ca, sizeof(gw->forward_ca), "%s", ca);
+  snprintf(gw->forward_cert, sizeof(gw->forward_cert), "%s", cert);
+  snprintf(gw->forward_key, sizeof(gw->forward_key), "%s", key);
+  gw->forward_resolve = resolve;
+  gw->forward_ud = ud;
+}
+
+void gateway_forward_url(struct gateway *gw, const char *to, const char *path, char *url,
+                         size_t url_len, char *node, size_t node_len) {
+  char admin[160];
+  node[0] = '\0';
+  if (gw->forward_tls_on && gw->forward_resolve &&
+      gw->forward_resolve(gw->forward_ud, to, admin, sizeof(admin), node, node_len) == 0) {
+    snprintf(url, url_len, "https://%s/_zonegate/forward/v1%s", admin, path);
+    return;
+  }
+  if (gw->forward_tls_on) {
+    /* No admin address known for the active: fail rather than go plain
+     * (the attempt fails to connect and the request is held and retried). */
+    snprintf(url, url_len, "https://0.0.0.0:0/_zonegate/forward/v1%s", path);
+    return;
+  }
+  snprintf(url, url_len, "http://%s/v1%s", to, path);
+}
+
+bool gateway_forward_tls(const struct gateway *gw, const char *node, struct upstream_tls *tls) {
+  if (!gw->forward_tls_on) return false;
+  tls->ca_file = gw->forward_ca;
+  tls->cert_file = gw->forward_cert;
+  tls->key_file = gw->forward_key;
+  tls->peer_node = node && node[0] ? node : NULL;
+  return true;
+}
+
+void gateway_handle_forwarded(struct gateway *gw, struct httpd_req *req) {
+  gw->forwarded_active++;
+  on_request(gw, req);
+}
+
+void gateway_forwarded_finished(struct gateway *gw, struct httpd_req *req) {
+  if (gw->forwarded_active > 0) gw->forwarded_active--;
+  on_request_finished(gw, req);
 }
 
 void gateway_get_stats(const struct gateway *gw, struct gateway_stats *out) {

@@ -141,6 +141,36 @@ void gateway_metrics_respond(struct gateway *gw, struct httpd_req *req);
 /* An extra listener (listen.metrics) that serves only GET /metrics. 0 ok,
  * else the message names the address. Closed by gateway_close(). */
 int gateway_metrics_listen(struct gateway *gw, const char *address, char *errmsg, size_t errlen);
+/* TLS on the client port (listen.gateway_tls; a server context from
+ * base/tls.h, ALPN http/1.1). Call right after gateway_start. */
+struct ssl_ctx_st;
+void gateway_set_tls(struct gateway *gw, struct ssl_ctx_st *ctx);
+
+/* Standby -> active forwarding over mutual TLS. With it, a standby sends a
+ * client request to the active's ADMIN listener (mutual TLS, node
+ * certificates) on the internal route /_zonegate/forward/v1/..., instead of
+ * plain HTTP to its client port. resolve(ud, gateway_address, ...) gives
+ * the active's admin address and node id (0) for the client-port address
+ * the cluster hooks name. Files are copied. */
+void gateway_set_forward_tls(struct gateway *gw, const char *ca, const char *cert, const char *key,
+                             int (*resolve)(void *ud, const char *gateway_address, char *admin,
+                                            size_t admin_len, char *node, size_t node_len),
+                             void *ud);
+/* The URL (and, with TLS, the node id to expect) for forwarding `path`
+ * (after /v1) to the node at gateway address `to`. */
+void gateway_forward_url(struct gateway *gw, const char *to, const char *path, char *url,
+                         size_t url_len, char *node, size_t node_len);
+/* Fills *tls for a forwarded request to `node`; false without TLS. */
+struct upstream_tls;
+bool gateway_forward_tls(const struct gateway *gw, const char *node, struct upstream_tls *tls);
+/* A client request another node forwarded to this one over mutual TLS
+ * (admin listener, /_zonegate/forward prefix already stripped): served as if
+ * it had arrived on the client port. The admin listener's finish hook must
+ * call gateway_forwarded_finished for it. */
+struct httpd_req;
+void gateway_handle_forwarded(struct gateway *gw, struct httpd_req *req);
+void gateway_forwarded_finished(struct gateway *gw, struct httpd_req *req);
+
 /* Stops accepting new connections; in-flight requests (streams included)
  * carry on. */
 void gateway_drain(struct gateway *gw);

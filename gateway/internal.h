@@ -85,6 +85,14 @@ struct gateway {
     void (*collect)(void *ud, void *out);
     void *ud;
   } collectors[8];
+  /* Standby -> active forwarding over mutual TLS (gateway_set_forward_tls):
+   * files, and node/'s lookup of the active's admin address and node id. */
+  bool forward_tls_on;
+  char forward_ca[512], forward_cert[512], forward_key[512];
+  int (*forward_resolve)(void *ud, const char *gateway_address, char *admin, size_t admin_len,
+                         char *node, size_t node_len);
+  void *forward_ud;
+  size_t forwarded_active; /* requests forwarded to us, in flight on the admin listener */
   size_t n_collectors;
   char extra_token_name[64]; /* the bootstrap token created at first start */
   char extra_token_sha256[65];

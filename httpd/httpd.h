@@ -51,6 +51,11 @@ int httpd_listen(uv_loop_t *loop, const char *address, const struct httpd_limits
                  httpd_handler handler, void *ctx, struct httpd_server **out, char *errmsg,
                  size_t errlen);
 void httpd_set_limits(struct httpd_server *srv, const struct httpd_limits *limits);
+/* TLS on every connection accepted from now on (a context from base/tls.h;
+ * httpd takes a reference). NULL: plaintext. ALPN, client certificates and
+ * the TLS version come from the context. */
+struct ssl_ctx_st;
+void httpd_set_tls(struct httpd_server *srv, struct ssl_ctx_st *ctx);
 /* One header line ("Name: value", copied) added to every response, e.g.
  * which node answered. NULL removes it. */
 void httpd_set_response_header(struct httpd_server *srv, const char *line);
@@ -90,6 +95,9 @@ void *httpd_req_user(const struct httpd_req *req);
 const char *httpd_req_method(const struct httpd_req *req); /* "GET", "POST", ... */
 const char *httpd_req_path(const struct httpd_req *req);   /* without the query */
 const char *httpd_req_query(const struct httpd_req *req);  /* after '?', or "" */
+/* Drops `prefix` from the front of the path when it is there (an internal
+ * route handing the request to another handler). True if it was. */
+bool httpd_req_strip_path_prefix(struct httpd_req *req, const char *prefix);
 /* Value of a query parameter (not URL-decoded), or NULL. */
 const char *httpd_req_query_param(const struct httpd_req *req, const char *name, char *buf,
                                   size_t buflen);
@@ -105,6 +113,9 @@ const char *httpd_req_socket_ip(const struct httpd_req *req);
 /* Removes every request header whose name starts with prefix
  * (case-insensitive), e.g. internal headers a client must not set. */
 void httpd_req_drop_headers(struct httpd_req *req, const char *prefix);
+/* The node id of the client's TLS certificate, verified against the
+ * server context's CA; NULL without TLS or without a client certificate. */
+const char *httpd_req_peer_node(const struct httpd_req *req);
 uint64_t httpd_req_received_us(const struct httpd_req *req); /* monotonic, when complete */
 void httpd_req_set_abort(struct httpd_req *req, void (*on_abort)(void *ud), void *ud);
 bool httpd_req_is_head(const struct httpd_req *req);

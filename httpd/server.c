@@ -14,10 +14,21 @@
  * the one being written): past it the producer is told to wait
  * (httpd_req_write_full / on_drain) and the next pipelined request waits;
  * after slow_client_timeout without taking a byte it is cut.
+ *
+ * TLS (httpd_set_tls): a layer between the socket and the paths above, on
+ * memory BIOs (base/tls.h). Ciphertext read from the socket is decrypted at
+ * the top of parse_read() and the plaintext goes through parse_read() as
+ * before; conn_writev() encrypts and hands the ciphertext to the same
+ * socket write path (try_write, write queue, back-pressure and slow-client
+ * accounting count ciphertext bytes). A failed handshake closes the
+ * connection and logs WARN tls_handshake_failed with the peer address
+ * (rate-limited). A verified client certificate's node id is kept for
+ * httpd_req_peer_node().
  */
 #include "httpd/httpd.h"
 
 #include "base/base.h"
+#include "base/tls.h"
 
 #include <arpa/inet.h>
 #include <http_parser.h>
@@ -74,6 +85,7 @@ struct httpd_req {
   bool headers_ready; /* name/value pointers are set */
   char peer_ip[64];   /* the client: a trusted proxy's PROXY header, else socket_ip */
   char socket_ip[64]; /* the TCP peer */
+  char peer_node[64]; /* node id of a verified TLS client certificate, or "" */
   bool keep_alive;
   bool is_head;
   uint64_t received_us;
@@ -134,6 +146,11 @@ struct conn {
     uint32_t skip;
     char buf[240];
   } pp;
+  /* TLS layer (NULL: plaintext). tls_plain: parse_read is being fed
+   * decrypted bytes; tls_raw: conn_writev is writing ciphertext. */
+  struct zg_tls *tls;
+  bool tls_plain, tls_raw, tls_closed;
+  char peer_node[64]; /* node id of a verified client certificate, or "" */
 };
 
 struct httpd_server {
@@ -161,6 +178,7 @@ struct httpd_server {
   bool (*proxy_trusted)(void *ud, const char *ip);
   void *proxy_ud;
   struct zg_log_throttle proxy_log;
+  SSL_CTX *tls_ctx; /* httpd_set_tls; NULL: plaintext */
 };
 
 static void conn_close(struct conn *c);
@@ -296,6 +314,7 @@ static struct httpd_req *req_new(struct conn *c) {
   r->keep_alive = true;
   memcpy(r->peer_ip, c->peer_ip, sizeof(r->peer_ip));
   memcpy(r->socket_ip, c->socket_ip, sizeof(r->socket_ip));
+  memcpy(r->peer_node, c->peer_node, sizeof(r->peer_node));
   return r;
 }
 
@@ -314,8 +333,14 @@ static void on_shutdown(uv_shutdown_t *req, int status) {
   conn_close(c);
 }
 
+static void conn_tls_close_notify(struct conn *c);
+
 static void conn_maybe_finish_close(struct conn *c) {
   if (c->closing || !c->close_after || c->inflight || c->pending_writes > 0) return;
+  if (c->tls && !c->tls_closed) {
+    conn_tls_close_notify(c);
+    if (c->closing || c->pending_writes > 0) return; /* shuts down once it is written */
+  }
   uv_shutdown_t *sreq = malloc(sizeof(*sreq));
   if (!sreq || uv_shutdown(sreq, (uv_stream_t *)&c->tcp, on_shutdown) != 0) {
     free(sreq);
@@ -402,8 +427,11 @@ static void conn_note_queued(struct conn *c, size_t len) {
  * is copied into one write request. A write error is reported
  * asynchronously by on_write, as before: an immediate error only sends the
  * bytes down the queued path. */
+static int conn_tls_writev(struct conn *c, uv_buf_t *bufs, unsigned nbufs);
+
 static int conn_writev(struct conn *c, uv_buf_t *bufs, unsigned nbufs) {
   if (!c || c->closing) return -1;
+  if (c->tls && !c->tls_raw) return conn_tls_writev(c, bufs, nbufs);
   size_t total = 0;
   for (unsigned i = 0; i < nbufs; i++) total += bufs[i].len;
   if (c->pending_writes == 0 && total > 0) {
@@ -441,6 +469,93 @@ static int conn_writev(struct conn *c, uv_buf_t *bufs, unsigned nbufs) {
   c->pending_writes++;
   conn_note_queued(c, total);
   return 0;
+}
+
+/* ---- TLS layer ------------------------------------------------------ */
+
+/* Writes the ciphertext the session has produced down the plain path. */
+static int conn_tls_flush(struct conn *c) {
+  size_t n = zg_tls_pending(c->tls);
+  if (n == 0) return 0;
+  char stack[16384];
+  char *buf = n <= sizeof(stack) ? stack : malloc(n);
+  if (!buf) {
+    conn_close(c);
+    return -1;
+  }
+  size_t got = zg_tls_take(c->tls, buf, n);
+  uv_buf_t b = uv_buf_init(buf, (unsigned)got);
+  c->tls_raw = true;
+  int rc = conn_writev(c, &b, 1);
+  c->tls_raw = false;
+  if (buf != stack) free(buf);
+  return rc;
+}
+
+static int conn_tls_writev(struct conn *c, uv_buf_t *bufs, unsigned nbufs) {
+  for (unsigned i = 0; i < nbufs; i++)
+    if (bufs[i].len && zg_tls_write(c->tls, bufs[i].base, bufs[i].len) != 0) {
+      conn_close(c);
+      return -1;
+    }
+  return conn_tls_flush(c);
+}
+
+static void conn_tls_close_notify(struct conn *c) {
+  c->tls_closed = true;
+  if (!zg_tls_established(c->tls)) return;
+  zg_tls_shutdown(c->tls);
+  conn_tls_flush(c);
+}
+
+#define TLS_LOG_INTERVAL_MS 10000
+static void log_tls_failure(struct conn *c, const char *why) {
+  static struct zg_log_throttle throttle = {.interval_ms = TLS_LOG_INTERVAL_MS};
+  unsigned suppressed = 0;
+  if (!zg_log_throttle(&throttle, c->peer_ip, &suppressed)) return;
+  zg_log(ZG_WARN, "tls_handshake_failed",
+         "TLS connection from %s refused: %s (suppressed_since_last=%u)", c->peer_ip, why,
+         suppressed);
+}
+
+static int parse_read(struct conn *c, const char *data, size_t len);
+
+/* Ciphertext from the socket: decrypt and feed the plaintext to
+ * parse_read. Returns as parse_read; a TLS failure closes the connection. */
+static int conn_tls_input(struct conn *c, const char *data, size_t len) {
+  static char plain[READ_BUFFER_SIZE]; /* single-threaded loop */
+  if (zg_tls_feed(c->tls, data, len) != 0) {
+    conn_close(c);
+    return -1;
+  }
+  bool was_established = zg_tls_established(c->tls);
+  int rc = 0;
+  for (;;) {
+    int n = zg_tls_read(c->tls, plain, sizeof(plain));
+    if (!was_established && zg_tls_established(c->tls)) {
+      was_established = true;
+      if (zg_tls_peer_node_id(zg_tls_ssl(c->tls), c->peer_node, sizeof(c->peer_node)) != 0)
+        c->peer_node[0] = '\0';
+    }
+    if (n > 0) {
+      c->tls_plain = true;
+      rc = parse_read(c, plain, (size_t)n);
+      c->tls_plain = false;
+      if (rc != 0 || c->closing) break;
+      continue;
+    }
+    if (n == ZG_TLS_WANT) break;
+    if (n == ZG_TLS_ERROR) {
+      if (!zg_tls_established(c->tls)) log_tls_failure(c, zg_tls_error(c->tls));
+      conn_tls_flush(c); /* the alert, best effort */
+      conn_close(c);
+      return -1;
+    }
+    /* close_notify: the client is done sending; answer what was asked. */
+    break;
+  }
+  if (!c->closing && conn_tls_flush(c) != 0) return -1;
+  return rc;
 }
 
 static int conn_write(struct conn *c, const char *a, size_t alen, const char *b, size_t blen) {
@@ -896,6 +1011,7 @@ static void server_maybe_closed(struct httpd_server *srv) {
     void *arg = srv->close_arg;
     zg_buf_free(&srv->head);
     free_request_pool(srv);
+    if (srv->tls_ctx) SSL_CTX_free(srv->tls_ctx);
     free(srv);
     if (done) done(arg);
   }
@@ -911,6 +1027,7 @@ static void on_conn_handle_closed(uv_handle_t *h) {
     srv->conns = c->next;
   if (c->next) c->next->prev = c->prev;
   srv->n_conns--;
+  zg_tls_free(c->tls);
   free(c);
   server_maybe_closed(srv);
 }
@@ -1030,6 +1147,7 @@ static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
  * head_bytes, across reads. Returns 0, or -1 on a parse error or an
  * oversized head (c->parsing then carries the status when it is not 400). */
 static int parse_read(struct conn *c, const char *data, size_t len) {
+  if (c->tls && !c->tls_plain) return conn_tls_input(c, data, len);
   size_t limit = c->srv->limits.max_header_bytes;
   while (len > 0) {
     c->head_completed = c->message_completed = false;
@@ -1368,6 +1486,10 @@ static void on_connection(uv_stream_t *listener, int status) {
   }
   memcpy(c->socket_ip, c->peer_ip, sizeof(c->socket_ip));
   c->pp.state = srv->proxy_enabled ? PP_DETECT : PP_DONE;
+  if (srv->tls_ctx && !(c->tls = zg_tls_new(srv->tls_ctx, true))) {
+    conn_close(c);
+    return;
+  }
   http_parser_init(&c->parser, HTTP_REQUEST);
   c->parser.data = c;
   conn_arm_timer(c);
@@ -1392,6 +1514,23 @@ void httpd_set_proxy_protocol(struct httpd_server *srv, bool (*trusted)(void *ud
   srv->proxy_trusted = trusted;
   srv->proxy_ud = ud;
   srv->proxy_log.interval_ms = 10000;
+}
+
+void httpd_set_tls(struct httpd_server *srv, SSL_CTX *ctx) {
+  if (srv->tls_ctx) SSL_CTX_free(srv->tls_ctx);
+  srv->tls_ctx = ctx;
+  if (ctx) SSL_CTX_up_ref(ctx);
+}
+
+bool httpd_req_strip_path_prefix(struct httpd_req *r, const char *prefix) {
+  size_t n = strlen(prefix);
+  if (strncmp(r->path, prefix, n) != 0 || r->path[n] != '/') return false;
+  r->path += n;
+  return true;
+}
+
+const char *httpd_req_peer_node(const struct httpd_req *r) {
+  return r->peer_node[0] ? r->peer_node : NULL;
 }
 
 void httpd_set_response_header(struct httpd_server *srv, const char *line) {

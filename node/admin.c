@@ -355,8 +355,9 @@ static void forward_to_leader(struct admin_req *a) {
     return;
   }
   char url[300], auth[600], actor[160], source[160], sig[128];
-  snprintf(url, sizeof(url), "http://%s%s%s%s", leader->admin_address, httpd_req_path(a->req),
-           httpd_req_query(a->req)[0] ? "?" : "", httpd_req_query(a->req));
+  snprintf(url, sizeof(url), "%s://%s%s%s%s", a->node->tls_admin ? "https" : "http",
+           leader->admin_address, httpd_req_path(a->req), httpd_req_query(a->req)[0] ? "?" : "",
+           httpd_req_query(a->req));
   snprintf(auth, sizeof(auth), "Authorization: %s", httpd_req_header(a->req, "Authorization"));
   snprintf(actor, sizeof(actor), "X-Zonegate-Actor: %s", a->actor);
   snprintf(source, sizeof(source), "X-Zonegate-Source: %s", a->source);
@@ -382,8 +383,16 @@ static void forward_to_leader(struct admin_req *a) {
                            sig,
                            if_match ? if_match_line : NULL,
                            NULL};
-  struct upstream_request ureq = {url,      httpd_req_method(a->req), headers, body_text,
-                                  body_len, {2000, 10000, 0, 15000}};
+  /* Over mutual TLS the leader must show the certificate of the node it is. */
+  const struct zg_config *cfg = a->node->cfg;
+  struct upstream_tls tls = {cfg->tls_ca, cfg->tls_cert, cfg->tls_key, leader->id};
+  struct upstream_request ureq = {url,
+                                  httpd_req_method(a->req),
+                                  headers,
+                                  body_text,
+                                  body_len,
+                                  {2000, 10000, 0, 15000},
+                                  a->node->tls_admin ? &tls : NULL};
   static const struct upstream_callbacks cb = {on_fwd_response, on_fwd_data, on_fwd_done};
   char err[256];
   zg_buf_init(&a->body);
@@ -789,12 +798,44 @@ static void log_auth_failure(struct httpd_req *req, bool forward, const char *wh
   zg_log_fields(ZG_WARN, "admin_auth_failed", fields);
 }
 
+/* A client request a standby forwarded over mutual TLS (see
+ * gateway_set_forward_tls): only from a cluster node's certificate; then
+ * served by the gateway exactly as on the client port (the client's own
+ * token is checked there). */
+#define FORWARD_ROUTE "/_zonegate/forward"
+static void handle_forwarded_client(struct node *n, struct httpd_req *req) {
+  const char *peer = httpd_req_peer_node(req);
+  if (!node_is_member(n, peer)) {
+    log_auth_failure(req, true,
+                     peer ? "forwarded client request from a certificate of a non-member"
+                          : "forwarded client request without a node certificate");
+    httpd_respond_error(req, 401, "invalid_request_error", "node_certificate_required", NULL,
+                        "this route takes requests from cluster nodes only");
+    return;
+  }
+  if (!n->gateway || !httpd_req_strip_path_prefix(req, FORWARD_ROUTE) ||
+      strncmp(httpd_req_path(req), "/v1/", 4) != 0) {
+    httpd_respond_error(req, 404, "invalid_request_error", "not_found", NULL, "no such route");
+    return;
+  }
+  gateway_handle_forwarded(n->gateway, req);
+}
+
+static void on_admin_finished(void *ctx, struct httpd_req *req) {
+  struct node *n = ctx;
+  if (httpd_req_user(req)) gateway_forwarded_finished(n->gateway, req); /* the gateway's own */
+}
+
 static void on_admin_request(void *ctx, struct httpd_req *req) {
   struct node *n = ctx;
   if (strcmp(httpd_req_path(req), "/metrics") == 0) {
     /* Prometheus scrapes here (the private port) without the admin token:
      * metrics hold no secret, and a scraper must not hold that token. */
     gateway_metrics_respond(n->gateway, req);
+    return;
+  }
+  if (n->tls_admin && strncmp(httpd_req_path(req), FORWARD_ROUTE "/", sizeof(FORWARD_ROUTE)) == 0) {
+    handle_forwarded_client(n, req);
     return;
   }
   const char *auth = httpd_req_header(req, "Authorization");
@@ -824,6 +865,14 @@ static void on_admin_request(void *ctx, struct httpd_req *req) {
     return;
   }
   a->forwarded = fwd == 1;
+  if (a->forwarded && n->tls_admin && !node_is_member(n, httpd_req_peer_node(req))) {
+    /* With TLS, a forwarded write also needs a cluster node's certificate. */
+    log_auth_failure(req, true, "forwarded admin request without a cluster node certificate");
+    httpd_respond_error(req, 401, "invalid_request_error", "node_certificate_required", NULL,
+                        "a forwarded request must come from a cluster node (TLS certificate)");
+    admin_req_free(a);
+    return;
+  }
   if (!a->forwarded) {
     /* A client: whatever X-Zonegate-* it sent is ignored. The actor is
      * what the credential proves; the source is the TCP peer. */
@@ -994,6 +1043,9 @@ int node_admin_start(struct node *n, char *errmsg, size_t errlen) {
   if (upstream_client_create(n->loop, &n->admin_client, errmsg, errlen) != 0) return -1;
   struct httpd_limits limits = {0};
   limits.max_body_bytes = 1024 * 1024;
+  /* Client requests forwarded over TLS arrive here too: their body limit. */
+  if (n->tls_admin && n->cfg->max_body_bytes > limits.max_body_bytes)
+    limits.max_body_bytes = n->cfg->max_body_bytes;
   int rc = httpd_listen(n->loop, n->cfg->listen_admin, &limits, on_admin_request, n, &n->admin, err,
                         sizeof(err));
   if (rc != 0) {
@@ -1006,6 +1058,11 @@ int node_admin_start(struct node *n, char *errmsg, size_t errlen) {
       snprintf(errmsg, errlen, "listen.admin: %s", err);
     return -1;
   }
-  zg_log(ZG_INFO, "admin_listening", "admin API on %s", n->cfg->listen_admin);
+  if (n->tls_admin) {
+    httpd_set_tls(n->admin, n->tls_admin);
+    httpd_set_finish_hook(n->admin, on_admin_finished);
+  }
+  zg_log(ZG_INFO, "admin_listening", "admin API on %s%s", n->cfg->listen_admin,
+         n->tls_admin ? " (TLS 1.3; node-to-node routes need a cluster certificate)" : "");
   return 0;
 }

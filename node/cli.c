@@ -3,7 +3,11 @@
  * switchover. Blocking libcurl calls (a CLI
  * has no loop to share). Address and admin token from --addr/--token or
  * ZONEGATE_ADDR / ZONEGATE_ADMIN_TOKEN. Human tables by default, --json
- * for scripts.
+ * for scripts. With --ca FILE or ZONEGATE_CA (the cluster CA, when nodes
+ * run security.tls) the admin API is called over TLS 1.3 and the node's
+ * certificate is verified against that CA and the address's host name
+ * (certs init puts localhost, 127.0.0.1, the node id and --hosts in it);
+ * the CLI authenticates with the admin token, not with a certificate.
  *
  * Failure modes, each one line on stderr and exit 1: the node cannot be
  * reached (names the address and how to change it), the admin token is
@@ -11,12 +15,13 @@
  * errors exit 2. Secrets (provider keys) are read from a file, an
  * environment variable or stdin, never from the command line.
  */
+#include <curl/curl.h>
+
 #include "base/base.h"
 #include "node/cli.h"
 #include "node/node.h"
 
 #include <cjson/cJSON.h>
-#include <curl/curl.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -33,6 +38,8 @@ static size_t collect(char *data, size_t size, size_t n, void *ud) {
 void cli_options_parse(struct cli_options *o, int *argc, char **argv) {
   const char *addr = getenv("ZONEGATE_ADDR");
   const char *token = getenv("ZONEGATE_ADMIN_TOKEN");
+  const char *ca = getenv("ZONEGATE_CA");
+  snprintf(o->ca, sizeof(o->ca), "%s", ca ? ca : "");
   snprintf(o->addr, sizeof(o->addr), "%s", addr && *addr ? addr : "127.0.0.1:18790");
   snprintf(o->token, sizeof(o->token), "%s", token ? token : "");
   o->json = false;
@@ -45,11 +52,23 @@ void cli_options_parse(struct cli_options *o, int *argc, char **argv) {
       snprintf(o->addr, sizeof(o->addr), "%s", argv[++i]);
     else if ((!strcmp(argv[i], "--token") || !strcmp(argv[i], "--admin-token")) && i + 1 < *argc)
       snprintf(o->token, sizeof(o->token), "%s", argv[++i]);
+    else if (!strcmp(argv[i], "--ca") && i + 1 < *argc)
+      snprintf(o->ca, sizeof(o->ca), "%s", argv[++i]);
     else
       argv[out++] = argv[i];
   }
   *argc = out;
   if (!strncmp(o->addr, "http://", 7)) memmove(o->addr, o->addr + 7, strlen(o->addr + 7) + 1);
+  if (!strncmp(o->addr, "https://", 8)) memmove(o->addr, o->addr + 8, strlen(o->addr + 8) + 1);
+}
+
+const char *cli_tls_setup(const struct cli_options *o, CURL *curl) {
+  if (!o->ca[0]) return "http";
+  curl_easy_setopt(curl, CURLOPT_CAINFO, o->ca);
+  curl_easy_setopt(curl, CURLOPT_SSLVERSION, (long)CURL_SSLVERSION_TLSv1_3);
+  curl_easy_setopt(curl, CURLOPT_SSL_VERIFYPEER, 1L);
+  curl_easy_setopt(curl, CURLOPT_SSL_VERIFYHOST, 2L);
+  return "https";
 }
 
 /* Levenshtein distance of a and b (short option names). */
@@ -71,7 +90,8 @@ static size_t edit_distance(const char *a, const char *b) {
 }
 
 int cli_check_options(const char *what, int argc, char *const *argv, const char *const *known) {
-  static const char *const global[] = {"--json", "--addr=", "--token=", "--admin-token=", NULL};
+  static const char *const global[] = {
+      "--json", "--addr=", "--token=", "--admin-token=", "--ca=", NULL};
   for (int i = 0; i < argc; i++) {
     const char *arg = argv[i];
     if (strncmp(arg, "--", 2) != 0) continue;
@@ -172,7 +192,7 @@ int cli_call(const struct cli_options *o, const char *method, const char *path, 
   /* No X-Zonegate-* identity headers: the node records the actor the
    * admin token proves and this connection's address. */
   char url[512], auth[600];
-  snprintf(url, sizeof(url), "http://%s%s", o->addr, path);
+  snprintf(url, sizeof(url), "%s://%s%s", cli_tls_setup(o, curl), o->addr, path);
   snprintf(auth, sizeof(auth), "Authorization: Bearer %s", o->token);
   struct curl_slist *headers = NULL;
   headers = curl_slist_append(headers, auth);
@@ -204,8 +224,12 @@ int cli_call(const struct cli_options *o, const char *method, const char *path, 
       fprintf(err_out,
               "error: cannot reach the admin API at %s: %s\n"
               "       is zonegate running there? set the address with --addr HOST:PORT or "
-              "ZONEGATE_ADDR\n",
-              o->addr, curl_easy_strerror(rc));
+              "ZONEGATE_ADDR%s\n",
+              o->addr, curl_easy_strerror(rc),
+              o->ca[0] ? "; TLS: the node's certificate must chain to --ca / ZONEGATE_CA and name "
+                         "this host"
+                       : "; a node with security.tls needs --ca FILE or ZONEGATE_CA (the cluster "
+                         "CA)");
     zg_buf_free(&response);
     return -1;
   }

@@ -10,11 +10,13 @@ struct cJSON;
 struct cli_options {
   char addr[256];
   char token[512];
+  char ca[512]; /* --ca / ZONEGATE_CA: the cluster CA; then the admin API is reached over TLS */
   bool json;
   bool quiet; /* cli_call prints no error (callers that retry elsewhere) */
 };
 
-/* Reads --addr, --token, --json (and ZONEGATE_ADDR / ZONEGATE_ADMIN_TOKEN)
+/* Reads --addr, --token, --ca, --json (and ZONEGATE_ADDR /
+ * ZONEGATE_ADMIN_TOKEN / ZONEGATE_CA)
  * and removes them from argv. */
 void cli_options_parse(struct cli_options *o, int *argc, char **argv);
 /* Refuses what a subcommand does not know (exit code 2 for the caller):
@@ -28,6 +30,10 @@ void cli_options_parse(struct cli_options *o, int *argc, char **argv);
 int cli_check_options(const char *what, int argc, char *const *argv, const char *const *known);
 /* One admin API call. 0 with *answer (caller frees), or -1 after printing
  * a clear error. */
+/* Sets the TLS options of a curl handle talking to the admin API (no-op
+ * without a CA) and returns the URL scheme, "https" or "http". */
+typedef void CURL;
+const char *cli_tls_setup(const struct cli_options *o, CURL *curl);
 int cli_call(const struct cli_options *o, const char *method, const char *path,
              const struct cJSON *body, const char *const *extra_headers, struct cJSON **answer);
 

@@ -439,6 +439,7 @@ int node_cluster_start(struct node *n, char *errmsg, size_t errlen) {
   opts.seed_config = seed;
   opts.seed_tokens = tokens;
   opts.join_existing = cfg->cluster_join;
+  opts.tls = n->tls_peer; /* NULL: plaintext (node_tls_setup warned) */
   opts.on_event = on_consensus_event;
   opts.ud = n;
   rc = consensus_start(n->loop, &opts, &n->consensus, errmsg, errlen);

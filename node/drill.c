@@ -217,9 +217,10 @@ static void start_write(struct drill *d, int seq) {
   }
   if (!n) return;
   char url[300], auth[600], body[128];
-  snprintf(url, sizeof(url), "http://%s/v1/audit", n->admin);
+  snprintf(url, sizeof(url), "%s://%s/v1/audit", d->o.ca[0] ? "https" : "http", n->admin);
   zg_buf_init(&p->body);
   p->easy = easy_for(url, &p->body, 5000);
+  cli_tls_setup(&d->o, p->easy);
   p->kind = 1;
   p->seq = seq;
   snprintf(auth, sizeof(auth), "Authorization: Bearer %s", d->o.token);

@@ -32,6 +32,10 @@ struct node {
    * the cluster secret; see admin.c). Wiped at exit. */
   uint8_t forward_key[32];
   bool have_forward_key;
+  /* security.tls: mutual TLS between nodes. tls_peer requires a peer
+   * certificate (Raft); tls_admin asks for one but also accepts the CLI
+   * without (it brings the admin token). NULL: plaintext. */
+  struct ssl_ctx_st *tls_peer, *tls_admin, *tls_gateway;
   uint64_t applied_config_version;
   uv_signal_t sigterm, sigint, sighup;
   uv_timer_t drain_timer;
@@ -55,5 +59,12 @@ int node_cluster_start(struct node *n, char *errmsg, size_t errlen);
 void node_cluster_apply_replicated(struct node *n);
 /* admin.c: admin API on listen.admin. 0 ok (or admin disabled). */
 int node_admin_start(struct node *n, char *errmsg, size_t errlen);
+/* tls.c: TLS contexts from security.tls / listen.gateway_tls (0 ok), the
+ * certificate-expiry metrics, and their release at exit. */
+int node_tls_setup(struct node *n, char *errmsg, size_t errlen);
+void node_tls_start(struct node *n); /* metrics, forwarding over TLS */
+void node_tls_free(struct node *n);
+/* True when `id` is a member of the cluster (self included). */
+bool node_is_member(const struct node *n, const char *id);
 
 #endif

@@ -16,6 +16,10 @@ static void usage(FILE *out) {
       "Usage:\n"
       "  zonegate serve --config FILE       run a node (default FILE: /app/config.json)\n"
       "  zonegate config check FILE         validate FILE, print it with secrets masked\n"
+      "  zonegate certs init DIR --nodes ID,... [--hosts H,...] [--days N]\n"
+      "                                     cluster CA + a TLS certificate and key per node\n"
+      "  zonegate certs init DIR --nodes ID,... [--hosts H,...]\n"
+      "                                     cluster CA + a TLS certificate and key per node\n"
       "\n"
       "Cluster administration (admin API; --addr HOST:PORT or ZONEGATE_ADDR, default "
       "127.0.0.1:18790;\n"
@@ -67,6 +71,7 @@ int main(int argc, char **argv) {
   if (!strcmp(cmd, "config")) return node_config_command(argc - 1, argv + 1);
   if (!strcmp(cmd, "drill")) return node_drill(argc - 1, argv + 1);
   if (!strcmp(cmd, "recover")) return node_recover(argc - 1, argv + 1);
+  if (!strcmp(cmd, "certs")) return node_certs(argc - 1, argv + 1);
   if (!strcmp(cmd, "status") || !strcmp(cmd, "keys") || !strcmp(cmd, "tokens") ||
       !strcmp(cmd, "audit") || !strcmp(cmd, "members") || !strcmp(cmd, "switchover") ||
       !strcmp(cmd, "usage"))

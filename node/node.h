@@ -23,5 +23,7 @@ int node_cli(const char *command, int argc, char **argv);
 int node_drill(int argc, char **argv);
 /* `zonegate recover --force` (node/recover.c). */
 int node_recover(int argc, char **argv);
+/* certs.c: `zonegate certs init DIR --nodes ...` (cluster CA + node certificates). */
+int node_certs(int argc, char **argv);
 
 #endif

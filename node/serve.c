@@ -354,7 +354,9 @@ int node_serve(int argc, char **argv) {
     return 1;
   }
   if (bootstrap_hash[0]) gateway_add_token(n.gateway, "bootstrap", bootstrap_hash);
-  if (node_cluster_start(&n, err, sizeof(err)) != 0 ||
+  int tls_rc = node_tls_setup(&n, err, sizeof(err));
+  if (tls_rc == 0 && n.tls_gateway) gateway_set_tls(n.gateway, n.tls_gateway);
+  if (tls_rc != 0 || node_cluster_start(&n, err, sizeof(err)) != 0 ||
       node_admin_start(&n, err, sizeof(err)) != 0 ||
       alerts_start(n.loop, n.cfg->node_id, n.consensus, n.failover, n.gateway, &n.alerts, err,
                    sizeof(err)) != 0) {
@@ -365,9 +367,11 @@ int node_serve(int argc, char **argv) {
     zg_secret_free(n.admin_token);
     OPENSSL_cleanse(n.forward_key, sizeof(n.forward_key));
     OPENSSL_cleanse(n.hooks.forward_key, sizeof(n.hooks.forward_key));
+    node_tls_free(&n);
     zg_config_free(n.cfg);
     return 1;
   }
+  node_tls_start(&n);
   /* /metrics: on listen.metrics when set (a bind failure is fatal), else on
    * the admin port (admin.c); with no admin API running (standalone, or no
    * admin token) a metrics-only listener takes listen.admin's address. */
@@ -382,6 +386,7 @@ int node_serve(int argc, char **argv) {
         zg_secret_free(n.admin_token);
         OPENSSL_cleanse(n.forward_key, sizeof(n.forward_key));
         OPENSSL_cleanse(n.hooks.forward_key, sizeof(n.hooks.forward_key));
+        node_tls_free(&n);
         zg_config_free(n.cfg);
         return 1;
       }
@@ -419,6 +424,7 @@ int node_serve(int argc, char **argv) {
   zg_secret_free(n.admin_token);
   OPENSSL_cleanse(n.forward_key, sizeof(n.forward_key));
   OPENSSL_cleanse(n.hooks.forward_key, sizeof(n.hooks.forward_key));
+  node_tls_free(&n);
   zg_log(ZG_INFO, "stopped", "zonegate stopped");
   zg_config_free(n.cfg);
   return n.exit_code;

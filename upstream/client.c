@@ -29,6 +29,10 @@
  */
 #include "upstream/upstream.h"
 
+#include "base/tls.h"
+
+#include <openssl/x509v3.h>
+
 #include <curl/curl.h>
 #include <stdbool.h>
 #include <stddef.h>
@@ -132,6 +136,7 @@ struct upstream_transfer {
 
   char curl_errbuf[CURL_ERROR_SIZE];
   char error_text[CURL_ERROR_SIZE + 64];
+  char tls_peer_node[64]; /* upstream_tls.peer_node, for on_curl_ssl_ctx */
 };
 
 struct upstream_client {
@@ -919,6 +924,50 @@ size_t upstream_active_count(const struct upstream_client *c) {
   return c ? c->active : 0;
 }
 
+/* ---- TLS between nodes ----------------------------------------------------- */
+
+/* The node id a connection's certificate must name, kept with curl's
+ * SSL_CTX (one per connection; a reused connection keeps it). */
+static void free_ex_string(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl,
+                           void *argp) {
+  free(ptr);
+}
+
+static int node_ex_index(void) {
+  static int idx = -1;
+  if (idx < 0) idx = SSL_CTX_get_ex_new_index(0, NULL, NULL, NULL, free_ex_string);
+  return idx;
+}
+
+static int verify_peer_node(int preverify, X509_STORE_CTX *x) {
+  if (!preverify) return 0;
+  if (X509_STORE_CTX_get_error_depth(x) != 0) return 1;
+  SSL *ssl = X509_STORE_CTX_get_ex_data(x, SSL_get_ex_data_X509_STORE_CTX_idx());
+  const char *want = ssl ? SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), node_ex_index()) : NULL;
+  char got[64];
+  if (!want) return 1;
+  if (zg_tls_cert_node_id(X509_STORE_CTX_get_current_cert(x), got, sizeof got) == 0 &&
+      strcmp(got, want) == 0)
+    return 1;
+  X509_STORE_CTX_set_error(x, X509_V_ERR_HOSTNAME_MISMATCH);
+  return 0;
+}
+
+static CURLcode on_curl_ssl_ctx(CURL *curl, void *ssl_ctx, void *ud) {
+  struct upstream_transfer *t = ud;
+  SSL_CTX *ctx = ssl_ctx;
+  SSL_CTX_set_min_proto_version(ctx, TLS1_3_VERSION);
+  if (t->tls_peer_node[0]) {
+    char *want = strdup(t->tls_peer_node);
+    if (!want || !SSL_CTX_set_ex_data(ctx, node_ex_index(), want)) {
+      free(want);
+      return CURLE_OUT_OF_MEMORY;
+    }
+    SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, verify_peer_node);
+  }
+  return CURLE_OK;
+}
+
 /* ---- transfers ----------------------------------------------------------- */
 
 static int configure_easy(struct upstream_transfer *t, const struct upstream_request *req,
@@ -962,6 +1011,18 @@ static int configure_easy(struct upstream_transfer *t, const struct upstream_req
   SETOPT(CURLOPT_CLOSESOCKETFUNCTION, on_curl_close_socket);
   SETOPT(CURLOPT_CLOSESOCKETDATA, (void *)t->client);
   if (req->timeouts.connect_ms) SETOPT(CURLOPT_CONNECTTIMEOUT_MS, (long)req->timeouts.connect_ms);
+  if (req->tls) {
+    const struct upstream_tls *tls = req->tls;
+    if (tls->ca_file) SETOPT(CURLOPT_CAINFO, tls->ca_file);
+    if (tls->cert_file) SETOPT(CURLOPT_SSLCERT, tls->cert_file);
+    if (tls->key_file) SETOPT(CURLOPT_SSLKEY, tls->key_file);
+    SETOPT(CURLOPT_SSLVERSION, (long)CURL_SSLVERSION_TLSv1_3);
+    SETOPT(CURLOPT_SSL_VERIFYPEER, 1L);
+    snprintf(t->tls_peer_node, sizeof t->tls_peer_node, "%s", tls->peer_node ? tls->peer_node : "");
+    if (t->tls_peer_node[0]) SETOPT(CURLOPT_SSL_VERIFYHOST, 0L); /* the node id is checked */
+    SETOPT(CURLOPT_SSL_CTX_FUNCTION, on_curl_ssl_ctx);
+    SETOPT(CURLOPT_SSL_CTX_DATA, (void *)t);
+  }
 
   const char *method = req->method;
   const char *body = req->body ? req->body : "";

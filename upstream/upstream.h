@@ -80,6 +80,15 @@ struct upstream_timeouts {
   unsigned connect_ms, first_byte_ms, idle_ms, total_ms;
 };
 
+/* TLS between zonegate nodes (https:// URLs): the peer must chain to
+ * ca_file and, when peer_node is set, its certificate must name that node
+ * id (base/tls.h; the host name is then not checked, since nodes are often
+ * dialled by IP); cert_file/key_file are our client certificate. TLS 1.3. */
+struct upstream_tls {
+  const char *ca_file, *cert_file, *key_file;
+  const char *peer_node;
+};
+
 /* Everything is copied by upstream_start(); the caller may free it after. */
 struct upstream_request {
   const char *url;            /* full http:// or https:// URL */
@@ -89,6 +98,7 @@ struct upstream_request {
   const char *body;           /* may be NULL when body_len is 0 */
   size_t body_len;
   struct upstream_timeouts timeouts;
+  const struct upstream_tls *tls; /* NULL: default verification (system CAs) */
 };
 
 struct upstream_callbacks {

@@ -7,6 +7,9 @@
 #
 # Usage: tests/bench/admin_writes.sh [BUILD_DIR] [DURATION]
 #   SNAP=N overrides cluster.snapshot_threshold (default: the config default).
+#   TLS=1 runs the cluster with mutual TLS (security.tls: Raft and admin API
+#   over TLS 1.3, certificates from `zonegate certs init`); TLS=both runs the
+#   plaintext cluster and then the TLS one, for a before/after in one run.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 build=${1:-build}
@@ -20,8 +23,16 @@ export ZONEGATE_CLUSTER_SECRET=bench-cluster-secret-0001
 export ZONEGATE_MASTER_KEY=$(openssl rand -base64 32)
 export ZONEGATE_ADMIN_TOKEN=bench-admin-token-000001
 port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
+bench_once() {
 declare -A G A R
+tls=$1
 for n in gw-a gw-b witness; do G[$n]=$(port); A[$n]=$(port); R[$n]=$(port); done
+tlsopt="" scheme=http
+if [ "$tls" = 1 ]; then
+  rm -rf "$work/certs"
+  "$build/zonegate" certs init "$work/certs" --nodes gw-a,gw-b,witness >/dev/null
+  scheme=https
+fi
 zone() { case $1 in gw-a) echo A;; gw-b) echo B;; *) echo C;; esac; }
 role() { [ "$1" = witness ] && echo witness || echo gateway; }
 snapopt=""
@@ -32,11 +43,13 @@ for n in gw-a gw-b witness; do
     [ "$p" = "$n" ] && continue
     peers+="{\"id\":\"$p\",\"zone\":\"$(zone $p)\",\"role\":\"$(role $p)\",\"raft\":\"127.0.0.1:${R[$p]}\",\"admin\":\"127.0.0.1:${A[$p]}\",\"gateway\":\"127.0.0.1:${G[$p]}\"},"
   done
+  [ "$tls" = 1 ] && tlsopt=",\"tls\":{\"cert\":\"$work/certs/$n.crt\",\"key\":\"$work/certs/$n.key\",\"ca\":\"$work/certs/ca.crt\"}"
+  rm -rf "$work/data-$n"
   cat > "$work/$n.json" <<JSON
 {"node":{"id":"$n","zone":"$(zone $n)","role":"$(role $n)"},
  "listen":{"gateway":"127.0.0.1:${G[$n]}","admin":"127.0.0.1:${A[$n]}","raft":"127.0.0.1:${R[$n]}"},
  "cluster":{"data_dir":"$work/data-$n","peers":[${peers%,}],"secret":"env:ZONEGATE_CLUSTER_SECRET"$snapopt},
- "security":{"master_key":"env:ZONEGATE_MASTER_KEY","admin_token":"env:ZONEGATE_ADMIN_TOKEN"},
+ "security":{"master_key":"env:ZONEGATE_MASTER_KEY","admin_token":"env:ZONEGATE_ADMIN_TOKEN"$tlsopt},
  "endpoint":"http://127.0.0.1:9","logging":{"level":"warn"}}
 JSON
   "$build/zonegate" serve --config "$work/$n.json" > "$work/$n.log" 2>&1 &
@@ -67,11 +80,18 @@ done = function(summary, latency, requests)
     latency.max / 1000))
 end
 LUA
-echo "zonegate admin write benchmark: 3 voters on loopback (raft_uv on $(df -h "$work" | awk 'NR==2{print $1}')), leader $leader, ${duration}s per run"
+echo "zonegate admin write benchmark ($([ "$tls" = 1 ] && echo "mutual TLS 1.3 on Raft + admin" || echo plaintext)): 3 voters on loopback (raft_uv on $(df -h "$work" | awk 'NR==2{print $1}')), leader $leader, ${duration}s per run"
 printf '%-28s %10s %8s %12s %10s %10s %10s\n' "load" "writes" "errors" "writes/s" "p50 ms" "p99 ms" "max ms"
 for c in 1 16 64; do
-  out=$(wrk -t1 -c"$c" -d"${duration}s" -s "$work/write.lua" "http://127.0.0.1:${A[$leader]}" | grep '^RESULT')
+  out=$(wrk -t1 -c"$c" -d"${duration}s" -s "$work/write.lua" "$scheme://127.0.0.1:${A[$leader]}" | grep '^RESULT')
   read -r _ reqs errs rps p50 p99 max <<<"$out"
   printf '%-28s %10s %8s %12s %10s %10s %10s\n' "$c concurrent writer(s)" "$reqs" "$errs" "$rps" "$p50" "$p99" "$max"
 done
-echo "targets: p99 <= 10 ms, >= 1000 writes/s"
+for p in "${pids[@]}"; do { kill -9 "$p"; wait "$p"; } 2>/dev/null || true; done
+pids=()
+}
+case "${TLS:-0}" in
+  both) bench_once 0; echo; bench_once 1 ;;
+  *) bench_once "${TLS:-0}" ;;
+esac
+echo "targets: p99 <= 10 ms, >= 1000 writes/s; TLS costs at most 20 % of the plaintext writes/s"

@@ -13,6 +13,8 @@
 #   BUILD_DIR defaults to build; needs haproxy, python3 with pytest.
 #   FAILOVER_REPORT=path.json also writes the figures as JSON.
 #   ZG_HAPROXY_CFG=path runs against a candidate HAProxy config.
+#   TLS=1 runs the cluster with mutual TLS between nodes (security.tls);
+#   TLS=both runs plaintext, then TLS (before/after in one run).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 build=${1:-build}
@@ -24,6 +26,13 @@ for bin in "$ZONEGATE_BIN" "$MOCKLLM_BIN"; do
 done
 command -v haproxy >/dev/null || { echo "error: haproxy is not installed" >&2; exit 1; }
 echo "failover RTO: $rounds x SIGKILL of the active, $(haproxy -v | head -1 | cut -d' ' -f1-3)"
-echo "command: FAILOVER_ROUNDS=$rounds python3 -m pytest -s -q tests/integration/test_failover.py -k sigkill"
-FAILOVER_ROUNDS=$rounds timeout $((60 + rounds * 20)) \
-  python3 -m pytest -s -q -p no:cacheprovider tests/integration/test_failover.py -k sigkill
+run_once() {
+  echo "== $([ "$1" = 1 ] && echo "mutual TLS between nodes" || echo "plaintext between nodes")"
+  echo "command: ZG_TLS=$1 FAILOVER_ROUNDS=$rounds python3 -m pytest -s -q tests/integration/test_failover.py -k sigkill"
+  ZG_TLS=$1 FAILOVER_ROUNDS=$rounds timeout $((60 + rounds * 20)) \
+    python3 -m pytest -s -q -p no:cacheprovider tests/integration/test_failover.py -k sigkill
+}
+case "${TLS:-0}" in
+  both) run_once 0; run_once 1 ;;
+  *) run_once "${TLS:-0}" ;;
+esac

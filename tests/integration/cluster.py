@@ -61,6 +61,13 @@ class Node:
             "performance": {"drain_timeout": 5000},
         }
         cfg["listen"].update(self.cluster.listen_extra)
+        if self.cluster.tls:
+            d = self.cluster.cert_dir
+            if not os.path.exists(f"{d}/{self.id}.crt"):  # a member added later: same CA
+                subprocess.run([ZONEGATE_BIN, "certs", "init", d, "--nodes", self.id],
+                               check=True, capture_output=True, timeout=30)
+            cfg["security"]["tls"] = {"cert": f"{d}/{self.id}.crt", "key": f"{d}/{self.id}.key",
+                                      "ca": f"{d}/ca.crt"}
         for k, v in (extra or {}).items():
             cfg[k] = v
         with open(self.config_path, "w") as f:
@@ -92,12 +99,15 @@ class Node:
             return None, None
 
     def admin_call(self, method, path, body=None, timeout=10, headers=None):
-        return admin_call(self.admin, SECRETS["ZONEGATE_ADMIN_TOKEN"], method, path, body, timeout, headers)
+        return admin_call(self.admin, SECRETS["ZONEGATE_ADMIN_TOKEN"], method, path, body, timeout, headers,
+                          ca=self.cluster.ca if self.cluster.tls else None)
 
     def cli(self, *args, input_text=None, check=True):
         env = dict(os.environ)
         env["ZONEGATE_ADDR"] = self.admin
         env["ZONEGATE_ADMIN_TOKEN"] = SECRETS["ZONEGATE_ADMIN_TOKEN"]
+        if self.cluster.tls:
+            env["ZONEGATE_CA"] = self.cluster.ca
         out = subprocess.run([ZONEGATE_BIN, *args], env=env, input=input_text, capture_output=True, text=True,
                              timeout=60)
         if check and out.returncode != 0:
@@ -107,10 +117,17 @@ class Node:
 
 class Cluster:
     def __init__(self, tmpdir, election_timeout_ms=1000, heartbeat_ms=100, snapshot_threshold=1024,
-                 failback="manual", mock_args=(), listen_extra=None):
+                 failback="manual", mock_args=(), listen_extra=None, tls=None):
         self.dir = tmpdir
         # Extra local "listen" keys for every node, e.g. trusted_proxies.
         self.listen_extra = dict(listen_extra or {})
+        # ZG_TLS=1 runs any cluster suite with mutual TLS between nodes.
+        self.tls = tls if tls is not None else os.environ.get("ZG_TLS") == "1"
+        self.cert_dir = os.path.join(tmpdir, "certs")
+        self.ca = os.path.join(self.cert_dir, "ca.crt")
+        if self.tls:
+            subprocess.run([ZONEGATE_BIN, "certs", "init", self.cert_dir, "--nodes", "gw-a,gw-b,witness"],
+                           check=True, capture_output=True, timeout=30)
         self.election_timeout_ms = election_timeout_ms
         self.heartbeat_ms = heartbeat_ms
         self.snapshot_threshold = snapshot_threshold

@@ -143,18 +143,22 @@ def request(port, method, path, body=None, headers=None, timeout=10):
     return http_call("127.0.0.1", port, method, path, body, headers, timeout, lower=False)
 
 
-def admin_call(admin_addr, admin_token, method, path, body=None, timeout=10, headers=None):
-    """One admin API call: (status, parsed JSON answer)."""
+def admin_call(admin_addr, admin_token, method, path, body=None, timeout=10, headers=None, ca=None):
+    """One admin API call: (status, parsed JSON answer). With ca (the cluster
+    CA file) over TLS, verifying the node's certificate."""
+    import ssl
     import urllib.error
     import urllib.request
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(f"http://{admin_addr}{path}", data=data, method=method)
+    scheme = "https" if ca else "http"
+    req = urllib.request.Request(f"{scheme}://{admin_addr}{path}", data=data, method=method)
+    ctx = ssl.create_default_context(cafile=ca) if ca else None
     req.add_header("Authorization", "Bearer " + admin_token)
     req.add_header("Content-Type", "application/json")
     for k, v in (headers or {}).items():
         req.add_header(k, v)
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        with urllib.request.urlopen(req, timeout=timeout, context=ctx) as resp:
             return resp.status, json.loads(resp.read() or b"{}")
     except urllib.error.HTTPError as e:
         payload = e.read()

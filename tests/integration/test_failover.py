@@ -63,9 +63,25 @@ def split_addr(addr):
     return host, int(port)
 
 
+TLS_CA = None  # set by LBCluster when ZG_TLS=1: the admin API speaks TLS
+
+
 def admin_json(addr, method, path, body=None, timeout=5.0):
     host, port = split_addr(addr)
-    status, _, payload = http_call(host, port, method, path, body, admin_headers(), timeout)
+    if TLS_CA:
+        import http.client
+        import ssl
+        conn = http.client.HTTPSConnection(host, port, timeout=timeout,
+                                           context=ssl.create_default_context(cafile=TLS_CA))
+        try:
+            data = json.dumps(body).encode() if body is not None else None
+            conn.request(method, path, body=data, headers=admin_headers())
+            resp = conn.getresponse()
+            status, payload = resp.status, resp.read()
+        finally:
+            conn.close()
+    else:
+        status, _, payload = http_call(host, port, method, path, body, admin_headers(), timeout)
     try:
         return status, json.loads(payload or b"{}")
     except ValueError:
@@ -451,7 +467,10 @@ class LBCluster:
     def __init__(self, directory):
         # HAProxy (loopback) sends PROXY protocol v2: the nodes must trust it.
         self.cluster = Cluster(directory, election_timeout_ms=ELECTION_TIMEOUT_MS, heartbeat_ms=HEARTBEAT_MS,
-                               listen_extra={"trusted_proxies": ["127.0.0.1/32"]})
+                               listen_extra={"trusted_proxies": ["127.0.0.1/32"]},
+                               tls=os.environ.get("ZG_TLS") == "1")
+        global TLS_CA
+        TLS_CA = self.cluster.ca if self.cluster.tls else None
         self.haproxy = None
         try:
             self.cluster.start()

@@ -37,6 +37,8 @@ def run_drill(lbc, kind):
     env = dict(os.environ)
     env["ZONEGATE_ADDR"] = active.admin
     env["ZONEGATE_ADMIN_TOKEN"] = SECRETS["ZONEGATE_ADMIN_TOKEN"]
+    if active.cluster.tls:
+        env["ZONEGATE_CA"] = active.cluster.ca
     args = [ZONEGATE_BIN, "drill", kind, "--lb", lbc.haproxy.url, "--json", "--duration", str(DRILL_SECONDS),
             "--inject-at", "1.5", "--fault-duration", "3"]
     out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=DRILL_SECONDS + 60)
