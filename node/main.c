@@ -1,7 +1,7 @@
 /* main.c: the zonegate command line. Parses the subcommand and hands over
  * to it; unknown commands and flags print usage and exit 2. */
 #include "config/config.h"
-#include "failover/failover.h"
+#include "alerts/alerts.h"
 #include "node/node.h"
 
 #include <stdio.h>
