@@ -5,6 +5,9 @@
  * provider keys (secrets sealed with AES-256-GCM under the master key before
  * they enter the log), client tokens (SHA-256 only) and a bounded audit trail.
  *
+ * It uses base/ only (cmake/modules.cmake); failover/ reads it to decide the
+ * role, node/ to answer the gateway's token and key questions.
+ *
  * Everything runs on the caller's uv loop; no function here is thread-safe.
  * Reads look at the state applied on this node. Writes are accepted only on
  * the leader and answer after the entry is committed and applied here.
@@ -104,7 +107,8 @@ void consensus_close(struct consensus *c, void (*done)(void *arg), void *arg);
  * error) is the applied object's metadata, never a secret.
  *
  * Types: config.put, key.add, key.rotate, key.revoke, key.invalidate,
- * token.create, token.revoke, audit.note (see DESIGN.md / consensus/fsm.c). */
+ * token.create, token.revoke, audit.note: one row each in the command table
+ * (consensus/commands.c), which lists their fields. */
 typedef void (*consensus_write_cb)(void *ud, int status, const char *errmsg, const cJSON *result);
 int consensus_write(struct consensus *c, const char *type, cJSON *args, const char *actor,
                     const char *source, consensus_write_cb cb, void *ud);
