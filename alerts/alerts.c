@@ -284,84 +284,6 @@ void error_window_delta(const struct error_window *w, uint64_t now_ms, uint64_t 
   *errors = e1 >= e0 ? e1 - e0 : 0;
 }
 
-/* ---- system samples --------------------------------------------------- */
-
-int alerts_parse_proc_stat(const char *text, uint64_t *busy, uint64_t *total) {
-  const char *line = strstr(text, "cpu ");
-  if (!line) return -1;
-  unsigned long long v[8] = {0};
-  int n = sscanf(line, "cpu %llu %llu %llu %llu %llu %llu %llu %llu", &v[0], &v[1], &v[2], &v[3],
-                 &v[4], &v[5], &v[6], &v[7]);
-  if (n < 4) return -1;
-  uint64_t sum = 0;
-  for (int i = 0; i < n; i++) sum += v[i];
-  uint64_t idle = v[3] + (n > 4 ? v[4] : 0); /* idle + iowait */
-  *total = sum;
-  *busy = sum - idle;
-  return 0;
-}
-
-static bool meminfo_field(const char *text, const char *name, uint64_t *kib) {
-  size_t len = strlen(name);
-  for (const char *p = text; p && *p; p = strchr(p, '\n'), p = p ? p + 1 : NULL) {
-    unsigned long long v;
-    if (strncmp(p, name, len) == 0 && p[len] == ':' && sscanf(p + len + 1, "%llu", &v) == 1) {
-      *kib = v;
-      return true;
-    }
-  }
-  return false;
-}
-
-int alerts_parse_meminfo(const char *text, double *used_percent) {
-  uint64_t total, available;
-  if (!meminfo_field(text, "MemTotal", &total) ||
-      !meminfo_field(text, "MemAvailable", &available) || total == 0 || available > total)
-    return -1;
-  *used_percent = 100.0 * (1.0 - (double)available / (double)total);
-  return 0;
-}
-
-/* Reads a small file into buf (NUL-terminated). 0 ok, -1. */
-static int read_small_file(const char *path, char *buf, size_t cap) {
-  FILE *f = fopen(path, "r");
-  if (!f) return -1;
-  size_t n = fread(buf, 1, cap - 1, f);
-  fclose(f);
-  buf[n] = '\0';
-  return n > 0 ? 0 : -1;
-}
-
-/* cgroup v2 (memory.current / memory.max) or v1 (usage / limit) when a
- * limit below the machine's memory is set. 0 ok, -1 = no limit. */
-static int cgroup_memory_percent(uint64_t mem_total_bytes, double *pct) {
-  char cg[512], path[700], cur[64], max[64];
-  const char *rel = "";
-  if (read_small_file("/proc/self/cgroup", cg, sizeof(cg)) == 0) {
-    char *v2 = strstr(cg, "0::");
-    if (v2) {
-      rel = v2 + 3;
-      v2[3 + strcspn(v2 + 3, "\n")] = '\0';
-      if (strcmp(rel, "/") == 0) rel = "";
-    }
-  }
-  unsigned long long usage, limit;
-  snprintf(path, sizeof(path), "/sys/fs/cgroup%s/memory.max", rel);
-  if (read_small_file(path, max, sizeof(max)) != 0) {
-    /* cgroup v1 */
-    if (read_small_file("/sys/fs/cgroup/memory/memory.limit_in_bytes", max, sizeof(max)) != 0 ||
-        read_small_file("/sys/fs/cgroup/memory/memory.usage_in_bytes", cur, sizeof(cur)) != 0)
-      return -1;
-  } else {
-    snprintf(path, sizeof(path), "/sys/fs/cgroup%s/memory.current", rel);
-    if (read_small_file(path, cur, sizeof(cur)) != 0) return -1;
-  }
-  if (sscanf(max, "%llu", &limit) != 1 || sscanf(cur, "%llu", &usage) != 1) return -1; /* "max" */
-  if (limit == 0 || (mem_total_bytes && limit >= mem_total_bytes)) return -1;
-  *pct = 100.0 * (double)usage / (double)limit;
-  return 0;
-}
-
 /* ---- validation ------------------------------------------------------- */
 
 static const char *json_type_name(const cJSON *v) {
@@ -1187,10 +1109,8 @@ static void observe(struct alerts *a, enum alert_rule rule, const char *subject,
 
 static void eval_cpu(struct alerts *a) {
   const struct alerts_settings *s = &a->settings;
-  char text[4096];
   uint64_t busy, total;
-  if (read_small_file("/proc/stat", text, sizeof(text)) != 0 ||
-      alerts_parse_proc_stat(text, &busy, &total) != 0) {
+  if (zg_cpu_sample(&busy, &total) != 0) {
     if (!a->warned_cpu)
       zg_log(ZG_WARN, "alert_sample_failed", "cannot read /proc/stat: the cpu rule is skipped");
     a->warned_cpu = true;
@@ -1217,22 +1137,16 @@ static void eval_cpu(struct alerts *a) {
 static void eval_memory(struct alerts *a) {
   const struct alerts_settings *s = &a->settings;
   if (s->memory_percent <= 0) return;
-  char text[8192];
-  double pct = 0;
-  const char *source = "cgroup";
-  uint64_t total_kib = 0;
-  bool have_meminfo = read_small_file("/proc/meminfo", text, sizeof(text)) == 0;
-  if (have_meminfo) meminfo_field(text, "MemTotal", &total_kib);
-  if (cgroup_memory_percent(total_kib * 1024u, &pct) != 0) {
-    source = "system";
-    if (!have_meminfo || alerts_parse_meminfo(text, &pct) != 0) {
-      if (!a->warned_memory)
-        zg_log(ZG_WARN, "alert_sample_failed",
-               "cannot read /proc/meminfo: the memory rule is skipped");
-      a->warned_memory = true;
-      return;
-    }
+  struct zg_memory_sample m;
+  if (zg_memory_sample(&m) != 0) {
+    if (!a->warned_memory)
+      zg_log(ZG_WARN, "alert_sample_failed",
+             "cannot read /proc/meminfo: the memory rule is skipped");
+    a->warned_memory = true;
+    return;
   }
+  double pct = m.used_percent;
+  const char *source = m.source;
   char summary[200];
   snprintf(summary, sizeof(summary), "memory %.0f%% used (%s; threshold %.0f%%)", pct, source,
            s->memory_percent);

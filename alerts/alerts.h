@@ -118,9 +118,6 @@ void error_window_push(struct error_window *w, uint64_t now_ms, uint64_t window_
 void error_window_delta(const struct error_window *w, uint64_t now_ms, uint64_t window_ms,
                         uint64_t *requests, uint64_t *errors);
 
-/* /proc/stat "cpu" line → busy and total jiffies. 0 ok, -1 unparsable. */
-int alerts_parse_proc_stat(const char *text, uint64_t *busy, uint64_t *total);
-/* /proc/meminfo → used percent (1 - MemAvailable/MemTotal). 0 ok, -1. */
-int alerts_parse_meminfo(const char *text, double *used_percent);
+/* The /proc parsers and the memory/CPU samples live in base/ (sysstat.c). */
 
 #endif

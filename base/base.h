@@ -112,6 +112,26 @@ int zg_split_host_port(const char *addr, char *host, size_t hostlen, int *port);
 uint64_t zg_process_rss_bytes(void);
 double zg_process_cpu_seconds(void);
 
+/* ---- system samples (sysstat.c) ------------------------------------ */
+/* Memory of this node as every module sees it: the cgroup's limit and
+ * usage when a limit below the machine's memory is set, else the
+ * machine's (MemTotal, 1 - MemAvailable/MemTotal). 0 ok, -1 unreadable. */
+struct zg_memory_sample {
+  uint64_t limit_bytes, used_bytes;
+  double used_percent;
+  const char *source; /* "cgroup" or "system" (static) */
+};
+int zg_memory_sample(struct zg_memory_sample *out);
+/* The limit of zg_memory_sample, or libuv's total memory if unreadable. */
+uint64_t zg_memory_limit_bytes(void);
+/* System-wide busy and total CPU jiffies (all cores) from /proc/stat;
+ * usage over an interval is the ratio of the deltas. 0 ok, -1. */
+int zg_cpu_sample(uint64_t *busy, uint64_t *total);
+/* Parsers behind the samples (unit-tested): the "cpu" line of /proc/stat;
+ * /proc/meminfo's used percent. 0 ok, -1 unparsable. */
+int zg_parse_proc_stat(const char *text, uint64_t *busy, uint64_t *total);
+int zg_parse_meminfo(const char *text, double *used_percent);
+
 #define ZG_ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
 
 #endif

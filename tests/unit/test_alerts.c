@@ -247,17 +247,17 @@ static void test_error_window_is_bounded_with_fast_sampling(void **state) {
 static void test_proc_parsers(void **state) {
   uint64_t busy, total;
   assert_int_equal(
-      alerts_parse_proc_stat("cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3 4\n", &busy, &total), 0);
+      zg_parse_proc_stat("cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3 4\n", &busy, &total), 0);
   assert_int_equal(total, 1000);
   assert_int_equal(busy, 150);
-  assert_int_equal(alerts_parse_proc_stat("intr 5\n", &busy, &total), -1);
+  assert_int_equal(zg_parse_proc_stat("intr 5\n", &busy, &total), -1);
   double pct;
-  assert_int_equal(alerts_parse_meminfo("MemTotal:       4000000 kB\nMemFree:  100 kB\n"
-                                        "MemAvailable:    400000 kB\n",
-                                        &pct),
+  assert_int_equal(zg_parse_meminfo("MemTotal:       4000000 kB\nMemFree:  100 kB\n"
+                                    "MemAvailable:    400000 kB\n",
+                                    &pct),
                    0);
   assert_true(pct > 89.99 && pct < 90.01);
-  assert_int_equal(alerts_parse_meminfo("MemTotal: 100 kB\n", &pct), -1);
+  assert_int_equal(zg_parse_meminfo("MemTotal: 100 kB\n", &pct), -1);
 }
 
 /* ---- the engine on a real loop ----------------------------------------- */
