@@ -1,5 +1,5 @@
 /* tls.c: see base/tls.h. */
-#include "base/tls.h"
+#include "base/base.h"
 
 #include <openssl/err.h>
 #include <openssl/pem.h>

@@ -6,6 +6,9 @@
  * they enter the log), client tokens (SHA-256 only, with their limits), a
  * bounded audit trail and bounded usage counters (consensus/usage.c).
  *
+ * It uses base/ only (cmake/modules.cmake); failover/ reads it to decide the
+ * role, node/ to answer the gateway's token and key questions.
+ *
  * Everything runs on the caller's uv loop; no function here is thread-safe.
  * Reads look at the state applied on this node. Writes are accepted only on
  * the leader and answer after the entry is committed and applied here.
@@ -108,8 +111,8 @@ void consensus_close(struct consensus *c, void (*done)(void *arg), void *arg);
  * error) is the applied object's metadata, never a secret.
  *
  * Types: config.put, key.add, key.rotate, key.revoke, key.invalidate,
- * token.create, token.update, token.revoke, audit.note, usage.add (see
- * DESIGN.md and the command table in consensus/commands.c).
+ * token.create, token.update, token.revoke, audit.note, usage.add (one row
+ * each in the command table, consensus/commands.c, which lists their fields).
  *
  * token.create / token.update limits: rpm (requests per minute), tpm
  * (tokens per minute), budget_day / budget_month (tokens per UTC day /

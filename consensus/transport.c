@@ -46,7 +46,6 @@
 #include <cjson/cJSON.h>
 
 #include "base/base.h"
-#include "base/tls.h"
 #include "consensus/consensus.h"
 #include "consensus/internal.h"
 

@@ -77,34 +77,4 @@ void failover_on_leader_changed(struct failover *f);
 
 void failover_close(struct failover *f, void (*done)(void *arg), void *arg);
 
-/* Alert engine (failover/alerts.c): rules, channels, delivery. Node-level
- * rules run on every node, cluster-wide ones on the active node only.
- *
- * alerts_start: starts the engine on `loop` with default rules and no
- * channels (call alerts_apply_config with the replicated "alerts" section
- * next). node_id is copied; cs, fo and gw are borrowed and must outlive the
- * engine; cs and fo may be NULL (standalone: only node-level rules and the
- * 5xx rule run, and this node counts as active); gw may be NULL (no 5xx
- * rule). Returns 0 and *out, or -1 with a message in errmsg.
- * alerts_validate: checks an "alerts" section strictly (unknown keys
- * rejected); -1 with a message naming the JSON path. NULL is valid.
- * alerts_apply_config: applies a section live (copied). NULL = defaults,
- * no channels; an invalid section is logged and the running one kept.
- * alerts_status_json: adds "alerts": {firing, recent_deliveries, channels,
- * pending_deliveries} to `out`; no secrets.
- * alerts_close: stops evaluating, cancels queued and retrying deliveries,
- * waits for running ones (bounded by their curl timeout), frees
- * everything, then calls done(arg) from the loop. */
-struct alerts;
-int alerts_start(uv_loop_t *loop, const char *node_id, struct consensus *cs, struct failover *fo,
-                 struct gateway *gw, struct alerts **out, char *errmsg, size_t errlen);
-/* Node-level rule tls_cert_expiry (rules.tls_cert_expiry_days, default 14,
- * 0 off): fires while the PEM certificate at `path` ("node", "ca",
- * "gateway") is that close to its notAfter. Up to 4. */
-void alerts_watch_cert(struct alerts *a, const char *name, const char *path);
-int alerts_validate(const struct cJSON *alerts_section, char *err, size_t errlen);
-void alerts_apply_config(struct alerts *a, const struct cJSON *alerts_section);
-void alerts_status_json(const struct alerts *a, struct cJSON *out);
-void alerts_close(struct alerts *a, void (*done)(void *), void *arg);
-
 #endif

@@ -46,20 +46,6 @@ int gateway_health_start(struct gateway *gw) {
   return uv_timer_start(&gw->loop_timer, on_loop_tick, LOOP_TICK_MS, LOOP_TICK_MS);
 }
 
-/* Memory limit: the cgroup's if one is set, else physical memory. */
-static uint64_t memory_limit_bytes(void) {
-  FILE *f = fopen("/sys/fs/cgroup/memory.max", "r");
-  if (f) {
-    char text[64] = "";
-    if (fgets(text, sizeof(text), f) && strncmp(text, "max", 3) != 0) {
-      fclose(f);
-      return strtoull(text, NULL, 10);
-    }
-    fclose(f);
-  }
-  return uv_get_total_memory();
-}
-
 static bool check_loop(struct gateway *gw, cJSON *out) {
   cJSON *c = cJSON_AddObjectToObject(out, "loop");
   bool ok = gw->loop_lag_ms < LOOP_LAG_DEGRADED_MS;
@@ -99,7 +85,7 @@ static bool check_upstream(struct gateway *gw, cJSON *out) {
 static bool check_memory(struct gateway *gw, cJSON *out) {
   cJSON *c = cJSON_AddObjectToObject(out, "memory");
   uint64_t rss = zg_process_rss_bytes();
-  uint64_t limit = memory_limit_bytes();
+  uint64_t limit = zg_memory_limit_bytes();
   uint64_t total = uv_get_total_memory();
   uint64_t free_mem = uv_get_free_memory();
   double system_used = total ? 1.0 - (double)free_mem / (double)total : 0;

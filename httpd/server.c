@@ -28,7 +28,6 @@
 #include "httpd/httpd.h"
 
 #include "base/base.h"
-#include "base/tls.h"
 
 #include <arpa/inet.h>
 #include <http_parser.h>

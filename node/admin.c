@@ -38,6 +38,7 @@
  * POST /v1/cluster/switchover; POST /v1/drills/{crash,freeze,isolate}
  * (only with drills.enabled).
  */
+#include "alerts/alerts.h"
 #include "base/base.h"
 #include "consensus/consensus.h"
 #include "failover/failover.h"

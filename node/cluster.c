@@ -17,6 +17,7 @@
  * base64 of 32 bytes, or a consensus start failure (corrupt data dir,
  * wrong master key) is one clear error; serve exits 1.
  */
+#include "alerts/alerts.h"
 #include "base/base.h"
 #include "consensus/consensus.h"
 #include "failover/failover.h"

@@ -3,6 +3,7 @@
 #include "config/config.h"
 #include "failover/failover.h"
 #include "gateway/gateway.h"
+#include "alerts/alerts.h"
 #include "node/node.h"
 
 #include <stdio.h>

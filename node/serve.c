@@ -13,6 +13,7 @@
  * Failure modes: a bad config, an unusable data dir or a port in use print
  * one clear line to stderr (and the log) and exit 1.
  */
+#include "alerts/alerts.h"
 #include "base/base.h"
 #include "config/config.h"
 #include "consensus/consensus.h"

@@ -14,8 +14,8 @@
  * "ca" and "gateway"; read from the files at scrape time, so a replaced
  * file shows at once (the contexts themselves need a restart).
  */
+#include "alerts/alerts.h"
 #include "base/base.h"
-#include "base/tls.h"
 #include "consensus/consensus.h"
 #include "failover/failover.h"
 #include "gateway/gateway.h"

@@ -29,7 +29,7 @@
  */
 #include "upstream/upstream.h"
 
-#include "base/tls.h"
+#include "base/base.h"
 
 #include <openssl/x509v3.h>
 

@@ -1,9 +1,11 @@
-/* Unit tests for failover/alerts: strict validation of the "alerts" config
+/* Unit tests for alerts/: strict validation of the "alerts" config
  * section (errors name the JSON path and never echo a URL), the per-alert
  * state machine on a virtual clock (firing after the duration, resolved
  * after recovery, dedup and repeat), the 5xx window, the /proc parsers, and
  * the engine on a real uv loop in standalone mode: a firing alert is posted
  * to a local webhook receiver, a dead channel is retried retry_max times,
+ * sixteen channels at a blackhole neither delay the loop nor hold libuv's
+ * threadpool (uv_queue_work and uv_getaddrinfo finish at once meanwhile),
  * and close always completes with uv_loop_close() == 0. */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -12,12 +14,17 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <arpa/inet.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <cmocka.h>
 #include <cjson/cJSON.h>
 
 #include "base/base.h"
-#include "failover/alerts.h"
+#include "alerts/alerts.h"
 
 /* ---- validation ------------------------------------------------------- */
 
@@ -240,17 +247,17 @@ static void test_error_window_is_bounded_with_fast_sampling(void **state) {
 static void test_proc_parsers(void **state) {
   uint64_t busy, total;
   assert_int_equal(
-      alerts_parse_proc_stat("cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3 4\n", &busy, &total), 0);
+      zg_parse_proc_stat("cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3 4\n", &busy, &total), 0);
   assert_int_equal(total, 1000);
   assert_int_equal(busy, 150);
-  assert_int_equal(alerts_parse_proc_stat("intr 5\n", &busy, &total), -1);
+  assert_int_equal(zg_parse_proc_stat("intr 5\n", &busy, &total), -1);
   double pct;
-  assert_int_equal(alerts_parse_meminfo("MemTotal:       4000000 kB\nMemFree:  100 kB\n"
-                                        "MemAvailable:    400000 kB\n",
-                                        &pct),
+  assert_int_equal(zg_parse_meminfo("MemTotal:       4000000 kB\nMemFree:  100 kB\n"
+                                    "MemAvailable:    400000 kB\n",
+                                    &pct),
                    0);
   assert_true(pct > 89.99 && pct < 90.01);
-  assert_int_equal(alerts_parse_meminfo("MemTotal: 100 kB\n", &pct), -1);
+  assert_int_equal(zg_parse_meminfo("MemTotal: 100 kB\n", &pct), -1);
 }
 
 /* ---- the engine on a real loop ----------------------------------------- */
@@ -497,6 +504,121 @@ static void test_close_with_a_retry_pending(void **state) {
   assert_int_equal(uv_loop_close(&loop), 0);
 }
 
+/* ---- dead targets do not hold the loop or libuv's threadpool ---------- */
+
+struct pool_probe {
+  int work_done, resolved;
+  uint64_t queued_at, work_ms, resolve_ms;
+};
+
+static void probe_work(uv_work_t *req) {
+  (void)req;
+}
+
+static void probe_after_work(uv_work_t *req, int status) {
+  struct pool_probe *p = req->data;
+  p->work_done++;
+  p->work_ms = zg_mono_ms() - p->queued_at;
+}
+
+static void probe_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res) {
+  struct pool_probe *p = req->data;
+  p->resolved++;
+  p->resolve_ms = zg_mono_ms() - p->queued_at;
+  uv_freeaddrinfo(res);
+}
+
+static bool pending_many(void *ud) {
+  struct alerts *a = ud;
+  cJSON *doc = cJSON_CreateObject();
+  alerts_status_json(a, doc);
+  const cJSON *n = cJSON_GetObjectItem(cJSON_GetObjectItem(doc, "alerts"), "pending_deliveries");
+  bool many = cJSON_IsNumber(n) && n->valuedouble >= 16;
+  cJSON_Delete(doc);
+  return many;
+}
+
+/* Sixteen channels (eight SMTP, eight webhooks) point at a blackhole: a
+ * listening socket that never accepts, so every connection hangs until
+ * curl's 10 s timeout. While they hang, the loop keeps its 10 ms timer
+ * on time and a uv_queue_work job and a uv_getaddrinfo (what peer
+ * connections do during a failover) finish at once: delivery holds no
+ * threadpool worker. With deliveries on the threadpool, four hanging jobs
+ * would hold every worker for 10 s. */
+static void test_dead_targets_do_not_block_loop_or_threadpool(void **state) {
+  uv_loop_t loop;
+  assert_int_equal(uv_loop_init(&loop), 0);
+  int hole = socket(AF_INET, SOCK_STREAM, 0);
+  assert_true(hole >= 0);
+  struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+  assert_int_equal(bind(hole, (struct sockaddr *)&sa, sizeof(sa)), 0);
+  assert_int_equal(listen(hole, 1), 0);
+  socklen_t len = sizeof(sa);
+  getsockname(hole, (struct sockaddr *)&sa, &len);
+  int port = ntohs(sa.sin_port);
+
+  zg_buf cfg;
+  zg_buf_init(&cfg);
+  zg_buf_appendf(&cfg, "{\"channels\": [");
+  for (int i = 0; i < 16; i++)
+    zg_buf_appendf(&cfg,
+                   i % 2 ? "%s{\"type\": \"webhook\", \"url\": \"http://127.0.0.1:%d/hook\"}"
+                         : "%s{\"type\": \"email\", \"smtp_url\": \"smtp://127.0.0.1:%d\", "
+                           "\"from\": \"zg@example.com\", \"to\": \"ops@example.com\"}",
+                   i ? "," : "", port);
+  zg_buf_appendf(&cfg, "], \"rules\": {\"memory_percent\": 0.001, \"cpu_percent\": 0},"
+                       " \"eval_interval_ms\": 100, \"retry_max\": 0}");
+  cJSON *doc = cJSON_Parse(cfg.data);
+  zg_buf_free(&cfg);
+  assert_non_null(doc);
+  struct alerts *a = NULL;
+  char err[256];
+  assert_int_equal(alerts_start(&loop, "gw-test", NULL, NULL, NULL, &a, err, sizeof(err)), 0);
+  alerts_apply_config(a, doc);
+  cJSON_Delete(doc);
+  assert_true(run_until(&loop, pending_many, a, 5000));
+  /* Let every delivery reach its hanging connection. */
+  uint64_t until = zg_mono_ms() + 300;
+  while (zg_mono_ms() < until) uv_run(&loop, UV_RUN_NOWAIT);
+
+  struct pool_probe probe = {0};
+  uv_work_t works[8];
+  uv_getaddrinfo_t gai;
+  probe.queued_at = zg_mono_ms();
+  for (int i = 0; i < 8; i++) {
+    works[i].data = &probe;
+    assert_int_equal(uv_queue_work(&loop, &works[i], probe_work, probe_after_work), 0);
+  }
+  gai.data = &probe;
+  struct addrinfo hints = {.ai_family = AF_INET, .ai_socktype = SOCK_STREAM};
+  assert_int_equal(uv_getaddrinfo(&loop, &gai, probe_resolved, "localhost", "18791", &hints), 0);
+  uint64_t last = zg_mono_ms(), worst_gap = 0;
+  while (probe.work_done < 8 || probe.resolved < 1) {
+    uv_run(&loop, UV_RUN_NOWAIT);
+    uint64_t now = zg_mono_ms();
+    if (now - last > worst_gap) worst_gap = now - last;
+    last = now;
+    if (now - probe.queued_at > 3000) break;
+    usleep(1000);
+  }
+  assert_int_equal(probe.work_done, 8);
+  assert_int_equal(probe.resolved, 1);
+  assert_true(probe.work_ms < 1000);
+  assert_true(probe.resolve_ms < 1000);
+  assert_true(worst_gap < 200); /* the loop itself never waited on a delivery */
+  assert_true(pending_many(a)); /* the deliveries are still hanging */
+
+  uint64_t started = zg_mono_ms();
+  int closed = 0;
+  alerts_close(a, on_closed, &closed);
+  for (int i = 0; i < 1000 && closed == 0; i++) uv_run(&loop, UV_RUN_ONCE);
+  assert_int_equal(closed, 1);
+  assert_true(zg_mono_ms() - started < 1000); /* close cancels hanging deliveries at once */
+  uv_run(&loop, UV_RUN_DEFAULT);
+  assert_int_equal(uv_loop_close(&loop), 0);
+  close(hole);
+}
+
 int main(void) {
   zg_log_set_level(ZG_ERROR);
   const struct CMUnitTest tests[] = {
@@ -512,6 +634,7 @@ int main(void) {
       cmocka_unit_test(test_engine_posts_a_firing_alert),
       cmocka_unit_test(test_engine_retries_then_gives_up),
       cmocka_unit_test(test_close_with_a_retry_pending),
+      cmocka_unit_test(test_dead_targets_do_not_block_loop_or_threadpool),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1,4 +1,4 @@
-/* alerts: the failover module's alert engine (DESIGN.md, Alerts; GUIDE.md
+/* alerts: the alert engine (DESIGN.md, Alerts; GUIDE.md
  * §4.2). A timer on the node's uv loop samples this node and the cluster
  * every eval_interval_ms, runs each rule's state machine, and sends every
  * change (firing, resolved, a repeat of a long-firing alert) to every
@@ -23,28 +23,62 @@
  * A node that stops being active forgets its cluster-wide alerts without
  * sending "resolved": the new active re-evaluates and owns them.
  *
- * Delivery never blocks the loop: each (alert change, channel) is one job
- * running blocking libcurl easy calls on the libuv threadpool
- * (uv_queue_work); its result comes back in the after-work callback on the
- * loop. A failed job is retried after retry_base_ms × 2^(attempt-1) up to
- * retry_max retries. Secrets in channel settings (URLs with tokens,
- * header values, SMTP password) may be env:NAME / file:PATH; they are
- * resolved inside the job and never logged: log lines name the channel by
- * index and type only.
+ * Delivery never blocks the loop nor uses libuv's shared threadpool (where
+ * getaddrinfo for peer connections runs): each (alert change, channel) is
+ * one libcurl easy handle on this engine's own curl multi, driven by the
+ * loop (alerts/curl_uv.c: uv_poll per socket, one uv timer; curl resolves
+ * names on its own threads). A dead SMTP server or webhook costs one
+ * socket and a timer, never a worker. A failed attempt is retried after retry_base_ms ×
+ * 2^(attempt-1) up to retry_max retries. Secrets in channel settings (URLs with tokens, header
+ * values, SMTP password) may be env:NAME / file:PATH; they are resolved when the attempt starts and
+ * never logged: log lines name the channel by index and type only.
  *
  * Failure modes: a channel that cannot be reached logs alert_delivery_failed
  * per attempt and gives up after retry_max; the alert state is unaffected.
  * An unreadable /proc file disables that rule's sample (logged once).
  */
-#ifndef ZG_FAILOVER_ALERTS_H
-#define ZG_FAILOVER_ALERTS_H
+#ifndef ZG_ALERTS_H
+#define ZG_ALERTS_H
 
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <uv.h>
 
-#include "failover/failover.h" /* the public alerts_* API is declared there */
+struct cJSON;
+struct consensus;
+struct failover;
+struct gateway;
+
+/* The engine's API. Rules, channels, delivery (see above). Node-level
+ * rules run on every node, cluster-wide ones on the active node only.
+ *
+ * alerts_start: starts the engine on `loop` with default rules and no
+ * channels (call alerts_apply_config with the replicated "alerts" section
+ * next). node_id is copied; cs, fo and gw are borrowed and must outlive the
+ * engine; cs and fo may be NULL (standalone: only node-level rules and the
+ * 5xx rule run, and this node counts as active); gw may be NULL (no 5xx
+ * rule). Returns 0 and *out, or -1 with a message in errmsg.
+ * alerts_validate: checks an "alerts" section strictly (unknown keys
+ * rejected); -1 with a message naming the JSON path. NULL is valid.
+ * alerts_apply_config: applies a section live (copied). NULL = defaults,
+ * no channels; an invalid section is logged and the running one kept.
+ * alerts_status_json: adds "alerts": {firing, recent_deliveries, channels,
+ * pending_deliveries} to `out`; no secrets.
+ * alerts_close: stops evaluating, cancels every delivery (running or
+ * waiting to retry) at once, closes its curl sockets and timers, frees
+ * everything, then calls done(arg) from the loop. */
+struct alerts;
+int alerts_start(uv_loop_t *loop, const char *node_id, struct consensus *cs, struct failover *fo,
+                 struct gateway *gw, struct alerts **out, char *errmsg, size_t errlen);
+int alerts_validate(const struct cJSON *alerts_section, char *err, size_t errlen);
+void alerts_apply_config(struct alerts *a, const struct cJSON *alerts_section);
+void alerts_status_json(const struct alerts *a, struct cJSON *out);
+/* Node-level rule tls_cert_expiry (rules.tls_cert_expiry_days, default 14,
+ * 0 off): fires while the PEM certificate at `path` ("node", "ca",
+ * "gateway") is that close to its notAfter. Up to 4; path is copied. */
+void alerts_watch_cert(struct alerts *a, const char *name, const char *path);
+void alerts_close(struct alerts *a, void (*done)(void *), void *arg);
 
 /* ---- evaluation internals, exposed for unit tests ------------------- */
 
@@ -88,9 +122,6 @@ void error_window_push(struct error_window *w, uint64_t now_ms, uint64_t window_
 void error_window_delta(const struct error_window *w, uint64_t now_ms, uint64_t window_ms,
                         uint64_t *requests, uint64_t *errors);
 
-/* /proc/stat "cpu" line → busy and total jiffies. 0 ok, -1 unparsable. */
-int alerts_parse_proc_stat(const char *text, uint64_t *busy, uint64_t *total);
-/* /proc/meminfo → used percent (1 - MemAvailable/MemTotal). 0 ok, -1. */
-int alerts_parse_meminfo(const char *text, double *used_percent);
+/* The /proc parsers and the memory/CPU samples live in base/ (sysstat.c). */
 
 #endif

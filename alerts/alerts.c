@@ -4,10 +4,11 @@
  * (cgroup or /proc/meminfo), the failover role, the gateway's request
  * counters and the replicated provider keys; each alert key (rule +
  * subject) runs alert_state_step(); every FIRE / REPEAT / RESOLVE (and the
- * leader_changed notice) becomes one delivery job per channel, run with
- * blocking libcurl easy calls on the libuv threadpool. after_work (on the
- * loop) records the result, and a failed job waits on its own retry timer
- * (exponential backoff) and is queued again, up to retry_max retries.
+ * leader_changed notice) becomes one delivery per channel: a libcurl easy
+ * handle on the engine's own curl multi, driven by the loop (curl_uv.c),
+ * never a threadpool worker. Its done callback (on the loop) records the
+ * result, and a failed delivery waits on its own retry timer (exponential
+ * backoff) and starts again, up to retry_max retries.
  *
  * Failure modes: an unreadable /proc file skips that rule (logged once);
  * an unresolvable secret or an unreachable channel is a failed attempt
@@ -15,10 +16,11 @@
  * or headers); an invalid config section is refused by alerts_validate and
  * the running settings stay. Delivery failures never change alert state.
  */
-#include "failover/alerts.h"
+#include "alerts/alerts.h"
+
+#include "alerts/internal.h"
 
 #include "base/base.h"
-#include "base/tls.h"
 #include "consensus/consensus.h"
 #include "failover/failover.h"
 #include "gateway/gateway.h"
@@ -152,20 +154,25 @@ struct alert {
 
 /* One notification (alert change × channel). Lives from creation until its
  * retry timer's close callback. */
+struct upload {
+  const char *data;
+  size_t len, off;
+};
+
 struct delivery {
   struct delivery *prev, *next;
   struct alerts *a;
-  uv_work_t work;
   uv_timer_t retry_timer;
   size_t channel_index;
   char channel_type[16];
-  cJSON *channel; /* copy of the channel settings; read by the worker only */
+  cJSON *channel; /* copy of the channel settings */
   char alert_name[32], status[16], subject[96];
   char *payload; /* JSON body (webhook/sms) or RFC 5322 message (email) */
   unsigned attempt;
-  bool in_threadpool;
-  /* Written by the worker, read in after_work. */
-  int result;
+  /* The attempt in flight: the easy handle and what its options point at. */
+  CURL *easy;
+  struct curl_slist *headers, *rcpts;
+  struct upload upload;
   long http_status;
   char error[256];
 };
@@ -197,6 +204,8 @@ struct alerts {
   size_t open_deliveries; /* also counts finished ones whose timer is closing */
   struct delivery_record recent[RECENT_DELIVERIES];
   size_t recent_next, recent_count;
+  struct alerts_curl *curl; /* deliveries in flight */
+  bool curl_closed;
   struct error_window errors;
   uint64_t cpu_prev_busy, cpu_prev_total;
   bool cpu_have_prev;
@@ -282,84 +291,6 @@ void error_window_delta(const struct error_window *w, uint64_t now_ms, uint64_t 
   const uint64_t t1 = EW_AT(w, w->count - 1).total, e1 = EW_AT(w, w->count - 1).errors;
   *requests = t1 >= t0 ? t1 - t0 : 0;
   *errors = e1 >= e0 ? e1 - e0 : 0;
-}
-
-/* ---- system samples --------------------------------------------------- */
-
-int alerts_parse_proc_stat(const char *text, uint64_t *busy, uint64_t *total) {
-  const char *line = strstr(text, "cpu ");
-  if (!line) return -1;
-  unsigned long long v[8] = {0};
-  int n = sscanf(line, "cpu %llu %llu %llu %llu %llu %llu %llu %llu", &v[0], &v[1], &v[2], &v[3],
-                 &v[4], &v[5], &v[6], &v[7]);
-  if (n < 4) return -1;
-  uint64_t sum = 0;
-  for (int i = 0; i < n; i++) sum += v[i];
-  uint64_t idle = v[3] + (n > 4 ? v[4] : 0); /* idle + iowait */
-  *total = sum;
-  *busy = sum - idle;
-  return 0;
-}
-
-static bool meminfo_field(const char *text, const char *name, uint64_t *kib) {
-  size_t len = strlen(name);
-  for (const char *p = text; p && *p; p = strchr(p, '\n'), p = p ? p + 1 : NULL) {
-    unsigned long long v;
-    if (strncmp(p, name, len) == 0 && p[len] == ':' && sscanf(p + len + 1, "%llu", &v) == 1) {
-      *kib = v;
-      return true;
-    }
-  }
-  return false;
-}
-
-int alerts_parse_meminfo(const char *text, double *used_percent) {
-  uint64_t total, available;
-  if (!meminfo_field(text, "MemTotal", &total) ||
-      !meminfo_field(text, "MemAvailable", &available) || total == 0 || available > total)
-    return -1;
-  *used_percent = 100.0 * (1.0 - (double)available / (double)total);
-  return 0;
-}
-
-/* Reads a small file into buf (NUL-terminated). 0 ok, -1. */
-static int read_small_file(const char *path, char *buf, size_t cap) {
-  FILE *f = fopen(path, "r");
-  if (!f) return -1;
-  size_t n = fread(buf, 1, cap - 1, f);
-  fclose(f);
-  buf[n] = '\0';
-  return n > 0 ? 0 : -1;
-}
-
-/* cgroup v2 (memory.current / memory.max) or v1 (usage / limit) when a
- * limit below the machine's memory is set. 0 ok, -1 = no limit. */
-static int cgroup_memory_percent(uint64_t mem_total_bytes, double *pct) {
-  char cg[512], path[700], cur[64], max[64];
-  const char *rel = "";
-  if (read_small_file("/proc/self/cgroup", cg, sizeof(cg)) == 0) {
-    char *v2 = strstr(cg, "0::");
-    if (v2) {
-      rel = v2 + 3;
-      v2[3 + strcspn(v2 + 3, "\n")] = '\0';
-      if (strcmp(rel, "/") == 0) rel = "";
-    }
-  }
-  unsigned long long usage, limit;
-  snprintf(path, sizeof(path), "/sys/fs/cgroup%s/memory.max", rel);
-  if (read_small_file(path, max, sizeof(max)) != 0) {
-    /* cgroup v1 */
-    if (read_small_file("/sys/fs/cgroup/memory/memory.limit_in_bytes", max, sizeof(max)) != 0 ||
-        read_small_file("/sys/fs/cgroup/memory/memory.usage_in_bytes", cur, sizeof(cur)) != 0)
-      return -1;
-  } else {
-    snprintf(path, sizeof(path), "/sys/fs/cgroup%s/memory.current", rel);
-    if (read_small_file(path, cur, sizeof(cur)) != 0) return -1;
-  }
-  if (sscanf(max, "%llu", &limit) != 1 || sscanf(cur, "%llu", &usage) != 1) return -1; /* "max" */
-  if (limit == 0 || (mem_total_bytes && limit >= mem_total_bytes)) return -1;
-  *pct = 100.0 * (double)usage / (double)limit;
-  return 0;
 }
 
 /* ---- validation ------------------------------------------------------- */
@@ -657,12 +588,7 @@ int alerts_validate(const cJSON *alerts_section, char *err, size_t errlen) {
   return 0;
 }
 
-/* ---- delivery: worker side (threadpool; touches only its job) ---------- */
-
-struct upload {
-  const char *data;
-  size_t len, off;
-};
+/* ---- delivery: one attempt = one easy handle on the engine's multi ---- */
 
 static size_t read_upload(char *buf, size_t size, size_t nmemb, void *ud) {
   struct upload *u = ud;
@@ -698,6 +624,16 @@ static void free_header_list(struct curl_slist *list) {
   curl_slist_free_all(list);
 }
 
+/* Releases the attempt's easy handle and lists (after done or remove). */
+static void attempt_release(struct delivery *d) {
+  if (d->easy) curl_easy_cleanup(d->easy);
+  d->easy = NULL;
+  free_header_list(d->headers);
+  d->headers = NULL;
+  curl_slist_free_all(d->rcpts);
+  d->rcpts = NULL;
+}
+
 static void common_options(CURL *curl) {
   curl_easy_setopt(curl, CURLOPT_NOSIGNAL, 1L);
   curl_easy_setopt(curl, CURLOPT_TIMEOUT_MS, DELIVERY_TIMEOUT_MS);
@@ -705,10 +641,12 @@ static void common_options(CURL *curl) {
   curl_easy_setopt(curl, CURLOPT_WRITEFUNCTION, discard_body);
 }
 
-static int deliver_http(struct delivery *d, CURL *curl) {
+/* libcurl copies string options, so resolved secrets are wiped here; the
+ * lists and the upload stay in `d` until the attempt ends. */
+static int setup_http(struct delivery *d, CURL *curl) {
   char *url = NULL;
-  struct curl_slist *headers = curl_slist_append(NULL, "Content-Type: application/json");
   int rc = -1;
+  d->headers = curl_slist_append(NULL, "Content-Type: application/json");
   if (resolve_setting(d, "url", json_string(d->channel, "url"), &url) != 0) goto out;
   if (strncmp(url, "http://", 7) != 0 && strncmp(url, "https://", 8) != 0) {
     snprintf(d->error, sizeof(d->error),
@@ -724,36 +662,24 @@ static int deliver_http(struct delivery *d, CURL *curl) {
     zg_buf_init(&line);
     zg_buf_appendf(&line, "%s: %s", h->string, value);
     zg_secret_free(value);
-    headers = curl_slist_append(headers, line.data ? line.data : "");
+    d->headers = curl_slist_append(d->headers, line.data ? line.data : "");
     if (line.data) OPENSSL_cleanse(line.data, line.len);
     zg_buf_free(&line);
   }
   common_options(curl);
   curl_easy_setopt(curl, CURLOPT_URL, url);
   curl_easy_setopt(curl, CURLOPT_PROTOCOLS_STR, "http,https");
-  curl_easy_setopt(curl, CURLOPT_HTTPHEADER, headers);
+  curl_easy_setopt(curl, CURLOPT_HTTPHEADER, d->headers);
   curl_easy_setopt(curl, CURLOPT_POSTFIELDS, d->payload);
   curl_easy_setopt(curl, CURLOPT_POSTFIELDSIZE, (long)strlen(d->payload));
-  CURLcode code = curl_easy_perform(curl);
-  if (code != CURLE_OK) {
-    snprintf(d->error, sizeof(d->error), "%s", curl_easy_strerror(code));
-    goto out;
-  }
-  curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &d->http_status);
-  if (d->http_status < 200 || d->http_status > 299) {
-    snprintf(d->error, sizeof(d->error), "the receiver answered HTTP %ld", d->http_status);
-    goto out;
-  }
   rc = 0;
 out:
   zg_secret_free(url);
-  free_header_list(headers);
   return rc;
 }
 
-static int deliver_email(struct delivery *d, CURL *curl) {
+static int setup_email(struct delivery *d, CURL *curl) {
   char *url = NULL, *user = NULL, *password = NULL;
-  struct curl_slist *rcpts = NULL;
   int rc = -1;
   if (resolve_setting(d, "smtp_url", json_string(d->channel, "smtp_url"), &url) != 0) goto out;
   if (strncmp(url, "smtp://", 7) != 0 && strncmp(url, "smtps://", 8) != 0) {
@@ -772,15 +698,15 @@ static int deliver_email(struct delivery *d, CURL *curl) {
   if (cJSON_IsString(to)) {
     char rcpt[300];
     snprintf(rcpt, sizeof(rcpt), "<%s>", to->valuestring);
-    rcpts = curl_slist_append(rcpts, rcpt);
+    d->rcpts = curl_slist_append(d->rcpts, rcpt);
   }
   const cJSON *to_list = cJSON_IsArray(to) ? to : NULL;
   cJSON_ArrayForEach(one, to_list) {
     char rcpt[300];
     snprintf(rcpt, sizeof(rcpt), "<%s>", one->valuestring);
-    rcpts = curl_slist_append(rcpts, rcpt);
+    d->rcpts = curl_slist_append(d->rcpts, rcpt);
   }
-  struct upload up = {d->payload, strlen(d->payload), 0};
+  d->upload = (struct upload){d->payload, strlen(d->payload), 0};
   common_options(curl);
   curl_easy_setopt(curl, CURLOPT_URL, url);
   curl_easy_setopt(curl, CURLOPT_PROTOCOLS_STR, "smtp,smtps");
@@ -788,50 +714,45 @@ static int deliver_email(struct delivery *d, CURL *curl) {
   if (user) curl_easy_setopt(curl, CURLOPT_USERNAME, user);
   if (password) curl_easy_setopt(curl, CURLOPT_PASSWORD, password);
   curl_easy_setopt(curl, CURLOPT_MAIL_FROM, from);
-  curl_easy_setopt(curl, CURLOPT_MAIL_RCPT, rcpts);
+  curl_easy_setopt(curl, CURLOPT_MAIL_RCPT, d->rcpts);
   curl_easy_setopt(curl, CURLOPT_READFUNCTION, read_upload);
-  curl_easy_setopt(curl, CURLOPT_READDATA, &up);
+  curl_easy_setopt(curl, CURLOPT_READDATA, &d->upload);
   curl_easy_setopt(curl, CURLOPT_UPLOAD, 1L);
-  curl_easy_setopt(curl, CURLOPT_INFILESIZE_LARGE, (curl_off_t)up.len);
-  CURLcode code = curl_easy_perform(curl);
-  if (code != CURLE_OK) {
-    long smtp_code = 0;
-    curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &smtp_code);
-    if (smtp_code)
-      snprintf(d->error, sizeof(d->error), "%s (last SMTP reply %ld)", curl_easy_strerror(code),
-               smtp_code);
-    else
-      snprintf(d->error, sizeof(d->error), "%s", curl_easy_strerror(code));
-    goto out;
-  }
+  curl_easy_setopt(curl, CURLOPT_INFILESIZE_LARGE, (curl_off_t)d->upload.len);
   rc = 0;
 out:
   zg_secret_free(url);
   zg_secret_free(user);
   zg_secret_free(password);
-  curl_slist_free_all(rcpts);
   return rc;
 }
 
-static void delivery_work(uv_work_t *req) {
-  struct delivery *d = req->data;
-  d->error[0] = '\0';
-  d->http_status = 0;
-  CURL *curl = curl_easy_init();
-  if (!curl) {
-    snprintf(d->error, sizeof(d->error), "curl_easy_init() failed");
-    d->result = -1;
-    return;
+/* The attempt's outcome from curl's result: 0 ok, -1 with d->error. */
+static int attempt_result(struct delivery *d, CURLcode code) {
+  bool email = strcmp(d->channel_type, "email") == 0;
+  if (code != CURLE_OK) {
+    long reply = 0;
+    curl_easy_getinfo(d->easy, CURLINFO_RESPONSE_CODE, &reply);
+    if (email && reply)
+      snprintf(d->error, sizeof(d->error), "%s (last SMTP reply %ld)", curl_easy_strerror(code),
+               reply);
+    else
+      snprintf(d->error, sizeof(d->error), "%s", curl_easy_strerror(code));
+    return -1;
   }
-  d->result =
-      strcmp(d->channel_type, "email") == 0 ? deliver_email(d, curl) : deliver_http(d, curl);
-  curl_easy_cleanup(curl);
+  if (email) return 0;
+  curl_easy_getinfo(d->easy, CURLINFO_RESPONSE_CODE, &d->http_status);
+  if (d->http_status < 200 || d->http_status > 299) {
+    snprintf(d->error, sizeof(d->error), "the receiver answered HTTP %ld", d->http_status);
+    return -1;
+  }
+  return 0;
 }
 
-/* ---- delivery: loop side ---------------------------------------------- */
+/* ---- delivery: bookkeeping -------------------------------------------- */
 
 static void maybe_finish_close(struct alerts *a) {
-  if (!a->closing || !a->eval_timer_closed || a->open_deliveries) return;
+  if (!a->closing || !a->eval_timer_closed || a->open_deliveries || !a->curl_closed) return;
   for (struct alert *al = a->alerts, *next; al; al = next) {
     next = al->next;
     cJSON_Delete(al->details);
@@ -856,6 +777,8 @@ static void on_delivery_closed(uv_handle_t *h) {
 
 static void delivery_finish(struct delivery *d) {
   struct alerts *a = d->a;
+  if (d->easy) alerts_curl_remove(a->curl, d->easy);
+  attempt_release(d);
   if (d->prev)
     d->prev->next = d->next;
   else
@@ -893,23 +816,19 @@ static cJSON *delivery_log_fields(const struct delivery *d) {
   return f;
 }
 
-static void delivery_queue(struct delivery *d);
+static void delivery_start(struct delivery *d);
 
 static void on_retry_timer(uv_timer_t *t) {
   struct delivery *d = t->data;
   if (d->a->closing) return;
-  delivery_queue(d);
+  delivery_start(d);
 }
 
-static void delivery_after_work(uv_work_t *req, int status) {
-  struct delivery *d = req->data;
+/* One attempt ended (ok = 0): record, log, retry with backoff or give up. */
+static void attempt_done(struct delivery *d, int ok) {
   struct alerts *a = d->a;
-  d->in_threadpool = false;
-  if (status == UV_ECANCELED || a->closing) {
-    delivery_finish(d);
-    return;
-  }
-  if (d->result == 0) {
+  attempt_release(d);
+  if (ok == 0) {
     record_delivery(a, d, true);
     zg_log_fields(ZG_INFO, "alert_delivered", delivery_log_fields(d));
     delivery_finish(d);
@@ -931,19 +850,36 @@ static void delivery_after_work(uv_work_t *req, int status) {
   uv_timer_start(&d->retry_timer, on_retry_timer, delay, 0);
 }
 
-static void delivery_queue(struct delivery *d) {
+static void on_transfer_done(void *ud, CURL *easy, CURLcode code) {
+  struct delivery *d = ud;
+  attempt_done(d, attempt_result(d, code));
+}
+
+/* A setup failure is a failed attempt too, reported from the loop (a
+ * zero-delay timer) so that callers never see the delivery finish inside
+ * delivery_start. */
+static void on_setup_failed(uv_timer_t *t) {
+  struct delivery *d = t->data;
+  if (d->a->closing) return;
+  attempt_done(d, -1);
+}
+
+static void delivery_start(struct delivery *d) {
+  struct alerts *a = d->a;
   d->attempt++;
-  d->in_threadpool = true;
-  int rc = uv_queue_work(d->a->loop, &d->work, delivery_work, delivery_after_work);
-  if (rc != 0) {
-    d->in_threadpool = false;
-    snprintf(d->error, sizeof(d->error), "uv_queue_work(): %s", uv_strerror(rc));
-    cJSON *f = delivery_log_fields(d);
-    cJSON_AddStringToObject(f, "error", d->error);
-    zg_log_fields(ZG_ERROR, "alert_delivery_failed", f);
-    record_delivery(d->a, d, false);
-    delivery_finish(d);
+  d->error[0] = '\0';
+  d->http_status = 0;
+  d->easy = curl_easy_init();
+  if (!d->easy) {
+    snprintf(d->error, sizeof(d->error), "curl_easy_init() failed");
+  } else {
+    int rc =
+        strcmp(d->channel_type, "email") == 0 ? setup_email(d, d->easy) : setup_http(d, d->easy);
+    if (rc == 0 && alerts_curl_add(a->curl, d->easy, on_transfer_done, d) == 0) return;
+    if (rc == 0) snprintf(d->error, sizeof(d->error), "curl_multi_add_handle() failed");
   }
+  attempt_release(d);
+  uv_timer_start(&d->retry_timer, on_setup_failed, 0, 0);
 }
 
 /* ---- notification text ------------------------------------------------ */
@@ -1086,7 +1022,6 @@ static void dispatch(struct alerts *a, const struct notice *n) {
              channel_index);
       continue;
     }
-    d->work.data = d;
     uv_timer_init(a->loop, &d->retry_timer);
     d->retry_timer.data = d;
     d->next = a->deliveries;
@@ -1094,7 +1029,7 @@ static void dispatch(struct alerts *a, const struct notice *n) {
     a->deliveries = d;
     a->n_deliveries++;
     a->open_deliveries++;
-    delivery_queue(d);
+    delivery_start(d);
   }
 }
 
@@ -1183,10 +1118,8 @@ static void observe(struct alerts *a, enum alert_rule rule, const char *subject,
 
 static void eval_cpu(struct alerts *a) {
   const struct alerts_settings *s = &a->settings;
-  char text[4096];
   uint64_t busy, total;
-  if (read_small_file("/proc/stat", text, sizeof(text)) != 0 ||
-      alerts_parse_proc_stat(text, &busy, &total) != 0) {
+  if (zg_cpu_sample(&busy, &total) != 0) {
     if (!a->warned_cpu)
       zg_log(ZG_WARN, "alert_sample_failed", "cannot read /proc/stat: the cpu rule is skipped");
     a->warned_cpu = true;
@@ -1213,22 +1146,16 @@ static void eval_cpu(struct alerts *a) {
 static void eval_memory(struct alerts *a) {
   const struct alerts_settings *s = &a->settings;
   if (s->memory_percent <= 0) return;
-  char text[8192];
-  double pct = 0;
-  const char *source = "cgroup";
-  uint64_t total_kib = 0;
-  bool have_meminfo = read_small_file("/proc/meminfo", text, sizeof(text)) == 0;
-  if (have_meminfo) meminfo_field(text, "MemTotal", &total_kib);
-  if (cgroup_memory_percent(total_kib * 1024u, &pct) != 0) {
-    source = "system";
-    if (!have_meminfo || alerts_parse_meminfo(text, &pct) != 0) {
-      if (!a->warned_memory)
-        zg_log(ZG_WARN, "alert_sample_failed",
-               "cannot read /proc/meminfo: the memory rule is skipped");
-      a->warned_memory = true;
-      return;
-    }
+  struct zg_memory_sample m;
+  if (zg_memory_sample(&m) != 0) {
+    if (!a->warned_memory)
+      zg_log(ZG_WARN, "alert_sample_failed",
+             "cannot read /proc/meminfo: the memory rule is skipped");
+    a->warned_memory = true;
+    return;
   }
+  double pct = m.used_percent;
+  const char *source = m.source;
   char summary[200];
   snprintf(summary, sizeof(summary), "memory %.0f%% used (%s; threshold %.0f%%)", pct, source,
            s->memory_percent);
@@ -1451,12 +1378,11 @@ int alerts_start(uv_loop_t *loop, const char *node_id, struct consensus *cs, str
   a->gw = gw;
   a->settings = default_settings;
   error_window_reset(&a->errors);
-  int rc = uv_timer_init(loop, &a->eval_timer);
-  if (rc != 0) {
-    snprintf(errmsg, errlen, "alerts: uv_timer_init(): %s", uv_strerror(rc));
+  if (alerts_curl_create(loop, &a->curl, errmsg, errlen) != 0) {
     free(a);
     return -1;
   }
+  uv_timer_init(loop, &a->eval_timer);
   a->eval_timer.data = a;
   uv_timer_start(&a->eval_timer, on_eval_timer, a->settings.eval_interval_ms,
                  a->settings.eval_interval_ms);
@@ -1521,6 +1447,12 @@ void alerts_status_json(const struct alerts *a, cJSON *out) {
   cJSON_AddNumberToObject(o, "pending_deliveries", (double)a->n_deliveries);
 }
 
+static void on_curl_closed(void *arg) {
+  struct alerts *a = arg;
+  a->curl_closed = true;
+  maybe_finish_close(a);
+}
+
 static void on_eval_timer_closed(uv_handle_t *h) {
   struct alerts *a = h->data;
   a->eval_timer_closed = true;
@@ -1534,12 +1466,11 @@ void alerts_close(struct alerts *a, void (*done)(void *), void *arg) {
   a->done_arg = arg;
   if (a->n_deliveries)
     zg_log(ZG_INFO, "alerts_closing", "dropping %zu undelivered notification(s)", a->n_deliveries);
+  /* Running transfers are removed from the multi, waiting ones dropped. */
   for (struct delivery *d = a->deliveries, *next; d; d = next) {
     next = d->next;
-    if (!d->in_threadpool)
-      delivery_finish(d); /* waiting on its retry timer */
-    else
-      uv_cancel((uv_req_t *)&d->work); /* queued: after_work gets ECANCELED; running: finishes */
+    delivery_finish(d);
   }
+  alerts_curl_close(a->curl, on_curl_closed, a);
   uv_close((uv_handle_t *)&a->eval_timer, on_eval_timer_closed);
 }
