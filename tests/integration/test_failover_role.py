@@ -62,7 +62,7 @@ def test_aborted_switchover_leaves_role_consistent(node):
     assert status == 200
     assert doc["failover"]["role"] == "active", doc["failover"]
     assert doc["failover"]["draining"] is False
-    status, _, metrics = request(node.port, "GET", "/metrics")
+    status, _, metrics = request(node.metrics_port, "GET", "/metrics")
     assert b"zonegate_active 1" in metrics
     assert b'zonegate_role{role="active"} 1' in metrics
     assert b"zonegate_role_moves_refused_total 0" in metrics

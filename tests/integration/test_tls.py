@@ -184,9 +184,10 @@ def test_client_port_tls_with_alpn_and_expiry_metric():
         subprocess.run([ZONEGATE_BIN, "certs", "init", f"{d}/certs", "--nodes", "solo"], check=True,
                        capture_output=True)
         port = free_port()
+        metrics_port = free_port()  # /metrics is off the client port: its own listener here
         cfg = {"node": {"id": "solo"},
                "listen": {"gateway": f"127.0.0.1:{port}", "admin": f"127.0.0.1:{free_port()}",
-                          "raft": f"127.0.0.1:{free_port()}",
+                          "raft": f"127.0.0.1:{free_port()}", "metrics": f"127.0.0.1:{metrics_port}",
                           "gateway_tls": {"cert": f"{d}/certs/solo.crt", "key": f"{d}/certs/solo.key"}},
                "cluster": {"data_dir": f"{d}/data"},
                "security": {"master_key": "env:ZONEGATE_MASTER_KEY", "admin_token": "env:ZONEGATE_ADMIN_TOKEN",
@@ -217,7 +218,8 @@ def test_client_port_tls_with_alpn_and_expiry_metric():
 
             answer = wait_for(lambda: _try(get, "/health/live"), timeout=10, what="TLS client port")
             assert answer.startswith(b"HTTP/1.1 200")
-            metrics = get("/metrics").decode()
+            assert get("/metrics").startswith(b"HTTP/1.1 404")
+            metrics = request(metrics_port, "GET", "/metrics")[2].decode()
             line = next(l for l in metrics.splitlines()
                         if l.startswith('zonegate_tls_cert_expiry_seconds{node="solo",cert="node"}'))
             assert 800 * 86400 < float(line.split()[-1]) <= 825 * 86400
