@@ -22,6 +22,10 @@ def cluster():
         c = Cluster(d, snapshot_threshold=64)
         try:
             c.start()
+            # every node has applied the seed (a follower read right after
+            # start may otherwise see version 0: stale reads are allowed,
+            # If-Match then refuses the write)
+            c.wait_caught_up()
             yield c
         finally:
             c.stop()
