@@ -1086,6 +1086,10 @@ static bool ask_stream_usage(const char *body, const struct body_value *v, size_
                        : "\"stream_options\":{\"include_usage\":true}");
     return true;
   }
+  if (so->type == BODY_NULL) { /* null means "no options": the same as absent */
+    splice_add(sp, n, (size_t)(so->value - body), so->len, "{\"include_usage\":true}");
+    return true;
+  }
   if (so->type != BODY_OBJECT) return false; /* the upstream will say what is wrong */
   static const char *const inner[] = {"include_usage"};
   struct body_value iu[1];

@@ -9,8 +9,9 @@
  *   3. when that address is itself a trusted proxy (listen.trusted_proxies),
  *      X-Forwarded-For is walked from the right: each entry replaces it
  *      while the address so far is trusted (the rightmost untrusted one
- *      wins; a malformed entry stops the walk). From anyone else
- *      X-Forwarded-For is ignored.
+ *      wins; "ip:port" and "[ipv6]:port" are read as their address; an
+ *      entry that is no address makes the client "unknown", which no
+ *      allowlist matches). From anyone else X-Forwarded-For is ignored.
  * Then every X-Zonegate-* header of the request is removed: nothing a
  * client sends can speak for a node.
  *
@@ -47,34 +48,74 @@ static bool valid_ip(const char *ip) {
   return inet_pton(strchr(ip, ':') ? AF_INET6 : AF_INET, ip, bin) == 1;
 }
 
+/* One X-Forwarded-For entry as an address: "ip", "ip:port" (IPv4),
+ * "[ipv6]" or "[ipv6]:port" (the forms load balancers write). False when
+ * it is none of these. */
+static bool entry_address(const char *e, size_t len, char *out, size_t outlen) {
+  char buf[80];
+  if (len == 0 || len >= sizeof(buf)) return false;
+  memcpy(buf, e, len);
+  buf[len] = '\0';
+  char *ip = buf;
+  if (buf[0] == '[') {
+    char *close = strchr(buf, ']');
+    if (!close || (close[1] && (close[1] != ':' || !close[2] ||
+                                strspn(close + 2, "0123456789") != strlen(close + 2))))
+      return false;
+    *close = '\0';
+    ip = buf + 1;
+  } else {
+    char *colon = strchr(buf, ':');
+    if (colon && !strchr(colon + 1, ':')) { /* IPv4 with a port */
+      if (!colon[1] || strspn(colon + 1, "0123456789") != strlen(colon + 1)) return false;
+      *colon = '\0';
+    }
+  }
+  size_t ip_len = strlen(ip);
+  if (!valid_ip(ip) || ip_len >= outlen) return false;
+  memcpy(out, ip, ip_len + 1);
+  return true;
+}
+
 /* X-Forwarded-For entries (all such headers, in order) walked from the
- * right while `out` is a trusted proxy. */
+ * right while `out` is a trusted proxy: the rightmost untrusted entry is
+ * the client. An entry that is no address (or a list too long to walk)
+ * makes the client "unknown": no allowlist matches it; the trusted
+ * proxy's own address is never taken for the client. Empty entries are
+ * skipped. */
 static void walk_forwarded_for(const struct gateway *gw, struct httpd_req *req, char *out,
                                size_t outlen) {
-  char list[2048] = "";
-  size_t used = 0;
-  for (size_t i = 0; i < httpd_req_header_count(req); i++) {
+  const char *lines[64];
+  size_t n_lines = 0, n = httpd_req_header_count(req);
+  for (size_t i = 0; i < n; i++) {
     const char *name, *value;
     httpd_req_header_at(req, i, &name, &value);
     if (strcasecmp(name, "X-Forwarded-For") != 0) continue;
-    int n = snprintf(list + used, sizeof(list) - used, "%s%s", used ? "," : "", value);
-    if (n < 0 || (size_t)n >= sizeof(list) - used) return; /* too long to trust: ignore it */
-    used += (size_t)n;
+    if (n_lines == ZG_ARRAY_LEN(lines)) {
+      snprintf(out, outlen, "unknown");
+      return;
+    }
+    lines[n_lines++] = value;
   }
-  size_t end = used;
-  while (end > 0 && gateway_ip_trusted(gw, out)) {
-    size_t start = end;
-    while (start > 0 && list[start - 1] != ',') start--;
-    char entry[64];
-    size_t a = start, b = end;
-    while (a < b && (list[a] == ' ' || list[a] == '\t')) a++;
-    while (b > a && (list[b - 1] == ' ' || list[b - 1] == '\t')) b--;
-    if (b - a == 0 || b - a >= sizeof(entry)) return;
-    memcpy(entry, list + a, b - a);
-    entry[b - a] = '\0';
-    if (!valid_ip(entry)) return;
-    snprintf(out, outlen, "%s", entry);
-    end = start > 0 ? start - 1 : 0;
+  unsigned walked = 0;
+  for (size_t l = n_lines; l-- > 0 && gateway_ip_trusted(gw, out);) {
+    const char *list = lines[l];
+    size_t end = strlen(list);
+    while (gateway_ip_trusted(gw, out)) {
+      size_t start = end;
+      while (start > 0 && list[start - 1] != ',') start--;
+      size_t a = start, b = end;
+      while (a < b && (list[a] == ' ' || list[a] == '\t')) a++;
+      while (b > a && (list[b - 1] == ' ' || list[b - 1] == '\t')) b--;
+      if (b > a) {
+        if (++walked > 64 || !entry_address(list + a, b - a, out, outlen)) {
+          snprintf(out, outlen, "unknown");
+          return;
+        }
+      }
+      if (start == 0) break;
+      end = start - 1;
+    }
   }
 }
 

@@ -25,6 +25,17 @@ int usage_read_object(const char *usage, size_t len, struct usage_counts *out) {
     cJSON_Delete(u);
     return -1;
   }
+  /* a usage object whose counts are not numbers tells nothing: unknown,
+   * never 0 */
+  bool any = false;
+  static const char *const counts[] = {"prompt_tokens", "input_tokens", "completion_tokens",
+                                       "output_tokens", "total_tokens"};
+  for (size_t i = 0; i < sizeof(counts) / sizeof(counts[0]); i++)
+    any = any || cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(u, counts[i]));
+  if (!any) {
+    cJSON_Delete(u);
+    return -1;
+  }
   uint64_t prompt = count_of(u, "prompt_tokens", "input_tokens");
   uint64_t completion = count_of(u, "completion_tokens", "output_tokens");
   uint64_t total = count_of(u, "total_tokens", NULL);

@@ -94,7 +94,14 @@ int cli_check_options(const char *what, int argc, char *const *argv, const char 
       "--json", "--addr=", "--token=", "--admin-token=", "--ca=", NULL};
   for (int i = 0; i < argc; i++) {
     const char *arg = argv[i];
-    if (strncmp(arg, "--", 2) != 0) continue;
+    if (arg[0] != '-' || !arg[1]) continue;
+    if (arg[1] != '-') { /* "-tpm": one dash is a typo of an option too */
+      char dashed[80];
+      snprintf(dashed, sizeof(dashed), "-%s", arg);
+      fprintf(stderr, "%s: unknown option '%s' (options start with two dashes: '%s'?)\n", what, arg,
+              dashed);
+      return 2;
+    }
     bool found = false, takes_value = false;
     const char *nearest = NULL;
     size_t best = 64;
@@ -138,44 +145,132 @@ int cli_check_options(const char *what, int argc, char *const *argv, const char 
   return 0;
 }
 
-/* The options of each CLI subcommand (see cli_check_options). */
+/* Every CLI command and subcommand: its options (see cli_check_options)
+ * and how many words may follow the command (the subcommand included). */
 struct cli_spec {
-  const char *command, *sub; /* sub NULL: any / none */
+  const char *command, *sub; /* sub NULL: the command takes no subcommand */
+  int max_words;
   const char *known[8];
 };
+#define TOKEN_LIMITS                                                                               \
+  "--expires-in=", "--rpm=", "--tpm=", "--budget-day=", "--budget-month=", "--allow="
 static const struct cli_spec cli_specs[] = {
-    {"config", "apply", {"--if-match=", NULL}},
+    {"status", NULL, 0, {NULL}},
+    {"config", "get", 1, {NULL}},
+    {"config", "apply", 2, {"--if-match=", NULL}},
+    {"keys", "list", 1, {NULL}},
     {"keys",
      "add",
+     1,
      {"--id=", "--upstream=", "--rotate-after-days=", "--secret-file=", "--secret-env=", NULL}},
-    {"keys", "rotate", {"--grace-seconds=", "--secret-file=", "--secret-env=", NULL}},
-    {"tokens",
-     "create",
-     {"--expires-in=", "--rpm=", "--tpm=", "--budget-day=", "--budget-month=", "--allow=", NULL}},
-    {"tokens",
-     "update",
-     {"--expires-in=", "--rpm=", "--tpm=", "--budget-day=", "--budget-month=", "--allow=", NULL}},
-    {"usage", NULL, {"--token=", "--model=", "--since=", NULL}},
-    {"audit", NULL, {"--limit=", NULL}},
-    {"members", "add", {"--raft=", "--zone=", "--role=", "--admin=", "--gateway=", NULL}},
-    {"switchover", NULL, {"--to=", NULL}},
+    {"keys", "rotate", 2, {"--grace-seconds=", "--secret-file=", "--secret-env=", NULL}},
+    {"keys", "revoke", 2, {NULL}},
+    {"tokens", "create", 2, {TOKEN_LIMITS, NULL}},
+    {"tokens", "update", 2, {TOKEN_LIMITS, NULL}},
+    {"tokens", "list", 1, {NULL}},
+    {"tokens", "revoke", 2, {NULL}},
+    {"usage", NULL, 0, {"--token=", "--model=", "--since=", NULL}},
+    {"audit", NULL, 0, {"--limit=", NULL}},
+    {"members", "add", 2, {"--raft=", "--zone=", "--role=", "--admin=", "--gateway=", NULL}},
+    {"members", "remove", 2, {NULL}},
+    {"switchover", NULL, 0, {"--to=", NULL}},
 };
 
-/* Checks argv (after the command name) against the command's spec. */
+/* Checks argv (after the command name) against the command's spec: the
+ * subcommand (nearest one named when unknown), the options, and no word
+ * more than the command takes. 0, or 2 after one line on stderr. */
 static int check_command_options(const char *command, int argc, char **argv) {
-  const char *sub = argc >= 1 && strncmp(argv[0], "--", 2) ? argv[0] : NULL;
-  static const char *const none[] = {NULL};
-  const char *const *known = none;
+  const char *sub = argc >= 1 && argv[0][0] != '-' ? argv[0] : NULL;
+  const struct cli_spec *spec = NULL, *nearest = NULL;
+  bool has_subs = false;
+  size_t best = 64;
   for (size_t i = 0; i < ZG_ARRAY_LEN(cli_specs); i++) {
-    const struct cli_spec *spec = &cli_specs[i];
-    if (strcmp(spec->command, command)) continue;
-    if (spec->sub && (!sub || strcmp(spec->sub, sub))) continue;
-    known = spec->known;
-    break;
+    const struct cli_spec *sp = &cli_specs[i];
+    if (strcmp(sp->command, command)) continue;
+    if (!sp->sub) {
+      spec = sp;
+      break;
+    }
+    has_subs = true;
+    if (sub && !strcmp(sp->sub, sub)) {
+      spec = sp;
+      break;
+    }
+    size_t d = sub ? edit_distance(sub, sp->sub) : 64;
+    if (d < best) best = d, nearest = sp;
   }
   char what[96];
-  snprintf(what, sizeof(what), "zonegate %s%s%s", command, sub ? " " : "", sub ? sub : "");
-  return cli_check_options(what, argc, argv, known);
+  if (!spec) {
+    if (!has_subs) return 0; /* a command without a spec (none today) */
+    if (sub && nearest && best <= 3)
+      fprintf(stderr, "zonegate %s: unknown subcommand '%s' (did you mean '%s'?)\n", command, sub,
+              nearest->sub);
+    else if (sub)
+      fprintf(stderr, "zonegate %s: unknown subcommand '%s' (run 'zonegate %s' for the usage)\n",
+              command, sub, command);
+    else
+      return 0; /* no subcommand: the command prints its usage */
+    return 2;
+  }
+  snprintf(what, sizeof(what), "zonegate %s%s%s", command, spec->sub ? " " : "",
+           spec->sub ? spec->sub : "");
+  int rc = cli_check_options(what, argc, argv, spec->known);
+  if (rc) return rc;
+  /* words that are neither options nor option values */
+  int words = 0;
+  for (int i = 0; i < argc; i++) {
+    if (argv[i][0] == '-' && argv[i][1]) {
+      for (const char *const *k = spec->known; *k; k++)
+        if (!strncmp(*k, argv[i], strlen(argv[i])) && (*k)[strlen(argv[i])] == '=') i++;
+      if (!strcmp(argv[i], "--addr") || !strcmp(argv[i], "--token") ||
+          !strcmp(argv[i], "--admin-token") || !strcmp(argv[i], "--ca"))
+        i++;
+      continue;
+    }
+    if (++words > spec->max_words) {
+      fprintf(stderr, "%s: unexpected argument '%s'\n", what, argv[i]);
+      return 2;
+    }
+  }
+  return 0;
+}
+
+/* Without a CA the CLI speaks plain HTTP; before the admin token goes on
+ * the wire, one request without it checks that the node does speak plain
+ * HTTP (a node with security.tls does not): the token never reaches a TLS
+ * port in plaintext. Once per process. 0, or -1 after printing why. */
+static int plaintext_probe(const struct cli_options *o, FILE *err_out) {
+  static int probed = 0; /* 1 ok, -1 refused */
+  if (probed) return probed > 0 ? 0 : -1;
+  CURL *curl = curl_easy_init();
+  if (!curl) return -1;
+  char url[512];
+  snprintf(url, sizeof(url), "http://%s/v1/cluster/status", o->addr);
+  curl_easy_setopt(curl, CURLOPT_URL, url);
+  curl_easy_setopt(curl, CURLOPT_NOBODY, 1L);
+  curl_easy_setopt(curl, CURLOPT_CONNECTTIMEOUT_MS, 3000L);
+  curl_easy_setopt(curl, CURLOPT_TIMEOUT_MS, 10000L);
+  curl_easy_setopt(curl, CURLOPT_NOSIGNAL, 1L);
+  curl_easy_setopt(curl, CURLOPT_NOPROXY, "*");
+  CURLcode rc = curl_easy_perform(curl);
+  long status = 0;
+  curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &status);
+  curl_easy_cleanup(curl);
+  if (rc == CURLE_COULDNT_CONNECT || rc == CURLE_OPERATION_TIMEDOUT) {
+    probed = 1; /* unreachable: the real call says so */
+    return 0;
+  }
+  if (rc != CURLE_OK || status < 100) {
+    probed = -1;
+    if (err_out)
+      fprintf(err_out,
+              "error: the admin API at %s does not answer plain HTTP (%s): it has TLS on; pass "
+              "--ca FILE or set ZONEGATE_CA to the cluster CA (the admin token was not sent)\n",
+              o->addr, curl_easy_strerror(rc));
+    return -1;
+  }
+  probed = 1;
+  return 0;
 }
 
 int cli_call(const struct cli_options *o, const char *method, const char *path, const cJSON *body,
@@ -187,6 +282,7 @@ int cli_call(const struct cli_options *o, const char *method, const char *path, 
       fprintf(err_out, "error: no admin token: pass --token or set ZONEGATE_ADMIN_TOKEN\n");
     return -1;
   }
+  if (!o->ca[0] && plaintext_probe(o, err_out) != 0) return -1;
   CURL *curl = curl_easy_init();
   if (!curl) return -1;
   /* No X-Zonegate-* identity headers: the node records the actor the
@@ -510,16 +606,21 @@ static int cmd_keys(const struct cli_options *o, int argc, char **argv) {
   return 2;
 }
 
+/* "30d", "12h", "15m", "90s" or "90" (seconds) as seconds; -1 for
+ * anything else (a typo must not give a 90-second token). */
 static double parse_duration_s(const char *text) {
   char *end;
   double v = strtod(text, &end);
+  if (end == text || v < 0) return -1;
   if (*end == 'd')
-    v *= 86400;
+    v *= 86400, end++;
   else if (*end == 'h')
-    v *= 3600;
+    v *= 3600, end++;
   else if (*end == 'm')
-    v *= 60;
-  return v;
+    v *= 60, end++;
+  else if (*end == 's')
+    end++;
+  return *end ? -1 : v;
 }
 
 /* The limit options of tokens create|update into body: --rpm, --tpm,
@@ -544,9 +645,17 @@ static int token_limit_options(int argc, char **argv, cJSON *body, bool update) 
     }
     cJSON_AddNumberToObject(body, limits[i][1], (double)n);
   }
-  if (opt(argc, argv, "--expires-in"))
-    cJSON_AddNumberToObject(body, "expires_in_s",
-                            parse_duration_s(opt(argc, argv, "--expires-in")));
+  if (opt(argc, argv, "--expires-in")) {
+    double s_in = parse_duration_s(opt(argc, argv, "--expires-in"));
+    if (s_in < 0) {
+      fprintf(stderr,
+              "zonegate tokens: --expires-in expects a duration like 30d, 12h, 15m or 90s (0 = "
+              "never), not '%s'\n",
+              opt(argc, argv, "--expires-in"));
+      return -1;
+    }
+    cJSON_AddNumberToObject(body, "expires_in_s", s_in);
+  }
   bool any_allow = false;
   for (int i = 0; i + 1 < argc; i++) any_allow |= !strcmp(argv[i], "--allow");
   if (any_allow || !update) {
