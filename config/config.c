@@ -684,17 +684,23 @@ struct foreign_walk {
   void *ud;
   bool neutralise;
   size_t count;
+  bool channel_changed; /* inside an alert channel that differs from the local one */
 };
 
 /* Walks `node` (replicated) beside `mirror` (the same path in the local
  * file, or NULL). Every string that is a reference and differs from the
- * local string at the same path is foreign. Returns true when the caller
+ * local string at the same path is foreign. Inside an alert channel, a
+ * reference is local only when the whole channel is the local file's
+ * (same url, smtp_url, recipients...): otherwise the credential it names
+ * would go to a destination the admin chose. Returns true when the caller
  * must drop `node` from its parent (an alert channel holding one). */
 static bool walk_foreign(struct foreign_walk *w, cJSON *node, const cJSON *mirror,
                          const char *path) {
   if (cJSON_IsString(node)) {
     if (!zg_secret_is_reference(node->valuestring)) return false;
-    if (cJSON_IsString(mirror) && strcmp(mirror->valuestring, node->valuestring) == 0) return false;
+    if (!w->channel_changed && cJSON_IsString(mirror) &&
+        strcmp(mirror->valuestring, node->valuestring) == 0)
+      return false;
     w->count++;
     if (w->found) w->found(w->ud, path);
     if (w->neutralise) cJSON_SetValuestring(node, "");
@@ -717,7 +723,12 @@ static bool walk_foreign(struct foreign_walk *w, cJSON *node, const cJSON *mirro
           cJSON_IsObject(mirror) ? cJSON_GetObjectItemCaseSensitive(mirror, child->string) : NULL;
     }
     index++;
-    if (walk_foreign(w, child, mirror_child, sub)) {
+    bool saved = w->channel_changed;
+    if (cJSON_IsArray(node) && strcmp(path, "alerts.channels") == 0)
+      w->channel_changed = !(mirror_child && cJSON_Compare(child, mirror_child, true));
+    bool drop = walk_foreign(w, child, mirror_child, sub);
+    w->channel_changed = saved;
+    if (drop) {
       /* An alert channel: the whole element of alerts.channels goes. */
       bool is_channel = cJSON_IsArray(node) && strcmp(path, "alerts.channels") == 0;
       if (is_channel)
@@ -732,7 +743,7 @@ static bool walk_foreign(struct foreign_walk *w, cJSON *node, const cJSON *mirro
 
 size_t zg_config_foreign_refs(const struct zg_config *local, const cJSON *replicated,
                               void (*found)(void *ud, const char *path), void *ud) {
-  struct foreign_walk w = {found, ud, false, 0};
+  struct foreign_walk w = {found, ud, false, 0, false};
   walk_foreign(&w, (cJSON *)replicated, local ? local->effective : NULL, "");
   return w.count;
 }
@@ -741,7 +752,7 @@ cJSON *zg_config_without_foreign_refs(const struct zg_config *local, const cJSON
                                       void (*found)(void *ud, const char *path), void *ud) {
   cJSON *copy = cJSON_Duplicate(replicated, 1);
   if (!copy) return NULL;
-  struct foreign_walk w = {found, ud, true, 0};
+  struct foreign_walk w = {found, ud, true, 0, false};
   walk_foreign(&w, copy, local ? local->effective : NULL, "");
   return copy;
 }

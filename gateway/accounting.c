@@ -208,12 +208,19 @@ enum acct_limit accounting_check(struct accounting *a, const char *token,
   } else if (limits->budget_day && rep->day_tokens + pending_tokens >= limits->budget_day) {
     v->limit = ACCT_BUDGET_DAY;
     v->retry_after_s = to_next_day(now_s);
-  } else if (limits->rpm && requests >= limits->rpm) {
+  }
+  if (v->limit == ACCT_OK && limits->rpm && requests >= limits->rpm) {
     v->limit = ACCT_RPM;
     v->retry_after_s = window_reset;
-  } else if (limits->tpm && tokens >= limits->tpm) {
+  } else if (v->limit == ACCT_OK && limits->tpm && tokens >= limits->tpm) {
     v->limit = ACCT_TPM;
     v->retry_after_s = window_reset;
+  }
+  if ((v->limit == ACCT_BUDGET_MONTH || v->limit == ACCT_BUDGET_DAY) && !limits->tpm) {
+    /* no per-minute token limit: the headers speak of the budget */
+    v->limit_tokens = v->limit == ACCT_BUDGET_MONTH ? limits->budget_month : limits->budget_day;
+    v->remaining_tokens = 0;
+    v->reset_tokens_s = v->retry_after_s;
   }
   return v->limit;
 }

@@ -11,6 +11,7 @@
 #include "gateway/body.h"
 
 #include <math.h>
+#include <openssl/rand.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -52,6 +53,7 @@ static void skip_ws(struct scan *s) {
 }
 
 static int names_put(struct scan *s, const unsigned char *b, size_t n) {
+  if (n == 0) return 0;
   if (s->names_len + n > s->names_cap) {
     size_t cap = s->names_cap ? s->names_cap : 256;
     while (cap < s->names_len + n) cap *= 2;
@@ -214,10 +216,69 @@ static int scan_number(struct scan *s) {
   return 0;
 }
 
+/* SipHash-2-4 (Aumasson and Bernstein) under a key drawn once per process
+ * from OpenSSL's RAND_bytes: member names a client chooses cannot be made
+ * to collide in the duplicate check's table (a fixed hash such as FNV can,
+ * which turns the linear check quadratic). */
+#define ROTL(x, b) (uint64_t)(((x) << (b)) | ((x) >> (64 - (b))))
+#define SIPROUND                                                                                   \
+  do {                                                                                             \
+    v0 += v1;                                                                                      \
+    v1 = ROTL(v1, 13);                                                                             \
+    v1 ^= v0;                                                                                      \
+    v0 = ROTL(v0, 32);                                                                             \
+    v2 += v3;                                                                                      \
+    v3 = ROTL(v3, 16);                                                                             \
+    v3 ^= v2;                                                                                      \
+    v0 += v3;                                                                                      \
+    v3 = ROTL(v3, 21);                                                                             \
+    v3 ^= v0;                                                                                      \
+    v2 += v1;                                                                                      \
+    v1 = ROTL(v1, 17);                                                                             \
+    v1 ^= v2;                                                                                      \
+    v2 = ROTL(v2, 32);                                                                             \
+  } while (0)
+
+static uint64_t sip_key[2];
+static bool sip_keyed;
+
+static uint64_t load64(const unsigned char *p) {
+  uint64_t v = 0;
+  for (int i = 7; i >= 0; i--) v = (v << 8) | p[i];
+  return v;
+}
+
 static uint64_t hash_bytes(const unsigned char *b, size_t n) {
-  uint64_t h = 1469598103934665603ull; /* FNV-1a */
-  for (size_t i = 0; i < n; i++) h = (h ^ b[i]) * 1099511628211ull;
-  return h;
+  if (!sip_keyed) {
+    unsigned char k[16];
+    if (RAND_bytes(k, sizeof(k)) != 1) /* cannot happen on Linux; still a keyed hash */
+      for (size_t i = 0; i < sizeof(k); i++) k[i] = (unsigned char)(i * 151u + 7u);
+    sip_key[0] = load64(k);
+    sip_key[1] = load64(k + 8);
+    sip_keyed = true;
+  }
+  uint64_t v0 = 0x736f6d6570736575ull ^ sip_key[0], v1 = 0x646f72616e646f6dull ^ sip_key[1];
+  uint64_t v2 = 0x6c7967656e657261ull ^ sip_key[0], v3 = 0x7465646279746573ull ^ sip_key[1];
+  size_t full = n & ~(size_t)7;
+  for (size_t i = 0; i < full; i += 8) {
+    uint64_t m = load64(b + i);
+    v3 ^= m;
+    SIPROUND;
+    SIPROUND;
+    v0 ^= m;
+  }
+  uint64_t last = (uint64_t)n << 56;
+  for (size_t i = 0; i < (n & 7); i++) last |= (uint64_t)b[full + i] << (8 * i);
+  v3 ^= last;
+  SIPROUND;
+  SIPROUND;
+  v0 ^= last;
+  v2 ^= 0xff;
+  SIPROUND;
+  SIPROUND;
+  SIPROUND;
+  SIPROUND;
+  return v0 ^ v1 ^ v2 ^ v3;
 }
 
 static int duplicate(struct scan *s, const struct name_entry *a) {
@@ -299,6 +360,8 @@ static int scan_object(struct scan *s) {
     struct name_entry *ent = &s->entries[s->n_entries++];
     ent->off = name_off;
     ent->len = s->names_len - name_off;
+    if (ent->len && memchr(s->names + name_off, 0, ent->len))
+      return fail(s, "a member name with a NUL character (\\u0000)");
     ent->hash = hash_bytes(s->names + name_off, ent->len);
     struct body_value *slot = NULL;
     if (top) {
@@ -514,6 +577,10 @@ size_t body_string(const struct body_value *v, char *out, size_t size) {
     if (n + k + 1 > size) break;
     memcpy(out + n, utf8, k);
     n += k;
+  }
+  if (p < end) { /* cut: a NUL escape, or out is too small */
+    out[0] = '\0';
+    return 0;
   }
   out[n] = '\0';
   return n;

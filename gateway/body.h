@@ -43,9 +43,9 @@ struct body_value {
   const char *member;
 };
 
-/* The string value v (BODY_STRING) unescaped into out[size] (NUL-terminated,
- * cut to fit; an escaped NUL ends it early: only for names and labels).
- * Returns the length written; 0 for anything else. */
+/* The string value v (BODY_STRING) unescaped into out[size]
+ * (NUL-terminated). Returns the length written; 0 (and out "") when v is
+ * not a string, holds an escaped NUL, or does not fit: never a cut value. */
 size_t body_string(const struct body_value *v, char *out, size_t size);
 
 /* Scans body[0..len) (not NUL-terminated; NUL bytes are not special).

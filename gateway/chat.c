@@ -40,6 +40,11 @@
  * the heap, so the common request allocates little. */
 #define INLINE_ATTEMPTS 2
 #define MAX_BUFFERED_RESPONSE (64u * 1024u * 1024u)
+/* An answer larger than this is passed through as it arrives instead of
+ * being held whole (raw_pass); the last PASSTHROUGH_TAIL bytes are kept
+ * for its usage object. */
+#define PASSTHROUGH_AFTER (1024u * 1024u)
+#define PASSTHROUGH_TAIL (64u * 1024u)
 /* Finished chats kept for reuse, so a request does not allocate its
  * (several KiB) struct; response buffers larger than this are not kept.
  * Under AddressSanitizer nothing is pooled, so a use after the end of a
@@ -85,6 +90,7 @@ struct chat {
   bool json_body;             /* the body was parsed as JSON (and has no Content-Type of its own) */
   char model[128];            /* the request's "model" (unescaped), "" when none */
   bool routed;                /* the models table decides the upstream (routes.h) */
+  bool model_bad;             /* \"model\" is a string no model can have (NUL inside, too long) */
   size_t model_at, model_len; /* the "model" value's bytes in c->body (routing) */
   bool account;               /* usage is read from the answer and counted (accounting.h) */
   bool strip_usage;           /* the gateway asked the stream for usage: remove it again */
@@ -125,6 +131,7 @@ struct chat {
   size_t n_response_headers; /* lines in response_headers */
   struct sse_cursor sse;     /* where the passed-through event stream stands */
   bool streaming_to_client;
+  bool raw_passthrough; /* a large non-stream answer, passed through (raw_pass) */
   bool finished;
 };
 
@@ -295,14 +302,18 @@ static void keep_response_headers(struct chat *c, const char *const *headers) {
       "server",         "set-cookie",   "proxy-authenticate", "proxy-authorization"};
   zg_buf_reset(&c->response_headers);
   c->n_response_headers = 0;
-  const char *connection = NULL;
-  for (size_t i = 0; headers && headers[i]; i++)
-    if (strncasecmp(headers[i], "Connection:", 11) == 0) connection = headers[i] + 11;
   for (size_t i = 0; headers && headers[i] && c->n_response_headers < MAX_RESPONSE_HEADERS; i++) {
     const char *line = headers[i];
     size_t len = strcspn(line, ":");
     if (!line[len] || len == 0) continue;
-    bool drop = is_hop_by_hop(line, len) || list_names(connection, line, len);
+    /* every Connection line counts: several lines are one list (RFC 9110 §5.3) */
+    bool named = false;
+    for (size_t k = 0; headers[k] && !named; k++)
+      if (strncasecmp(headers[k], "Connection:", 11) == 0)
+        named = list_names(headers[k] + 11, line, len);
+    bool drop = is_hop_by_hop(line, len) || named;
+    if (!drop && c->cacheable && len == 7 && strncasecmp(line, "x-cache", 7) == 0)
+      drop = true; /* the gateway's own X-Cache tells this cache's story */
     for (size_t k = 0; !drop && k < ZG_ARRAY_LEN(own); k++)
       drop = strlen(own[k]) == len && strncasecmp(line, own[k], len) == 0;
     if (!drop && !c->forwarding && len >= 11 && strncasecmp(line, "x-zonegate-", 11) == 0)
@@ -329,12 +340,15 @@ static void response_header_list(struct chat *c, const char **out, const char *e
  *
  * An upstream 401 marks a provider key invalid only when a probe that
  * carries nothing of the client's (GET <endpoint>/models with the key
- * alone) is refused too; then this request goes once more with the next
- * usable key (at most one key is retired per client request). When the
- * probe succeeds the 401 was the request's own doing and the client gets
- * the upstream's answer as it came. A key the probe found good is trusted
- * for KEY_GOOD_MS, so 401s a client provokes cost at most one probe per key
- * in that window. A probe that fails for another reason retires nothing. */
+ * alone) is refused too; then this request goes on with the next usable
+ * key. At most one key is retired (cluster-wide) per client request; a
+ * second key the probe finds bad in the same request is skipped, not
+ * retired, and the next request retires it. When the probe succeeds the
+ * 401 was the request's own doing and the client gets the upstream's
+ * answer as it came. A probe's verdict is kept for KEY_GOOD_MS, so 401s a
+ * client provokes cost at most one probe per key in that window, and a key
+ * found bad is not tried again meanwhile. A probe that fails for another
+ * reason retires nothing. */
 #define KEY_GOOD_MS 30000u
 #define KEY_PROBE_TIMEOUT_MS 10000u
 
@@ -342,18 +356,30 @@ static void key_ident(const struct attempt *a, char *out, size_t size) {
   snprintf(out, size, "%s/%s", a->upstream_id, a->key_id);
 }
 
-static bool key_recently_good(struct gateway *gw, const struct attempt *a) {
+/* The last probe verdict on a key within KEY_GOOD_MS: 1 good, -1 bad, 0
+ * none. */
+static int key_verdict(struct gateway *gw, const struct attempt *a) {
   char id[sizeof(gw->key_good[0].id)];
   key_ident(a, id, sizeof(id));
   uint64_t now = zg_mono_ms();
   for (size_t i = 0; i < ZG_ARRAY_LEN(gw->key_good); i++)
-    if (gw->key_good[i].until_ms > now && strcmp(gw->key_good[i].id, id) == 0) return true;
-  return false;
+    if (gw->key_good[i].until_ms > now && strcmp(gw->key_good[i].id, id) == 0)
+      return gw->key_good[i].good ? 1 : -1;
+  return 0;
 }
 
-static void key_mark_good(struct gateway *gw, const struct attempt *a) {
+static bool key_recently_good(struct gateway *gw, const struct attempt *a) {
+  return key_verdict(gw, a) > 0;
+}
+
+static void key_mark(struct gateway *gw, const struct attempt *a, bool good) {
+  char id[sizeof(gw->key_good[0].id)];
+  key_ident(a, id, sizeof(id));
   size_t slot = gw->key_good_next++ % ZG_ARRAY_LEN(gw->key_good);
-  key_ident(a, gw->key_good[slot].id, sizeof(gw->key_good[slot].id));
+  for (size_t i = 0; i < ZG_ARRAY_LEN(gw->key_good); i++)
+    if (strcmp(gw->key_good[i].id, id) == 0) slot = i; /* one entry per key */
+  memcpy(gw->key_good[slot].id, id, sizeof(id));
+  gw->key_good[slot].good = good;
   gw->key_good[slot].until_ms = zg_mono_ms() + KEY_GOOD_MS;
 }
 
@@ -378,15 +404,19 @@ static void on_probe_done(void *ud, enum upstream_result result, const char *cur
   httpd_req_set_abort(c->req, NULL, NULL);
   c->check_key = false;
   if (result == UPSTREAM_OK && c->probe_status == 401) {
-    /* The key itself is refused: retire it and try the next one. */
-    c->key_invalidated = true;
-    zg_log(ZG_WARN, "upstream_key_invalid",
-           "upstream %s refused provider key %s (confirmed by a probe without client data)",
-           a->upstream_id, a->key_id[0] ? a->key_id : "(config api_key)");
-    if (gw->cluster && gw->cluster->key_rejected && a->key_id[0])
-      gw->cluster->key_rejected(gw->cluster->ud, a->key_id, a->upstream_id);
-    if (have_next_attempt(c)) {
+    /* The key itself is refused: retire it (one per request) and go on. */
+    key_mark(gw, a, false);
+    if (!c->key_invalidated) {
+      c->key_invalidated = true;
+      zg_log(ZG_WARN, "upstream_key_invalid",
+             "upstream %s refused provider key %s (confirmed by a probe without client data)",
+             a->upstream_id, a->key_id[0] ? a->key_id : "(config api_key)");
+      if (gw->cluster && gw->cluster->key_rejected && a->key_id[0])
+        gw->cluster->key_rejected(gw->cluster->ud, a->key_id, a->upstream_id);
+    }
+    while (have_next_attempt(c)) {
       c->current++;
+      if (key_verdict(gw, &c->attempts[c->current]) < 0) continue; /* found bad lately */
       start_attempt(c);
       return;
     }
@@ -397,7 +427,7 @@ static void on_probe_done(void *ud, enum upstream_result result, const char *cur
     return;
   }
   if (result == UPSTREAM_OK && c->probe_status >= 200 && c->probe_status < 300)
-    key_mark_good(gw, a);
+    key_mark(gw, a, true);
   else
     zg_log(ZG_INFO, "upstream_key_probe_inconclusive",
            "upstream %s key %s: probe %s status %d; key kept", a->upstream_id,
@@ -459,8 +489,7 @@ static void on_upstream_response(void *ud, int status, const char *content_type,
      * organization the key does not belong to, ...) or the key itself. The
      * answer is buffered; on_upstream_done decides once it is complete. */
     metrics_counter_add(c->gw->m_upstream_errors, 1, a->upstream_id, "unauthorized");
-    c->check_key =
-        a->api_key && a->api_key[0] && !c->key_invalidated && !key_recently_good(c->gw, a);
+    c->check_key = a->api_key && a->api_key[0] && !key_recently_good(c->gw, a);
   } else if (status >= 500 && !c->forwarding) {
     metrics_counter_add(c->gw->m_upstream_errors, 1, a->upstream_id, "status_5xx");
     gateway_note_upstream(c->gw, false, "upstream answered 5xx");
@@ -544,12 +573,79 @@ static int sse_pass(struct chat *c, const char *data, size_t len) {
   return 0;
 }
 
+/* A large answer that is not an event stream goes to the client as it
+ * arrives (chunked), under the same per-connection write-queue bound and
+ * upstream pause as a stream: memory per client stays bounded whatever the
+ * answer's size. Only the last PASSTHROUGH_TAIL bytes are kept, to read
+ * the usage object (it is the last member of OpenAI's answers); the answer
+ * is then not cached. Returns 0, or 1 when the client is gone. */
+static int raw_pass(struct chat *c, const char *data, size_t len) {
+  if (httpd_stream_write(c->req, data, len) != 0) return 1;
+  if (c->account) { /* keep the tail */
+    if (len >= PASSTHROUGH_TAIL) {
+      zg_buf_reset(&c->response);
+      zg_buf_append(&c->response, data + len - PASSTHROUGH_TAIL, PASSTHROUGH_TAIL);
+    } else {
+      if (c->response.len + len > PASSTHROUGH_TAIL) {
+        size_t drop = c->response.len + len - PASSTHROUGH_TAIL;
+        memmove(c->response.data, c->response.data + drop, c->response.len - drop);
+        c->response.len -= drop;
+      }
+      zg_buf_append(&c->response, data, len);
+    }
+  }
+  if (httpd_req_write_full(c->req)) {
+    httpd_req_set_drain(c->req, on_client_drained, c);
+    upstream_pause(c->transfer);
+  }
+  return 0;
+}
+
 static int on_upstream_data(void *ud, const char *data, size_t len) {
   struct chat *c = ud;
+  if (c->raw_passthrough) return raw_pass(c, data, len);
   if (c->streaming_to_client) return sse_pass(c, data, len);
+  if (c->response.len + len > PASSTHROUGH_AFTER && !c->check_key) {
+    /* too big to hold for one client: pass it through from here on */
+    c->raw_passthrough = true;
+    c->streaming_to_client = true;
+    c->cacheable = false;
+    const char *extra[MAX_RESPONSE_HEADERS + 2];
+    response_header_list(c, extra, NULL);
+    httpd_stream_begin(c->req, c->status, c->content_type, extra);
+    zg_buf held = c->response;
+    zg_buf_init(&c->response);
+    int rc = raw_pass(c, held.data ? held.data : "", held.len);
+    zg_buf_free(&held);
+    return rc ? rc : raw_pass(c, data, len);
+  }
   if (c->response.len + len > MAX_BUFFERED_RESPONSE) return 1;
   zg_buf_append(&c->response, data, len);
   return 0;
+}
+
+/* The model a request is counted under: a routed model's name (its
+ * aliases count as the model), else the client's model while fewer than
+ * MAX_MODEL_LABELS distinct ones were seen, then "other": a client
+ * cannot grow the usage table or the metrics without bound by inventing
+ * model names. */
+#define MAX_MODEL_LABELS 256
+static const char *usage_model_label(struct chat *c) {
+  struct gateway *gw = c->gw;
+  if (!c->model[0]) return "-";
+  const struct model_route *route = c->routed ? routes_find(&gw->routes, c->model) : NULL;
+  if (route) return route->name;
+  for (size_t i = 0; i < gw->n_model_labels; i++)
+    if (!strcmp(gw->model_labels[i], c->model)) return gw->model_labels[i];
+  if (gw->n_model_labels >= MAX_MODEL_LABELS) return "other";
+  if (!gw->model_labels) {
+    gw->model_labels = calloc(MAX_MODEL_LABELS, sizeof(*gw->model_labels));
+    if (!gw->model_labels) return "other";
+  }
+  char *copy = strdup(c->model);
+  if (!copy) return "other";
+  gw->model_labels[gw->n_model_labels++] = copy;
+  return copy;
 }
 
 /* Counts the answer's usage once (accounting.h): by token, model and
@@ -562,7 +658,7 @@ static void record_usage(struct chat *c) {
   if (c->status < 200 || c->status >= 300) return;
   const struct attempt *a = &c->attempts[c->current < c->n_attempts ? c->current : 0];
   const char *token = c->has_token ? c->token.name : "-";
-  const char *model = c->model[0] ? c->model : "-";
+  const char *model = usage_model_label(c);
   struct acct_counts t = {
       0, c->usage.prompt, c->usage.completion, c->usage.total, c->usage.cached, c->usage.reasoning,
       0};
@@ -600,11 +696,14 @@ static void on_upstream_done(void *ud, enum upstream_result result, const char *
     }
     if (c->account && c->status >= 200 && c->status < 300 && !c->streaming_to_client)
       usage_from_answer(c->response.data, c->response.len, &c->usage);
+    else if (c->account && c->raw_passthrough && c->status >= 200 && c->status < 300)
+      usage_from_tail(c->response.data, c->response.len, &c->usage);
     record_usage(c);
     note_fields(c, c->cacheable ? "miss" : "none", "ok", timing.total_us, timing.first_byte_us);
     if (c->streaming_to_client) {
       /* a clean end: whatever followed the last boundary goes out as is */
-      if (c->sse_partial.len) httpd_stream_write(c->req, c->sse_partial.data, c->sse_partial.len);
+      if (c->sse_partial.len && !c->raw_passthrough)
+        httpd_stream_write(c->req, c->sse_partial.data, c->sse_partial.len);
       httpd_stream_end(c->req);
       chat_done(c);
     } else {
@@ -637,6 +736,13 @@ static void on_upstream_done(void *ud, enum upstream_result result, const char *
   }
   bool timeout = result == UPSTREAM_CONNECT_TIMEOUT || result == UPSTREAM_FIRST_BYTE_TIMEOUT ||
                  result == UPSTREAM_IDLE_TIMEOUT || result == UPSTREAM_TOTAL_TIMEOUT;
+  if (c->raw_passthrough) { /* no event stream: an incomplete response says it */
+    record_usage(c);
+    note_fields(c, "none", kind, timing.total_us, timing.first_byte_us);
+    httpd_stream_abort(c->req);
+    chat_done(c);
+    return;
+  }
   if (c->streaming_to_client) {
     char event[512];
     int n = snprintf(
@@ -695,12 +801,19 @@ static void on_client_abort(void *ud) {
  * the upstream (Host, Content-Length, Expect), cookies, Accept-Encoding,
  * X-Forwarded-For (sent only when upstream.forwarded_for is on) and
  * X-Zonegate-* (internal). */
-static bool header_passes(const char *name, const char *connection) {
+static bool header_passes(struct httpd_req *req, const char *name) {
   static const char *const dropped[] = {
       "authorization",       "host",   "content-length",  "expect",
       "proxy-authorization", "cookie", "accept-encoding", "x-forwarded-for"};
   size_t len = strlen(name);
-  if (is_hop_by_hop(name, len) || list_names(connection, name, len)) return false;
+  if (is_hop_by_hop(name, len)) return false;
+  /* every Connection line counts: several lines are one list (RFC 9110 §5.3) */
+  size_t n = httpd_req_header_count(req);
+  for (size_t i = 0; i < n; i++) {
+    const char *h, *value;
+    httpd_req_header_at(req, i, &h, &value);
+    if (strcasecmp(h, "Connection") == 0 && list_names(value, name, len)) return false;
+  }
   for (size_t i = 0; i < ZG_ARRAY_LEN(dropped); i++)
     if (strcasecmp(name, dropped[i]) == 0) return false;
   return strncasecmp(name, "x-zonegate-", 11) != 0;
@@ -712,11 +825,10 @@ static bool header_passes(const char *name, const char *connection) {
 static size_t collect_passing_headers(struct chat *c, zg_buf *lines) {
   zg_buf_reset(lines);
   size_t n_lines = 0, n_client = httpd_req_header_count(c->req);
-  const char *connection = httpd_req_header(c->req, "Connection");
   for (size_t i = 0; i < n_client; i++) {
     const char *name, *value;
     httpd_req_header_at(c->req, i, &name, &value);
-    if (!header_passes(name, connection)) continue;
+    if (!header_passes(c->req, name)) continue;
     if (zg_buf_append(lines, name, strlen(name)) != 0 || zg_buf_append(lines, ": ", 2) != 0 ||
         zg_buf_append(lines, value, strlen(value) + 1) != 0)
       break;
@@ -1001,30 +1113,34 @@ static int parse_body(struct chat *c, const char *body, size_t body_len, struct 
   return -1;
 }
 
-/* True for a Content-Type that says JSON (application/json, or any
- * "+json" type), parameters allowed. */
-static bool is_json_type(const char *ct) {
-  size_t len = strcspn(ct, ";");
-  while (len && (ct[len - 1] == ' ' || ct[len - 1] == '\t')) len--;
-  return (len == 16 && strncasecmp(ct, "application/json", 16) == 0) ||
-         (len > 5 && strncasecmp(ct + len - 5, "+json", 5) == 0);
+/* True for a Content-Type whose body is not JSON text: multipart forms
+ * (file and audio uploads) and binary media. Anything else (JSON, a
+ * missing or a wrong text type) is read as JSON, so that no upstream that
+ * parses JSON whatever the label can see another request than the
+ * gateway. */
+static bool is_binary_type(const char *ct) {
+  static const char *const prefixes[] = {"multipart/", "application/octet-stream", "audio/",
+                                         "image/", "video/"};
+  for (size_t i = 0; i < ZG_ARRAY_LEN(prefixes); i++)
+    if (strncasecmp(ct, prefixes[i], strlen(prefixes[i])) == 0) return true;
+  return false;
 }
 
-/* The body is parsed (strictly, once) when it is JSON: a chat completion,
- * or any body whose Content-Type says JSON or is missing. Other bodies
- * (multipart uploads, audio) pass as bytes. Returns 0 (v[] filled when
+/* The body is parsed (strictly, once) unless it is a multipart form or
+ * binary media (is_binary_type), which pass as bytes; a chat completion is
+ * always parsed. Returns 0 (v[] filled when
  * *parsed), or -1 after answering 400. */
 static int read_body(struct chat *c, const char *body, size_t body_len, struct body_value *v,
                      size_t *object_end, size_t *members, bool *parsed) {
   const char *ct = httpd_req_header(c->req, "Content-Type");
-  *parsed = c->chat || (body_len > 0 && (!ct || is_json_type(ct)));
+  *parsed = c->chat || (body_len > 0 && (!ct || !is_binary_type(ct)));
   if (!*parsed) return 0;
   if (parse_body(c, body, body_len, v, object_end, members) != 0) return -1;
   c->json_body = !ct;
   if (v[F_STREAM].type != BODY_ABSENT && v[F_STREAM].type != BODY_TRUE &&
-      v[F_STREAM].type != BODY_FALSE) {
+      v[F_STREAM].type != BODY_FALSE && v[F_STREAM].type != BODY_NULL) {
     respond_error(c, 400, "invalid_request_error", "invalid_request", NULL,
-                  "\"stream\" must be true or false", "bad_request");
+                  "\"stream\" must be true, false or null", "bad_request");
     return -1;
   }
   c->stream = v[F_STREAM].type == BODY_TRUE;
@@ -1363,6 +1479,10 @@ static void send_upstream(struct chat *c) {
     return;
   }
   build_attempts(c);
+  /* keys a probe found bad lately (not yet retired cluster-wide) are not
+   * tried first */
+  while (c->current + 1 < c->n_attempts && key_verdict(c->gw, &c->attempts[c->current]) < 0)
+    c->current++;
   if (c->n_attempts == 0) {
     respond_error(c, 502, "upstream_error", "no_usable_key", NULL,
                   "no usable provider key for this model (operators: zonegate keys list; the "
@@ -1404,8 +1524,8 @@ static bool route_model(struct chat *c, bool parsed) {
     answer_models(c);
     return false;
   }
-  if (parsed && c->model[0]) {
-    if (!routes_find(&gw->routes, c->model)) {
+  if (parsed && (c->model[0] || c->model_bad)) {
+    if (c->model_bad || !routes_find(&gw->routes, c->model)) {
       char known[512];
       routes_names(&gw->routes, known, sizeof(known));
       char msg[700];
@@ -1419,6 +1539,18 @@ static bool route_model(struct chat *c, bool parsed) {
     c->routed = true;
   }
   return true;
+}
+
+/* What the cache key names as the upstream: "default", or for a routed
+ * model its first endpoint and the model name the upstream is sent (a
+ * routing change is a new key, never a stale answer). */
+static const char *cache_upstream_id(struct chat *c, char *out, size_t size) {
+  const struct model_route *route = c->routed ? routes_find(&c->gw->routes, c->model) : NULL;
+  if (!route && c->routed && c->gw->routes.n) route = &c->gw->routes.models[0];
+  if (!route) return "default";
+  snprintf(out, size, "%s|%s|%s", route->name, route->endpoints[0].base_url,
+           route->endpoints[0].model);
+  return out;
 }
 
 static void proceed_local(struct chat *c) {
@@ -1436,8 +1568,9 @@ static void proceed_local(struct chat *c) {
   if (read_body(c, body, body_len, v, &object_end, &members, &parsed) != 0) return;
   struct splice sp[MAX_SPLICES];
   size_t n_sp = 0;
-  if (parsed && v[F_MODEL].type == BODY_STRING)
-    body_string(&v[F_MODEL], c->model, sizeof(c->model));
+  if (parsed && v[F_MODEL].type == BODY_STRING &&
+      !body_string(&v[F_MODEL], c->model, sizeof(c->model)) && v[F_MODEL].len > 2)
+    c->model_bad = true; /* a NUL inside, or too long: it names no model */
   if (!route_model(c, parsed)) return;
   c->account = parsed && gw->accounting != NULL;
   bool usage_route = c->chat || strcmp(c->route, "/v1/completions") == 0;
@@ -1467,6 +1600,7 @@ static void proceed_local(struct chat *c) {
   /* Cacheable: not a stream, one answer (n <= 1), and deterministic
    * (temperature 0, the default counted when it was inserted) unless every
    * temperature is cached. */
+  char upstream_id[800];
   bool deterministic = gw->cfg->cache_all_temperatures;
   if (v[F_TEMPERATURE].type == BODY_NUMBER)
     deterministic = deterministic || body_number(&v[F_TEMPERATURE]) == 0;
@@ -1474,7 +1608,7 @@ static void proceed_local(struct chat *c) {
     deterministic = deterministic || gw->cfg->temperature == 0;
   c->cacheable = gw->cfg->cache_size_bytes > 0 && !c->stream && deterministic &&
                  !(v[F_N].type == BODY_NUMBER && body_number(&v[F_N]) > 1) &&
-                 compute_cache_key(c, "default") == 0;
+                 compute_cache_key(c, cache_upstream_id(c, upstream_id, sizeof(upstream_id))) == 0;
   if (c->cacheable) {
     const char *cached;
     size_t cached_len;

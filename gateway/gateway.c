@@ -671,6 +671,8 @@ static void part_closed(void *arg) {
   response_cache_destroy(gw->cache);
   rate_limiter_destroy(gw->rate);
   accounting_destroy(gw->accounting);
+  for (size_t i = 0; i < gw->n_model_labels; i++) free(gw->model_labels[i]);
+  free(gw->model_labels);
   zg_buf_free(&gw->sse_scratch);
   zg_buf_free(&gw->sse_edit);
   metrics_destroy(gw->metrics);

@@ -56,9 +56,12 @@ struct gateway {
   } usage_waiters[4];
   size_t n_usage_waiters;
   struct metric_counter *m_tokens;
+  char **model_labels; /* distinct models counted so far (chat.c usage_model_label) */
+  size_t n_model_labels;
   struct {             /* provider keys a probe found good lately (chat.c) */
     char id[128];      /* "<upstream id>/<key id>" */
     uint64_t until_ms; /* monotonic; 0 = empty */
+    bool good;         /* the probe said: good (true) or refused (false) */
   } key_good[16];
   size_t key_good_next;
   struct chat *chat_pool; /* finished chat requests kept for reuse (chat.c) */

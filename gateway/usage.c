@@ -62,6 +62,43 @@ int usage_from_answer(const char *body, size_t len, struct usage_counts *out) {
   return usage_read_object(v[0].value, v[0].len, out);
 }
 
+int usage_from_tail(const char *tail, size_t len, struct usage_counts *out) {
+  /* from the end: `"usage"` whose quote is not escaped, then ':' and '{' */
+  for (size_t i = len; i-- > 7;) {
+    if (tail[i] != '"' || i < 6 || memcmp(tail + i - 6, "\"usage", 6) != 0) continue;
+    size_t q = i - 6;
+    if (q > 0 && tail[q - 1] == '\\') continue; /* inside a string */
+    size_t p = i + 1;
+    while (p < len && (tail[p] == ' ' || tail[p] == '\n' || tail[p] == '\r' || tail[p] == '\t'))
+      p++;
+    if (p >= len || tail[p] != ':') continue;
+    p++;
+    while (p < len && (tail[p] == ' ' || tail[p] == '\n' || tail[p] == '\r' || tail[p] == '\t'))
+      p++;
+    if (p >= len || tail[p] != '{') continue;
+    /* the object's end, strings and escapes respected */
+    int depth = 0;
+    bool in_string = false;
+    for (size_t e = p; e < len; e++) {
+      char ch = tail[e];
+      if (in_string) {
+        if (ch == '\\')
+          e++;
+        else if (ch == '"')
+          in_string = false;
+      } else if (ch == '"') {
+        in_string = true;
+      } else if (ch == '{') {
+        depth++;
+      } else if (ch == '}' && --depth == 0) {
+        return usage_read_object(tail + p, e - p + 1, out);
+      }
+    }
+    return -1;
+  }
+  return -1;
+}
+
 static const char *find(const char *hay, size_t len, const char *needle) {
   size_t n = strlen(needle);
   for (size_t i = 0; i + n <= len; i++)

@@ -34,6 +34,11 @@ int usage_read_object(const char *usage, size_t len, struct usage_counts *out);
 /* A whole JSON answer body (top-level "usage"). 0 when usage was read. */
 int usage_from_answer(const char *body, size_t len, struct usage_counts *out);
 
+/* The last bytes of a JSON answer too large to hold (the gateway passed it
+ * through): the last `"usage":{...}` outside a string in tail[0..len) is
+ * read (OpenAI's answers end with their usage object). 0 when read. */
+int usage_from_tail(const char *tail, size_t len, struct usage_counts *out);
+
 /* One complete SSE event event[0..len) (its blank line included). Reads
  * usage from a chat/completions chunk's top-level "usage" or a Responses
  * event's "response"."usage". With strip (the gateway asked for usage the

@@ -878,6 +878,11 @@ static int count_trailer(struct conn *c, size_t len, bool new_line) {
 static int on_header_field(http_parser *p, const char *at, size_t len) {
   struct conn *c = p->data;
   struct httpd_req *r = c->parsing;
+  /* RFC 9112 §5.1: no whitespace between a field name and its colon (or
+   * inside the name); a server must refuse it with 400, or a proxy's
+   * header filters would see another name than the next hop. */
+  if (memchr(at, ' ', len) || memchr(at, '\t', len))
+    return fail_parse(c, 400, "whitespace in a header field name (RFC 9112 section 5.1)");
   if (r->headers_ready) {
     int rc = count_trailer(c, len, c->header_value_last || c->trailer_bytes == 0);
     c->header_value_last = false;

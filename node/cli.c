@@ -18,6 +18,7 @@
 #include <curl/curl.h>
 
 #include "base/base.h"
+#include "config/config.h"
 #include "node/cli.h"
 #include "node/node.h"
 
@@ -245,7 +246,8 @@ static int plaintext_probe(const struct cli_options *o, FILE *err_out) {
   CURL *curl = curl_easy_init();
   if (!curl) return -1;
   char url[512];
-  snprintf(url, sizeof(url), "http://%s/v1/cluster/status", o->addr);
+  /* /metrics needs no token: the probe leaves no failed-login line */
+  snprintf(url, sizeof(url), "http://%s/metrics", o->addr);
   curl_easy_setopt(curl, CURLOPT_URL, url);
   curl_easy_setopt(curl, CURLOPT_NOBODY, 1L);
   curl_easy_setopt(curl, CURLOPT_CONNECTTIMEOUT_MS, 3000L);
@@ -456,10 +458,24 @@ static int cmd_config(const struct cli_options *o, int argc, char **argv) {
     char header[64];
     snprintf(header, sizeof(header), "If-Match: %s", if_match ? if_match : "");
     const char *extra[] = {if_match ? header : NULL, NULL};
+    /* a whole node file may be applied: its local sections are not
+     * replicated, and the operator is told so rather than left guessing */
+    char local[256] = "";
+    for (const cJSON *c = file->child; c; c = c->next)
+      if (c->string && !zg_config_key_is_replicated(c->string) && strcmp(c->string, "config") &&
+          strlen(local) + strlen(c->string) + 3 < sizeof(local))
+        snprintf(local + strlen(local), sizeof(local) - strlen(local), "%s%s", local[0] ? ", " : "",
+                 c->string);
     cJSON *a;
     int rc = cli_call(o, "PUT", "/v1/config", file, extra, &a);
     cJSON_Delete(file);
     if (rc) return 1;
+    if (local[0])
+      fprintf(stderr,
+              "note: %s: %s %s local to each node's own file and %s not applied; change them "
+              "there (SIGHUP reloads)\n",
+              argv[1], local, strchr(local, ',') ? "are" : "is",
+              strchr(local, ',') ? "were" : "was");
     if (o->json)
       print_json(a);
     else
