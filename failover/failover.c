@@ -381,10 +381,13 @@ enum gateway_serve_mode failover_serve_mode(struct failover *f, bool forwarded, 
     return GATEWAY_REFUSE;
   case FAILOVER_LEADER_UNFENCED:
   case FAILOVER_CANDIDATE:
-    /* Cut off from the quorum (a fenced old active): it would hold for
-     * the whole window and then fail; a 503 now lets the load balancer
-     * retry the request on another node (retry-on 503). */
-    if (role_cut_off(&f->rm)) return GATEWAY_REFUSE;
+    /* A node cut off from the quorum (a fenced old active) still holds:
+     * /health/ready is 503 there, so the load balancer stops sending here
+     * within a few checks, and what it did send ends, at the hold
+     * deadline, in a 503 that it sends again to a node that can deliver
+     * it (retry-on 503, redispatch). Refusing at once was tried: the LB's
+     * immediate retries came back here while its checks had not caught
+     * up yet, and failed. */
     return GATEWAY_HOLD;
   case FAILOVER_DRAINING:
     return GATEWAY_HOLD;

@@ -105,8 +105,9 @@ bool role_tick(struct role_machine *m, bool idle);
  * lost its lease while still the raft leader (no majority acknowledges its
  * barriers: a cut-off or stalled old active) and has not heard of a leader
  * since, or no leader has been known for the whole hold window (3 election
- * timeouts). Such a node must not hold client requests: it would only
- * answer 503 at the end of the window. */
+ * timeouts). /health/ready is 503 there: the LB's hold tier must not
+ * send it requests it could only answer with 503 at the end of the hold
+ * window. */
 bool role_cut_off(struct role_machine *m);
 
 /* Renews the lease now if due (on the fenced leader, no barrier in flight). */
