@@ -123,6 +123,7 @@ static int fsm_restore(struct raft_fsm *fsm, struct raft_buffer *buf) {
   char err[256];
   if (zg_fsm_restore_bytes(f, buf->base, buf->len, err, sizeof err) != 0) {
     ZG_LOG_ERROR("consensus_snapshot_rejected", "%s", err);
+    snprintf(f->restore_error, sizeof f->restore_error, "%s", err);
     return RAFT_CORRUPT;
   }
   raft_free(buf->base); /* on success the FSM owns the buffer */

@@ -225,6 +225,9 @@ struct zg_fsm {
   bool snapshot_pinned;
   char **grave;
   size_t n_grave, grave_cap;
+  /* Why the last snapshot restore was refused ("" if none): libraft only
+   * hands back RAFT_CORRUPT, and raft_start's error must name the reason. */
+  char restore_error[256];
 };
 
 void zg_fsm_init(struct zg_fsm *f, unsigned audit_max);
@@ -350,5 +353,12 @@ void zg_transport_set_tls(struct raft_uv_transport *t, struct ssl_ctx_st *ctx);
 void zg_transport_set_quiet(struct raft_uv_transport *t, unsigned quiet_ms);
 /* Drill: cuts every peer connection and refuses new ones for duration_ms. */
 void zg_transport_isolate(struct raft_uv_transport *t, unsigned duration_ms);
+
+/* ---- torn-tail repair (repair.c) ----------------------------------------- */
+/* Before libraft reads raft_dir: cuts an incomplete final batch off the last
+ * open segment (see repair.c). 0: nothing to do, or repaired (then msg says
+ * what was cut); -1: damage that is not a torn tail, msg is one line naming
+ * the file and what to do, nothing was changed. */
+int zg_raft_repair_torn_tail(const char *raft_dir, char *msg, size_t msglen);
 
 #endif

@@ -757,6 +757,12 @@ int consensus_start(uv_loop_t *loop, const struct consensus_options *opts, struc
     goto err_free;
   }
   if (opts->tls) zg_transport_set_tls(&c->transport, opts->tls);
+  if (zg_raft_repair_torn_tail(c->raft_dir, err, sizeof err) != 0) {
+    snprintf(errmsg, errlen, "%s", err);
+    rv = CONSENSUS_EIO;
+    goto err_transport;
+  }
+  if (err[0]) ZG_LOG_WARN("raft_torn_tail_repaired", "%s", err);
   if (raft_uv_init(&c->io, loop, c->raft_dir, &c->transport) != 0) {
     snprintf(errmsg, errlen, "raft_uv_init(%s): %s", c->raft_dir, c->io.errmsg);
     goto err_transport;
@@ -774,6 +780,14 @@ int consensus_start(uv_loop_t *loop, const struct consensus_options *opts, struc
     goto err_io;
   }
   c->raft.data = c;
+  /* raft_init seeds the election timer's generator from raft_uv's random(),
+   * which is rand() without srand(): every node drew the same "random"
+   * election timeouts, so two followers of a dead leader timed out
+   * together and split the vote again and again. Seed from the OS. */
+  unsigned seed;
+  if (zg_random_bytes((uint8_t *)&seed, sizeof seed) != 0)
+    seed = (unsigned)zg_mono_ms() ^ (unsigned)getpid() ^ (unsigned)c->members[0].raft_id;
+  raft_seed(&c->raft, seed);
   raft_set_election_timeout(&c->raft, election);
   raft_set_heartbeat_timeout(&c->raft, heartbeat);
   raft_set_pre_vote(&c->raft, true);
@@ -784,8 +798,18 @@ int consensus_start(uv_loop_t *loop, const struct consensus_options *opts, struc
   if (restarted && c->n_members > 1)
     zg_transport_set_quiet(&c->transport,
                            opts->startup_quiet_ms ? opts->startup_quiet_ms : election);
-  if (raft_start(&c->raft) != 0) {
-    snprintf(errmsg, errlen, "raft_start(%s): %s", c->raft_dir, raft_errmsg(&c->raft));
+  c->fsm.restore_error[0] = '\0';
+  if ((rv = raft_start(&c->raft)) != 0) {
+    /* The reason may sit in raft's message, raft_uv's, or the state
+     * machine's (a snapshot it refused): name whichever is there. */
+    const char *why = raft_errmsg(&c->raft);
+    if (!why || !why[0]) why = c->io.errmsg;
+    if (c->fsm.restore_error[0])
+      snprintf(errmsg, errlen, "raft_start(%s): snapshot refused: %s%s%s", c->raft_dir,
+               c->fsm.restore_error, why[0] ? "; " : "", why);
+    else
+      snprintf(errmsg, errlen, "raft_start(%s): %s", c->raft_dir, why[0] ? why : raft_strerror(rv));
+    rv = CONSENSUS_EIO;
     goto err_raft;
   }
   uv_check_init(loop, &c->check);

@@ -380,8 +380,16 @@ enum gateway_serve_mode failover_serve_mode(struct failover *f, bool forwarded, 
   case FAILOVER_UNAVAILABLE:
     return GATEWAY_REFUSE;
   case FAILOVER_LEADER_UNFENCED:
-  case FAILOVER_DRAINING:
   case FAILOVER_CANDIDATE:
+    /* A node cut off from the quorum (a fenced old active) still holds:
+     * /health/ready is 503 there, so the load balancer stops sending here
+     * within a few checks, and what it did send ends, at the hold
+     * deadline, in a 503 that it sends again to a node that can deliver
+     * it (retry-on 503, redispatch). Refusing at once was tried: the LB's
+     * immediate retries came back here while its checks had not caught
+     * up yet, and failed. */
+    return GATEWAY_HOLD;
+  case FAILOVER_DRAINING:
     return GATEWAY_HOLD;
   case FAILOVER_STANDBY: {
     if (forwarded) return GATEWAY_REFUSE;
@@ -418,8 +426,17 @@ int failover_health(struct failover *f, const char *check, cJSON *body) {
   if (!strcmp(check, "active")) return active ? 200 : standby ? 429 : 503;
   if (!strcmp(check, "standby")) return standby ? 200 : 503;
   if (!strcmp(check, "ready")) {
-    bool can_forward = standby && leader && leader->gateway_address && leader->gateway_address[0];
-    return active || can_forward ? 200 : 503;
+    /* What the LB's hold tier tracks: this node can take a client request
+     * now and serve it, forward it, or hold it until a new active exists
+     * (an election it takes part in). Not: a node cut off from the quorum
+     * (a fenced old active; see role_cut_off), the witness, a node starting
+     * or shutting down. */
+    bool can_forward =
+        r == FAILOVER_STANDBY && leader && leader->gateway_address && leader->gateway_address[0];
+    bool can_hold =
+        (r == FAILOVER_CANDIDATE || r == FAILOVER_LEADER_UNFENCED || r == FAILOVER_DRAINING) &&
+        !role_cut_off(&f->rm);
+    return active || can_forward || can_hold ? 200 : 503;
   }
   if (!strcmp(check, "live")) return 200;
   /* system */

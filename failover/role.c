@@ -158,10 +158,42 @@ static enum failover_role compute_role(const struct role_machine *m, const char 
   return FAILOVER_CANDIDATE;
 }
 
+/* Bookkeeping behind role_cut_off(). */
+static void note_contact(struct role_machine *m, enum failover_role r) {
+  const struct failover_view *v = m->view;
+  uint64_t now = now_ms(m), term = v->term(v->ud);
+  if (r == FAILOVER_STANDBY || r == FAILOVER_ACTIVE || r == FAILOVER_DRAINING) {
+    m->fenced_term = 0;
+    m->leaderless_since_ms = 0;
+    return;
+  }
+  if (m->fenced_term && m->fenced_term != term) m->fenced_term = 0; /* a newer term: re-judge */
+  /* Leader with a lease taken in this term that has lapsed (not handed
+   * over: transfer and drain keep the lease) = its barriers stopped
+   * committing. */
+  if (r == FAILOVER_LEADER_UNFENCED && !m->witness && v->raft_leader(v->ud) &&
+      m->lease_term == term && !lease_valid(m, now) && !v->transfer_under_way(v->ud))
+    m->fenced_term = term;
+  if (r == FAILOVER_CANDIDATE) {
+    if (!m->leaderless_since_ms) m->leaderless_since_ms = now;
+  } else {
+    m->leaderless_since_ms = 0;
+  }
+}
+
+bool role_cut_off(struct role_machine *m) {
+  enum failover_role r = role_current(m, NULL);
+  if (r == FAILOVER_STANDBY || r == FAILOVER_ACTIVE || r == FAILOVER_DRAINING) return false;
+  if (m->fenced_term) return true;
+  return m->leaderless_since_ms &&
+         now_ms(m) - m->leaderless_since_ms >= 3ull * m->election_timeout_ms;
+}
+
 enum failover_role role_current(struct role_machine *m, const char **reason) {
   const char *why = "";
   enum failover_role r = compute_role(m, &why);
   set_role(m, r, why);
+  note_contact(m, m->role);
   if (reason) *reason = m->reason;
   return m->role;
 }

@@ -63,6 +63,11 @@ struct role_machine {
   char reason[128];
   uint64_t moves, illegal_moves;
   enum failover_role last_refused_from, last_refused_to;
+  /* Cut off from the quorum (what /health/ready reports, see
+   * role_cut_off): the term in which this node lost its lease while still
+   * the raft leader (0: not fenced), and since when no leader is known
+   * (0: one is). Both clear once a leader is known again. */
+  uint64_t fenced_term, leaderless_since_ms;
   /* TILT: the loop stalled; no lease and no decision until a normal tick */
   uint64_t last_tick_ms;
   bool tilt;
@@ -95,6 +100,15 @@ enum failover_role role_current(struct role_machine *m, const char **reason);
  * re-evaluation. `idle`: no client request in flight or queued (feeds the
  * drain of a planned handover). */
 bool role_tick(struct role_machine *m, bool idle);
+
+/* True when this node cannot take part in the cluster's next decision: it
+ * lost its lease while still the raft leader (no majority acknowledges its
+ * barriers: a cut-off or stalled old active) and has not heard of a leader
+ * since, or no leader has been known for the whole hold window (3 election
+ * timeouts). /health/ready is 503 there: the LB's hold tier must not
+ * send it requests it could only answer with 503 at the end of the hold
+ * window. */
+bool role_cut_off(struct role_machine *m);
 
 /* Renews the lease now if due (on the fenced leader, no barrier in flight). */
 void role_renew_lease(struct role_machine *m);

@@ -115,6 +115,7 @@ struct chat {
   uv_timer_t *hold_timer; /* waiting for an active node (GATEWAY_HOLD) */
   uint64_t hold_deadline_ms;
   bool holds_slot;
+  bool forward_fail_logged; /* one upstream_failed WARN per held request */
   struct upstream_transfer *transfer;
   /* Upstream 401 with a provider key: the key is checked by a probe that
    * carries nothing of the client's (see on_upstream_done). */
@@ -717,10 +718,17 @@ static void on_upstream_done(void *ud, enum upstream_result result, const char *
     metrics_counter_add(gw->m_upstream_errors, 1, a->upstream_id, kind);
     gateway_note_upstream(gw, false, kind);
   }
-  zg_log(ZG_WARN, "upstream_failed", "%s %s: %s (%s)",
-         c->forwarding ? "active node" : a->upstream_id, kind, curl_error ? curl_error : "",
-         c->streaming_to_client ? "mid-stream" : "before response");
   bool never_sent = result == UPSTREAM_CONNECT_FAILED || result == UPSTREAM_CONNECT_TIMEOUT;
+  /* A held request retries a gone active every 20 ms: one WARN line for
+   * it, the retries at DEBUG. */
+  bool held_retry = c->forwarding && never_sent && gw->cluster && !c->streaming_to_client;
+  zg_log(held_retry && c->forward_fail_logged ? ZG_DEBUG : ZG_WARN, "upstream_failed",
+         "%s %s: %s (%s)", c->forwarding ? "active node" : a->upstream_id, kind,
+         curl_error ? curl_error : "",
+         c->streaming_to_client ? "mid-stream"
+         : held_retry           ? "before response; holding until a new active answers"
+                                : "before response");
+  if (held_retry) c->forward_fail_logged = true;
   if (c->forwarding && never_sent && gw->cluster && !c->streaming_to_client) {
     /* The active we forwarded to is gone (failover in progress): ask the
      * role again and wait for the next active, within the hold deadline. */

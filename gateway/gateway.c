@@ -593,6 +593,10 @@ int gateway_metrics_listen(struct gateway *gw, const char *address, char *errmsg
   return 0;
 }
 
+void gateway_announce_drain(struct gateway *gw) {
+  gw->draining = true;
+}
+
 void gateway_drain(struct gateway *gw) {
   gw->draining = true;
   httpd_stop_accepting(gw->http);

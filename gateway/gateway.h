@@ -171,8 +171,14 @@ struct httpd_req;
 void gateway_handle_forwarded(struct gateway *gw, struct httpd_req *req);
 void gateway_forwarded_finished(struct gateway *gw, struct httpd_req *req);
 
+/* Shutting down, first step: every health endpoint (live included) answers
+ * 503 "draining" so the load balancer stops choosing this node, while the
+ * listener still accepts and serves (or forwards) what the LB sends until
+ * it has noticed. */
+void gateway_announce_drain(struct gateway *gw);
 /* Stops accepting new connections; in-flight requests (streams included)
- * carry on. */
+ * carry on, and a connection already accepted (or waiting in the listen
+ * backlog) still gets an answer to a request it sends (httpd). */
 void gateway_drain(struct gateway *gw);
 /* In-flight client requests (dispatched, not yet answered completely). */
 size_t gateway_active_requests(const struct gateway *gw);

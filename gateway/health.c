@@ -230,7 +230,12 @@ void gateway_handle_health(struct gateway *gw, struct httpd_req *req) {
   }
   cJSON *body = cJSON_CreateObject();
   int status = fill_role(gw, which, body);
-  if (strcmp(which, "live") == 0) {
+  if (gw->draining) {
+    /* Shutting down: no tier of the LB may pick this node any more (the
+     * answer to what it was already sent still comes). */
+    cJSON_ReplaceItemInObjectCaseSensitive(body, "role", cJSON_CreateString("draining"));
+    status = 503;
+  } else if (strcmp(which, "live") == 0) {
     status = 200;
     cJSON_AddNumberToObject(body, "loop_lag_ms", (double)gw->loop_lag_ms);
   } else if (strcmp(which, "active") == 0) {

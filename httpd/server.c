@@ -25,11 +25,16 @@
  * (rate-limited). A verified client certificate's node id is kept for
  * httpd_req_peer_node().
  */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE /* accept4 */
+#endif
 #include "httpd/httpd.h"
 
 #include "base/base.h"
 
 #include <arpa/inet.h>
+#include <sys/socket.h>
+#include <unistd.h>
 #include <http_parser.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -40,6 +45,9 @@
 #include <strings.h>
 
 #define MAX_QUEUED_REQUESTS 32
+/* After httpd_stop_accepting: how long an idle connection is still read
+ * (a request already sent by the client is answered, not cut). */
+#define STOP_LINGER_MS 300
 /* Header lines per request (the byte limit alone would allow 4096 "a:"
  * lines, each costing a struct header); more → 431. */
 #define MAX_HEADER_LINES 256
@@ -127,6 +135,7 @@ struct conn {
   uint64_t write_queued_total, write_taken_seen, write_progress_ms;
   bool write_full;
   bool closing, close_after, read_stopped, paused_for_backlog, dispatching, saw_bytes;
+  bool lingering; /* idle when the server stopped accepting: closed unless bytes come */
   int handles_open;
   int pending_writes;
   enum timer_phase phase;
@@ -1423,6 +1432,10 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
     }
   }
   c->saw_bytes = true;
+  if (c->lingering) { /* a request after all: the usual deadlines apply */
+    c->lingering = false;
+    conn_clear_deadline(c);
+  }
   int parsed = replay ? parse_read(c, c->pp.buf, replay) : 0;
   if (parsed == 0) parsed = parse_read(c, data, len);
   if (parsed != 0) {
@@ -1453,11 +1466,9 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
   conn_arm_timer(c);
 }
 
-static void on_connection(uv_stream_t *listener, int status) {
-  struct httpd_server *srv = listener->data;
-  if (status < 0) return;
+static struct conn *conn_new(struct httpd_server *srv) {
   struct conn *c = calloc(1, sizeof(*c));
-  if (!c) return;
+  if (!c) return NULL;
   c->srv = srv;
   uv_tcp_init(srv->loop, &c->tcp);
   uv_timer_init(srv->loop, &c->timer);
@@ -1471,11 +1482,11 @@ static void on_connection(uv_stream_t *listener, int status) {
   if (srv->conns) srv->conns->prev = c;
   srv->conns = c;
   srv->n_conns++;
-  if (uv_accept(listener, (uv_stream_t *)&c->tcp) != 0 ||
-      srv->n_conns > srv->limits.max_connections || srv->stopping) {
-    conn_close(c);
-    return;
-  }
+  return c;
+}
+
+static void conn_start(struct conn *c) {
+  struct httpd_server *srv = c->srv;
   uv_tcp_nodelay(&c->tcp, 1);
   struct sockaddr_storage addr;
   int alen = sizeof(addr);
@@ -1498,6 +1509,42 @@ static void on_connection(uv_stream_t *listener, int status) {
   c->parser.data = c;
   conn_arm_timer(c);
   uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
+}
+
+static void on_connection(uv_stream_t *listener, int status) {
+  struct httpd_server *srv = listener->data;
+  if (status < 0) return;
+  struct conn *c = conn_new(srv);
+  if (!c) return;
+  if (uv_accept(listener, (uv_stream_t *)&c->tcp) != 0 ||
+      srv->n_conns > srv->limits.max_connections || srv->stopping) {
+    conn_close(c);
+    return;
+  }
+  conn_start(c);
+}
+
+/* Takes the connections the kernel completed but the loop has not
+ * accepted yet: closing the listener would reset them, and a client (the
+ * load balancer) may already have sent its request on them. */
+static void accept_backlog(struct httpd_server *srv) {
+  uv_os_fd_t lfd;
+  if (uv_fileno((uv_handle_t *)&srv->listener, &lfd) != 0) return;
+  for (int i = 0; i < 1024; i++) {
+    int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) return;
+    struct conn *c = srv->n_conns < srv->limits.max_connections ? conn_new(srv) : NULL;
+    if (!c) {
+      close(fd);
+      continue;
+    }
+    if (uv_tcp_open(&c->tcp, fd) != 0) {
+      close(fd);
+      conn_close(c);
+      continue;
+    }
+    conn_start(c);
+  }
 }
 
 /* ---- server --------------------------------------------------------- */
@@ -1598,8 +1645,14 @@ static void on_listener_closed(uv_handle_t *h) {
   server_maybe_closed(srv);
 }
 
+/* Every connection that sends a request gets its answer: the listen
+ * backlog is accepted before the listener closes, and a connection with
+ * nothing parsed yet (its request may be in flight or unread in the socket
+ * buffer) is read for STOP_LINGER_MS more before it is closed. Answers go
+ * out with Connection: close. */
 void httpd_stop_accepting(struct httpd_server *srv) {
   if (srv->stopping) return;
+  if (srv->listener_open) accept_backlog(srv);
   srv->stopping = true;
   if (srv->listener_open) {
     srv->listener_open = false;
@@ -1608,7 +1661,10 @@ void httpd_stop_accepting(struct httpd_server *srv) {
   for (struct conn *c = srv->conns; c;) {
     struct conn *next = c->next;
     c->close_after = true;
-    if (!c->inflight && !c->queue_head && !c->parsing) conn_maybe_finish_close(c);
+    if (!c->closing && !c->inflight && !c->queue_head && !c->parsing) {
+      c->lingering = true;
+      conn_set_deadline(c, STOP_LINGER_MS);
+    }
     c = next;
   }
 }

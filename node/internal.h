@@ -40,7 +40,9 @@ struct node {
   uv_signal_t sigterm, sigint, sighup;
   uv_timer_t drain_timer;
   uint64_t drain_deadline_ms;
+  uint64_t stop_deadline_ms; /* first stop signal + drain_timeout: the exit bound */
   bool draining;
+  bool announcing;        /* health says draining; still accepting until the LB noticed */
   bool switching_over;    /* SIGTERM on the active: planned handover first */
   bool flushing_for_exit; /* drained; writing the last usage counts */
   bool closing_started;   /* handles and parts asked to close */

@@ -6,7 +6,15 @@
  * runs until a signal stops it.
  *
  * Signals: SIGTERM/SIGINT drain (stop accepting, let in-flight requests
- * and streams finish up to drain_timeout) and exit 0. SIGHUP re-reads the
+ * and streams finish up to drain_timeout) and exit 0. The active node of a
+ * cluster hands over first. A gateway node of a cluster then announces the
+ * drain (every health endpoint answers 503) and keeps accepting for
+ * DRAIN_ANNOUNCE_MS, so the load balancer stops choosing it before its
+ * listener closes: every request that reached it gets an answer. The whole
+ * shutdown is bounded by drain_timeout from the first signal, whatever the
+ * handover does (a node that cannot hand over, e.g. every node stopped at
+ * once, still exits), plus SHUTDOWN_FLUSH_BOUND_MS for the last usage
+ * counts. SIGHUP re-reads the
  * config file: a valid file is applied live, an invalid one is logged and
  * the node keeps running on the old config.
  *
@@ -38,6 +46,11 @@
 
 #define DRAIN_POLL_MS 50
 #define SHUTDOWN_FLUSH_BOUND_MS 1000
+/* How long a draining gateway node keeps accepting after its health
+ * answers turned 503: deploy/haproxy.cfg marks a server down after
+ * fall 2 checks at inter/fastinter 100 ms, so 3 x 200 ms covers it with a
+ * check in flight and scheduling delay. */
+#define DRAIN_ANNOUNCE_MS 600
 
 static enum { CORES_DISABLED, CORES_ALLOWED, CORES_DISABLE_FAILED } core_state;
 static int core_errno;
@@ -217,19 +230,60 @@ static void on_drain_tick(uv_timer_t *t) {
     finish_shutdown(n);
 }
 
-static void begin_drain(struct node *n, const char *why) {
-  n->draining = true;
-  zg_log(ZG_INFO, "draining",
-         "%s: stopped accepting; waiting up to %u ms for %zu in-flight requests", why,
-         n->cfg->drain_timeout_ms, gateway_active_requests(n->gateway));
+static void stop_accepting(struct node *n) {
+  n->announcing = false;
+  zg_log(ZG_INFO, "draining", "stopped accepting; waiting up to %llu ms for %zu in-flight requests",
+         (unsigned long long)(n->drain_deadline_ms > zg_mono_ms()
+                                  ? n->drain_deadline_ms - zg_mono_ms()
+                                  : 0),
+         gateway_active_requests(n->gateway));
   gateway_drain(n->gateway);
   if (n->admin) httpd_stop_accepting(n->admin);
-  n->drain_deadline_ms = zg_mono_ms() + n->cfg->drain_timeout_ms;
   uv_timer_start(&n->drain_timer, on_drain_tick, 0, DRAIN_POLL_MS);
+}
+
+static void on_announce_done(uv_timer_t *t) {
+  stop_accepting(t->data);
+}
+
+static void begin_drain(struct node *n, const char *why) {
+  n->draining = true;
+  uint64_t now = zg_mono_ms();
+  n->drain_deadline_ms = n->stop_deadline_ms > now ? n->stop_deadline_ms : now;
+  uv_timer_stop(&n->drain_timer);
+  bool behind_lb = n->consensus && n->failover && strcmp(n->cfg->role, "witness") != 0;
+  uint64_t announce = n->drain_deadline_ms - now;
+  if (announce > DRAIN_ANNOUNCE_MS) announce = DRAIN_ANNOUNCE_MS;
+  if (behind_lb && announce > 0) {
+    /* Health turns 503 now; the listener stays open until the LB noticed. */
+    n->announcing = true;
+    zg_log(ZG_INFO, "drain_announced",
+           "%s: health answers 503 (draining); still accepting for %llu ms so the load balancer "
+           "stops sending here first",
+           why, (unsigned long long)announce);
+    gateway_announce_drain(n->gateway);
+    uv_timer_start(&n->drain_timer, on_announce_done, announce, 0);
+    return;
+  }
+  zg_log(ZG_INFO, "drain_begins", "%s", why);
+  stop_accepting(n);
+}
+
+/* The handover did not finish by the exit bound (its transfer callback may
+ * never come, e.g. when every node is stopping at once): drain and exit
+ * anyway. */
+static void on_switch_watchdog(uv_timer_t *t) {
+  struct node *n = t->data;
+  if (!n->switching_over) return;
+  n->switching_over = false;
+  zg_log(ZG_WARN, "shutdown_switchover_timeout",
+         "no handover within drain_timeout (%u ms); exiting without it", n->cfg->drain_timeout_ms);
+  begin_drain(n, "SIGTERM (handover timed out)");
 }
 
 static void on_shutdown_switchover(void *ud, int status, const char *msg) {
   struct node *n = ud;
+  if (!n->switching_over) return; /* timed out (or a second signal): already draining */
   n->switching_over = false;
   if (status != 0)
     zg_log(ZG_WARN, "shutdown_switchover_failed", "handover before shutdown failed: %s", msg);
@@ -250,6 +304,7 @@ static void on_stop_signal(uv_signal_t *s, int signum) {
     close_handles_and_parts(n);
     return;
   }
+  n->stop_deadline_ms = zg_mono_ms() + n->cfg->drain_timeout_ms;
   /* The active node of a cluster hands over first (planned switchover:
    * in-flight requests finish, leadership moves), then drains what is
    * left (requests it forwarded) and exits. */
@@ -257,6 +312,7 @@ static void on_stop_signal(uv_signal_t *s, int signum) {
       failover_switchover(n->failover, NULL, "shutdown (SIGTERM)", on_shutdown_switchover, n) ==
           0) {
     n->switching_over = true;
+    uv_timer_start(&n->drain_timer, on_switch_watchdog, n->cfg->drain_timeout_ms, 0);
     return;
   }
   begin_drain(n, signum == SIGINT ? "SIGINT" : "SIGTERM");

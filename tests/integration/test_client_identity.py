@@ -237,7 +237,7 @@ def test_haproxy_send_proxy_v2_same_verdict_and_logged_address(env):
     assert status == 403, body
     # The LB's health checks (PROXY v2 too, LOCAL command) keep both nodes known.
     assert env.haproxy.server_up("zonegate_gateways", env.active.id)
-    assert env.haproxy.server_up("zonegate_live", env.standby.id)
+    assert env.haproxy.server_up("zonegate_ready", env.standby.id)
 
 
 def test_metrics_not_exposed_by_the_lb(env):

@@ -195,8 +195,12 @@ class HAProxy:
                  what=f"haproxy to mark {node_id} UP")
 
     def wait_live(self, node_id, timeout=10):
-        wait_for(lambda: self.server_up("zonegate_live", node_id), timeout=timeout, interval=0.05,
-                 what=f"haproxy to see {node_id} live")
+        """Until the node is up in the hold tier's tracking backend
+        (zonegate_ready; zonegate_live in configs before issue 10)."""
+        def up():
+            st = self.stats() or {}
+            return any(st.get((b, node_id), "").startswith("UP") for b in ("zonegate_ready", "zonegate_live"))
+        wait_for(up, timeout=timeout, interval=0.05, what=f"haproxy to see {node_id} ready")
 
     def stop(self):
         self.proc.stop()
