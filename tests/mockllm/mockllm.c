@@ -420,11 +420,11 @@ static void connection_write2(connection *conn, const char *a, size_t a_len, con
   if (written < a_len) {
     memcpy(op->data, a + written, a_len - written);
     pos = a_len - written;
-    memcpy(op->data + pos, b, b_len);
+    if (b_len) memcpy(op->data + pos, b, b_len);
     pos += b_len;
   } else {
     size_t skip = written - a_len;
-    memcpy(op->data, b + skip, b_len - skip);
+    if (b_len > skip) memcpy(op->data, b + skip, b_len - skip);
     pos = b_len - skip;
   }
   uv_buf_t buf = uv_buf_init(op->data, (unsigned)pos);
