@@ -284,8 +284,22 @@ static void finish_drain(struct role_machine *m, int status, const char *msg) {
   if (cb) cb(ud, status, msg);
 }
 
+/* A transfer libraft ends without moving leadership (the target was not
+ * caught up when TimeoutNow reached it, or it lost the election it was
+ * asked to start) is tried again, up to TRANSFER_ATTEMPTS times per
+ * handover, from the next drain tick: a planned switchover should not fail
+ * on such a race. */
+#define TRANSFER_ATTEMPTS 3
+
 static void on_transfer_done(void *arg, int status) {
   struct role_machine *m = arg;
+  if (status != 0 && m->draining && m->transfer_attempts < TRANSFER_ATTEMPTS &&
+      m->view->raft_leader(m->view->ud)) {
+    zg_log(ZG_INFO, "switchover_retry", "leadership transfer did not complete (%s); trying again",
+           status_text(m, status));
+    m->transfer_started = false; /* role_drain_progress starts the next attempt */
+    return;
+  }
   if (status == 0)
     zg_log(ZG_INFO, "switchover_done", "leadership moved away from this node");
   else
@@ -300,6 +314,7 @@ int role_drain_begin(struct role_machine *m, const char *to, const char *reason,
   if (role_current(m, NULL) != FAILOVER_ACTIVE) return ROLE_ENOTACTIVE;
   m->draining = true;
   m->transfer_started = false;
+  m->transfer_attempts = 0;
   snprintf(m->switch_to, sizeof(m->switch_to), "%s", to ? to : "");
   snprintf(m->switch_reason, sizeof(m->switch_reason), "%s", reason ? reason : "switchover");
   m->switch_cb = cb;
@@ -316,6 +331,7 @@ void role_drain_progress(struct role_machine *m, bool idle) {
     zg_log(ZG_WARN, "drain_timeout",
            "drain_timeout reached with requests still in flight; transferring anyway");
   m->transfer_started = true;
+  m->transfer_attempts++;
   int rc =
       m->view->transfer(m->view->ud, m->switch_to[0] ? m->switch_to : NULL, on_transfer_done, m);
   if (rc != 0) {

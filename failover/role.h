@@ -73,6 +73,7 @@ struct role_machine {
   bool tilt;
   /* planned handover */
   bool draining, transfer_started;
+  unsigned transfer_attempts; /* of this planned handover (a transfer can race a catch-up) */
   uint64_t drain_deadline_ms;
   char switch_to[64], switch_reason[64];
   void (*switch_cb)(void *ud, int status, const char *msg);
