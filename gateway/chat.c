@@ -821,6 +821,11 @@ static void start_attempt(struct chat *c) {
   ureq.headers = headers;
   ureq.body = c->body;
   ureq.body_len = c->body_len;
+  /* c->body (the client request's body, or owned by c) and a->body live
+   * until chat_free, which comes after on_done or upstream_cancel (a client
+   * abort cancels the transfer before httpd frees the request): curl sends
+   * the body from there instead of copying it. */
+  ureq.body_kept = true;
   if (a->model[0] && strcmp(a->model, c->model) != 0 && c->body && attempt_body(c, a) == 0) {
     ureq.body = a->body;
     ureq.body_len = a->body_len;
