@@ -152,20 +152,32 @@ int main(int argc, char **argv) {
       nconns > MAX_CONNS)
     usage();
 
-  char body[8192];
-  FILE *f = fopen(body_file, "r");
+  /* The body may be large (the big-prompt runs send 2 MB): read it whole. */
+  FILE *f = fopen(body_file, "rb");
   if (!f) {
     fprintf(stderr, "pacedload: fopen(%s): %s\n", body_file, strerror(errno));
     return 1;
   }
-  size_t body_len = fread(body, 1, sizeof(body) - 1, f);
+  fseek(f, 0, SEEK_END);
+  long file_len = ftell(f);
+  fseek(f, 0, SEEK_SET);
+  size_t body_len = file_len > 0 ? (size_t)file_len : 0;
+  size_t request_cap = body_len + 512;
+  char *request = malloc(request_cap);
+  if (!request) {
+    fprintf(stderr, "pacedload: out of memory\n");
+    return 1;
+  }
+  int head_len = snprintf(request, request_cap,
+                          "POST %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
+                          "Content-Length: %zu\r\n\r\n",
+                          path, host, port, body_len);
+  if (fread(request + head_len, 1, body_len, f) != body_len) {
+    fprintf(stderr, "pacedload: short read of %s\n", body_file);
+    return 1;
+  }
   fclose(f);
-  body[body_len] = '\0';
-  char request[10240];
-  int request_len = snprintf(request, sizeof(request),
-                             "POST %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
-                             "Content-Length: %zu\r\n\r\n%s",
-                             path, host, port, body_len, body);
+  int request_len = head_len + (int)body_len;
 
   struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
   if (inet_pton(AF_INET, host, &addr.sin_addr) != 1) {
