@@ -43,6 +43,7 @@ struct conn {
   uint64_t due_ns;  /* when it was due */
   uint64_t sent_ns; /* when it was written */
   size_t len;
+  size_t skipped; /* body bytes already dropped from buf (a large answer) */
   char buf[RESP_BUF];
 };
 
@@ -81,10 +82,12 @@ static int open_conn(const struct sockaddr_in *addr, char *errmsg, size_t errlen
 
 /* Returns 1 when buf holds one complete response (sets *status), 0 when
  * more bytes are needed, -1 when it cannot be parsed. */
-static int response_complete(const char *buf, size_t len, int *status) {
+static int response_complete(const char *buf, size_t len, size_t skipped, int *status,
+                             size_t *head_out) {
   const char *end = memmem(buf, len, "\r\n\r\n", 4);
   if (!end) return 0;
   size_t head_len = (size_t)(end - buf) + 4;
+  *head_out = head_len;
   if (len < 12 || strncmp(buf, "HTTP/1.", 7) != 0) return -1;
   *status = atoi(buf + 9);
   long content_length = -1;
@@ -95,9 +98,10 @@ static int response_complete(const char *buf, size_t len, int *status) {
         memmem(line, (size_t)(strstr(line, "\r\n") - line), "chunked", 7))
       chunked = 1;
   }
+  if (chunked && skipped) return -1; /* only Content-Length answers are skipped through */
   if (chunked) return len >= 5 && memcmp(buf + len - 5, "0\r\n\r\n", 5) == 0;
   if (content_length < 0) return -1;
-  return len >= head_len + (size_t)content_length;
+  return len + skipped >= head_len + (size_t)content_length;
 }
 
 static int write_all(int fd, const char *data, size_t len) {
@@ -230,6 +234,7 @@ int main(int argc, char **argv) {
       c->due_ns = DUE(c->seq);
       c->sent_ns = now_ns();
       c->len = 0;
+      c->skipped = 0;
       c->busy = 1;
       backlog--;
       sent++;
@@ -276,7 +281,15 @@ int main(int argc, char **argv) {
       if (r > 0) {
         c->len += (size_t)r;
         c->buf[c->len] = '\0';
-        done = response_complete(c->buf, c->len, &status);
+        size_t head_len = 0;
+        done = response_complete(c->buf, c->len, c->skipped, &status, &head_len);
+        if (done == 0 && c->len == sizeof(c->buf) - 1 && head_len) {
+          /* a large answer: keep its head, drop (count) the body read so far */
+          c->skipped += c->len - head_len;
+          c->len = head_len;
+          c->buf[c->len] = '\0';
+          continue;
+        }
         if (done == 0 && c->len < sizeof(c->buf) - 1) continue;
       }
       uint64_t t = now_ns();
@@ -292,6 +305,7 @@ int main(int argc, char **argv) {
         }
         c->busy = 0;
         c->len = 0;
+        c->skipped = 0;
         continue;
       }
       /* closed, unparseable or oversized: count an error, reconnect */

@@ -194,6 +194,7 @@ paced() { # BODY NAME ROUND RATE SECONDS
   line=$(timeout $((secs + 30)) "${pin[@]}" "$tmp/pacedload" --port "${port[$name]}" --body "$tmp/$b.json" \
     --rate "$rate" --duration "$secs" --warmup 2 --connections 16 2>&1 || true)
   [[ $line == PACED* ]] || { echo "suite.sh: pacedload $b against $name failed: $line" >&2; exit 1; }
+  [[ $line == *" non2xx=0 errors=0 "* ]] || { echo "suite.sh: pacedload $b against $name had failures: $line" >&2; exit 1; }
   printf '  round %d %-8s %-12s %s\n' "$round" "$b" "$name" "$line"
   echo "p50_$b $name $round $(sed 's/.* p50_us=\([0-9.]*\).*/\1/' <<<"$line")" >>"$results"
 }
