@@ -13,14 +13,23 @@
 #include <math.h>
 #include <openssl/rand.h>
 #include <stdint.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 struct name_entry {
   uint64_t hash;
   size_t off, len; /* into scan.names */
 };
+
+/* Scratch kept on the stack; a body with more or longer member names
+ * moves to the heap (realloc from a stack buffer is a malloc + copy). */
+#define SCAN_INLINE_NAMES 512
+#define SCAN_INLINE_ENTRIES 32
 
 struct scan {
   const unsigned char *p, *start, *end;
@@ -40,7 +49,18 @@ struct scan {
   char *err;
   size_t errlen;
   bool failed;
+  unsigned char inline_names[SCAN_INLINE_NAMES];
+  struct name_entry inline_entries[SCAN_INLINE_ENTRIES];
 };
+
+/* Grows a scratch array that may still be the inline one: *ptr == inline_buf
+ * is copied to the heap instead of realloc'd. */
+static void *grow(void *ptr, const void *inline_buf, size_t used, size_t new_size) {
+  if (ptr != inline_buf) return realloc(ptr, new_size);
+  void *heap = malloc(new_size);
+  if (heap && used) memcpy(heap, ptr, used);
+  return heap;
+}
 
 static int fail(struct scan *s, const char *what) {
   if (!s->failed) snprintf(s->err, s->errlen, "%s at byte %zu", what, (size_t)(s->p - s->start));
@@ -57,7 +77,7 @@ static int names_put(struct scan *s, const unsigned char *b, size_t n) {
   if (s->names_len + n > s->names_cap) {
     size_t cap = s->names_cap ? s->names_cap : 256;
     while (cap < s->names_len + n) cap *= 2;
-    unsigned char *grown = realloc(s->names, cap);
+    unsigned char *grown = grow(s->names, s->inline_names, s->names_len, cap);
     if (!grown) return fail(s, "out of memory");
     s->names = grown;
     s->names_cap = cap;
@@ -142,12 +162,38 @@ static int put_codepoint(struct scan *s, unsigned cp) {
   return names_put(s, b, n);
 }
 
+/* The first byte at or after p that is not plain string ASCII (0x20..0x7F
+ * but '"' and '\\'), or end: a prompt is mostly such runs, so they are
+ * skipped 16 bytes per step (SSE2, x86-64's baseline) instead of going
+ * byte by byte through the checks below. Byte-for-byte the same verdict:
+ * the bytes it stops at are handled by scan_string's per-byte path. */
+static const unsigned char *skip_plain(const unsigned char *p, const unsigned char *end) {
+#if defined(__SSE2__)
+  const __m128i quote = _mm_set1_epi8('"'), backslash = _mm_set1_epi8('\\');
+  const __m128i space = _mm_set1_epi8(0x20);
+  while (end - p >= 16) {
+    __m128i v = _mm_loadu_si128((const __m128i *)(const void *)p);
+    /* signed compare: below 0x20 and 0x80..0xFF (negative) both count */
+    __m128i stop =
+        _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(v, quote), _mm_cmpeq_epi8(v, backslash)),
+                     _mm_cmplt_epi8(v, space));
+    unsigned mask = (unsigned)_mm_movemask_epi8(stop);
+    if (mask) return p + __builtin_ctz(mask);
+    p += 16;
+  }
+#endif
+  while (p < end && *p >= 0x20 && *p < 0x80 && *p != '"' && *p != '\\') p++;
+  return p;
+}
+
 /* A string at s->p (the opening quote). With decode, its unescaped bytes
  * are appended to the name stack. */
 static int scan_string(struct scan *s, bool decode) {
   s->p++; /* opening quote */
   const unsigned char *run = s->p;
   while (s->p < s->end) {
+    s->p = skip_plain(s->p, s->end);
+    if (s->p >= s->end) break;
     unsigned char ch = *s->p;
     if (ch == '"') {
       if (decode && names_put(s, run, (size_t)(s->p - run)) != 0) return -1;
@@ -351,7 +397,8 @@ static int scan_object(struct scan *s) {
     if (scan_string(s, true) != 0) return -1;
     if (s->n_entries == s->cap_entries) {
       size_t cap = s->cap_entries ? s->cap_entries * 2 : 64;
-      struct name_entry *grown = realloc(s->entries, cap * sizeof(*grown));
+      struct name_entry *grown =
+          grow(s->entries, s->inline_entries, s->n_entries * sizeof(*grown), cap * sizeof(*grown));
       if (!grown) return fail(s, "out of memory");
       s->entries = grown;
       s->cap_entries = cap;
@@ -483,7 +530,11 @@ static int scan_value(struct scan *s, struct body_value *out) {
 int body_scan(const char *body, size_t len, const char *const *names, struct body_value *slots,
               size_t n, size_t *object_end, size_t *members, char *err, size_t errlen) {
   struct scan s;
-  memset(&s, 0, sizeof(s));
+  memset(&s, 0, offsetof(struct scan, inline_names));
+  s.names = s.inline_names;
+  s.names_cap = sizeof(s.inline_names);
+  s.entries = s.inline_entries;
+  s.cap_entries = SCAN_INLINE_ENTRIES;
   s.start = s.p = (const unsigned char *)body;
   s.end = s.start + len;
   s.want = names;
@@ -507,8 +558,8 @@ int body_scan(const char *body, size_t len, const char *const *names, struct bod
       if (s.p < s.end) rc = fail(&s, "unexpected bytes after the JSON object");
     }
   }
-  free(s.names);
-  free(s.entries);
+  if (s.names != s.inline_names) free(s.names);
+  if (s.entries != s.inline_entries) free(s.entries);
   free(s.table);
   if (rc != 0) {
     for (size_t i = 0; i < n; i++) memset(&slots[i], 0, sizeof(slots[i]));

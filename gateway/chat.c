@@ -62,7 +62,6 @@
 #define MAX_RESPONSE_HEADERS 64
 
 struct attempt {
-  char url[UPSTREAM_PATH_MAX + 600];
   size_t base_len; /* url[0..base_len) is the endpoint's base (".../v1") */
   char upstream_id[64];
   char key_id[48];
@@ -70,6 +69,8 @@ struct attempt {
   char model[128]; /* routing: the upstream's model name, "" = the client's */
   char *body;      /* owned: c->body with the model rewritten (NULL = c->body) */
   size_t body_len;
+  /* Last: new_attempt zeroes only what comes before it (a string, NUL-terminated). */
+  char url[UPSTREAM_PATH_MAX + 600];
 };
 
 struct chat {
@@ -85,8 +86,7 @@ struct chat {
   struct gateway *gw;
   struct httpd_req *req;
   const char *route;
-  char upstream_path[UPSTREAM_PATH_MAX]; /* after "/v1": "/chat/completions?x=1" */
-  bool chat;                             /* POST /v1/chat/completions */
+  bool chat;                  /* POST /v1/chat/completions */
   bool json_body;             /* the body was parsed as JSON (and has no Content-Type of its own) */
   char model[128];            /* the request's "model" (unescaped), "" when none */
   bool routed;                /* the models table decides the upstream (routes.h) */
@@ -124,7 +124,6 @@ struct chat {
   struct upstream_transfer *probe;
   int probe_status;
   struct attempt *attempts; /* inline_attempts, or a heap array of MAX_ATTEMPTS */
-  struct attempt inline_attempts[INLINE_ATTEMPTS];
   size_t n_attempts, current;
   /* response */
   int status;
@@ -134,6 +133,11 @@ struct chat {
   bool streaming_to_client;
   bool raw_passthrough; /* a large non-stream answer, passed through (raw_pass) */
   bool finished;
+  /* The large buffers last: chat_new zeroes only what comes before them
+   * (~8 KiB less memset per request); upstream_path is a NUL-terminated
+   * string set by chat_new, and each attempt is zeroed by new_attempt. */
+  char upstream_path[UPSTREAM_PATH_MAX]; /* after "/v1": "/chat/completions?x=1" */
+  struct attempt inline_attempts[INLINE_ATTEMPTS];
 };
 
 static void stop_hold(struct chat *c);
@@ -205,7 +209,8 @@ static struct attempt *new_attempt(struct chat *c) {
     c->attempts = heap;
   }
   struct attempt *a = &c->attempts[c->n_attempts++];
-  memset(a, 0, sizeof(*a));
+  memset(a, 0, offsetof(struct attempt, url));
+  a->url[0] = '\0';
   return a;
 }
 
@@ -936,6 +941,11 @@ static void start_attempt(struct chat *c) {
   ureq.headers = headers;
   ureq.body = c->body;
   ureq.body_len = c->body_len;
+  /* c->body (the client request's body, or owned by c) and a->body live
+   * until chat_free, which comes after on_done or upstream_cancel (a client
+   * abort cancels the transfer before httpd frees the request): curl sends
+   * the body from there instead of copying it. */
+  ureq.body_kept = true;
   if (a->model[0] && strcmp(a->model, c->model) != 0 && c->body && attempt_body(c, a) == 0) {
     ureq.body = a->body;
     ureq.body_len = a->body_len;
@@ -1078,7 +1088,7 @@ static struct chat *chat_new(struct gateway *gw, struct httpd_req *req, const ch
     zg_buf_reset(&c->response);
     zg_buf_reset(&c->response_headers);
     zg_buf_reset(&c->sse_partial);
-    memset(&c->gw, 0, sizeof(*c) - offsetof(struct chat, gw));
+    memset(&c->gw, 0, offsetof(struct chat, upstream_path) - offsetof(struct chat, gw));
   } else {
     c = calloc(1, sizeof(*c));
   }

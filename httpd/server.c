@@ -1247,7 +1247,7 @@ static bool pp_port(const char *s) {
 
 /* The v1 line without its CRLF (NUL-terminated in place). 0 ok, -1 bad. */
 static int pp_parse_v1(struct conn *c, char *line) {
-  char *f[7];
+  char *f[7] = {0}; /* gcc -O3 -Wmaybe-uninitialized false positive otherwise */
   size_t n = 0;
   for (char *p = line; n < 7;) {
     f[n++] = p;

@@ -393,7 +393,8 @@ static void forward_to_leader(struct admin_req *a) {
                                   body_text,
                                   body_len,
                                   {2000, 10000, 0, 15000},
-                                  a->node->tls_admin ? &tls : NULL};
+                                  a->node->tls_admin ? &tls : NULL,
+                                  false};
   static const struct upstream_callbacks cb = {on_fwd_response, on_fwd_data, on_fwd_done};
   char err[256];
   zg_buf_init(&a->body);

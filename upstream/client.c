@@ -47,8 +47,11 @@
 #define UPSTREAM_MAX_RESPONSE_HEADERS 256
 /* Idle connections kept for reuse by the multi handle's connection cache. */
 #define UPSTREAM_MAX_CACHED_CONNECTIONS 1024L
-/* Easy handles kept for reuse after their transfer (curl_easy_reset keeps
- * their buffers; the connection and DNS caches belong to the multi). */
+/* Easy handles kept for reuse after their transfer (their buffers kept;
+ * the connection and DNS caches belong to the multi). A handle whose last
+ * transfer was a plain one (POST or GET, no TLS options) keeps its options
+ * too: the next plain transfer sets only what differs per transfer (see
+ * configure_easy); any other one is curl_easy_reset first. */
 #define UPSTREAM_EASY_POOL_SIZE 256
 /* Finished transfer structs kept for reuse (with their header buffer).
  * Under AddressSanitizer nothing is pooled, so a use after the end of a
@@ -91,6 +94,19 @@ struct upstream_fd_slot {
   bool owned; /* opened by on_curl_open_socket; closed by on_curl_close_socket */
 };
 
+/* What a pooled easy handle's options are set for (configure_easy). */
+enum easy_profile {
+  EASY_BLANK = 0, /* new or curl_easy_reset: everything must be set */
+  EASY_PLAIN_POST,
+  EASY_PLAIN_GET,
+  EASY_OTHER, /* HEAD, another verb, TLS options: reset before reuse */
+};
+
+struct pooled_easy {
+  CURL *easy;
+  enum easy_profile profile;
+};
+
 struct upstream_transfer {
   /* Kept while the transfer sits in the client's pool (capacity reused):
    * the response header lines of the response being received, each stored
@@ -102,6 +118,7 @@ struct upstream_transfer {
   struct upstream_transfer *prev, *next; /* in client->transfers while linked */
   bool linked;
   CURL *easy;
+  enum easy_profile easy_profile; /* what easy's options were set for */
   /* The request's header lines for curl, in ONE allocation (see
    * build_request_headers); freed with free(). */
   struct curl_slist *request_headers;
@@ -142,6 +159,10 @@ struct upstream_transfer {
 struct upstream_client {
   uv_loop_t *loop;
   CURLM *multi;
+  /* TLS session cache shared by every easy handle of this client, so a new
+   * connection to an https upstream resumes the session (no full
+   * handshake) whichever pooled handle opens it. NULL if curl refused. */
+  CURLSH *share;
   uv_timer_t multi_timer; /* curl's wake-up; multi_timer.data = this */
   /* Runs curl's 0 ms wake-up right after this loop turn's I/O callbacks
    * instead of a loop turn later; kick.data = this. */
@@ -151,7 +172,7 @@ struct upstream_client {
   uv_timer_t resume_timer;
   struct upstream_fd_slot *fds; /* indexed by fd; grows */
   size_t fds_cap;
-  CURL *easy_pool[UPSTREAM_EASY_POOL_SIZE];
+  struct pooled_easy easy_pool[UPSTREAM_EASY_POOL_SIZE];
   size_t easy_pool_count;
   struct upstream_transfer *transfers;
   /* Finished transfers (timer closed) kept for reuse, via next. */
@@ -287,25 +308,40 @@ static void detach_transfer(struct upstream_transfer *t) {
   t->needs_attach = false;
 }
 
-/* Keeps a detached easy handle for the next transfer, or cleans it up. */
-static void release_easy(struct upstream_client *c, CURL *easy) {
+/* Keeps a detached easy handle for the next transfer, or cleans it up. A
+ * handle set up for a plain transfer keeps its options (the next one of
+ * the same kind only changes what differs); any other is reset now. */
+static void release_easy(struct upstream_client *c, CURL *easy, enum easy_profile profile) {
   if (!easy) return;
   if (!c->closing && c->easy_pool_count < UPSTREAM_EASY_POOL_SIZE) {
-    curl_easy_reset(easy);
-    c->easy_pool[c->easy_pool_count++] = easy;
+    if (profile != EASY_PLAIN_POST && profile != EASY_PLAIN_GET) {
+      curl_easy_reset(easy);
+      profile = EASY_BLANK;
+    }
+    c->easy_pool[c->easy_pool_count++] = (struct pooled_easy){easy, profile};
     return;
   }
   curl_easy_cleanup(easy);
 }
 
-static CURL *acquire_easy(struct upstream_client *c) {
-  if (c->easy_pool_count > 0) return c->easy_pool[--c->easy_pool_count];
-  return curl_easy_init();
+/* A pooled handle, preferably one already set up for `want`. */
+static CURL *acquire_easy(struct upstream_client *c, enum easy_profile want,
+                          enum easy_profile *profile) {
+  *profile = EASY_BLANK;
+  if (c->easy_pool_count == 0) return curl_easy_init();
+  struct pooled_easy *top = &c->easy_pool[c->easy_pool_count - 1];
+  if (top->profile != want && top->profile != EASY_BLANK) {
+    curl_easy_reset(top->easy); /* set up for the other kind */
+    top->profile = EASY_BLANK;
+  }
+  c->easy_pool_count--;
+  *profile = top->profile;
+  return top->easy;
 }
 
 /* Frees what t owns and closes its timer; t itself goes in the close cb. */
 static void dispose_transfer(struct upstream_transfer *t) {
-  release_easy(t->client, t->easy);
+  release_easy(t->client, t->easy, t->easy_profile);
   t->easy = NULL;
   free(t->request_headers);
   t->request_headers = NULL;
@@ -855,6 +891,15 @@ int upstream_client_create(uv_loop_t *loop, struct upstream_client **out, char *
   /* Keep idle connections for reuse (curl's default is 4 per easy handle
    * added, which a burst then idle period undercuts); no per-host cap. */
   curl_multi_setopt(c->multi, CURLMOPT_MAXCONNECTS, UPSTREAM_MAX_CACHED_CONNECTIONS);
+  /* HTTP/2 upstreams: many transfers share one connection (curl's default
+   * since 7.62, stated here because the easy options below rely on it). */
+  curl_multi_setopt(c->multi, CURLMOPT_PIPELINING, (long)CURLPIPE_MULTIPLEX);
+  c->share = curl_share_init();
+  if (c->share &&
+      curl_share_setopt(c->share, CURLSHOPT_SHARE, CURL_LOCK_DATA_SSL_SESSION) != CURLSHE_OK) {
+    curl_share_cleanup(c->share);
+    c->share = NULL;
+  }
   int rv = uv_timer_init(loop, &c->multi_timer);
   if (rv != 0) {
     snprintf(errmsg, errlen, "uv_timer_init(): %s", uv_strerror(rv));
@@ -870,6 +915,7 @@ int upstream_client_create(uv_loop_t *loop, struct upstream_client **out, char *
   return 0;
 
 err_after_multi:
+  if (c->share) curl_share_cleanup(c->share);
   curl_multi_cleanup(c->multi);
 err_after_alloc:
   free(c);
@@ -888,7 +934,9 @@ static void do_close(struct upstream_client *c) {
   CURLM *multi = c->multi;
   curl_multi_cleanup(multi); /* may announce REMOVE and close cached connections */
   c->multi = NULL;
-  while (c->easy_pool_count > 0) curl_easy_cleanup(c->easy_pool[--c->easy_pool_count]);
+  while (c->easy_pool_count > 0) curl_easy_cleanup(c->easy_pool[--c->easy_pool_count].easy);
+  if (c->share) curl_share_cleanup(c->share); /* after every easy handle that used it */
+  c->share = NULL;
   while (c->transfer_pool) {
     struct upstream_transfer *t = c->transfer_pool;
     c->transfer_pool = t->next;
@@ -970,10 +1018,22 @@ static CURLcode on_curl_ssl_ctx(CURL *curl, void *ssl_ctx, void *ud) {
 
 /* ---- transfers ----------------------------------------------------------- */
 
+/* The options profile a request needs (see enum easy_profile). */
+static enum easy_profile request_profile(const struct upstream_request *req) {
+  if (req->tls) return EASY_OTHER;
+  if (strcmp(req->method, "POST") == 0) return EASY_PLAIN_POST;
+  if (strcmp(req->method, "GET") == 0 && req->body_len == 0) return EASY_PLAIN_GET;
+  return EASY_OTHER;
+}
+
+/* Sets t->easy up for req. A handle already set up for the same plain
+ * profile (t->easy_profile) only gets what differs per transfer: URL,
+ * header list, the pointers to t, the connect timeout and the body. */
 static int configure_easy(struct upstream_transfer *t, const struct upstream_request *req,
-                          char *errmsg, size_t errlen) {
+                          enum easy_profile want, char *errmsg, size_t errlen) {
   CURL *e = t->easy;
   CURLcode rc = CURLE_OK;
+  bool blank = t->easy_profile != want || want == EASY_OTHER;
 #define SETOPT(opt, val)                                                                           \
   do {                                                                                             \
     if (rc == CURLE_OK) {                                                                          \
@@ -983,34 +1043,47 @@ static int configure_easy(struct upstream_transfer *t, const struct upstream_req
     }                                                                                              \
   } while (0)
 
+  /* Per transfer. */
   SETOPT(CURLOPT_URL, req->url);
-  SETOPT(CURLOPT_PROTOCOLS_STR, "http,https");
   SETOPT(CURLOPT_PRIVATE, (void *)t);
   SETOPT(CURLOPT_ERRORBUFFER, t->curl_errbuf);
-  SETOPT(CURLOPT_NOSIGNAL, 1L);
-  SETOPT(CURLOPT_TCP_NODELAY, 1L);
-  SETOPT(CURLOPT_TCP_KEEPALIVE, 1L);
-  SETOPT(CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_1_1);
-  /* An encoded answer (a CDN may gzip although identity was asked for) is
-   * decoded here, so the caller always sees the plain body. */
-  SETOPT(CURLOPT_ACCEPT_ENCODING, "");
-  /* A proxy only when the config names one: http_proxy / HTTPS_PROXY in
-   * the node's environment must not reroute upstream traffic (and the
-   * provider key). "" disables libcurl's environment lookup. */
-  SETOPT(CURLOPT_PROXY, "");
-  SETOPT(CURLOPT_FOLLOWLOCATION, 0L);
   SETOPT(CURLOPT_HTTPHEADER, t->request_headers);
-  SETOPT(CURLOPT_HEADERFUNCTION, on_curl_header);
   SETOPT(CURLOPT_HEADERDATA, (void *)t);
-  SETOPT(CURLOPT_WRITEFUNCTION, on_curl_body);
   SETOPT(CURLOPT_WRITEDATA, (void *)t);
-  SETOPT(CURLOPT_PREREQFUNCTION, on_curl_prereq);
   SETOPT(CURLOPT_PREREQDATA, (void *)t);
-  SETOPT(CURLOPT_OPENSOCKETFUNCTION, on_curl_open_socket);
-  SETOPT(CURLOPT_OPENSOCKETDATA, (void *)t->client);
-  SETOPT(CURLOPT_CLOSESOCKETFUNCTION, on_curl_close_socket);
-  SETOPT(CURLOPT_CLOSESOCKETDATA, (void *)t->client);
-  if (req->timeouts.connect_ms) SETOPT(CURLOPT_CONNECTTIMEOUT_MS, (long)req->timeouts.connect_ms);
+  /* 0 is curl's default (300 s), as when it is not set. */
+  SETOPT(CURLOPT_CONNECTTIMEOUT_MS, (long)req->timeouts.connect_ms);
+  /* An https upstream that offers HTTP/2 (ALPN) carries many transfers on
+   * one connection: a new transfer waits for a connection being set up to
+   * say whether it multiplexes rather than opening one more. */
+  bool https = strncasecmp(req->url, "https://", 8) == 0;
+  SETOPT(CURLOPT_PIPEWAIT, https && !req->tls ? 1L : 0L);
+  if (blank) {
+    SETOPT(CURLOPT_PROTOCOLS_STR, "http,https");
+    SETOPT(CURLOPT_NOSIGNAL, 1L);
+    SETOPT(CURLOPT_TCP_NODELAY, 1L);
+    SETOPT(CURLOPT_TCP_KEEPALIVE, 1L);
+    /* HTTP/2 when an https upstream offers it (plain http:// and
+     * node-to-node TLS stay HTTP/1.1). */
+    SETOPT(CURLOPT_HTTP_VERSION,
+           req->tls ? (long)CURL_HTTP_VERSION_1_1 : (long)CURL_HTTP_VERSION_2TLS);
+    if (t->client->share) SETOPT(CURLOPT_SHARE, t->client->share);
+    /* An encoded answer (a CDN may gzip although identity was asked for) is
+     * decoded here, so the caller always sees the plain body. */
+    SETOPT(CURLOPT_ACCEPT_ENCODING, "");
+    /* A proxy only when the config names one: http_proxy / HTTPS_PROXY in
+     * the node's environment must not reroute upstream traffic (and the
+     * provider key). "" disables libcurl's environment lookup. */
+    SETOPT(CURLOPT_PROXY, "");
+    SETOPT(CURLOPT_FOLLOWLOCATION, 0L);
+    SETOPT(CURLOPT_HEADERFUNCTION, on_curl_header);
+    SETOPT(CURLOPT_WRITEFUNCTION, on_curl_body);
+    SETOPT(CURLOPT_PREREQFUNCTION, on_curl_prereq);
+    SETOPT(CURLOPT_OPENSOCKETFUNCTION, on_curl_open_socket);
+    SETOPT(CURLOPT_OPENSOCKETDATA, (void *)t->client);
+    SETOPT(CURLOPT_CLOSESOCKETFUNCTION, on_curl_close_socket);
+    SETOPT(CURLOPT_CLOSESOCKETDATA, (void *)t->client);
+  }
   if (req->tls) {
     const struct upstream_tls *tls = req->tls;
     if (tls->ca_file) SETOPT(CURLOPT_CAINFO, tls->ca_file);
@@ -1026,21 +1099,26 @@ static int configure_easy(struct upstream_transfer *t, const struct upstream_req
 
   const char *method = req->method;
   const char *body = req->body ? req->body : "";
-  if (strcmp(method, "GET") == 0 && req->body_len == 0) {
-    SETOPT(CURLOPT_HTTPGET, 1L);
+  if (want == EASY_PLAIN_GET) {
+    if (blank) SETOPT(CURLOPT_HTTPGET, 1L);
   } else if (strcmp(method, "HEAD") == 0) {
     SETOPT(CURLOPT_NOBODY, 1L);
   } else {
-    if (strcmp(method, "POST") == 0)
-      SETOPT(CURLOPT_POST, 1L);
-    else
+    if (want == EASY_PLAIN_POST) {
+      if (blank) SETOPT(CURLOPT_POST, 1L);
+    } else {
       SETOPT(CURLOPT_CUSTOMREQUEST, method);
-    if (strcmp(method, "POST") == 0 || req->body_len > 0) {
+    }
+    if (want == EASY_PLAIN_POST || req->body_len > 0) {
       SETOPT(CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)req->body_len);
-      SETOPT(CURLOPT_COPYPOSTFIELDS, body); /* copies body_len bytes */
+      if (req->body_kept && req->body_len > 0)
+        SETOPT(CURLOPT_POSTFIELDS, body); /* the caller keeps it until the end */
+      else
+        SETOPT(CURLOPT_COPYPOSTFIELDS, body); /* copies body_len bytes */
     }
   }
 #undef SETOPT
+  t->easy_profile = rc == CURLE_OK ? want : EASY_OTHER; /* a half-set handle is reset */
   return rc == CURLE_OK ? 0 : -1;
 }
 
@@ -1116,13 +1194,14 @@ int upstream_start(struct upstream_client *c, const struct upstream_request *req
   t->phase = PHASE_CONNECTING;
   t->start_us = monotonic_us();
   t->start_loop_ms = uv_now(c->loop);
-  t->easy = acquire_easy(c);
+  enum easy_profile want = request_profile(req);
+  t->easy = acquire_easy(c, want, &t->easy_profile);
   if (!t->easy) {
     snprintf(errmsg, errlen, "curl_easy_init() failed");
     goto err_after_alloc;
   }
   if (build_request_headers(t, req->headers, errmsg, errlen) != 0) goto err_after_easy;
-  if (configure_easy(t, req, errmsg, errlen) != 0) goto err_after_easy;
+  if (configure_easy(t, req, want, errmsg, errlen) != 0) goto err_after_easy;
   if (c->in_multi_call > 0) {
     t->needs_attach = true; /* curl is on the stack: add after it returns */
     c->deferred_work = true;
@@ -1142,7 +1221,7 @@ int upstream_start(struct upstream_client *c, const struct upstream_request *req
   return 0;
 
 err_after_easy:
-  release_easy(c, t->easy);
+  release_easy(c, t->easy, t->easy_profile);
   free(t->request_headers);
 err_after_alloc:
   free_transfer_memory(t);

@@ -22,6 +22,7 @@
 #ifndef ZG_GATEWAY_UPSTREAM_H
 #define ZG_GATEWAY_UPSTREAM_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <uv.h>
@@ -89,7 +90,8 @@ struct upstream_tls {
   const char *peer_node;
 };
 
-/* Everything is copied by upstream_start(); the caller may free it after. */
+/* Everything is copied by upstream_start(); the caller may free it after,
+ * except the body when body_kept is set. */
 struct upstream_request {
   const char *url;            /* full http:// or https:// URL */
   const char *method;         /* "POST", "GET", "HEAD" or any other verb */
@@ -99,6 +101,10 @@ struct upstream_request {
   size_t body_len;
   struct upstream_timeouts timeouts;
   const struct upstream_tls *tls; /* NULL: default verification (system CAs) */
+  /* The caller keeps body[0..body_len) unchanged until on_done returns or
+   * upstream_cancel() is called: then it is sent from there, not copied
+   * (a 2 MB prompt costs no extra malloc + copy). */
+  bool body_kept;
 };
 
 struct upstream_callbacks {

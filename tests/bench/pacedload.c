@@ -43,6 +43,7 @@ struct conn {
   uint64_t due_ns;  /* when it was due */
   uint64_t sent_ns; /* when it was written */
   size_t len;
+  size_t skipped; /* body bytes already dropped from buf (a large answer) */
   char buf[RESP_BUF];
 };
 
@@ -81,10 +82,12 @@ static int open_conn(const struct sockaddr_in *addr, char *errmsg, size_t errlen
 
 /* Returns 1 when buf holds one complete response (sets *status), 0 when
  * more bytes are needed, -1 when it cannot be parsed. */
-static int response_complete(const char *buf, size_t len, int *status) {
+static int response_complete(const char *buf, size_t len, size_t skipped, int *status,
+                             size_t *head_out) {
   const char *end = memmem(buf, len, "\r\n\r\n", 4);
   if (!end) return 0;
   size_t head_len = (size_t)(end - buf) + 4;
+  *head_out = head_len;
   if (len < 12 || strncmp(buf, "HTTP/1.", 7) != 0) return -1;
   *status = atoi(buf + 9);
   long content_length = -1;
@@ -95,9 +98,10 @@ static int response_complete(const char *buf, size_t len, int *status) {
         memmem(line, (size_t)(strstr(line, "\r\n") - line), "chunked", 7))
       chunked = 1;
   }
+  if (chunked && skipped) return -1; /* only Content-Length answers are skipped through */
   if (chunked) return len >= 5 && memcmp(buf + len - 5, "0\r\n\r\n", 5) == 0;
   if (content_length < 0) return -1;
-  return len >= head_len + (size_t)content_length;
+  return len + skipped >= head_len + (size_t)content_length;
 }
 
 static int write_all(int fd, const char *data, size_t len) {
@@ -152,20 +156,32 @@ int main(int argc, char **argv) {
       nconns > MAX_CONNS)
     usage();
 
-  char body[8192];
-  FILE *f = fopen(body_file, "r");
+  /* The body may be large (the big-prompt runs send 2 MB): read it whole. */
+  FILE *f = fopen(body_file, "rb");
   if (!f) {
     fprintf(stderr, "pacedload: fopen(%s): %s\n", body_file, strerror(errno));
     return 1;
   }
-  size_t body_len = fread(body, 1, sizeof(body) - 1, f);
+  fseek(f, 0, SEEK_END);
+  long file_len = ftell(f);
+  fseek(f, 0, SEEK_SET);
+  size_t body_len = file_len > 0 ? (size_t)file_len : 0;
+  size_t request_cap = body_len + 512;
+  char *request = malloc(request_cap);
+  if (!request) {
+    fprintf(stderr, "pacedload: out of memory\n");
+    return 1;
+  }
+  int head_len = snprintf(request, request_cap,
+                          "POST %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
+                          "Content-Length: %zu\r\n\r\n",
+                          path, host, port, body_len);
+  if (fread(request + head_len, 1, body_len, f) != body_len) {
+    fprintf(stderr, "pacedload: short read of %s\n", body_file);
+    return 1;
+  }
   fclose(f);
-  body[body_len] = '\0';
-  char request[10240];
-  int request_len = snprintf(request, sizeof(request),
-                             "POST %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
-                             "Content-Length: %zu\r\n\r\n%s",
-                             path, host, port, body_len, body);
+  int request_len = head_len + (int)body_len;
 
   struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
   if (inet_pton(AF_INET, host, &addr.sin_addr) != 1) {
@@ -218,6 +234,7 @@ int main(int argc, char **argv) {
       c->due_ns = DUE(c->seq);
       c->sent_ns = now_ns();
       c->len = 0;
+      c->skipped = 0;
       c->busy = 1;
       backlog--;
       sent++;
@@ -264,7 +281,15 @@ int main(int argc, char **argv) {
       if (r > 0) {
         c->len += (size_t)r;
         c->buf[c->len] = '\0';
-        done = response_complete(c->buf, c->len, &status);
+        size_t head_len = 0;
+        done = response_complete(c->buf, c->len, c->skipped, &status, &head_len);
+        if (done == 0 && c->len == sizeof(c->buf) - 1 && head_len) {
+          /* a large answer: keep its head, drop (count) the body read so far */
+          c->skipped += c->len - head_len;
+          c->len = head_len;
+          c->buf[c->len] = '\0';
+          continue;
+        }
         if (done == 0 && c->len < sizeof(c->buf) - 1) continue;
       }
       uint64_t t = now_ns();
@@ -280,6 +305,7 @@ int main(int argc, char **argv) {
         }
         c->busy = 0;
         c->len = 0;
+        c->skipped = 0;
         continue;
       }
       /* closed, unparseable or oversized: count an error, reconnect */

@@ -1,0 +1,276 @@
+#!/usr/bin/env bash
+# tests/bench/suite.sh: the issue-14 benchmark suite in one command.
+#
+# Interleaved rounds (the order of the targets rotates every round, so a
+# noisy neighbour hits every target alike) of:
+#   1. small chat requests, wrk closed loop: zonegate vs nginx (ratio), and
+#      zonegate with usage accounting on (default) vs off (ratio);
+#   2. added latency at a fixed RATE (pacedload, open loop): zonegate and
+#      nginx against mockllm directly;
+#   3. big prompts: 300 KB throughput (wrk) zonegate vs nginx, 300 KB with
+#      model defaults on vs off, and the added latency of a 2 MB prompt at a
+#      low fixed rate (zonegate - nginx, ms);
+# then callgrind instructions per small request (tests/bench/callgrind.sh),
+# and LiteLLM's throughput when LITELLM (a `litellm` binary) is given.
+# Each ratio is printed as median [min..max] over the rounds.
+#
+# Usage: tests/bench/suite.sh [BUILD_DIR]   (default: <repo>/build-rel)
+# Env:   ROUNDS (3) DURATION (wrk s, 8) WARMUP (2) CONNS (64) RATE (2000)
+#        PACED_SECONDS (8) BIG_RATE (20 req/s for the 2 MB prompt)
+#        CALLGRIND (1: run callgrind.sh) PIN (1) KEEP_TMP (1 keeps the temp dir)
+#        LITELLM (path to the litellm binary; empty: skipped, said so)
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+build=${1:-$repo/build-rel}
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-8}
+WARMUP=${WARMUP:-2}
+CONNS=${CONNS:-64}
+RATE=${RATE:-2000}
+PACED_SECONDS=${PACED_SECONDS:-8}
+BIG_RATE=${BIG_RATE:-20}
+CALLGRIND=${CALLGRIND:-1}
+PIN=${PIN:-1}
+LITELLM=${LITELLM:-}
+command_line="ROUNDS=$ROUNDS DURATION=$DURATION CONNS=$CONNS RATE=$RATE PACED_SECONDS=$PACED_SECONDS BIG_RATE=$BIG_RATE $0 $*"
+
+for bin in "$build/zonegate" "$build/tests/mockllm"; do
+  [[ -x $bin ]] || { echo "suite.sh: $bin not found; build first:" >&2
+    echo "  cmake -S $repo -B $build -DCMAKE_BUILD_TYPE=Release && cmake --build $build -j2" >&2; exit 1; }
+done
+for tool in wrk nginx gcc curl python3 timeout taskset; do
+  command -v "$tool" >/dev/null || { echo "suite.sh: $tool is not installed" >&2; exit 1; }
+done
+
+tmp=$(mktemp -d /tmp/zonegate-suite.XXXXXX)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+  done
+  if [[ ${KEEP_TMP:-0} == 1 ]]; then echo "temp dir kept: $tmp" >&2; else rm -rf "$tmp"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+if [[ $PIN == 1 && $(nproc) -ge 2 ]]; then
+  on_proxy=(taskset -c 0); on_side=(taskset -c 1); on_direct=(taskset -c 0)
+else
+  on_proxy=(); on_side=(); on_direct=()
+fi
+
+free_ports() {
+  python3 - "$1" <<'EOF'
+import socket, sys
+s = [socket.socket() for _ in range(int(sys.argv[1]))]
+for x in s: x.bind(("127.0.0.1", 0))
+print(" ".join(str(x.getsockname()[1]) for x in s))
+EOF
+}
+wait_http() {
+  for _ in $(seq 100); do
+    [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "$1" || true) != 000 ]] && return 0
+    sleep 0.1
+  done
+  echo "suite.sh: nothing answers at $1" >&2; return 1
+}
+
+# ---- bodies ----------------------------------------------------------------
+small='{"model":"mock-gpt","messages":[{"role":"system","content":"You are terse."},{"role":"user","content":"Say hello in one short sentence."}],"temperature":0,"stream":false}'
+printf '%s' "$small" >"$tmp/small.json"
+python3 - "$tmp" <<'EOF'
+import json, sys
+tmp = sys.argv[1]
+words = "the quick brown fox jumps over the lazy dog while a model reads a long prompt ".split()
+def prompt(size):
+    text = " ".join(words)
+    return (text * (size // len(text) + 1))[:size]
+for name, size in (("big300k", 300 * 1024), ("big2m", 2 * 1024 * 1024)):
+    # no temperature/top_p: with model defaults on, both are spliced in
+    body = {"model": "mock-gpt", "messages": [{"role": "user", "content": prompt(size)}], "stream": False}
+    open(f"{tmp}/{name}.json", "w").write(json.dumps(body))
+EOF
+
+# ---- processes ---------------------------------------------------------------
+"${on_side[@]}" "$build/tests/mockllm" --listen 127.0.0.1:0 >"$tmp/mockllm.out" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do grep -q 'listening on' "$tmp/mockllm.out" && break; sleep 0.1; done
+port_mock=$(sed -n 's/.*listening on 127.0.0.1:\([0-9]*\).*/\1/p' "$tmp/mockllm.out")
+[[ -n $port_mock ]] || { echo "suite.sh: mockllm did not start" >&2; exit 1; }
+
+declare -A port
+start_zonegate() { # NAME EXTRA-JSON
+  local name=$1 extra=$2 p a r
+  read -r p a r <<<"$(free_ports 3)"
+  mkdir -p "$tmp/$name"
+  cat >"$tmp/$name/config.json" <<EOF
+{"node": {"id": "bench", "zone": "A"},
+ "listen": {"gateway": "127.0.0.1:$p", "admin": "127.0.0.1:$a", "raft": "127.0.0.1:$r"},
+ "cluster": {"data_dir": "$tmp/$name/data"},
+ "endpoint": "http://127.0.0.1:$port_mock", "api_key": "env:ZG_BENCH_UPSTREAM_KEY",
+ "auth": {"mode": "none"},
+ "performance": {"max_concurrent": 1000, "max_queue": 10000, "cache_size": 0, "max_body_bytes": 8388608},
+ "logging": {"level": "warn"}$extra}
+EOF
+  ZG_BENCH_UPSTREAM_KEY=bench-key "${on_proxy[@]}" "$build/zonegate" serve --config "$tmp/$name/config.json" \
+    >"$tmp/$name/zonegate.log" 2>&1 &
+  pids+=($!)
+  port[$name]=$p
+  wait_http "http://127.0.0.1:$p/health/live"
+}
+start_zonegate zonegate ''
+start_zonegate zg-nousage ', "usage": {"enabled": false}'
+start_zonegate zg-defaults ', "model": {"temperature": 0.7, "top_p": 0.95}'
+
+read -r port_ngx <<<"$(free_ports 1)"
+mkdir -p "$tmp/nginx/logs"
+cat >"$tmp/nginx/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $tmp/nginx/nginx.pid;
+error_log $tmp/nginx/logs/error.log warn;
+events { worker_connections 20000; }
+http {
+  client_body_temp_path $tmp/nginx/body; proxy_temp_path $tmp/nginx/proxy;
+  fastcgi_temp_path $tmp/nginx/fastcgi; uwsgi_temp_path $tmp/nginx/uwsgi; scgi_temp_path $tmp/nginx/scgi;
+  keepalive_requests 1000000; keepalive_timeout 60s;
+  upstream mockllm { server 127.0.0.1:$port_mock; keepalive 256; keepalive_requests 1000000; }
+  server {
+    listen 127.0.0.1:$port_ngx; access_log off;
+    client_max_body_size 8m; client_body_buffer_size 8m;   # bodies stay in memory, as in zonegate
+    location / { proxy_pass http://mockllm; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+}
+EOF
+"${on_proxy[@]}" nginx -p "$tmp/nginx" -c "$tmp/nginx/nginx.conf" -g "user $(id -un) $(id -gn);" \
+  >"$tmp/nginx/stdout.log" 2>&1 &
+pids+=($!)
+port[nginx]=$port_ngx
+port[direct]=$port_mock
+wait_http "http://127.0.0.1:$port_ngx/"
+
+for name in direct zonegate zg-nousage zg-defaults nginx; do
+  for b in small big300k big2m; do
+    code=$(curl -s -o "$tmp/sanity.out" -w '%{http_code}' --max-time 10 -H 'Content-Type: application/json' \
+      --data-binary @"$tmp/$b.json" "http://127.0.0.1:${port[$name]}/v1/chat/completions" || true)
+    [[ $code == 200 ]] || { echo "suite.sh: $b through $name answered $code: $(head -c 300 "$tmp/sanity.out")" >&2; exit 1; }
+  done
+done
+
+# ---- measurements --------------------------------------------------------------
+for b in small big300k; do
+  cat >"$tmp/$b.lua" <<EOF
+wrk.method = "POST"
+wrk.path = "/v1/chat/completions"
+wrk.headers["Content-Type"] = "application/json"
+local f = io.open("$tmp/$b.json", "rb"); wrk.body = f:read("*a"); f:close()
+done = function(s, lat, req)
+  io.write(string.format("WRK rps=%.1f p50_us=%d p99_us=%d errors=%d non2xx=%d\n",
+    s.requests / (s.duration / 1e6), lat:percentile(50), lat:percentile(99),
+    s.errors.connect + s.errors.read + s.errors.write + s.errors.timeout, s.errors.status))
+end
+EOF
+done
+gcc -std=gnu11 -O2 -Wall -Wextra -Werror -o "$tmp/pacedload" "$repo/tests/bench/pacedload.c"
+
+results="$tmp/results.txt" # lines: KIND NAME ROUND VALUE
+: >"$results"
+wrk_rps() { # BODY NAME ROUND CONNS
+  local b=$1 name=$2 round=$3 conns=$4 pin line
+  if [[ $name == direct ]]; then pin=("${on_direct[@]}"); else pin=("${on_side[@]}"); fi
+  timeout $((WARMUP + 10)) "${pin[@]}" wrk -t1 -c"$conns" -d"${WARMUP}s" --timeout 10s -s "$tmp/$b.lua" \
+    "http://127.0.0.1:${port[$name]}" >/dev/null 2>&1 || true
+  line=$(timeout $((DURATION + 20)) "${pin[@]}" wrk -t1 -c"$conns" -d"${DURATION}s" --timeout 10s -s "$tmp/$b.lua" \
+    "http://127.0.0.1:${port[$name]}" 2>&1 | grep '^WRK ' || true)
+  [[ -n $line ]] || { echo "suite.sh: wrk $b against $name printed nothing" >&2; exit 1; }
+  printf '  round %d %-8s %-12s %s\n' "$round" "$b" "$name" "$line"
+  echo "rps_$b $name $round $(sed 's/.*rps=\([0-9.]*\).*/\1/' <<<"$line")" >>"$results"
+}
+paced() { # BODY NAME ROUND RATE SECONDS
+  local b=$1 name=$2 round=$3 rate=$4 secs=$5 pin line
+  if [[ $name == direct ]]; then pin=("${on_direct[@]}"); else pin=("${on_side[@]}"); fi
+  line=$(timeout $((secs + 30)) "${pin[@]}" "$tmp/pacedload" --port "${port[$name]}" --body "$tmp/$b.json" \
+    --rate "$rate" --duration "$secs" --warmup 2 --connections 16 2>&1 || true)
+  [[ $line == PACED* ]] || { echo "suite.sh: pacedload $b against $name failed: $line" >&2; exit 1; }
+  [[ $line == *" non2xx=0 errors=0 "* ]] || { echo "suite.sh: pacedload $b against $name had failures: $line" >&2; exit 1; }
+  printf '  round %d %-8s %-12s %s\n' "$round" "$b" "$name" "$line"
+  echo "p50_$b $name $round $(sed 's/.* p50_us=\([0-9.]*\).*/\1/' <<<"$line")" >>"$results"
+}
+rotate() { # ROUND NAMES...: the names rotated by ROUND
+  local r=$1; shift
+  local a=("$@") n=$# i
+  for ((i = 0; i < n; i++)); do echo "${a[(i + r) % n]}"; done
+}
+
+echo "== $ROUNDS interleaved rounds (proxy on core 0; mockllm and client on core 1)"
+for ((round = 1; round <= ROUNDS; round++)); do
+  for name in $(rotate "$round" zonegate nginx zg-nousage); do wrk_rps small "$name" "$round" "$CONNS"; done
+  for name in $(rotate "$round" direct zonegate nginx); do paced small "$name" "$round" "$RATE" "$PACED_SECONDS"; done
+  for name in $(rotate "$round" zonegate nginx zg-defaults); do wrk_rps big300k "$name" "$round" 8; done
+  for name in $(rotate "$round" direct zonegate nginx); do paced big2m "$name" "$round" "$BIG_RATE" "$PACED_SECONDS"; done
+done
+
+# ---- summary -----------------------------------------------------------------------
+python3 - "$results" "$ROUNDS" <<'EOF' | tee "$tmp/summary.md"
+import sys, statistics as st
+rows = [l.split() for l in open(sys.argv[1])]
+val = {}
+for kind, name, rnd, v in rows: val[(kind, name, int(rnd))] = float(v)
+rounds = range(1, int(sys.argv[2]) + 1)
+def series(f): return [f(r) for r in rounds]
+def fmt(xs, d=2): return f"{st.median(xs):.{d}f} [{min(xs):.{d}f}..{max(xs):.{d}f}]"
+def ratio(kind, a, b): return series(lambda r: val[(kind, a, r)] / val[(kind, b, r)])
+def diff(kind, a, b, scale=1.0): return series(lambda r: (val[(kind, a, r)] - val[(kind, b, r)]) / scale)
+def med(kind, name): return st.median(series(lambda r: val[(kind, name, r)]))
+t_small = ratio("rps_small", "zonegate", "nginx")
+t_usage = ratio("rps_small", "zonegate", "zg-nousage")
+add_zg = diff("p50_small", "zonegate", "direct"); add_ngx = diff("p50_small", "nginx", "direct")
+add_vs = diff("p50_small", "zonegate", "nginx")
+t_300 = ratio("rps_big300k", "zonegate", "nginx")
+t_def = ratio("rps_big300k", "zg-defaults", "zonegate")
+big_add = diff("p50_big2m", "zonegate", "nginx", 1000.0)
+print("\n| check (issue 14) | median [min..max] over rounds | target | |")
+print("|---|---|---|---|")
+def line(name, xs, target, ok, d=2): print(f"| {name} | {fmt(xs, d)} | {target} | {'met' if ok else 'NOT met'} |")
+line("small requests: zonegate / nginx req/s", t_small, "≥ 0.90", st.median(t_small) >= 0.9)
+line(f"added p50 at fixed rate, zonegate µs (nginx: {fmt(add_ngx, 0)})", add_zg, "≤ nginx's", st.median(add_vs) <= 0, 0)
+line("300 KB prompt: zonegate / nginx req/s", t_300, "≥ 0.95", st.median(t_300) >= 0.95)
+line("2 MB prompt: zonegate p50 − nginx p50, ms", big_add, "≤ 1 ms", st.median(big_add) <= 1.0)
+line("300 KB prompt: defaults on / off req/s", t_def, "≥ 0.90", st.median(t_def) >= 0.9)
+line("small: usage accounting on / off req/s", t_usage, "≥ 0.95", st.median(t_usage) >= 0.95)
+print(f"\nmedian req/s: zonegate {med('rps_small','zonegate'):.0f}, nginx {med('rps_small','nginx'):.0f}, "
+      f"usage off {med('rps_small','zg-nousage'):.0f}; 300 KB: zonegate {med('rps_big300k','zonegate'):.0f}, "
+      f"nginx {med('rps_big300k','nginx'):.0f}, defaults on {med('rps_big300k','zg-defaults'):.0f}; "
+      f"2 MB p50 µs: direct {med('p50_big2m','direct'):.0f}, zonegate {med('p50_big2m','zonegate'):.0f}, "
+      f"nginx {med('p50_big2m','nginx'):.0f}")
+EOF
+
+if [[ -n $LITELLM ]]; then
+  echo "== LiteLLM (see tests/bench/README.md)"
+  read -r port_ll <<<"$(free_ports 1)"
+  cat >"$tmp/litellm.yaml" <<EOF
+model_list:
+  - model_name: mock-gpt
+    litellm_params: {model: openai/mock-gpt, api_base: "http://127.0.0.1:$port_mock/v1", api_key: bench-key}
+EOF
+  "${on_proxy[@]}" "$LITELLM" --config "$tmp/litellm.yaml" --host 127.0.0.1 --port "$port_ll" --num_workers 1 \
+    >"$tmp/litellm.log" 2>&1 &
+  pids+=($!)
+  for _ in $(seq 300); do
+    [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "http://127.0.0.1:$port_ll/health/liveliness" || true) == 200 ]] && break
+    sleep 0.2
+  done
+  port[litellm]=$port_ll
+  for name in $(rotate 1 zonegate nginx litellm); do wrk_rps small "$name" 0 "$CONNS"; done
+else
+  echo "LiteLLM: skipped (set LITELLM=/path/to/litellm, from pip install 'litellm[proxy]')"
+fi
+
+if [[ $CALLGRIND == 1 ]]; then
+  echo "== callgrind: instructions per small request"
+  "$repo/tests/bench/callgrind.sh" "$build" | grep '^CALLGRIND'
+fi
+echo
+echo "Command: $command_line"
