@@ -199,7 +199,8 @@ cJSON *consensus_tokens_json(const struct consensus *c); /* id, name, created_at
                                                             sha256_prefix (8 chars) */
 cJSON *consensus_audit_json(const struct consensus *c, size_t limit); /* newest last; 0 = all */
 /* node, leader {id, address}, term, commit_index, applied_index, last_log_index,
- * state (follower/candidate/leader/unavailable), is_leader (fenced), members [...] */
+ * state (follower/candidate/leader/unavailable), is_leader (fenced), incarnation (the
+ * cluster incarnation, 32 hex digits; null while a joiner waits to learn it), members [...] */
 cJSON *consensus_status_json(const struct consensus *c);
 
 bool consensus_is_leader(const struct consensus *c); /* raft leader AND its post-election barrier
@@ -245,9 +246,11 @@ int consensus_isolate(struct consensus *c, unsigned duration_ms);
 /* Offline disaster recovery (consensus/recover.c), on a STOPPED node's
  * data dir. inspect: the log's current term and last index (pick the
  * survivor with the longest log). recover_single: force a configuration
- * of this node alone (libraft raft_recover); afterwards the node starts
- * as a one-voter cluster and the others rejoin with empty data dirs
- * (`zonegate members add`). Both return 0, or -1 with a message. */
+ * of this node alone (libraft raft_recover) and give it a new cluster
+ * incarnation; afterwards the node starts as a one-voter cluster, nodes
+ * still holding the old data are refused at the peer handshake, and the
+ * others rejoin with empty data dirs (`zonegate members add`). Both
+ * return 0, or -1 with a message. */
 int consensus_inspect_log(const char *data_dir, const char *node_id, const char *raft_address,
                           uint64_t *term, uint64_t *last_index, char *errmsg, size_t errlen);
 int consensus_recover_single(const char *data_dir, const char *node_id, const char *raft_address,

@@ -339,6 +339,27 @@ cJSON *zg_state_audit_json(const struct zg_state *st, size_t limit);
 const struct zg_token *zg_state_token_find(const struct zg_state *st, const char *sha256);
 bool zg_cidr_valid(const char *cidr);
 
+/* ---- cluster incarnation (incarnation.c) -------------------------------- */
+#define ZG_INCARNATION_LEN 16
+#define ZG_INCARNATION_HEX (2 * ZG_INCARNATION_LEN)
+struct zg_incarnation {
+  uint8_t b[ZG_INCARNATION_LEN];
+};
+void zg_incarnation_hex(const struct zg_incarnation *inc, char out[ZG_INCARNATION_HEX + 1]);
+/* 32 lowercase hex digits, exactly: 0 or -1. */
+int zg_incarnation_parse(const char *text, size_t len, struct zg_incarnation *out);
+/* Wall ms of its creation (0: bootstrap or legacy). */
+uint64_t zg_incarnation_time(const struct zg_incarnation *inc);
+void zg_incarnation_legacy(struct zg_incarnation *out);
+void zg_incarnation_bootstrap(const struct raft_configuration *conf, struct zg_incarnation *out);
+int zg_incarnation_new(struct zg_incarnation *out); /* recover --force; 0 or -1 (no randomness) */
+/* data_dir/incarnation: 0 read, 1 absent, -1 unreadable or malformed (err). */
+int zg_incarnation_load(const char *data_dir, struct zg_incarnation *out, char *err, size_t errlen);
+/* Atomic (tmp, fsync, rename): 0 or -1 with err. */
+int zg_incarnation_store(const char *data_dir, const struct zg_incarnation *inc, char *err,
+                         size_t errlen);
+int zg_incarnation_remove(const char *data_dir);
+
 /* ---- authenticated transport (transport.c) ---------------------------- */
 /* Fills `t` (version 1). `secret` is copied. Close through t->close (raft_uv
  * does it), then zg_transport_free(). */
@@ -351,6 +372,17 @@ struct ssl_ctx_st;
 void zg_transport_set_tls(struct raft_uv_transport *t, struct ssl_ctx_st *ctx);
 /* Sets the startup quiet period; must be called before raft_start(). */
 void zg_transport_set_quiet(struct raft_uv_transport *t, unsigned quiet_ms);
+/* The incarnation check of the handshake (see transport.c). OFF (the
+ * default): nothing sent, nothing checked. KNOWN: `inc` is sent and a peer
+ * that sends another one is refused. ADOPT (a joiner with an empty log):
+ * "none yet" is sent, and the first authenticated peer that sends one is
+ * adopted: adopt(ud, inc) stores it (non-zero refuses that peer), then the
+ * transport is KNOWN. */
+enum zg_incarnation_mode { ZG_INC_OFF, ZG_INC_KNOWN, ZG_INC_ADOPT };
+typedef int (*zg_incarnation_adopt_cb)(void *ud, const struct zg_incarnation *inc);
+void zg_transport_set_incarnation(struct raft_uv_transport *t, enum zg_incarnation_mode mode,
+                                  const struct zg_incarnation *inc, zg_incarnation_adopt_cb adopt,
+                                  void *ud);
 /* Drill: cuts every peer connection and refuses new ones for duration_ms. */
 void zg_transport_isolate(struct raft_uv_transport *t, unsigned duration_ms);
 

@@ -68,6 +68,9 @@ struct consensus {
   void (*on_event)(void *ud, enum consensus_event ev);
   void *ud;
   cJSON *seed_config, *seed_tokens;
+  /* cluster incarnation (incarnation.c); known false while a joiner waits */
+  struct zg_incarnation incarnation;
+  bool incarnation_known;
   /* leadership tracking */
   unsigned last_state;
   raft_id last_leader;
@@ -684,6 +687,63 @@ nomem:
   return NULL;
 }
 
+/* The transport adopted the incarnation of the cluster this joiner joins:
+ * store it before any raft byte arrives. */
+static int adopt_incarnation(void *ud, const struct zg_incarnation *inc) {
+  struct consensus *c = ud;
+  char err[600];
+  if (zg_incarnation_store(c->data_dir, inc, err, sizeof err) != 0) {
+    ZG_LOG_ERROR("incarnation_store_failed", "%s", err);
+    return -1;
+  }
+  c->incarnation = *inc;
+  c->incarnation_known = true;
+  return 0;
+}
+
+/* Which incarnation this node is of (see incarnation.c), set on the
+ * transport. fresh: the raft dir holds no state yet. */
+static int setup_incarnation(struct consensus *c, const struct consensus_options *opts,
+                             const struct raft_configuration *conf, bool fresh, char *errmsg,
+                             size_t errlen) {
+  char err[600];
+  enum zg_incarnation_mode mode = ZG_INC_KNOWN;
+  if (fresh && opts->join_existing) {
+    /* A file left beside an emptied raft dir says nothing about the
+     * cluster this node now joins. */
+    zg_incarnation_remove(c->data_dir);
+    mode = ZG_INC_ADOPT;
+  } else if (fresh) {
+    /* Stored before raft_bootstrap writes anything: a crash in between
+     * must not leave raft state without its incarnation. */
+    zg_incarnation_bootstrap(conf, &c->incarnation);
+    if (zg_incarnation_store(c->data_dir, &c->incarnation, err, sizeof err) != 0) {
+      snprintf(errmsg, errlen, "%s", err);
+      return -1;
+    }
+  } else {
+    int rv = zg_incarnation_load(c->data_dir, &c->incarnation, err, sizeof err);
+    if (rv < 0) {
+      snprintf(errmsg, errlen, "%s", err);
+      return -1;
+    }
+    if (rv == 1) { /* written by a zonegate from before incarnations */
+      zg_incarnation_legacy(&c->incarnation);
+      if (zg_incarnation_store(c->data_dir, &c->incarnation, err, sizeof err) != 0) {
+        snprintf(errmsg, errlen, "%s", err);
+        return -1;
+      }
+      ZG_LOG_INFO("incarnation_created",
+                  "data dir %s had no cluster incarnation (older zonegate): it is the cluster's "
+                  "first one",
+                  c->data_dir);
+    }
+  }
+  c->incarnation_known = mode == ZG_INC_KNOWN;
+  zg_transport_set_incarnation(&c->transport, mode, &c->incarnation, adopt_incarnation, c);
+  return 0;
+}
+
 /* A fresh dir is bootstrapped with every member as a voter; a joiner never
  * bootstraps. *restarted: the dir already held raft state. */
 static int bootstrap_if_new(struct consensus *c, const struct consensus_options *opts,
@@ -703,14 +763,19 @@ static int bootstrap_if_new(struct consensus *c, const struct consensus_options 
   }
   qsort(conf.servers, conf.n, sizeof *conf.servers, server_cmp);
   *restarted = false;
+  char meta[4200];
+  struct stat st;
+  snprintf(meta, sizeof meta, "%s/metadata1", c->raft_dir);
+  bool have1 = stat(meta, &st) == 0;
+  snprintf(meta, sizeof meta, "%s/metadata2", c->raft_dir);
+  bool fresh = !have1 && stat(meta, &st) != 0;
+  if (setup_incarnation(c, opts, &conf, fresh, errmsg, errlen) != 0) {
+    raft_configuration_close(&conf);
+    return -1;
+  }
   if (opts->join_existing) {
     rv = RAFT_CANTBOOTSTRAP; /* never start a cluster of our own */
-    char meta[4200];
-    struct stat st;
-    snprintf(meta, sizeof meta, "%s/metadata1", c->raft_dir);
-    bool have1 = stat(meta, &st) == 0;
-    snprintf(meta, sizeof meta, "%s/metadata2", c->raft_dir);
-    if (!have1 && stat(meta, &st) != 0) {
+    if (fresh) {
       rv = 0; /* fresh joiner: no quiet period needed, it never voted */
       ZG_LOG_INFO("raft_joining", "empty data dir %s: waiting to be added by the leader",
                   c->raft_dir);
@@ -1031,6 +1096,13 @@ cJSON *consensus_status_json(const struct consensus *c) {
   cJSON_AddBoolToObject(o, "is_leader", consensus_is_leader(c));
   cJSON_AddNumberToObject(o, "config_version", (double)c->fsm.st.config_version);
   cJSON_AddNumberToObject(o, "undecodable_entries", (double)c->fsm.n_rejected_entries);
+  if (c->incarnation_known) {
+    char hex[ZG_INCARNATION_HEX + 1];
+    zg_incarnation_hex(&c->incarnation, hex);
+    cJSON_AddStringToObject(o, "incarnation", hex);
+  } else {
+    cJSON_AddNullToObject(o, "incarnation");
+  }
   cJSON *members = cJSON_AddArrayToObject(o, "members");
   uint64_t now = zg_mono_ms();
   for (size_t i = 0; members && i < c->n_members; i++) {

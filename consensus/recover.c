@@ -5,11 +5,17 @@
  * consensus_recover_single() forces a configuration of this node alone
  * (libraft raft_recover), for when a majority is lost for good.
  *
- * Both run on a private uv loop and touch only data_dir/raft. They fail
+ * recover_single also gives the data dir a new cluster incarnation
+ * (incarnation.c): the other nodes still hold the old one, and the peer
+ * handshake refuses them until they come back with an empty data dir.
+ *
+ * Both run on a private uv loop and touch only data_dir/raft (and
+ * data_dir/incarnation). They fail
  * with a message naming the call and path (locked or corrupt log,
  * missing data dir); the data dir is unchanged unless recover succeeds.
  */
 #include "consensus/consensus.h"
+#include "consensus/internal.h"
 
 #include <raft.h>
 #include <raft/uv.h>
@@ -135,6 +141,21 @@ int consensus_recover_single(const char *data_dir, const char *node_id, const ch
     goto out;
   }
   raft_inited = true;
+  /* The new incarnation is stored first: once the log is rewritten, this
+   * node must never again accept a node of the old one (a crash in between
+   * leaves a node refused by its old peers, which is the safe side). On a
+   * failure the old file comes back. */
+  struct zg_incarnation old_inc, new_inc;
+  char ierr[600];
+  int had_old = zg_incarnation_load(data_dir, &old_inc, ierr, sizeof ierr);
+  if (zg_incarnation_new(&new_inc) != 0) {
+    snprintf(errmsg, errlen, "no randomness for the new cluster incarnation");
+    goto out;
+  }
+  if (zg_incarnation_store(data_dir, &new_inc, ierr, sizeof ierr) != 0) {
+    snprintf(errmsg, errlen, "%s", ierr);
+    goto out;
+  }
   struct raft_configuration conf;
   raft_configuration_init(&conf);
   rv = raft_configuration_add(&conf, consensus_raft_id(node_id), raft_address, RAFT_VOTER);
@@ -142,6 +163,10 @@ int consensus_recover_single(const char *data_dir, const char *node_id, const ch
   raft_configuration_close(&conf);
   if (rv != 0) {
     snprintf(errmsg, errlen, "raft_recover(%s): %s", o.raft_dir, raft_errmsg(&r));
+    if (had_old == 0)
+      zg_incarnation_store(data_dir, &old_inc, ierr, sizeof ierr);
+    else if (had_old == 1)
+      zg_incarnation_remove(data_dir);
     goto out;
   }
   rc = 0;

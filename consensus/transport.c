@@ -9,6 +9,19 @@
  * HMAC-SHA256(secret, direction label || nonce_c || nonce_s || sender id ||
  * sender address), compared with CRYPTO_memcmp.
  *
+ * Cluster incarnation (incarnation.c): the address field of HELLO and
+ * CHALLENGE is the raft address, then NUL, "zgi1:" and the sender's
+ * incarnation in hex ("none" from a joiner that has none yet). A NUL in the
+ * address is refused anywhere else. The MACs cover the raft address only,
+ * so a node of the previous version (which cut the field at its first NUL)
+ * still completes the handshake with us both ways; its peers see no
+ * incarnation and let it in (and warn). Once the peer has proved the secret,
+ * a different incarnation is refused on both sides with one ERROR line
+ * `peer_incarnation_mismatch` that says what to do: the server does not
+ * answer OK; the client sends its PROOF anyway (so the server can log the
+ * refusal) and then fails. A joiner with an empty log (ZG_INC_ADOPT) takes
+ * the incarnation of the first authenticated peer that sends one.
+ *
  * Every read asks libuv for exactly the bytes the current message still
  * needs, so no raft byte is ever swallowed by the handshake. A handshake is
  * bounded to HANDSHAKE_TIMEOUT_MS and fixed sizes; a wrong secret, a timeout
@@ -58,6 +71,12 @@
 #define CHALLENGE_FIXED (4 + NONCE_LEN + 8 + MAC_LEN + 1)
 #define PROOF_LEN (4 + MAC_LEN)
 #define OK_LEN 4
+/* The incarnation extension of the address field (see the header). */
+#define INC_EXT_PREFIX "zgi1:"
+#define INC_EXT_PREFIX_LEN 5
+#define INC_EXT_NONE "none"
+#define INC_EXT_MAX (1 + INC_EXT_PREFIX_LEN + ZG_INCARNATION_HEX)
+#define ADDR_TEXT_MAX (ADDR_MAX - INC_EXT_MAX) /* our own address, with room for the extension */
 #define TUNNEL_READ_SIZE 65536
 #define TUNNEL_HIGH_WATER (4u << 20) /* bytes queued on one side before the other stops */
 
@@ -95,6 +114,12 @@ struct handshake {
   uv_write_t write1, write2;
   int writes_pending;
   bool ok_received;
+  /* The incarnation the peer sent (check_incarnation), and whether we
+   * refuse it: the client then still proves itself, so that the server
+   * can log the refusal too, and fails when the server closes. */
+  enum { PEER_INC_ABSENT, PEER_INC_PENDING, PEER_INC_KNOWN } peer_inc_kind;
+  struct zg_incarnation peer_inc;
+  bool inc_refused;
   struct raft_uv_connect *req; /* outbound */
   raft_id peer_id;
   char peer_address[ADDR_MAX + 1];
@@ -155,6 +180,10 @@ struct zgt {
   unsigned n_inbound;
   bool closing;
   raft_uv_transport_close_cb close_cb;
+  enum zg_incarnation_mode inc_mode;
+  struct zg_incarnation inc;
+  zg_incarnation_adopt_cb adopt;
+  void *adopt_ud;
 };
 
 static void hs_fail(struct handshake *hs, const char *why);
@@ -276,7 +305,7 @@ static void hs_fail(struct handshake *hs, const char *why) {
   if (hs->finished) return;
   hs->finished = true;
   hs->phase = HS_DONE;
-  if (why != NULL) log_auth_failure(hs, why);
+  if (why != NULL && !hs->inc_refused) log_auth_failure(hs, why);
   if (hs->gai_pending) uv_cancel((uv_req_t *)&hs->gai);
   hs_close_handles(hs, true);
   if (hs->outbound && hs->req != NULL) {
@@ -422,6 +451,137 @@ static void hs_alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
   *buf = uv_buf_init((char *)hs->rbuf + hs->rgot, (unsigned)want);
 }
 
+/* ---- incarnation ---------------------------------------------------------- */
+
+/* Our address field: the raft address, then (unless the check is off) NUL,
+ * "zgi1:" and the incarnation in hex, or "none" while we wait to adopt one.
+ * Returns its length (at most ADDR_MAX: tr_init keeps the address short). */
+static size_t put_address_field(const struct zgt *tr, uint8_t *w) {
+  size_t n = strlen(tr->address);
+  memcpy(w, tr->address, n);
+  if (tr->inc_mode == ZG_INC_OFF) return n;
+  w[n++] = '\0';
+  memcpy(w + n, INC_EXT_PREFIX, INC_EXT_PREFIX_LEN);
+  n += INC_EXT_PREFIX_LEN;
+  if (tr->inc_mode == ZG_INC_ADOPT) {
+    memcpy(w + n, INC_EXT_NONE, strlen(INC_EXT_NONE));
+    return n + strlen(INC_EXT_NONE);
+  }
+  char hex[ZG_INCARNATION_HEX + 1];
+  zg_incarnation_hex(&tr->inc, hex);
+  memcpy(w + n, hex, ZG_INCARNATION_HEX);
+  return n + ZG_INCARNATION_HEX;
+}
+
+/* Splits a peer's address field into the raft address (into out, NUL
+ * terminated) and the incarnation extension (into hs). An address is text:
+ * a NUL is allowed only as the start of a well-formed extension. NULL, or
+ * why the field is refused. */
+static const char *parse_address_field(struct handshake *hs, const uint8_t *p, size_t len,
+                                       char out[ADDR_MAX + 1]) {
+  const uint8_t *nul = memchr(p, '\0', len);
+  size_t alen = nul ? (size_t)(nul - p) : len;
+  hs->peer_inc_kind = PEER_INC_ABSENT;
+  if (alen == 0) return "empty peer address";
+  memcpy(out, p, alen);
+  out[alen] = '\0';
+  if (nul == NULL) return NULL;
+  const char *ext = (const char *)nul + 1;
+  size_t elen = len - alen - 1;
+  if (elen > INC_EXT_PREFIX_LEN && memcmp(ext, INC_EXT_PREFIX, INC_EXT_PREFIX_LEN) == 0) {
+    ext += INC_EXT_PREFIX_LEN;
+    elen -= INC_EXT_PREFIX_LEN;
+    if (elen == strlen(INC_EXT_NONE) && memcmp(ext, INC_EXT_NONE, elen) == 0) {
+      hs->peer_inc_kind = PEER_INC_PENDING;
+      return NULL;
+    }
+    if (zg_incarnation_parse(ext, elen, &hs->peer_inc) == 0) {
+      hs->peer_inc_kind = PEER_INC_KNOWN;
+      return NULL;
+    }
+  }
+  return "peer address contains a NUL byte";
+}
+
+#define INC_LOG_INTERVAL_MS 10000
+/* One ERROR line per peer and direction every INC_LOG_INTERVAL_MS: what
+ * happened and what to do. The side with the older incarnation is the
+ * stale one (recover --force stamps the time into the new one). */
+static void log_incarnation_mismatch(struct handshake *hs) {
+  static struct zg_log_throttle throttle = {.interval_ms = INC_LOG_INTERVAL_MS};
+  char key[72];
+  snprintf(key, sizeof key, "%c%.63s", hs->outbound ? 'o' : 'i', hs->peer_ip);
+  unsigned suppressed = 0;
+  if (!zg_log_throttle(&throttle, key, &suppressed)) return;
+  const struct zgt *tr = hs->tr;
+  char here[ZG_INCARNATION_HEX + 1], there[ZG_INCARNATION_HEX + 1], peer[360], msg[700];
+  zg_incarnation_hex(&tr->inc, here);
+  zg_incarnation_hex(&hs->peer_inc, there);
+  snprintf(peer, sizeof peer, "%s (%s)", hs->peer_address[0] ? hs->peer_address : "?",
+           hs->peer_ip[0] ? hs->peer_ip : "?");
+  uint64_t t_here = zg_incarnation_time(&tr->inc), t_there = zg_incarnation_time(&hs->peer_inc);
+  if (t_there > t_here)
+    snprintf(msg, sizeof msg,
+             "this node is from an older incarnation of the cluster than peer %s, which was "
+             "recovered with zonegate recover --force: stop this node, empty its data dir and add "
+             "it again with `zonegate members add` on the recovered cluster",
+             peer);
+  else if (t_there < t_here)
+    snprintf(msg, sizeof msg,
+             "peer %s is from another incarnation of this cluster (recovered with zonegate recover "
+             "--force): empty its data dir and add it again with `zonegate members add`",
+             peer);
+  else
+    snprintf(msg, sizeof msg,
+             "peer %s is from another incarnation of this cluster (incarnation %s here, %s there): "
+             "keep the nodes of the cluster you recovered with zonegate recover --force, empty the "
+             "data dir of the others and add them again with `zonegate members add`",
+             peer, here, there);
+  cJSON *fields = cJSON_CreateObject();
+  if (fields != NULL) {
+    cJSON_AddStringToObject(fields, "peer_ip", hs->peer_ip[0] ? hs->peer_ip : "?");
+    cJSON_AddStringToObject(fields, "peer_raft_address", hs->peer_address);
+    cJSON_AddStringToObject(fields, "direction", hs->outbound ? "outbound" : "inbound");
+    cJSON_AddStringToObject(fields, "incarnation", here);
+    cJSON_AddStringToObject(fields, "peer_incarnation", there);
+    cJSON_AddNumberToObject(fields, "suppressed_since_last", suppressed);
+    cJSON_AddStringToObject(fields, "msg", msg);
+  }
+  zg_log_fields(ZG_ERROR, "peer_incarnation_mismatch", fields);
+}
+
+/* Runs once the peer has proved the cluster secret. 0: go on; -1: another
+ * incarnation (logged); -2: a joiner could not store the one it adopts. */
+static int check_incarnation(struct handshake *hs) {
+  struct zgt *tr = hs->tr;
+  if (tr->inc_mode == ZG_INC_OFF || hs->peer_inc_kind == PEER_INC_PENDING) return 0;
+  if (hs->peer_inc_kind == PEER_INC_ABSENT) {
+    /* A zonegate from before incarnations: let it in (rolling upgrades). */
+    static struct zg_log_throttle throttle = {.interval_ms = 600000};
+    if (tr->inc_mode == ZG_INC_KNOWN && zg_log_throttle(&throttle, hs->peer_ip, NULL))
+      ZG_LOG_WARN("peer_without_incarnation",
+                  "raft peer %s (%s) runs a zonegate without the cluster incarnation check: "
+                  "upgrade it (a node of another incarnation is refused only by upgraded nodes)",
+                  hs->peer_address, hs->peer_ip);
+    return 0;
+  }
+  if (tr->inc_mode == ZG_INC_ADOPT) {
+    if (tr->adopt != NULL && tr->adopt(tr->adopt_ud, &hs->peer_inc) != 0) return -2;
+    tr->inc = hs->peer_inc;
+    tr->inc_mode = ZG_INC_KNOWN;
+    char hex[ZG_INCARNATION_HEX + 1];
+    zg_incarnation_hex(&tr->inc, hex);
+    ZG_LOG_INFO("incarnation_adopted", "joined cluster incarnation %s (from raft peer %s, %s)", hex,
+                hs->peer_address, hs->peer_ip);
+    return 0;
+  }
+  if (memcmp(tr->inc.b, hs->peer_inc.b, ZG_INCARNATION_LEN) == 0) return 0;
+  log_incarnation_mismatch(hs);
+  return -1;
+}
+
+#define ADOPT_FAILED "could not store the cluster incarnation this joining node adopts"
+
 /* Server side: HELLO complete. */
 static void on_hello(struct handshake *hs) {
   struct zgt *tr = hs->tr;
@@ -437,14 +597,14 @@ static void on_hello(struct handshake *hs) {
     hs->rneed = HELLO_FIXED + addr_len;
     return;
   }
-  if (addr_len == 0) {
-    hs_fail(hs, "empty peer address");
+  const char *bad = parse_address_field(hs, p + HELLO_FIXED, addr_len, hs->peer_address);
+  if (bad != NULL) {
+    hs->peer_address[0] = '\0';
+    hs_fail(hs, bad);
     return;
   }
   memcpy(hs->nonce_c, p + 4, NONCE_LEN);
   hs->peer_id = get_be64(p + 4 + NONCE_LEN);
-  memcpy(hs->peer_address, p + HELLO_FIXED, addr_len);
-  hs->peer_address[addr_len] = '\0';
   if (hs->peer_id == 0) {
     hs_fail(hs, "peer sent raft id 0");
     return;
@@ -461,15 +621,16 @@ static void on_hello(struct handshake *hs) {
     hs_fail(hs, "no randomness");
     return;
   }
-  size_t my_len = strlen(tr->address);
   uint8_t *w = hs->wbuf1;
   memcpy(w, "ZGH2", 4);
   memcpy(w + 4, hs->nonce_s, NONCE_LEN);
   put_be64(w + 4 + NONCE_LEN, tr->id);
+  /* The MAC covers the raft address only, as before incarnations: a node
+   * of the previous version verifies it over the text before the NUL. */
   compute_mac(tr, "zonegate-raft-server", hs->nonce_c, hs->nonce_s, tr->id, tr->address,
               w + 4 + NONCE_LEN + 8);
+  size_t my_len = put_address_field(tr, w + CHALLENGE_FIXED);
   w[CHALLENGE_FIXED - 1] = (uint8_t)my_len;
-  memcpy(w + CHALLENGE_FIXED, tr->address, my_len);
   if (hs_write(hs, &hs->write1, w, CHALLENGE_FIXED + my_len) != 0) {
     hs_fail(hs, NULL);
     return;
@@ -488,6 +649,12 @@ static void on_proof(struct handshake *hs) {
               hs->peer_address, expected);
   if (CRYPTO_memcmp(expected, hs->rbuf + 4, MAC_LEN) != 0) {
     hs_fail(hs, "wrong cluster secret (client proof did not verify)");
+    return;
+  }
+  int inc = check_incarnation(hs);
+  if (inc != 0) {
+    hs->inc_refused = inc == -1; /* logged: no peer_auth_failed line too */
+    hs_fail(hs, ADOPT_FAILED);
     return;
   }
   uv_read_stop(hs->io);
@@ -512,8 +679,11 @@ static void on_challenge(struct handshake *hs) {
     return;
   }
   char server_address[ADDR_MAX + 1];
-  memcpy(server_address, p + CHALLENGE_FIXED, addr_len);
-  server_address[addr_len] = '\0';
+  const char *bad = parse_address_field(hs, p + CHALLENGE_FIXED, addr_len, server_address);
+  if (bad != NULL) {
+    hs_fail(hs, bad);
+    return;
+  }
   memcpy(hs->nonce_s, p + 4, NONCE_LEN);
   raft_id server_id = get_be64(p + 4 + NONCE_LEN);
   uint8_t expected[MAC_LEN];
@@ -527,6 +697,14 @@ static void on_challenge(struct handshake *hs) {
     hs_fail(hs, "the node at this address has another raft id");
     return;
   }
+  int inc = check_incarnation(hs);
+  if (inc == -2) {
+    hs_fail(hs, ADOPT_FAILED);
+    return;
+  }
+  /* Refused (-1): still prove ourselves so the server logs it too, then
+   * fail when it closes (or, should it answer OK, on the OK). */
+  hs->inc_refused = inc == -1;
   uint8_t *w = hs->wbuf2;
   memcpy(w, "ZGH3", 4);
   compute_mac(tr, "zonegate-raft-client", hs->nonce_c, hs->nonce_s, tr->id, tr->address, w + 4);
@@ -538,7 +716,7 @@ static void on_challenge(struct handshake *hs) {
 }
 
 static void on_ok(struct handshake *hs) {
-  if (memcmp(hs->rbuf, "ZGH4", 4) != 0) {
+  if (memcmp(hs->rbuf, "ZGH4", 4) != 0 || hs->inc_refused) {
     hs_fail(hs, "malformed handshake confirmation");
     return;
   }
@@ -912,7 +1090,6 @@ static void on_connect(uv_connect_t *creq, int status) {
 
 static void send_hello(struct handshake *hs) {
   struct zgt *tr = hs->tr;
-  size_t my_len = strlen(tr->address);
   uint8_t *w = hs->wbuf1;
   if (zg_random_bytes(hs->nonce_c, NONCE_LEN) != 0) {
     hs_fail(hs, "no randomness");
@@ -921,8 +1098,8 @@ static void send_hello(struct handshake *hs) {
   memcpy(w, "ZGH1", 4);
   memcpy(w + 4, hs->nonce_c, NONCE_LEN);
   put_be64(w + 4 + NONCE_LEN, tr->id);
+  size_t my_len = put_address_field(tr, w + HELLO_FIXED);
   w[HELLO_FIXED - 1] = (uint8_t)my_len;
-  memcpy(w + HELLO_FIXED, tr->address, my_len);
   if (hs_write(hs, &hs->write1, w, HELLO_FIXED + my_len) != 0) {
     hs_fail(hs, NULL);
     return;
@@ -1002,8 +1179,9 @@ static int tr_connect(struct raft_uv_transport *t, struct raft_uv_connect *req, 
 
 static int tr_init(struct raft_uv_transport *t, raft_id id, const char *address) {
   struct zgt *tr = t->impl;
-  if (strlen(address) > ADDR_MAX) {
-    snprintf(t->errmsg, sizeof t->errmsg, "raft address too long");
+  if (strlen(address) > ADDR_TEXT_MAX) {
+    snprintf(t->errmsg, sizeof t->errmsg, "raft address too long (at most %d bytes)",
+             ADDR_TEXT_MAX);
     return RAFT_NAMETOOLONG;
   }
   tr->id = id;
@@ -1173,6 +1351,16 @@ void zg_transport_set_tls(struct raft_uv_transport *t, SSL_CTX *ctx) {
   if (tr->tls) SSL_CTX_free(tr->tls);
   tr->tls = ctx;
   if (ctx) SSL_CTX_up_ref(ctx);
+}
+
+void zg_transport_set_incarnation(struct raft_uv_transport *t, enum zg_incarnation_mode mode,
+                                  const struct zg_incarnation *inc, zg_incarnation_adopt_cb adopt,
+                                  void *ud) {
+  struct zgt *tr = t->impl;
+  tr->inc_mode = mode;
+  if (inc != NULL) tr->inc = *inc;
+  tr->adopt = adopt;
+  tr->adopt_ud = ud;
 }
 
 void zg_transport_free(struct raft_uv_transport *t) {

@@ -6,8 +6,10 @@
  * log's term and last index so the operator can pick the survivor with the
  * longest log, says exactly what will happen, asks for confirmation
  * (--yes for scripts), then rewrites the Raft configuration to this node
- * alone (libraft raft_recover). Writes committed only on the lost nodes
- * and not here are lost: that is the price of forcing, and it is said.
+ * alone (libraft raft_recover) with a new cluster incarnation, so a node
+ * that comes back with the old data is refused at the peer handshake.
+ * Writes committed only on the lost nodes and not here are lost: that is
+ * the price of forcing, and it is said.
  */
 #include "base/base.h"
 #include "config/config.h"
@@ -129,8 +131,10 @@ int node_recover(int argc, char **argv) {
       "This will:\n"
       "  1. rewrite the Raft configuration in %s/raft to this node ALONE (%s), a one-voter "
       "cluster;\n"
-      "  2. after `zonegate serve`, this node becomes active by itself;\n"
-      "  3. writes that were committed only on the lost nodes and not here are LOST.\n"
+      "  2. give it a new cluster incarnation: nodes that still hold the old data are refused\n"
+      "     when they connect (they log what to do) and must be re-added with an empty data dir;\n"
+      "  3. after `zonegate serve`, this node becomes active by itself;\n"
+      "  4. writes that were committed only on the lost nodes and not here are LOST.\n"
       "Before you go on:\n"
       "  - run it on the survivor with the HIGHEST term and then the LONGEST log (compare the line "
       "above\n"
@@ -154,7 +158,9 @@ int node_recover(int argc, char **argv) {
     fprintf(stderr, "error: %s\n", err);
     goto out;
   }
-  printf("recovered: %s is now the only voter. Start it with `zonegate serve --config %s`.\n",
+  printf("recovered: %s is now the only voter, in a new cluster incarnation. Start it with "
+         "`zonegate serve --config %s`,\nthen re-add each other node with an EMPTY data dir "
+         "(`cluster.join: true` in its config) and `zonegate members add`.\n",
          cfg->node_id, config_path);
   rc = 0;
 out:

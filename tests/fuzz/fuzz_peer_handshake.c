@@ -10,14 +10,19 @@
  *    answer nothing or exactly one well-formed CHALLENGE whose MAC
  *    verifies under the cluster secret for the HELLO it got.
  *  - mode odd ("peer"): [32] nonce_c [8] raft id [1] address length
- *    [address] [1] proof flag, then the bytes raft would send next. The
+ *    [address] [1] proof flag, then the bytes raft would send next. Bits
+ *    1-2 of the mode append an incarnation extension to the address field
+ *    (0: none, the fuzzed bytes alone; 1: NUL "zgi1:" and the server's
+ *    incarnation; 2: another incarnation; 3: "zgi1:none", a joiner). The
  *    harness sends that HELLO, checks the CHALLENGE it gets (MAC, server
- *    id and address), answers a PROOF that is right (flag even) or has one
- *    bit flipped (odd) together with the raft bytes, and expects:
- *    accepted (OK, accept callback with that id and address) exactly when
- *    the HELLO was valid (id != 0, address non-empty) and the proof right;
- *    then the stream raft gets delivers exactly the raft bytes (the
- *    handshake swallowed none of them).
+ *    id, address and incarnation), answers a PROOF that is right (flag
+ *    even) or has one bit flipped (odd) together with the raft bytes, and
+ *    expects: accepted (OK, accept callback with that id and address)
+ *    exactly when the HELLO was valid (id != 0, the address before any NUL
+ *    non-empty, nothing after a NUL but a well-formed extension, the same
+ *    incarnation or none) and the proof right; then the stream raft gets
+ *    delivers exactly the raft bytes (the handshake swallowed none of
+ *    them).
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -47,6 +52,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 #define NONCE_LEN 32
 #define MAC_LEN 32
 #define CHALLENGE_FIXED (4 + NONCE_LEN + 8 + MAC_LEN + 1)
+#define SERVER_INC "0000018f2a3b4c5d0123456789abcdef"
+#define OTHER_INC "0000018f2a3b4c5e0123456789abcdef"
+#define EXT_PREFIX "zgi1:"
+/* What the server appends to its address: NUL "zgi1:" and SERVER_INC. */
+#define SERVER_EXT_LEN (1 + 5 + 32)
 
 static uv_loop_t loop;
 static struct raft_uv_transport transport;
@@ -100,6 +110,9 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
     memset(&transport, 0, sizeof transport);
     CHECK(zg_transport_init(&transport, &loop, SECRET, server_address, 0, err, sizeof err) == 0);
     CHECK(transport.init(&transport, SERVER_ID, server_address) == 0);
+    struct zg_incarnation inc;
+    CHECK(zg_incarnation_parse(SERVER_INC, strlen(SERVER_INC), &inc) == 0);
+    zg_transport_set_incarnation(&transport, ZG_INC_KNOWN, &inc, NULL, NULL);
     if (transport.listen(&transport, on_accept) == 0) return 0;
     transport.close(&transport, NULL);
     uv_run(&loop, UV_RUN_NOWAIT);
@@ -137,8 +150,29 @@ struct peer {
   uint64_t id;
   char address[256];
   bool proof_right;
-  bool nul_in_address;
 };
+
+/* The server's address field: its address, NUL, "zgi1:", SERVER_INC. */
+static bool is_server_field(const uint8_t *f, size_t len) {
+  size_t al = strlen(server_address);
+  return len == al + SERVER_EXT_LEN && memcmp(f, server_address, al) == 0 && f[al] == '\0' &&
+         memcmp(f + al + 1, EXT_PREFIX SERVER_INC, SERVER_EXT_LEN - 1) == 0;
+}
+
+/* The model of an address field the server must accept: text before any
+ * NUL non-empty; after a NUL only "zgi1:none" or "zgi1:" + the server's
+ * own incarnation (another well-formed one is refused too, as another
+ * incarnation of the cluster). */
+static bool field_acceptable(const uint8_t *f, size_t len) {
+  const uint8_t *nul = memchr(f, '\0', len);
+  size_t text = nul ? (size_t)(nul - f) : len;
+  if (text == 0) return false;
+  if (!nul) return true;
+  size_t rest = len - text - 1;
+  const char *e = (const char *)nul + 1;
+  return (rest == 9 && memcmp(e, "zgi1:none", 9) == 0) ||
+         (rest == 5 + 32 && memcmp(e, EXT_PREFIX SERVER_INC, 5 + 32) == 0);
+}
 
 static void on_peer_closed(uv_handle_t *h) {
   ((struct peer *)h->data)->closed = true;
@@ -162,7 +196,7 @@ static void maybe_answer_challenge(struct peer *p) {
   uint64_t sid = 0;
   for (int i = 0; i < 8; i++) sid = sid << 8 | c[4 + NONCE_LEN + i];
   CHECK(sid == SERVER_ID);
-  CHECK(alen == strlen(server_address) && memcmp(c + CHALLENGE_FIXED, server_address, alen) == 0);
+  CHECK(is_server_field(c + CHALLENGE_FIXED, alen));
   uint8_t want[MAC_LEN];
   mac("zonegate-raft-server", p->nonce_c, c + 4, SERVER_ID, server_address, want);
   CHECK(memcmp(want, c + 4 + NONCE_LEN + 8, MAC_LEN) == 0);
@@ -208,7 +242,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   p.interactive = data[0] & 1;
   const uint8_t *in = data + 1;
   size_t n = size - 1;
-  bool hello_valid = false;
+  bool hello_valid = false, field_ok = false;
   if (!p.interactive) {
     zg_buf_append(&p.first, in, n);
   } else {
@@ -218,14 +252,28 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     memcpy(p.nonce_c, in, NONCE_LEN);
     for (int i = 0; i < 8; i++) p.id = p.id << 8 | in[NONCE_LEN + i];
     const uint8_t *addr = in + NONCE_LEN + 9;
+    /* The raft address is the text before any NUL (the MACs cover it). */
     snprintf(p.address, sizeof p.address, "%.*s", (int)alen, (const char *)addr);
     p.proof_right = (addr[alen] & 1) == 0;
-    p.nul_in_address = memchr(addr, '\0', alen) != NULL;
+    static const char *const exts[] = {"", "zgi1:" SERVER_INC, "zgi1:" OTHER_INC, "zgi1:none"};
+    const char *ext = exts[(data[0] >> 1) & 3];
+    size_t ext_len = ext[0] ? 1 + strlen(ext) : 0;
+    if (alen + ext_len > 255) return 0;
+    uint8_t field[255];
+    memcpy(field, addr, alen);
+    if (ext_len) {
+      field[alen] = '\0';
+      memcpy(field + alen + 1, ext, ext_len - 1);
+    }
+    uint8_t field_len = (uint8_t)(alen + ext_len);
     zg_buf_append(&p.first, "ZGH1", 4);
-    zg_buf_append(&p.first, in, NONCE_LEN + 9 + alen);
+    zg_buf_append(&p.first, in, NONCE_LEN + 8);
+    zg_buf_append(&p.first, &field_len, 1);
+    zg_buf_append(&p.first, field, field_len);
     size_t used = NONCE_LEN + 9 + alen + 1;
     zg_buf_append(&p.second, in + used, n - used);
-    hello_valid = p.id != 0 && alen > 0;
+    hello_valid = p.id != 0;
+    field_ok = field_acceptable(field, field_len);
   }
 
   uv_tcp_init(&loop, &p.tcp);
@@ -253,18 +301,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     /* Nothing, or one CHALLENGE answering the HELLO at the input's start. */
     if (p.got.len) {
       CHECK(n >= 4 + NONCE_LEN + 8 + 1 && memcmp(in, "ZGH1", 4) == 0);
-      CHECK(p.got.len == CHALLENGE_FIXED + strlen(server_address));
       const uint8_t *c = (const uint8_t *)p.got.data;
+      CHECK(p.got.len == CHALLENGE_FIXED + strlen(server_address) + SERVER_EXT_LEN);
+      CHECK(is_server_field(c + CHALLENGE_FIXED, p.got.len - CHALLENGE_FIXED));
       uint8_t want[MAC_LEN];
       mac("zonegate-raft-server", in + 4, c + 4, SERVER_ID, server_address, want);
       CHECK(memcmp(c, "ZGH2", 4) == 0 && memcmp(want, c + 4 + NONCE_LEN + 8, MAC_LEN) == 0);
     }
   } else {
-    bool want_accept = hello_valid && p.proof_right && p.address[0];
-    /* Known issue (tests/fuzz/crashes/fuzz_peer_handshake-nul-in-address):
-     * the server takes the address up to its first NUL byte, so a peer with
-     * the secret is accepted under an empty or cut address. */
-    if (p.nul_in_address) want_accept = accepted.called;
+    bool want_accept = hello_valid && p.proof_right && field_ok;
     if (accepted.called != want_accept)
       fprintf(stderr, "accepted %d, expected %d (id %llu, address \"%s\", proof %s)\n",
               accepted.called, want_accept, (unsigned long long)p.id, p.address,

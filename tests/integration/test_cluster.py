@@ -299,3 +299,87 @@ def test_member_joins_as_non_voter_then_voter_and_can_be_removed(cluster):
         assert all(m["id"] != "gw-c" for m in st["members"])
     finally:
         newcomer.proc.stop()
+
+
+def test_node_from_before_recover_is_refused_then_rejoins_with_an_empty_data_dir(cluster):
+    """Issue 10 item 6b: after `recover --force`, a node that comes back with
+    its old data dir made libraft abort (double free in the receive path).
+    The recovered cluster has a new incarnation; the old node is refused at
+    the peer handshake on both sides with a line that says what to do, nobody
+    crashes, and once its data dir is emptied `members add` brings it back."""
+    import shutil
+    import subprocess
+    from harness import ZONEGATE_BIN
+    survivor, old = cluster.node("gw-a"), cluster.node("gw-b")
+    status, answer = old.admin_call("POST", "/v1/tokens", {"name": "before-disaster"})
+    assert status == 200, answer
+    token = answer["token"]
+    cluster.wait_caught_up()
+    status, st = survivor.admin_call("GET", "/v1/cluster/status")
+    old_incarnation = st["incarnation"]
+    assert len(old_incarnation) == 32, st
+    for n in cluster.nodes:
+        n.kill(signal.SIGKILL)
+    env = dict(os.environ)
+    env.update(SECRETS)
+    out = subprocess.run([ZONEGATE_BIN, "recover", "--force", "--yes", "--config", survivor.config_path],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0, out
+    assert "new cluster incarnation" in out.stdout, out.stdout
+    survivor.start()
+    wait_for(lambda: survivor.health("active")[0] == 200, timeout=15, what="recovered node active alone")
+    status, st = survivor.admin_call("GET", "/v1/cluster/status")
+    assert st["incarnation"] != old_incarnation, st
+    # The logs diverge: the recovered node commits what the old one never saw.
+    status, answer = survivor.admin_call("POST", "/v1/tokens", {"name": "after-recovery"})
+    assert status == 200, answer
+
+    old.start()  # its old data dir, its old 3-voter configuration
+    refused_here = "is from another incarnation of this cluster (recovered with zonegate recover --force): " \
+                   "empty its data dir and add it again with `zonegate members add`"
+    wait_for(lambda: refused_here in survivor.proc.output(), timeout=20,
+             what="the recovered node refuses the old one")
+    wait_for(lambda: "this node is from an older incarnation of the cluster" in old.proc.output(), timeout=20,
+             what="the old node says it is the stale one")
+    lines = [l for l in survivor.proc.log_lines() if l.get("event") == "peer_incarnation_mismatch"]
+    assert lines[0]["level"] == "error", lines[0]
+    assert lines[0]["peer_raft_address"] == old.member()["raft"], lines[0]
+    time.sleep(3)  # the old node keeps retrying: both stay up, the line is rate-limited
+    assert survivor.alive() and old.alive()
+    lines = [l for l in survivor.proc.log_lines() if l.get("event") == "peer_incarnation_mismatch"]
+    assert len(lines) <= 2, lines
+    assert "peer_auth_failed" not in survivor.proc.output()
+    status, body = old.health("live")
+    assert body["leader"] == "", body
+    assert survivor.health("active")[0] == 200
+    s, _, body = chat(survivor, token)
+    assert s == 200, body
+    status, answer = survivor.admin_call("POST", "/v1/tokens", {"name": "while-refused"})
+    assert status == 200, answer
+    status, st = survivor.admin_call("GET", "/v1/cluster/status")
+    assert [m["id"] for m in st["members"] if m.get("voter")] == ["gw-a"], st
+
+    # What the line says: empty its data dir, add it again.
+    old.kill(signal.SIGTERM)
+    shutil.rmtree(old.data_dir)
+    with open(old.config_path) as f:
+        cfg = json.load(f)
+    cfg["cluster"]["join"] = True
+    with open(old.config_path, "w") as f:
+        json.dump(cfg, f)
+    old.start()
+    out = survivor.cli("members", "add", "gw-b", "--raft", old.member()["raft"], "--zone", "B",
+                       "--admin", old.admin, "--gateway", old.member()["gateway"])
+    assert "added gw-b" in out.stdout
+
+    def rejoined():
+        status, listing = old.admin_call("GET", "/v1/tokens")
+        return status == 200 and any(t["name"] == "while-refused" for t in listing["tokens"])
+    wait_for(rejoined, timeout=30, what="gw-b has the recovered cluster's state")
+    status, st_old = old.admin_call("GET", "/v1/cluster/status")
+    status, st_new = survivor.admin_call("GET", "/v1/cluster/status")
+    assert st_old["incarnation"] == st_new["incarnation"], (st_old, st_new)
+    with open(os.path.join(old.data_dir, "incarnation")) as f:
+        assert f.read().strip() == st_new["incarnation"]
+    assert survivor.alive() and old.alive()
+    assert survivor.health("active")[0] == 200

@@ -736,6 +736,58 @@ static void test_isolate_drill(void **state) {
   cluster_close(&cl);
 }
 
+static const char *status_incarnation(struct consensus *c, char out[40]) {
+  cJSON *st = consensus_status_json(c);
+  const cJSON *inc = cJSON_GetObjectItem(st, "incarnation");
+  snprintf(out, 40, "%s", cJSON_IsString(inc) ? inc->valuestring : "");
+  cJSON_Delete(st);
+  return out;
+}
+
+static bool node0_leads(struct cluster *cl, void *arg) {
+  (void)arg;
+  return consensus_is_leader(cl->nodes[0].c);
+}
+
+/* Issue 10 item 6b: after recover --force on node 0 (the others lost), a
+ * node that comes back with its old data dir is refused at the handshake
+ * (it belongs to the old incarnation): it never learns a leader, and the
+ * recovered node keeps committing on its own. */
+static void test_recovered_cluster_refuses_old_node(void **state) {
+  (void)state;
+  struct cluster cl;
+  char err[512], inc_before[40], inc_after[40], inc_old[40];
+  cluster_init(&cl, NULL);
+  for (int i = 0; i < N; i++) assert_int_equal(start_node(&cl, i, err, sizeof err), 0);
+  assert_true(run_until(&cl, has_ready_leader, NULL, 10000));
+  struct write_result w;
+  assert_int_equal(do_write(&cl, leader_index(&cl), "audit.note", "{\"what\":\"before\"}", &w), 0);
+  status_incarnation(cl.nodes[0].c, inc_before);
+  assert_int_equal(strlen(inc_before), 32);
+  for (int i = 0; i < N; i++) {
+    char other[40];
+    assert_string_equal(status_incarnation(cl.nodes[i].c, other), inc_before);
+  }
+  for (int i = 0; i < N; i++) stop_node(&cl, i);
+
+  assert_int_equal(
+      consensus_recover_single(cl.nodes[0].dir, cl.nodes[0].id, cl.nodes[0].addr, err, sizeof err),
+      0);
+  assert_int_equal(start_node(&cl, 0, err, sizeof err), 0);
+  assert_true(run_until(&cl, node0_leads, NULL, 10000));
+  status_incarnation(cl.nodes[0].c, inc_after);
+  assert_string_not_equal(inc_after, inc_before);
+
+  assert_int_equal(start_node(&cl, 1, err, sizeof err), 0); /* its old data dir */
+  assert_string_equal(status_incarnation(cl.nodes[1].c, inc_old), inc_before);
+  run_until(&cl, never, NULL, 2000);
+  assert_null(consensus_leader(cl.nodes[1].c));
+  assert_true(consensus_is_leader(cl.nodes[0].c));
+  assert_int_equal(consensus_voter_count(cl.nodes[0].c), 1);
+  assert_int_equal(do_write(&cl, 0, "audit.note", "{\"what\":\"after\"}", &w), 0);
+  cluster_close(&cl);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_bootstrap_write_restart),
@@ -745,6 +797,7 @@ int main(void) {
       cmocka_unit_test(test_add_and_remove_member),
       cmocka_unit_test(test_single_node),
       cmocka_unit_test(test_isolate_drill),
+      cmocka_unit_test(test_recovered_cluster_refuses_old_node),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
