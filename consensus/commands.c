@@ -360,23 +360,7 @@ static int check_token_update(const cJSON *args, char *err, size_t errlen) {
   if (zg_arg_string(args, "id", true, MAX_NAME_LEN, &s, err, errlen)) return -1;
   if (zg_token_limits_parse(args, &scratch, err, errlen)) return -1;
   if (zg_arg_uint(args, "expires_at", false, 0, 9000000000000000ull, 0, &u, err, errlen)) return -1;
-  const cJSON *allow = cJSON_GetObjectItemCaseSensitive(args, "allow");
-  if (allow != NULL && !cJSON_IsNull(allow)) {
-    if (!cJSON_IsArray(allow) || cJSON_GetArraySize(allow) > MAX_ALLOW) {
-      snprintf(err, errlen, "field 'allow' must be an array of at most %d CIDR strings", MAX_ALLOW);
-      return -1;
-    }
-    int i = 0;
-    const cJSON *c;
-    cJSON_ArrayForEach(c, allow) {
-      if (!cJSON_IsString(c) || !zg_cidr_valid(c->valuestring)) {
-        snprintf(err, errlen, "field 'allow[%d]' is not a valid CIDR (e.g. 10.0.0.0/8)", i);
-        return -1;
-      }
-      i++;
-    }
-  }
-  return 0;
+  return zg_check_allow(args, err, errlen);
 }
 
 static int prepare_token_update(cJSON *args, const uint8_t master_key[32], char *err,

@@ -325,6 +325,8 @@ int zg_token_cache_text(struct zg_token *t);
 /* Reads the optional limit fields (rpm, tpm, budget_day, budget_month) of
  * args into t (absent: unchanged); -1 with a message naming the field. */
 int zg_token_limits_parse(const cJSON *args, struct zg_token *t, char *err, size_t errlen);
+/* A token's optional "allow" field (null or CIDR strings): 0, or -1 with err. */
+int zg_check_allow(const cJSON *args, char *err, size_t errlen);
 int zg_parse_key(const cJSON *j, struct zg_key *k, char *err, size_t errlen);
 
 /* ---- snapshots (snapshot.c) ------------------------------------------- */

@@ -474,6 +474,27 @@ void zg_random_id(const char *prefix, char *out, size_t outlen) {
 }
 
 /* Validates a token's fields (shared by token.create and cluster.seed). */
+/* The optional "allow" field of a token: absent, null, or an array of at
+ * most MAX_ALLOW CIDR strings. 0, or -1 with err naming the bad element. */
+int zg_check_allow(const cJSON *args, char *err, size_t errlen) {
+  const cJSON *allow = cJSON_GetObjectItemCaseSensitive(args, "allow");
+  if (allow == NULL || cJSON_IsNull(allow)) return 0;
+  if (!cJSON_IsArray(allow) || cJSON_GetArraySize(allow) > MAX_ALLOW) {
+    snprintf(err, errlen, "field 'allow' must be an array of at most %d CIDR strings", MAX_ALLOW);
+    return -1;
+  }
+  int i = 0;
+  const cJSON *c;
+  cJSON_ArrayForEach(c, allow) {
+    if (!cJSON_IsString(c) || !zg_cidr_valid(c->valuestring)) {
+      snprintf(err, errlen, "field 'allow[%d]' is not a valid CIDR (e.g. 10.0.0.0/8)", i);
+      return -1;
+    }
+    i++;
+  }
+  return 0;
+}
+
 int zg_validate_token_args(const cJSON *args, bool need_id, char *err, size_t errlen) {
   const char *s;
   uint64_t u;
@@ -494,23 +515,7 @@ int zg_validate_token_args(const cJSON *args, bool need_id, char *err, size_t er
       zg_arg_uint(args, "budget_day", false, 0, ZG_TOKEN_LIMIT_MAX, 0, &u, err, errlen) ||
       zg_arg_uint(args, "budget_month", false, 0, ZG_TOKEN_LIMIT_MAX, 0, &u, err, errlen))
     return -1;
-  const cJSON *allow = cJSON_GetObjectItemCaseSensitive(args, "allow");
-  if (allow != NULL && !cJSON_IsNull(allow)) {
-    if (!cJSON_IsArray(allow) || cJSON_GetArraySize(allow) > MAX_ALLOW) {
-      snprintf(err, errlen, "field 'allow' must be an array of at most %d CIDR strings", MAX_ALLOW);
-      return -1;
-    }
-    int i = 0;
-    const cJSON *c;
-    cJSON_ArrayForEach(c, allow) {
-      if (!cJSON_IsString(c) || !zg_cidr_valid(c->valuestring)) {
-        snprintf(err, errlen, "field 'allow[%d]' is not a valid CIDR (e.g. 10.0.0.0/8)", i);
-        return -1;
-      }
-      i++;
-    }
-  }
-  return 0;
+  return zg_check_allow(args, err, errlen);
 }
 
 void zg_lower_hex_field(cJSON *args, const char *name) {

@@ -146,26 +146,21 @@ int gateway_admit(struct gateway *gw, struct httpd_req *req, const struct gatewa
   char reset[32];
   snprintf(h[n], sizeof(h[n]), "Retry-After: %llu", (unsigned long long)v.retry_after_s);
   headers[n] = h[n], n++;
-  if (v.limit_requests) {
-    snprintf(h[n], sizeof(h[n]), "x-ratelimit-limit-requests: %llu",
-             (unsigned long long)v.limit_requests);
+  const struct {
+    const char *what;
+    uint64_t limit, remaining, reset_s;
+  } dims[] = {{"requests", v.limit_requests, v.remaining_requests, v.reset_requests_s},
+              {"tokens", v.limit_tokens, v.remaining_tokens, v.reset_tokens_s}};
+  for (size_t d = 0; d < ZG_ARRAY_LEN(dims); d++) {
+    if (!dims[d].limit) continue;
+    reset_text(dims[d].reset_s, reset, sizeof(reset));
+    snprintf(h[n], sizeof(h[n]), "x-ratelimit-limit-%s: %llu", dims[d].what,
+             (unsigned long long)dims[d].limit);
     headers[n] = h[n], n++;
-    snprintf(h[n], sizeof(h[n]), "x-ratelimit-remaining-requests: %llu",
-             (unsigned long long)v.remaining_requests);
+    snprintf(h[n], sizeof(h[n]), "x-ratelimit-remaining-%s: %llu", dims[d].what,
+             (unsigned long long)dims[d].remaining);
     headers[n] = h[n], n++;
-    reset_text(v.reset_requests_s, reset, sizeof(reset));
-    snprintf(h[n], sizeof(h[n]), "x-ratelimit-reset-requests: %s", reset);
-    headers[n] = h[n], n++;
-  }
-  if (v.limit_tokens) {
-    snprintf(h[n], sizeof(h[n]), "x-ratelimit-limit-tokens: %llu",
-             (unsigned long long)v.limit_tokens);
-    headers[n] = h[n], n++;
-    snprintf(h[n], sizeof(h[n]), "x-ratelimit-remaining-tokens: %llu",
-             (unsigned long long)v.remaining_tokens);
-    headers[n] = h[n], n++;
-    reset_text(v.reset_tokens_s, reset, sizeof(reset));
-    snprintf(h[n], sizeof(h[n]), "x-ratelimit-reset-tokens: %s", reset);
+    snprintf(h[n], sizeof(h[n]), "x-ratelimit-reset-%s: %s", dims[d].what, reset);
     headers[n] = h[n], n++;
   }
   headers[n] = NULL;

@@ -356,6 +356,22 @@ static void on_sighup(uv_signal_t *s, int signum) {
   zg_log(ZG_INFO, "config_reloaded", "SIGHUP: applied %s live", fresh->path);
 }
 
+/* A start that failed after the loop had parts: one line on stderr and in
+ * the log, every part closed (the loop runs until they are), secrets
+ * wiped. Returns the exit code (1). */
+static int start_failed(struct node *n, const char *err) {
+  fprintf(stderr, "error: %s\n", err);
+  zg_log(ZG_ERROR, "start_failed", "%s", err);
+  close_parts(n);
+  uv_run(n->loop, UV_RUN_DEFAULT);
+  zg_secret_free(n->admin_token);
+  OPENSSL_cleanse(n->forward_key, sizeof(n->forward_key));
+  OPENSSL_cleanse(n->hooks.forward_key, sizeof(n->hooks.forward_key));
+  node_tls_free(n);
+  zg_config_free(n->cfg);
+  return 1;
+}
+
 int node_serve(int argc, char **argv) {
   const char *config_path = "/app/config.json";
   for (int i = 1; i < argc; i++) {
@@ -417,16 +433,7 @@ int node_serve(int argc, char **argv) {
       node_admin_start(&n, err, sizeof(err)) != 0 ||
       alerts_start(n.loop, n.cfg->node_id, n.consensus, n.failover, n.gateway, &n.alerts, err,
                    sizeof(err)) != 0) {
-    fprintf(stderr, "error: %s\n", err);
-    zg_log(ZG_ERROR, "start_failed", "%s", err);
-    close_parts(&n);
-    uv_run(n.loop, UV_RUN_DEFAULT);
-    zg_secret_free(n.admin_token);
-    OPENSSL_cleanse(n.forward_key, sizeof(n.forward_key));
-    OPENSSL_cleanse(n.hooks.forward_key, sizeof(n.hooks.forward_key));
-    node_tls_free(&n);
-    zg_config_free(n.cfg);
-    return 1;
+    return start_failed(&n, err);
   }
   node_tls_start(&n);
   /* /metrics: on listen.metrics when set (a bind failure is fatal), else on
@@ -436,16 +443,7 @@ int node_serve(int argc, char **argv) {
     const char *addr = n.cfg->listen_metrics[0] ? n.cfg->listen_metrics : n.cfg->listen_admin;
     if (gateway_metrics_listen(n.gateway, addr, err, sizeof(err)) != 0) {
       if (n.cfg->listen_metrics[0]) {
-        fprintf(stderr, "error: %s\n", err);
-        zg_log(ZG_ERROR, "start_failed", "%s", err);
-        close_parts(&n);
-        uv_run(n.loop, UV_RUN_DEFAULT);
-        zg_secret_free(n.admin_token);
-        OPENSSL_cleanse(n.forward_key, sizeof(n.forward_key));
-        OPENSSL_cleanse(n.hooks.forward_key, sizeof(n.hooks.forward_key));
-        node_tls_free(&n);
-        zg_config_free(n.cfg);
-        return 1;
+        return start_failed(&n, err);
       }
       zg_log(ZG_WARN, "metrics_unavailable", "no /metrics on this node: %s (listen.admin)", err);
     }
