@@ -677,7 +677,7 @@ def test_down_then_up_keeps_tokens_keys_and_config(stack):
     keys_before = json.loads(stack.zonegate("keys", "list", "--json"))["keys"]
     tokens_before = json.loads(stack.zonegate("tokens", "list", "--json"))["tokens"]
     config_before = json.loads(stack.zonegate("config", "get", "--json"))
-    assert [k["id"] for k in keys_before] == ["e2e-key"]
+    assert "e2e-key" in [k["id"] for k in keys_before]
     assert "e2e-app" in [t["name"] for t in tokens_before]
 
     stack.compose("down", "-t", "45", timeout=300)
