@@ -955,6 +955,17 @@ static void start_attempt(struct chat *c) {
   ureq.timeouts.first_byte_ms = cfg->first_byte_timeout_ms;
   ureq.timeouts.idle_ms = c->stream ? cfg->idle_timeout_ms : 0;
   ureq.timeouts.total_ms = c->stream ? cfg->stream_timeout_ms : cfg->request_timeout_ms;
+  if (c->forwarding && gw->cluster && gw->cluster->hold_timeout_ms) {
+    /* The active is a peer on the private network: it accepts (TCP + TLS)
+     * at once, or it is gone (killed, frozen, cut off), and then a connect
+     * to it only ends with the timeout. Never wait the model API's connect
+     * timeout (5 s) for it: one election timeout, then decide again
+     * (retry_route_later; a new active may exist by then, maybe this
+     * node). Without this a request held during a failover waited 5 s. */
+    unsigned cap = gw->cluster->hold_timeout_ms / 3;
+    if (cap < 200) cap = 200;
+    if (!ureq.timeouts.connect_ms || ureq.timeouts.connect_ms > cap) ureq.timeouts.connect_ms = cap;
+  }
   struct upstream_tls forward_tls;
   if (c->forwarding && gateway_forward_tls(gw, c->forward_node, &forward_tls))
     ureq.tls = &forward_tls;
