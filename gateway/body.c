@@ -343,20 +343,20 @@ static int duplicate(struct scan *s, const struct name_entry *a) {
 
 static bool same_name(const struct scan *s, const struct name_entry *a,
                       const struct name_entry *b) {
-  return a->hash == b->hash && a->len == b->len &&
-         memcmp(s->names + a->off, s->names + b->off, a->len) == 0;
+  return a->len == b->len && memcmp(s->names + a->off, s->names + b->off, a->len) == 0;
 }
 
 /* Checks the names of the object whose entries start at base. */
 static int check_duplicates(struct scan *s, size_t base) {
   size_t count = s->n_entries - base;
   struct name_entry *e = s->entries + base;
-  if (count <= 8) {
+  if (count <= 8) { /* small objects (nearly all): compared pairwise, no hashing */
     for (size_t i = 1; i < count; i++)
       for (size_t j = 0; j < i; j++)
         if (same_name(s, &e[i], &e[j])) return duplicate(s, &e[i]);
     return 0;
   }
+  for (size_t i = 0; i < count; i++) e[i].hash = hash_bytes(s->names + e[i].off, e[i].len);
   size_t cap = 16;
   while (cap < count * 2) cap *= 2;
   if (cap > s->table_cap) {
@@ -369,7 +369,8 @@ static int check_duplicates(struct scan *s, size_t base) {
   for (size_t i = 0; i < count; i++) {
     size_t slot = (size_t)e[i].hash & (cap - 1);
     while (s->table[slot] != UINT32_MAX) {
-      if (same_name(s, &e[i], &e[s->table[slot]])) return duplicate(s, &e[i]);
+      const struct name_entry *o = &e[s->table[slot]];
+      if (o->hash == e[i].hash && same_name(s, &e[i], o)) return duplicate(s, &e[i]);
       slot = (slot + 1) & (cap - 1);
     }
     s->table[slot] = (uint32_t)i;
@@ -409,7 +410,7 @@ static int scan_object(struct scan *s) {
     ent->len = s->names_len - name_off;
     if (ent->len && memchr(s->names + name_off, 0, ent->len))
       return fail(s, "a member name with a NUL character (\\u0000)");
-    ent->hash = hash_bytes(s->names + name_off, ent->len);
+    ent->hash = 0; /* computed in check_duplicates, for objects that need it */
     struct body_value *slot = NULL;
     if (top) {
       s->members++;

@@ -2,58 +2,68 @@
  * and removing the usage the gateway asked for on a client's behalf (see
  * usage.h). Uses the strict scanner (body.c) to find members, so a
  * member's bytes are located exactly and nothing is re-printed; a usage
- * object (a few hundred bytes) is read with cJSON. Cannot fail: what it
+ * object is read with the same strict scanner. Cannot fail: what it
  * cannot read is "unknown".
  */
 #include "gateway/usage.h"
 
-#include <cjson/cJSON.h>
 #include <string.h>
 
 #include "gateway/body.h"
 
-static uint64_t count_of(const cJSON *obj, const char *a, const char *b) {
-  const cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, a);
-  if (!cJSON_IsNumber(v) && b) v = cJSON_GetObjectItemCaseSensitive(obj, b);
-  if (!cJSON_IsNumber(v) || v->valuedouble < 0 || v->valuedouble > 1e15) return 0;
-  return (uint64_t)v->valuedouble;
+/* A non-negative whole number in v (BODY_NUMBER, at most 1e15), into *out.
+ * false for anything else (a string "20" is not a count). */
+static bool count_of(const struct body_value *v, uint64_t *out) {
+  if (v->type != BODY_NUMBER) return false;
+  double d = body_number(v);
+  if (!(d >= 0 && d <= 1e15)) return false;
+  *out = (uint64_t)d;
+  return true;
+}
+
+/* One count inside a *_details object (e.g. cached_tokens); 0 when absent. */
+static uint64_t detail_of(const struct body_value *details, const char *name) {
+  if (details->type != BODY_OBJECT) return 0;
+  const char *const names[] = {name};
+  struct body_value v[1];
+  char err[96];
+  uint64_t n = 0;
+  if (body_scan(details->value, details->len, names, v, 1, NULL, NULL, err, sizeof(err)) == 0)
+    count_of(&v[0], &n);
+  return n;
 }
 
 int usage_read_object(const char *usage, size_t len, struct usage_counts *out) {
-  cJSON *u = cJSON_ParseWithLength(usage, len);
-  if (!cJSON_IsObject(u)) {
-    cJSON_Delete(u);
-    return -1;
-  }
+  /* the one strict scan (body.c) reads the members: no tree, no allocation */
+  enum { PROMPT, INPUT, COMPLETION, OUTPUT, TOTAL, PD, ID, CD, OD, N_FIELDS };
+  static const char *const names[N_FIELDS] = {"prompt_tokens",        "input_tokens",
+                                              "completion_tokens",    "output_tokens",
+                                              "total_tokens",         "prompt_tokens_details",
+                                              "input_tokens_details", "completion_tokens_details",
+                                              "output_tokens_details"};
+  struct body_value v[N_FIELDS];
+  char err[96];
+  if (body_scan(usage, len, names, v, N_FIELDS, NULL, NULL, err, sizeof(err)) != 0) return -1;
+  uint64_t prompt = 0, completion = 0, total = 0;
   /* a usage object whose counts are not numbers tells nothing: unknown,
    * never 0 */
-  bool any = false;
-  static const char *const counts[] = {"prompt_tokens", "input_tokens", "completion_tokens",
-                                       "output_tokens", "total_tokens"};
-  for (size_t i = 0; i < sizeof(counts) / sizeof(counts[0]); i++)
-    any = any || cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(u, counts[i]));
-  if (!any) {
-    cJSON_Delete(u);
-    return -1;
-  }
-  uint64_t prompt = count_of(u, "prompt_tokens", "input_tokens");
-  uint64_t completion = count_of(u, "completion_tokens", "output_tokens");
-  uint64_t total = count_of(u, "total_tokens", NULL);
-  const cJSON *pd = cJSON_GetObjectItemCaseSensitive(u, "prompt_tokens_details");
-  if (!cJSON_IsObject(pd)) pd = cJSON_GetObjectItemCaseSensitive(u, "input_tokens_details");
-  const cJSON *cd = cJSON_GetObjectItemCaseSensitive(u, "completion_tokens_details");
-  if (!cJSON_IsObject(cd)) cd = cJSON_GetObjectItemCaseSensitive(u, "output_tokens_details");
+  bool any = count_of(&v[PROMPT], &prompt) | count_of(&v[INPUT], &prompt);
+  any = count_of(&v[COMPLETION], &completion) | count_of(&v[OUTPUT], &completion) | any;
+  any = count_of(&v[TOTAL], &total) | any;
+  if (!any) return -1;
   out->known = true;
   out->prompt += prompt;
   out->completion += completion;
   out->total += total ? total : prompt + completion;
-  if (cJSON_IsObject(pd)) out->cached += count_of(pd, "cached_tokens", NULL);
-  if (cJSON_IsObject(cd)) out->reasoning += count_of(cd, "reasoning_tokens", NULL);
-  cJSON_Delete(u);
+  out->cached += detail_of(v[PD].type == BODY_OBJECT ? &v[PD] : &v[ID], "cached_tokens");
+  out->reasoning += detail_of(v[CD].type == BODY_OBJECT ? &v[CD] : &v[OD], "reasoning_tokens");
   return 0;
 }
 
 int usage_from_answer(const char *body, size_t len, struct usage_counts *out) {
+  /* OpenAI's answers end with their usage object: found from the end, it
+   * costs a few hundred bytes of work instead of a scan of the answer */
+  if (usage_from_tail(body, len, out) == 0) return 0;
   static const char *const names[] = {"usage"};
   struct body_value v[1];
   char err[96];
