@@ -1,9 +1,11 @@
 /* base: small helpers every module uses: JSON-lines logging, clocks,
  * secret references (env:/file:/literal), hashing, randomness, base64,
- * constant-time compare and a growable byte buffer.
+ * constant-time compare, a growable byte buffer and the hold-and-retry
+ * timer of forwarding (zg_hold).
  *
  * Nothing here allocates behind the caller's back except where a function
- * says it returns a malloc'd string (the caller frees it). Logging writes
+ * says it returns a malloc'd string (the caller frees it), and zg_hold's
+ * timer (freed by zg_hold_stop). Logging writes
  * one JSON object per line to stdout; a failing stdout is ignored.
  */
 #ifndef ZG_BASE_H
@@ -14,6 +16,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <uv.h>
 
 struct cJSON;
 
@@ -136,6 +139,44 @@ int zg_cpu_sample(uint64_t *busy, uint64_t *total);
  * /proc/meminfo's used percent. 0 ok, -1 unparsable. */
 int zg_parse_proc_stat(const char *text, uint64_t *busy, uint64_t *total);
 int zg_parse_meminfo(const char *text, double *used_percent);
+
+/* ---- hold and retry (hold.c) ----------------------------------------
+ * "Send this to the active / the leader; while none answers, hold the
+ * request and try again shortly, within a deadline" (the gateway's client
+ * requests on a standby, the admin API's writes on a follower).
+ *
+ * zg_hold_init: no allocation, the clock not started yet. budget_ms: how
+ * long the request may be held, counted from the first zg_hold_start() or
+ * zg_hold_later(). fn(ud) is called from the loop once per scheduled
+ * retry; it makes the next try (and may call any zg_hold_* on h).
+ * A zero-filled struct is a valid, stopped hold (zg_hold_stop is a no-op).
+ * The owner keeps h (and ud) alive until zg_hold_stop(); after it h may be
+ * freed at once (the timer is freed by its own close callback). */
+typedef void (*zg_hold_fn)(void *ud);
+struct zg_hold {
+  uv_loop_t *loop;
+  zg_hold_fn fn;
+  void *ud;
+  uint64_t budget_ms;
+  uint64_t deadline_ms; /* monotonic ms; 0 = clock not started */
+  uv_timer_t *timer;    /* allocated at the first zg_hold_later; NULL after stop */
+  unsigned retries;     /* retries scheduled by zg_hold_later */
+};
+void zg_hold_init(struct zg_hold *h, uv_loop_t *loop, uint64_t budget_ms, zg_hold_fn fn, void *ud);
+/* A try is made now: starts the clock (first call only) and cancels a
+ * pending retry. */
+void zg_hold_start(struct zg_hold *h);
+/* Try again in interval_ms (one shot): starts the clock if needed. False,
+ * and nothing scheduled, once the deadline has passed (zg_hold_expired()
+ * is then true) or when the timer cannot be allocated (ENOMEM;
+ * zg_hold_expired() false). */
+bool zg_hold_later(struct zg_hold *h, uint64_t interval_ms);
+/* The clock was started and the deadline has passed. */
+bool zg_hold_expired(const struct zg_hold *h);
+/* Cancels a pending retry (fn is not called) and releases the timer; the
+ * deadline is kept, so a later zg_hold_later still counts against it.
+ * Safe twice, on a zero-filled struct and from inside fn. */
+void zg_hold_stop(struct zg_hold *h);
 
 #define ZG_ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
 

@@ -19,6 +19,15 @@
  * that breaks after it started ends with an error event on an event
  * boundary and an incomplete HTTP response, never a clean finish. A
  * client that disconnects cancels its upstream transfer.
+ *
+ * In a cluster, a standby forwards the request to the active node (see
+ * decide_route). While no active is known, or the one it forwarded to is
+ * unreachable or answers 503 before anything reached the client, it holds
+ * the request and decides again (every 10 ms while no active is known,
+ * 20 ms after a failed forward) until the cluster's hold_timeout_ms, then
+ * answers 503 no_active_node. The deadline and the retry timer are base's
+ * zg_hold (allocated only once a request waits); a held request logs
+ * upstream_failed at WARN once and its retries at DEBUG.
  */
 #define _GNU_SOURCE /* memmem */
 #include "gateway/body.h"
@@ -112,8 +121,10 @@ struct chat {
   char forward_node[64]; /* forwarding over mutual TLS: the active's node id */
   bool forwarding;
   struct limiter_waiter *waiter;
-  uv_timer_t *hold_timer; /* waiting for an active node (GATEWAY_HOLD) */
-  uint64_t hold_deadline_ms;
+  /* Waiting for an active node (GATEWAY_HOLD) or for a new one after a
+   * failed forward: the cluster's hold_timeout_ms (zeroed by chat_new: a
+   * stopped hold; set up only with a cluster, allocates only when used). */
+  struct zg_hold hold;
   bool holds_slot;
   bool forward_fail_logged; /* one upstream_failed WARN per held request */
   struct upstream_transfer *transfer;
@@ -140,8 +151,6 @@ struct chat {
   struct attempt inline_attempts[INLINE_ATTEMPTS];
 };
 
-static void stop_hold(struct chat *c);
-
 /* Copies src into dst[size], cut to fit and NUL-terminated: what
  * snprintf(dst, size, "%s", src) does, without the format machinery (this
  * runs several times per request). */
@@ -161,7 +170,7 @@ static void copy_cut(char *dst, size_t size, const char *src) {
  * pool (its response buffer kept when small), or is freed. */
 static void chat_free(struct chat *c) {
   struct gateway *gw = c->gw;
-  stop_hold(c);
+  zg_hold_stop(&c->hold);
   if (c->probe) upstream_cancel(c->probe);
   c->probe = NULL;
   for (size_t i = 0; i < c->n_attempts; i++) {
@@ -797,7 +806,7 @@ static void respond_buffered(struct chat *c) {
 
 static void on_client_abort(void *ud) {
   struct chat *c = ud;
-  stop_hold(c);
+  zg_hold_stop(&c->hold);
   if (c->transfer) upstream_cancel(c->transfer);
   c->transfer = NULL;
   if (c->probe) upstream_cancel(c->probe);
@@ -1317,23 +1326,13 @@ static int apply_splices(struct chat *c, const char *body, size_t body_len, stru
   return 0;
 }
 
-static void hold_timer_closed(uv_handle_t *h) {
-  free(h);
-}
-
-static void stop_hold(struct chat *c) {
-  if (c->hold_timer) {
-    uv_close((uv_handle_t *)c->hold_timer, hold_timer_closed);
-    c->hold_timer = NULL;
-  }
-}
-
 static void proceed_local(struct chat *c);
 static void decide_route(struct chat *c);
 
-static void on_hold_tick(uv_timer_t *t) {
-  struct chat *c = t->data;
-  decide_route(c);
+/* A held request's next try (c->hold: every 10 ms while no active is
+ * known, 20 ms after a failed forward). */
+static void on_hold_tick(void *ud) {
+  decide_route(ud);
 }
 
 static void proceed_forward(struct chat *c, const char *forward_to) {
@@ -1378,23 +1377,17 @@ static void decide_route(struct chat *c) {
   char forward_to[160] = "";
   enum gateway_serve_mode mode =
       gw->cluster->serve_mode(gw->cluster->ud, forwarded, forward_to, sizeof(forward_to));
-  if (mode == GATEWAY_HOLD && !c->hold_deadline_ms)
-    c->hold_deadline_ms = zg_mono_ms() + gw->cluster->hold_timeout_ms;
-  if (mode == GATEWAY_HOLD && zg_mono_ms() < c->hold_deadline_ms) {
-    if (!c->hold_timer) {
-      c->hold_timer = malloc(sizeof(*c->hold_timer));
-      if (!c->hold_timer) {
-        respond_error(c, 500, "server_error", NULL, NULL, "out of memory", "oom");
-        return;
-      }
-      uv_timer_init(gw->loop, c->hold_timer);
-      c->hold_timer->data = c;
+  if (mode == GATEWAY_HOLD) {
+    if (zg_hold_later(&c->hold, 10)) {
       httpd_req_set_abort(c->req, on_client_abort, c);
+      return;
     }
-    uv_timer_start(c->hold_timer, on_hold_tick, 10, 0);
-    return;
+    if (!zg_hold_expired(&c->hold)) { /* no timer */
+      respond_error(c, 500, "server_error", NULL, NULL, "out of memory", "oom");
+      return;
+    }
   }
-  stop_hold(c);
+  zg_hold_stop(&c->hold);
   if (mode == GATEWAY_SERVE) {
     proceed_local(c);
     return;
@@ -1424,24 +1417,17 @@ static void retry_route_later(struct chat *c) {
   c->body = NULL;
   c->body_owned = false;
   c->body_len = 0;
-  if (!c->hold_deadline_ms) c->hold_deadline_ms = zg_mono_ms() + c->gw->cluster->hold_timeout_ms;
-  if (zg_mono_ms() >= c->hold_deadline_ms) {
+  if (!zg_hold_later(&c->hold, 20)) {
+    if (!zg_hold_expired(&c->hold)) { /* no timer */
+      respond_error(c, 500, "server_error", NULL, NULL, "out of memory", "oom");
+      return;
+    }
     const char *retry[] = {"Retry-After: 1", NULL};
     respond_error(c, 503, "service_unavailable", "no_active_node", retry,
                   "no active node is reachable right now; retry shortly", "not_active");
     return;
   }
-  if (!c->hold_timer) {
-    c->hold_timer = malloc(sizeof(*c->hold_timer));
-    if (!c->hold_timer) {
-      respond_error(c, 500, "server_error", NULL, NULL, "out of memory", "oom");
-      return;
-    }
-    uv_timer_init(c->gw->loop, c->hold_timer);
-    c->hold_timer->data = c;
-  }
   httpd_req_set_abort(c->req, on_client_abort, c);
-  uv_timer_start(c->hold_timer, on_hold_tick, 20, 0);
 }
 
 /* Path segments a client cannot use to climb out of the upstream's /v1:
@@ -1483,6 +1469,7 @@ void gateway_handle_proxy(struct gateway *gw, struct httpd_req *req, const char 
   struct chat *c = chat_new(gw, req, route, upstream_path);
   if (!c) return;
   c->chat = strcmp(route, "/v1/chat/completions") == 0 && strcmp(c->method, "POST") == 0;
+  if (gw->cluster) zg_hold_init(&c->hold, gw->loop, gw->cluster->hold_timeout_ms, on_hold_tick, c);
   decide_route(c);
 }
 

@@ -5,8 +5,13 @@
  * this node's applied state. Writes go to the leader: on a follower the
  * request is forwarded to the leader's admin address and the answer is
  * relayed only once this node has applied the entry too (read-your-
- * writes). With no leader: 503 and Retry-After. Answers never contain a
- * secret, except the one-time token of POST /v1/tokens.
+ * writes, checked every 2 ms for up to READ_YOUR_WRITES_TIMEOUT_MS). While
+ * no leader is known, or the write was not submitted (the target refused
+ * as not leader or could not be reached), the follower retries every 50 ms
+ * for up to READ_YOUR_WRITES_TIMEOUT_MS, taking the write itself if it
+ * becomes the leader; then 503 and Retry-After. Both waits are base's
+ * zg_hold. Answers never contain a secret, except the one-time token of
+ * POST /v1/tokens.
  *
  * Identity: the audit records the actor this node derives ("admin": the
  * admin token) and the real peer address. X-Zonegate-* headers from a
@@ -72,10 +77,11 @@ struct admin_req {
   int status;
   zg_buf body;
   uint64_t wait_for_index;
-  uint64_t wait_deadline_ms;
-  uint64_t forward_deadline_ms; /* retries while the leader is changing */
-  uv_timer_t *wait_timer;
-  char *one_time_token; /* token created here, answered once */
+  /* From forward_to_leader until answered (no consensus write pending). */
+  bool forwarding;
+  struct zg_hold forward; /* retries while the leader is changing */
+  struct zg_hold applied; /* read-your-writes: until this node applied wait_for_index */
+  char *one_time_token;   /* token created here, answered once */
   /* who, for the audit: derived here, or from an authenticated forward */
   bool forwarded;
   char actor[96];
@@ -108,24 +114,11 @@ static int consensus_http_status(int status) {
 }
 
 static void admin_req_free(struct admin_req *a) {
+  zg_hold_stop(&a->forward);
+  zg_hold_stop(&a->applied);
   zg_buf_free(&a->body);
   zg_secret_free(a->one_time_token);
   free(a);
-}
-
-static void on_wait_timer_closed(uv_handle_t *h) {
-  admin_req_free(h->data);
-  free(h);
-}
-
-static void admin_req_finish(struct admin_req *a) {
-  if (a->wait_timer) {
-    uv_close((uv_handle_t *)a->wait_timer, on_wait_timer_closed);
-    a->wait_timer->data = a;
-    a->wait_timer = NULL;
-    return;
-  }
-  admin_req_free(a);
 }
 
 static void on_admin_abort(void *ud) {
@@ -134,8 +127,9 @@ static void on_admin_abort(void *ud) {
   a->transfer = NULL;
   a->gone = true;
   a->req = NULL;
-  /* A pending consensus write still calls back; it sees `gone`. */
-  if (a->wait_timer) admin_req_finish(a);
+  /* A pending consensus write still calls back; it sees `gone`. While
+   * forwarding nothing else is pending (transfer cancelled, holds stopped). */
+  if (a->forwarding) admin_req_free(a);
 }
 
 /* ---- writes on the leader ------------------------------------------- */
@@ -182,13 +176,15 @@ static void relay(struct admin_req *a) {
   const char *extra[] = {"X-Zonegate-Forwarded-To-Leader: 1", NULL};
   httpd_respond(a->req, a->status, "application/json", extra, a->body.data ? a->body.data : "",
                 a->body.len);
-  admin_req_finish(a);
+  admin_req_free(a);
 }
 
-static void on_wait_tick(uv_timer_t *t) {
-  struct admin_req *a = t->data;
+/* Read-your-writes: checked every 2 ms; relayed as it is once
+ * READ_YOUR_WRITES_TIMEOUT_MS have passed. */
+static void on_applied_check(void *ud) {
+  struct admin_req *a = ud;
   if (consensus_applied_index(a->node->consensus) >= a->wait_for_index ||
-      zg_mono_ms() >= a->wait_deadline_ms)
+      !zg_hold_later(&a->applied, 2))
     relay(a);
 }
 
@@ -223,22 +219,13 @@ static void on_fwd_done(void *ud, enum upstream_result result, const char *curl_
     httpd_respond_error(a->req, 503, "admin_error", "leader_unreachable", retry,
                         "the leader could not be reached to apply this write (%s); retry shortly",
                         upstream_result_name(result));
-    admin_req_finish(a);
+    admin_req_free(a);
     return;
   }
-  if (a->status < 300 && a->wait_for_index > consensus_applied_index(a->node->consensus)) {
-    /* Read-your-writes: answer once this node applied the entry too. */
-    if (!a->wait_timer) {
-      a->wait_timer = malloc(sizeof(*a->wait_timer));
-      if (a->wait_timer) uv_timer_init(a->node->loop, a->wait_timer);
-    }
-    if (a->wait_timer) {
-      a->wait_timer->data = a;
-      a->wait_deadline_ms = zg_mono_ms() + READ_YOUR_WRITES_TIMEOUT_MS;
-      uv_timer_start(a->wait_timer, on_wait_tick, 2, 2);
-      return;
-    }
-  }
+  /* Read-your-writes: answer once this node applied the entry too. */
+  if (a->status < 300 && a->wait_for_index > consensus_applied_index(a->node->consensus) &&
+      zg_hold_later(&a->applied, 2))
+    return;
   relay(a);
 }
 
@@ -300,48 +287,38 @@ static int check_forward_auth(struct admin_req *a, const char **why) {
   return 1;
 }
 
-static void on_forward_retry(uv_timer_t *t) {
-  forward_to_leader(t->data);
+static void on_forward_retry(void *ud) {
+  forward_to_leader(ud);
 }
 
 /* The write was never submitted (no leader known, the target refused as
- * not leader, or could not be reached): try again shortly while the
- * deadline allows. Returns false when the deadline has passed. */
+ * not leader, or could not be reached): try again in 50 ms while a->forward
+ * allows. Returns false when its deadline has passed (or out of memory). */
 static bool retry_forward_later(struct admin_req *a) {
-  if (zg_mono_ms() >= a->forward_deadline_ms) return false;
-  if (!a->wait_timer) {
-    a->wait_timer = malloc(sizeof(*a->wait_timer));
-    if (!a->wait_timer) return false;
-    uv_timer_init(a->node->loop, a->wait_timer);
-    a->wait_timer->data = a;
-  }
+  if (!zg_hold_later(&a->forward, 50)) return false;
   zg_buf_reset(&a->body);
   httpd_req_set_abort(a->req, on_admin_abort, a);
-  uv_timer_start(a->wait_timer, on_forward_retry, 50, 0);
   return true;
 }
 
 static void forward_to_leader(struct admin_req *a) {
-  if (!a->forward_deadline_ms) a->forward_deadline_ms = zg_mono_ms() + READ_YOUR_WRITES_TIMEOUT_MS;
-  if (a->wait_timer) uv_timer_stop(a->wait_timer);
+  a->forwarding = true;
+  zg_hold_start(&a->forward);
   const struct consensus_member *leader = consensus_leader(a->node->consensus);
   const struct consensus_member *self = consensus_self(a->node->consensus);
   const char *retry[] = {"Retry-After: 1", NULL};
   if (a->forwarded) {
     httpd_respond_error(a->req, 503, "admin_error", "not_leader", retry,
                         "this node is no longer the leader; retry");
-    admin_req_finish(a);
+    admin_req_free(a);
     return;
   }
   if (consensus_is_leader(a->node->consensus)) {
     /* Became the leader while waiting: take the write here. */
     httpd_req_set_abort(a->req, NULL, NULL);
-    a->forward_deadline_ms = 0;
+    a->forwarding = false;
     zg_buf_reset(&a->body);
-    if (a->wait_timer) {
-      uv_close((uv_handle_t *)a->wait_timer, (uv_close_cb)free);
-      a->wait_timer = NULL;
-    }
+    zg_hold_stop(&a->forward);
     admin_route(a);
     return;
   }
@@ -352,7 +329,7 @@ static void forward_to_leader(struct admin_req *a) {
     httpd_respond_error(
         a->req, 503, "admin_error", "no_leader", retry,
         "no leader is known right now (election in progress or quorum lost); retry shortly");
-    admin_req_finish(a);
+    admin_req_free(a);
     return;
   }
   char url[300], auth[600], actor[160], source[160], sig[128];
@@ -400,7 +377,7 @@ static void forward_to_leader(struct admin_req *a) {
   zg_buf_init(&a->body);
   if (upstream_start(a->node->admin_client, &ureq, &cb, a, &a->transfer, err, sizeof(err)) != 0) {
     httpd_respond_error(a->req, 503, "admin_error", "leader_unreachable", retry, "%s", err);
-    admin_req_finish(a);
+    admin_req_free(a);
     return;
   }
   httpd_req_set_abort(a->req, on_admin_abort, a);
@@ -857,6 +834,8 @@ static void on_admin_request(void *ctx, struct httpd_req *req) {
   a->node = n;
   a->req = req;
   zg_buf_init(&a->body);
+  zg_hold_init(&a->forward, n->loop, READ_YOUR_WRITES_TIMEOUT_MS, on_forward_retry, a);
+  zg_hold_init(&a->applied, n->loop, READ_YOUR_WRITES_TIMEOUT_MS, on_applied_check, a);
   const char *why = NULL;
   int fwd = check_forward_auth(a, &why);
   if (fwd < 0) {
