@@ -374,6 +374,9 @@ static void forward_to_leader(struct admin_req *a) {
                                   false};
   static const struct upstream_callbacks cb = {on_fwd_response, on_fwd_data, on_fwd_done};
   char err[256];
+  /* a retry: the previous attempt's answer (a 503 from a node that was
+   * not the leader any more) is dropped, not leaked */
+  zg_buf_free(&a->body);
   zg_buf_init(&a->body);
   if (upstream_start(a->node->admin_client, &ureq, &cb, a, &a->transfer, err, sizeof(err)) != 0) {
     httpd_respond_error(a->req, 503, "admin_error", "leader_unreachable", retry, "%s", err);
