@@ -16,7 +16,31 @@ ZONEGATE_BIN = os.environ.get("ZONEGATE_BIN", os.path.join(os.path.dirname(__fil
 MOCKLLM_BIN = os.environ.get("MOCKLLM_BIN", os.path.join(os.path.dirname(__file__), "../../build/tests/mockllm"))
 
 
+_handed_out = set()
+
+
 def free_port():
+    """A free TCP port below the kernel's ephemeral range, never handed out
+    twice in this process: a port from bind(0) is an ephemeral one, which
+    an outgoing connection (curl, raft, a client) can take before the node
+    binds it — that made cluster starts fail with "port already in use"."""
+    import random
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError):
+        low = 32768
+    for _ in range(1000):
+        port = random.randrange(20000, max(20001, min(low, 32768)))
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
