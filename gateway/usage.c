@@ -47,9 +47,12 @@ int usage_read_object(const char *usage, size_t len, struct usage_counts *out) {
   uint64_t prompt = 0, completion = 0, total = 0;
   /* a usage object whose counts are not numbers tells nothing: unknown,
    * never 0 */
-  bool any = count_of(&v[PROMPT], &prompt) | count_of(&v[INPUT], &prompt);
-  any = count_of(&v[COMPLETION], &completion) | count_of(&v[OUTPUT], &completion) | any;
-  any = count_of(&v[TOTAL], &total) | any;
+  int any = 0; /* every count is read (no short-circuit): either name may hold it */
+  any += count_of(&v[PROMPT], &prompt);
+  any += count_of(&v[INPUT], &prompt);
+  any += count_of(&v[COMPLETION], &completion);
+  any += count_of(&v[OUTPUT], &completion);
+  any += count_of(&v[TOTAL], &total);
   if (!any) return -1;
   out->known = true;
   out->prompt += prompt;

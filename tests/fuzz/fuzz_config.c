@@ -28,6 +28,7 @@
 #include <cjson/cJSON.h>
 
 #include "base/base.h"
+#include "alerts/alerts.h"
 #include "config/config.h"
 #include "failover/failover.h"
 
