@@ -65,7 +65,12 @@ struct consensus_options {
   const char *data_dir;       /* created 0700 if missing; raft files live in data_dir/raft */
   const char *cluster_secret; /* >= 16 chars; HMAC key for the peer handshake */
   const uint8_t *master_key;  /* 32 bytes; AES-256-GCM key for provider key secrets */
-  unsigned election_timeout_ms, heartbeat_ms;     /* defaults 1000 / 100 */
+  unsigned election_timeout_ms, heartbeat_ms; /* defaults 1000 / 100 */
+  /* The active's lease (failover.lease_ratio x election timeout, ms): a
+   * leader that won an election started because the old leader's
+   * connection ended is not ready for this long (leader_loss.c). 0 or more
+   * than the election timeout: one election timeout. */
+  unsigned lease_ms;
   unsigned snapshot_threshold, snapshot_trailing; /* defaults 1024 / 128 */
   unsigned audit_max;                             /* bounded audit trail, default 1000 records */
   const cJSON *seed_config; /* replicated gateway config seeded when a new cluster is bootstrapped
@@ -206,7 +211,10 @@ cJSON *consensus_status_json(const struct consensus *c);
 bool consensus_is_leader(const struct consensus *c); /* raft leader AND its post-election barrier
                                                         has committed in the current term */
 /* The two halves of consensus_is_leader, for failover's role table:
- * raft leader whose post-election barrier committed in the current term;
+ * raft leader whose post-election barrier committed in the current term
+ * (and, after an election started because the old leader's connection
+ * ended, one election timeout has passed since the win: the old leader's
+ * lease may run until then; consensus/leader_loss.c);
  * a leadership transfer started by this leader and not yet finished. */
 bool consensus_barrier_committed(const struct consensus *c);
 bool consensus_transfer_under_way(const struct consensus *c);

@@ -388,6 +388,46 @@ void zg_transport_set_incarnation(struct raft_uv_transport *t, enum zg_incarnati
 /* Drill: cuts every peer connection and refuses new ones for duration_ms. */
 void zg_transport_isolate(struct raft_uv_transport *t, unsigned duration_ms);
 
+/* Reports that an authenticated peer connection handed to raft was ended
+ * by the peer or the network (EOF, reset, write error), never one this node
+ * cut itself. peer is the raft id the handshake proved. */
+typedef void (*zg_peer_lost_cb)(void *ud, raft_id peer);
+void zg_transport_on_peer_lost(struct raft_uv_transport *t, zg_peer_lost_cb cb, void *ud);
+
+/* ---- early election on leader loss (leader_loss.c) ------------------------ */
+/* raft_uv's raft_io, with its start method wrapped to remember libraft's
+ * receive callback, so that a message can be delivered to raft from here.
+ * `io` must stay the first member. */
+struct zg_io_tap {
+  struct raft_io io; /* raft_uv_init it, then give it to raft_init */
+  int (*uv_start)(struct raft_io *io, unsigned msecs, raft_io_tick_cb tick,
+                  raft_io_recv_cb recv);  /* raft_uv's own */
+  raft_io_recv_cb recv_cb;                /* libraft's, once started */
+  unsigned election_ms, fast_election_ms; /* normal; while an expedited candidate */
+  bool expedited;                         /* the fast timeout is in force */
+  uint64_t expedite_until_ms;             /* zg_mono_ms() when it ends at the latest */
+  unsigned silent_ms; /* leader silence after which a vote request is judged (tap_recv) */
+  uint64_t hold_term, hold_until_ms; /* a disrupting win: not ready before hold_until_ms */
+  unsigned hold_ms;                  /* the old leader's longest lease */
+};
+/* Call after raft_uv_init(&tap->io, ...) and before raft_init; the
+ * timeouts are cluster.election_timeout_ms and cluster.heartbeat_ms, the
+ * lease the failover lease in ms (0: one election timeout). */
+void zg_io_tap_init(struct zg_io_tap *tap, unsigned election_ms, unsigned heartbeat_ms,
+                    unsigned lease_ms);
+/* Call after every loop turn: once an expedited candidate is no longer a
+ * candidate, or the expedite window is over, puts the normal election
+ * timeout back. */
+void zg_leader_loss_settle(struct zg_io_tap *tap, struct raft *r);
+/* True while a leader that won a leader-loss election must not act as the
+ * fenced leader yet (the old leader's lease may still run). */
+bool zg_leader_loss_holding(const struct zg_io_tap *tap, struct raft *r);
+/* The connection to `peer` ended. If raft is a persisted follower of that
+ * very leader, delivers a TimeoutNow from it (libraft's leadership-transfer
+ * message, thesis §3.10), so raft starts an election now with the
+ * disrupt-leader flag. Returns true if raft became a candidate. */
+bool zg_leader_lost(struct zg_io_tap *tap, struct raft *r, raft_id peer);
+
 /* ---- torn-tail repair (repair.c) ----------------------------------------- */
 /* Before libraft reads raft_dir: cuts an incomplete final batch off the last
  * open segment (see repair.c). 0: nothing to do, or repaired (then msg says

@@ -56,11 +56,18 @@ struct pending_write {
 struct consensus {
   uv_loop_t *loop;
   struct raft raft;
-  struct raft_io io;
+  struct zg_io_tap io; /* raft_uv's io, plus leader-loss delivery (leader_loss.c) */
+  /* the leader whose connection ended while our log was still being
+   * persisted: retried every loop turn until lost_leader_until_ms */
+  raft_id lost_leader;
+  uint64_t lost_leader_until_ms;
+  unsigned election_ms;
   struct raft_uv_transport transport;
   struct zg_fsm fsm;
   uv_check_t check;
   bool check_open;
+  uv_timer_t wake; /* wakes the loop when a leader-loss hold ends (check_cb) */
+  uint64_t wake_term;
   struct member_rec *members; /* [0] = self */
   size_t n_members;
   uint8_t master_key[32];
@@ -501,9 +508,25 @@ static void track_progress(struct consensus *c) {
   }
 }
 
+static bool try_leader_lost(struct consensus *c, raft_id peer);
+
+static void wake_cb(uv_timer_t *t) {
+  (void)t; /* check_cb runs after this loop turn and sees the hold over */
+}
+
 static void check_cb(uv_check_t *h) {
   struct consensus *c = h->data;
   if (c->closing) return;
+  if (c->lost_leader &&
+      (zg_mono_ms() >= c->lost_leader_until_ms || try_leader_lost(c, c->lost_leader)))
+    c->lost_leader = 0;
+  zg_leader_loss_settle(&c->io, &c->raft);
+  if (zg_leader_loss_holding(&c->io, &c->raft) && c->wake_term != c->io.hold_term) {
+    /* Become ready the moment the hold ends, not on the next event. */
+    c->wake_term = c->io.hold_term;
+    uint64_t now = zg_mono_ms();
+    uv_timer_start(&c->wake, wake_cb, c->io.hold_until_ms > now ? c->io.hold_until_ms - now : 0, 0);
+  }
   unsigned state = raft_state(&c->raft);
   raft_id leader = 0;
   const char *leader_address = NULL;
@@ -591,7 +614,7 @@ static void close_step_done(struct consensus *c) {
 
 static void on_raft_closed(struct raft *r) {
   struct consensus *c = r->data;
-  raft_uv_close(&c->io);
+  raft_uv_close(&c->io.io);
   zg_transport_free(&c->transport);
   close_step_done(c);
 }
@@ -605,10 +628,11 @@ void consensus_close(struct consensus *c, void (*done)(void *arg), void *arg) {
   c->closing = true;
   c->close_done = done;
   c->close_arg = arg;
-  c->close_waits = 1 + (c->check_open ? 1 : 0);
+  c->close_waits = 1 + (c->check_open ? 2 : 0);
   if (c->check_open) {
     uv_check_stop(&c->check);
     uv_close((uv_handle_t *)&c->check, check_close_cb);
+    uv_close((uv_handle_t *)&c->wake, check_close_cb);
   }
   raft_close(&c->raft, on_raft_closed);
 }
@@ -796,6 +820,31 @@ static int bootstrap_if_new(struct consensus *c, const struct consensus_options 
   return 0;
 }
 
+/* Tries leader_loss.c for `peer`; true once done or moot. */
+static bool try_leader_lost(struct consensus *c, raft_id peer) {
+  raft_id leader = 0;
+  const char *address = NULL;
+  raft_leader(&c->raft, &leader, &address);
+  if (raft_state(&c->raft) != RAFT_FOLLOWER || leader != peer) return true; /* moot */
+  raft_term term = raft_current_term(&c->raft);
+  if (!zg_leader_lost(&c->io, &c->raft, peer)) return false;
+  const struct member_rec *m = member_by_raft_id(c, peer);
+  ZG_LOG_WARN("leader_connection_lost",
+              "the connection to leader %s ended in term %llu: election started at once",
+              m ? m->id : "?", (unsigned long long)term);
+  return true;
+}
+
+/* The transport saw the peer or the network end a connection to `peer`.
+ * If that peer is our leader, leader_loss.c starts the election now, or
+ * as soon as our log is persisted (check_cb retries). */
+static void on_peer_lost(void *ud, raft_id peer) {
+  struct consensus *c = ud;
+  if (c->closing || try_leader_lost(c, peer)) return;
+  c->lost_leader = peer;
+  c->lost_leader_until_ms = zg_mono_ms() + c->election_ms;
+}
+
 /* Init ladder (dqlite-style): each step that succeeded is undone, in
  * reverse, by the label its failure jumps past. Once raft_init succeeded
  * the undo is asynchronous: raft_close, then raft_uv_close, the transport
@@ -828,23 +877,27 @@ int consensus_start(uv_loop_t *loop, const struct consensus_options *opts, struc
     goto err_transport;
   }
   if (err[0]) ZG_LOG_WARN("raft_torn_tail_repaired", "%s", err);
-  if (raft_uv_init(&c->io, loop, c->raft_dir, &c->transport) != 0) {
-    snprintf(errmsg, errlen, "raft_uv_init(%s): %s", c->raft_dir, c->io.errmsg);
+  if (raft_uv_init(&c->io.io, loop, c->raft_dir, &c->transport) != 0) {
+    snprintf(errmsg, errlen, "raft_uv_init(%s): %s", c->raft_dir, c->io.io.errmsg);
     goto err_transport;
   }
   unsigned election = opts->election_timeout_ms ? opts->election_timeout_ms : 1000;
   unsigned heartbeat = opts->heartbeat_ms ? opts->heartbeat_ms : 100;
-  raft_uv_set_connect_retry_delay(&c->io, election / 4 > 50 ? election / 4 : 50);
+  raft_uv_set_connect_retry_delay(&c->io.io, election / 4 > 50 ? election / 4 : 50);
   /* A damaged closed segment must stop the node with an error naming the
    * path, not be silently cut away: entries this node acknowledged would be
    * forgotten, which can undo a commit. The operator restores or re-joins. */
-  raft_uv_set_auto_recovery(&c->io, false);
-  if (raft_init(&c->raft, &c->io, &c->fsm.raft, c->members[0].raft_id,
+  raft_uv_set_auto_recovery(&c->io.io, false);
+  zg_io_tap_init(&c->io, election, heartbeat, opts->lease_ms);
+  c->election_ms = election;
+  if (raft_init(&c->raft, &c->io.io, &c->fsm.raft, c->members[0].raft_id,
                 c->members[0].raft_address) != 0) {
     snprintf(errmsg, errlen, "raft_init(%s): %s", c->raft_dir, raft_errmsg(&c->raft));
     goto err_io;
   }
   c->raft.data = c;
+  if (opts->self->role != CONSENSUS_WITNESS)
+    zg_transport_on_peer_lost(&c->transport, on_peer_lost, c);
   /* raft_init seeds the election timer's generator from raft_uv's random(),
    * which is rand() without srand(): every node drew the same "random"
    * election timeouts, so two followers of a dead leader timed out
@@ -868,7 +921,7 @@ int consensus_start(uv_loop_t *loop, const struct consensus_options *opts, struc
     /* The reason may sit in raft's message, raft_uv's, or the state
      * machine's (a snapshot it refused): name whichever is there. */
     const char *why = raft_errmsg(&c->raft);
-    if (!why || !why[0]) why = c->io.errmsg;
+    if (!why || !why[0]) why = c->io.io.errmsg;
     if (c->fsm.restore_error[0])
       snprintf(errmsg, errlen, "raft_start(%s): snapshot refused: %s%s%s", c->raft_dir,
                c->fsm.restore_error, why[0] ? "; " : "", why);
@@ -879,6 +932,8 @@ int consensus_start(uv_loop_t *loop, const struct consensus_options *opts, struc
   }
   uv_check_init(loop, &c->check);
   c->check.data = c;
+  uv_timer_init(loop, &c->wake);
+  c->wake.data = c;
   c->check_open = true;
   uv_check_start(&c->check, check_cb);
   c->last_state = raft_state(&c->raft);
@@ -894,7 +949,7 @@ err_raft:
   raft_close(&c->raft, on_raft_closed); /* closes io and transport, frees c */
   return rv;
 err_io:
-  raft_uv_close(&c->io);
+  raft_uv_close(&c->io.io);
 err_transport:
   zg_transport_free(&c->transport);
 err_free:
@@ -1011,11 +1066,13 @@ bool consensus_is_leader(const struct consensus *c) {
   struct raft *r = (struct raft *)&c->raft;
   if (c->closing || raft_state(r) != RAFT_LEADER) return false;
   if (raft_transferee(r) != 0) return false;
+  if (zg_leader_loss_holding(&c->io, r)) return false;
   return c->barrier_committed_term == raft_current_term(r);
 }
 
 bool consensus_barrier_committed(const struct consensus *c) {
   struct raft *r = (struct raft *)&c->raft;
+  if (zg_leader_loss_holding(&c->io, r)) return false; /* see leader_loss.c */
   return !c->closing && raft_state(r) == RAFT_LEADER &&
          c->barrier_committed_term == raft_current_term(r);
 }

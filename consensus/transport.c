@@ -44,7 +44,13 @@
  * enough). raft_uv reads and writes a uv_stream_t itself, so the stream it
  * gets is one end of a socketpair; a "tunnel" pumps between the other end
  * and the TLS session on the TCP connection, with back-pressure both ways
- * (TUNNEL_HIGH_WATER). Without TLS the TCP stream goes to raft as before.
+ * (TUNNEL_HIGH_WATER). Without TLS the tunnel pumps the bytes as they are.
+ *
+ * Every connection goes through a tunnel, TLS or not, so that this side
+ * sees how it ends: when the peer or the network ends a connection already
+ * handed to raft (EOF, reset, write error), the peer-lost callback gets the
+ * peer's raft id (leader_loss.c starts an election on it). Connections this
+ * node cuts itself (isolate drill, shutdown) are not reported.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -130,26 +136,19 @@ struct handshake {
   uint8_t wbuf1[CHALLENGE_FIXED + ADDR_MAX], wbuf2[PROOF_LEN];
 };
 
-/* A stream given to raft, remembered so a drill can cut it (see
- * zg_transport_isolate): the fd plus its TCP 4-tuple, so a reused fd
- * number is never mistaken for it. */
-#define MAX_HANDED 64
-struct handed_stream {
-  int fd;
-  struct sockaddr_storage local, peer;
-};
-
-/* A TLS connection to a peer and the socketpair end that raft's stream
- * talks to (see the header comment). */
+/* A connection to a peer (TLS or plain) and the socketpair end that raft's
+ * stream talks to (see the header comment). */
 struct tunnel {
   struct zgt *tr;
   struct tunnel *next, *prev;
   struct handshake *hs; /* while the handshake runs */
   uv_tcp_t *tcp;        /* raft_malloc'd (came from the handshake) */
   uv_pipe_t pipe;       /* our end of the socketpair */
-  struct zg_tls *tls;
+  struct zg_tls *tls;   /* NULL: plaintext */
   int handles_open;
   bool pipe_open, closing, tcp_paused, pipe_paused, established;
+  bool handed;     /* raft has its end: a peer-side end is reported */
+  raft_id peer_id; /* proved by the handshake (set when handed) */
   char peer_ip[64];
 };
 
@@ -170,8 +169,6 @@ struct zgt {
   char address[ADDR_MAX + 1];
   char bind_address[ADDR_MAX + 1];
   uv_tcp_t listener;
-  struct handed_stream handed[MAX_HANDED];
-  size_t n_handed;
   uv_timer_t quiet_timer;
   bool listener_open, quiet_timer_open, quiet;
   unsigned quiet_ms;
@@ -184,11 +181,15 @@ struct zgt {
   struct zg_incarnation inc;
   zg_incarnation_adopt_cb adopt;
   void *adopt_ud;
+  zg_peer_lost_cb peer_lost;
+  void *peer_lost_ud;
 };
 
 static void hs_fail(struct handshake *hs, const char *why);
 static void maybe_finish_close(struct zgt *tr);
 static void tunnel_close(struct tunnel *t, const char *why);
+static void tunnel_peer_ended(struct tunnel *t);
+static void tunnel_open_inner(struct handshake *hs);
 static void hs_tls_ready(struct handshake *hs);
 
 /* ---- MACs ---------------------------------------------------------------- */
@@ -316,50 +317,18 @@ static void hs_fail(struct handshake *hs, const char *why) {
   hs_release(hs);
 }
 
-static bool stream_tuple(int fd, struct sockaddr_storage *local, struct sockaddr_storage *peer) {
-  socklen_t llen = sizeof *local, plen = sizeof *peer;
-  memset(local, 0, sizeof *local);
-  memset(peer, 0, sizeof *peer);
-  return getsockname(fd, (struct sockaddr *)local, &llen) == 0 &&
-         getpeername(fd, (struct sockaddr *)peer, &plen) == 0;
-}
-
-/* True if fd is still the very connection recorded in h. */
-static bool handed_alive(const struct handed_stream *h) {
-  struct sockaddr_storage local, peer;
-  return stream_tuple(h->fd, &local, &peer) && memcmp(&local, &h->local, sizeof local) == 0 &&
-         memcmp(&peer, &h->peer, sizeof peer) == 0;
-}
-
-static void remember_handed(struct zgt *tr, uv_tcp_t *tcp) {
-  uv_os_fd_t fd;
-  if (uv_fileno((uv_handle_t *)tcp, &fd) != 0) return;
-  size_t kept = 0; /* drop entries whose connection is gone */
-  for (size_t i = 0; i < tr->n_handed; i++)
-    if (handed_alive(&tr->handed[i]) && tr->handed[i].fd != fd) tr->handed[kept++] = tr->handed[i];
-  tr->n_handed = kept;
-  if (tr->n_handed == MAX_HANDED) return;
-  struct handed_stream *h = &tr->handed[tr->n_handed];
-  h->fd = fd;
-  if (stream_tuple(fd, &h->local, &h->peer)) tr->n_handed++;
-}
-
 /* Hands the authenticated stream to raft. */
 static void hs_succeed(struct handshake *hs) {
   struct zgt *tr = hs->tr;
   uv_stream_t *stream = hs->io;
   uv_read_stop(stream);
-  if (hs->tunnel) {
-    /* The tunnel lives on, pumping for raft's end of the socketpair. */
-    hs->tunnel->hs = NULL;
-    hs->tunnel = NULL;
-    hs->inner = NULL;
-    hs->inner_open = false;
-  } else {
-    remember_handed(tr, hs->tcp);
-    hs->tcp = NULL;
-    hs->tcp_open = false;
-  }
+  /* The tunnel lives on, pumping for raft's end of the socketpair. */
+  hs->tunnel->hs = NULL;
+  hs->tunnel->handed = true;
+  hs->tunnel->peer_id = hs->peer_id;
+  hs->tunnel = NULL;
+  hs->inner = NULL;
+  hs->inner_open = false;
   hs->io = NULL;
   hs->finished = true;
   hs->phase = HS_DONE;
@@ -797,7 +766,10 @@ static void tunnel_write_cb(uv_write_t *req, int status) {
   free(w);
   if (t->closing) return;
   if (status != 0) {
-    tunnel_close(t, NULL);
+    if (to_tcp)
+      tunnel_peer_ended(t); /* a reset or broken pipe towards the peer */
+    else
+      tunnel_close(t, NULL);
     return;
   }
   /* Resume the side that was paused because this one was full. */
@@ -866,7 +838,7 @@ static void tunnel_close(struct tunnel *t, const char *why) {
     hs->tunnel = NULL;
     hs_fail(hs, why);
   }
-  if (t->established) {
+  if (t->established && t->tls) {
     /* Best effort close_notify; the connection goes either way. */
     zg_tls_shutdown(t->tls);
     char buf[256];
@@ -880,15 +852,32 @@ static void tunnel_close(struct tunnel *t, const char *why) {
   if (t->pipe_open) uv_close((uv_handle_t *)&t->pipe, tunnel_pipe_closed);
 }
 
+/* The peer or the network ended a connection raft was using. */
+static void tunnel_peer_ended(struct tunnel *t) {
+  struct zgt *tr = t->tr;
+  bool report = t->handed && !t->closing && !tr->closing && tr->peer_lost != NULL;
+  raft_id peer = t->peer_id;
+  tunnel_close(t, NULL);
+  if (report) tr->peer_lost(tr->peer_lost_ud, peer);
+}
+
 static void tunnel_on_tcp_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
   struct tunnel *t = s->data;
   if (t->closing || nread == 0) return;
   if (nread < 0) {
+    if (t->handed) {
+      tunnel_peer_ended(t);
+      return;
+    }
     /* Before TLS is up that is a node in its quiet period or overloaded;
      * after, while the handshake runs, usually a refused certificate. */
-    tunnel_close(t, t->established ? "peer closed during the handshake (it may have refused our "
-                                     "certificate or proof)"
-                                   : NULL);
+    tunnel_close(t, t->established && t->tls ? "peer closed during the handshake (it may have "
+                                               "refused our certificate or proof)"
+                                             : NULL);
+    return;
+  }
+  if (t->tls == NULL) { /* plaintext: pass the bytes on as they are */
+    if (tunnel_write(t, false, buf->base, (size_t)nread) != 0) tunnel_close(t, NULL);
     return;
   }
   if (zg_tls_feed(t->tls, buf->base, (size_t)nread) != 0) {
@@ -919,6 +908,10 @@ static void tunnel_on_tcp_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *bu
       continue;
     }
     if (n == ZG_TLS_WANT) break;
+    if (t->handed) {
+      tunnel_peer_ended(t);
+      return;
+    }
     char why[300];
     snprintf(why, sizeof why, "TLS session ended: %s",
              n == ZG_TLS_CLOSED ? "close_notify" : zg_tls_error(t->tls));
@@ -935,6 +928,10 @@ static void tunnel_on_pipe_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b
     tunnel_close(t, NULL);
     return;
   }
+  if (t->tls == NULL) {
+    if (tunnel_write(t, true, buf->base, (size_t)nread) != 0) tunnel_close(t, NULL);
+    return;
+  }
   if (zg_tls_write(t->tls, buf->base, (size_t)nread) != 0 || tunnel_flush(t) != 0)
     tunnel_close(t, NULL);
 }
@@ -944,10 +941,12 @@ static int tunnel_start(struct handshake *hs) {
   struct zgt *tr = hs->tr;
   struct tunnel *t = calloc(1, sizeof *t);
   if (!t) return -1;
-  t->tls = zg_tls_new(tr->tls, !hs->outbound);
-  if (!t->tls) {
-    free(t);
-    return -1;
+  if (tr->tls) {
+    t->tls = zg_tls_new(tr->tls, !hs->outbound);
+    if (!t->tls) {
+      free(t);
+      return -1;
+    }
   }
   t->tr = tr;
   t->tcp = hs->tcp;
@@ -962,11 +961,15 @@ static int tunnel_start(struct handshake *hs) {
   if (t->next) t->next->prev = t;
   tr->tunnels = t;
   uv_tcp_nodelay(t->tcp, 1);
-  if (hs->outbound) {
+  if (t->tls && hs->outbound) {
     zg_tls_handshake(t->tls); /* ClientHello */
     if (tunnel_flush(t) != 0) return -1;
   }
   if (uv_read_start((uv_stream_t *)t->tcp, tunnel_alloc, tunnel_on_tcp_read) != 0) return -1;
+  if (t->tls == NULL) {
+    t->established = true;
+    tunnel_open_inner(hs); /* fails the handshake itself */
+  }
   return 0;
 }
 
@@ -988,6 +991,13 @@ static void hs_tls_ready(struct handshake *hs) {
     hs_fail(hs, why);
     return;
   }
+  tunnel_open_inner(hs);
+}
+
+/* Opens the socketpair whose one end raft will get, and runs the HMAC
+ * handshake on it. On failure the handshake fails (and closes the tunnel). */
+static void tunnel_open_inner(struct handshake *hs) {
+  struct tunnel *t = hs->tunnel;
   uv_os_sock_t fds[2];
   if (uv_socketpair(SOCK_STREAM, 0, fds, UV_NONBLOCK_PIPE, UV_NONBLOCK_PIPE) != 0) {
     hs_fail(hs, NULL);
@@ -1061,13 +1071,7 @@ static void on_connection(uv_stream_t *server, int status) {
   hs->tcp_open = true;
   tcp->data = hs;
   note_peer_ip(hs);
-  if (tr->tls) {
-    if (tunnel_start(hs) != 0) hs_fail(hs, NULL);
-    return;
-  }
-  hs->io = (uv_stream_t *)tcp;
-  hs_expect(hs, HS_READ_HELLO, HELLO_FIXED);
-  if (uv_read_start((uv_stream_t *)tcp, hs_alloc_cb, hs_read_cb) != 0) hs_fail(hs, NULL);
+  if (tunnel_start(hs) != 0) hs_fail(hs, NULL);
 }
 
 /* ---- outbound ------------------------------------------------------------ */
@@ -1080,12 +1084,7 @@ static void on_connect(uv_connect_t *creq, int status) {
     return;
   }
   note_peer_ip(hs);
-  if (hs->tr->tls) {
-    if (tunnel_start(hs) != 0) hs_fail(hs, NULL);
-    return;
-  }
-  hs->io = (uv_stream_t *)hs->tcp;
-  send_hello(hs);
+  if (tunnel_start(hs) != 0) hs_fail(hs, NULL);
 }
 
 static void send_hello(struct handshake *hs) {
@@ -1327,12 +1326,7 @@ void zg_transport_isolate(struct raft_uv_transport *t, unsigned duration_ms) {
   if (tr == NULL || tr->closing || !tr->quiet_timer_open) return;
   tr->quiet = true;
   uv_timer_start(&tr->quiet_timer, quiet_over_cb, duration_ms, 0);
-  /* shutdown() (never close()) makes raft see the connection end and
-   * release the stream itself; the tuple check guards against fd reuse. */
   unsigned cut = 0;
-  for (size_t i = 0; i < tr->n_handed; i++)
-    if (handed_alive(&tr->handed[i]) && shutdown(tr->handed[i].fd, SHUT_RDWR) == 0) cut++;
-  tr->n_handed = 0;
   for (struct handshake *hs = tr->handshakes, *next; hs != NULL; hs = next) {
     next = hs->next;
     hs_fail(hs, NULL);
@@ -1344,6 +1338,12 @@ void zg_transport_isolate(struct raft_uv_transport *t, unsigned duration_ms) {
     }
   ZG_LOG_WARN("raft_isolated", "raft peer traffic dropped for %u ms (%u connections cut)",
               duration_ms, cut);
+}
+
+void zg_transport_on_peer_lost(struct raft_uv_transport *t, zg_peer_lost_cb cb, void *ud) {
+  struct zgt *tr = t->impl;
+  tr->peer_lost = cb;
+  tr->peer_lost_ud = ud;
 }
 
 void zg_transport_set_tls(struct raft_uv_transport *t, SSL_CTX *ctx) {

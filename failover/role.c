@@ -128,7 +128,8 @@ static enum failover_role compute_role(const struct role_machine *m, const char 
   }
   if (v->raft_leader(v->ud)) {
     if (!v->barrier_committed(v->ud)) {
-      *reason = "raft leader; election barrier not committed";
+      *reason =
+          "raft leader; election barrier not committed (or the old leader's lease may still run)";
       return FAILOVER_LEADER_UNFENCED;
     }
     if (m->tilt) {

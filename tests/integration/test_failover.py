@@ -46,7 +46,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # config instead (to check a fix to deploy/haproxy.cfg before shipping it).
 HAPROXY_CFG = os.environ.get("ZG_HAPROXY_CFG") or os.path.join(HERE, "../../deploy/haproxy.cfg")
 HAPROXY_BIN = shutil.which("haproxy") or "/usr/sbin/haproxy"
-ELECTION_TIMEOUT_MS = 600
+ELECTION_TIMEOUT_MS = int(os.environ.get("ZG_ELECTION_TIMEOUT_MS", "600"))
 HEARTBEAT_MS = 100
 
 
@@ -272,7 +272,10 @@ class HealthPoller:
             for round_no, _, _, status in samples:
                 if status == 200:
                     active_by_round.setdefault(round_no, set()).add(node_id)
-        return sorted(r for r, nodes in active_by_round.items() if len(nodes) > 1)
+        bad = sorted(r for r, nodes in active_by_round.items() if len(nodes) > 1)
+        if bad and os.environ.get("ZG_DEBUG_DOUBLE"):
+            print("DOUBLE", [(r, sorted(active_by_round[r])) for r in bad[:5]], len(bad))
+        return bad
 
     def total_samples(self):
         return sum(len(s) for s in self.samples.values())

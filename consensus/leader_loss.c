@@ -1,0 +1,159 @@
+/* leader_loss.c: a follower whose leader's connection closes starts the
+ * election at once instead of waiting out an election timeout; a follower
+ * that has not heard from its leader for an election timeout votes.
+ *
+ * Why: when the active node's process dies (SIGKILL, crash, OOM, docker
+ * kill), its kernel closes every TCP connection at once, so the followers
+ * see the leader's peer connection end within a round trip. libraft 0.22.1
+ * only notices after its randomized election timeout (1x..2x
+ * cluster.election_timeout_ms), and with pre-vote a candidate is refused by
+ * every voter that still "has a leader" (recv_request_vote.c rejects while
+ * follower_state.current_leader is set, not only within the minimum
+ * election timeout as the Raft thesis §4.2.3 says), so an election only
+ * succeeded once the slowest voter's own timer fired: most of the failover
+ * time was waiting.
+ *
+ * How: libraft has no API to start an election. Its own mechanism for a
+ * legitimate early election is leadership transfer (thesis §3.10): the
+ * leader sends TimeoutNow, the follower starts an election at once with the
+ * "disrupt leader" flag, which the other voters honour even while they
+ * still believe in the old leader. When the leader's connection closes we
+ * hand raft exactly that message, as if the dying leader had sent it:
+ * addressed from the current leader, at the current term, with our own last
+ * log index and term, so recv_timeout_now.c accepts it only when we are a
+ * voter, a follower of that very leader, and fully persisted. We receive it
+ * through libraft's own receive callback, captured when raft starts
+ * raft_uv's raft_io (zg_io_tap), so raft processes it like any message.
+ *
+ * When the leader just stops (SIGSTOP, a partition) nothing closes; the
+ * first voter whose timer fires asks for votes, and the others now grant
+ * them once they too have not heard from the leader for an election
+ * timeout (tap_recv), as the thesis says, instead of refusing until their
+ * own timers fire.
+ *
+ * A candidate started this way retries after two heartbeats instead of an
+ * election timeout (see zg_leader_lost) until it wins or follows someone,
+ * for at most two election timeouts (a node cut off from every voter must
+ * not churn terms fast for long).
+ *
+ * Safety: Raft's safety never depends on who starts an election or when;
+ * votes are still granted only to a candidate whose log is at least as up
+ * to date (§3.6). The cost of a false alarm (a connection that ends while
+ * the leader lives) is one needless election. The active/standby lease
+ * (failover/role.c, failover.lease_ratio x election timeout, always under
+ * one election timeout) rests on voters refusing votes for an election
+ * timeout after hearing from the leader: tap_recv keeps that rule, but a
+ * disrupt-leader election does not (the old leader may be alive behind a
+ * cut that reset our connection), so a leader that won one is not ready
+ * (consensus_is_leader) until one lease length after its win, when any
+ * lease the old leader took before those votes has run out (a lease runs
+ * from its barrier's submission, which preceded the voter's last ack of
+ * the old leader, which preceded its vote for us). Only gateway nodes do this:
+ * the witness waits for its timer, so it does not race the gateway it
+ * would hand leadership to anyway. Connections cut by this node itself
+ * (the isolate drill, shutdown) are not reported by the transport.
+ */
+#include <stdio.h>
+#include <string.h>
+
+#include "base/base.h"
+#include "consensus/internal.h"
+
+/* Every message from a peer passes here first. A vote request (pre-vote
+ * or real) that arrives after this follower has not heard from its leader
+ * for `silent_ms` is marked disrupt-leader, so libraft judges it on the
+ * candidate's log instead of refusing it for having a leader: the rule of
+ * the Raft thesis §4.2.3 (refuse only "within the minimum election timeout
+ * of hearing from a current leader"). Inside that window requests are
+ * untouched, so a live leader keeps its followers (no flapping when one
+ * node alone lost the leader). */
+static void tap_recv(struct raft_io *io, struct raft_message *m) {
+  struct zg_io_tap *tap = (struct zg_io_tap *)io;
+  struct raft *r = io->data;
+  if (m->type == RAFT_REQUEST_VOTE && !m->request_vote.disrupt_leader && r != NULL &&
+      raft_state(r) == RAFT_FOLLOWER && r->follower_state.current_leader.id != 0 &&
+      io->time(io) - r->election_timer_start >= tap->silent_ms)
+    m->request_vote.disrupt_leader = true;
+  tap->recv_cb(io, m);
+}
+
+static int tap_start(struct raft_io *io, unsigned msecs, raft_io_tick_cb tick,
+                     raft_io_recv_cb recv) {
+  struct zg_io_tap *tap = (struct zg_io_tap *)io;
+  tap->recv_cb = recv;
+  return tap->uv_start(io, msecs, tick, tap_recv);
+}
+
+void zg_io_tap_init(struct zg_io_tap *tap, unsigned election_ms, unsigned heartbeat_ms,
+                    unsigned lease_ms) {
+  tap->uv_start = tap->io.start;
+  tap->io.start = tap_start;
+  tap->recv_cb = NULL;
+  tap->election_ms = election_ms;
+  tap->fast_election_ms = 2 * heartbeat_ms < election_ms ? 2 * heartbeat_ms : election_ms;
+  tap->expedited = false;
+  tap->silent_ms = election_ms;
+  tap->hold_ms = lease_ms > 0 && lease_ms <= election_ms ? lease_ms : election_ms;
+  tap->hold_term = 0;
+  tap->hold_until_ms = 0;
+}
+
+void zg_leader_loss_settle(struct zg_io_tap *tap, struct raft *r) {
+  if (!tap->expedited) return;
+  uint64_t now = zg_mono_ms();
+  if (raft_state(r) == RAFT_CANDIDATE && now < tap->expedite_until_ms) return;
+  tap->expedited = false;
+  raft_set_election_timeout(r, tap->election_ms);
+  /* Won with votes that ignored the old leader: its lease may still run
+   * (see the header). A lease the old leader took ends at most one lease
+   * after the last vote for us was granted, which was before now. */
+  if (raft_state(r) == RAFT_LEADER) {
+    tap->hold_term = raft_current_term(r);
+    tap->hold_until_ms = now + tap->hold_ms;
+  }
+}
+
+bool zg_leader_loss_holding(const struct zg_io_tap *tap, struct raft *r) {
+  return tap->hold_term != 0 && tap->hold_term == raft_current_term(r) &&
+         zg_mono_ms() < tap->hold_until_ms;
+}
+
+/* The term of the last entry: the last record of the trail (libraft keeps
+ * one record per term run), else the snapshot's. */
+static raft_term last_log_term(const struct raft *r) {
+  const struct raft_trail *t = &r->trail;
+  unsigned n = t->front <= t->back ? t->back - t->front : t->size - t->front + t->back;
+  if (n == 0) return t->snapshot.index ? t->snapshot.term : 0;
+  return t->records[(t->front + n - 1) % t->size].term;
+}
+
+bool zg_leader_lost(struct zg_io_tap *tap, struct raft *r, raft_id peer) {
+  if (tap->recv_cb == NULL || raft_state(r) != RAFT_FOLLOWER) return false;
+  raft_id leader = 0;
+  const char *address = NULL;
+  raft_leader(r, &leader, &address);
+  if (leader == 0 || leader != peer || address == NULL) return false;
+  if (r->last_stored < raft_last_index(r)) return false; /* raft would ignore it */
+  /* raft frees the leader's address when it becomes a candidate: copy it. */
+  char from[256];
+  snprintf(from, sizeof from, "%s", address);
+  struct raft_message m;
+  memset(&m, 0, sizeof m);
+  m.type = RAFT_TIMEOUT_NOW;
+  m.server_id = leader;
+  m.server_address = from;
+  m.timeout_now.term = raft_current_term(r);
+  m.timeout_now.last_log_index = raft_last_index(r);
+  m.timeout_now.last_log_term = last_log_term(r);
+  tap->recv_cb(&tap->io, &m);
+  if (raft_state(r) != RAFT_CANDIDATE) return false;
+  /* The first answer to our vote request is often lost: a voter's own
+   * connection to us may be a stale one (to our previous process, or cut
+   * while idle), and raft_uv only notices on the failed write, dropping the
+   * message. Retry the candidacy after 2 heartbeats, not a full election
+   * timeout; zg_leader_loss_settle puts the timeout back. */
+  raft_set_election_timeout(r, tap->fast_election_ms);
+  tap->expedited = true;
+  tap->expedite_until_ms = zg_mono_ms() + 2ull * tap->election_ms;
+  return true;
+}
