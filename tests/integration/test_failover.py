@@ -559,6 +559,10 @@ def print_failures(failed, limit=10):
 
 # ---- SIGKILL the active, N rounds ------------------------------------------------
 
+def count_events(node, event):
+    return sum(1 for line in node.proc.log_lines() if line.get("event") == event)
+
+
 def run_sigkill_rounds(lbc, rounds):
     """Kills the active `rounds` times under 20 req/s; returns the per-round
     RTO through HAProxy in ms. Asserts every round completes."""
@@ -567,10 +571,17 @@ def run_sigkill_rounds(lbc, rounds):
     try:
         for k in range(1, rounds + 1):
             old = lbc.wait_steady()
+            survivors = [n for n in lbc.cluster.nodes if n is not old]
+            seen = {n.id: count_events(n, "leader_connection_lost") for n in survivors}
             t_kill = time.monotonic()
             old.kill(signal.SIGKILL)
             new = lbc.cluster.wait_active(timeout=15, exclude=old)
             assert new.id != old.id
+            # The kill closes the leader's connections: a surviving gateway
+            # starts the election at once instead of after an election
+            # timeout (consensus/leader_loss.c).
+            assert any(count_events(n, "leader_connection_lost") > seen[n.id] for n in survivors), \
+                f"round {k}: no survivor started the election when {old.id}'s connection closed"
             t_served = wait_for(lambda: probes.load.first_success_by(new.id, t_kill), timeout=15, interval=0.01,
                                 what=f"round {k}: a request through haproxy answered by {new.id}")
             rto_ms = (t_served - t_kill) * 1000.0
