@@ -31,7 +31,7 @@
  * timeout (tap_recv), as the thesis says, instead of refusing until their
  * own timers fire.
  *
- * A candidate started this way retries after two heartbeats instead of an
+ * A candidate started this way retries after one heartbeat instead of an
  * election timeout (see zg_leader_lost) until it wins or follows someone,
  * for at most two election timeouts (a node cut off from every voter must
  * not churn terms fast for long).
@@ -90,7 +90,7 @@ void zg_io_tap_init(struct zg_io_tap *tap, unsigned election_ms, unsigned heartb
   tap->io.start = tap_start;
   tap->recv_cb = NULL;
   tap->election_ms = election_ms;
-  tap->fast_election_ms = 2 * heartbeat_ms < election_ms ? 2 * heartbeat_ms : election_ms;
+  tap->fast_election_ms = heartbeat_ms < election_ms ? heartbeat_ms : election_ms;
   tap->expedited = false;
   tap->silent_ms = election_ms;
   tap->hold_ms = lease_ms > 0 && lease_ms <= election_ms ? lease_ms : election_ms;
@@ -150,7 +150,7 @@ bool zg_leader_lost(struct zg_io_tap *tap, struct raft *r, raft_id peer) {
   /* The first answer to our vote request is often lost: a voter's own
    * connection to us may be a stale one (to our previous process, or cut
    * while idle), and raft_uv only notices on the failed write, dropping the
-   * message. Retry the candidacy after 2 heartbeats, not a full election
+   * message. Retry the candidacy after a heartbeat, not a full election
    * timeout; zg_leader_loss_settle puts the timeout back. */
   raft_set_election_timeout(r, tap->fast_election_ms);
   tap->expedited = true;
