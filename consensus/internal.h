@@ -405,9 +405,11 @@ struct zg_io_tap {
   raft_io_recv_cb recv_cb;                /* libraft's, once started */
   unsigned election_ms, fast_election_ms; /* normal; while an expedited candidate */
   bool expedited;                         /* the fast timeout is in force */
-  uint64_t expedite_until_ms;             /* zg_mono_ms() when it ends at the latest */
-  unsigned silent_ms; /* leader silence after which a vote request is judged (tap_recv) */
+  bool disrupting;            /* our candidacy came from zg_leader_lost (until it ends) */
+  uint64_t expedite_until_ms; /* zg_mono_ms() when it ends at the latest */
+  unsigned silent_ms;         /* leader silence after which a vote request is judged (tap_recv) */
   uint64_t hold_term, hold_until_ms; /* a disrupting win: not ready before hold_until_ms */
+  uint64_t no_votes_until_ms;        /* after zg_leader_lost: vote requests dropped until */
   unsigned hold_ms;                  /* the old leader's longest lease */
 };
 /* Call after raft_uv_init(&tap->io, ...) and before raft_init; the

@@ -48,7 +48,10 @@
  * (consensus_is_leader) until one lease length after its win, when any
  * lease the old leader took before those votes has run out (a lease runs
  * from its barrier's submission, which preceded the voter's last ack of
- * the old leader, which preceded its vote for us). Only gateway nodes do this:
+ * the old leader, which preceded its vote for us). And since our own acks
+ * may have renewed that lease until the connection ended, we vote for
+ * no other candidate for one lease length either (tap_recv), so no one
+ * else can win before that lease is over. Only gateway nodes do this:
  * the witness waits for its timer, so it does not race the gateway it
  * would hand leadership to anyway. Connections cut by this node itself
  * (the isolate drill, shutdown) are not reported by the transport.
@@ -70,6 +73,10 @@
 static void tap_recv(struct raft_io *io, struct raft_message *m) {
   struct zg_io_tap *tap = (struct zg_io_tap *)io;
   struct raft *r = io->data;
+  /* Our own acks may have renewed the old leader's lease up to the moment
+   * its connection ended: vote for nobody until that lease has run out
+   * (a lost message to the candidate, which asks again). */
+  if (m->type == RAFT_REQUEST_VOTE && zg_mono_ms() < tap->no_votes_until_ms) return;
   if (m->type == RAFT_REQUEST_VOTE && !m->request_vote.disrupt_leader && r != NULL &&
       raft_state(r) == RAFT_FOLLOWER && r->follower_state.current_leader.id != 0 &&
       io->time(io) - r->election_timer_start >= tap->silent_ms)
@@ -92,6 +99,8 @@ void zg_io_tap_init(struct zg_io_tap *tap, unsigned election_ms, unsigned heartb
   tap->election_ms = election_ms;
   tap->fast_election_ms = heartbeat_ms < election_ms ? heartbeat_ms : election_ms;
   tap->expedited = false;
+  tap->disrupting = false;
+  tap->no_votes_until_ms = 0;
   tap->silent_ms = election_ms;
   tap->hold_ms = lease_ms > 0 && lease_ms <= election_ms ? lease_ms : election_ms;
   tap->hold_term = 0;
@@ -99,17 +108,24 @@ void zg_io_tap_init(struct zg_io_tap *tap, unsigned election_ms, unsigned heartb
 }
 
 void zg_leader_loss_settle(struct zg_io_tap *tap, struct raft *r) {
-  if (!tap->expedited) return;
+  if (!tap->expedited && !tap->disrupting) return;
   uint64_t now = zg_mono_ms();
-  if (raft_state(r) == RAFT_CANDIDATE && now < tap->expedite_until_ms) return;
-  tap->expedited = false;
-  raft_set_election_timeout(r, tap->election_ms);
-  /* Won with votes that ignored the old leader: its lease may still run
-   * (see the header). A lease the old leader took ends at most one lease
-   * after the last vote for us was granted, which was before now. */
-  if (raft_state(r) == RAFT_LEADER) {
-    tap->hold_term = raft_current_term(r);
-    tap->hold_until_ms = now + tap->hold_ms;
+  unsigned short state = raft_state(r);
+  if (tap->expedited && (state != RAFT_CANDIDATE || now >= tap->expedite_until_ms)) {
+    tap->expedited = false;
+    raft_set_election_timeout(r, tap->election_ms);
+  }
+  /* The candidacy (libraft keeps its disrupt-leader flag on every retry,
+   * fast or not) is over. Won with votes that ignored the old leader: its
+   * lease may still run (see the header). A lease the old leader took ends
+   * at most one lease after the last vote for us was granted, which was
+   * before now. */
+  if (tap->disrupting && state != RAFT_CANDIDATE) {
+    tap->disrupting = false;
+    if (state == RAFT_LEADER) {
+      tap->hold_term = raft_current_term(r);
+      tap->hold_until_ms = now + tap->hold_ms;
+    }
   }
 }
 
@@ -154,6 +170,8 @@ bool zg_leader_lost(struct zg_io_tap *tap, struct raft *r, raft_id peer) {
    * timeout; zg_leader_loss_settle puts the timeout back. */
   raft_set_election_timeout(r, tap->fast_election_ms);
   tap->expedited = true;
+  tap->disrupting = true;
+  tap->no_votes_until_ms = zg_mono_ms() + tap->hold_ms;
   tap->expedite_until_ms = zg_mono_ms() + 2ull * tap->election_ms;
   return true;
 }
