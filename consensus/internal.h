@@ -388,9 +388,10 @@ void zg_transport_set_incarnation(struct raft_uv_transport *t, enum zg_incarnati
 /* Drill: cuts every peer connection and refuses new ones for duration_ms. */
 void zg_transport_isolate(struct raft_uv_transport *t, unsigned duration_ms);
 
-/* Reports that an authenticated peer connection handed to raft was ended
- * by the peer or the network (EOF, reset, write error), never one this node
- * cut itself. peer is the raft id the handshake proved. */
+/* Reports that an authenticated inbound peer connection handed to raft was
+ * ended by the peer or the network (EOF, reset, write error), never one
+ * this node dialled or cut itself. peer is the raft id the handshake
+ * proved. */
 typedef void (*zg_peer_lost_cb)(void *ud, raft_id peer);
 void zg_transport_on_peer_lost(struct raft_uv_transport *t, zg_peer_lost_cb cb, void *ud);
 
@@ -429,6 +430,19 @@ bool zg_leader_loss_holding(const struct zg_io_tap *tap, struct raft *r);
  * message, thesis §3.10), so raft starts an election now with the
  * disrupt-leader flag. Returns true if raft became a candidate. */
 bool zg_leader_lost(struct zg_io_tap *tap, struct raft *r, raft_id peer);
+/* A connection that ends does not prove the peer dead (a reset by a
+ * firewall, a conntrack flush, a spoofed RST). The probe asks the peer's
+ * raft `address` ("host:port") for a new TCP connection: only a refusal
+ * (nothing listens there any more: the process is gone) counts. cb(ud,
+ * peer, refused) is called exactly once, from the loop: refused is true
+ * only on ECONNREFUSED within timeout_ms; a connection, a timeout, any
+ * other error or zg_probe_cancel() gives false. The probe frees itself
+ * after cb. Returns 0, or -1 (bad address, no memory: no cb). */
+struct zg_probe;
+typedef void (*zg_probe_cb)(void *ud, raft_id peer, bool refused);
+int zg_probe_start(uv_loop_t *loop, const char *address, unsigned timeout_ms, raft_id peer,
+                   zg_probe_cb cb, void *ud, struct zg_probe **out);
+void zg_probe_cancel(struct zg_probe *p);
 
 /* ---- torn-tail repair (repair.c) ----------------------------------------- */
 /* Before libraft reads raft_dir: cuts an incomplete final batch off the last

@@ -13,6 +13,14 @@
  * succeeded once the slowest voter's own timer fired: most of the failover
  * time was waiting.
  *
+ * A connection that ends does not prove the leader dead: a firewall
+ * reload, a conntrack flush or a spoofed RST end it too, and deposing a
+ * live leader costs a failover. So the transport reports only the inbound
+ * connection (the one the leader sends on), and node.c first asks the
+ * leader's raft port for a new connection (zg_probe_start): only a refusal
+ * (the process is gone, its port closed) starts the election. A leader
+ * whose host vanished (no answer) is left to the timers below.
+ *
  * How: libraft has no API to start an election. Its own mechanism for a
  * legitimate early election is leadership transfer (thesis §3.10): the
  * leader sends TimeoutNow, the follower starts an election at once with the
@@ -56,7 +64,9 @@
  * would hand leadership to anyway. Connections cut by this node itself
  * (the isolate drill, shutdown) are not reported by the transport.
  */
+#include <netdb.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "base/base.h"
@@ -174,4 +184,89 @@ bool zg_leader_lost(struct zg_io_tap *tap, struct raft *r, raft_id peer) {
   tap->no_votes_until_ms = zg_mono_ms() + tap->hold_ms;
   tap->expedite_until_ms = zg_mono_ms() + 2ull * tap->election_ms;
   return true;
+}
+
+/* ---- is the old leader's process gone? ------------------------------------ */
+
+struct zg_probe {
+  uv_loop_t *loop;
+  uv_getaddrinfo_t gai;
+  uv_tcp_t tcp;
+  uv_connect_t req;
+  uv_timer_t timer;
+  raft_id peer;
+  zg_probe_cb cb;
+  void *ud;
+  int open; /* handles (and the lookup) not yet closed */
+  bool refused, cancelled, reported;
+};
+
+static void probe_report(struct zg_probe *p) {
+  if (p->reported) return;
+  p->reported = true;
+  p->cb(p->ud, p->peer, p->refused && !p->cancelled);
+}
+
+static void probe_closed(uv_handle_t *h) {
+  struct zg_probe *p = h->data;
+  if (--p->open > 0) return;
+  probe_report(p);
+  free(p);
+}
+
+static void probe_finish(struct zg_probe *p) {
+  if (!uv_is_closing((uv_handle_t *)&p->timer)) uv_close((uv_handle_t *)&p->timer, probe_closed);
+  if (!uv_is_closing((uv_handle_t *)&p->tcp)) uv_close((uv_handle_t *)&p->tcp, probe_closed);
+}
+
+static void probe_timeout(uv_timer_t *t) {
+  probe_finish(t->data); /* no answer in time: not known to be gone */
+}
+
+static void probe_connected(uv_connect_t *req, int status) {
+  struct zg_probe *p = req->data;
+  p->refused = status == UV_ECONNREFUSED;
+  probe_finish(p);
+}
+
+static void probe_resolved(uv_getaddrinfo_t *gai, int status, struct addrinfo *res) {
+  struct zg_probe *p = gai->data;
+  p->open--; /* the lookup */
+  if (status != 0 || res == NULL || p->cancelled ||
+      uv_tcp_connect(&p->req, &p->tcp, res->ai_addr, probe_connected) != 0)
+    probe_finish(p);
+  if (res) uv_freeaddrinfo(res);
+}
+
+int zg_probe_start(uv_loop_t *loop, const char *address, unsigned timeout_ms, raft_id peer,
+                   zg_probe_cb cb, void *ud, struct zg_probe **out) {
+  char host[256], port[16];
+  int port_no;
+  if (zg_split_host_port(address, host, sizeof host, &port_no) != 0) return -1;
+  snprintf(port, sizeof port, "%d", port_no);
+  struct zg_probe *p = calloc(1, sizeof *p);
+  if (p == NULL) return -1;
+  p->loop = loop;
+  p->peer = peer;
+  p->cb = cb;
+  p->ud = ud;
+  uv_tcp_init(loop, &p->tcp);
+  uv_timer_init(loop, &p->timer);
+  p->tcp.data = p->timer.data = p->gai.data = p->req.data = p;
+  p->open = 3; /* tcp, timer, lookup */
+  struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM};
+  if (uv_getaddrinfo(loop, &p->gai, probe_resolved, host, port, &hints) != 0) {
+    p->open--;
+    probe_finish(p);
+  } else {
+    uv_timer_start(&p->timer, probe_timeout, timeout_ms, 0);
+  }
+  *out = p;
+  return 0;
+}
+
+void zg_probe_cancel(struct zg_probe *p) {
+  p->cancelled = true;
+  uv_cancel((uv_req_t *)&p->gai); /* fails harmlessly once the lookup is done */
+  probe_finish(p);
 }

@@ -61,7 +61,8 @@ struct consensus {
    * persisted: retried every loop turn until lost_leader_until_ms */
   raft_id lost_leader;
   uint64_t lost_leader_until_ms;
-  unsigned election_ms;
+  unsigned election_ms, heartbeat_ms;
+  struct zg_probe *probe; /* is the leader whose connection ended gone? */
   struct raft_uv_transport transport;
   struct zg_fsm fsm;
   uv_check_t check;
@@ -628,7 +629,8 @@ void consensus_close(struct consensus *c, void (*done)(void *arg), void *arg) {
   c->closing = true;
   c->close_done = done;
   c->close_arg = arg;
-  c->close_waits = 1 + (c->check_open ? 2 : 0);
+  c->close_waits = 1 + (c->check_open ? 2 : 0) + (c->probe ? 1 : 0);
+  if (c->probe) zg_probe_cancel(c->probe); /* on_probe_done counts down */
   if (c->check_open) {
     uv_check_stop(&c->check);
     uv_close((uv_handle_t *)&c->check, check_close_cb);
@@ -830,7 +832,8 @@ static bool try_leader_lost(struct consensus *c, raft_id peer) {
   if (!zg_leader_lost(&c->io, &c->raft, peer)) return false;
   const struct member_rec *m = member_by_raft_id(c, peer);
   ZG_LOG_WARN("leader_connection_lost",
-              "the connection to leader %s ended in term %llu: election started at once",
+              "the connection to leader %s ended and its port refuses connections (term %llu): "
+              "election started at once",
               m ? m->id : "?", (unsigned long long)term);
   return true;
 }
@@ -838,11 +841,30 @@ static bool try_leader_lost(struct consensus *c, raft_id peer) {
 /* The transport saw the peer or the network end a connection to `peer`.
  * If that peer is our leader, leader_loss.c starts the election now, or
  * as soon as our log is persisted (check_cb retries). */
-static void on_peer_lost(void *ud, raft_id peer) {
+static void on_probe_done(void *ud, raft_id peer, bool refused) {
   struct consensus *c = ud;
-  if (c->closing || try_leader_lost(c, peer)) return;
+  c->probe = NULL;
+  if (c->closing) {
+    close_step_done(c);
+    return;
+  }
+  if (!refused || try_leader_lost(c, peer)) return;
   c->lost_leader = peer;
   c->lost_leader_until_ms = zg_mono_ms() + c->election_ms;
+}
+
+static void on_peer_lost(void *ud, raft_id peer) {
+  struct consensus *c = ud;
+  if (c->closing || c->probe != NULL) return;
+  raft_id leader = 0;
+  const char *address = NULL;
+  raft_leader(&c->raft, &leader, &address);
+  if (raft_state(&c->raft) != RAFT_FOLLOWER || leader != peer || address == NULL) return;
+  /* Only a leader whose process is gone: its port refuses a new connection
+   * (leader_loss.c). A live leader behind a reset keeps its leadership and
+   * raft_uv reconnects. */
+  if (zg_probe_start(c->loop, address, c->heartbeat_ms, peer, on_probe_done, c, &c->probe) != 0)
+    c->probe = NULL;
 }
 
 /* Init ladder (dqlite-style): each step that succeeded is undone, in
@@ -890,6 +912,7 @@ int consensus_start(uv_loop_t *loop, const struct consensus_options *opts, struc
   raft_uv_set_auto_recovery(&c->io.io, false);
   zg_io_tap_init(&c->io, election, heartbeat, opts->lease_ms);
   c->election_ms = election;
+  c->heartbeat_ms = heartbeat;
   if (raft_init(&c->raft, &c->io.io, &c->fsm.raft, c->members[0].raft_id,
                 c->members[0].raft_address) != 0) {
     snprintf(errmsg, errlen, "raft_init(%s): %s", c->raft_dir, raft_errmsg(&c->raft));

@@ -47,10 +47,12 @@
  * (TUNNEL_HIGH_WATER). Without TLS the tunnel pumps the bytes as they are.
  *
  * Every connection goes through a tunnel, TLS or not, so that this side
- * sees how it ends: when the peer or the network ends a connection already
- * handed to raft (EOF, reset, write error), the peer-lost callback gets the
- * peer's raft id (leader_loss.c starts an election on it). Connections this
- * node cuts itself (isolate drill, shutdown) are not reported.
+ * sees how it ends: when the peer or the network ends an inbound connection
+ * already handed to raft (EOF, reset, write error: the one the peer sends
+ * its messages on, its leader's heartbeats included), the peer-lost
+ * callback gets the peer's raft id (node.c probes the peer, leader_loss.c
+ * starts an election if it is gone). Outbound connections, and those this
+ * node cuts itself (isolate drill, shutdown), are not reported.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -148,6 +150,7 @@ struct tunnel {
   int handles_open;
   bool pipe_open, closing, tcp_paused, pipe_paused, established;
   bool handed;     /* raft has its end: a peer-side end is reported */
+  bool outbound;   /* we dialled: not reported (the peer's own connection carries its messages) */
   raft_id peer_id; /* proved by the handshake (set when handed) */
   char peer_ip[64];
 };
@@ -855,7 +858,7 @@ static void tunnel_close(struct tunnel *t, const char *why) {
 /* The peer or the network ended a connection raft was using. */
 static void tunnel_peer_ended(struct tunnel *t) {
   struct zgt *tr = t->tr;
-  bool report = t->handed && !t->closing && !tr->closing && tr->peer_lost != NULL;
+  bool report = t->handed && !t->outbound && !t->closing && !tr->closing && tr->peer_lost != NULL;
   raft_id peer = t->peer_id;
   tunnel_close(t, NULL);
   if (report) tr->peer_lost(tr->peer_lost_ud, peer);
@@ -949,6 +952,7 @@ static int tunnel_start(struct handshake *hs) {
     }
   }
   t->tr = tr;
+  t->outbound = hs->outbound;
   t->tcp = hs->tcp;
   t->tcp->data = t;
   t->handles_open = 1;
