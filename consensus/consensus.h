@@ -65,12 +65,7 @@ struct consensus_options {
   const char *data_dir;       /* created 0700 if missing; raft files live in data_dir/raft */
   const char *cluster_secret; /* >= 16 chars; HMAC key for the peer handshake */
   const uint8_t *master_key;  /* 32 bytes; AES-256-GCM key for provider key secrets */
-  unsigned election_timeout_ms, heartbeat_ms; /* defaults 1000 / 100 */
-  /* The active's lease (failover.lease_ratio x election timeout, ms): a
-   * leader that won an election started because the old leader's
-   * connection ended is not ready for this long (leader_loss.c). 0 or more
-   * than the election timeout: one election timeout. */
-  unsigned lease_ms;
+  unsigned election_timeout_ms, heartbeat_ms;     /* defaults 1000 / 100 */
   unsigned snapshot_threshold, snapshot_trailing; /* defaults 1024 / 128 */
   unsigned audit_max;                             /* bounded audit trail, default 1000 records */
   const cJSON *seed_config; /* replicated gateway config seeded when a new cluster is bootstrapped

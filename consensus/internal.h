@@ -411,13 +411,11 @@ struct zg_io_tap {
   unsigned silent_ms;         /* leader silence after which a vote request is judged (tap_recv) */
   uint64_t hold_term, hold_until_ms; /* a disrupting win: not ready before hold_until_ms */
   uint64_t no_votes_until_ms;        /* after zg_leader_lost: vote requests dropped until */
-  unsigned hold_ms;                  /* the old leader's longest lease */
+  unsigned hold_ms;                  /* the old leader's longest lease: one election timeout */
 };
 /* Call after raft_uv_init(&tap->io, ...) and before raft_init; the
- * timeouts are cluster.election_timeout_ms and cluster.heartbeat_ms, the
- * lease the failover lease in ms (0: one election timeout). */
-void zg_io_tap_init(struct zg_io_tap *tap, unsigned election_ms, unsigned heartbeat_ms,
-                    unsigned lease_ms);
+ * timeouts are cluster.election_timeout_ms and cluster.heartbeat_ms. */
+void zg_io_tap_init(struct zg_io_tap *tap, unsigned election_ms, unsigned heartbeat_ms);
 /* Call after every loop turn: once an expedited candidate is no longer a
  * candidate, or the expedite window is over, puts the normal election
  * timeout back. */

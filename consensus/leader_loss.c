@@ -53,12 +53,13 @@
  * timeout after hearing from the leader: tap_recv keeps that rule, but a
  * disrupt-leader election does not (the old leader may be alive behind a
  * cut that reset our connection), so a leader that won one is not ready
- * (consensus_is_leader) until one lease length after its win, when any
+ * (consensus_is_leader) until one election timeout after its win (every
+ * lease is shorter: failover.lease_ratio <= 0.95), when any
  * lease the old leader took before those votes has run out (a lease runs
  * from its barrier's submission, which preceded the voter's last ack of
  * the old leader, which preceded its vote for us). And since our own acks
  * may have renewed that lease until the connection ended, we vote for
- * no other candidate for one lease length either (tap_recv), so no one
+ * no other candidate for as long either (tap_recv), so no one
  * else can win before that lease is over. Only gateway nodes do this:
  * the witness waits for its timer, so it does not race the gateway it
  * would hand leadership to anyway. Connections cut by this node itself
@@ -101,8 +102,7 @@ static int tap_start(struct raft_io *io, unsigned msecs, raft_io_tick_cb tick,
   return tap->uv_start(io, msecs, tick, tap_recv);
 }
 
-void zg_io_tap_init(struct zg_io_tap *tap, unsigned election_ms, unsigned heartbeat_ms,
-                    unsigned lease_ms) {
+void zg_io_tap_init(struct zg_io_tap *tap, unsigned election_ms, unsigned heartbeat_ms) {
   tap->uv_start = tap->io.start;
   tap->io.start = tap_start;
   tap->recv_cb = NULL;
@@ -112,7 +112,10 @@ void zg_io_tap_init(struct zg_io_tap *tap, unsigned election_ms, unsigned heartb
   tap->disrupting = false;
   tap->no_votes_until_ms = 0;
   tap->silent_ms = election_ms;
-  tap->hold_ms = lease_ms > 0 && lease_ms <= election_ms ? lease_ms : election_ms;
+  /* The active's lease is failover.lease_ratio (at most 0.95, replicated
+   * and changed live, possibly not yet applied everywhere) x the election
+   * timeout: one election timeout outlasts any of them. */
+  tap->hold_ms = election_ms;
   tap->hold_term = 0;
   tap->hold_until_ms = 0;
 }

@@ -910,7 +910,7 @@ int consensus_start(uv_loop_t *loop, const struct consensus_options *opts, struc
    * path, not be silently cut away: entries this node acknowledged would be
    * forgotten, which can undo a commit. The operator restores or re-joins. */
   raft_uv_set_auto_recovery(&c->io.io, false);
-  zg_io_tap_init(&c->io, election, heartbeat, opts->lease_ms);
+  zg_io_tap_init(&c->io, election, heartbeat);
   c->election_ms = election;
   c->heartbeat_ms = heartbeat;
   if (raft_init(&c->raft, &c->io.io, &c->fsm.raft, c->members[0].raft_id,

@@ -435,7 +435,6 @@ int node_cluster_start(struct node *n, char *errmsg, size_t errlen) {
   opts.master_key = master;
   opts.election_timeout_ms = cfg->election_timeout_ms;
   opts.heartbeat_ms = cfg->heartbeat_ms;
-  opts.lease_ms = (unsigned)((double)cfg->election_timeout_ms * cfg->lease_ratio);
   opts.snapshot_threshold = cfg->snapshot_threshold;
   opts.snapshot_trailing = cfg->snapshot_trailing;
   opts.seed_config = seed;
