@@ -407,6 +407,7 @@ struct zg_io_tap {
   unsigned election_ms, fast_election_ms; /* normal; while an expedited candidate */
   bool expedited;                         /* the fast timeout is in force */
   bool disrupting;            /* our candidacy came from zg_leader_lost (until it ends) */
+  bool in_candidacy;          /* raft was a candidate at the last settle */
   uint64_t expedite_until_ms; /* zg_mono_ms() when it ends at the latest */
   unsigned silent_ms;         /* leader silence after which a vote request is judged (tap_recv) */
   uint64_t hold_term, hold_until_ms; /* a disrupting win: not ready before hold_until_ms */

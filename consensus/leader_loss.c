@@ -39,10 +39,11 @@
  * timeout (tap_recv), as the thesis says, instead of refusing until their
  * own timers fire.
  *
- * A candidate started this way retries after one heartbeat instead of an
- * election timeout (see zg_leader_lost) until it wins or follows someone,
- * for at most two election timeouts (a node cut off from every voter must
- * not churn terms fast for long).
+ * Every candidacy (started this way or by its timer) retries after one
+ * heartbeat instead of an election timeout until it wins or follows
+ * someone, for at most two election timeouts (zg_leader_loss_settle): the
+ * first answer is often lost on a voter's stale connection. A timer-started
+ * candidacy retries in pre-vote, which changes no term.
  *
  * Safety: Raft's safety never depends on who starts an election or when;
  * votes are still granted only to a candidate whose log is at least as up
@@ -110,6 +111,7 @@ void zg_io_tap_init(struct zg_io_tap *tap, unsigned election_ms, unsigned heartb
   tap->fast_election_ms = heartbeat_ms < election_ms ? heartbeat_ms : election_ms;
   tap->expedited = false;
   tap->disrupting = false;
+  tap->in_candidacy = false;
   tap->no_votes_until_ms = 0;
   tap->silent_ms = election_ms;
   /* The active's lease is failover.lease_ratio (at most 0.95, replicated
@@ -121,9 +123,18 @@ void zg_io_tap_init(struct zg_io_tap *tap, unsigned election_ms, unsigned heartb
 }
 
 void zg_leader_loss_settle(struct zg_io_tap *tap, struct raft *r) {
-  if (!tap->expedited && !tap->disrupting) return;
   uint64_t now = zg_mono_ms();
   unsigned short state = raft_state(r);
+  /* Every candidacy, however it started, retries fast for a while: the
+   * answer to its first (pre-)vote request is often lost on a voter's stale
+   * connection (see zg_leader_lost). Pre-vote retries change no term; a
+   * node cut off from every voter stays in pre-vote and churns nothing. */
+  if (state == RAFT_CANDIDATE && !tap->in_candidacy && !tap->expedited) {
+    raft_set_election_timeout(r, tap->fast_election_ms);
+    tap->expedited = true;
+    tap->expedite_until_ms = now + 2ull * tap->election_ms;
+  }
+  tap->in_candidacy = state == RAFT_CANDIDATE;
   if (tap->expedited && (state != RAFT_CANDIDATE || now >= tap->expedite_until_ms)) {
     tap->expedited = false;
     raft_set_election_timeout(r, tap->election_ms);
