@@ -157,7 +157,7 @@ struct lean_url {
 static int parse_url(const char *url, struct lean_url *u) {
   if (strncasecmp(url, "http://", 7) != 0) return -1;
   for (const unsigned char *p = (const unsigned char *)url; *p; p++)
-    if (*p <= 0x20 || *p >= 0x7f) return -1;
+    if ((unsigned char)(*p - 0x21) >= 0x7f - 0x21) return -1; /* CTL, space, DEL, non-ASCII */
   const char *auth = url + 7;
   size_t auth_len = strcspn(auth, "/?#");
   if (auth_len == 0 || memchr(auth, '@', auth_len)) return -1;
@@ -821,9 +821,41 @@ static int conn_open(struct lean_transfer *t, struct addrinfo *ai_list, struct a
 
 /* ---- request head ------------------------------------------------------------- */
 
-static bool names(const char *line, const char *name) {
-  size_t n = strlen(name);
-  return strncasecmp(line, name, n) == 0 && (line[n] == ':' || line[n] == ';');
+/* True when the header line is named `name` (n bytes, lower case). */
+static bool names(const char *line, const char *name, size_t n) {
+  return (line[0] | 0x20) == name[0] && strncasecmp(line, name, n) == 0 &&
+         (line[n] == ':' || line[n] == ';');
+}
+
+/* Writes "Content-Length: <len>\r\n" at p; returns its length. */
+static size_t put_content_length(char *p, size_t len) {
+  static const char name[] = "Content-Length: ";
+  char digits[24];
+  size_t n = 0;
+  do {
+    digits[n++] = (char)('0' + len % 10);
+    len /= 10;
+  } while (len);
+  memcpy(p, name, sizeof name - 1);
+  size_t at = sizeof name - 1;
+  while (n) p[at++] = digits[--n];
+  p[at++] = '\r';
+  p[at++] = '\n';
+  return at;
+}
+
+/* True when every CR of head[0..len) is followed by LF and every LF follows
+ * a CR: no line can end early. */
+static bool crlf_only(const char *head, size_t len) {
+  size_t crs = 0, lfs = 0;
+  for (const char *at = head, *end = head + len; (at = memchr(at, '\r', (size_t)(end - at)));
+       at++) {
+    if (at + 1 >= end || at[1] != '\n') return false;
+    crs++;
+  }
+  for (const char *at = head, *end = head + len; (at = memchr(at, '\n', (size_t)(end - at))); at++)
+    lfs++;
+  return crs == lfs;
 }
 
 static bool is_method_char(unsigned char ch) {
@@ -856,10 +888,10 @@ static int build_request(struct lean_transfer *t, const struct upstream_request 
                (int)(name_len > 64 ? 64 : name_len), line);
       return -1;
     }
-    has_host |= names(line, "Host");
-    has_accept |= names(line, "Accept");
-    has_encoding |= names(line, "Accept-Encoding");
-    has_type |= names(line, "Content-Type");
+    has_host |= names(line, "host", 4);
+    has_accept |= names(line, "accept", 6);
+    has_encoding |= names(line, "accept-encoding", 15);
+    has_type |= names(line, "content-type", 12);
     need += len + 3;
   }
   static const char accept_line[] = "Accept: */*\r\n";
@@ -907,7 +939,7 @@ static int build_request(struct lean_transfer *t, const struct upstream_request 
     PUT(line, len);
     PUT("\r\n", 2);
   }
-  if (send_length) p += sprintf(p, "Content-Length: %zu\r\n", req->body_len);
+  if (send_length) p += put_content_length(p, req->body_len);
   if (post && !has_type) PUT(form_type_line, sizeof form_type_line - 1);
   if (!has_encoding) PUT(encoding_line, sizeof encoding_line - 1);
   PUT("\r\n", 2);
@@ -915,13 +947,11 @@ static int build_request(struct lean_transfer *t, const struct upstream_request 
   t->head_len = (size_t)(p - out);
   /* Nothing the caller wrote can end a line early: every CR and LF of the
    * head is one of ours, in a CRLF pair. */
-  for (size_t i = 0; i < t->head_len; i++)
-    if ((out[i] == '\r' && (i + 1 >= t->head_len || out[i + 1] != '\n')) ||
-        (out[i] == '\n' && (i == 0 || out[i - 1] != '\r'))) {
-      free(out);
-      snprintf(errmsg, errlen, "upstream_start(): request head with a stray CR or LF");
-      return -1;
-    }
+  if (!crlf_only(out, t->head_len)) {
+    free(out);
+    snprintf(errmsg, errlen, "upstream_start(): request head with a stray CR or LF");
+    return -1;
+  }
   t->request = out;
   if (copy_body) {
     memcpy(out + t->head_len, req->body, req->body_len);
