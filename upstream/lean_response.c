@@ -361,8 +361,10 @@ enum lean_feed_result lean_response_feed(struct lean_response *r, const char *da
                                          size_t *used) {
   *used = 0;
   if (r->error[0]) return LEAN_FEED_ERROR;
-  if (r->complete)
+  if (r->complete) { /* bytes after the end, read while the end was held */
+    if (len > 0) r->keep_alive = false;
     return r->held_off < r->held_len || r->z_pending ? LEAN_FEED_MORE : LEAN_FEED_COMPLETE;
+  }
   r->exec_serial++;
   r->exec_data = data;
   r->exec_len = len;
