@@ -75,7 +75,12 @@ struct lean_response {
   bool in_value; /* the current line's ": " is written */
   /* Body decoding. */
   enum { LEAN_DECODE_NONE, LEAN_DECODE_ZLIB } decode;
-  bool z_ready, z_raw_tried;
+  bool z_ready;
+  /* "deflate": zlib-wrapped or raw (as some servers send it) is decided on
+   * the first two body bytes, kept here until both arrived. */
+  bool z_sniff;
+  unsigned char sniff[2];
+  size_t sniff_len;
   z_stream z;
   bool z_pending; /* zlib may hold decoded output not yet delivered */
   /* Body bytes (as received, still encoded) taken while r->stop was set,

@@ -155,6 +155,20 @@ static const char *find_value(const char *const *lines, const char *name) {
   return NULL;
 }
 
+static int start_inflate(struct lean_response *r, int window) {
+  if (r->z_ready) {
+    inflateEnd(&r->z);
+    r->z_ready = false;
+  }
+  memset(&r->z, 0, sizeof r->z);
+  if (inflateInit2(&r->z, window) != Z_OK) {
+    fail(r, "inflateInit2() failed");
+    return -1;
+  }
+  r->z_ready = true;
+  return 0;
+}
+
 static int setup_decoding(struct lean_response *r, const char *encoding) {
   r->decode = LEAN_DECODE_NONE;
   if (!encoding || !*encoding || strcasecmp(encoding, "identity") == 0) return 0;
@@ -167,19 +181,13 @@ static int setup_decoding(struct lean_response *r, const char *encoding) {
     fail(r, "unsupported Content-Encoding in the response");
     return -1;
   }
-  if (r->z_ready) {
-    inflateEnd(&r->z);
-    r->z_ready = false;
-  }
-  memset(&r->z, 0, sizeof r->z);
-  if (inflateInit2(&r->z, window) != Z_OK) {
-    fail(r, "inflateInit2() failed");
-    return -1;
-  }
-  r->z_ready = true;
-  r->z_raw_tried = window != 15; /* only "deflate" may turn out to be raw */
   r->decode = LEAN_DECODE_ZLIB;
-  return 0;
+  if (window == 15) { /* deflate: wrapped or raw, seen on the first two bytes */
+    r->z_sniff = true;
+    r->sniff_len = 0;
+    return 0;
+  }
+  return start_inflate(r, window);
 }
 
 static int on_headers_complete(http_parser *p) {
@@ -239,6 +247,24 @@ static int deliver(struct lean_response *r, const char *data, size_t len, size_t
     *used = len;
     return 0;
   }
+  if (r->z_sniff) {
+    size_t take = 2 - r->sniff_len < len ? 2 - r->sniff_len : len;
+    memcpy(r->sniff + r->sniff_len, data, take);
+    r->sniff_len += take;
+    *used = take;
+    if (r->sniff_len < 2) return 0;
+    unsigned b0 = r->sniff[0], b1 = r->sniff[1];
+    bool wrapped = (b0 & 0x0f) == 8 && (b0 >> 4) <= 7 && ((b0 << 8) | b1) % 31 == 0;
+    r->z_sniff = false;
+    if (start_inflate(r, wrapped ? 15 : -15) != 0) return -1;
+    size_t sniff_used;
+    if (deliver(r, (const char *)r->sniff, 2, &sniff_used) != 0) return -1;
+    if (r->stop) return 0; /* two bytes are always taken whole */
+    size_t rest_used;
+    int rc = deliver(r, data + take, len - take, &rest_used);
+    *used = take + rest_used;
+    return rc;
+  }
   if (!r->z_ready) { /* the stream ended: anything after it is ignored */
     *used = len;
     return 0;
@@ -250,20 +276,6 @@ static int deliver(struct lean_response *r, const char *data, size_t len, size_t
     r->z.next_out = (unsigned char *)out;
     r->z.avail_out = sizeof out;
     int zr = inflate(&r->z, Z_NO_FLUSH);
-    if (zr == Z_DATA_ERROR && !r->z_raw_tried && r->z.total_out == 0) {
-      /* "deflate" without the zlib wrapper, as some servers send it. */
-      r->z_raw_tried = true;
-      inflateEnd(&r->z);
-      memset(&r->z, 0, sizeof r->z);
-      if (inflateInit2(&r->z, -15) != Z_OK) {
-        r->z_ready = false;
-        fail(r, "inflateInit2() failed");
-        return -1;
-      }
-      r->z.next_in = (unsigned char *)(uintptr_t)data;
-      r->z.avail_in = (uInt)len;
-      continue;
-    }
     if (zr != Z_OK && zr != Z_STREAM_END && zr != Z_BUF_ERROR) {
       fail(r, "the response body does not decode");
       return -1;
@@ -341,7 +353,8 @@ void lean_response_reset(struct lean_response *r, bool head_request) {
   r->held_len = r->held_off = 0;
   r->bytes_seen = 0;
   if (r->z_ready) inflateEnd(&r->z);
-  r->z_ready = r->z_pending = false;
+  r->z_ready = r->z_pending = r->z_sniff = false;
+  r->sniff_len = 0;
   r->decode = LEAN_DECODE_NONE;
   r->error[0] = '\0';
 }
