@@ -355,7 +355,7 @@ static void sweep_idle(uv_timer_t *h) {
 static void on_transfer_timer_closed(uv_handle_t *h) {
   struct lean_transfer *t = h->data;
   struct lean_client *c = t->client;
-  if (!c->closing && c->pool_count < LEAN_TRANSFER_POOL_SIZE) {
+  if (!c->closing && c->pool_count + 1 <= LEAN_TRANSFER_POOL_SIZE) {
     t->next = c->pool;
     c->pool = t;
     c->pool_count++;
