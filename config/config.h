@@ -93,6 +93,7 @@ struct zg_config {
   bool cache_all_temperatures;
   uint64_t max_body_bytes, max_header_bytes;
   unsigned client_timeout_ms, drain_timeout_ms, slow_client_timeout_ms;
+  char upstream_client[8]; /* "auto" (lean for http://, libcurl else) | "curl" */
   bool has_temperature, has_top_p;
   double temperature, top_p;
   char auth_mode[16]; /* "token" | "none" | "bootstrap" (no auth section) */

@@ -128,6 +128,9 @@ const struct schema_entry zg_schema[] = {
      "ms a client may take no response byte while its answer waits; then cut"},
     {"performance.drain_timeout", K_UINT, 0, 3600000, "30000", NULL, OFF(drain_timeout_ms),
      "ms in-flight requests may take to finish at shutdown"},
+    {"performance.upstream_client", K_ENUM, 0, 0, "\"auto\"", "auto|curl", OFF(upstream_client),
+     "auto: plain http:// upstreams through the built-in keep-alive HTTP/1.1 client, https:// "
+     "through libcurl; curl: libcurl for every upstream"},
     {"model", K_OBJECT, 0, 0, NULL, NULL, NOFF, "defaults for fields the client left out"},
     {"model.temperature", K_DOUBLE, 0, 2, NULL, NULL, OFF(temperature), "sampling temperature"},
     {"model.top_p", K_DOUBLE, 0, 1, NULL, NULL, OFF(top_p), "nucleus sampling"},

@@ -466,6 +466,7 @@ static void start_key_probe(struct chat *c) {
   ureq.timeouts.connect_ms = gw->cfg->connect_timeout_ms;
   ureq.timeouts.first_byte_ms = gw->cfg->first_byte_timeout_ms;
   ureq.timeouts.total_ms = KEY_PROBE_TIMEOUT_MS;
+  ureq.curl_only = strcmp(gw->cfg->upstream_client, "curl") == 0;
   static const struct upstream_callbacks callbacks = {on_probe_response, on_probe_data,
                                                       on_probe_done};
   char err[256];
@@ -960,6 +961,7 @@ static void start_attempt(struct chat *c) {
     ureq.body_len = a->body_len;
   }
   const struct zg_config *cfg = gw->cfg;
+  ureq.curl_only = strcmp(cfg->upstream_client, "curl") == 0;
   ureq.timeouts.connect_ms = cfg->connect_timeout_ms;
   ureq.timeouts.first_byte_ms = cfg->first_byte_timeout_ms;
   ureq.timeouts.idle_ms = c->stream ? cfg->idle_timeout_ms : 0;

@@ -371,7 +371,8 @@ static void forward_to_leader(struct admin_req *a) {
                                   body_len,
                                   {2000, 10000, 0, 15000},
                                   a->node->tls_admin ? &tls : NULL,
-                                  false};
+                                  false,
+                                  strcmp(cfg->upstream_client, "curl") == 0};
   static const struct upstream_callbacks cb = {on_fwd_response, on_fwd_data, on_fwd_done};
   char err[256];
   /* a retry: the previous attempt's answer (a 503 from a node that was

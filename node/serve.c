@@ -471,8 +471,10 @@ int node_serve(int argc, char **argv) {
   uv_signal_start(&n.sighup, on_sighup, SIGHUP);
   signal(SIGPIPE, SIG_IGN);
 
-  zg_log(ZG_INFO, "started", "zonegate %s serving on %s (endpoint: %s, auth: %s)", ZG_VERSION,
-         n.cfg->listen_gateway, n.cfg->endpoint[0] ? n.cfg->endpoint : "(none)", n.cfg->auth_mode);
+  zg_log(ZG_INFO, "started",
+         "zonegate %s serving on %s (endpoint: %s, auth: %s, upstream client: %s)", ZG_VERSION,
+         n.cfg->listen_gateway, n.cfg->endpoint[0] ? n.cfg->endpoint : "(none)", n.cfg->auth_mode,
+         n.cfg->upstream_client);
   uv_run(n.loop, UV_RUN_DEFAULT);
   /* Let close callbacks finish. */
   uv_run(n.loop, UV_RUN_NOWAIT);

@@ -30,6 +30,7 @@
 #include "upstream/upstream.h"
 
 #include "base/base.h"
+#include "upstream/lean.h"
 
 #include <openssl/x509v3.h>
 
@@ -108,6 +109,7 @@ struct pooled_easy {
 };
 
 struct upstream_transfer {
+  unsigned char engine; /* UPSTREAM_ENGINE_CURL; first, see upstream/lean.h */
   /* Kept while the transfer sits in the client's pool (capacity reused):
    * the response header lines of the response being received, each stored
    * NUL-terminated one after the other in one growing buffer. */
@@ -187,6 +189,10 @@ struct upstream_client {
   bool closing;
   void (*close_done)(void *arg);
   void *close_arg;
+  /* Plain http:// transfers (upstream/lean.c); counted in open_handles
+   * until its close is done. */
+  struct lean_client *lean;
+  bool lean_closing;
 };
 
 static uint64_t monotonic_us(void) {
@@ -879,10 +885,11 @@ int upstream_client_create(uv_loop_t *loop, struct upstream_client **out, char *
     return -1;
   }
   c->loop = loop;
+  if (lean_client_create(loop, &c->lean, errmsg, errlen) != 0) goto err_after_alloc;
   c->multi = curl_multi_init();
   if (!c->multi) {
     snprintf(errmsg, errlen, "curl_multi_init() failed");
-    goto err_after_alloc;
+    goto err_after_lean;
   }
   curl_multi_setopt(c->multi, CURLMOPT_SOCKETFUNCTION, on_curl_socket);
   curl_multi_setopt(c->multi, CURLMOPT_SOCKETDATA, c);
@@ -910,13 +917,15 @@ int upstream_client_create(uv_loop_t *loop, struct upstream_client **out, char *
   c->kick.data = c;
   uv_timer_init(loop, &c->resume_timer); /* cannot fail for a live loop */
   c->resume_timer.data = c;
-  c->open_handles = 3;
+  c->open_handles = 4; /* the three above and the lean client */
   *out = c;
   return 0;
 
 err_after_multi:
   if (c->share) curl_share_cleanup(c->share);
   curl_multi_cleanup(c->multi);
+err_after_lean:
+  lean_client_close(c->lean, NULL, NULL); /* frees itself from its close callbacks */
 err_after_alloc:
   free(c);
   return -1;
@@ -952,10 +961,21 @@ static void do_close(struct upstream_client *c) {
   uv_close((uv_handle_t *)&c->resume_timer, on_kick_closed);
 }
 
+static void on_lean_closed(void *arg) {
+  struct upstream_client *c = arg;
+  c->lean = NULL;
+  c->open_handles--;
+  maybe_free_client(c);
+}
+
 void upstream_client_close(struct upstream_client *c, void (*done)(void *arg), void *arg) {
   if (!c || c->closing || c->close_requested) return;
   c->close_done = done;
   c->close_arg = arg;
+  if (c->lean && !c->lean_closing) {
+    c->lean_closing = true; /* its transfers end now, with no callback */
+    lean_client_close(c->lean, on_lean_closed, c);
+  }
   if (c->in_multi_call > 0) {
     c->close_requested = true; /* curl is on the stack: finish after it returns */
     /* Stop user callbacks for everything right away. */
@@ -969,7 +989,12 @@ void upstream_client_close(struct upstream_client *c, void (*done)(void *arg), v
 }
 
 size_t upstream_active_count(const struct upstream_client *c) {
-  return c ? c->active : 0;
+  if (!c) return 0;
+  return c->active + (c->lean && !c->lean_closing ? lean_active_count(c->lean) : 0);
+}
+
+static bool is_lean(const struct upstream_transfer *t) {
+  return t && t->engine == UPSTREAM_ENGINE_LEAN;
 }
 
 /* ---- TLS between nodes ----------------------------------------------------- */
@@ -1172,7 +1197,11 @@ static int build_request_headers(struct upstream_transfer *t, const char *const 
  * kept), else newly allocated. NULL when out of memory. */
 static struct upstream_transfer *acquire_transfer(struct upstream_client *c) {
   struct upstream_transfer *t = c->transfer_pool;
-  if (!t) return calloc(1, sizeof *t);
+  if (!t) {
+    t = calloc(1, sizeof *t);
+    if (t) t->engine = UPSTREAM_ENGINE_CURL;
+    return t;
+  }
   c->transfer_pool = t->next;
   c->transfer_pool_count--;
   memset(&t->client, 0, sizeof *t - offsetof(struct upstream_transfer, client));
@@ -1191,6 +1220,8 @@ int upstream_start(struct upstream_client *c, const struct upstream_request *req
     snprintf(errmsg, errlen, "upstream_start(): client is closing");
     return -1;
   }
+  if (c->lean && lean_accepts(req))
+    return lean_start(c->lean, req, cb, ud, (struct lean_transfer **)out, errmsg, errlen);
   struct upstream_transfer *t = acquire_transfer(c);
   if (!t) {
     snprintf(errmsg, errlen, "upstream_start(): out of memory");
@@ -1238,6 +1269,10 @@ err_after_alloc:
 }
 
 void upstream_cancel(struct upstream_transfer *t) {
+  if (is_lean(t)) {
+    lean_cancel((struct lean_transfer *)t);
+    return;
+  }
   if (!t || t->cancelled || t->finished) return;
   struct upstream_client *c = t->client;
   t->cancelled = true;
@@ -1253,6 +1288,10 @@ void upstream_cancel(struct upstream_transfer *t) {
 }
 
 void upstream_pause(struct upstream_transfer *t) {
+  if (is_lean(t)) {
+    lean_pause((struct lean_transfer *)t);
+    return;
+  }
   if (!t || t->cancelled || t->finished) return;
   /* Only a flag: curl is stopped by on_curl_body's next call (and reads
    * nothing until then that it does not hold itself). The phase timer
@@ -1261,6 +1300,10 @@ void upstream_pause(struct upstream_transfer *t) {
 }
 
 void upstream_resume(struct upstream_transfer *t) {
+  if (is_lean(t)) {
+    lean_resume((struct lean_transfer *)t);
+    return;
+  }
   if (!t || t->cancelled || t->finished || !t->pause_wanted) return;
   struct upstream_client *c = t->client;
   t->pause_wanted = false;
@@ -1275,6 +1318,10 @@ void upstream_resume(struct upstream_transfer *t) {
 }
 
 void upstream_get_timing(const struct upstream_transfer *t, struct upstream_timing *out) {
+  if (is_lean(t)) {
+    lean_get_timing((const struct lean_transfer *)t, out);
+    return;
+  }
   memset(out, 0, sizeof *out);
   if (!t) return;
   uint64_t end_us = t->done_us ? t->done_us : monotonic_us();

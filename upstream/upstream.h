@@ -1,6 +1,13 @@
-/* upstream/upstream.h: HTTP client on the uv loop (libcurl multi), used for
- * the upstream model API, standby forwarding, admin write forwarding and
- * alert webhooks.
+/* upstream/upstream.h: HTTP client on the uv loop, used for the upstream
+ * model API, standby forwarding, admin write forwarding and alert webhooks.
+ *
+ * Two engines behind one API. Plain http:// URLs (no TLS options, not
+ * curl_only) go to a lean HTTP/1.1 client of this module (upstream/lean.c:
+ * libuv TCP, a keep-alive connection pool per host and port, http_parser
+ * for the response, one gathered write per request); everything else, and
+ * every https:// URL (TLS, HTTP/2), goes to libcurl as described below.
+ * Both keep every promise of this header; where they differ in detail it
+ * is said at the function.
  *
  * Requests run on the libcurl MULTI interface driven by the caller's libuv
  * loop (no threads): one uv_poll_t per curl socket, one uv timer for curl's
@@ -27,7 +34,8 @@
 #include <stdint.h>
 #include <uv.h>
 
-/* One per loop. Owns the curl multi handle, its sockets and every transfer. */
+/* One per loop. Owns the curl multi handle, the lean client, their
+ * connections and every transfer. */
 struct upstream_client;
 
 /* Creates a client on `loop` (not owned; must outlive the client).
@@ -70,8 +78,9 @@ enum upstream_result {
 const char *upstream_result_name(enum upstream_result r);
 
 /* All in milliseconds; 0 = none of ours. Phases:
- *  connect_ms    DNS + TCP + TLS, enforced by curl (CURLOPT_CONNECTTIMEOUT_MS).
- *                With 0, curl's built-in 300 s connect limit still applies.
+ *  connect_ms    DNS + TCP + TLS, enforced by curl (CURLOPT_CONNECTTIMEOUT_MS)
+ *                or by the lean client's phase timer. With 0, a 300 s
+ *                connect limit (curl's built-in one) still applies.
  *  first_byte_ms from the moment the connection is ready and the request is
  *                handed to it, until the first response byte.
  *  idle_ms       longest silence between response pieces (header lines or
@@ -105,6 +114,9 @@ struct upstream_request {
    * upstream_cancel() is called: then it is sent from there, not copied
    * (a 2 MB prompt costs no extra malloc + copy). */
   bool body_kept;
+  /* Use libcurl even for a plain http:// URL (the lean client is used for
+   * those otherwise); config performance.upstream_client = "curl". */
+  bool curl_only;
 };
 
 struct upstream_callbacks {
@@ -148,7 +160,8 @@ void upstream_cancel(struct upstream_transfer *t);
 /* Back-pressure: the consumer of on_data cannot take more for now (e.g. the
  * client's write queue is full). curl stops reading the upstream socket; the
  * TCP window then slows the upstream down. Held meanwhile: at most curl's
- * receive buffer (one read, 16 KiB by default); a piece already being
+ * receive buffer (one read, 16 KiB by default), or the lean client's one
+ * read (64 KiB, still encoded when the body is gzip); a piece already being
  * delivered by on_data when upstream_pause() is called from it counts as
  * consumed. While paused the first-byte and idle timeouts do not run (the
  * silence is ours); the total timeout still does. upstream_resume() undoes

@@ -10,6 +10,8 @@
 #
 # Usage: tests/bench/callgrind.sh [BUILD_DIR]   (default: <repo>/build-rel)
 # Env:   N (2000) WARM (200) BODY (a JSON file; default: the small chat body)
+#        UPSTREAM_CLIENT (unset: the build's default; auto: the lean client for the
+#        http:// mock; curl: libcurl)
 #        KEEP_TMP=1 (keep the callgrind.out files, for callgrind_annotate)
 # Prints: CALLGRIND name=... ir_per_req=... (one line per proxy) and the ratio.
 set -euo pipefail
@@ -99,7 +101,7 @@ cat >"$tmp/zg/config.json" <<JSON
  "cluster": {"data_dir": "$tmp/zg/data"},
  "endpoint": "http://127.0.0.1:$port_mock", "api_key": "env:ZG_BENCH_UPSTREAM_KEY",
  "auth": {"mode": "none"},
- "performance": {"max_concurrent": 1000, "max_queue": 10000, "cache_size": 0},
+ "performance": {"max_concurrent": 1000, "max_queue": 10000, "cache_size": 0${UPSTREAM_CLIENT:+, \"upstream_client\": \"$UPSTREAM_CLIENT\"}},
  "logging": {"level": "warn"}${ZG_EXTRA_CONFIG:-}}
 JSON
 ZG_BENCH_UPSTREAM_KEY=bench-key valgrind --tool=callgrind --callgrind-out-file="$tmp/callgrind.out.zonegate.%p" \

@@ -98,7 +98,8 @@ static int response_complete(const char *buf, size_t len, size_t skipped, int *s
         memmem(line, (size_t)(strstr(line, "\r\n") - line), "chunked", 7))
       chunked = 1;
   }
-  if (chunked && skipped) return -1; /* only Content-Length answers are skipped through */
+  /* A chunked answer (zonegate passes a large one through as it arrives)
+   * ends with the last chunk; its end is in the bytes kept when skipping. */
   if (chunked) return len >= 5 && memcmp(buf + len - 5, "0\r\n\r\n", 5) == 0;
   if (content_length < 0) return -1;
   return len + skipped >= head_len + (size_t)content_length;
@@ -284,9 +285,13 @@ int main(int argc, char **argv) {
         size_t head_len = 0;
         done = response_complete(c->buf, c->len, c->skipped, &status, &head_len);
         if (done == 0 && c->len == sizeof(c->buf) - 1 && head_len) {
-          /* a large answer: keep its head, drop (count) the body read so far */
-          c->skipped += c->len - head_len;
-          c->len = head_len;
+          /* a large answer: keep its head and the last 4 body bytes (the
+           * end of a chunked body may span two reads), drop (count) the
+           * rest of what was read so far */
+          size_t keep = c->len - head_len < 4 ? c->len - head_len : 4;
+          c->skipped += c->len - head_len - keep;
+          memmove(c->buf + head_len, c->buf + c->len - keep, keep);
+          c->len = head_len + keep;
           c->buf[c->len] = '\0';
           continue;
         }

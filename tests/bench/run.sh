@@ -11,6 +11,8 @@
 # Env:   DURATION (s, wrk run, 10)  WARMUP (s, 3)  CONNS (wrk connections, 64)
 #        RATE (paced req/s, 2000)   PACED_SECONDS (10)  PACED_CONNS (16)
 #        PIN (1: taskset pinning, 0: none)  KEEP_TMP (1: keep the temp dir)
+#        UPSTREAM_CLIENT (unset: the build's default; auto: the lean client for the
+#        http:// mock; curl: libcurl)
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -116,7 +118,7 @@ start_zonegate() { # NAME PORT ADMIN RAFT LEVEL
  "cluster": {"data_dir": "$tmp/$1/data"},
  "endpoint": "http://127.0.0.1:$port_mock", "api_key": "env:ZG_BENCH_UPSTREAM_KEY",
  "auth": {"mode": "none"},
- "performance": {"max_concurrent": 1000, "max_queue": 10000, "cache_size": 0},
+ "performance": {"max_concurrent": 1000, "max_queue": 10000, "cache_size": 0${UPSTREAM_CLIENT:+, \"upstream_client\": \"$UPSTREAM_CLIENT\"}},
  "logging": {"level": "$5"}}
 EOF
   # The log goes to a file, as a real deployment's would (not to a terminal).

@@ -19,6 +19,8 @@
 #        PACED_SECONDS (8) BIG_RATE (20 req/s for the 2 MB prompt)
 #        CALLGRIND (1: run callgrind.sh) PIN (1) KEEP_TMP (1 keeps the temp dir)
 #        LITELLM (path to the litellm binary; empty: skipped, said so)
+#        UPSTREAM_CLIENT (unset: the build's default; auto: the lean client for the
+#        http:// mock; curl: libcurl)
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 build=${1:-$repo/build-rel}
@@ -111,7 +113,7 @@ start_zonegate() { # NAME EXTRA-JSON
  "cluster": {"data_dir": "$tmp/$name/data"},
  "endpoint": "http://127.0.0.1:$port_mock", "api_key": "env:ZG_BENCH_UPSTREAM_KEY",
  "auth": {"mode": "none"},
- "performance": {"max_concurrent": 1000, "max_queue": 10000, "cache_size": 0, "max_body_bytes": 8388608},
+ "performance": {"max_concurrent": 1000, "max_queue": 10000, "cache_size": 0, "max_body_bytes": 8388608${UPSTREAM_CLIENT:+, \"upstream_client\": \"$UPSTREAM_CLIENT\"}},
  "logging": {"level": "warn"}$extra}
 EOF
   ZG_BENCH_UPSTREAM_KEY=bench-key "${on_proxy[@]}" "$build/zonegate" serve --config "$tmp/$name/config.json" \

@@ -7,7 +7,8 @@ import os
 import signal
 import subprocess
 
-from harness import ZONEGATE_BIN, Proc, admin_call, free_port, request, start_mockllm, wait_for
+from harness import (ZONEGATE_BIN, Proc, admin_call, force_upstream_client, free_port, request,
+                     start_mockllm, wait_for)
 
 SECRETS = {
     "ZONEGATE_CLUSTER_SECRET": "cluster-secret-" + base64.b16encode(os.urandom(8)).decode(),
@@ -70,6 +71,7 @@ class Node:
                                       "ca": f"{d}/ca.crt"}
         for k, v in (extra or {}).items():
             cfg[k] = v
+        force_upstream_client(cfg)
         with open(self.config_path, "w") as f:
             json.dump(cfg, f, indent=1)
 

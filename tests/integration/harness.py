@@ -107,6 +107,39 @@ def start_mockllm(*extra):
     return proc
 
 
+# ZG_UPSTREAM_CLIENT=curl (or auto) runs every zonegate these tests start
+# with performance.upstream_client set to it, unless the test sets the key
+# itself: CI runs the upstream-heavy suites once per upstream client
+# (tests/CMakeLists.txt, the integration-curl/ entries).
+UPSTREAM_CLIENT = os.environ.get("ZG_UPSTREAM_CLIENT", "")
+
+
+def force_upstream_client(cfg):
+    """Adds performance.upstream_client from ZG_UPSTREAM_CLIENT to a config
+    dict (in place) when that is set and the config has no such key."""
+    if UPSTREAM_CLIENT and isinstance(cfg, dict) and "node" in cfg:
+        perf = cfg.setdefault("performance", {})
+        if isinstance(perf, dict):
+            perf.setdefault("upstream_client", UPSTREAM_CLIENT)
+    return cfg
+
+
+def force_upstream_client_file(path):
+    """force_upstream_client on a config file, rewritten only if it changes."""
+    if not UPSTREAM_CLIENT:
+        return
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return
+    before = json.dumps(cfg, sort_keys=True)
+    force_upstream_client(cfg)
+    if json.dumps(cfg, sort_keys=True) != before:
+        with open(path, "w") as f:
+            json.dump(cfg, f)
+
+
 def write_config(directory, cfg):
     path = os.path.join(directory, "config.json")
     with open(path, "w") as f:
@@ -135,6 +168,7 @@ def start_zonegate(config_path, port, env_extra=None, expect_ready=True):
     env.setdefault("TEST_UPSTREAM_KEY", "sk-test-upstream-key-0001")
     if env_extra:
         env.update(env_extra)
+    force_upstream_client_file(config_path)
     proc = Proc([ZONEGATE_BIN, "serve", "--config", config_path], env=env, name="zonegate")
     proc.port = port
     if expect_ready:

@@ -1,4 +1,6 @@
-/* Unit tests for gateway/upstream: the libcurl multi client on a uv loop.
+/* Unit tests for upstream/: the HTTP client on a uv loop, run twice: with
+ * the lean client (plain http:// URLs, the default) and with libcurl
+ * (curl_only), so both engines keep the same contract.
  *
  * Each test runs a tiny canned HTTP/1.1 server on 127.0.0.1 (ephemeral port)
  * on the same loop as the client. The request path picks a script (echo the
@@ -28,7 +30,9 @@
 
 /* ---- canned HTTP server ----------------------------------------------- */
 
-enum step_kind { STEP_SEND, STEP_CLOSE, STEP_HANG, STEP_DONE, STEP_ECHO };
+/* STEP_CLOSE_IF_REUSED: close without answering when the connection has
+ * already served a request (a keep-alive close racing a new request). */
+enum step_kind { STEP_SEND, STEP_CLOSE, STEP_HANG, STEP_DONE, STEP_ECHO, STEP_CLOSE_IF_REUSED };
 
 struct step {
   unsigned delay_ms; /* before this step */
@@ -64,6 +68,32 @@ static const struct scenario scenarios[] = {
     {"/break",
      {{0, STEP_SEND, "HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789", 0},
       {50, STEP_CLOSE, NULL, 0}}},
+    {"/head",
+     {{0, STEP_SEND, "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Test: yes\r\n\r\n", 0},
+      {0, STEP_DONE, NULL, 0}}},
+    {"/nocontent", {{0, STEP_SEND, "HTTP/1.1 204 No Content\r\n\r\n", 0}, {0, STEP_DONE, NULL, 0}}},
+    {"/continue",
+     {{0, STEP_SEND, "HTTP/1.1 100 Continue\r\nX-Interim: 1\r\n\r\n", 0},
+      {20, STEP_SEND, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Test: yes\r\n\r\nok", 0},
+      {0, STEP_DONE, NULL, 0}}},
+    {"/closing",
+     {{0, STEP_SEND, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok", 0},
+      {0, STEP_CLOSE, NULL, 0}}},
+    {"/eof-body",
+     {{0, STEP_SEND, "HTTP/1.1 200 OK\r\nX-Test: yes\r\n\r\nuntil the end", 0},
+      {30, STEP_CLOSE, NULL, 0}}},
+    {"/trailers",
+     {{0, STEP_SEND,
+       "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;ext=1\r\nabc\r\n2\r\nde\r\n"
+       "0\r\nX-Trailer: t\r\n\r\n",
+       0},
+      {0, STEP_DONE, NULL, 0}}},
+    {"/badchunk",
+     {{0, STEP_SEND, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n", 0},
+      {0, STEP_HANG, NULL, 0}}},
+    {"/echo-then-close", {{0, STEP_ECHO, NULL, 0}, {20, STEP_CLOSE, NULL, 0}}},
+    {"/vanish",
+     {{0, STEP_CLOSE_IF_REUSED, NULL, 0}, {0, STEP_ECHO, NULL, 0}, {0, STEP_DONE, NULL, 0}}},
 };
 
 struct test_server;
@@ -78,6 +108,7 @@ struct server_conn {
   char *in; /* request bytes received, NUL-terminated; grows */
   size_t in_len, in_cap;
   const struct scenario *script; /* NULL: waiting for a request */
+  unsigned served;               /* requests read on this connection */
   size_t step;
   unsigned repeats_done;
   char *request_body;
@@ -165,6 +196,13 @@ static void run_script(struct server_conn *conn) {
     case STEP_CLOSE:
       close_conn(conn);
       return;
+    case STEP_CLOSE_IF_REUSED:
+      if (conn->served > 1) {
+        close_conn(conn);
+        return;
+      }
+      conn->step++;
+      break;
     case STEP_HANG:
       return;
     case STEP_DONE:
@@ -196,6 +234,7 @@ static void process_input(struct server_conn *conn) {
 
   struct test_server *srv = conn->srv;
   srv->requests_seen++;
+  conn->served++;
   snprintf(srv->last_request_head, sizeof srv->last_request_head, "%.*s", (int)head_len, conn->in);
   free(conn->request_body);
   conn->request_body = malloc(body_len + 1);
@@ -294,6 +333,10 @@ static void server_stop(struct test_server *srv) {
 
 /* ---- per-test environment --------------------------------------------- */
 
+/* Every request of a run sets curl_only to this: main() runs all tests
+ * with the lean client (false) and then with libcurl (true). */
+static bool force_curl;
+
 struct env {
   uv_loop_t loop;
   uv_timer_t guard;
@@ -372,6 +415,9 @@ struct probe {
   struct upstream_timing timing;
   bool cancel_on_first_data;
   bool cancel_on_response;
+  bool pause_on_first_data;
+  bool saw_interim_header;
+  struct env *close_client_on_data; /* closes this env's client from on_data */
   int on_data_return;
   int *completed; /* incremented on done, optional */
 };
@@ -383,7 +429,11 @@ static void probe_on_response(void *ud, int status, const char *content_type,
   p->status = status;
   snprintf(p->content_type, sizeof p->content_type, "%s", content_type ? content_type : "");
   for (size_t i = 0; headers[i]; i++)
-    if (strcmp(headers[i], "X-Test: yes") == 0) p->saw_x_test_header = true;
+    if (strcmp(headers[i], "X-Test: yes") == 0)
+      p->saw_x_test_header = true;
+    else if (strncasecmp(headers[i], "X-Interim", 9) == 0 ||
+             strncasecmp(headers[i], "X-Trailer", 9) == 0)
+      p->saw_interim_header = true;
   if (p->cancel_on_response) upstream_cancel(p->t);
 }
 
@@ -398,6 +448,13 @@ static int probe_on_data(void *ud, const char *data, size_t len) {
   if (p->cancel_on_first_data) {
     upstream_cancel(p->t);
     return 0;
+  }
+  if (p->pause_on_first_data && p->data_calls == 1) upstream_pause(p->t);
+  if (p->close_client_on_data) {
+    upstream_client_close(p->close_client_on_data->client, on_client_closed,
+                          p->close_client_on_data);
+    p->close_client_on_data->client_closed = true;
+    p->close_client_on_data = NULL;
   }
   return p->on_data_return;
 }
@@ -424,6 +481,7 @@ static void start_probe(struct env *e, struct probe *p, const char *method, cons
   struct upstream_request req = {
       .url = url,
       .method = method,
+      .curl_only = force_curl,
       .headers = headers,
       .body = body,
       .body_len = body ? strlen(body) : 0,
@@ -520,7 +578,8 @@ static void test_connection_refused_is_connect_failed(void **state) {
   struct probe p = {0};
   char url[128];
   snprintf(url, sizeof url, "http://127.0.0.1:%d/v1/chat/completions", dead_port);
-  struct upstream_request req = {.url = url, .method = "GET", .timeouts = generous};
+  struct upstream_request req = {
+      .url = url, .method = "GET", .timeouts = generous, .curl_only = force_curl};
   char err[256];
   assert_int_equal(upstream_start(e->client, &req, &probe_callbacks, &p, &p.t, err, sizeof err), 0);
   assert_true(run_until(e, &p.done_calls, 1, 3000));
@@ -555,8 +614,10 @@ static void test_connect_timeout(void **state) {
   struct probe p = {0};
   char url[128];
   snprintf(url, sizeof url, "http://127.0.0.1:%d/v1/models", ntohs(addr.sin_port));
-  struct upstream_request req = {
-      .url = url, .method = "GET", .timeouts = {.connect_ms = 200, .total_ms = 5000}};
+  struct upstream_request req = {.url = url,
+                                 .method = "GET",
+                                 .timeouts = {.connect_ms = 200, .total_ms = 5000},
+                                 .curl_only = force_curl};
   char err[256];
   p.start_ms = now_ms();
   assert_int_equal(upstream_start(e->client, &req, &probe_callbacks, &p, &p.t, err, sizeof err), 0);
@@ -739,7 +800,8 @@ static void test_header_with_newline_is_refused_without_echoing_value(void **sta
   const char *const headers[] = {"Authorization: Bearer sk-secret\r\nX-Evil: 1", NULL};
   char url[128];
   snprintf(url, sizeof url, "http://127.0.0.1:%d/echo", e->srv.port);
-  struct upstream_request req = {.url = url, .method = "GET", .headers = headers};
+  struct upstream_request req = {
+      .url = url, .method = "GET", .headers = headers, .curl_only = force_curl};
   struct probe p = {0};
   char err[256] = "";
   struct upstream_transfer *t = (struct upstream_transfer *)&p; /* overwritten with NULL */
@@ -749,6 +811,157 @@ static void test_header_with_newline_is_refused_without_echoing_value(void **sta
   assert_non_null(strstr(err, "Authorization"));
   assert_null(strstr(err, "sk-secret"));
   assert_int_equal(upstream_active_count(e->client), 0);
+}
+
+/* HEAD: the answer's Content-Length announces a body that never comes. */
+static void test_head_answer_has_no_body_and_the_connection_is_reused(void **state) {
+  struct env *e = *state;
+  struct probe p = {0}, q = {0};
+  start_probe(e, &p, "HEAD", "/head", NULL, generous);
+  assert_true(run_until(e, &p.done_calls, 1, 3000));
+  assert_int_equal(p.result, UPSTREAM_OK);
+  assert_int_equal(p.status, 200);
+  assert_true(p.saw_x_test_header);
+  assert_int_equal(p.body_len, 0);
+  start_probe(e, &q, "POST", "/echo", "after head", generous);
+  assert_true(run_until(e, &q.done_calls, 1, 3000));
+  assert_int_equal(q.result, UPSTREAM_OK);
+  assert_memory_equal(q.body, "after head", 10);
+  assert_int_equal(e->srv.connections_accepted, 1);
+}
+
+static void test_204_has_no_body(void **state) {
+  struct env *e = *state;
+  struct probe p = {0};
+  start_probe(e, &p, "GET", "/nocontent", NULL, generous);
+  assert_true(run_until(e, &p.done_calls, 1, 3000));
+  assert_int_equal(p.result, UPSTREAM_OK);
+  assert_int_equal(p.status, 204);
+  assert_int_equal(p.body_len, 0);
+}
+
+/* A 100 Continue before the answer: on_response once, for the 200. */
+static void test_interim_response_is_skipped(void **state) {
+  struct env *e = *state;
+  struct probe p = {0};
+  start_probe(e, &p, "POST", "/continue", "{}", generous);
+  assert_true(run_until(e, &p.done_calls, 1, 3000));
+  assert_int_equal(p.result, UPSTREAM_OK);
+  assert_int_equal(p.response_calls, 1);
+  assert_int_equal(p.status, 200);
+  assert_true(p.saw_x_test_header);
+  assert_false(p.saw_interim_header);
+  assert_memory_equal(p.body, "ok", 2);
+}
+
+/* "Connection: close": the answer is whole, the next request goes on a new
+ * connection. */
+static void test_connection_close_answer_is_not_reused(void **state) {
+  struct env *e = *state;
+  struct probe p = {0}, q = {0};
+  start_probe(e, &p, "GET", "/closing", NULL, generous);
+  assert_true(run_until(e, &p.done_calls, 1, 3000));
+  assert_int_equal(p.result, UPSTREAM_OK);
+  assert_memory_equal(p.body, "ok", 2);
+  start_probe(e, &q, "POST", "/echo", "next", generous);
+  assert_true(run_until(e, &q.done_calls, 1, 3000));
+  assert_int_equal(q.result, UPSTREAM_OK);
+  assert_int_equal(e->srv.connections_accepted, 2);
+}
+
+/* No Content-Length, no chunks: the body ends with the connection. */
+static void test_close_delimited_body(void **state) {
+  struct env *e = *state;
+  struct probe p = {0};
+  start_probe(e, &p, "GET", "/eof-body", NULL, generous);
+  assert_true(run_until(e, &p.done_calls, 1, 3000));
+  assert_int_equal(p.result, UPSTREAM_OK);
+  assert_int_equal(p.body_len, 13);
+  assert_memory_equal(p.body, "until the end", 13);
+}
+
+/* Chunk extensions are ignored and trailers are not passed as headers. */
+static void test_chunk_extensions_and_trailers(void **state) {
+  struct env *e = *state;
+  struct probe p = {0};
+  start_probe(e, &p, "GET", "/trailers", NULL, generous);
+  assert_true(run_until(e, &p.done_calls, 1, 3000));
+  assert_int_equal(p.result, UPSTREAM_OK);
+  assert_int_equal(p.body_len, 5);
+  assert_memory_equal(p.body, "abcde", 5);
+  assert_false(p.saw_interim_header);
+}
+
+static void test_bad_chunk_size_is_broken(void **state) {
+  struct env *e = *state;
+  struct probe p = {0};
+  start_probe(e, &p, "GET", "/badchunk", NULL, generous);
+  assert_true(run_until(e, &p.done_calls, 1, 3000));
+  assert_int_equal(p.result, UPSTREAM_BROKEN);
+  assert_int_equal(p.status, 200);
+  assert_true(strlen(p.curl_error) > 0);
+}
+
+/* The upstream closes an idle keep-alive connection: the next request
+ * still succeeds (on a new connection). */
+static void test_idle_connection_closed_by_the_upstream_is_not_used(void **state) {
+  struct env *e = *state;
+  struct probe p = {0}, q = {0};
+  start_probe(e, &p, "POST", "/echo-then-close", "first", generous);
+  assert_true(run_until(e, &p.done_calls, 1, 3000));
+  assert_int_equal(p.result, UPSTREAM_OK);
+  run_for(e, 100); /* the close arrives while the connection idles */
+  start_probe(e, &q, "POST", "/echo", "second", generous);
+  assert_true(run_until(e, &q.done_calls, 1, 3000));
+  assert_int_equal(q.result, UPSTREAM_OK);
+  assert_memory_equal(q.body, "second", 6);
+  assert_int_equal(e->srv.connections_accepted, 2);
+}
+
+/* The upstream closes a reused connection as the request arrives, without
+ * a byte of answer: the request is sent once more on a fresh connection. */
+static void test_request_on_a_reused_connection_closed_unanswered_is_retried(void **state) {
+  struct env *e = *state;
+  struct probe p = {0}, q = {0};
+  start_probe(e, &p, "POST", "/echo", "first", generous);
+  assert_true(run_until(e, &p.done_calls, 1, 3000));
+  start_probe(e, &q, "POST", "/vanish", "second", generous);
+  assert_true(run_until(e, &q.done_calls, 1, 3000));
+  assert_int_equal(q.result, UPSTREAM_OK);
+  assert_int_equal(q.body_len, 6);
+  assert_memory_equal(q.body, "second", 6);
+  assert_int_equal(e->srv.connections_accepted, 2);
+  assert_int_equal(e->srv.requests_seen, 3);
+}
+
+/* Paused: nothing is delivered and the idle timeout does not run; resumed:
+ * the rest arrives. */
+static void test_pause_and_resume(void **state) {
+  struct env *e = *state;
+  struct probe p = {.pause_on_first_data = true};
+  struct upstream_timeouts t = {.first_byte_ms = 1000, .idle_ms = 150, .total_ms = 5000};
+  start_probe(e, &p, "GET", "/stream", NULL, t);
+  assert_true(run_until(e, &p.data_calls, 1, 3000));
+  run_for(e, 400); /* longer than idle_ms, and every chunk has been sent */
+  assert_int_equal(p.data_calls, 1);
+  assert_int_equal(p.done_calls, 0);
+  upstream_resume(p.t);
+  assert_int_equal(p.data_calls, 1); /* never from inside the call */
+  assert_true(run_until(e, &p.done_calls, 1, 3000));
+  assert_int_equal(p.result, UPSTREAM_OK);
+  assert_int_equal(p.body_len, 27);
+  assert_memory_equal(p.body, "data: 0\n\ndata: 1\n\ndata: 2\n\n", 27);
+}
+
+static void test_client_close_inside_on_data(void **state) {
+  struct env *e = *state;
+  struct probe p = {.close_client_on_data = e};
+  start_probe(e, &p, "GET", "/stream", NULL, generous);
+  assert_true(run_until(e, &p.data_calls, 1, 3000));
+  run_for(e, 400);
+  assert_int_equal(p.data_calls, 1);
+  assert_int_equal(p.done_calls, 0);
+  assert_int_equal(e->close_done_calls, 1);
 }
 
 static void test_result_names(void **state) {
@@ -795,7 +1008,25 @@ int main(void) {
                                       teardown),
       cmocka_unit_test_setup_teardown(test_header_with_newline_is_refused_without_echoing_value,
                                       setup, teardown),
+      cmocka_unit_test_setup_teardown(test_head_answer_has_no_body_and_the_connection_is_reused,
+                                      setup, teardown),
+      cmocka_unit_test_setup_teardown(test_204_has_no_body, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_interim_response_is_skipped, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_connection_close_answer_is_not_reused, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_close_delimited_body, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_chunk_extensions_and_trailers, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_bad_chunk_size_is_broken, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_idle_connection_closed_by_the_upstream_is_not_used,
+                                      setup, teardown),
+      cmocka_unit_test_setup_teardown(
+          test_request_on_a_reused_connection_closed_unanswered_is_retried, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_pause_and_resume, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_client_close_inside_on_data, setup, teardown),
       cmocka_unit_test(test_result_names),
   };
-  return cmocka_run_group_tests(tests, NULL, NULL);
+  force_curl = false;
+  int failed = cmocka_run_group_tests_name("lean client (plain http://)", tests, NULL, NULL);
+  force_curl = true;
+  failed += cmocka_run_group_tests_name("libcurl (curl_only)", tests, NULL, NULL);
+  return failed;
 }
