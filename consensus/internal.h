@@ -431,14 +431,17 @@ bool zg_leader_loss_holding(const struct zg_io_tap *tap, struct raft *r);
 bool zg_leader_lost(struct zg_io_tap *tap, struct raft *r, raft_id peer);
 /* A connection that ends does not prove the peer dead (a reset by a
  * firewall, a conntrack flush, a spoofed RST). The probe asks the peer's
- * raft `address` ("host:port") for a new TCP connection: only a refusal
- * (nothing listens there any more: the process is gone) counts. cb(ud,
- * peer, refused) is called exactly once, from the loop: refused is true
- * only on ECONNREFUSED within timeout_ms; a connection, a timeout, any
- * other error or zg_probe_cancel() gives false. The probe frees itself
+ * raft `address` ("host:port") for a new TCP connection and holds it for
+ * timeout_ms: a refusal, or a connection the peer's side ends (an exiting
+ * process's kernel completes it from the listen queue, then resets it),
+ * means nothing serves there any more. cb(ud, peer, refused, status) is
+ * called exactly once, from the loop: refused is true only in those cases;
+ * a connection that stays up (a live node waits for our handshake), no
+ * answer, any other error or zg_probe_cancel() gives false; status is the
+ * last one seen (0, a UV_E* code, 1: no answer). The probe frees itself
  * after cb. Returns 0, or -1 (bad address, no memory: no cb). */
 struct zg_probe;
-typedef void (*zg_probe_cb)(void *ud, raft_id peer, bool refused);
+typedef void (*zg_probe_cb)(void *ud, raft_id peer, bool refused, int status);
 int zg_probe_start(uv_loop_t *loop, const char *address, unsigned timeout_ms, raft_id peer,
                    zg_probe_cb cb, void *ud, struct zg_probe **out);
 void zg_probe_cancel(struct zg_probe *p);

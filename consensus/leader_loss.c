@@ -212,20 +212,26 @@ struct zg_probe {
   zg_probe_cb cb;
   void *ud;
   int open; /* handles (and the lookup) not yet closed */
-  bool refused, cancelled, reported;
+  bool refused, cancelled, reported, lookup_pending;
+  int status; /* of the connect: 0, a UV_E* code, or 1 = no answer yet */
 };
 
 static void probe_report(struct zg_probe *p) {
   if (p->reported) return;
   p->reported = true;
-  p->cb(p->ud, p->peer, p->refused && !p->cancelled);
+  p->cb(p->ud, p->peer, p->refused && !p->cancelled, p->status);
 }
 
-static void probe_closed(uv_handle_t *h) {
-  struct zg_probe *p = h->data;
+/* The probe lives until its two handles are closed and its lookup (if
+ * any) has called back, whatever order those happen in. */
+static void probe_unref(struct zg_probe *p) {
   if (--p->open > 0) return;
   probe_report(p);
   free(p);
+}
+
+static void probe_closed(uv_handle_t *h) {
+  probe_unref(h->data);
 }
 
 static void probe_finish(struct zg_probe *p) {
@@ -234,22 +240,54 @@ static void probe_finish(struct zg_probe *p) {
 }
 
 static void probe_timeout(uv_timer_t *t) {
-  probe_finish(t->data); /* no answer in time: not known to be gone */
+  probe_finish(t->data); /* no answer, or a connection that stayed up: not gone */
+}
+
+static void probe_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
+  static char byte[64];
+  (void)h;
+  (void)suggested;
+  *buf = uv_buf_init(byte, sizeof byte);
+}
+
+/* Connected: a live node's transport now waits for our handshake and says
+ * nothing; an exiting process's kernel completes the connection from the
+ * listen queue and then resets or closes it. */
+static void probe_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
+  struct zg_probe *p = s->data;
+  (void)buf;
+  if (nread == 0) return;
+  p->refused = nread < 0; /* ended: gone; data: something lives there */
+  p->status = nread < 0 ? (int)nread : 0;
+  probe_finish(p);
 }
 
 static void probe_connected(uv_connect_t *req, int status) {
   struct zg_probe *p = req->data;
-  p->refused = status == UV_ECONNREFUSED;
-  probe_finish(p);
+  if (status == UV_ECANCELED) return; /* timed out or cancelled: finishing */
+  p->status = status;
+  /* Refused, or reset before it was set up (a listener closed with our
+   * connection in its queue): nothing listens any more. */
+  p->refused = status == UV_ECONNREFUSED || status == UV_ECONNRESET;
+  if (status != 0 || uv_read_start((uv_stream_t *)&p->tcp, probe_alloc, probe_read) != 0)
+    probe_finish(p);
+}
+
+static void probe_connect(struct zg_probe *p, const struct sockaddr *addr) {
+  if (p->cancelled || uv_is_closing((uv_handle_t *)&p->tcp) ||
+      uv_tcp_connect(&p->req, &p->tcp, addr, probe_connected) != 0)
+    probe_finish(p);
 }
 
 static void probe_resolved(uv_getaddrinfo_t *gai, int status, struct addrinfo *res) {
   struct zg_probe *p = gai->data;
-  p->open--; /* the lookup */
-  if (status != 0 || res == NULL || p->cancelled ||
-      uv_tcp_connect(&p->req, &p->tcp, res->ai_addr, probe_connected) != 0)
+  if (status != 0 || res == NULL)
     probe_finish(p);
+  else
+    probe_connect(p, res->ai_addr); /* finishes if timed out or cancelled meanwhile */
   if (res) uv_freeaddrinfo(res);
+  p->lookup_pending = false;
+  probe_unref(p); /* the lookup */
 }
 
 int zg_probe_start(uv_loop_t *loop, const char *address, unsigned timeout_ms, raft_id peer,
@@ -267,13 +305,21 @@ int zg_probe_start(uv_loop_t *loop, const char *address, unsigned timeout_ms, ra
   uv_tcp_init(loop, &p->tcp);
   uv_timer_init(loop, &p->timer);
   p->tcp.data = p->timer.data = p->gai.data = p->req.data = p;
-  p->open = 3; /* tcp, timer, lookup */
+  p->open = 2; /* tcp, timer (+1 while a lookup runs) */
+  p->status = 1;
+  uv_timer_start(&p->timer, probe_timeout, timeout_ms, 0);
+  struct sockaddr_storage ss;
   struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM};
-  if (uv_getaddrinfo(loop, &p->gai, probe_resolved, host, port, &hints) != 0) {
-    p->open--;
-    probe_finish(p);
+  /* A numeric address needs no lookup (the thread pool may be busy with
+   * raft_uv's file work). */
+  if (uv_ip4_addr(host, port_no, (struct sockaddr_in *)&ss) == 0 ||
+      uv_ip6_addr(host, port_no, (struct sockaddr_in6 *)&ss) == 0) {
+    probe_connect(p, (const struct sockaddr *)&ss);
+  } else if (uv_getaddrinfo(loop, &p->gai, probe_resolved, host, port, &hints) == 0) {
+    p->open++;
+    p->lookup_pending = true;
   } else {
-    uv_timer_start(&p->timer, probe_timeout, timeout_ms, 0);
+    probe_finish(p);
   }
   *out = p;
   return 0;
@@ -281,6 +327,6 @@ int zg_probe_start(uv_loop_t *loop, const char *address, unsigned timeout_ms, ra
 
 void zg_probe_cancel(struct zg_probe *p) {
   p->cancelled = true;
-  uv_cancel((uv_req_t *)&p->gai); /* fails harmlessly once the lookup is done */
+  if (p->lookup_pending) uv_cancel((uv_req_t *)&p->gai);
   probe_finish(p);
 }

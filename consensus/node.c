@@ -63,6 +63,7 @@ struct consensus {
   uint64_t lost_leader_until_ms;
   unsigned election_ms, heartbeat_ms;
   struct zg_probe *probe; /* is the leader whose connection ended gone? */
+  unsigned probe_attempts;
   struct raft_uv_transport transport;
   struct zg_fsm fsm;
   uv_check_t check;
@@ -518,9 +519,14 @@ static void wake_cb(uv_timer_t *t) {
 static void check_cb(uv_check_t *h) {
   struct consensus *c = h->data;
   if (c->closing) return;
-  if (c->lost_leader &&
-      (zg_mono_ms() >= c->lost_leader_until_ms || try_leader_lost(c, c->lost_leader)))
+  if (c->lost_leader && try_leader_lost(c, c->lost_leader)) {
     c->lost_leader = 0;
+  } else if (c->lost_leader && zg_mono_ms() >= c->lost_leader_until_ms) {
+    ZG_LOG_INFO("leader_connection_ended",
+                "the old leader is gone but raft did not take the early election (log not "
+                "persisted, or a snapshot being installed): the timers decide");
+    c->lost_leader = 0;
+  }
   zg_leader_loss_settle(&c->io, &c->raft);
   if (zg_leader_loss_holding(&c->io, &c->raft) && c->wake_term != c->io.hold_term) {
     /* Become ready the moment the hold ends, not on the next event. */
@@ -841,20 +847,38 @@ static bool try_leader_lost(struct consensus *c, raft_id peer) {
 /* The transport saw the peer or the network end a connection to `peer`.
  * If that peer is our leader, leader_loss.c starts the election now, or
  * as soon as our log is persisted (check_cb retries). */
-static void on_probe_done(void *ud, raft_id peer, bool refused) {
+static void start_probe(struct consensus *c, raft_id peer);
+
+static void on_probe_done(void *ud, raft_id peer, bool refused, int status) {
   struct consensus *c = ud;
   c->probe = NULL;
   if (c->closing) {
     close_step_done(c);
     return;
   }
-  if (!refused || try_leader_lost(c, peer)) return;
+  const struct member_rec *m = member_by_raft_id(c, peer);
+  if (!refused && status == 1 && ++c->probe_attempts < 3) {
+    /* No answer at all: an exiting process may drop the SYN while its
+     * listener is torn down; a fresh attempt then meets a closed port. */
+    start_probe(c, peer);
+    return;
+  }
+  if (!refused) {
+    ZG_LOG_INFO("leader_connection_ended",
+                "the connection to leader %s ended but its Raft port still holds a new one "
+                "after %u ms (%s): no early election (the timers decide)",
+                m ? m->id : "?", c->heartbeat_ms,
+                status == 1   ? "no answer"
+                : status == 0 ? "it accepted"
+                              : uv_strerror(status));
+    return;
+  }
+  if (try_leader_lost(c, peer)) return;
   c->lost_leader = peer;
   c->lost_leader_until_ms = zg_mono_ms() + c->election_ms;
 }
 
-static void on_peer_lost(void *ud, raft_id peer) {
-  struct consensus *c = ud;
+static void start_probe(struct consensus *c, raft_id peer) {
   if (c->closing || c->probe != NULL) return;
   raft_id leader = 0;
   const char *address = NULL;
@@ -865,6 +889,13 @@ static void on_peer_lost(void *ud, raft_id peer) {
    * raft_uv reconnects. */
   if (zg_probe_start(c->loop, address, c->heartbeat_ms, peer, on_probe_done, c, &c->probe) != 0)
     c->probe = NULL;
+}
+
+static void on_peer_lost(void *ud, raft_id peer) {
+  struct consensus *c = ud;
+  if (c->probe != NULL) return;
+  c->probe_attempts = 0;
+  start_probe(c, peer);
 }
 
 /* Init ladder (dqlite-style): each step that succeeded is undone, in
