@@ -259,6 +259,16 @@ static void chat_done(struct chat *c) {
   chat_free(c);
 }
 
+/* A node's own "not active here" answer carries this header, so that a
+ * standby tells it from a 503 the model provider gave the active. */
+#define NODE_REFUSAL_HEADER "X-Zonegate-Refused: not_active"
+
+static bool refused_by_node(const char *const *headers) {
+  for (size_t i = 0; headers && headers[i]; i++)
+    if (strncasecmp(headers[i], "X-Zonegate-Refused:", 19) == 0) return true;
+  return false;
+}
+
 static void respond_error(struct chat *c, int status, const char *type, const char *code,
                           const char *const *headers, const char *message, const char *result) {
   note_fields(c, "none", result, 0, 0);
@@ -490,9 +500,12 @@ static void on_upstream_response(void *ud, int status, const char *content_type,
            content_type ? content_type : "application/json");
   keep_response_headers(c, headers);
 
-  if (c->forwarding && status == 503 && gw_has_cluster(c)) {
+  if (c->forwarding && status == 503 && gw_has_cluster(c) && refused_by_node(headers)) {
     /* The node we forwarded to is not active (any more): nothing reached the
-     * client yet, so decide again within the hold deadline. */
+     * client yet, so decide again within the hold deadline. A 503 without
+     * the marker is the model provider's, already tried on every key by
+     * the active: it goes to the client (sending it again would call the
+     * provider again, and bill it). */
     upstream_cancel(c->transfer);
     c->transfer = NULL;
     retry_route_later(c);
@@ -1398,7 +1411,7 @@ static void decide_route(struct chat *c) {
     proceed_forward(c, forward_to);
     return;
   }
-  const char *retry[] = {"Retry-After: 1", NULL};
+  const char *retry[] = {"Retry-After: 1", NODE_REFUSAL_HEADER, NULL};
   respond_error(c, 503, "service_unavailable", "no_active_node", retry,
                 forwarded ? "this node is not active; a forwarded request is never forwarded again"
                           : "no active node is available right now; retry shortly",
@@ -1424,7 +1437,7 @@ static void retry_route_later(struct chat *c) {
       respond_error(c, 500, "server_error", NULL, NULL, "out of memory", "oom");
       return;
     }
-    const char *retry[] = {"Retry-After: 1", NULL};
+    const char *retry[] = {"Retry-After: 1", NODE_REFUSAL_HEADER, NULL};
     respond_error(c, 503, "service_unavailable", "no_active_node", retry,
                   "no active node is reachable right now; retry shortly", "not_active");
     return;

@@ -383,3 +383,24 @@ def test_node_from_before_recover_is_refused_then_rejoins_with_an_empty_data_dir
         assert f.read().strip() == st_new["incarnation"]
     assert survivor.alive() and old.alive()
     assert survivor.health("active")[0] == 200
+
+
+def test_provider_503_through_a_standby_is_answered_once_not_resent(cluster):
+    """A 503 the model provider gives the active is the provider's answer: the
+    standby that forwarded the request passes it on, it does not take it for
+    "that node is not active" and send the request (and the bill) again. The
+    node's own refusal carries X-Zonegate-Refused and is still retried."""
+    active = cluster.active()
+    standby = next(n for n in cluster.nodes if n.role == "gateway" and n is not active)
+    status, answer = standby.admin_call("POST", "/v1/tokens", {"name": "app503"})
+    assert status == 200, answer
+    token = answer["token"]
+    before = request(cluster.mock.port, "GET", "/mock/stats")[2]
+    before = json.loads(before)["total_requests"]
+    status, headers, body = chat(standby, token, **{"X-Mock-Status": "503"})
+    after = json.loads(request(cluster.mock.port, "GET", "/mock/stats")[2])["total_requests"]
+    assert status == 503, body
+    assert "X-Zonegate-Refused" not in {k.title() for k in dict(headers)}, headers
+    # one request from the client: the active tries its key once (one
+    # configured key), and nobody sends it again
+    assert after - before == 1, f"provider called {after - before} times for one request"
