@@ -413,13 +413,24 @@ struct zg_io_tap {
   uint64_t hold_term, hold_until_ms; /* a disrupting win: not ready before hold_until_ms */
   uint64_t no_votes_until_ms;        /* after zg_leader_lost: vote requests dropped until */
   unsigned hold_ms;                  /* the old leader's longest lease: one election timeout */
+  /* A follower's election timer: election_ms + timer_min_ms + a draw in
+   * [0, timer_span_ms) (zg_leader_loss_settle), instead of libraft's
+   * uniform 1x..2x. follower_timeout_ms is the value last set. */
+  unsigned timer_min_ms, timer_span_ms, follower_timeout_ms;
+  uint64_t draw_state; /* xorshift64 state, seeded from the OS */
 };
 /* Call after raft_uv_init(&tap->io, ...) and before raft_init; the
  * timeouts are cluster.election_timeout_ms and cluster.heartbeat_ms. */
 void zg_io_tap_init(struct zg_io_tap *tap, unsigned election_ms, unsigned heartbeat_ms);
+/* Ranks this node's follower election timer (see leader_loss.c): a
+ * gateway node fires within [1, 1.125) election timeouts of the leader's
+ * last message, a witness within [1.5, 2), so the surviving gateway node
+ * asks first and alone. `seed` comes from the OS. */
+void zg_io_tap_rank(struct zg_io_tap *tap, bool witness, uint64_t seed);
 /* Call after every loop turn: once an expedited candidate is no longer a
  * candidate, or the expedite window is over, puts the normal election
- * timeout back. */
+ * timeout back; gives a follower whose timer libraft re-drew the ranked
+ * timeout. */
 void zg_leader_loss_settle(struct zg_io_tap *tap, struct raft *r);
 /* True while a leader that won a leader-loss election must not act as the
  * fenced leader yet (the old leader's lease may still run). */

@@ -120,6 +120,38 @@ void zg_io_tap_init(struct zg_io_tap *tap, unsigned election_ms, unsigned heartb
   tap->hold_ms = election_ms;
   tap->hold_term = 0;
   tap->hold_until_ms = 0;
+  zg_io_tap_rank(tap, false, 0x9e3779b97f4a7c15ull);
+}
+
+void zg_io_tap_rank(struct zg_io_tap *tap, bool witness, uint64_t seed) {
+  unsigned e = tap->election_ms;
+  tap->timer_min_ms = witness ? e / 2 : 0;
+  tap->timer_span_ms = witness ? e / 2 : e / 8;
+  if (tap->timer_span_ms == 0) tap->timer_span_ms = 1;
+  tap->follower_timeout_ms = 0;
+  tap->draw_state = seed ? seed : 0x9e3779b97f4a7c15ull;
+}
+
+/* xorshift64 (Marsaglia 2003): spreads timers, nothing secret. */
+static unsigned draw(struct zg_io_tap *tap, unsigned span) {
+  uint64_t x = tap->draw_state;
+  x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+  tap->draw_state = x;
+  return (unsigned)(x % span);
+}
+
+/* libraft draws a follower's timer uniformly in [1, 2) election timeouts
+ * each time it (re)starts it (electionResetTimer: on becoming follower, on
+ * granting a vote, ...; a leader's message only moves its start). Replace
+ * the draw with the ranked one. Still at least one election timeout, so
+ * the rule the lease rests on (no vote within an election timeout of the
+ * leader's last message) holds; the value is read by libraft's tick
+ * (electionTimerExpiration), through the public struct raft. */
+static void rank_follower_timer(struct zg_io_tap *tap, struct raft *r) {
+  if (raft_state(r) != RAFT_FOLLOWER || r->election_timeout != tap->election_ms) return;
+  if (r->follower_state.randomized_election_timeout == tap->follower_timeout_ms) return;
+  tap->follower_timeout_ms = tap->election_ms + tap->timer_min_ms + draw(tap, tap->timer_span_ms);
+  r->follower_state.randomized_election_timeout = tap->follower_timeout_ms;
 }
 
 void zg_leader_loss_settle(struct zg_io_tap *tap, struct raft *r) {
@@ -151,6 +183,7 @@ void zg_leader_loss_settle(struct zg_io_tap *tap, struct raft *r) {
       tap->hold_until_ms = now + tap->hold_ms;
     }
   }
+  rank_follower_timer(tap, r);
 }
 
 bool zg_leader_loss_holding(const struct zg_io_tap *tap, struct raft *r) {

@@ -960,6 +960,10 @@ int consensus_start(uv_loop_t *loop, const struct consensus_options *opts, struc
   if (zg_random_bytes((uint8_t *)&seed, sizeof seed) != 0)
     seed = (unsigned)zg_mono_ms() ^ (unsigned)getpid() ^ (unsigned)c->members[0].raft_id;
   raft_seed(&c->raft, seed);
+  uint64_t draw_seed;
+  if (zg_random_bytes((uint8_t *)&draw_seed, sizeof draw_seed) != 0)
+    draw_seed = ((uint64_t)seed << 32) ^ zg_mono_ms();
+  zg_io_tap_rank(&c->io, opts->self->role == CONSENSUS_WITNESS, draw_seed);
   raft_set_election_timeout(&c->raft, election);
   raft_set_heartbeat_timeout(&c->raft, heartbeat);
   raft_set_pre_vote(&c->raft, true);

@@ -277,6 +277,26 @@ static void respond_error(struct chat *c, int status, const char *type, const ch
   chat_done(c);
 }
 
+/* This node can neither serve nor forward the request, and has sent it
+ * nowhere. Behind a trusted load balancer (a PROXY header or
+ * X-Forwarded-For from listen.trusted_proxies) the connection closes
+ * without a response byte, which the LB reads as "send it to another
+ * server" (deploy/haproxy.cfg: retry-on empty-response; nginx.conf:
+ * proxy_next_upstream error): a 503 it could only retry by status, and so
+ * re-send a model provider's 503 too. Anyone else (a client, a standby
+ * forwarding to us) gets the 503 with X-Zonegate-Refused. */
+static void refuse_here(struct chat *c, const char *code, const char *const *headers,
+                        const char *message, const char *result) {
+  if (gateway_request_via_lb(c->req)) {
+    note_fields(c, "none", "closed_for_lb_retry", 0, 0);
+    httpd_req_set_abort(c->req, NULL, NULL);
+    httpd_req_close_unanswered(c->req);
+    chat_done(c);
+    return;
+  }
+  respond_error(c, 503, "service_unavailable", code, headers, message, result);
+}
+
 /* ---- upstream callbacks ---------------------------------------------- */
 
 static void start_attempt(struct chat *c);
@@ -1018,7 +1038,12 @@ static void on_slot(void *ud, enum limiter_verdict verdict) {
     snprintf(retry, sizeof(retry), "Retry-After: %u", limiter_retry_after_s(c->gw->limiter));
     const char *headers[] = {retry, NULL};
     httpd_req_set_abort(c->req, NULL, NULL);
-    respond_error(c, verdict == LIMITER_SHUTDOWN ? 503 : 429, "rate_limit_error",
+    if (verdict == LIMITER_SHUTDOWN) { /* this node is exiting */
+      const char *refusal[] = {retry, NODE_REFUSAL_HEADER, NULL};
+      refuse_here(c, "shutting_down", refusal, "this node is shutting down; retry", "rejected");
+      return;
+    }
+    respond_error(c, 429, "rate_limit_error",
                   verdict == LIMITER_QUEUE_FULL ? "queue_full" : "queue_timeout", headers,
                   verdict == LIMITER_QUEUE_FULL
                       ? "too many requests in flight and the wait queue is full; retry later"
@@ -1412,10 +1437,10 @@ static void decide_route(struct chat *c) {
     return;
   }
   const char *retry[] = {"Retry-After: 1", NODE_REFUSAL_HEADER, NULL};
-  respond_error(c, 503, "service_unavailable", "no_active_node", retry,
-                forwarded ? "this node is not active; a forwarded request is never forwarded again"
-                          : "no active node is available right now; retry shortly",
-                "not_active");
+  refuse_here(c, "no_active_node", retry,
+              forwarded ? "this node is not active; a forwarded request is never forwarded again"
+                        : "no active node is available right now; retry shortly",
+              "not_active");
 }
 
 /* Forwarding failed before anything was sent: forget the forward and
@@ -1438,8 +1463,8 @@ static void retry_route_later(struct chat *c) {
       return;
     }
     const char *retry[] = {"Retry-After: 1", NODE_REFUSAL_HEADER, NULL};
-    respond_error(c, 503, "service_unavailable", "no_active_node", retry,
-                  "no active node is reachable right now; retry shortly", "not_active");
+    refuse_here(c, "no_active_node", retry, "no active node is reachable right now; retry shortly",
+                "not_active");
     return;
   }
   httpd_req_set_abort(c->req, on_client_abort, c);

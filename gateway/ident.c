@@ -13,7 +13,9 @@
  *      entry that is no address makes the client "unknown", which no
  *      allowlist matches). From anyone else X-Forwarded-For is ignored.
  * Then every X-Zonegate-* header of the request is removed: nothing a
- * client sends can speak for a node.
+ * client sends can speak for a node. A request that came through a
+ * trusted proxy (2 or 3) and not from a node is marked via_lb: a node that
+ * cannot take it closes the connection so the LB retries it (chat.c).
  *
  * Forwarding signature (one helper each way, so that a transport with
  * mutual TLS can replace it): "X-Zonegate-Forward-Auth: v1 <wall ms>
@@ -201,6 +203,8 @@ int gateway_identify(struct gateway *gw, struct httpd_req *req, struct gateway_a
     }
     a->forwarded = true;
   } else {
+    a->via_lb = httpd_req_via_proxy(req) || (gateway_ip_trusted(gw, a->client_ip) &&
+                                             httpd_req_header(req, "X-Forwarded-For") != NULL);
     walk_forwarded_for(gw, req, a->client_ip, sizeof(a->client_ip));
   }
   httpd_req_drop_headers(req, "x-zonegate-");
@@ -215,6 +219,11 @@ const char *gateway_client_ip(struct httpd_req *req) {
 bool gateway_request_forwarded(struct httpd_req *req) {
   struct gateway_access *a = gateway_access_of(req);
   return a && a->forwarded;
+}
+
+bool gateway_request_via_lb(struct httpd_req *req) {
+  struct gateway_access *a = gateway_access_of(req);
+  return a && a->via_lb;
 }
 
 static bool proxy_trusted(void *ud, const char *ip) {

@@ -127,6 +127,10 @@ void gateway_ident_start(struct gateway *gw);
 bool gateway_ip_trusted(const struct gateway *gw, const char *ip);
 const char *gateway_client_ip(struct httpd_req *req);
 bool gateway_request_forwarded(struct httpd_req *req);
+/* The request came through a trusted load balancer (a PROXY header or
+ * X-Forwarded-For from listen.trusted_proxies) and not from another node:
+ * a refusal may close the connection for the LB to retry elsewhere. */
+bool gateway_request_via_lb(struct httpd_req *req);
 /* The X-Zonegate-Forward-Auth header line for a request forwarded with
  * these parts; -1 when this node has no forwarding key. */
 int gateway_forward_sign(const struct gateway *gw, const char *method, const char *path,
@@ -156,6 +160,7 @@ struct gateway_access {
   uint64_t upstream_us, ttfb_us; /* 0 = not written */
   char client_ip[64];            /* the client's address (ident.c) */
   bool forwarded;                /* a verified forward from another node */
+  bool via_lb;                   /* see gateway_request_via_lb */
 };
 void gateway_access_route(struct httpd_req *req, const char *route);
 /* The request's access record (NULL only when it could not be allocated). */

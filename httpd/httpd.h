@@ -110,6 +110,9 @@ const char *httpd_req_body(const struct httpd_req *req, size_t *len); /* NUL-ter
  * TCP peer. httpd_req_socket_ip: always the TCP peer. */
 const char *httpd_req_peer_ip(const struct httpd_req *req);
 const char *httpd_req_socket_ip(const struct httpd_req *req);
+/* True if the request's connection began with a PROXY header from a
+ * trusted peer (httpd_set_proxy_protocol): a load balancer sent it. */
+bool httpd_req_via_proxy(const struct httpd_req *req);
 /* Removes every request header whose name starts with prefix
  * (case-insensitive), e.g. internal headers a client must not set. */
 void httpd_req_drop_headers(struct httpd_req *req, const char *prefix);
@@ -138,6 +141,12 @@ void httpd_stream_end(struct httpd_req *req);
  * connection is closed WITHOUT the terminating chunk, so the client sees
  * an incomplete response rather than a clean-looking finish. */
 void httpd_stream_abort(struct httpd_req *req);
+/* Closes the connection without a response byte (before any response:
+ * nothing is written at all), so a load balancer may send the request to
+ * another server (HAProxy's retry-on empty-response). The finish hook
+ * sees status 444 (nginx's code for a connection closed without a
+ * response). Pipelined requests behind it are dropped unanswered. */
+void httpd_req_close_unanswered(struct httpd_req *req);
 /* Back-pressure for a producer faster than the client (e.g. an upstream
  * stream). httpd_req_write_full() is true once the request's connection
  * holds max_write_queue_bytes or more of response bytes the client has not

@@ -93,6 +93,7 @@ struct httpd_req {
   char peer_ip[64];   /* the client: a trusted proxy's PROXY header, else socket_ip */
   char socket_ip[64]; /* the TCP peer */
   char peer_node[64]; /* node id of a verified TLS client certificate, or "" */
+  bool via_proxy;     /* the connection began with a trusted PROXY header */
   bool keep_alive;
   bool is_head;
   uint64_t received_us;
@@ -146,6 +147,7 @@ struct conn {
   uint64_t deadline_ms, timer_armed_ms;
   char peer_ip[64];   /* the client (after a trusted PROXY header) */
   char socket_ip[64]; /* the TCP peer */
+  bool via_proxy;     /* a trusted proxy's PROXY header began the connection */
   /* PROXY protocol header at the start of the connection (proxy_consume):
    * bytes held while deciding, and v2 TLV bytes still to discard. */
   struct {
@@ -321,6 +323,7 @@ static struct httpd_req *req_new(struct conn *c) {
   r->srv = srv;
   r->keep_alive = true;
   memcpy(r->peer_ip, c->peer_ip, sizeof(r->peer_ip));
+  r->via_proxy = c->via_proxy;
   memcpy(r->socket_ip, c->socket_ip, sizeof(r->socket_ip));
   memcpy(r->peer_node, c->peer_node, sizeof(r->peer_node));
   return r;
@@ -724,7 +727,12 @@ void httpd_stream_end(struct httpd_req *r) {
 }
 
 void httpd_stream_abort(struct httpd_req *r) {
+  httpd_req_close_unanswered(r);
+}
+
+void httpd_req_close_unanswered(struct httpd_req *r) {
   if (r->finished) return;
+  if (!r->started) r->status = 444; /* nginx's code for "closed without a response" */
   r->keep_alive = false;
   if (r->conn) r->conn->close_after = true;
   req_finish(r);
@@ -787,6 +795,9 @@ const char *httpd_req_body(const struct httpd_req *r, size_t *len) {
   return r->body.data ? r->body.data : "";
 }
 
+bool httpd_req_via_proxy(const struct httpd_req *r) {
+  return r->via_proxy;
+}
 const char *httpd_req_peer_ip(const struct httpd_req *r) {
   return r->peer_ip;
 }
@@ -1379,6 +1390,7 @@ static int proxy_consume(struct conn *c, const char **data, size_t *len, size_t 
     *replay = before;
     return 1;
   }
+  c->via_proxy = true;
   /* The header ends inside this read: the rest of it is request bytes. */
   *data += header - before;
   *len -= header - before;

@@ -25,6 +25,7 @@ import hmac
 import http.client
 import json
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -413,6 +414,29 @@ def test_forged_forwarding_signature_is_refused(env):
     assert status == 200, payload
 
 
+# ---- what the load balancer retries (issue 10) ------------------------------------------------
+
+def mock_calls(env):
+    status, _, body = request(env.cluster.mock.port, "GET", "/mock/stats")
+    assert status == 200
+    return json.loads(body)["total_requests"]
+
+
+def test_provider_503_through_haproxy_reaches_the_client_once(env):
+    """A 503 from the model provider is an answer: HAProxy passes it on and
+    does not send the prompt again (it retried on 503 and called the
+    provider 4 times for one request). Only what no node answered is
+    retried."""
+    before = mock_calls(env)
+    status, headers, payload = call(env.haproxy.port, "POST", "/v1/chat/completions",
+                                    chat_body("provider overloaded"),
+                                    {"Authorization": "Bearer " + env.tok_lb, "X-Mock-Status": "503"})
+    calls = mock_calls(env) - before
+    assert status == 503, payload
+    assert "x-zonegate-refused" not in headers, headers
+    assert calls == 1, f"one client request reached the provider {calls} times"
+
+
 # ---- /metrics off the client port ----------------------------------------------------------
 
 def test_metrics_on_admin_port_only(env):
@@ -477,3 +501,40 @@ def test_default_no_trusted_proxy_refuses_proxy_header():
                 zg.stop()
     finally:
         mock.stop()
+
+
+# ---- last: it leaves the cluster without a quorum ----------------------------------------------
+
+def test_node_that_cannot_serve_closes_an_lb_connection_unanswered(env):
+    """A node that can neither serve nor forward a request (here: the only
+    node left, no quorum, after holding it for 3 election timeouts) answers
+    a client 503 no_active_node, but closes a load balancer's connection (a
+    trusted PROXY header or X-Forwarded-For) without a byte, so the LB sends
+    the request to another node (retry-on empty-response) instead of
+    retrying by status. Logged with status 444 and the client's address."""
+    for node in env.cluster.nodes:
+        if node is not env.standby:
+            node.proc.signal(signal.SIGKILL)
+    for node in env.cluster.nodes:
+        if node is not env.standby:
+            node.proc.wait(timeout=10)
+    before = mock_calls(env)
+    # A client (no PROXY header, no X-Forwarded-For): the 503 with the
+    # node's refusal header.
+    answer = raw_exchange(env.standby.gateway_port, http_bytes(env.tok_7), source=CLIENT_B, timeout=10)
+    assert status_of(answer) == 503, answer[:200]
+    assert b"X-Zonegate-Refused: not_active" in answer and b"no_active_node" in answer, answer[:400]
+    # The load balancer, by PROXY header and by X-Forwarded-For: not one
+    # byte, the connection closed.
+    xff = http_bytes(env.tok_7).replace(b"Connection: close\r\n",
+                                        b"Connection: close\r\nX-Forwarded-For: " + CLIENT_B.encode() + b"\r\n")
+    for what, data in (("PROXY v2", proxy_v2(CLIENT_B) + http_bytes(env.tok_7)), ("X-Forwarded-For", xff)):
+        since = mark(env.standby)
+        answer = raw_exchange(env.standby.gateway_port, data, source=LB_ADDR, timeout=10)
+        assert answer == b"", (what, answer[:200])
+        line = wait_for(lambda: next((l for l in env.standby.proc.log_lines()[since:]
+                                      if l.get("event") == "access"
+                                      and l.get("upstream_result") == "closed_for_lb_retry"), None),
+                        timeout=5, what=f"the access line of the closed request ({what})")
+        assert line["client_ip"] == CLIENT_B and line["status"] == 444, line
+    assert mock_calls(env) == before, "a refused request reached the provider"

@@ -107,14 +107,19 @@ def run_campaign(lbc, rounds, kinds):
             since = time.monotonic()
             wait_for(lambda: probes.load.first_success_by(old.id, since), timeout=10,
                      what=f"fault {i}: traffic on {old.id}")
+            term_before = (old.health("active")[1] or {}).get("term", 0)
             t_fault = time.monotonic()
             heal = inject(lbc, kind, old)
             new = lbc.cluster.wait_active(timeout=20, exclude=old)
+            # Terms the failover took: 1 when the surviving gateway won the
+            # first election (no split vote, no witness win handed over).
+            terms = (new.health("active")[1] or {}).get("term", 0) - term_before
             t_served = wait_for(lambda: probes.load.first_success_by(new.id, t_fault), timeout=20,
                                 interval=0.01, what=f"fault {i} ({kind}): served by {new.id}")
             rto = (t_served - t_fault) * 1000.0
-            faults.append({"kind": kind, "node": old.id, "t": t_fault, "rto_ms": rto})
-            print(f"fault {i:3d} {kind:10s} on {old.id}: new active {new.id}, RTO {rto:7.1f} ms", flush=True)
+            faults.append({"kind": kind, "node": old.id, "t": t_fault, "rto_ms": rto, "terms": terms})
+            print(f"fault {i:3d} {kind:10s} on {old.id}: new active {new.id}, RTO {rto:7.1f} ms, "
+                  f"+{terms} term{'s' if terms != 1 else ''}", flush=True)
             heal()
             wait_for(lambda: old.alive() and lbc.standby_ready(old), timeout=30, interval=0.05,
                      what=f"fault {i} ({kind}): {old.id} back as a caught-up standby")
@@ -149,7 +154,7 @@ def report(faults, probes, lost):
     lines = ["", "== failover campaign: %d faults through HAProxy (deploy/haproxy.cfg), 20 req/s, 20%% streams =="
              % len(faults),
              f"{'fault':11s} {'n':>4s} {'RTO median':>11s} {'p99':>8s} {'max':>8s} {'requests':>9s} "
-             f"{'failed':>7s} {'streams cut':>12s}"]
+             f"{'failed':>7s} {'streams cut':>12s} {'terms>1':>8s}"]
     table = {}
     all_rtos = []
     for kind in KINDS:
@@ -158,10 +163,11 @@ def report(faults, probes, lost):
             continue
         all_rtos += rtos
         b = by_kind[kind]
+        multi = sum(1 for f in faults if f["kind"] == kind and f["terms"] > 1)  # split vote or witness win
         table[kind] = {"n": len(rtos), "median": statistics.median(rtos), "p99": percentile(rtos, 99),
-                       "max": max(rtos), **b}
+                       "max": max(rtos), "terms_gt_1": multi, **b}
         lines.append(f"{kind:11s} {len(rtos):4d} {statistics.median(rtos):9.0f}ms {percentile(rtos, 99):6.0f}ms "
-                     f"{max(rtos):6.0f}ms {b['requests']:9d} {b['failed']:7d} {b['stream_cut']:12d}")
+                     f"{max(rtos):6.0f}ms {b['requests']:9d} {b['failed']:7d} {b['stream_cut']:12d} {multi:8d}")
     lines.append(f"{'all':11s} {len(all_rtos):4d} {statistics.median(all_rtos):9.0f}ms "
                  f"{percentile(all_rtos, 99):6.0f}ms {max(all_rtos):6.0f}ms")
     summary = probes.load.summary()
