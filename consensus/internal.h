@@ -404,6 +404,7 @@ struct zg_io_tap {
   int (*uv_start)(struct raft_io *io, unsigned msecs, raft_io_tick_cb tick,
                   raft_io_recv_cb recv);  /* raft_uv's own */
   raft_io_recv_cb recv_cb;                /* libraft's, once started */
+  raft_io_tick_cb tick_cb;                /* libraft's, once started */
   unsigned election_ms, fast_election_ms; /* normal; while an expedited candidate */
   bool expedited;                         /* the fast timeout is in force */
   bool disrupting;            /* our candidacy came from zg_leader_lost (until it ends) */
@@ -432,6 +433,14 @@ void zg_io_tap_rank(struct zg_io_tap *tap, bool witness, uint64_t seed);
  * timeout back; gives a follower whose timer libraft re-drew the ranked
  * timeout. */
 void zg_leader_loss_settle(struct zg_io_tap *tap, struct raft *r);
+/* When raft's election timer (follower or candidate) runs out, in raft_uv
+ * time (ms, io->time): true and *due set, false for a leader. libraft only
+ * looks at it on its tick (every heartbeat_ms), which adds up to one
+ * heartbeat to every failover; node.c runs zg_io_tap_tick at *due. */
+bool zg_leader_loss_timer_due(const struct zg_io_tap *tap, const struct raft *r, uint64_t *due);
+/* Hands raft one tick (libraft's RAFT_TIMEOUT event: the time-based rules,
+ * which only act on what is due), as raft_uv's own tick timer does. */
+void zg_io_tap_tick(struct zg_io_tap *tap);
 /* True while a leader that won a leader-loss election must not act as the
  * fenced leader yet (the old leader's lease may still run). */
 bool zg_leader_loss_holding(const struct zg_io_tap *tap, struct raft *r);

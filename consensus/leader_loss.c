@@ -100,13 +100,31 @@ static int tap_start(struct raft_io *io, unsigned msecs, raft_io_tick_cb tick,
                      raft_io_recv_cb recv) {
   struct zg_io_tap *tap = (struct zg_io_tap *)io;
   tap->recv_cb = recv;
+  tap->tick_cb = tick;
   return tap->uv_start(io, msecs, tick, tap_recv);
+}
+
+bool zg_leader_loss_timer_due(const struct zg_io_tap *tap, const struct raft *r, uint64_t *due) {
+  if (tap->tick_cb == NULL) return false;
+  unsigned short state = raft_state((struct raft *)r);
+  if (state == RAFT_FOLLOWER)
+    *due = r->election_timer_start + r->follower_state.randomized_election_timeout;
+  else if (state == RAFT_CANDIDATE)
+    *due = r->election_timer_start + r->candidate_state.randomized_election_timeout;
+  else
+    return false;
+  return true;
+}
+
+void zg_io_tap_tick(struct zg_io_tap *tap) {
+  if (tap->tick_cb) tap->tick_cb(&tap->io);
 }
 
 void zg_io_tap_init(struct zg_io_tap *tap, unsigned election_ms, unsigned heartbeat_ms) {
   tap->uv_start = tap->io.start;
   tap->io.start = tap_start;
   tap->recv_cb = NULL;
+  tap->tick_cb = NULL;
   tap->election_ms = election_ms;
   tap->fast_election_ms = heartbeat_ms < election_ms ? heartbeat_ms : election_ms;
   tap->expedited = false;

@@ -70,6 +70,10 @@ struct consensus {
   bool check_open;
   uv_timer_t wake; /* wakes the loop when a leader-loss hold ends (check_cb) */
   uint64_t wake_term;
+  /* Ticks raft when its election timer runs out (zg_leader_loss_timer_due),
+   * not up to a heartbeat later; election_due: raft_uv time it is armed for. */
+  uv_timer_t election_tick;
+  uint64_t election_due;
   struct member_rec *members; /* [0] = self */
   size_t n_members;
   uint8_t master_key[32];
@@ -516,6 +520,26 @@ static void wake_cb(uv_timer_t *t) {
   (void)t; /* check_cb runs after this loop turn and sees the hold over */
 }
 
+static void election_tick_cb(uv_timer_t *t) {
+  struct consensus *c = t->data;
+  c->election_due = 0;
+  if (!c->closing) zg_io_tap_tick(&c->io);
+}
+
+/* Arms election_tick for the moment raft's election timer runs out. */
+static void arm_election_tick(struct consensus *c) {
+  uint64_t due = 0;
+  if (!zg_leader_loss_timer_due(&c->io, &c->raft, &due)) {
+    if (c->election_due) uv_timer_stop(&c->election_tick);
+    c->election_due = 0;
+    return;
+  }
+  if (due == c->election_due) return;
+  uint64_t now = c->io.io.time(&c->io.io);
+  c->election_due = due;
+  uv_timer_start(&c->election_tick, election_tick_cb, due > now ? due - now : 0, 0);
+}
+
 static void check_cb(uv_check_t *h) {
   struct consensus *c = h->data;
   if (c->closing) return;
@@ -528,6 +552,7 @@ static void check_cb(uv_check_t *h) {
     c->lost_leader = 0;
   }
   zg_leader_loss_settle(&c->io, &c->raft);
+  arm_election_tick(c);
   if (zg_leader_loss_holding(&c->io, &c->raft) && c->wake_term != c->io.hold_term) {
     /* Become ready the moment the hold ends, not on the next event. */
     c->wake_term = c->io.hold_term;
@@ -635,12 +660,13 @@ void consensus_close(struct consensus *c, void (*done)(void *arg), void *arg) {
   c->closing = true;
   c->close_done = done;
   c->close_arg = arg;
-  c->close_waits = 1 + (c->check_open ? 2 : 0) + (c->probe ? 1 : 0);
+  c->close_waits = 1 + (c->check_open ? 3 : 0) + (c->probe ? 1 : 0);
   if (c->probe) zg_probe_cancel(c->probe); /* on_probe_done counts down */
   if (c->check_open) {
     uv_check_stop(&c->check);
     uv_close((uv_handle_t *)&c->check, check_close_cb);
     uv_close((uv_handle_t *)&c->wake, check_close_cb);
+    uv_close((uv_handle_t *)&c->election_tick, check_close_cb);
   }
   raft_close(&c->raft, on_raft_closed);
 }
@@ -992,6 +1018,9 @@ int consensus_start(uv_loop_t *loop, const struct consensus_options *opts, struc
   c->check.data = c;
   uv_timer_init(loop, &c->wake);
   c->wake.data = c;
+  uv_timer_init(loop, &c->election_tick);
+  c->election_tick.data = c;
+  c->election_due = 0;
   c->check_open = true;
   uv_check_start(&c->check, check_cb);
   c->last_state = raft_state(&c->raft);

@@ -384,10 +384,11 @@ enum gateway_serve_mode failover_serve_mode(struct failover *f, bool forwarded, 
     /* A node cut off from the quorum (a fenced old active) still holds:
      * /health/ready is 503 there, so the load balancer stops sending here
      * within a few checks, and what it did send ends, at the hold
-     * deadline, in a 503 that it sends again to a node that can deliver
-     * it (retry-on 503, redispatch). Refusing at once was tried: the LB's
-     * immediate retries came back here while its checks had not caught
-     * up yet, and failed. */
+     * deadline, in a refusal it sends again to a node that can deliver it
+     * (the connection closed unanswered, retry-on empty-response,
+     * redispatch; gateway/chat.c refuse_here). Refusing at once was tried:
+     * the LB's immediate retries came back here while its checks had not
+     * caught up yet, and failed. */
     return GATEWAY_HOLD;
   case FAILOVER_DRAINING:
     return GATEWAY_HOLD;
