@@ -38,6 +38,9 @@ enum {
   CONSENSUS_EIO = -6,        /* raft or disk failure */
   CONSENSUS_ENOMEM = -7,
   CONSENSUS_EBUSY = -8, /* another membership change / transfer is under way */
+  /* A leadership transfer ended with this node still leader (the target
+   * was not caught up, did not answer, or lost the election it started). */
+  CONSENSUS_ENOTMOVED = -9,
 };
 const char *consensus_strerror(int status);
 
@@ -222,8 +225,10 @@ uint64_t consensus_applied_index(const struct consensus *c);
 uint64_t consensus_last_log_index(const struct consensus *c);
 
 /* Leadership transfer to `to_node_id` (NULL = the most caught-up voter).
- * cb status 0 when this node is no longer leader afterwards. The callback
- * runs exactly once unless the call returns an error. */
+ * cb status 0 when this node is no longer leader afterwards, else
+ * CONSENSUS_ENOTMOVED (or CONSENSUS_ESHUTDOWN when closing). The callback
+ * runs exactly once unless the call returns an error (ENOTLEADER,
+ * EINVALID: unknown or self target, ENOMEM, or libraft's refusal mapped). */
 int consensus_transfer_leadership(struct consensus *c, const char *to_node_id,
                                   void (*cb)(void *ud, int status), void *ud);
 /* Commits a barrier (for the failover lease). cb runs exactly once unless the

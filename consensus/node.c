@@ -120,6 +120,9 @@ const char *consensus_strerror(int status) {
     return "out of memory";
   case CONSENSUS_EBUSY:
     return "busy";
+  case CONSENSUS_ENOTMOVED:
+    return "leadership did not move (the target was not caught up, did not answer, or lost "
+           "the election it was asked to start)";
   default:
     return "unknown error";
   }
@@ -1298,7 +1301,7 @@ struct transfer_req {
 static void transfer_cb(struct raft_transfer *req) {
   struct transfer_req *t = req->data;
   struct consensus *c = t->c;
-  int status = raft_state(&c->raft) == RAFT_LEADER ? CONSENSUS_EIO : 0;
+  int status = raft_state(&c->raft) == RAFT_LEADER ? CONSENSUS_ENOTMOVED : 0;
   if (c->closing) status = CONSENSUS_ESHUTDOWN;
   ZG_LOG_INFO("raft_transfer_done", "leadership transfer %s",
               status == 0 ? "completed" : "did not move leadership");

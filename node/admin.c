@@ -108,6 +108,8 @@ static int consensus_http_status(int status) {
     return 400;
   case CONSENSUS_EBUSY:
     return 409;
+  case CONSENSUS_ENOTMOVED:
+    return 503;
   default:
     return 500;
   }

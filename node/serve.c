@@ -287,7 +287,7 @@ static void on_shutdown_switchover(void *ud, int status, const char *msg) {
   n->switching_over = false;
   if (status != 0)
     zg_log(ZG_WARN, "shutdown_switchover_failed", "handover before shutdown failed: %s", msg);
-  begin_drain(n, "SIGTERM (after handover)");
+  begin_drain(n, status != 0 ? "SIGTERM (handover failed)" : "SIGTERM (after handover)");
 }
 
 static void on_stop_signal(uv_signal_t *s, int signum) {

@@ -740,3 +740,24 @@ def test_sigterm_of_active_hands_over_then_exits_zero(lbc):
     assert failed == [], f"{len(failed)} client requests failed around SIGTERM"
     assert probes.poller.double_active_rounds() == []
     assert probes.audit.lost() == []
+
+
+def test_sigterm_of_active_with_its_standby_dead_exits_and_says_why(lbc):
+    """Review finding: with the standby dead, SIGTERM on the active still
+    exits 0 within drain_timeout, and its lines name what happened (the
+    leadership did not move) instead of "raft or disk error" and "after
+    handover"."""
+    old = lbc.wait_steady()
+    other = lbc.other_gateway(old)
+    other.proc.signal(signal.SIGKILL)
+    other.proc.wait(timeout=10)
+    t = time.monotonic()
+    old.proc.signal(signal.SIGTERM)
+    rc = old.proc.wait(timeout=30)
+    took = time.monotonic() - t
+    out = old.proc.output()
+    assert rc == 0, f"{old.id} exit status {rc} after SIGTERM"
+    assert "raft or disk error" not in out, [l for l in out.splitlines() if "raft or disk" in l]
+    assert "after handover" not in out, [l for l in out.splitlines() if "after handover" in l]
+    assert "handover failed" in out or "handover timed out" in out, out[-2000:]
+    print(f"\n{old.id} exited {took:.1f} s after SIGTERM with {other.id} dead")
