@@ -418,7 +418,13 @@ struct zg_io_tap {
    * [0, timer_span_ms) (zg_leader_loss_settle), instead of libraft's
    * uniform 1x..2x. follower_timeout_ms is the value last set. */
   unsigned timer_min_ms, timer_span_ms, follower_timeout_ms;
-  uint64_t draw_state; /* xorshift64 state, seeded from the OS */
+  /* A voter that refused a disrupt-leader candidate whose log is behind
+   * its own (only it, not that candidate, can win) since this zg_mono_ms()
+   * (0: not): its follower timer is one election timeout. */
+  uint64_t ahead_since_ms;
+  raft_id ahead_leader; /* the leader it knew then (0: none) */
+  bool refused;         /* our expedited candidacy got an explicit "no" in its term */
+  uint64_t draw_state;  /* xorshift64 state, seeded from the OS */
 };
 /* Call after raft_uv_init(&tap->io, ...) and before raft_init; the
  * timeouts are cluster.election_timeout_ms and cluster.heartbeat_ms. */

@@ -82,6 +82,43 @@
  * of hearing from a current leader"). Inside that window requests are
  * untouched, so a live leader keeps its followers (no flapping when one
  * node alone lost the leader). */
+static raft_term last_log_term(const struct raft *r);
+
+/* When the candidate that lost the leader cannot win. A gateway node that
+ * missed the last committed entry (it reached only the witness before the
+ * leader died) starts the early election, and the witness, whose log is
+ * ahead, refuses it. Left alone, the candidate retried every heartbeat for
+ * two election timeouts, and each real-election retry bumped the term,
+ * which restarted the witness's own timer: the witness won only after
+ * that (1.06-1.2 s, review finding). So:
+ *   - the voter that refuses such a candidate (disrupt-leader, log behind
+ *     its own) shortens its own follower timer to one election timeout
+ *     (the least the lease allows: from its last message from the leader,
+ *     or from that candidate's term bump, which restarted it) instead of
+ *     its ranked one (a witness: 1.5-2);
+ *   - a candidate whose expedited (real-election) retry gets an explicit
+ *     refusal in its own term stops retrying fast and waits two election
+ *     timeouts, leaving the term alone for the voter that can win.
+ * Neither timer runs out within an election timeout of the voter's last
+ * message from the leader, so the rule the lease rests on holds; the
+ * winner (a witness) then hands leadership to the caught-up gateway. */
+static void note_vote_traffic(struct zg_io_tap *tap, struct raft *r, const struct raft_message *m) {
+  if (m->type == RAFT_REQUEST_VOTE && m->request_vote.disrupt_leader &&
+      raft_state(r) != RAFT_LEADER && tap->ahead_since_ms == 0) {
+    raft_term our_term = last_log_term(r);
+    raft_index our_index = raft_last_index(r);
+    if (m->request_vote.last_log_term < our_term ||
+        (m->request_vote.last_log_term == our_term && m->request_vote.last_log_index < our_index)) {
+      tap->ahead_since_ms = zg_mono_ms();
+      tap->ahead_leader = raft_state(r) == RAFT_FOLLOWER ? r->follower_state.current_leader.id : 0;
+    }
+  }
+  if (m->type == RAFT_REQUEST_VOTE_RESULT && !m->request_vote_result.vote_granted &&
+      !m->request_vote_result.pre_vote && raft_state(r) == RAFT_CANDIDATE && tap->expedited &&
+      m->request_vote_result.term == raft_current_term(r))
+    tap->refused = true;
+}
+
 static void tap_recv(struct raft_io *io, struct raft_message *m) {
   struct zg_io_tap *tap = (struct zg_io_tap *)io;
   struct raft *r = io->data;
@@ -93,6 +130,7 @@ static void tap_recv(struct raft_io *io, struct raft_message *m) {
       raft_state(r) == RAFT_FOLLOWER && r->follower_state.current_leader.id != 0 &&
       io->time(io) - r->election_timer_start >= tap->silent_ms)
     m->request_vote.disrupt_leader = true;
+  if (r != NULL) note_vote_traffic(tap, r, m);
   tap->recv_cb(io, m);
 }
 
@@ -138,6 +176,9 @@ void zg_io_tap_init(struct zg_io_tap *tap, unsigned election_ms, unsigned heartb
   tap->hold_ms = election_ms;
   tap->hold_term = 0;
   tap->hold_until_ms = 0;
+  tap->ahead_since_ms = 0;
+  tap->ahead_leader = 0;
+  tap->refused = false;
   zg_io_tap_rank(tap, false, 0x9e3779b97f4a7c15ull);
 }
 
@@ -166,7 +207,19 @@ static unsigned draw(struct zg_io_tap *tap, unsigned span) {
  * leader's last message) holds; the value is read by libraft's tick
  * (electionTimerExpiration), through the public struct raft. */
 static void rank_follower_timer(struct zg_io_tap *tap, struct raft *r) {
+  if (tap->ahead_since_ms && (raft_state(r) != RAFT_FOLLOWER ||
+                              (r->follower_state.current_leader.id != 0 &&
+                               r->follower_state.current_leader.id != tap->ahead_leader) ||
+                              zg_mono_ms() >= tap->ahead_since_ms + 3ull * tap->election_ms))
+    tap->ahead_since_ms = 0; /* it ran for office, or someone leads: done */
   if (raft_state(r) != RAFT_FOLLOWER || r->election_timeout != tap->election_ms) return;
+  if (tap->ahead_since_ms) { /* see note_vote_traffic */
+    if (r->follower_state.randomized_election_timeout > tap->election_ms) {
+      r->follower_state.randomized_election_timeout = tap->election_ms;
+      tap->follower_timeout_ms = tap->election_ms;
+    }
+    return;
+  }
   if (r->follower_state.randomized_election_timeout == tap->follower_timeout_ms) return;
   tap->follower_timeout_ms = tap->election_ms + tap->timer_min_ms + draw(tap, tap->timer_span_ms);
   r->follower_state.randomized_election_timeout = tap->follower_timeout_ms;
@@ -194,6 +247,14 @@ void zg_leader_loss_settle(struct zg_io_tap *tap, struct raft *r) {
    * lease may still run (see the header). A lease the old leader took ends
    * at most one lease after the last vote for us was granted, which was
    * before now. */
+  if (tap->refused) {
+    tap->refused = false;
+    if (state == RAFT_CANDIDATE && tap->expedited) {
+      tap->expedited = false;
+      raft_set_election_timeout(r, tap->election_ms); /* restarts the timer */
+      r->candidate_state.randomized_election_timeout = 2 * tap->election_ms;
+    }
+  }
   if (tap->disrupting && state != RAFT_CANDIDATE) {
     tap->disrupting = false;
     if (state == RAFT_LEADER) {
