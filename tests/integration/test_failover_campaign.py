@@ -15,6 +15,11 @@ nothing else changed). Each round injects one fault on the active node:
               not swallow requests.
 - sigterm:    SIGTERM (planned: hand over, drain, exit 0); restarted after.
 - switchover: `POST /v1/cluster/switchover`.
+- lagkill:    SIGKILL of the active right after an admin write that reached
+              only the witness (nftables on lo drops the active's Raft
+              packets to the other gateway for the moment of the write):
+              only the witness can win, then it hands leadership over.
+              Needs root and nft; left out (with a line) otherwise.
 
 Load: 20 chats/s through HAProxy, one in five an SSE stream (5 chunks,
 40 ms apart). Probes (test_failover.py): /health/active of every node every
@@ -33,8 +38,10 @@ CAMPAIGN_KINDS=sigkill,raftcut restricts the kinds.
 """
 import json
 import os
+import shutil
 import signal
 import statistics
+import subprocess
 import time
 
 import pytest
@@ -42,7 +49,37 @@ import pytest
 from harness import TempDir, wait_for
 from test_failover import LBCluster, percentile, print_failures
 
-KINDS = ["sigkill", "sigstop", "raftcut", "sigterm", "switchover"]
+KINDS = ["sigkill", "sigstop", "raftcut", "sigterm", "switchover", "lagkill"]
+LAG_TABLE = "zgcampaignlag"
+
+
+def lag_possible():
+    return os.geteuid() == 0 and shutil.which("nft") is not None and shutil.which("ss") is not None
+
+
+def lag_rule_clear():
+    subprocess.run(["nft", "delete", "table", "inet", LAG_TABLE], capture_output=True, check=False)
+
+
+def prepare(lbc, kind, old):
+    """What a kind sets up before the fault's clock starts."""
+    if kind != "lagkill":
+        return
+    # The active's own connections to the other gateway's Raft port.
+    sb = lbc.other_gateway(old)
+    out = subprocess.run(["ss", "-tnpH", "state", "established", "dport", f"= :{sb.raft_port}"],
+                         capture_output=True, text=True, check=True).stdout
+    sports = [l.split()[2].rsplit(":", 1)[1] for l in out.splitlines() if f"pid={old.proc.p.pid}," in l]
+    assert sports, f"no Raft connection from {old.id} to {sb.id}"
+    rules = (f"table inet {LAG_TABLE} {{ chain input {{ type filter hook input priority 0; "
+             f"iifname \"lo\" tcp sport {{ {', '.join(sports)} }} tcp dport {sb.raft_port} drop; }} }}")
+    r = subprocess.run(["nft", "-f", "-"], input=rules, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    time.sleep(0.05)
+    status, answer = old.admin_call("POST", "/v1/audit", {"what": "lagkill: reaches the witness only"},
+                                    timeout=5)
+    assert status == 200, (status, answer)
+
 FREEZE_S = 3.0
 CUT_S = 3.0
 
@@ -74,6 +111,14 @@ def inject(lbc, kind, old):
         def heal():
             rc = old.proc.wait(timeout=30)
             assert rc == 0, f"{old.id} exit status {rc} after SIGTERM"
+            old.start(wait=True)
+        return heal
+    if kind == "lagkill":
+        old.proc.signal(signal.SIGKILL)
+        old.proc.wait(timeout=10)
+
+        def heal():
+            lag_rule_clear()
             old.start(wait=True)
         return heal
     if kind == "switchover":
@@ -108,6 +153,7 @@ def run_campaign(lbc, rounds, kinds):
             wait_for(lambda: probes.load.first_success_by(old.id, since), timeout=10,
                      what=f"fault {i}: traffic on {old.id}")
             term_before = (old.health("active")[1] or {}).get("term", 0)
+            prepare(lbc, kind, old)
             t_fault = time.monotonic()
             heal = inject(lbc, kind, old)
             new = lbc.cluster.wait_active(timeout=20, exclude=old)
@@ -125,6 +171,7 @@ def run_campaign(lbc, rounds, kinds):
                      what=f"fault {i} ({kind}): {old.id} back as a caught-up standby")
         lbc.wait_steady(timeout=30)
     finally:
+        lag_rule_clear()
         probes.stop()
     return faults, probes
 
@@ -199,6 +246,10 @@ def test_fault_campaign_fails_no_request(lbc):
     rounds = int(os.environ.get("CAMPAIGN_ROUNDS", "2"))
     kinds = [k for k in os.environ.get("CAMPAIGN_KINDS", ",".join(KINDS)).split(",") if k]
     assert set(kinds) <= set(KINDS), kinds
+    if "lagkill" in kinds and not lag_possible():
+        print("\nlagkill left out: needs root, nft and ss")
+        kinds.remove("lagkill")
+    lag_rule_clear()
     faults, probes = run_campaign(lbc, rounds, kinds)
     lost = probes.audit.lost()
     report(faults, probes, lost)
