@@ -71,8 +71,8 @@ def prepare(lbc, kind, old):
                          capture_output=True, text=True, check=True).stdout
     sports = [l.split()[2].rsplit(":", 1)[1] for l in out.splitlines() if f"pid={old.proc.p.pid}," in l]
     assert sports, f"no Raft connection from {old.id} to {sb.id}"
-    rules = (f"table inet {LAG_TABLE} {{ chain input {{ type filter hook input priority 0; "
-             f"iifname \"lo\" tcp sport {{ {', '.join(sports)} }} tcp dport {sb.raft_port} drop; }} }}")
+    rules = (f"table inet {LAG_TABLE} {{\n  chain input {{\n    type filter hook input priority 0;\n"
+             f"    iifname \"lo\" tcp sport {{ {', '.join(sports)} }} tcp dport {sb.raft_port} drop\n  }}\n}}\n")
     r = subprocess.run(["nft", "-f", "-"], input=rules, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     time.sleep(0.05)
