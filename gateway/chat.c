@@ -767,19 +767,23 @@ static void on_upstream_done(void *ud, enum upstream_result result, const char *
     gateway_note_upstream(gw, false, kind);
   }
   bool never_sent = result == UPSTREAM_CONNECT_FAILED || result == UPSTREAM_CONNECT_TIMEOUT;
-  /* A held request retries a gone active every 20 ms: one WARN line for
-   * it, the retries at DEBUG. */
-  bool held_retry = c->forwarding && never_sent && gw->cluster && !c->streaming_to_client;
+  /* The active we forwarded to is gone: never reached, or it broke the
+   * connection before one byte of its answer (killed with the request in
+   * flight; like the LB's retry-on empty-response, the request then goes
+   * to the next active and may reach the model API twice, since the dead
+   * node may have sent it). Ask the role again and wait for the next
+   * active, within the hold deadline. A held request retries a gone active
+   * every 20 ms: one WARN line for it, the retries at DEBUG. */
+  bool held_retry = c->forwarding && gw->cluster && !c->streaming_to_client &&
+                    (never_sent || (result == UPSTREAM_BROKEN && c->status == 0));
   zg_log(held_retry && c->forward_fail_logged ? ZG_DEBUG : ZG_WARN, "upstream_failed",
          "%s %s: %s (%s)", c->forwarding ? "active node" : a->upstream_id, kind,
          curl_error ? curl_error : "",
          c->streaming_to_client ? "mid-stream"
          : held_retry           ? "before response; holding until a new active answers"
                                 : "before response");
-  if (held_retry) c->forward_fail_logged = true;
-  if (c->forwarding && never_sent && gw->cluster && !c->streaming_to_client) {
-    /* The active we forwarded to is gone (failover in progress): ask the
-     * role again and wait for the next active, within the hold deadline. */
+  if (held_retry) {
+    c->forward_fail_logged = true;
     retry_route_later(c);
     return;
   }
@@ -814,12 +818,12 @@ static void on_upstream_done(void *ud, enum upstream_result result, const char *
     return;
   }
   char message[256];
+  const char *who = c->forwarding ? "the active node" : "the upstream model API";
   if (timeout) {
-    snprintf(message, sizeof(message), "the upstream model API did not answer in time (%s)", kind);
+    snprintf(message, sizeof(message), "%s did not answer in time (%s)", who, kind);
     respond_error(c, 504, "upstream_error", "upstream_timeout", NULL, message, kind);
   } else {
-    snprintf(message, sizeof(message), "the upstream model API is unreachable or failed (%s)",
-             kind);
+    snprintf(message, sizeof(message), "%s is unreachable or failed (%s)", who, kind);
     respond_error(c, 502, "upstream_error", "upstream_unreachable", NULL, message, kind);
   }
 }

@@ -404,3 +404,29 @@ def test_provider_503_through_a_standby_is_answered_once_not_resent(cluster):
     # one request from the client: the active tries its key once (one
     # configured key), and nobody sends it again
     assert after - before == 1, f"provider called {after - before} times for one request"
+
+
+def test_request_forwarded_to_an_active_that_dies_unanswered_goes_to_the_next_active(cluster):
+    """Review finding: a standby forwarding a request to the active, which
+    is killed before one byte of its answer, answered 502 ("the upstream
+    model API is unreachable"), while the same request sent straight to the
+    active is retried by the LB (retry-on empty-response). The standby now
+    holds it and sends it to the next active, as the LB would."""
+    active = cluster.active()
+    standby = next(n for n in cluster.nodes if n.role == "gateway" and n is not active)
+    status, answer = standby.admin_call("POST", "/v1/tokens", {"name": "app-dies"})
+    assert status == 200, answer
+    token = answer["token"]
+    cluster.wait_caught_up()
+    before = json.loads(request(cluster.mock.port, "GET", "/mock/stats")[2])["total_requests"]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        # The active holds it at the (slow) provider when it is killed.
+        pending = pool.submit(chat, standby, token, **{"X-Mock-Latency-Ms": "1500"})
+        time.sleep(0.4)
+        active.proc.signal(signal.SIGKILL)
+        active.proc.wait(timeout=10)
+        status, headers, body = pending.result(timeout=30)
+    assert status == 200, (status, body[:300])
+    # The price, as with the LB's retry: the dead active had already sent it.
+    after = json.loads(request(cluster.mock.port, "GET", "/mock/stats")[2])["total_requests"]
+    assert after - before == 2, f"provider called {after - before} times"
