@@ -217,6 +217,11 @@ bool consensus_is_leader(const struct consensus *c); /* raft leader AND its post
 bool consensus_barrier_committed(const struct consensus *c);
 bool consensus_transfer_under_way(const struct consensus *c);
 unsigned consensus_voter_count(const struct consensus *c); /* in the latest configuration */
+/* True if a majority of the voters (this node included when it votes)
+ * sent this node a Raft message within the last within_ms: a node that
+ * knows no leader but can still reach a quorum takes part in the
+ * election; one that cannot is cut off. */
+bool consensus_quorum_heard(const struct consensus *c, unsigned within_ms);
 const struct consensus_member *consensus_leader(const struct consensus *c); /* NULL if unknown */
 const struct consensus_member *consensus_self(const struct consensus *c);
 uint64_t consensus_term(const struct consensus *c);

@@ -424,7 +424,14 @@ struct zg_io_tap {
   uint64_t ahead_since_ms;
   raft_id ahead_leader; /* the leader it knew then (0: none) */
   bool refused;         /* our expedited candidacy got an explicit "no" in its term */
-  uint64_t draw_state;  /* xorshift64 state, seeded from the OS */
+  /* The last message from each peer (zg_mono_ms()), for
+   * zg_io_tap_quorum_heard; peers beyond ZG_TAP_PEERS are not tracked. */
+#define ZG_TAP_PEERS 16
+  struct {
+    raft_id id;
+    uint64_t at_ms;
+  } heard[ZG_TAP_PEERS];
+  uint64_t draw_state; /* xorshift64 state, seeded from the OS */
 };
 /* Call after raft_uv_init(&tap->io, ...) and before raft_init; the
  * timeouts are cluster.election_timeout_ms and cluster.heartbeat_ms. */
@@ -444,6 +451,10 @@ void zg_leader_loss_settle(struct zg_io_tap *tap, struct raft *r);
  * looks at it on its tick (every heartbeat_ms), which adds up to one
  * heartbeat to every failover; node.c runs zg_io_tap_tick at *due. */
 bool zg_leader_loss_timer_due(const struct zg_io_tap *tap, const struct raft *r, uint64_t *due);
+/* True if voters of raft's configuration that make a majority (this node
+ * counted when it is a voter) sent this node any Raft message within the
+ * last within_ms: it is not cut off, whoever leads. */
+bool zg_io_tap_quorum_heard(const struct zg_io_tap *tap, const struct raft *r, unsigned within_ms);
 /* Hands raft one tick (libraft's RAFT_TIMEOUT event: the time-based rules,
  * which only act on what is due), as raft_uv's own tick timer does. */
 void zg_io_tap_tick(struct zg_io_tap *tap);

@@ -119,6 +119,41 @@ static void note_vote_traffic(struct zg_io_tap *tap, struct raft *r, const struc
     tap->refused = true;
 }
 
+static void note_heard(struct zg_io_tap *tap, raft_id from) {
+  size_t free_slot = ZG_TAP_PEERS;
+  for (size_t i = 0; i < ZG_TAP_PEERS; i++) {
+    if (tap->heard[i].id == from) {
+      tap->heard[i].at_ms = zg_mono_ms();
+      return;
+    }
+    if (tap->heard[i].id == 0 && free_slot == ZG_TAP_PEERS) free_slot = i;
+  }
+  if (free_slot < ZG_TAP_PEERS) {
+    tap->heard[free_slot].id = from;
+    tap->heard[free_slot].at_ms = zg_mono_ms();
+  }
+}
+
+bool zg_io_tap_quorum_heard(const struct zg_io_tap *tap, const struct raft *r, unsigned within_ms) {
+  uint64_t now = zg_mono_ms();
+  unsigned voters = 0, heard = 0;
+  for (unsigned i = 0; i < r->configuration.n; i++) {
+    const struct raft_server *s = &r->configuration.servers[i];
+    if (s->role != RAFT_VOTER) continue;
+    voters++;
+    if (s->id == r->id) {
+      heard++;
+      continue;
+    }
+    for (size_t k = 0; k < ZG_TAP_PEERS; k++)
+      if (tap->heard[k].id == s->id && now - tap->heard[k].at_ms <= within_ms) {
+        heard++;
+        break;
+      }
+  }
+  return voters > 0 && heard * 2 > voters;
+}
+
 static void tap_recv(struct raft_io *io, struct raft_message *m) {
   struct zg_io_tap *tap = (struct zg_io_tap *)io;
   struct raft *r = io->data;
@@ -131,6 +166,7 @@ static void tap_recv(struct raft_io *io, struct raft_message *m) {
       io->time(io) - r->election_timer_start >= tap->silent_ms)
     m->request_vote.disrupt_leader = true;
   if (r != NULL) note_vote_traffic(tap, r, m);
+  note_heard(tap, m->server_id);
   tap->recv_cb(io, m);
 }
 
@@ -178,6 +214,7 @@ void zg_io_tap_init(struct zg_io_tap *tap, unsigned election_ms, unsigned heartb
   tap->hold_until_ms = 0;
   tap->ahead_since_ms = 0;
   tap->ahead_leader = 0;
+  memset(tap->heard, 0, sizeof tap->heard);
   tap->refused = false;
   zg_io_tap_rank(tap, false, 0x9e3779b97f4a7c15ull);
 }

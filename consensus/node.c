@@ -1171,6 +1171,10 @@ bool consensus_transfer_under_way(const struct consensus *c) {
   return raft_transferee((struct raft *)&c->raft) != 0;
 }
 
+bool consensus_quorum_heard(const struct consensus *c, unsigned within_ms) {
+  return !c->closing && zg_io_tap_quorum_heard(&c->io, &c->raft, within_ms);
+}
+
 unsigned consensus_voter_count(const struct consensus *c) {
   unsigned voters = 0;
   for (unsigned i = 0; i < c->raft.configuration.n; i++)

@@ -89,6 +89,10 @@ static bool view_barrier_committed(void *ud) {
   return consensus_barrier_committed(((struct failover *)ud)->cs);
 }
 
+static bool view_quorum_heard(void *ud, unsigned within_ms) {
+  return consensus_quorum_heard(((struct failover *)ud)->cs, within_ms);
+}
+
 static bool view_transfer_under_way(void *ud) {
   return consensus_transfer_under_way(((struct failover *)ud)->cs);
 }
@@ -434,9 +438,13 @@ int failover_health(struct failover *f, const char *check, cJSON *body) {
      * or shutting down. */
     bool can_forward =
         r == FAILOVER_STANDBY && leader && leader->gateway_address && leader->gateway_address[0];
-    bool can_hold =
-        (r == FAILOVER_CANDIDATE || r == FAILOVER_LEADER_UNFENCED || r == FAILOVER_DRAINING) &&
-        !role_cut_off(&f->rm);
+    /* A standby whose leader serves no clients (the witness, which is
+     * handing leadership to a gateway) holds, as failover_serve_mode does:
+     * it was 503 here, and with the active just dead the LB had no server
+     * at all for that moment (review finding). */
+    bool can_hold = (r == FAILOVER_CANDIDATE || r == FAILOVER_LEADER_UNFENCED ||
+                     r == FAILOVER_DRAINING || (r == FAILOVER_STANDBY && !can_forward)) &&
+                    !role_cut_off(&f->rm);
     return active || can_forward || can_hold ? 200 : 503;
   }
   if (!strcmp(check, "live")) return 200;
@@ -518,7 +526,8 @@ int failover_start(uv_loop_t *loop, struct consensus *cs, struct gateway *gw,
                                    .transfer_under_way = view_transfer_under_way,
                                    .barrier = view_barrier,
                                    .transfer = view_transfer,
-                                   .strerror = consensus_strerror};
+                                   .strerror = consensus_strerror,
+                                   .quorum_heard = view_quorum_heard};
   role_init(&f->rm, &f->view, f->witness, cfg->election_timeout_ms, cfg->heartbeat_ms,
             cfg->lease_ratio, cfg->drain_timeout_ms);
   failover_apply_config(f, cfg);

@@ -186,8 +186,12 @@ bool role_cut_off(struct role_machine *m) {
   enum failover_role r = role_current(m, NULL);
   if (r == FAILOVER_STANDBY || r == FAILOVER_ACTIVE || r == FAILOVER_DRAINING) return false;
   if (m->fenced_term) return true;
-  return m->leaderless_since_ms &&
-         now_ms(m) - m->leaderless_since_ms >= 3ull * m->election_timeout_ms;
+  if (!m->leaderless_since_ms || now_ms(m) - m->leaderless_since_ms < 3ull * m->election_timeout_ms)
+    return false;
+  const struct failover_view *v = m->view;
+  /* A candidate asks again at least every 2 election timeouts, and hears
+   * the answers: 3 cover one round. */
+  return !(v->quorum_heard && v->quorum_heard(v->ud, 3 * m->election_timeout_ms));
 }
 
 enum failover_role role_current(struct role_machine *m, const char **reason) {

@@ -47,6 +47,9 @@ struct failover_view {
    * this returns non-zero (then nothing was started). */
   int (*transfer)(void *ud, const char *to, void (*cb)(void *arg, int status), void *arg);
   const char *(*strerror)(int status); /* may be NULL */
+  /* A majority of the voters was heard from within within_ms (see
+   * consensus_quorum_heard); NULL: never. */
+  bool (*quorum_heard)(void *ud, unsigned within_ms);
 };
 
 struct role_machine {
@@ -106,9 +109,11 @@ bool role_tick(struct role_machine *m, bool idle);
  * lost its lease while still the raft leader (no majority acknowledges its
  * barriers: a cut-off or stalled old active) and has not heard of a leader
  * since, or no leader has been known for the whole hold window (3 election
- * timeouts). /health/ready is 503 there: the LB's hold tier must not
- * send it requests it could only answer with 503 at the end of the hold
- * window. */
+ * timeouts) and no majority of the voters was heard from within as long
+ * (a node that still hears a quorum, e.g. one whose link from the leader
+ * alone is cut, takes part in the next election and can hold requests
+ * for it). /health/ready is 503 there: the LB's hold tier must not send
+ * it requests it could only refuse at the end of the hold window. */
 bool role_cut_off(struct role_machine *m);
 
 /* Renews the lease now if due (on the fenced leader, no barrier in flight). */
