@@ -629,7 +629,9 @@ static void admin_switchover_done(void *ud, int status, const char *msg) {
   cJSON_AddStringToObject(body, "message", msg ? msg : "");
   const struct consensus_member *leader = consensus_leader(a->node->consensus);
   cJSON_AddStringToObject(body, "leader", leader ? leader->id : "");
-  json_answer(a->req, status == 0 ? 200 : 409, body, NULL);
+  /* 503: the target did not take leadership (not caught up, gone, lost its
+   * election): worth trying again; 409 for the rest (busy, not active). */
+  json_answer(a->req, status == 0 ? 200 : status == CONSENSUS_ENOTMOVED ? 503 : 409, body, NULL);
   admin_req_free(a);
 }
 

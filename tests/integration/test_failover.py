@@ -761,3 +761,17 @@ def test_sigterm_of_active_with_its_standby_dead_exits_and_says_why(lbc):
     assert "after handover" not in out, [l for l in out.splitlines() if "after handover" in l]
     assert "handover failed" in out or "handover timed out" in out, out[-2000:]
     print(f"\n{old.id} exited {took:.1f} s after SIGTERM with {other.id} dead")
+
+
+def test_switchover_to_a_dead_standby_says_it_did_not_move(lbc):
+    """A switchover whose target cannot take leadership answers 503 (try
+    again) naming why, and the active keeps serving."""
+    old = lbc.wait_steady()
+    other = lbc.other_gateway(old)
+    other.proc.signal(signal.SIGKILL)
+    other.proc.wait(timeout=10)
+    status, answer = old.admin_call("POST", "/v1/cluster/switchover", {"to": other.id}, timeout=30)
+    assert status == 503 and answer.get("ok") is False, (status, answer)
+    assert "did not move" in answer.get("message", ""), answer
+    assert answer.get("leader") == old.id, answer
+    lbc.cluster.wait_active(timeout=10)
