@@ -67,20 +67,51 @@
 
 /* Longest path + query (after "/v1") passed upstream; longer is a 414. */
 #define UPSTREAM_PATH_MAX 2048
+/* The upstream path and each attempt's URL are held inside struct chat up
+ * to these lengths (NUL included), longer ones on the heap: a chat lives
+ * as long as its stream, so its size is memory per open stream. */
+#define UPSTREAM_PATH_INLINE 128
+#define ATTEMPT_URL_INLINE 192
 /* End-to-end headers of an upstream answer passed to the client. */
 #define MAX_RESPONSE_HEADERS 64
 
 struct attempt {
-  size_t base_len; /* url[0..base_len) is the endpoint's base (".../v1") */
+  size_t base_len; /* attempt_url()[0..base_len) is the endpoint's base (".../v1") */
   char upstream_id[64];
   char key_id[48];
   char *api_key;   /* owned */
   char model[128]; /* routing: the upstream's model name, "" = the client's */
   char *body;      /* owned: c->body with the model rewritten (NULL = c->body) */
   size_t body_len;
+  char *url_heap; /* owned: the URL when it does not fit url_inline, else NULL */
   /* Last: new_attempt zeroes only what comes before it (a string, NUL-terminated). */
-  char url[UPSTREAM_PATH_MAX + 600];
+  char url_inline[ATTEMPT_URL_INLINE];
 };
+
+/* The attempt's upstream URL (set by attempt_store_url). */
+static const char *attempt_url(const struct attempt *a) {
+  return a->url_heap ? a->url_heap : a->url_inline;
+}
+
+/* Sets the attempt's URL to x[0..xlen) followed by y[0..ylen). 0, or -1
+ * out of memory (the URL is then ""). */
+static int attempt_store_url(struct attempt *a, const char *x, size_t xlen, const char *y,
+                             size_t ylen) {
+  free(a->url_heap);
+  a->url_heap = NULL;
+  char *url = a->url_inline;
+  if (xlen + ylen >= sizeof(a->url_inline)) {
+    url = a->url_heap = malloc(xlen + ylen + 1);
+    if (!url) {
+      a->url_inline[0] = '\0';
+      return -1;
+    }
+  }
+  memcpy(url, x, xlen);
+  memcpy(url + xlen, y, ylen);
+  url[xlen + ylen] = '\0';
+  return 0;
+}
 
 struct chat {
   /* Kept while the chat sits in the gateway's pool (capacity reused). */
@@ -144,10 +175,13 @@ struct chat {
   bool streaming_to_client;
   bool raw_passthrough; /* a large non-stream answer, passed through (raw_pass) */
   bool finished;
+  /* After "/v1": "/chat/completions?x=1"; upstream_path_inline, or owned
+   * when longer. */
+  char *upstream_path;
   /* The large buffers last: chat_new zeroes only what comes before them
-   * (~8 KiB less memset per request); upstream_path is a NUL-terminated
-   * string set by chat_new, and each attempt is zeroed by new_attempt. */
-  char upstream_path[UPSTREAM_PATH_MAX]; /* after "/v1": "/chat/completions?x=1" */
+   * (less memset per request); upstream_path_inline is set by chat_new,
+   * and each attempt is zeroed by new_attempt. */
+  char upstream_path_inline[UPSTREAM_PATH_INLINE];
   struct attempt inline_attempts[INLINE_ATTEMPTS];
 };
 
@@ -176,10 +210,13 @@ static void chat_free(struct chat *c) {
   for (size_t i = 0; i < c->n_attempts; i++) {
     zg_secret_free(c->attempts[i].api_key);
     free(c->attempts[i].body);
+    free(c->attempts[i].url_heap);
   }
   if (c->attempts != c->inline_attempts) free(c->attempts);
   if (c->body_owned) free((char *)c->body);
   if (c->forwarded_auth) zg_secret_free(c->forwarded_auth);
+  if (c->upstream_path != c->upstream_path_inline) free(c->upstream_path);
+  c->upstream_path = NULL;
   if (c->response.cap > CHAT_POOLED_RESPONSE_MAX) zg_buf_free(&c->response);
   if (c->response_headers.cap > CHAT_POOLED_RESPONSE_MAX) zg_buf_free(&c->response_headers);
   if (c->sse_partial.cap > CHAT_POOLED_RESPONSE_MAX) zg_buf_free(&c->sse_partial);
@@ -218,8 +255,8 @@ static struct attempt *new_attempt(struct chat *c) {
     c->attempts = heap;
   }
   struct attempt *a = &c->attempts[c->n_attempts++];
-  memset(a, 0, offsetof(struct attempt, url));
-  a->url[0] = '\0';
+  memset(a, 0, offsetof(struct attempt, url_inline));
+  a->url_inline[0] = '\0';
   return a;
 }
 
@@ -484,8 +521,8 @@ static void on_probe_done(void *ud, enum upstream_result result, const char *cur
 static void start_key_probe(struct chat *c) {
   struct gateway *gw = c->gw;
   struct attempt *a = &c->attempts[c->current];
-  char url[sizeof(a->url) + 8];
-  snprintf(url, sizeof(url), "%.*s/models", (int)a->base_len, a->url);
+  char url[sizeof(((struct gateway_endpoint *)0)->base_url) + 8];
+  snprintf(url, sizeof(url), "%.*s/models", (int)a->base_len, attempt_url(a));
   char auth[1100];
   snprintf(auth, sizeof(auth), "Authorization: Bearer %s", a->api_key);
   const char *headers[] = {auth, "Accept: application/json", NULL};
@@ -979,7 +1016,7 @@ static void start_attempt(struct chat *c) {
   headers[n++] = "Accept-Encoding: identity";
   headers[n] = NULL;
   struct upstream_request ureq = {0};
-  ureq.url = a->url;
+  ureq.url = attempt_url(a);
   ureq.method = c->method;
   ureq.headers = headers;
   ureq.body = c->body;
@@ -1055,14 +1092,14 @@ static void on_slot(void *ud, enum limiter_verdict verdict) {
   start_attempt(c);
 }
 
-/* The attempt goes to ep: url = base_url + upstream path, and its id. */
-static void attempt_set_endpoint(const struct chat *c, struct attempt *a,
-                                 const struct gateway_endpoint *ep) {
-  size_t base_len = bounded_len(ep->base_url, sizeof(a->url) - 1);
-  memcpy(a->url, ep->base_url, base_len);
+/* The attempt goes to ep: url = base_url + upstream path, and its id.
+ * 0, or -1 out of memory. */
+static int attempt_set_endpoint(const struct chat *c, struct attempt *a,
+                                const struct gateway_endpoint *ep) {
+  size_t base_len = bounded_len(ep->base_url, sizeof(ep->base_url) - 1);
   a->base_len = base_len;
-  copy_cut(a->url + base_len, sizeof(a->url) - base_len, c->upstream_path);
   copy_cut(a->upstream_id, sizeof(a->upstream_id), ep->upstream_id);
+  return attempt_store_url(a, ep->base_url, base_len, c->upstream_path, strlen(c->upstream_path));
 }
 
 /* Builds the attempt list: per endpoint (primary, then each fallback),
@@ -1088,7 +1125,11 @@ static void build_route_attempts(struct chat *c, const struct model_route *route
         zg_secret_free(key.secret);
         return;
       }
-      attempt_set_endpoint(c, a, &ep);
+      if (attempt_set_endpoint(c, a, &ep) != 0) {
+        c->n_attempts--; /* out of memory: the attempt is not made */
+        zg_secret_free(key.secret);
+        return;
+      }
       snprintf(a->key_id, sizeof(a->key_id), "%.47s", key.id);
       a->api_key = key.secret;
       copy_cut(a->model, sizeof(a->model), rep->model);
@@ -1096,7 +1137,10 @@ static void build_route_attempts(struct chat *c, const struct model_route *route
     if (rep->n_keys == 0) {
       struct attempt *a = new_attempt(c);
       if (!a) return;
-      attempt_set_endpoint(c, a, &ep);
+      if (attempt_set_endpoint(c, a, &ep) != 0) {
+        c->n_attempts--;
+        return;
+      }
       const char *key = gw->n_endpoints ? gw->endpoints[0].api_key : gw->routes_api_key;
       a->api_key = key ? strdup(key) : NULL;
       copy_cut(a->model, sizeof(a->model), rep->model);
@@ -1126,14 +1170,21 @@ static void build_attempts(struct chat *c) {
         zg_secret_free(keys[k].secret);
         continue;
       }
-      attempt_set_endpoint(c, a, ep);
+      if (attempt_set_endpoint(c, a, ep) != 0) {
+        c->n_attempts--;
+        zg_secret_free(keys[k].secret);
+        continue;
+      }
       snprintf(a->key_id, sizeof(a->key_id), "%.47s", keys[k].id);
       a->api_key = keys[k].secret;
     }
     if (n_keys == 0 || (ep->api_key && ep->api_key[0])) {
       struct attempt *a = new_attempt(c);
       if (!a) break;
-      attempt_set_endpoint(c, a, ep);
+      if (attempt_set_endpoint(c, a, ep) != 0) {
+        c->n_attempts--;
+        break;
+      }
       a->api_key = ep->api_key ? strdup(ep->api_key) : NULL;
     }
   }
@@ -1141,6 +1192,12 @@ static void build_attempts(struct chat *c) {
 
 static struct chat *chat_new(struct gateway *gw, struct httpd_req *req, const char *route,
                              const char *upstream_path) {
+  size_t path_len = strlen(upstream_path);
+  char *path_heap = NULL;
+  if (path_len >= UPSTREAM_PATH_INLINE && !(path_heap = malloc(path_len + 1))) {
+    httpd_respond_error(req, 500, "server_error", NULL, NULL, "out of memory");
+    return NULL;
+  }
   struct chat *c = gw->chat_pool;
   if (c) {
     gw->chat_pool = c->next_pooled;
@@ -1148,11 +1205,12 @@ static struct chat *chat_new(struct gateway *gw, struct httpd_req *req, const ch
     zg_buf_reset(&c->response);
     zg_buf_reset(&c->response_headers);
     zg_buf_reset(&c->sse_partial);
-    memset(&c->gw, 0, offsetof(struct chat, upstream_path) - offsetof(struct chat, gw));
+    memset(&c->gw, 0, offsetof(struct chat, upstream_path_inline) - offsetof(struct chat, gw));
   } else {
     c = calloc(1, sizeof(*c));
   }
   if (!c) {
+    free(path_heap);
     httpd_respond_error(req, 500, "server_error", NULL, NULL, "out of memory");
     return NULL;
   }
@@ -1161,7 +1219,8 @@ static struct chat *chat_new(struct gateway *gw, struct httpd_req *req, const ch
   c->route = route;
   c->attempts = c->inline_attempts;
   c->method = httpd_req_method(req);
-  copy_cut(c->upstream_path, sizeof(c->upstream_path), upstream_path);
+  c->upstream_path = path_heap ? path_heap : c->upstream_path_inline;
+  memcpy(c->upstream_path, upstream_path, path_len + 1);
   return c;
 }
 
@@ -1390,12 +1449,14 @@ static void proceed_forward(struct chat *c, const char *forward_to) {
   if (c->forwarded_auth) zg_secret_free(c->forwarded_auth);
   c->forwarded_auth = strndup(auth ? auth : "", 1023);
   struct attempt *a = new_attempt(c);
-  if (!a || !c->forwarded_auth) {
+  char url[UPSTREAM_PATH_MAX + 600];
+  if (a)
+    gateway_forward_url(c->gw, forward_to, c->upstream_path, url, sizeof(url), c->forward_node,
+                        sizeof(c->forward_node));
+  if (!a || !c->forwarded_auth || attempt_store_url(a, url, strlen(url), "", 0) != 0) {
     respond_error(c, 500, "server_error", NULL, NULL, "out of memory", "oom");
     return;
   }
-  gateway_forward_url(c->gw, forward_to, c->upstream_path, a->url, sizeof(a->url), c->forward_node,
-                      sizeof(c->forward_node));
   snprintf(a->upstream_id, sizeof(a->upstream_id), "active");
   if (body_len) {
     /* Borrowed: the request lives until it is answered. */
@@ -1450,6 +1511,7 @@ static void retry_route_later(struct chat *c) {
   for (size_t i = 0; i < c->n_attempts; i++) {
     zg_secret_free(c->attempts[i].api_key);
     free(c->attempts[i].body);
+    free(c->attempts[i].url_heap);
   }
   c->n_attempts = 0;
   c->current = 0;
