@@ -146,7 +146,10 @@ struct chat {
   bool stream;
   bool cacheable;
   uint8_t cache_key[32];
-  struct gateway_token token;
+  /* The client token's name (the rest of struct gateway_token is checked
+   * by gateway_authenticate and not kept: a chat lives as long as its
+   * stream). */
+  char token_name[sizeof(((struct gateway_token *)0)->name)];
   bool has_token;
   char *forwarded_auth;  /* client Authorization when forwarding to the active (owned) */
   char forward_node[64]; /* forwarding over mutual TLS: the active's node id */
@@ -277,7 +280,7 @@ static void note_fields(struct chat *c, const char *cache, const char *result, u
   f->cache = cache;
   f->stream = c->stream;
   f->has_token = c->has_token;
-  if (c->has_token) copy_cut(f->token, sizeof(f->token), c->token.name);
+  if (c->has_token) copy_cut(f->token, sizeof(f->token), c->token_name);
   f->has_upstream = c->n_attempts > 0;
   if (c->n_attempts > 0) {
     struct attempt *a = &c->attempts[c->current < c->n_attempts ? c->current : c->n_attempts - 1];
@@ -743,7 +746,7 @@ static void record_usage(struct chat *c) {
   c->account = false;
   if (c->status < 200 || c->status >= 300) return;
   const struct attempt *a = &c->attempts[c->current < c->n_attempts ? c->current : 0];
-  const char *token = c->has_token ? c->token.name : "-";
+  const char *token = c->has_token ? c->token_name : "-";
   const char *model = usage_model_label(c);
   struct acct_counts t = {
       0, c->usage.prompt, c->usage.completion, c->usage.total, c->usage.cached, c->usage.reasoning,
@@ -1674,11 +1677,13 @@ static const char *cache_upstream_id(struct chat *c, char *out, size_t size) {
 static void proceed_local(struct chat *c) {
   struct gateway *gw = c->gw;
   struct httpd_req *req = c->req;
-  if (gateway_authenticate(gw, req, &c->token) != 0) {
+  struct gateway_token token;
+  if (gateway_authenticate(gw, req, &token) != 0) {
     chat_free(c);
     return;
   }
-  c->has_token = c->token.name[0] != '\0';
+  memcpy(c->token_name, token.name, sizeof(c->token_name));
+  c->has_token = c->token_name[0] != '\0';
   size_t body_len, object_end = 0, members = 0;
   const char *body = httpd_req_body(req, &body_len);
   struct body_value v[F_COUNT];
