@@ -673,6 +673,16 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
     complete_transfer(t);
     return;
   }
+  if (k->resp.head_delivered && !k->write_pending) {
+    /* The body goes on past this read (an event stream may last minutes):
+     * the request bytes (a response started, so no retry sends them) and
+     * the response's header text are not needed while it lasts. */
+    free(t->request);
+    t->request = NULL;
+    t->body = NULL;
+    t->head_len = t->body_len = 0;
+    lean_response_trim(&k->resp);
+  }
   if (t->pause_wanted) conn_read(k, false);
 }
 
