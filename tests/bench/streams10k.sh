@@ -22,7 +22,10 @@
 # Each proxy holds 2 descriptors per stream (client and upstream), so N is
 # capped at (RLIMIT_NOFILE hard limit - 200) / 2, said so when it applies
 # (9,900 with the usual hard limit of 20,000). nginx gets worker_connections
-# 2N + 512 (client, upstream and its 256 cached keep-alive connections).
+# 2.25N + 512: 2 per stream, its 256 cached keep-alive connections, and
+# headroom, because nginx starts closing idle connections (a client's fresh
+# one that has not sent its request yet among them: "worker_connections are
+# not enough, reusing connections") once fewer than 1/16 of them are free.
 # Every step is bounded (streamload has its own deadline; `timeout` around
 # it); loopback only; a trap stops every process it started.
 #
@@ -130,7 +133,7 @@ worker_rlimit_nofile $nofile;
 daemon off;
 pid $tmp/nginx/nginx.pid;
 error_log $tmp/nginx/logs/error.log warn;
-events { worker_connections $(( 2 * N + 512 )); }
+events { worker_connections $(( 2 * N + N / 4 + 512 )); }
 http {
   client_body_temp_path $tmp/nginx/body; proxy_temp_path $tmp/nginx/proxy;
   fastcgi_temp_path $tmp/nginx/fastcgi; uwsgi_temp_path $tmp/nginx/uwsgi; scgi_temp_path $tmp/nginx/scgi;
