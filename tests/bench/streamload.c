@@ -4,7 +4,8 @@
  *
  * It opens --streams N connections to --host:--port, --rate new ones per
  * second (a ramp), and on each sends one streaming chat request (the bytes
- * streams.py sends) with X-Mock-Chunks / X-Mock-Chunk-Interval-Ms, so that
+ * streams.py sends; --prompt-bytes pads the prompt with that many spaces)
+ * with X-Mock-Chunks / X-Mock-Chunk-Interval-Ms, so that
  * mockllm behind the proxy answers CHUNKS events INTERVAL_MS apart. It reads
  * each answer (head, then a chunked or a plain body), splits the decoded body
  * into SSE lines and, for every line carrying "mock_sent_at_ms":<n>, records
@@ -40,7 +41,10 @@
 #include <time.h>
 #include <unistd.h>
 
-#define LINE_MAX_BYTES 2048 /* an SSE line longer than this is cut (its delay is lost) */
+/* An SSE line longer than this keeps its first 6 bytes ("data: ") and its
+ * last LINE_TAIL_BYTES (where mockllm puts "mock_sent_at_ms"). */
+#define LINE_MAX_BYTES 2048
+#define LINE_TAIL_BYTES 256
 #define HEAD_MAX_BYTES 4096
 
 enum state { S_CONNECTING, S_HEAD, S_BODY, S_DONE, S_FAILED };
@@ -55,7 +59,8 @@ struct stream {
   uint64_t chunk_left; /* bytes left in the current chunk */
   uint16_t line_len;
   uint16_t head_len;
-  char *line; /* LINE_MAX_BYTES, or the head while in S_HEAD */
+  uint32_t sent; /* request bytes written so far */
+  char *line;    /* LINE_MAX_BYTES, or the head while in S_HEAD */
 };
 
 static double wall_ms(void) {
@@ -146,9 +151,17 @@ static int body_bytes(struct stream *s, const char *p, size_t n, double now) {
   while (n > 0) {
     const char *nl = memchr(p, '\n', n);
     size_t take = nl ? (size_t)(nl - p) : n;
-    size_t room = LINE_MAX_BYTES - s->line_len;
-    memcpy(s->line + s->line_len, p, take < room ? take : room);
-    s->line_len += (uint16_t)(take < room ? take : room);
+    for (size_t at = 0; at < take;) {
+      if (s->line_len == LINE_MAX_BYTES) { /* a long line: keep its start and its tail */
+        memmove(s->line + 6, s->line + LINE_MAX_BYTES - LINE_TAIL_BYTES, LINE_TAIL_BYTES);
+        s->line_len = 6 + LINE_TAIL_BYTES;
+      }
+      size_t room = LINE_MAX_BYTES - s->line_len;
+      size_t piece = take - at < room ? take - at : room;
+      memcpy(s->line + s->line_len, p + at, piece);
+      s->line_len += (uint16_t)piece;
+      at += piece;
+    }
     if (!nl) break;
     size_t len = s->line_len;
     if (len && s->line[len - 1] == '\r') len--;
@@ -240,14 +253,15 @@ static void usage(void) {
   fprintf(stderr,
           "usage: streamload --port PORT [--host 127.0.0.1] [--streams 10000] [--chunks 60]\n"
           "                  [--interval-ms 500] [--rate 2000 (new connections/s)]\n"
-          "                  [--deadline S (default: N/rate + chunks*interval + 30)]\n");
+          "                  [--deadline S (default: N/rate + chunks*interval + 30)]\n"
+          "                  [--prompt-bytes 0 (spaces added to the prompt)]\n");
   exit(2);
 }
 
 int main(int argc, char **argv) {
   const char *host = "127.0.0.1";
   int port = 0;
-  long n = 10000, chunks = 60, interval_ms = 500;
+  long n = 10000, chunks = 60, interval_ms = 500, prompt_bytes = 0;
   double rate = 2000, deadline = 0;
   for (int i = 1; i + 1 < argc; i += 2) {
     if (!strcmp(argv[i], "--host"))
@@ -264,10 +278,14 @@ int main(int argc, char **argv) {
       rate = atof(argv[i + 1]);
     else if (!strcmp(argv[i], "--deadline"))
       deadline = atof(argv[i + 1]);
+    else if (!strcmp(argv[i], "--prompt-bytes"))
+      prompt_bytes = atol(argv[i + 1]);
     else
       usage();
   }
-  if (port <= 0 || n < 1 || chunks < 1 || interval_ms < 0 || rate <= 0 || deadline < 0) usage();
+  if (port <= 0 || n < 1 || chunks < 1 || interval_ms < 0 || rate <= 0 || deadline < 0 ||
+      prompt_bytes < 0 || prompt_bytes > 16 * 1024 * 1024)
+    usage();
   if (deadline == 0) deadline = (double)n / rate + (double)(chunks * interval_ms) / 1e3 + 30;
 
   struct rlimit rl;
@@ -287,15 +305,23 @@ int main(int argc, char **argv) {
     fprintf(stderr, "streamload: bad IPv4 host %s\n", host);
     return 2;
   }
-  static const char body[] =
-      "{\"model\": \"mock-gpt\", \"stream\": true, \"messages\": [{\"role\": "
-      "\"user\", \"content\": \"stream please\"}]}";
-  char request[1024];
-  int request_len = snprintf(request, sizeof(request),
+  /* streams.py's body; --prompt-bytes pads the message (a long prompt) */
+  size_t body_cap = (size_t)prompt_bytes + 256;
+  char *body = malloc(body_cap);
+  char *request = malloc(body_cap + 512);
+  if (!body || !request) {
+    fprintf(stderr, "streamload: out of memory\n");
+    return 1;
+  }
+  int body_len = snprintf(body, body_cap,
+                          "{\"model\": \"mock-gpt\", \"stream\": true, \"messages\": [{\"role\": "
+                          "\"user\", \"content\": \"stream please%*s\"}]}",
+                          (int)prompt_bytes, "");
+  int request_len = snprintf(request, body_cap + 512,
                              "POST /v1/chat/completions HTTP/1.1\r\nHost: %s:%d\r\n"
-                             "Content-Type: application/json\r\nContent-Length: %zu\r\n"
+                             "Content-Type: application/json\r\nContent-Length: %d\r\n"
                              "X-Mock-Chunks: %ld\r\nX-Mock-Chunk-Interval-Ms: %ld\r\n\r\n%s",
-                             host, port, sizeof(body) - 1, chunks, interval_ms, body);
+                             host, port, body_len, chunks, interval_ms, body);
 
   struct stream *streams = calloc((size_t)n, sizeof(*streams));
   if (!streams) {
@@ -357,14 +383,17 @@ int main(int argc, char **argv) {
       if (s->state == S_CONNECTING) {
         int err = 0;
         socklen_t len = sizeof(err);
-        getsockopt(s->fd, SOL_SOCKET, SO_ERROR, &err, &len);
-        if (err || (events[e].events & (EPOLLERR | EPOLLHUP)) ||
-            write(s->fd, request, (size_t)request_len) != request_len) {
-          /* a request this small goes out in one write on a fresh socket */
+        if (s->sent == 0) getsockopt(s->fd, SOL_SOCKET, SO_ERROR, &err, &len);
+        int bad = err || (events[e].events & (EPOLLERR | EPOLLHUP));
+        ssize_t w = bad ? -1 : write(s->fd, request + s->sent, (size_t)request_len - s->sent);
+        if (!bad && w < 0 && (errno == EAGAIN || errno == EINTR)) continue;
+        if (w <= 0) {
           finish(ep, s, F_CONNECT);
           early_failed++;
           continue;
         }
+        s->sent += (uint32_t)w;
+        if (s->sent < (uint32_t)request_len) continue; /* a long prompt: more on EPOLLOUT */
         s->line = malloc(HEAD_MAX_BYTES > LINE_MAX_BYTES ? HEAD_MAX_BYTES : LINE_MAX_BYTES);
         if (!s->line) {
           fprintf(stderr, "streamload: out of memory\n");
