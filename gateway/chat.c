@@ -139,9 +139,11 @@ struct chat {
   /* Request body sent upstream: owned (body_owned) when it was re-printed
    * with model defaults or copied for forwarding, else it points into the
    * client request's body, which httpd keeps until the request is answered
-   * (after which c->body is never read). */
+   * (after which c->body is never read). Released (NULL) once a stream is
+   * under way and the upstream transfer is done with it (release_body). */
   const char *body;
   bool body_owned;
+  bool body_released;
   size_t body_len;
   bool stream;
   bool cacheable;
@@ -690,8 +692,30 @@ static int raw_pass(struct chat *c, const char *data, size_t len) {
   return 0;
 }
 
+/* An answer passing through to the client: no other attempt follows, and
+ * once the upstream transfer no longer reads the request body nothing
+ * does, so a long stream does not hold its prompt (the client request's
+ * body, or the copies made for defaults and model routing). */
+static void release_body(struct chat *c) {
+  c->body_released = true;
+  for (size_t i = 0; i < c->n_attempts; i++) {
+    free(c->attempts[i].body);
+    c->attempts[i].body = NULL;
+    c->attempts[i].body_len = 0;
+  }
+  if (c->body_owned)
+    free((char *)c->body);
+  else
+    httpd_req_release_body(c->req);
+  c->body = NULL;
+  c->body_owned = false;
+  c->body_len = 0;
+}
+
 static int on_upstream_data(void *ud, const char *data, size_t len) {
   struct chat *c = ud;
+  if (c->streaming_to_client && !c->body_released && upstream_body_done(c->transfer))
+    release_body(c);
   if (c->raw_passthrough) return raw_pass(c, data, len);
   if (c->streaming_to_client) return sse_pass(c, data, len);
   if (c->response.len + len > PASSTHROUGH_AFTER && !c->check_key) {

@@ -147,6 +147,7 @@ void lean_cancel(struct lean_transfer *t);
 void lean_pause(struct lean_transfer *t);
 void lean_resume(struct lean_transfer *t);
 void lean_get_timing(const struct lean_transfer *t, struct upstream_timing *out);
+bool lean_body_done(const struct lean_transfer *t);
 size_t lean_active_count(const struct lean_client *c);
 
 /* Connections opened, and requests sent on a reused one, since creation
