@@ -8,7 +8,8 @@
  * slot → send upstream with the provider key, the client's other
  * end-to-end headers and its body bytes → pass the answer back: status,
  * end-to-end headers and body as they came (an event stream chunk by chunk,
- * event by event) → cache it when allowed.
+ * event by event; once it flows and the upstream no longer reads the
+ * request body, that body is freed: release_body) → cache it when allowed.
  *
  * Failure modes, each answered in OpenAI's error shape: 400 malformed
  * body, 401 token, 429 no slot in time (Retry-After), 502 upstream

@@ -7,7 +7,9 @@
  * opens one: numeric hosts connect at once, names go through
  * uv_getaddrinfo, every address in turn), writes head and body with ONE
  * gathered uv_write (the body is not copied when the caller keeps it),
- * and reads the response straight into the callbacks. A response that
+ * and reads the response straight into the callbacks (a body that goes on
+ * past a read, e.g. an event stream, frees the request bytes and the header
+ * text while it lasts: see on_read). A response that
  * ended cleanly and allows keep-alive, with the request fully written and
  * nothing after it, puts the connection back in the pool; anything else
  * closes it. Idle connections keep reading, so a peer that closes one is
