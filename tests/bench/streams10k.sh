@@ -31,7 +31,9 @@
 #
 # Usage: tests/bench/streams10k.sh [BUILD_DIR]   (default: <repo>/build-rel)
 # Env:   N (10000) CHUNKS (60) INTERVAL_MS (500) RAMP (new streams/s, 2000)
-#        ROUNDS (2) PIN (1: proxy on core 0, mockllm and client on core 1)
+#        PROMPT_BYTES (0: streams.py's small body; else the prompt is padded
+#        by that many bytes, and nginx's client_body_buffer_size grows to
+#        keep the body in memory, as zonegate does) ROUNDS (2) PIN (1: proxy on core 0, mockllm and client on core 1)
 #        KEEP_TMP (1 keeps the temp dir) UPSTREAM_CLIENT (auto|curl; unset:
 #        the build's default)
 set -euo pipefail
@@ -41,6 +43,7 @@ N=${N:-10000}
 CHUNKS=${CHUNKS:-60}
 INTERVAL_MS=${INTERVAL_MS:-500}
 RAMP=${RAMP:-2000}
+PROMPT_BYTES=${PROMPT_BYTES:-0}
 ROUNDS=${ROUNDS:-2}
 PIN=${PIN:-1}
 
@@ -59,7 +62,7 @@ if (( N > n_max )); then
   echo "streams10k.sh: RLIMIT_NOFILE is $nofile (hard); each proxy needs 2 per stream: N $N -> $n_max" >&2
   N=$n_max
 fi
-command_line="N=$N CHUNKS=$CHUNKS INTERVAL_MS=$INTERVAL_MS RAMP=$RAMP ROUNDS=$ROUNDS $0 $*"
+command_line="N=$N CHUNKS=$CHUNKS INTERVAL_MS=$INTERVAL_MS RAMP=$RAMP PROMPT_BYTES=$PROMPT_BYTES ROUNDS=$ROUNDS $0 $*"
 
 tmp=$(mktemp -d /tmp/zonegate-streams10k.XXXXXX)
 pids=()
@@ -138,6 +141,7 @@ http {
   client_body_temp_path $tmp/nginx/body; proxy_temp_path $tmp/nginx/proxy;
   fastcgi_temp_path $tmp/nginx/fastcgi; uwsgi_temp_path $tmp/nginx/uwsgi; scgi_temp_path $tmp/nginx/scgi;
   keepalive_requests 1000000; keepalive_timeout 60s;
+  client_body_buffer_size $(( PROMPT_BYTES + 16384 )); # 16k: nginx's default on 64-bit
   upstream mockllm { server 127.0.0.1:$port_mock; keepalive 256; keepalive_requests 1000000; }
   server {
     listen 127.0.0.1:$port_ngx backlog=4096; access_log off;
@@ -203,7 +207,7 @@ run_one() { # NAME ROUND
   local name=$1 round=$2 out line run
   out=$(timeout $(( N / RAMP + CHUNKS * INTERVAL_MS / 1000 + 90 )) "${on_side[@]}" python3 "$tmp/measure.py" \
     "${pid[$name]}" "${startup[$name]}" -- "$tmp/streamload" --port "${port[$name]}" --streams "$N" \
-    --chunks "$CHUNKS" --interval-ms "$INTERVAL_MS" --rate "$RAMP" 2>&1 || true)
+    --chunks "$CHUNKS" --interval-ms "$INTERVAL_MS" --rate "$RAMP" --prompt-bytes "$PROMPT_BYTES" 2>&1 || true)
   line=$(grep '^STREAMLOAD ' <<<"$out" || true)
   run=$(grep '^RUN ' <<<"$out" || true)
   [[ -n $line && -n $run ]] || { echo "streams10k.sh: streamload against $name failed: $out" >&2; exit 1; }
@@ -212,7 +216,7 @@ run_one() { # NAME ROUND
   sleep 3 # let the closed connections settle before the next run
 }
 
-echo "== $ROUNDS interleaved rounds, N=$N streams, $CHUNKS chunks ${INTERVAL_MS} ms apart, ramp $RAMP/s (load $(cut -d' ' -f1-3 /proc/loadavg))"
+echo "== $ROUNDS interleaved rounds, N=$N streams, $CHUNKS chunks ${INTERVAL_MS} ms apart, ramp $RAMP/s, prompt +$PROMPT_BYTES B (load $(cut -d' ' -f1-3 /proc/loadavg))"
 for ((round = 1; round <= ROUNDS; round++)); do
   if (( round % 2 )); then order="zonegate nginx"; else order="nginx zonegate"; fi
   for name in $order; do run_one "$name" "$round"; done
