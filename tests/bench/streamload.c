@@ -15,8 +15,11 @@
  *   STREAMLOAD streams=N ok=.. failed=.. (connect=.. status=.. closed=..
  *              deadline=..) events=.. p50_ms=.. p99_ms=.. max_ms=..
  *              ramp_s=.. all_open_s=.. peak_open=.. elapsed_s=..
+ *              steady_events=.. steady_p50_ms=.. steady_p99_ms=..
  * all_open_s: seconds from the start until every stream that did not fail
- * early had its first event (all N were open together once peak_open = N).
+ * early had its first event (all N were open together once peak_open = N);
+ * steady_*: the delays from then until the first stream ended (no ramp,
+ * no teardown).
  *
  * Failure modes: RLIMIT_NOFILE is raised to its hard limit and the run exits
  * 1 up front when N connections cannot fit; a connect that fails, a status
@@ -86,22 +89,28 @@ static float pct(const float *sorted, size_t n, double p) {
   return sorted[i < n ? i : n - 1];
 }
 
-/* results */
-static float *delays;
-static size_t ndelays, delays_cap;
+/* results; steady: the delays while every stream was open (after the ramp,
+ * before the first stream ended) */
+static float *delays, *steady;
+static size_t ndelays, delays_cap, nsteady, steady_cap;
 static long failed[F_COUNT], ok_count, open_now, peak_open, first_events;
 static double t_start, t_all_open = -1;
 
-static void add_delay(double d) {
-  if (ndelays == delays_cap) {
-    delays_cap = delays_cap ? delays_cap * 2 : 65536;
-    delays = realloc(delays, delays_cap * sizeof(*delays));
-    if (!delays) {
+static void push(float **a, size_t *n, size_t *cap, double d) {
+  if (*n == *cap) {
+    *cap = *cap ? *cap * 2 : 65536;
+    *a = realloc(*a, *cap * sizeof(**a));
+    if (!*a) {
       fprintf(stderr, "streamload: out of memory\n");
       exit(1);
     }
   }
-  delays[ndelays++] = (float)d;
+  (*a)[(*n)++] = (float)d;
+}
+
+static void add_delay(double d) {
+  push(&delays, &ndelays, &delays_cap, d);
+  if (t_all_open >= 0 && ok_count == 0) push(&steady, &nsteady, &steady_cap, d);
 }
 
 static void finish(int ep, struct stream *s, int reason) {
@@ -432,14 +441,16 @@ int main(int argc, char **argv) {
   }
   double elapsed = mono_s() - t_start;
   qsort(delays, ndelays, sizeof(*delays), cmp_float);
+  qsort(steady, nsteady, sizeof(*steady), cmp_float);
   long nfailed = 0;
   for (int i = 0; i < F_COUNT; i++) nfailed += failed[i];
   printf(
       "STREAMLOAD streams=%ld ok=%ld failed=%ld (connect=%ld status=%ld closed=%ld deadline=%ld) "
       "events=%zu p50_ms=%.2f p99_ms=%.2f max_ms=%.2f ramp_s=%.2f all_open_s=%.2f "
-      "peak_open=%ld elapsed_s=%.2f\n",
+      "peak_open=%ld elapsed_s=%.2f steady_events=%zu steady_p50_ms=%.2f steady_p99_ms=%.2f\n",
       n, ok_count, nfailed, failed[F_CONNECT], failed[F_STATUS], failed[F_CLOSED],
       failed[F_DEADLINE], ndelays, pct(delays, ndelays, 50), pct(delays, ndelays, 99),
-      ndelays ? delays[ndelays - 1] : 0.0f, t_ramp, t_all_open, peak_open, elapsed);
+      ndelays ? delays[ndelays - 1] : 0.0f, t_ramp, t_all_open, peak_open, elapsed, nsteady,
+      pct(steady, nsteady, 50), pct(steady, nsteady, 99));
   return 0;
 }
