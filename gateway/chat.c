@@ -8,7 +8,8 @@
  * slot → send upstream with the provider key, the client's other
  * end-to-end headers and its body bytes → pass the answer back: status,
  * end-to-end headers and body as they came (an event stream chunk by chunk,
- * event by event) → cache it when allowed.
+ * event by event; once it flows and the upstream no longer reads the
+ * request body, that body is freed: release_body) → cache it when allowed.
  *
  * Failure modes, each answered in OpenAI's error shape: 400 malformed
  * body, 401 token, 429 no slot in time (Retry-After), 502 upstream
@@ -67,20 +68,51 @@
 
 /* Longest path + query (after "/v1") passed upstream; longer is a 414. */
 #define UPSTREAM_PATH_MAX 2048
+/* The upstream path and each attempt's URL are held inside struct chat up
+ * to these lengths (NUL included), longer ones on the heap: a chat lives
+ * as long as its stream, so its size is memory per open stream. */
+#define UPSTREAM_PATH_INLINE 128
+#define ATTEMPT_URL_INLINE 192
 /* End-to-end headers of an upstream answer passed to the client. */
 #define MAX_RESPONSE_HEADERS 64
 
 struct attempt {
-  size_t base_len; /* url[0..base_len) is the endpoint's base (".../v1") */
+  size_t base_len; /* attempt_url()[0..base_len) is the endpoint's base (".../v1") */
   char upstream_id[64];
   char key_id[48];
   char *api_key;   /* owned */
   char model[128]; /* routing: the upstream's model name, "" = the client's */
   char *body;      /* owned: c->body with the model rewritten (NULL = c->body) */
   size_t body_len;
+  char *url_heap; /* owned: the URL when it does not fit url_inline, else NULL */
   /* Last: new_attempt zeroes only what comes before it (a string, NUL-terminated). */
-  char url[UPSTREAM_PATH_MAX + 600];
+  char url_inline[ATTEMPT_URL_INLINE];
 };
+
+/* The attempt's upstream URL (set by attempt_store_url). */
+static const char *attempt_url(const struct attempt *a) {
+  return a->url_heap ? a->url_heap : a->url_inline;
+}
+
+/* Sets the attempt's URL to x[0..xlen) followed by y[0..ylen). 0, or -1
+ * out of memory (the URL is then ""). */
+static int attempt_store_url(struct attempt *a, const char *x, size_t xlen, const char *y,
+                             size_t ylen) {
+  free(a->url_heap);
+  a->url_heap = NULL;
+  char *url = a->url_inline;
+  if (xlen + ylen >= sizeof(a->url_inline)) {
+    url = a->url_heap = malloc(xlen + ylen + 1);
+    if (!url) {
+      a->url_inline[0] = '\0';
+      return -1;
+    }
+  }
+  memcpy(url, x, xlen);
+  memcpy(url + xlen, y, ylen);
+  url[xlen + ylen] = '\0';
+  return 0;
+}
 
 struct chat {
   /* Kept while the chat sits in the gateway's pool (capacity reused). */
@@ -108,14 +140,19 @@ struct chat {
   /* Request body sent upstream: owned (body_owned) when it was re-printed
    * with model defaults or copied for forwarding, else it points into the
    * client request's body, which httpd keeps until the request is answered
-   * (after which c->body is never read). */
+   * (after which c->body is never read). Released (NULL) once a stream is
+   * under way and the upstream transfer is done with it (release_body). */
   const char *body;
   bool body_owned;
+  bool body_released;
   size_t body_len;
   bool stream;
   bool cacheable;
   uint8_t cache_key[32];
-  struct gateway_token token;
+  /* The client token's name (the rest of struct gateway_token is checked
+   * by gateway_authenticate and not kept: a chat lives as long as its
+   * stream). */
+  char token_name[sizeof(((struct gateway_token *)0)->name)];
   bool has_token;
   char *forwarded_auth;  /* client Authorization when forwarding to the active (owned) */
   char forward_node[64]; /* forwarding over mutual TLS: the active's node id */
@@ -144,10 +181,13 @@ struct chat {
   bool streaming_to_client;
   bool raw_passthrough; /* a large non-stream answer, passed through (raw_pass) */
   bool finished;
+  /* After "/v1": "/chat/completions?x=1"; upstream_path_inline, or owned
+   * when longer. */
+  char *upstream_path;
   /* The large buffers last: chat_new zeroes only what comes before them
-   * (~8 KiB less memset per request); upstream_path is a NUL-terminated
-   * string set by chat_new, and each attempt is zeroed by new_attempt. */
-  char upstream_path[UPSTREAM_PATH_MAX]; /* after "/v1": "/chat/completions?x=1" */
+   * (less memset per request); upstream_path_inline is set by chat_new,
+   * and each attempt is zeroed by new_attempt. */
+  char upstream_path_inline[UPSTREAM_PATH_INLINE];
   struct attempt inline_attempts[INLINE_ATTEMPTS];
 };
 
@@ -176,10 +216,13 @@ static void chat_free(struct chat *c) {
   for (size_t i = 0; i < c->n_attempts; i++) {
     zg_secret_free(c->attempts[i].api_key);
     free(c->attempts[i].body);
+    free(c->attempts[i].url_heap);
   }
   if (c->attempts != c->inline_attempts) free(c->attempts);
   if (c->body_owned) free((char *)c->body);
   if (c->forwarded_auth) zg_secret_free(c->forwarded_auth);
+  if (c->upstream_path != c->upstream_path_inline) free(c->upstream_path);
+  c->upstream_path = NULL;
   if (c->response.cap > CHAT_POOLED_RESPONSE_MAX) zg_buf_free(&c->response);
   if (c->response_headers.cap > CHAT_POOLED_RESPONSE_MAX) zg_buf_free(&c->response_headers);
   if (c->sse_partial.cap > CHAT_POOLED_RESPONSE_MAX) zg_buf_free(&c->sse_partial);
@@ -218,8 +261,8 @@ static struct attempt *new_attempt(struct chat *c) {
     c->attempts = heap;
   }
   struct attempt *a = &c->attempts[c->n_attempts++];
-  memset(a, 0, offsetof(struct attempt, url));
-  a->url[0] = '\0';
+  memset(a, 0, offsetof(struct attempt, url_inline));
+  a->url_inline[0] = '\0';
   return a;
 }
 
@@ -240,7 +283,7 @@ static void note_fields(struct chat *c, const char *cache, const char *result, u
   f->cache = cache;
   f->stream = c->stream;
   f->has_token = c->has_token;
-  if (c->has_token) copy_cut(f->token, sizeof(f->token), c->token.name);
+  if (c->has_token) copy_cut(f->token, sizeof(f->token), c->token_name);
   f->has_upstream = c->n_attempts > 0;
   if (c->n_attempts > 0) {
     struct attempt *a = &c->attempts[c->current < c->n_attempts ? c->current : c->n_attempts - 1];
@@ -484,8 +527,8 @@ static void on_probe_done(void *ud, enum upstream_result result, const char *cur
 static void start_key_probe(struct chat *c) {
   struct gateway *gw = c->gw;
   struct attempt *a = &c->attempts[c->current];
-  char url[sizeof(a->url) + 8];
-  snprintf(url, sizeof(url), "%.*s/models", (int)a->base_len, a->url);
+  char url[sizeof(((struct gateway_endpoint *)0)->base_url) + 8];
+  snprintf(url, sizeof(url), "%.*s/models", (int)a->base_len, attempt_url(a));
   char auth[1100];
   snprintf(auth, sizeof(auth), "Authorization: Bearer %s", a->api_key);
   const char *headers[] = {auth, "Accept: application/json", NULL};
@@ -650,8 +693,30 @@ static int raw_pass(struct chat *c, const char *data, size_t len) {
   return 0;
 }
 
+/* An answer passing through to the client: no other attempt follows, and
+ * once the upstream transfer no longer reads the request body nothing
+ * does, so a long stream does not hold its prompt (the client request's
+ * body, or the copies made for defaults and model routing). */
+static void release_body(struct chat *c) {
+  c->body_released = true;
+  for (size_t i = 0; i < c->n_attempts; i++) {
+    free(c->attempts[i].body);
+    c->attempts[i].body = NULL;
+    c->attempts[i].body_len = 0;
+  }
+  if (c->body_owned)
+    free((char *)c->body);
+  else
+    httpd_req_release_body(c->req);
+  c->body = NULL;
+  c->body_owned = false;
+  c->body_len = 0;
+}
+
 static int on_upstream_data(void *ud, const char *data, size_t len) {
   struct chat *c = ud;
+  if (c->streaming_to_client && !c->body_released && upstream_body_done(c->transfer))
+    release_body(c);
   if (c->raw_passthrough) return raw_pass(c, data, len);
   if (c->streaming_to_client) return sse_pass(c, data, len);
   if (c->response.len + len > PASSTHROUGH_AFTER && !c->check_key) {
@@ -706,7 +771,7 @@ static void record_usage(struct chat *c) {
   c->account = false;
   if (c->status < 200 || c->status >= 300) return;
   const struct attempt *a = &c->attempts[c->current < c->n_attempts ? c->current : 0];
-  const char *token = c->has_token ? c->token.name : "-";
+  const char *token = c->has_token ? c->token_name : "-";
   const char *model = usage_model_label(c);
   struct acct_counts t = {
       0, c->usage.prompt, c->usage.completion, c->usage.total, c->usage.cached, c->usage.reasoning,
@@ -983,7 +1048,7 @@ static void start_attempt(struct chat *c) {
   headers[n++] = "Accept-Encoding: identity";
   headers[n] = NULL;
   struct upstream_request ureq = {0};
-  ureq.url = a->url;
+  ureq.url = attempt_url(a);
   ureq.method = c->method;
   ureq.headers = headers;
   ureq.body = c->body;
@@ -1059,14 +1124,14 @@ static void on_slot(void *ud, enum limiter_verdict verdict) {
   start_attempt(c);
 }
 
-/* The attempt goes to ep: url = base_url + upstream path, and its id. */
-static void attempt_set_endpoint(const struct chat *c, struct attempt *a,
-                                 const struct gateway_endpoint *ep) {
-  size_t base_len = bounded_len(ep->base_url, sizeof(a->url) - 1);
-  memcpy(a->url, ep->base_url, base_len);
+/* The attempt goes to ep: url = base_url + upstream path, and its id.
+ * 0, or -1 out of memory. */
+static int attempt_set_endpoint(const struct chat *c, struct attempt *a,
+                                const struct gateway_endpoint *ep) {
+  size_t base_len = bounded_len(ep->base_url, sizeof(ep->base_url) - 1);
   a->base_len = base_len;
-  copy_cut(a->url + base_len, sizeof(a->url) - base_len, c->upstream_path);
   copy_cut(a->upstream_id, sizeof(a->upstream_id), ep->upstream_id);
+  return attempt_store_url(a, ep->base_url, base_len, c->upstream_path, strlen(c->upstream_path));
 }
 
 /* Builds the attempt list: per endpoint (primary, then each fallback),
@@ -1092,7 +1157,11 @@ static void build_route_attempts(struct chat *c, const struct model_route *route
         zg_secret_free(key.secret);
         return;
       }
-      attempt_set_endpoint(c, a, &ep);
+      if (attempt_set_endpoint(c, a, &ep) != 0) {
+        c->n_attempts--; /* out of memory: the attempt is not made */
+        zg_secret_free(key.secret);
+        return;
+      }
       snprintf(a->key_id, sizeof(a->key_id), "%.47s", key.id);
       a->api_key = key.secret;
       copy_cut(a->model, sizeof(a->model), rep->model);
@@ -1100,7 +1169,10 @@ static void build_route_attempts(struct chat *c, const struct model_route *route
     if (rep->n_keys == 0) {
       struct attempt *a = new_attempt(c);
       if (!a) return;
-      attempt_set_endpoint(c, a, &ep);
+      if (attempt_set_endpoint(c, a, &ep) != 0) {
+        c->n_attempts--;
+        return;
+      }
       const char *key = gw->n_endpoints ? gw->endpoints[0].api_key : gw->routes_api_key;
       a->api_key = key ? strdup(key) : NULL;
       copy_cut(a->model, sizeof(a->model), rep->model);
@@ -1130,14 +1202,21 @@ static void build_attempts(struct chat *c) {
         zg_secret_free(keys[k].secret);
         continue;
       }
-      attempt_set_endpoint(c, a, ep);
+      if (attempt_set_endpoint(c, a, ep) != 0) {
+        c->n_attempts--;
+        zg_secret_free(keys[k].secret);
+        continue;
+      }
       snprintf(a->key_id, sizeof(a->key_id), "%.47s", keys[k].id);
       a->api_key = keys[k].secret;
     }
     if (n_keys == 0 || (ep->api_key && ep->api_key[0])) {
       struct attempt *a = new_attempt(c);
       if (!a) break;
-      attempt_set_endpoint(c, a, ep);
+      if (attempt_set_endpoint(c, a, ep) != 0) {
+        c->n_attempts--;
+        break;
+      }
       a->api_key = ep->api_key ? strdup(ep->api_key) : NULL;
     }
   }
@@ -1145,6 +1224,12 @@ static void build_attempts(struct chat *c) {
 
 static struct chat *chat_new(struct gateway *gw, struct httpd_req *req, const char *route,
                              const char *upstream_path) {
+  size_t path_len = strlen(upstream_path);
+  char *path_heap = NULL;
+  if (path_len >= UPSTREAM_PATH_INLINE && !(path_heap = malloc(path_len + 1))) {
+    httpd_respond_error(req, 500, "server_error", NULL, NULL, "out of memory");
+    return NULL;
+  }
   struct chat *c = gw->chat_pool;
   if (c) {
     gw->chat_pool = c->next_pooled;
@@ -1152,11 +1237,12 @@ static struct chat *chat_new(struct gateway *gw, struct httpd_req *req, const ch
     zg_buf_reset(&c->response);
     zg_buf_reset(&c->response_headers);
     zg_buf_reset(&c->sse_partial);
-    memset(&c->gw, 0, offsetof(struct chat, upstream_path) - offsetof(struct chat, gw));
+    memset(&c->gw, 0, offsetof(struct chat, upstream_path_inline) - offsetof(struct chat, gw));
   } else {
     c = calloc(1, sizeof(*c));
   }
   if (!c) {
+    free(path_heap);
     httpd_respond_error(req, 500, "server_error", NULL, NULL, "out of memory");
     return NULL;
   }
@@ -1165,7 +1251,8 @@ static struct chat *chat_new(struct gateway *gw, struct httpd_req *req, const ch
   c->route = route;
   c->attempts = c->inline_attempts;
   c->method = httpd_req_method(req);
-  copy_cut(c->upstream_path, sizeof(c->upstream_path), upstream_path);
+  c->upstream_path = path_heap ? path_heap : c->upstream_path_inline;
+  memcpy(c->upstream_path, upstream_path, path_len + 1);
   return c;
 }
 
@@ -1394,12 +1481,14 @@ static void proceed_forward(struct chat *c, const char *forward_to) {
   if (c->forwarded_auth) zg_secret_free(c->forwarded_auth);
   c->forwarded_auth = strndup(auth ? auth : "", 1023);
   struct attempt *a = new_attempt(c);
-  if (!a || !c->forwarded_auth) {
+  char url[UPSTREAM_PATH_MAX + 600];
+  if (a)
+    gateway_forward_url(c->gw, forward_to, c->upstream_path, url, sizeof(url), c->forward_node,
+                        sizeof(c->forward_node));
+  if (!a || !c->forwarded_auth || attempt_store_url(a, url, strlen(url), "", 0) != 0) {
     respond_error(c, 500, "server_error", NULL, NULL, "out of memory", "oom");
     return;
   }
-  gateway_forward_url(c->gw, forward_to, c->upstream_path, a->url, sizeof(a->url), c->forward_node,
-                      sizeof(c->forward_node));
   snprintf(a->upstream_id, sizeof(a->upstream_id), "active");
   if (body_len) {
     /* Borrowed: the request lives until it is answered. */
@@ -1454,6 +1543,7 @@ static void retry_route_later(struct chat *c) {
   for (size_t i = 0; i < c->n_attempts; i++) {
     zg_secret_free(c->attempts[i].api_key);
     free(c->attempts[i].body);
+    free(c->attempts[i].url_heap);
   }
   c->n_attempts = 0;
   c->current = 0;
@@ -1616,11 +1706,13 @@ static const char *cache_upstream_id(struct chat *c, char *out, size_t size) {
 static void proceed_local(struct chat *c) {
   struct gateway *gw = c->gw;
   struct httpd_req *req = c->req;
-  if (gateway_authenticate(gw, req, &c->token) != 0) {
+  struct gateway_token token;
+  if (gateway_authenticate(gw, req, &token) != 0) {
     chat_free(c);
     return;
   }
-  c->has_token = c->token.name[0] != '\0';
+  memcpy(c->token_name, token.name, sizeof(c->token_name));
+  c->has_token = c->token_name[0] != '\0';
   size_t body_len, object_end = 0, members = 0;
   const char *body = httpd_req_body(req, &body_len);
   struct body_value v[F_COUNT];

@@ -106,6 +106,10 @@ size_t httpd_req_header_count(const struct httpd_req *req);
 void httpd_req_header_at(const struct httpd_req *req, size_t i, const char **name,
                          const char **value);
 const char *httpd_req_body(const struct httpd_req *req, size_t *len); /* NUL-terminated */
+/* Frees the request body's memory now (a handler that has sent it on and
+ * will not read it again, e.g. under a long stream); httpd_req_body() then
+ * gives "" and 0. Earlier pointers from httpd_req_body() are invalid. */
+void httpd_req_release_body(struct httpd_req *req);
 /* The client: the address a trusted proxy's PROXY header named, else the
  * TCP peer. httpd_req_socket_ip: always the TCP peer. */
 const char *httpd_req_peer_ip(const struct httpd_req *req);

@@ -794,6 +794,9 @@ const char *httpd_req_body(const struct httpd_req *r, size_t *len) {
   if (len) *len = r->body.len;
   return r->body.data ? r->body.data : "";
 }
+void httpd_req_release_body(struct httpd_req *r) {
+  zg_buf_free(&r->body);
+}
 
 bool httpd_req_via_proxy(const struct httpd_req *r) {
   return r->via_proxy;

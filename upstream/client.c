@@ -1317,6 +1317,10 @@ void upstream_resume(struct upstream_transfer *t) {
     uv_timer_start(&c->resume_timer, on_resume_timer, 0, 0);
 }
 
+bool upstream_body_done(const struct upstream_transfer *t) {
+  return is_lean(t) && lean_body_done((const struct lean_transfer *)t);
+}
+
 void upstream_get_timing(const struct upstream_transfer *t, struct upstream_timing *out) {
   if (is_lean(t)) {
     lean_get_timing((const struct lean_transfer *)t, out);

@@ -7,7 +7,9 @@
  * opens one: numeric hosts connect at once, names go through
  * uv_getaddrinfo, every address in turn), writes head and body with ONE
  * gathered uv_write (the body is not copied when the caller keeps it),
- * and reads the response straight into the callbacks. A response that
+ * and reads the response straight into the callbacks (a body that goes on
+ * past a read, e.g. an event stream, frees the request bytes and the header
+ * text while it lasts: see on_read). A response that
  * ended cleanly and allows keep-alive, with the request fully written and
  * nothing after it, puts the connection back in the pool; anything else
  * closes it. Idle connections keep reading, so a peer that closes one is
@@ -112,7 +114,8 @@ struct lean_transfer {
   size_t body_len;
   bool head_request;
   bool cancelled, finished, pause_wanted, retried;
-  bool fail_pending; /* a failure found in lean_start, reported by the timer */
+  bool request_dropped; /* sent whole, response under way: request and body not read again */
+  bool fail_pending;    /* a failure found in lean_start, reported by the timer */
   enum upstream_result fail_result;
   uint64_t start_us, connected_us, first_byte_us, done_us;
   uint64_t start_loop_ms, connect_start_loop_ms, request_sent_loop_ms, last_activity_loop_ms;
@@ -673,6 +676,17 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
     complete_transfer(t);
     return;
   }
+  if (k->resp.head_delivered && !k->write_pending) {
+    /* The body goes on past this read (an event stream may last minutes):
+     * the request bytes (a response started, so no retry sends them) and
+     * the response's header text are not needed while it lasts. */
+    free(t->request);
+    t->request = NULL;
+    t->body = NULL;
+    t->head_len = t->body_len = 0;
+    t->request_dropped = true;
+    lean_response_trim(&k->resp);
+  }
   if (t->pause_wanted) conn_read(k, false);
 }
 
@@ -1171,6 +1185,15 @@ static void on_resume_timer(uv_timer_t *h) {
     t->in_resume_list = false;
     if (!t->cancelled && !t->finished && !t->pause_wanted) resume_one(t);
   }
+}
+
+/* The request went out whole (no write pending) and a response started,
+ * so no retry sends it again: the body is not read any more. */
+bool lean_body_done(const struct lean_transfer *t) {
+  if (!t || t->finished || t->cancelled) return false;
+  if (t->request_dropped) return true;
+  const struct lean_conn *k = t->conn;
+  return k && k->t == t && !k->write_pending && lean_response_started(&k->resp);
 }
 
 void lean_get_timing(const struct lean_transfer *t, struct upstream_timing *out) {

@@ -104,6 +104,10 @@ void lean_response_init(struct lean_response *r, const struct lean_response_call
                         bool head_request);
 /* Resets r for the next response on the same connection (memory kept). */
 void lean_response_reset(struct lean_response *r, bool head_request);
+/* Frees the header text once the head was delivered (it is not read again
+ * for this response) and the held-body buffer while it is empty, so a long
+ * body (an event stream) does not keep them; both grow again when needed. */
+void lean_response_trim(struct lean_response *r);
 void lean_response_free(struct lean_response *r);
 
 /* Parses data[0..len); callbacks run inside. *used: bytes taken (all of
@@ -143,6 +147,7 @@ void lean_cancel(struct lean_transfer *t);
 void lean_pause(struct lean_transfer *t);
 void lean_resume(struct lean_transfer *t);
 void lean_get_timing(const struct lean_transfer *t, struct upstream_timing *out);
+bool lean_body_done(const struct lean_transfer *t);
 size_t lean_active_count(const struct lean_client *c);
 
 /* Connections opened, and requests sent on a reused one, since creation

@@ -3,7 +3,8 @@
  *
  * Happy path: header lines are gathered as "Name: value\0" in one growing
  * buffer; at the end of the head on_head gets them (interim 1xx heads are
- * dropped); body pieces go to on_body straight from the input (no copy),
+ * dropped; lean_response_trim() frees the buffer once the head is
+ * delivered, for a long body); body pieces go to on_body straight from the input (no copy),
  * through zlib when the body is gzip or deflate encoded; the end of the
  * message stops the parser, so bytes after it are left to the caller.
  *
@@ -357,6 +358,19 @@ void lean_response_reset(struct lean_response *r, bool head_request) {
   r->sniff_len = 0;
   r->decode = LEAN_DECODE_NONE;
   r->error[0] = '\0';
+}
+
+void lean_response_trim(struct lean_response *r) {
+  if (r->head_delivered && r->head_text) {
+    free(r->head_text);
+    r->head_text = NULL;
+    r->head_cap = r->head_len = r->head_count = 0;
+  }
+  if (r->held && r->held_off == r->held_len) {
+    free(r->held);
+    r->held = NULL;
+    r->held_cap = r->held_len = r->held_off = 0;
+  }
 }
 
 void lean_response_free(struct lean_response *r) {

@@ -172,6 +172,14 @@ void upstream_cancel(struct upstream_transfer *t);
 void upstream_pause(struct upstream_transfer *t);
 void upstream_resume(struct upstream_transfer *t);
 
+/* True once the transfer will not read the request body again: the whole
+ * request went out and a response body is under way, so no retry sends it
+ * again. A caller that kept the body (body_kept) may then free it before
+ * on_done (a long stream need not hold its prompt). Always false for a
+ * libcurl transfer (libcurl may read the body until the transfer ends),
+ * and for NULL. */
+bool upstream_body_done(const struct upstream_transfer *t);
+
 /* Microseconds from upstream_start(): until the connection was ready to send
  * (connect_us, includes DNS and TLS; ~0 on a reused connection; 0 if it
  * never got there), until the first response byte (first_byte_us; 0 if

@@ -1,0 +1,261 @@
+#!/usr/bin/env bash
+# tests/bench/streams10k.sh: N concurrent SSE streams (10,000 by default)
+# through zonegate and through nginx, side by side in one run (issue 14,
+# target 3: less memory than nginx, chunk delay p99 and CPU no worse).
+#
+# Starts mockllm, one zonegate (auth none, cache off, log warn, usage off,
+# the build's default upstream client) and nginx (one worker, proxy_pass
+# through an upstream block with keepalive, proxy_buffering off), then runs
+# ROUNDS interleaved rounds (the order of the two targets swaps every round)
+# of streamload.c (compiled into the temp dir): N streams opened RAMP per
+# second, each CHUNKS chunks INTERVAL_MS apart. For each run it reports the
+# proxy's RSS (VmRSS, sampled every 100 ms) before the run and at the peak,
+# the peak minus the proxy's RSS right after start-up divided by N (KB per
+# stream), the proxy's CPU seconds over the run (utime + stime), the chunk
+# delivery delay p50/p99/max (and p99 while all N were open: no ramp, no
+# teardown) and the failed streams; then the zonegate/nginx
+# ratios per round, and a markdown table. For nginx the figures are the
+# worker's (the process that holds the connections; the master is idle and
+# its RSS is printed once). Not a pass/fail test: exit 1 only if the set-up
+# fails (a binary missing, a process that does not start, a sanity stream
+# that does not answer 200).
+#
+# Each proxy holds 2 descriptors per stream (client and upstream), so N is
+# capped at (RLIMIT_NOFILE hard limit - 200) / 2, said so when it applies
+# (9,900 with the usual hard limit of 20,000). nginx gets worker_connections
+# 2.25N + 512: 2 per stream, its 256 cached keep-alive connections, and
+# headroom, because nginx starts closing idle connections (a client's fresh
+# one that has not sent its request yet among them: "worker_connections are
+# not enough, reusing connections") once fewer than 1/16 of them are free.
+# Every step is bounded (streamload has its own deadline; `timeout` around
+# it); loopback only; a trap stops every process it started.
+#
+# Usage: tests/bench/streams10k.sh [BUILD_DIR]   (default: <repo>/build-rel)
+# Env:   N (10000) CHUNKS (60) INTERVAL_MS (500) RAMP (new streams/s, 2000)
+#        PROMPT_BYTES (0: streams.py's small body; else the prompt is padded
+#        by that many bytes, and nginx's client_body_buffer_size grows to
+#        keep the body in memory, as zonegate does) ROUNDS (2) PIN (1: proxy on core 0, mockllm and client on core 1)
+#        KEEP_TMP (1 keeps the temp dir) UPSTREAM_CLIENT (auto|curl; unset:
+#        the build's default)
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+build=${1:-$repo/build-rel}
+N=${N:-10000}
+CHUNKS=${CHUNKS:-60}
+INTERVAL_MS=${INTERVAL_MS:-500}
+RAMP=${RAMP:-2000}
+PROMPT_BYTES=${PROMPT_BYTES:-0}
+ROUNDS=${ROUNDS:-2}
+PIN=${PIN:-1}
+
+for bin in "$build/zonegate" "$build/tests/mockllm"; do
+  [[ -x $bin ]] || { echo "streams10k.sh: $bin not found; build first:" >&2
+    echo "  cmake -S $repo -B $build -DCMAKE_BUILD_TYPE=Release && cmake --build $build -j2" >&2; exit 1; }
+done
+for tool in nginx gcc curl python3 timeout taskset; do
+  command -v "$tool" >/dev/null || { echo "streams10k.sh: $tool is not installed" >&2; exit 1; }
+done
+
+ulimit -n "$(ulimit -Hn)"
+nofile=$(ulimit -n)
+n_max=$(( (nofile - 200) / 2 ))
+if (( N > n_max )); then
+  echo "streams10k.sh: RLIMIT_NOFILE is $nofile (hard); each proxy needs 2 per stream: N $N -> $n_max" >&2
+  N=$n_max
+fi
+command_line="N=$N CHUNKS=$CHUNKS INTERVAL_MS=$INTERVAL_MS RAMP=$RAMP PROMPT_BYTES=$PROMPT_BYTES ROUNDS=$ROUNDS $0 $*"
+
+tmp=$(mktemp -d /tmp/zonegate-streams10k.XXXXXX)
+pids=()
+cleanup() {
+  local pid
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+  done
+  if [[ ${KEEP_TMP:-0} == 1 ]]; then echo "temp dir kept: $tmp" >&2; else rm -rf "$tmp"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+if [[ $PIN == 1 && $(nproc) -ge 2 ]]; then
+  on_proxy=(taskset -c 0); on_side=(taskset -c 1)
+else
+  on_proxy=(); on_side=()
+fi
+
+free_ports() {
+  python3 - "$1" <<'EOF'
+import socket, sys
+s = [socket.socket() for _ in range(int(sys.argv[1]))]
+for x in s: x.bind(("127.0.0.1", 0))
+print(" ".join(str(x.getsockname()[1]) for x in s))
+EOF
+}
+wait_http() {
+  for _ in $(seq 100); do
+    [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "$1" || true) != 000 ]] && return 0
+    sleep 0.1
+  done
+  echo "streams10k.sh: nothing answers at $1" >&2; return 1
+}
+
+gcc -std=gnu11 -O2 -Wall -Wextra -Werror -o "$tmp/streamload" "$repo/tests/bench/streamload.c"
+
+# ---- processes ---------------------------------------------------------------
+"${on_side[@]}" "$build/tests/mockllm" --listen 127.0.0.1:0 >"$tmp/mockllm.out" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do grep -q 'listening on' "$tmp/mockllm.out" && break; sleep 0.1; done
+port_mock=$(sed -n 's/.*listening on 127.0.0.1:\([0-9]*\).*/\1/p' "$tmp/mockllm.out")
+[[ -n $port_mock ]] || { echo "streams10k.sh: mockllm did not start" >&2; exit 1; }
+
+declare -A port pid
+read -r p a r <<<"$(free_ports 3)"
+mkdir -p "$tmp/zonegate"
+cat >"$tmp/zonegate/config.json" <<EOF
+{"node": {"id": "bench", "zone": "A"},
+ "listen": {"gateway": "127.0.0.1:$p", "admin": "127.0.0.1:$a", "raft": "127.0.0.1:$r"},
+ "cluster": {"data_dir": "$tmp/zonegate/data"},
+ "endpoint": "http://127.0.0.1:$port_mock", "api_key": "env:ZG_BENCH_UPSTREAM_KEY",
+ "auth": {"mode": "none"}, "usage": {"enabled": false},
+ "performance": {"max_concurrent": 100000, "max_queue": 100000, "cache_size": 0${UPSTREAM_CLIENT:+, \"upstream_client\": \"$UPSTREAM_CLIENT\"}},
+ "logging": {"level": "warn"}}
+EOF
+ZG_BENCH_UPSTREAM_KEY=bench-key "${on_proxy[@]}" "$build/zonegate" serve --config "$tmp/zonegate/config.json" \
+  >"$tmp/zonegate/zonegate.log" 2>&1 &
+pid[zonegate]=$!
+pids+=($!)
+port[zonegate]=$p
+wait_http "http://127.0.0.1:$p/health/live"
+
+read -r port_ngx <<<"$(free_ports 1)"
+mkdir -p "$tmp/nginx/logs"
+cat >"$tmp/nginx/nginx.conf" <<EOF
+worker_processes 1;
+worker_rlimit_nofile $nofile;
+daemon off;
+pid $tmp/nginx/nginx.pid;
+error_log $tmp/nginx/logs/error.log warn;
+events { worker_connections $(( 2 * N + N / 4 + 512 )); }
+http {
+  client_body_temp_path $tmp/nginx/body; proxy_temp_path $tmp/nginx/proxy;
+  fastcgi_temp_path $tmp/nginx/fastcgi; uwsgi_temp_path $tmp/nginx/uwsgi; scgi_temp_path $tmp/nginx/scgi;
+  keepalive_requests 1000000; keepalive_timeout 60s;
+  client_body_buffer_size $(( PROMPT_BYTES + 16384 )); # 16k: nginx's default on 64-bit
+  upstream mockllm { server 127.0.0.1:$port_mock; keepalive 256; keepalive_requests 1000000; }
+  server {
+    listen 127.0.0.1:$port_ngx backlog=4096; access_log off;
+    location / { proxy_pass http://mockllm; proxy_http_version 1.1; proxy_set_header Connection "";
+                 proxy_buffering off; }
+  }
+}
+EOF
+"${on_proxy[@]}" nginx -p "$tmp/nginx" -c "$tmp/nginx/nginx.conf" -g "user $(id -un) $(id -gn);" \
+  >"$tmp/nginx/stdout.log" 2>&1 &
+ngx_master=$!
+pids+=($!)
+port[nginx]=$port_ngx
+wait_http "http://127.0.0.1:$port_ngx/"
+ngx_worker=$(cat "/proc/$ngx_master/task/$ngx_master/children" 2>/dev/null | awk '{print $1}')
+[[ -n $ngx_worker ]] || { echo "streams10k.sh: no nginx worker under $ngx_master" >&2; exit 1; }
+pid[nginx]=$ngx_worker
+
+for name in zonegate nginx; do
+  code=$(curl -s -o "$tmp/sanity.out" -w '%{http_code}' --max-time 10 -H 'Content-Type: application/json' \
+    -H 'X-Mock-Chunks: 3' -H 'X-Mock-Chunk-Interval-Ms: 10' \
+    --data-binary '{"model":"mock-gpt","stream":true,"messages":[{"role":"user","content":"hi"}]}' \
+    "http://127.0.0.1:${port[$name]}/v1/chat/completions" || true)
+  [[ $code == 200 ]] && grep -q 'data: \[DONE\]' "$tmp/sanity.out" ||
+    { echo "streams10k.sh: sanity stream through $name answered $code: $(head -c 300 "$tmp/sanity.out")" >&2; exit 1; }
+done
+sleep 1
+rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+declare -A startup
+for name in zonegate nginx; do startup[$name]=$(rss_kb "${pid[$name]}"); done
+echo "== start-up RSS: zonegate ${startup[zonegate]} KB, nginx worker ${startup[nginx]} KB (master $(rss_kb "$ngx_master") KB)"
+
+# ---- measurements --------------------------------------------------------------
+# measure.py PID STARTUP_KB -- streamload args: samples the proxy's VmRSS every
+# 100 ms while streamload runs; prints streamload's line and one RUN line.
+cat >"$tmp/measure.py" <<'EOF'
+import os, subprocess, sys, time
+pid, startup = int(sys.argv[1]), int(sys.argv[2])
+cmd = sys.argv[4:]
+tick = os.sysconf("SC_CLK_TCK")
+def rss():
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"): return int(line.split()[1])
+def cpu():
+    with open(f"/proc/{pid}/stat") as f:
+        x = f.read().rsplit(")", 1)[1].split()
+    return (int(x[11]) + int(x[12])) / tick
+before, cpu0, peak = rss(), cpu(), 0
+p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+while p.poll() is None:
+    peak = max(peak, rss())
+    time.sleep(0.1)
+out = p.stdout.read().strip()
+used = cpu() - cpu0
+print(out)
+print(f"RUN rss_before_kb={before} rss_peak_kb={peak} cpu_s={used:.2f} startup_kb={startup}")
+EOF
+
+results="$tmp/results.txt"
+: >"$results"
+run_one() { # NAME ROUND
+  local name=$1 round=$2 out line run
+  out=$(timeout $(( N / RAMP + CHUNKS * INTERVAL_MS / 1000 + 90 )) "${on_side[@]}" python3 "$tmp/measure.py" \
+    "${pid[$name]}" "${startup[$name]}" -- "$tmp/streamload" --port "${port[$name]}" --streams "$N" \
+    --chunks "$CHUNKS" --interval-ms "$INTERVAL_MS" --rate "$RAMP" --prompt-bytes "$PROMPT_BYTES" 2>&1 || true)
+  line=$(grep '^STREAMLOAD ' <<<"$out" || true)
+  run=$(grep '^RUN ' <<<"$out" || true)
+  [[ -n $line && -n $run ]] || { echo "streams10k.sh: streamload against $name failed: $out" >&2; exit 1; }
+  printf '  round %d %-8s %s\n  round %d %-8s %s\n' "$round" "$name" "$line" "$round" "$name" "$run"
+  echo "$name $round $line $run" >>"$results"
+  sleep 3 # let the closed connections settle before the next run
+}
+
+echo "== $ROUNDS interleaved rounds, N=$N streams, $CHUNKS chunks ${INTERVAL_MS} ms apart, ramp $RAMP/s, prompt +$PROMPT_BYTES B (load $(cut -d' ' -f1-3 /proc/loadavg))"
+for ((round = 1; round <= ROUNDS; round++)); do
+  if (( round % 2 )); then order="zonegate nginx"; else order="nginx zonegate"; fi
+  for name in $order; do run_one "$name" "$round"; done
+done
+
+# ---- summary -----------------------------------------------------------------------
+python3 - "$results" "$N" <<'EOF' | tee "$tmp/summary.md"
+import sys, re, statistics as st
+n = int(sys.argv[2])
+rows = {}
+for line in open(sys.argv[1]):
+    name, rnd, rest = line.split(" ", 2)
+    kv = dict(re.findall(r"(\w+)=([-0-9.]+)", rest))
+    rows[(name, int(rnd))] = {k: float(v) for k, v in kv.items()}
+rounds = sorted({r for _, r in rows})
+print("\n| round | proxy | RSS before → peak MB | KB per stream | CPU s | chunk delay p50 / p99 / max ms | p99 all open (steady) ms | ok / failed | all open s |")
+print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+for r in rounds:
+    for name in ("zonegate", "nginx"):
+        x = rows[(name, r)]
+        print(f"| {r} | {name} | {x['rss_before_kb']/1024:.1f} → {x['rss_peak_kb']/1024:.1f} | "
+              f"{(x['rss_peak_kb'] - x['startup_kb']) / n:.1f} | {x['cpu_s']:.2f} | "
+              f"{x['p50_ms']:.1f} / {x['p99_ms']:.1f} / {x['max_ms']:.0f} | {x['steady_p99_ms']:.1f} | "
+              f"{x['ok']:.0f} / {x['failed']:.0f} | "
+              f"{x['all_open_s']:.1f} |")
+def ratio(key):
+    return [rows[("zonegate", r)][key] / rows[("nginx", r)][key] if rows[("nginx", r)][key] else float("nan")
+            for r in rounds]
+def fmt(xs): return f"{st.median(xs):.2f} [{min(xs):.2f}..{max(xs):.2f}]"
+print("\n| zonegate / nginx (same run) | median [min..max] over rounds |")
+print("|---|---|")
+print(f"| peak RSS | {fmt(ratio('rss_peak_kb'))} |")
+print(f"| CPU s | {fmt(ratio('cpu_s'))} |")
+print(f"| chunk delay p99 | {fmt(ratio('p99_ms'))} |")
+print(f"| chunk delay p99 while all were open (steady) | {fmt(ratio('steady_p99_ms'))} |")
+print(f"| chunk delay p50 | {fmt(ratio('p50_ms'))} |")
+zg_peak = st.median(rows[("zonegate", r)]["rss_peak_kb"] for r in rounds) / 1024
+print(f"\nzonegate peak RSS median {zg_peak:.1f} MB (target ≤ 150 MB and < nginx's)")
+EOF
+echo
+echo "Command: $command_line"
