@@ -328,13 +328,17 @@ static void respond_error(struct chat *c, int status, const char *type, const ch
  * proxy_next_upstream error): a 503 it could only retry by status, and so
  * re-send a model provider's 503 too. Anyone else (a client, a standby
  * forwarding to us) gets the 503 with X-Zonegate-Refused. */
+static void close_for_lb_retry(struct chat *c) {
+  note_fields(c, "none", "closed_for_lb_retry", 0, 0);
+  httpd_req_set_abort(c->req, NULL, NULL);
+  httpd_req_close_unanswered(c->req);
+  chat_done(c);
+}
+
 static void refuse_here(struct chat *c, const char *code, const char *const *headers,
                         const char *message, const char *result) {
   if (gateway_request_via_lb(c->req)) {
-    note_fields(c, "none", "closed_for_lb_retry", 0, 0);
-    httpd_req_set_abort(c->req, NULL, NULL);
-    httpd_req_close_unanswered(c->req);
-    chat_done(c);
+    close_for_lb_retry(c);
     return;
   }
   respond_error(c, 503, "service_unavailable", code, headers, message, result);
@@ -832,15 +836,11 @@ static void on_upstream_done(void *ud, enum upstream_result result, const char *
     gateway_note_upstream(gw, false, kind);
   }
   bool never_sent = result == UPSTREAM_CONNECT_FAILED || result == UPSTREAM_CONNECT_TIMEOUT;
-  /* The active we forwarded to is gone: never reached, or it broke the
-   * connection before one byte of its answer (killed with the request in
-   * flight; like the LB's retry-on empty-response, the request then goes
-   * to the next active and may reach the model API twice, since the dead
-   * node may have sent it). Ask the role again and wait for the next
-   * active, within the hold deadline. A held request retries a gone active
-   * every 20 ms: one WARN line for it, the retries at DEBUG. */
-  bool held_retry = c->forwarding && gw->cluster && !c->streaming_to_client &&
-                    (never_sent || (result == UPSTREAM_BROKEN && c->status == 0));
+  /* The active we forwarded to was never reached (failover in progress):
+   * ask the role again and wait for the next active, within the hold
+   * deadline. A held request retries a gone active every 20 ms: one WARN
+   * line for it, the retries at DEBUG. */
+  bool held_retry = c->forwarding && never_sent && gw->cluster && !c->streaming_to_client;
   zg_log(held_retry && c->forward_fail_logged ? ZG_DEBUG : ZG_WARN, "upstream_failed",
          "%s %s: %s (%s)", c->forwarding ? "active node" : a->upstream_id, kind,
          curl_error ? curl_error : "",
@@ -880,6 +880,20 @@ static void on_upstream_done(void *ud, enum upstream_result result, const char *
     httpd_stream_write(c->req, event, (size_t)n);
     httpd_stream_abort(c->req);
     chat_done(c);
+    return;
+  }
+  /* The active broke the forward before one byte of its answer (killed
+   * with the request in flight, or an answer this node could not read).
+   * Sending it again from here was tried: a request that crashes the node
+   * serving it then took down the last gateway too, and an unreadable
+   * answer from a live active was asked for again every 20 ms (146
+   * provider calls for one request). The LB owns that choice, as for a
+   * request that reached the dying active straight: its connection closes
+   * unanswered (retry-on empty-response, at most `retries` more); a client
+   * gets the 502. */
+  if (c->forwarding && result == UPSTREAM_BROKEN && c->status == 0 &&
+      gateway_request_via_lb(c->req)) {
+    close_for_lb_retry(c);
     return;
   }
   char message[256];

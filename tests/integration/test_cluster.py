@@ -406,12 +406,10 @@ def test_provider_503_through_a_standby_is_answered_once_not_resent(cluster):
     assert after - before == 1, f"provider called {after - before} times for one request"
 
 
-def test_request_forwarded_to_an_active_that_dies_unanswered_goes_to_the_next_active(cluster):
-    """Review finding: a standby forwarding a request to the active, which
-    is killed before one byte of its answer, answered 502 ("the upstream
-    model API is unreachable"), while the same request sent straight to the
-    active is retried by the LB (retry-on empty-response). The standby now
-    holds it and sends it to the next active, as the LB would."""
+def forward_to_dying_active(cluster, headers):
+    """A chat sent to the standby (forwarded to the active), the active
+    SIGKILLed while the slow provider holds it. Returns (status, headers,
+    body) or the OSError, and the provider calls it cost."""
     active = cluster.active()
     standby = next(n for n in cluster.nodes if n.role == "gateway" and n is not active)
     status, answer = standby.admin_call("POST", "/v1/tokens", {"name": "app-dies"})
@@ -420,13 +418,48 @@ def test_request_forwarded_to_an_active_that_dies_unanswered_goes_to_the_next_ac
     cluster.wait_caught_up()
     before = json.loads(request(cluster.mock.port, "GET", "/mock/stats")[2])["total_requests"]
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        # The active holds it at the (slow) provider when it is killed.
-        pending = pool.submit(chat, standby, token, **{"X-Mock-Latency-Ms": "1500"})
+        pending = pool.submit(chat, standby, token, **{"X-Mock-Latency-Ms": "1500", **headers})
         time.sleep(0.4)
         active.proc.signal(signal.SIGKILL)
         active.proc.wait(timeout=10)
-        status, headers, body = pending.result(timeout=30)
-    assert status == 200, (status, body[:300])
-    # The price, as with the LB's retry: the dead active had already sent it.
+        try:
+            outcome = pending.result(timeout=30)
+        except OSError as e:
+            outcome = e
     after = json.loads(request(cluster.mock.port, "GET", "/mock/stats")[2])["total_requests"]
-    assert after - before == 2, f"provider called {after - before} times"
+    return standby, outcome, after - before
+
+
+def test_forward_broken_by_a_dying_active_is_a_502_naming_the_active_not_a_replay(cluster):
+    """A standby forwarding a request to an active that dies before one
+    byte of its answer does not send it again itself: replaying it spread a
+    request that crashes its node to the last gateway, and asked a live
+    active whose answer it could not read again every 20 ms (review). A
+    client gets 502 naming the active node (it said "the upstream model
+    API"); the provider was called once."""
+    _, outcome, calls = forward_to_dying_active(cluster, {})
+    status, _, body = outcome
+    assert status == 502, body[:300]
+    assert b"the active node" in body, body[:300]
+    assert calls == 1, f"provider called {calls} times"
+
+
+def test_forward_broken_by_a_dying_active_closes_the_lb_connection_for_its_retry():
+    """The same through a trusted load balancer: the standby closes the
+    LB's connection without a byte (444), as the dying active's own
+    connections close, so the LB's retry-on empty-response decides."""
+    with TempDir() as d:
+        c = Cluster(d, listen_extra={"trusted_proxies": ["127.0.0.1/32"]})
+        try:
+            c.start()
+            c.wait_caught_up()
+            standby, outcome, calls = forward_to_dying_active(c, {"X-Forwarded-For": "127.0.0.7"})
+            assert isinstance(outcome, OSError), outcome
+            assert calls == 1, f"provider called {calls} times"
+            line = wait_for(lambda: next((l for l in standby.proc.log_lines()
+                                          if l.get("event") == "access"
+                                          and l.get("upstream_result") == "closed_for_lb_retry"), None),
+                            timeout=5, what="the access line of the closed request")
+            assert line["status"] == 444 and line["client_ip"] == "127.0.0.7", line
+        finally:
+            c.stop()
