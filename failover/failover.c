@@ -264,10 +264,32 @@ static bool pick_target(struct failover *f, bool preferred_only, char *out, size
   return found;
 }
 
+const char *failover_switchover_target_error(struct failover *f, const char *to) {
+  if (strcmp(to, f->node_id) == 0) return "is this node: name another gateway";
+  cJSON *status = consensus_status_json(f->cs);
+  const char *why = "is not a member of this cluster";
+  const cJSON *m;
+  cJSON_ArrayForEach(m, cJSON_GetObjectItemCaseSensitive(status, "members")) {
+    const cJSON *id = cJSON_GetObjectItemCaseSensitive(m, "id");
+    if (!cJSON_IsString(id) || strcmp(id->valuestring, to) != 0) continue;
+    const cJSON *role = cJSON_GetObjectItemCaseSensitive(m, "role");
+    const cJSON *voter = cJSON_GetObjectItemCaseSensitive(m, "voter");
+    if (!cJSON_IsString(role) || strcmp(role->valuestring, "gateway") != 0)
+      why = "is the witness: it never serves clients";
+    else if (voter && cJSON_IsFalse(voter))
+      why = "is not a voter yet";
+    else
+      why = NULL;
+    break;
+  }
+  cJSON_Delete(status);
+  return why;
+}
+
 int failover_switchover(struct failover *f, const char *to, const char *reason,
                         void (*cb)(void *ud, int status, const char *msg), void *ud) {
   if (f->rm.draining) return CONSENSUS_EBUSY;
-  if (to && strcmp(to, f->node_id) == 0) return CONSENSUS_EINVALID;
+  if (to && failover_switchover_target_error(f, to)) return CONSENSUS_EINVALID;
   char target[64] = "";
   if (to)
     snprintf(target, sizeof(target), "%s", to);

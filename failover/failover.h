@@ -68,7 +68,14 @@ int failover_health(struct failover *f, const char *check, struct cJSON *body);
 /* Planned switchover: stop taking new work, wait for in-flight requests
  * (streams included) up to drain_timeout, transfer leadership to `to`
  * (NULL = best caught-up gateway, preferring the preferred zone). cb runs
- * once: status 0 when leadership moved. Only on the active node. */
+ * once: status 0 when leadership moved. Only on the active node. Returns
+ * CONSENSUS_EINVALID at once, nothing started, when `to` is not a voting
+ * gateway member other than this node (failover_switchover_target_error
+ * says why), CONSENSUS_EBUSY during another one, CONSENSUS_ENOTLEADER
+ * when this node is not active. */
+/* NULL if `to` can take leadership in a switchover, else why not: a
+ * static string to put after the id ("is the witness: ..."). */
+const char *failover_switchover_target_error(struct failover *f, const char *to);
 int failover_switchover(struct failover *f, const char *to, const char *reason,
                         void (*cb)(void *ud, int status, const char *msg), void *ud);
 /* Raft leadership, fencing or the applied state changed (consensus

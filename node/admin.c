@@ -645,6 +645,13 @@ static void handle_switchover(struct admin_req *a) {
   char target[64] = "";
   if (cJSON_IsString(to)) snprintf(target, sizeof(target), "%s", to->valuestring);
   cJSON_Delete(body);
+  const char *why = target[0] ? failover_switchover_target_error(a->node->failover, target) : NULL;
+  if (why) {
+    httpd_respond_error(a->req, 400, "invalid_request_error", "invalid_switchover_target", NULL,
+                        "switchover refused: %s %s", target, why);
+    admin_req_free(a);
+    return;
+  }
   httpd_req_set_abort(a->req, on_admin_abort, a);
   int rc = failover_switchover(a->node->failover, target[0] ? target : NULL,
                                "planned switchover (admin API)", admin_switchover_done, a);

@@ -775,3 +775,16 @@ def test_switchover_to_a_dead_standby_says_it_did_not_move(lbc):
     assert "did not move" in answer.get("message", ""), answer
     assert answer.get("leader") == old.id, answer
     lbc.cluster.wait_active(timeout=10)
+
+
+def test_switchover_to_the_witness_or_an_unknown_node_is_refused_before_the_drain(lbc):
+    """Review finding: `to: witness` answered 200 "leadership transferred"
+    while the witness handed it straight back, and an unknown id began a
+    drain before failing with 409. Both are 400 now, naming the target, and
+    nothing moves."""
+    old = lbc.wait_steady()
+    for target, why in (("witness", "is the witness"), ("gw-nope", "is not a member")):
+        status, answer = old.admin_call("POST", "/v1/cluster/switchover", {"to": target}, timeout=10)
+        assert status == 400 and why in answer["error"]["message"], (target, status, answer)
+    assert lbc.cluster.wait_active(timeout=5).id == old.id
+    assert "switchover_started" not in old.proc.output()

@@ -3,7 +3,8 @@ what the data plane, the health answers, the metrics and the alert engine
 read.
 
 The reproduction: a one-voter cluster, `POST /v1/cluster/switchover
-{"to": "nonexistent"}`. The transfer fails at once; the node must go back
+{"to": "nonexistent"}` (now refused with 400 before the drain starts; `{}`,
+no other voter, takes the same path). The transfer fails at once; the node must go back
 to ACTIVE legally (DRAINING -> ACTIVE), keep serving, answer 200 on
 /health/active, report role active everywhere, log no error line, no
 role_transition_refused, no per-heartbeat role_changed, and raise no
@@ -46,7 +47,13 @@ def role_lines(stack):
 
 
 def test_aborted_switchover_leaves_role_consistent(node):
+    # A target that is no member is refused before anything starts.
+    moves_before = len(role_lines(node))
     status, doc = admin(node, "POST", "/v1/cluster/switchover", {"to": "nonexistent"})
+    assert status == 400 and "nonexistent is not a member" in json.dumps(doc), (status, doc)
+    assert len(role_lines(node)) == moves_before
+    # No other voter: the drain starts, the transfer fails, back to active.
+    status, doc = admin(node, "POST", "/v1/cluster/switchover", {})
     assert status == 409, (status, doc)
     assert doc.get("ok") is False, doc
     moves_after_switchover = len(role_lines(node))
@@ -85,10 +92,10 @@ def test_second_aborted_switchover_and_failback_still_work(node):
     """After an aborted switchover the next one is accepted again (the
     node is not stuck in a non-active role)."""
     for _ in range(2):
-        status, doc = admin(node, "POST", "/v1/cluster/switchover", {"to": "nonexistent"})
-        assert status == 409, (status, doc)
+        status, doc = admin(node, "POST", "/v1/cluster/switchover", {})
+        assert status == 409, (status, doc)  # no other voter: refused, back to active
     status, doc = admin(node, "POST", "/v1/cluster/switchover", {})
-    assert status == 409, (status, doc)  # no other voter: refused, back to active
+    assert status == 409, (status, doc)
     wait_for(lambda: request(node.port, "GET", "/health/active")[0] == 200, timeout=5,
              what="active again")
     assert not [l for l in node.gw.log_lines() if l.get("level") == "error"]
