@@ -901,6 +901,10 @@ static int count_trailer(struct conn *c, size_t len, bool new_line) {
 static int on_header_field(http_parser *p, const char *at, size_t len) {
   struct conn *c = p->data;
   struct httpd_req *r = c->parsing;
+  /* The request line is complete: a HEAD request whose headers are then
+   * refused still gets an answer without a body (RFC 9110 §9.3.2). A
+   * request line that does not parse is no HEAD request yet. */
+  r->is_head = p->method == HTTP_HEAD;
   /* RFC 9112 §5.1: no whitespace between a field name and its colon (or
    * inside the name); a server must refuse it with 400, or a proxy's
    * header filters would see another name than the next hop. */

@@ -22,34 +22,10 @@ WARM=${WARM:-200}
 for tool in valgrind callgrind_control nginx python3 curl; do
   command -v "$tool" >/dev/null || { echo "callgrind.sh: $tool is not installed" >&2; exit 1; }
 done
-tmp=$(mktemp -d /tmp/zonegate-cg.XXXXXX)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do
-    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-  done
-  if [[ ${KEEP_TMP:-0} == 1 ]]; then echo "temp dir kept: $tmp" >&2; else rm -rf "$tmp"; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+source "$repo/tests/bench/lib.sh"
+bench_tmp callgrind
+WAIT_HTTP_S=30 # valgrind starts slowly
 
-free_ports() {
-  python3 - "$1" <<'PY'
-import socket, sys
-s = [socket.socket() for _ in range(int(sys.argv[1]))]
-for x in s: x.bind(("127.0.0.1", 0))
-print(" ".join(str(x.getsockname()[1]) for x in s))
-PY
-}
-wait_http() {
-  for _ in $(seq 300); do
-    [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "$1" || true) != 000 ]] && return 0
-    sleep 0.1
-  done
-  echo "callgrind.sh: nothing answers at $1" >&2; return 1
-}
 if [[ -n ${BODY:-} ]]; then cp "$BODY" "$tmp/body.json"; else
   printf '%s' '{"model":"mock-gpt","messages":[{"role":"system","content":"You are terse."},{"role":"user","content":"Say hello in one short sentence."}],"temperature":0,"stream":false}' >"$tmp/body.json"
 fi

@@ -38,19 +38,8 @@ for tool in wrk nginx gcc curl python3 timeout; do
 done
 
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
-tmp=$(mktemp -d /tmp/zonegate-bench.XXXXXX)
-pids=()
-cleanup() {
-  local pid
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-  done
-  if [[ ${KEEP_TMP:-0} == 1 ]]; then echo "temp dir kept: $tmp" >&2; else rm -rf "$tmp"; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+source "$repo/tests/bench/lib.sh"
+bench_tmp run
 
 # ---- CPU layout ----------------------------------------------------------
 # zonegate runs one uv loop (single-threaded), so nginx gets one worker.
@@ -68,25 +57,6 @@ else
   layout="no pinning ($ncpu cores)"
 fi
 
-free_ports() { # prints N free loopback ports
-  python3 - "$1" <<'EOF'
-import socket, sys
-socks = []
-for _ in range(int(sys.argv[1])):
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-EOF
-}
-
-wait_http() { # URL: wait up to 10 s for any HTTP answer
-  for _ in $(seq 100); do
-    code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "$1" || true)
-    [[ $code != 000 ]] && return 0
-    sleep 0.1
-  done
-  echo "run.sh: nothing answers at $1" >&2
-  return 1
-}
 
 body='{"model":"mock-gpt","messages":[{"role":"system","content":"You are terse."},{"role":"user","content":"Say hello in one short sentence."}],"temperature":0,"stream":false}'
 printf '%s' "$body" >"$tmp/body.json"

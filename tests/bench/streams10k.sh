@@ -65,19 +65,8 @@ if (( N > n_max )); then
 fi
 command_line="N=$N CHUNKS=$CHUNKS INTERVAL_MS=$INTERVAL_MS RAMP=$RAMP PROMPT_BYTES=$PROMPT_BYTES ROUNDS=$ROUNDS $0 $*"
 
-tmp=$(mktemp -d /tmp/zonegate-streams10k.XXXXXX)
-pids=()
-cleanup() {
-  local pid
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-  done
-  if [[ ${KEEP_TMP:-0} == 1 ]]; then echo "temp dir kept: $tmp" >&2; else rm -rf "$tmp"; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+source "$repo/tests/bench/lib.sh"
+bench_tmp streams10k
 
 if [[ $PIN == 1 && $(nproc) -ge 2 ]]; then
   on_proxy=(taskset -c 0); on_side=(taskset -c 1)
@@ -85,21 +74,6 @@ else
   on_proxy=(); on_side=()
 fi
 
-free_ports() {
-  python3 - "$1" <<'EOF'
-import socket, sys
-s = [socket.socket() for _ in range(int(sys.argv[1]))]
-for x in s: x.bind(("127.0.0.1", 0))
-print(" ".join(str(x.getsockname()[1]) for x in s))
-EOF
-}
-wait_http() {
-  for _ in $(seq 100); do
-    [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "$1" || true) != 000 ]] && return 0
-    sleep 0.1
-  done
-  echo "streams10k.sh: nothing answers at $1" >&2; return 1
-}
 
 gcc -std=gnu11 -O2 -Wall -Wextra -Werror -o "$tmp/streamload" "$repo/tests/bench/streamload.c"
 

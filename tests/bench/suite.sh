@@ -44,18 +44,8 @@ for tool in wrk nginx gcc curl python3 timeout taskset; do
   command -v "$tool" >/dev/null || { echo "suite.sh: $tool is not installed" >&2; exit 1; }
 done
 
-tmp=$(mktemp -d /tmp/zonegate-suite.XXXXXX)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-  done
-  if [[ ${KEEP_TMP:-0} == 1 ]]; then echo "temp dir kept: $tmp" >&2; else rm -rf "$tmp"; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+source "$repo/tests/bench/lib.sh"
+bench_tmp suite
 
 if [[ $PIN == 1 && $(nproc) -ge 2 ]]; then
   on_proxy=(taskset -c 0); on_side=(taskset -c 1); on_direct=(taskset -c 0)
@@ -63,21 +53,6 @@ else
   on_proxy=(); on_side=(); on_direct=()
 fi
 
-free_ports() {
-  python3 - "$1" <<'EOF'
-import socket, sys
-s = [socket.socket() for _ in range(int(sys.argv[1]))]
-for x in s: x.bind(("127.0.0.1", 0))
-print(" ".join(str(x.getsockname()[1]) for x in s))
-EOF
-}
-wait_http() {
-  for _ in $(seq 100); do
-    [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "$1" || true) != 000 ]] && return 0
-    sleep 0.1
-  done
-  echo "suite.sh: nothing answers at $1" >&2; return 1
-}
 
 # ---- bodies ----------------------------------------------------------------
 small='{"model":"mock-gpt","messages":[{"role":"system","content":"You are terse."},{"role":"user","content":"Say hello in one short sentence."}],"temperature":0,"stream":false}'
