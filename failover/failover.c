@@ -5,7 +5,7 @@
  * failback to the preferred zone, degraded handover and the witness's
  * immediate hand-off.
  *
- * Each tick: the role machine's TILT guard, lease renewal and drain; then,
+ * Each tick: the role machine's TILT guard, lease renewal and handover; then,
  * unless the loop stalled, the decisions. Every reader (serve mode,
  * health, metrics, status, alerts) goes through role_current(), so what a
  * node does is always what its role_changed log lines say.
@@ -298,11 +298,14 @@ int failover_switchover(struct failover *f, const char *to, const char *reason,
   int rc = role_drain_begin(&f->rm, target, reason, cb, ud);
   if (rc == ROLE_EBUSY) return CONSENSUS_EBUSY;
   if (rc != 0) return CONSENSUS_ENOTLEADER;
-  zg_log(ZG_WARN, "switchover_started", "%s: draining in-flight requests, then handing over to %s",
-         f->rm.switch_reason, target[0] ? target : "the most caught-up node");
   struct gateway_stats st;
   gateway_get_stats(f->gw, &st);
-  role_drain_progress(&f->rm, st.in_flight == 0 && st.queued == 0);
+  zg_log(ZG_WARN, "switchover_started",
+         "%s: handing over to %s now; new requests wait for the new active, the %u in flight here "
+         "finish here",
+         f->rm.switch_reason, target[0] ? target : "the most caught-up node",
+         st.in_flight + st.queued);
+  role_drain_progress(&f->rm);
   return 0;
 }
 
@@ -385,9 +388,7 @@ static void on_tick(uv_timer_t *t) {
     if (f->last_leader_id[0]) f->leader_changes++;
     snprintf(f->last_leader_id, sizeof(f->last_leader_id), "%.63s", leader->id);
   }
-  struct gateway_stats st;
-  gateway_get_stats(f->gw, &st);
-  if (!role_tick(&f->rm, st.in_flight == 0 && st.queued == 0)) return; /* TILT */
+  if (!role_tick(&f->rm)) return; /* TILT */
   uint64_t now = zg_mono_ms();
   enum failover_role r = role_current(&f->rm, NULL);
   maybe_witness_handoff(f);
@@ -516,7 +517,6 @@ void failover_status_json(struct failover *f, cJSON *out) {
 
 void failover_apply_config(struct failover *f, const struct zg_config *cfg) {
   f->rm.lease_ratio = cfg->lease_ratio;
-  f->rm.drain_timeout_ms = cfg->drain_timeout_ms;
   f->max_lag = cfg->max_lag;
   snprintf(f->preferred_zone, sizeof(f->preferred_zone), "%s", cfg->preferred_zone);
   f->failback_auto = strcmp(cfg->failback, "auto") == 0;
@@ -551,7 +551,7 @@ int failover_start(uv_loop_t *loop, struct consensus *cs, struct gateway *gw,
                                    .strerror = consensus_strerror,
                                    .quorum_heard = view_quorum_heard};
   role_init(&f->rm, &f->view, f->witness, cfg->election_timeout_ms, cfg->heartbeat_ms,
-            cfg->lease_ratio, cfg->drain_timeout_ms);
+            cfg->lease_ratio);
   failover_apply_config(f, cfg);
   role_current(&f->rm, NULL);
   gateway_add_metrics_collector(gw, collect_metrics, f);

@@ -3,9 +3,10 @@
  *
  * Happy path on the leader: elected (LEADER_UNFENCED) → the election
  * barrier commits → a lease barrier commits → ACTIVE; renewed every third
- * of the lease. A planned handover: ACTIVE → DRAINING → (transfer) →
- * LEADER_UNFENCED/STANDBY; a transfer that fails or is refused goes back
- * DRAINING → ACTIVE.
+ * of the lease. A planned handover: ACTIVE → DRAINING (new requests held,
+ * the transfer starts at once; requests in flight finish here whatever the
+ * role) → LEADER_UNFENCED/STANDBY; a transfer that fails or is refused
+ * goes back DRAINING → ACTIVE.
  *
  * Failure modes: a barrier that fails lets the lease lapse on its own
  * (ACTIVE → LEADER_UNFENCED); a stalled loop drops the lease (TILT); a
@@ -204,15 +205,13 @@ enum failover_role role_current(struct role_machine *m, const char **reason) {
 }
 
 void role_init(struct role_machine *m, const struct failover_view *view, bool witness,
-               unsigned election_timeout_ms, unsigned heartbeat_ms, double lease_ratio,
-               unsigned drain_timeout_ms) {
+               unsigned election_timeout_ms, unsigned heartbeat_ms, double lease_ratio) {
   memset(m, 0, sizeof(*m));
   m->view = view;
   m->witness = witness;
   m->election_timeout_ms = election_timeout_ms;
   m->heartbeat_ms = heartbeat_ms;
   m->lease_ratio = lease_ratio;
-  m->drain_timeout_ms = drain_timeout_ms;
   m->role = FAILOVER_UNAVAILABLE;
   m->last_refused_from = m->last_refused_to = FAILOVER_UNAVAILABLE;
   snprintf(m->reason, sizeof(m->reason), "not evaluated yet");
@@ -252,7 +251,7 @@ void role_renew_lease(struct role_machine *m) {
   if (v->barrier(v->ud, on_lease_barrier, m) == 0) m->barrier_inflight = true;
 }
 
-bool role_tick(struct role_machine *m, bool idle) {
+bool role_tick(struct role_machine *m) {
   uint64_t now = now_ms(m);
   uint64_t late = now - m->last_tick_ms;
   m->last_tick_ms = now;
@@ -271,7 +270,7 @@ bool role_tick(struct role_machine *m, bool idle) {
   m->tilt = false;
   role_renew_lease(m);
   role_current(m, NULL);
-  role_drain_progress(m, idle);
+  role_drain_progress(m);
   return true;
 }
 
@@ -324,17 +323,12 @@ int role_drain_begin(struct role_machine *m, const char *to, const char *reason,
   snprintf(m->switch_reason, sizeof(m->switch_reason), "%s", reason ? reason : "switchover");
   m->switch_cb = cb;
   m->switch_ud = ud;
-  m->drain_deadline_ms = now_ms(m) + m->drain_timeout_ms;
   role_current(m, NULL);
   return 0;
 }
 
-void role_drain_progress(struct role_machine *m, bool idle) {
+void role_drain_progress(struct role_machine *m) {
   if (!m->draining || m->transfer_started) return;
-  if (!idle && now_ms(m) < m->drain_deadline_ms) return;
-  if (!idle)
-    zg_log(ZG_WARN, "drain_timeout",
-           "drain_timeout reached with requests still in flight; transferring anyway");
   m->transfer_started = true;
   m->transfer_attempts++;
   int rc =

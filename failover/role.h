@@ -55,7 +55,7 @@ struct failover_view {
 struct role_machine {
   const struct failover_view *view;
   bool witness;
-  unsigned election_timeout_ms, heartbeat_ms, drain_timeout_ms;
+  unsigned election_timeout_ms, heartbeat_ms;
   double lease_ratio; /* < 1 */
   /* lease */
   bool barrier_inflight;
@@ -77,7 +77,6 @@ struct role_machine {
   /* planned handover */
   bool draining, transfer_started;
   unsigned transfer_attempts; /* of this planned handover (a transfer can race a catch-up) */
-  uint64_t drain_deadline_ms;
   char switch_to[64], switch_reason[64];
   void (*switch_cb)(void *ud, int status, const char *msg);
   void *switch_ud;
@@ -92,18 +91,16 @@ bool role_move_allowed(enum failover_role from, enum failover_role to);
 /* Starts in UNAVAILABLE (not evaluated yet); the first role_current()
  * moves it. `view` is borrowed and must outlive the machine. */
 void role_init(struct role_machine *m, const struct failover_view *view, bool witness,
-               unsigned election_timeout_ms, unsigned heartbeat_ms, double lease_ratio,
-               unsigned drain_timeout_ms);
+               unsigned election_timeout_ms, unsigned heartbeat_ms, double lease_ratio);
 
 /* Re-evaluates and returns the role; *reason (may be NULL) gets the
  * condition that decided it (valid until the next call). */
 enum failover_role role_current(struct role_machine *m, const char **reason);
 
 /* One heartbeat: the TILT guard (a tick later than 4 heartbeats drops the
- * lease and returns false: take no decision now), then lease renewal and
- * re-evaluation. `idle`: no client request in flight or queued (feeds the
- * drain of a planned handover). */
-bool role_tick(struct role_machine *m, bool idle);
+ * lease and returns false: take no decision now), then lease renewal,
+ * re-evaluation and the next attempt of a planned handover's transfer. */
+bool role_tick(struct role_machine *m);
 
 /* True when this node cannot take part in the cluster's next decision: it
  * lost its lease while still the raft leader (no majority acknowledges its
@@ -121,16 +118,21 @@ void role_renew_lease(struct role_machine *m);
 uint64_t role_lease_remaining_ms(const struct role_machine *m);
 
 /* Planned handover: only from ACTIVE. `to` may be NULL or "" (the most
- * caught-up voter). The drain ends when `idle` (role_tick) or at
- * drain_timeout; then the transfer starts. cb(ud, status, msg) runs once:
+ * caught-up voter). The transfer starts at the next role_drain_progress
+ * (failover_switchover calls it at once), without waiting for requests in
+ * flight: they finish on this node, also once it is a standby (review of
+ * issue 10: waiting for the slowest one held every new request for as
+ * long). Meanwhile the role is DRAINING: new requests are held here until
+ * leadership has moved (then forwarded). cb(ud, status, msg) runs once:
  * status 0 when leadership moved; otherwise the node is back to ACTIVE
  * (an aborted handover is a legal move back). Returns 0, ROLE_EBUSY (a
  * handover is already under way) or ROLE_ENOTACTIVE. */
 enum { ROLE_EBUSY = -1, ROLE_ENOTACTIVE = -2 };
 int role_drain_begin(struct role_machine *m, const char *to, const char *reason,
                      void (*cb)(void *ud, int status, const char *msg), void *ud);
-/* Advances a drain: starts the transfer once idle or past the deadline. */
-void role_drain_progress(struct role_machine *m, bool idle);
+/* Advances a handover: starts the transfer (again, after an attempt that
+ * did not move leadership: up to 3 per handover) unless one is under way. */
+void role_drain_progress(struct role_machine *m);
 /* Ends a drain without a transfer result (shutdown): cb gets status. */
 void role_drain_abort(struct role_machine *m, int status, const char *msg);
 

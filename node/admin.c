@@ -30,6 +30,12 @@
  * GET /metrics (the gateway's Prometheus text) needs no token: it is
  * served here, on the private port, instead of the public client port.
  *
+ * Node-to-node routes (never the admin token's): /_zonegate/forward/v1/...
+ * (a standby's forward of a client request, node certificate required)
+ * and POST /_zonegate/usage (usage counts a node that is not the leader
+ * relays to the leader: node signature, and with TLS a node certificate;
+ * node_usage_relay sends them).
+ *
  * Routes match the whole path exactly ({id}: one non-empty segment); an
  * unknown path is 404, a known one with another method 405 with Allow.
  * Routes: GET /v1/cluster/status; GET|PUT /v1/config (If-Match);
@@ -403,6 +409,177 @@ static cJSON *parse_body(struct httpd_req *req, bool required) {
     return NULL;
   }
   return json;
+}
+
+/* ---- usage counts relayed to the leader ---------------------------------
+ * A node that is not the leader cannot write usage.add itself. It still
+ * has counts when requests it took as the active finish after a planned
+ * handover (they finish where they started: see role_drain_begin), and
+ * at its shutdown flush. It sends them to the leader's admin address,
+ * signed like a forwarded admin write (actor "gateway", source this node's
+ * id) and, with security.tls, over mutual TLS with its node certificate.
+ * The leader writes them (USAGE_RELAY_ROUTE below). One relay at a time
+ * (the gateway writes one batch at a time); counts that were not
+ * acknowledged go back to the gateway and are sent again at the next
+ * flush: at least once, as a local usage.add whose answer was lost. */
+#define USAGE_RELAY_ROUTE "/_zonegate/usage"
+
+static void log_auth_failure(struct httpd_req *req, bool forward, const char *why);
+
+struct usage_relay {
+  struct node *n;
+  struct upstream_transfer *transfer;
+  void (*done)(void *arg, bool committed);
+  void *arg;
+  int status;
+  char *body;
+};
+
+static void usage_relay_end(struct usage_relay *r, bool committed) {
+  if (r->n->usage_relay == r) r->n->usage_relay = NULL;
+  void (*done)(void *, bool) = r->done;
+  void *arg = r->arg;
+  free(r->body);
+  free(r);
+  done(arg, committed);
+}
+
+static void on_relay_response(void *ud, int status, const char *content_type,
+                              const char *const *headers) {
+  (void)content_type;
+  (void)headers;
+  ((struct usage_relay *)ud)->status = status;
+}
+
+static void on_relay_done(void *ud, enum upstream_result result, const char *curl_error) {
+  struct usage_relay *r = ud;
+  r->transfer = NULL;
+  bool ok = result == UPSTREAM_OK && r->status == 200;
+  if (!ok)
+    zg_log(ZG_WARN, "usage_relay_failed",
+           "usage counts not taken by the leader (%s, HTTP %d); kept for the next flush",
+           result == UPSTREAM_OK ? "answered" : upstream_result_name(result), r->status);
+  usage_relay_end(r, ok);
+}
+
+int node_usage_relay(struct node *n, cJSON *args, void (*done)(void *arg, bool committed),
+                     void *arg) {
+  char *text = cJSON_PrintUnformatted(args);
+  cJSON_Delete(args);
+  const struct consensus_member *leader = n->consensus ? consensus_leader(n->consensus) : NULL;
+  const struct consensus_member *self = n->consensus ? consensus_self(n->consensus) : NULL;
+  if (!text || !n->admin_client || !n->have_forward_key || n->usage_relay || !leader || !self ||
+      !leader->admin_address || !leader->admin_address[0] || !strcmp(leader->id, self->id)) {
+    free(text);
+    return -1;
+  }
+  struct usage_relay *r = calloc(1, sizeof(*r));
+  if (!r) {
+    free(text);
+    return -1;
+  }
+  r->n = n;
+  r->done = done;
+  r->arg = arg;
+  r->body = text;
+  size_t len = strlen(text);
+  char url[300], source[160], sig[128];
+  snprintf(url, sizeof(url), "%s://%s%s", n->tls_admin ? "https" : "http", leader->admin_address,
+           USAGE_RELAY_ROUTE);
+  snprintf(source, sizeof(source), "X-Zonegate-Source: %s", self->id);
+  uint64_t ts = zg_wall_ms();
+  uint8_t mac[32];
+  char mac_hex[65];
+  forward_mac(n, "POST", USAGE_RELAY_ROUTE, "", "gateway", self->id, ts, text, len, mac);
+  hex32(mac, mac_hex);
+  OPENSSL_cleanse(mac, sizeof(mac));
+  snprintf(sig, sizeof(sig), "X-Zonegate-Forward-Auth: v1 %llu %s", (unsigned long long)ts,
+           mac_hex);
+  const char *headers[] = {"Content-Type: application/json", "X-Zonegate-Actor: gateway", source,
+                           sig, NULL};
+  const struct zg_config *cfg = n->cfg;
+  struct upstream_tls tls = {cfg->tls_ca, cfg->tls_cert, cfg->tls_key, leader->id};
+  struct upstream_request ureq = {url,
+                                  "POST",
+                                  headers,
+                                  text,
+                                  len,
+                                  {1000, 3000, 0, 3000},
+                                  n->tls_admin ? &tls : NULL,
+                                  true,
+                                  strcmp(cfg->upstream_client, "curl") == 0};
+  static const struct upstream_callbacks cb = {on_relay_response, NULL, on_relay_done};
+  char err[256];
+  if (upstream_start(n->admin_client, &ureq, &cb, r, &r->transfer, err, sizeof(err)) != 0) {
+    zg_log(ZG_WARN, "usage_relay_failed", "usage counts not sent to the leader: %s", err);
+    free(r->body);
+    free(r);
+    return -1;
+  }
+  n->usage_relay = r;
+  return 0;
+}
+
+void node_usage_relay_cancel(struct node *n) {
+  struct usage_relay *r = n->usage_relay;
+  if (!r) return;
+  if (r->transfer) upstream_cancel(r->transfer);
+  r->transfer = NULL;
+  usage_relay_end(r, false);
+}
+
+/* The leader's side: counts relayed by another node of this cluster. Only
+ * with a valid forwarding signature naming actor "gateway" (and, with
+ * TLS, a cluster node's certificate); never with the admin token alone,
+ * so an operator's credential cannot add usage. Not the leader: 503
+ * not_leader (the sender keeps the counts). */
+static void handle_usage_relay(struct node *n, struct httpd_req *req) {
+  if (strcmp(httpd_req_method(req), "POST") != 0) {
+    const char *allow[] = {"Allow: POST", NULL};
+    httpd_respond_error(req, 405, "invalid_request_error", "method_not_allowed", allow,
+                        "%s takes POST only", USAGE_RELAY_ROUTE);
+    return;
+  }
+  if (n->tls_admin && !node_is_member(n, httpd_req_peer_node(req))) {
+    log_auth_failure(req, true, "usage relay without a cluster node certificate");
+    httpd_respond_error(req, 401, "invalid_request_error", "node_certificate_required", NULL,
+                        "this route takes requests from cluster nodes only");
+    return;
+  }
+  struct admin_req *a = calloc(1, sizeof(*a));
+  if (!a) {
+    httpd_respond_error(req, 500, "server_error", NULL, NULL, "out of memory");
+    return;
+  }
+  a->node = n;
+  a->req = req;
+  zg_buf_init(&a->body);
+  zg_hold_init(&a->forward, n->loop, READ_YOUR_WRITES_TIMEOUT_MS, on_forward_retry, a);
+  zg_hold_init(&a->applied, n->loop, READ_YOUR_WRITES_TIMEOUT_MS, on_applied_check, a);
+  const char *why = "no forwarding signature";
+  int fwd = check_forward_auth(a, &why);
+  if (fwd != 1 || strcmp(a->actor, "gateway") != 0 || !node_is_member(n, a->source)) {
+    if (fwd == 1) why = "signed, but not a usage relay from a cluster member";
+    log_auth_failure(req, true, why);
+    httpd_respond_error(req, 401, "invalid_request_error", "invalid_forward_auth", NULL,
+                        "usage relay: %s", why);
+    admin_req_free(a);
+    return;
+  }
+  a->forwarded = true;
+  if (!consensus_is_leader(n->consensus)) {
+    const char *retry[] = {"Retry-After: 1", NULL};
+    httpd_respond_error(req, 503, "admin_error", "not_leader", retry,
+                        "this node is not the leader; relay the counts to the leader");
+    admin_req_free(a);
+    return;
+  }
+  cJSON *args = parse_body(req, true);
+  if (!args) {
+    admin_req_free(a);
+    return;
+  }
+  submit(a, "usage.add", args);
 }
 
 static bool literal_secret(const char *v) {
@@ -830,6 +1007,10 @@ static void on_admin_request(void *ctx, struct httpd_req *req) {
   }
   if (n->tls_admin && strncmp(httpd_req_path(req), FORWARD_ROUTE "/", sizeof(FORWARD_ROUTE)) == 0) {
     handle_forwarded_client(n, req);
+    return;
+  }
+  if (strcmp(httpd_req_path(req), USAGE_RELAY_ROUTE) == 0) {
+    handle_usage_relay(n, req);
     return;
   }
   const char *auth = httpd_req_header(req, "Authorization");

@@ -232,6 +232,13 @@ static void on_usage_written(void *ud, int status, const char *errmsg, const cJS
   }
 }
 
+static void on_usage_relayed(void *ud, bool committed) {
+  struct usage_write *w = ud;
+  w->committed = committed;
+  w->done(w->arg, w->committed);
+  uv_close((uv_handle_t *)&w->timer, usage_write_free);
+}
+
 static void hook_usage_write(void *ud, cJSON *args, void (*done)(void *arg, bool committed),
                              void *arg) {
   struct node *n = ud;
@@ -247,6 +254,14 @@ static void hook_usage_write(void *ud, cJSON *args, void (*done)(void *arg, bool
   w->arg = arg;
   uv_timer_init(n->loop, &w->timer);
   w->timer.data = w;
+  /* Not the leader (requests that began here before a handover, or the
+   * shutdown flush of a former active): the leader writes them. */
+  if (!consensus_is_leader(n->consensus)) {
+    if (node_usage_relay(n, args, on_usage_relayed, w) != 0)
+      uv_timer_start(&w->timer, usage_write_later, 0, 0); /* not sent: kept (committed false) */
+    w->returned = true;
+    return;
+  }
   consensus_write(n->consensus, "usage.add", args, "gateway", n->cfg->node_id, on_usage_written, w);
   w->returned = true;
 }

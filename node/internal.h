@@ -16,6 +16,8 @@ struct failover;
 struct gateway;
 struct httpd_server;
 struct upstream_client;
+struct usage_relay;
+struct cJSON;
 
 struct node {
   uv_loop_t *loop;
@@ -27,6 +29,7 @@ struct node {
   struct gateway_cluster hooks;         /* what the gateway asks the cluster (cluster.c) */
   struct httpd_server *admin;           /* NULL when no admin token is configured */
   struct upstream_client *admin_client; /* forwards admin writes to the leader */
+  struct usage_relay *usage_relay;      /* usage counts on their way to the leader (admin.c) */
   char *admin_token;                    /* resolved secret */
   /* Signs and checks admin requests forwarded between nodes (derived from
    * the cluster secret; see admin.c). Wiped at exit. */
@@ -61,6 +64,17 @@ int node_cluster_start(struct node *n, char *errmsg, size_t errlen);
 void node_cluster_apply_replicated(struct node *n);
 /* admin.c: admin API on listen.admin. 0 ok (or admin disabled). */
 int node_admin_start(struct node *n, char *errmsg, size_t errlen);
+/* admin.c: sends usage.add `args` (taken, always) to the leader's admin
+ * API when this node is not the leader (see USAGE_RELAY_ROUTE there).
+ * 0: sent; done(arg, committed) runs once later, from the loop (true once
+ * the leader committed the counts; false: keep them for the next flush).
+ * -1: not sent (no leader known, this node is the leader, no admin API or
+ * forwarding key, a relay already under way, or out of memory); done is
+ * not called. */
+int node_usage_relay(struct node *n, struct cJSON *args, void (*done)(void *arg, bool committed),
+                     void *arg);
+/* Ends a relay under way (shutdown): its done runs now with false. */
+void node_usage_relay_cancel(struct node *n);
 /* tls.c: TLS contexts from security.tls / listen.gateway_tls (0 ok), the
  * certificate-expiry metrics, and their release at exit. */
 int node_tls_setup(struct node *n, char *errmsg, size_t errlen);

@@ -7,8 +7,10 @@
  *
  * Signals: SIGTERM/SIGINT drain (stop accepting, let in-flight requests
  * and streams finish up to drain_timeout) and exit 0. The active node of a
- * cluster hands over first. A gateway node of a cluster then announces the
- * drain (every health endpoint answers 503) and keeps accepting for
+ * cluster hands over first, at once (bounded by 5 election timeouts): its
+ * requests in flight finish here while the new active takes new ones, and
+ * their usage counts reach the leader through node_usage_relay. A gateway node of a cluster then
+ * announces the drain (every health endpoint answers 503) and keeps accepting for
  * DRAIN_ANNOUNCE_MS, so the load balancer stops choosing it before its
  * listener closes: every request that reached it gets an answer. The whole
  * shutdown is bounded by drain_timeout from the first signal, whatever the
@@ -195,8 +197,9 @@ static void finish_shutdown(struct node *n) {
 /* Asks every running part to close; uv_stop() once all have. Also used
  * when start fails half-way (then the caller runs the loop). */
 static void close_parts(struct node *n) {
-  n->closing_parts = 1; /* released below, after every part was asked to close */
-  if (n->alerts) {      /* first: it borrows consensus, failover and gateway */
+  n->closing_parts = 1;       /* released below, after every part was asked to close */
+  node_usage_relay_cancel(n); /* before the admin client that carries it closes */
+  if (n->alerts) {            /* first: it borrows consensus, failover and gateway */
     n->closing_parts++;
     alerts_close(n->alerts, on_part_closed, n);
     n->alerts = NULL;
@@ -269,7 +272,16 @@ static void begin_drain(struct node *n, const char *why) {
   stop_accepting(n);
 }
 
-/* The handover did not finish by the exit bound (its transfer callback may
+/* How long SIGTERM waits for the handover before draining without it:
+ * the transfer starts at once and libraft gives each attempt one election
+ * timeout (up to 3 attempts, failover/role.c), so 5 election timeouts
+ * cover it; never more than drain_timeout, the bound of the whole exit. */
+static uint64_t handover_bound_ms(const struct zg_config *cfg) {
+  uint64_t bound = 5ull * cfg->election_timeout_ms;
+  return bound < cfg->drain_timeout_ms ? bound : cfg->drain_timeout_ms;
+}
+
+/* The handover did not finish by its bound (its transfer callback may
  * never come, e.g. when every node is stopping at once): drain and exit
  * anyway. */
 static void on_switch_watchdog(uv_timer_t *t) {
@@ -277,7 +289,8 @@ static void on_switch_watchdog(uv_timer_t *t) {
   if (!n->switching_over) return;
   n->switching_over = false;
   zg_log(ZG_WARN, "shutdown_switchover_timeout",
-         "no handover within drain_timeout (%u ms); exiting without it", n->cfg->drain_timeout_ms);
+         "no handover within %llu ms; draining and exiting without it",
+         (unsigned long long)handover_bound_ms(n->cfg));
   begin_drain(n, "SIGTERM (handover timed out)");
 }
 
@@ -312,7 +325,7 @@ static void on_stop_signal(uv_signal_t *s, int signum) {
       failover_switchover(n->failover, NULL, "shutdown (SIGTERM)", on_shutdown_switchover, n) ==
           0) {
     n->switching_over = true;
-    uv_timer_start(&n->drain_timer, on_switch_watchdog, n->cfg->drain_timeout_ms, 0);
+    uv_timer_start(&n->drain_timer, on_switch_watchdog, handover_bound_ms(n->cfg), 0);
     return;
   }
   begin_drain(n, signum == SIGINT ? "SIGINT" : "SIGTERM");

@@ -180,6 +180,25 @@ def test_forged_forward_auth_is_refused(node):
     assert "forged" not in json.dumps(doc)
 
 
+def test_usage_relay_takes_only_a_node_signature(node):
+    """/_zonegate/usage (a former active's usage counts on their way to the
+    leader) writes usage.add: the admin token alone, a forged signature or
+    another method never add usage."""
+    rows = {"at": 1, "rows": [{"token": "relay-forged", "model": "m", "key": "", "requests": 999,
+                               "prompt": 1, "completion": 1, "total": 2, "cached": 0, "reasoning": 0,
+                               "unknown": 0}], "seconds": []}
+    status, answer = admin(node, "POST", "/_zonegate/usage", rows)
+    assert status == 401, answer
+    status, answer = admin(node, "POST", "/_zonegate/usage", rows,
+                           headers={"X-Zonegate-Actor": "gateway", "X-Zonegate-Source": "n1",
+                                    "X-Zonegate-Forward-Auth": "v1 1 " + "0" * 64})
+    assert status == 401, answer
+    status, answer = admin(node, "GET", "/_zonegate/usage")
+    assert status == 405, answer
+    status, doc = admin(node, "GET", "/v1/usage?token=relay-forged&since=24h")
+    assert status == 200 and doc["sum"]["requests"] == 0, doc
+
+
 def test_keys_and_tokens_routes_match_exactly(node):
     status, key = admin(node, "POST", "/v1/keys", {"secret": "sk-route-" + base64.b16encode(os.urandom(4)).decode()})
     assert status == 200, key

@@ -788,3 +788,125 @@ def test_switchover_to_the_witness_or_an_unknown_node_is_refused_before_the_drai
         assert status == 400 and why in answer["error"]["message"], (target, status, answer)
     assert lbc.cluster.wait_active(timeout=5).id == old.id
     assert "switchover_started" not in old.proc.output()
+
+
+# ---- a planned handover does not wait for the slowest request ---------------------
+
+class SlowRequest(threading.Thread):
+    """One non-stream chat through HAProxy that the mock answers after
+    `latency_ms`; records status, serving node and when it ended."""
+
+    def __init__(self, lbc, token, marker, latency_ms):
+        super().__init__(daemon=True)
+        self.lbc, self.token, self.marker, self.latency_ms = lbc, token, marker, latency_ms
+        self.status = self.node = self.error = None
+        self.ended = None
+
+    def run(self):
+        try:
+            status, headers, body = http_call(
+                "127.0.0.1", self.lbc.haproxy.port, "POST", "/v1/chat/completions", chat_body(self.marker),
+                {"Authorization": "Bearer " + self.token, "X-Mock-Latency-Ms": str(self.latency_ms)}, timeout=60)
+            self.status, self.node = status, headers.get("x-zonegate-node")
+        except OSError as e:
+            self.error = repr(e)
+        self.ended = time.monotonic()
+
+
+def mock_saw(lbc, marker):
+    """How many requests carrying `marker` reached the mock (its last 64)."""
+    status, _, body = http_call("127.0.0.1", lbc.cluster.mock.port, "GET", "/mock/requests", timeout=5)
+    assert status == 200
+    import base64
+    return sum(1 for r in json.loads(body)["requests"]
+               if marker.encode() in base64.b64decode(r["body_b64"]))
+
+
+def wait_usage(admin_addrs, token_name, requests, timeout=10):
+    def got():
+        addr = leader_admin(admin_addrs)
+        status, answer = admin_json(addr, "GET", f"/v1/usage?token={token_name}&since=1h", timeout=5)
+        return answer if status == 200 and answer["sum"]["requests"] == requests else None
+    return wait_for(got, timeout=timeout, interval=0.1,
+                    what=f"usage of {token_name} shows {requests} request(s) on the leader")
+
+
+def quick_requests_through_lb(lbc, token, n=5):
+    """n small chats through HAProxy, one after the other: (status, node, seconds) each."""
+    out = []
+    for i in range(n):
+        t = time.monotonic()
+        try:
+            status, headers, _ = http_call("127.0.0.1", lbc.haproxy.port, "POST", "/v1/chat/completions",
+                                           chat_body(f"quick {i}"), {"Authorization": "Bearer " + token},
+                                           timeout=30)
+            out.append((status, headers.get("x-zonegate-node"), time.monotonic() - t))
+        except OSError as e:
+            out.append((repr(e), None, time.monotonic() - t))
+    return out
+
+
+def test_switchover_hands_over_at_once_while_a_slow_request_finishes_on_the_old_active(lbc):
+    """Review of issue 10: a planned handover waited for the slowest request
+    in flight (up to drain_timeout) and held every new request meanwhile.
+    Now leadership moves at once; the slow request is answered by the node
+    it started on, once, and its usage reaches the leader (relayed by the
+    node that is no longer the leader)."""
+    old = lbc.wait_steady()
+    other = lbc.other_gateway(old)
+    status, answer = admin_json(old.admin, "POST", "/v1/tokens", {"name": "slow-tenant"}, timeout=10)
+    assert status == 200, answer
+    marker = "slow-" + os.urandom(4).hex()
+    slow = SlowRequest(lbc, answer["token"], marker, 4000)
+    slow.start()
+    wait_for(lambda: mock_saw(lbc, marker) == 1, timeout=5, interval=0.02, what="the slow request at the mock")
+    t0 = time.monotonic()
+    status, answer = old.admin_call("POST", "/v1/cluster/switchover", {"to": other.id}, timeout=30)
+    took = time.monotonic() - t0
+    assert status == 200 and answer.get("ok") is True, (status, answer)
+    assert lbc.cluster.wait_active(timeout=10).id == other.id
+    print(f"\nswitchover with a 4 s request in flight answered in {took * 1000:.0f} ms")
+    assert took < 2.0, f"the switchover took {took:.1f} s: it waited for the request in flight"
+    # New requests go to the new active while the slow one is still running.
+    quick = quick_requests_through_lb(lbc, lbc.token)
+    assert slow.is_alive(), "the slow request ended before the quick ones: the test proves nothing"
+    assert all(s == 200 and t < 1.5 for s, _, t in quick), quick
+    lbc.haproxy.wait_routes_to(other.id, timeout=5)
+    assert slow.is_alive(), "the slow request ended before HAProxy moved: the test proves nothing"
+    slow.join(timeout=30)
+    assert slow.error is None and slow.status == 200, (slow.status, slow.error)
+    assert slow.node == old.id, f"the slow request was answered by {slow.node}, not where it started"
+    assert mock_saw(lbc, marker) == 1, "the slow request reached the model API more than once"
+    wait_usage([n.admin for n in lbc.nodes], "slow-tenant", 1)
+
+
+def test_sigterm_hands_over_at_once_while_a_slow_request_finishes_on_the_old_active(lbc):
+    """The review's SIGTERM case: a request longer than a planned move used
+    to hold the move. With one 3 s request in flight (drain_timeout 5 s):
+    the new active serves within a second, requests through HAProxy do not
+    fail, the slow request is answered once by the node shutting down, that
+    node exits 0 after it, and its usage is on the leader."""
+    old = lbc.wait_steady()
+    other = lbc.other_gateway(old)
+    status, answer = admin_json(old.admin, "POST", "/v1/tokens", {"name": "slow-term"}, timeout=10)
+    assert status == 200, answer
+    marker = "slow-term-" + os.urandom(4).hex()
+    slow = SlowRequest(lbc, answer["token"], marker, 3000)
+    slow.start()
+    wait_for(lambda: mock_saw(lbc, marker) == 1, timeout=5, interval=0.02, what="the slow request at the mock")
+    t0 = time.monotonic()
+    old.proc.signal(signal.SIGTERM)
+    assert lbc.cluster.wait_active(timeout=10, exclude=old).id == other.id
+    took = time.monotonic() - t0
+    print(f"\nSIGTERM with a 3 s request in flight: {other.id} active after {took * 1000:.0f} ms")
+    assert took < 1.5, f"the new active took {took:.1f} s: the handover waited for the request in flight"
+    quick = quick_requests_through_lb(lbc, lbc.token)
+    assert slow.is_alive(), "the slow request ended before the quick ones: the test proves nothing"
+    assert all(s == 200 and t < 1.5 for s, _, t in quick), quick
+    rc = old.proc.wait(timeout=30)
+    slow.join(timeout=30)
+    assert rc == 0, f"{old.id} exit status {rc}"
+    assert slow.error is None and slow.status == 200, (slow.status, slow.error)
+    assert slow.node == old.id, slow.node
+    assert mock_saw(lbc, marker) == 1, "the slow request reached the model API more than once"
+    wait_usage([n.admin for n in lbc.nodes if n is not old], "slow-term", 1)
