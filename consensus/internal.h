@@ -433,6 +433,11 @@ struct zg_io_tap {
   } heard[ZG_TAP_PEERS];
   uint64_t draw_state; /* xorshift64 state, seeded from the OS */
 };
+/* True for a message the tap keeps from libraft: a pre-vote answer that
+ * reaches a node which is no longer a candidate (works around a libraft
+ * 0.22.1 bug that lets such an answer bump the term and depose a healthy
+ * leader; see leader_loss.c). `r` may be NULL (not started: false). */
+bool zg_leader_loss_drops(const struct raft *r, const struct raft_message *m);
 /* Call after raft_uv_init(&tap->io, ...) and before raft_init; the
  * timeouts are cluster.election_timeout_ms and cluster.heartbeat_ms. */
 void zg_io_tap_init(struct zg_io_tap *tap, unsigned election_ms, unsigned heartbeat_ms);

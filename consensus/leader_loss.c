@@ -154,9 +154,28 @@ bool zg_io_tap_quorum_heard(const struct zg_io_tap *tap, const struct raft *r, u
   return voters > 0 && heard * 2 > voters;
 }
 
+/* libraft 0.22.1 (recv_request_vote_result.c) reads
+ * candidate_state.in_pre_vote before it checks that this node is still a
+ * candidate. In a follower that byte belongs to the leader's address
+ * pointer (the union in struct raft), in a leader to its own state. A
+ * pre-vote answer carries the term the candidate asked for (a refusal
+ * echoes it: recv_request_vote.c), one more than ours; when it arrives
+ * after we stopped being a candidate and that byte happens to read 0,
+ * libraft takes it as a real term, bumps ours, and our next answer deposes
+ * a healthy leader. Seen here: a restarted standby whose pre-vote crossed
+ * the leader's first heartbeat took the active's place (about one restart
+ * in 150 in the fault campaign; the active was gone for 620 ms). A pre-vote
+ * answer means nothing outside a candidacy: it is dropped. */
+bool zg_leader_loss_drops(const struct raft *r, const struct raft_message *m) {
+  return r != NULL && m->type == RAFT_REQUEST_VOTE_RESULT && m->request_vote_result.pre_vote &&
+         raft_state((struct raft *)r) != RAFT_CANDIDATE;
+}
+
 static void tap_recv(struct raft_io *io, struct raft_message *m) {
   struct zg_io_tap *tap = (struct zg_io_tap *)io;
   struct raft *r = io->data;
+  note_heard(tap, m->server_id);
+  if (zg_leader_loss_drops(r, m)) return; /* no payload to free: a vote answer */
   /* Our own acks may have renewed the old leader's lease up to the moment
    * its connection ended: vote for nobody until that lease has run out
    * (a lost message to the candidate, which asks again). */
@@ -166,7 +185,6 @@ static void tap_recv(struct raft_io *io, struct raft_message *m) {
       io->time(io) - r->election_timer_start >= tap->silent_ms)
     m->request_vote.disrupt_leader = true;
   if (r != NULL) note_vote_traffic(tap, r, m);
-  note_heard(tap, m->server_id);
   tap->recv_cb(io, m);
 }
 

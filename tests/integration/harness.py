@@ -238,6 +238,11 @@ class TempDir:
         return self.path
 
     def __exit__(self, *exc):
+        # ZG_KEEP_TMP=1 keeps the directory (configs, data dirs, node logs)
+        # of a failed test for a post-mortem.
+        if os.environ.get("ZG_KEEP_TMP") == "1" and exc[0] is not None:
+            print(f"\nkept {self.path}", flush=True)
+            return
         shutil.rmtree(self.path, ignore_errors=True)
 
 
