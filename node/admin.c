@@ -411,6 +411,21 @@ static cJSON *parse_body(struct httpd_req *req, bool required) {
   return json;
 }
 
+/* A request's state; NULL (500 answered) when out of memory. */
+static struct admin_req *admin_req_new(struct node *n, struct httpd_req *req) {
+  struct admin_req *a = calloc(1, sizeof(*a));
+  if (!a) {
+    httpd_respond_error(req, 500, "server_error", NULL, NULL, "out of memory");
+    return NULL;
+  }
+  a->node = n;
+  a->req = req;
+  zg_buf_init(&a->body);
+  zg_hold_init(&a->forward, n->loop, READ_YOUR_WRITES_TIMEOUT_MS, on_forward_retry, a);
+  zg_hold_init(&a->applied, n->loop, READ_YOUR_WRITES_TIMEOUT_MS, on_applied_check, a);
+  return a;
+}
+
 /* ---- usage counts relayed to the leader ---------------------------------
  * A node that is not the leader cannot write usage.add itself. It still
  * has counts when requests it took as the active finish after a planned
@@ -546,16 +561,8 @@ static void handle_usage_relay(struct node *n, struct httpd_req *req) {
                         "this route takes requests from cluster nodes only");
     return;
   }
-  struct admin_req *a = calloc(1, sizeof(*a));
-  if (!a) {
-    httpd_respond_error(req, 500, "server_error", NULL, NULL, "out of memory");
-    return;
-  }
-  a->node = n;
-  a->req = req;
-  zg_buf_init(&a->body);
-  zg_hold_init(&a->forward, n->loop, READ_YOUR_WRITES_TIMEOUT_MS, on_forward_retry, a);
-  zg_hold_init(&a->applied, n->loop, READ_YOUR_WRITES_TIMEOUT_MS, on_applied_check, a);
+  struct admin_req *a = admin_req_new(n, req);
+  if (!a) return;
   const char *why = "no forwarding signature";
   int fwd = check_forward_auth(a, &why);
   if (fwd != 1 || strcmp(a->actor, "gateway") != 0 || !node_is_member(n, a->source)) {
@@ -1022,16 +1029,8 @@ static void on_admin_request(void *ctx, struct httpd_req *req) {
         "missing or wrong admin token: send \"Authorization: Bearer <admin token>\"");
     return;
   }
-  struct admin_req *a = calloc(1, sizeof(*a));
-  if (!a) {
-    httpd_respond_error(req, 500, "server_error", NULL, NULL, "out of memory");
-    return;
-  }
-  a->node = n;
-  a->req = req;
-  zg_buf_init(&a->body);
-  zg_hold_init(&a->forward, n->loop, READ_YOUR_WRITES_TIMEOUT_MS, on_forward_retry, a);
-  zg_hold_init(&a->applied, n->loop, READ_YOUR_WRITES_TIMEOUT_MS, on_applied_check, a);
+  struct admin_req *a = admin_req_new(n, req);
+  if (!a) return;
   const char *why = NULL;
   int fwd = check_forward_auth(a, &why);
   if (fwd < 0) {

@@ -23,6 +23,7 @@ The helpers here (HAProxy, HealthPoller, ClientLoad, AuditProbe) are also
 used by test_failover_drills.py and test_failover_netns.py. Every wait is
 bounded; the only sleeps are fault durations and probe pacing.
 """
+import base64
 import concurrent.futures
 import http.client
 import json
@@ -817,7 +818,6 @@ def mock_saw(lbc, marker):
     """How many requests carrying `marker` reached the mock (its last 64)."""
     status, _, body = http_call("127.0.0.1", lbc.cluster.mock.port, "GET", "/mock/requests", timeout=5)
     assert status == 200
-    import base64
     return sum(1 for r in json.loads(body)["requests"]
                if marker.encode() in base64.b64decode(r["body_b64"]))
 
@@ -846,6 +846,18 @@ def quick_requests_through_lb(lbc, token, n=5):
     return out
 
 
+def start_slow_request(lbc, old, token_name, latency_ms):
+    """A client token of its own and one slow request through HAProxy,
+    returned once the mock has it (so it is in flight on `old`)."""
+    status, answer = admin_json(old.admin, "POST", "/v1/tokens", {"name": token_name}, timeout=10)
+    assert status == 200, answer
+    slow = SlowRequest(lbc, answer["token"], token_name + "-" + os.urandom(4).hex(), latency_ms)
+    slow.start()
+    wait_for(lambda: mock_saw(lbc, slow.marker) == 1, timeout=5, interval=0.02,
+             what="the slow request at the mock")
+    return slow
+
+
 def test_switchover_hands_over_at_once_while_a_slow_request_finishes_on_the_old_active(lbc):
     """Review of issue 10: a planned handover waited for the slowest request
     in flight (up to drain_timeout) and held every new request meanwhile.
@@ -854,12 +866,7 @@ def test_switchover_hands_over_at_once_while_a_slow_request_finishes_on_the_old_
     node that is no longer the leader)."""
     old = lbc.wait_steady()
     other = lbc.other_gateway(old)
-    status, answer = admin_json(old.admin, "POST", "/v1/tokens", {"name": "slow-tenant"}, timeout=10)
-    assert status == 200, answer
-    marker = "slow-" + os.urandom(4).hex()
-    slow = SlowRequest(lbc, answer["token"], marker, 4000)
-    slow.start()
-    wait_for(lambda: mock_saw(lbc, marker) == 1, timeout=5, interval=0.02, what="the slow request at the mock")
+    slow = start_slow_request(lbc, old, "slow-tenant", 4000)
     t0 = time.monotonic()
     status, answer = old.admin_call("POST", "/v1/cluster/switchover", {"to": other.id}, timeout=30)
     took = time.monotonic() - t0
@@ -876,7 +883,7 @@ def test_switchover_hands_over_at_once_while_a_slow_request_finishes_on_the_old_
     slow.join(timeout=30)
     assert slow.error is None and slow.status == 200, (slow.status, slow.error)
     assert slow.node == old.id, f"the slow request was answered by {slow.node}, not where it started"
-    assert mock_saw(lbc, marker) == 1, "the slow request reached the model API more than once"
+    assert mock_saw(lbc, slow.marker) == 1, "the slow request reached the model API more than once"
     wait_usage([n.admin for n in lbc.nodes], "slow-tenant", 1)
 
 
@@ -888,12 +895,7 @@ def test_sigterm_hands_over_at_once_while_a_slow_request_finishes_on_the_old_act
     node exits 0 after it, and its usage is on the leader."""
     old = lbc.wait_steady()
     other = lbc.other_gateway(old)
-    status, answer = admin_json(old.admin, "POST", "/v1/tokens", {"name": "slow-term"}, timeout=10)
-    assert status == 200, answer
-    marker = "slow-term-" + os.urandom(4).hex()
-    slow = SlowRequest(lbc, answer["token"], marker, 3000)
-    slow.start()
-    wait_for(lambda: mock_saw(lbc, marker) == 1, timeout=5, interval=0.02, what="the slow request at the mock")
+    slow = start_slow_request(lbc, old, "slow-term", 3000)
     t0 = time.monotonic()
     old.proc.signal(signal.SIGTERM)
     assert lbc.cluster.wait_active(timeout=10, exclude=old).id == other.id
@@ -908,5 +910,5 @@ def test_sigterm_hands_over_at_once_while_a_slow_request_finishes_on_the_old_act
     assert rc == 0, f"{old.id} exit status {rc}"
     assert slow.error is None and slow.status == 200, (slow.status, slow.error)
     assert slow.node == old.id, slow.node
-    assert mock_saw(lbc, marker) == 1, "the slow request reached the model API more than once"
+    assert mock_saw(lbc, slow.marker) == 1, "the slow request reached the model API more than once"
     wait_usage([n.admin for n in lbc.nodes if n is not old], "slow-term", 1)
