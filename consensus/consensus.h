@@ -206,6 +206,11 @@ cJSON *consensus_audit_json(const struct consensus *c, size_t limit); /* newest 
  * cluster incarnation, 32 hex digits; null while a joiner waits to learn it), members [...] */
 cJSON *consensus_status_json(const struct consensus *c);
 
+/* True once a raft peer of a newer cluster incarnation was met (this
+ * node's data predates a `recover --force` elsewhere): the transport then
+ * refuses every peer, and the node must serve nothing (failover/role.c).
+ * The data dir is marked; the next start refuses it with one line. */
+bool consensus_superseded(const struct consensus *c);
 bool consensus_is_leader(const struct consensus *c); /* raft leader AND its post-election barrier
                                                         has committed in the current term */
 /* The two halves of consensus_is_leader, for failover's role table:

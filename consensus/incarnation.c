@@ -25,6 +25,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
@@ -33,6 +34,9 @@
 #include "consensus/internal.h"
 
 #define INCARNATION_FILE "incarnation"
+/* Written when a peer of a newer incarnation was met (transport.c):
+ * "<newer incarnation> <peer raft address>". */
+#define SUPERSEDED_FILE "superseded"
 
 void zg_incarnation_hex(const struct zg_incarnation *inc, char out[ZG_INCARNATION_HEX + 1]) {
   static const char digits[] = "0123456789abcdef";
@@ -145,8 +149,39 @@ int zg_incarnation_store(const char *data_dir, const struct zg_incarnation *inc,
   return 0;
 }
 
+int zg_incarnation_clear_superseded(const char *data_dir) {
+  char marker[4200];
+  snprintf(marker, sizeof marker, "%s/%s", data_dir, SUPERSEDED_FILE);
+  return unlink(marker) == 0 || errno == ENOENT ? 0 : -1;
+}
+
 int zg_incarnation_remove(const char *data_dir) {
   char path[4200];
   snprintf(path, sizeof path, "%s/%s", data_dir, INCARNATION_FILE);
+  if (zg_incarnation_clear_superseded(data_dir) != 0) return -1;
   return unlink(path) == 0 || errno == ENOENT ? 0 : -1;
+}
+
+int zg_incarnation_mark_superseded(const char *data_dir, const struct zg_incarnation *newer,
+                                   const char *peer) {
+  char path[4200], hex[ZG_INCARNATION_HEX + 1];
+  snprintf(path, sizeof path, "%s/%s", data_dir, SUPERSEDED_FILE);
+  zg_incarnation_hex(newer, hex);
+  FILE *f = fopen(path, "w");
+  if (f == NULL) return -1;
+  int ok = fprintf(f, "%s %.200s\n", hex, peer && peer[0] ? peer : "?") > 0;
+  ok = fflush(f) == 0 && fsync(fileno(f)) == 0 && ok;
+  return fclose(f) == 0 && ok ? 0 : -1;
+}
+
+int zg_incarnation_superseded(const char *data_dir, char *out, size_t outlen) {
+  char path[4200];
+  snprintf(path, sizeof path, "%s/%s", data_dir, SUPERSEDED_FILE);
+  FILE *f = fopen(path, "r");
+  if (f == NULL) return 0;
+  if (fgets(out, (int)outlen, f) == NULL) out[0] = '\0';
+  fclose(f);
+  size_t n = strlen(out);
+  while (n > 0 && (out[n - 1] == '\n' || out[n - 1] == '\r')) out[--n] = '\0';
+  return 1;
 }

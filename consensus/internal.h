@@ -360,7 +360,15 @@ int zg_incarnation_load(const char *data_dir, struct zg_incarnation *out, char *
 /* Atomic (tmp, fsync, rename): 0 or -1 with err. */
 int zg_incarnation_store(const char *data_dir, const struct zg_incarnation *inc, char *err,
                          size_t errlen);
-int zg_incarnation_remove(const char *data_dir);
+int zg_incarnation_remove(const char *data_dir); /* and the superseded marker; 0 or -1 */
+/* data_dir/superseded: this data dir met a peer of a newer incarnation
+ * (transport.c supersede()); the node refuses to start on it. mark: 0 ok,
+ * -1 not written. superseded: 1 marked (out: "<incarnation> <peer>"),
+ * 0 not. */
+int zg_incarnation_mark_superseded(const char *data_dir, const struct zg_incarnation *newer,
+                                   const char *peer);
+int zg_incarnation_superseded(const char *data_dir, char *out, size_t outlen);
+int zg_incarnation_clear_superseded(const char *data_dir); /* 0, or -1 (not removed) */
 
 /* ---- authenticated transport (transport.c) ---------------------------- */
 /* Fills `t` (version 1). `secret` is copied. Close through t->close (raft_uv
@@ -385,6 +393,13 @@ typedef int (*zg_incarnation_adopt_cb)(void *ud, const struct zg_incarnation *in
 void zg_transport_set_incarnation(struct raft_uv_transport *t, enum zg_incarnation_mode mode,
                                   const struct zg_incarnation *inc, zg_incarnation_adopt_cb adopt,
                                   void *ud);
+/* cb(ud, newer, peer_address) runs once, when a peer that proved the
+ * cluster secret runs a newer incarnation than this node (see supersede()
+ * in transport.c); from then on the transport refuses every peer. Both
+ * arguments are valid during the call only. */
+typedef void (*zg_superseded_cb)(void *ud, const struct zg_incarnation *newer,
+                                 const char *peer_address);
+void zg_transport_on_superseded(struct raft_uv_transport *t, zg_superseded_cb cb, void *ud);
 /* Drill: cuts every peer connection and refuses new ones for duration_ms. */
 void zg_transport_isolate(struct raft_uv_transport *t, unsigned duration_ms);
 

@@ -84,6 +84,7 @@ struct consensus {
   /* cluster incarnation (incarnation.c); known false while a joiner waits */
   struct zg_incarnation incarnation;
   bool incarnation_known;
+  bool superseded; /* a peer of a newer incarnation was met (on_superseded) */
   /* leadership tracking */
   unsigned last_state;
   raft_id last_leader;
@@ -762,6 +763,28 @@ static int adopt_incarnation(void *ud, const struct zg_incarnation *inc) {
   return 0;
 }
 
+/* The transport met a peer of a newer incarnation: this data dir is
+ * stale. The transport already refuses every peer; the role machine sees
+ * consensus_superseded() and never serves again; the mark makes the next
+ * start refuse the data dir with one line (setup_incarnation). */
+static void on_superseded(void *ud, const struct zg_incarnation *newer, const char *peer) {
+  struct consensus *c = ud;
+  c->superseded = true;
+  if (zg_incarnation_mark_superseded(c->data_dir, newer, peer) != 0)
+    ZG_LOG_WARN("superseded_mark_failed", "could not write %s/superseded: %s", c->data_dir,
+                strerror(errno));
+  ZG_LOG_ERROR("node_superseded",
+               "this node's data (%s) is from an older incarnation of the cluster: raft peer %s "
+               "was recovered with zonegate recover --force after it. This node serves nothing "
+               "and takes part in no election from now on. Stop it, empty its data dir and add "
+               "it again with `zonegate members add` on the recovered cluster",
+               c->data_dir, peer && peer[0] ? peer : "?");
+}
+
+bool consensus_superseded(const struct consensus *c) {
+  return c->superseded;
+}
+
 /* Which incarnation this node is of (see incarnation.c), set on the
  * transport. fresh: the raft dir holds no state yet. */
 static int setup_incarnation(struct consensus *c, const struct consensus_options *opts,
@@ -783,6 +806,15 @@ static int setup_incarnation(struct consensus *c, const struct consensus_options
       return -1;
     }
   } else {
+    char marked[300];
+    if (zg_incarnation_superseded(c->data_dir, marked, sizeof marked)) {
+      snprintf(errmsg, errlen,
+               "data dir %s is from an older incarnation of the cluster (it met a node of the "
+               "newer one: %s): this node must not rejoin with it. Empty the data dir and add the "
+               "node again with `zonegate members add` on the recovered cluster",
+               c->data_dir, marked);
+      return -1;
+    }
     int rv = zg_incarnation_load(c->data_dir, &c->incarnation, err, sizeof err);
     if (rv < 0) {
       snprintf(errmsg, errlen, "%s", err);
@@ -981,6 +1013,7 @@ int consensus_start(uv_loop_t *loop, const struct consensus_options *opts, struc
   c->raft.data = c;
   if (opts->self->role != CONSENSUS_WITNESS)
     zg_transport_on_peer_lost(&c->transport, on_peer_lost, c);
+  zg_transport_on_superseded(&c->transport, on_superseded, c);
   /* raft_init seeds the election timer's generator from raft_uv's random(),
    * which is rand() without srand(): every node drew the same "random"
    * election timeouts, so two followers of a dead leader timed out

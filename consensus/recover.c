@@ -170,6 +170,7 @@ int consensus_recover_single(const char *data_dir, const char *node_id, const ch
     goto out;
   }
   rc = 0;
+  zg_incarnation_clear_superseded(data_dir); /* a new incarnation: no longer stale */
 out:
   if (raft_inited) {
     raft_close(&r, raft_closed);

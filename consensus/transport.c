@@ -186,6 +186,11 @@ struct zgt {
   void *adopt_ud;
   zg_peer_lost_cb peer_lost;
   void *peer_lost_ud;
+  /* A peer of a newer incarnation was met: this node's data is stale.
+   * From then on every peer connection is refused, both ways, for good. */
+  bool superseded;
+  zg_superseded_cb superseded_cb;
+  void *superseded_ud;
 };
 
 static void hs_fail(struct handshake *hs, const char *why);
@@ -323,6 +328,10 @@ static void hs_fail(struct handshake *hs, const char *why) {
 /* Hands the authenticated stream to raft. */
 static void hs_succeed(struct handshake *hs) {
   struct zgt *tr = hs->tr;
+  if (tr->superseded) {
+    hs_fail(hs, NULL);
+    return;
+  }
   uv_stream_t *stream = hs->io;
   uv_read_stop(stream);
   /* The tunnel lives on, pumping for raft's end of the socketpair. */
@@ -522,6 +531,38 @@ static void log_incarnation_mismatch(struct handshake *hs) {
   zg_log_fields(ZG_ERROR, "peer_incarnation_mismatch", fields);
 }
 
+/* The peer runs a newer incarnation (a recover --force after this node's
+ * data was written): this node must never again take part in a quorum,
+ * or it and other stale nodes could elect an active node beside the
+ * recovered cluster's (review finding: two stale nodes did). Every other
+ * connection is cut, new ones are refused like in a quiet period that
+ * never ends, and the owner is told once (it stops serving and marks the
+ * data dir). `hs` (failing now) is left to its caller. */
+static void supersede(struct zgt *tr, struct handshake *hs) {
+  if (tr->superseded) return;
+  tr->superseded = true;
+  tr->quiet = true;
+  if (tr->quiet_timer_open) uv_timer_stop(&tr->quiet_timer);
+  unsigned cut = 0;
+  for (struct handshake *h = tr->handshakes, *next; h != NULL; h = next) {
+    next = h->next;
+    if (h != hs) hs_fail(h, NULL);
+  }
+  for (struct tunnel *tn = tr->tunnels; tn != NULL; tn = tn->next)
+    if (!tn->closing && tn->hs != hs) { /* hs still tells the peer (see on_challenge) */
+      tunnel_close(tn, NULL);
+      cut++;
+    }
+  char newer[ZG_INCARNATION_HEX + 1];
+  zg_incarnation_hex(&hs->peer_inc, newer);
+  ZG_LOG_ERROR("raft_superseded",
+               "raft peer %s runs incarnation %s, newer than this node's: every raft connection is "
+               "refused from now on (%u cut)",
+               hs->peer_address[0] ? hs->peer_address : hs->peer_ip, newer, cut);
+  if (tr->superseded_cb != NULL)
+    tr->superseded_cb(tr->superseded_ud, &hs->peer_inc, hs->peer_address);
+}
+
 /* Runs once the peer has proved the cluster secret. 0: go on; -1: another
  * incarnation (logged); -2: a joiner could not store the one it adopts. */
 static int check_incarnation(struct handshake *hs) {
@@ -549,6 +590,7 @@ static int check_incarnation(struct handshake *hs) {
   }
   if (memcmp(tr->inc.b, hs->peer_inc.b, ZG_INCARNATION_LEN) == 0) return 0;
   log_incarnation_mismatch(hs);
+  if (zg_incarnation_time(&hs->peer_inc) > zg_incarnation_time(&tr->inc)) supersede(tr, hs);
   return -1;
 }
 
@@ -1196,6 +1238,7 @@ static int tr_init(struct raft_uv_transport *t, raft_id id, const char *address)
 
 static void quiet_over_cb(uv_timer_t *timer) {
   struct zgt *tr = timer->data;
+  if (tr->superseded) return;
   tr->quiet = false;
   ZG_LOG_INFO("raft_quiet_period_over", "raft peer traffic allowed again");
 }
@@ -1325,9 +1368,15 @@ void zg_transport_set_quiet(struct raft_uv_transport *t, unsigned quiet_ms) {
   tr->quiet_ms = quiet_ms;
 }
 
+void zg_transport_on_superseded(struct raft_uv_transport *t, zg_superseded_cb cb, void *ud) {
+  struct zgt *tr = t->impl;
+  tr->superseded_cb = cb;
+  tr->superseded_ud = ud;
+}
+
 void zg_transport_isolate(struct raft_uv_transport *t, unsigned duration_ms) {
   struct zgt *tr = t->impl;
-  if (tr == NULL || tr->closing || !tr->quiet_timer_open) return;
+  if (tr == NULL || tr->closing || !tr->quiet_timer_open || tr->superseded) return;
   tr->quiet = true;
   uv_timer_start(&tr->quiet_timer, quiet_over_cb, duration_ms, 0);
   unsigned cut = 0;

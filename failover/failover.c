@@ -89,6 +89,10 @@ static bool view_barrier_committed(void *ud) {
   return consensus_barrier_committed(((struct failover *)ud)->cs);
 }
 
+static bool view_superseded(void *ud) {
+  return consensus_superseded(((struct failover *)ud)->cs);
+}
+
 static bool view_quorum_heard(void *ud, unsigned within_ms) {
   return consensus_quorum_heard(((struct failover *)ud)->cs, within_ms);
 }
@@ -549,7 +553,8 @@ int failover_start(uv_loop_t *loop, struct consensus *cs, struct gateway *gw,
                                    .barrier = view_barrier,
                                    .transfer = view_transfer,
                                    .strerror = consensus_strerror,
-                                   .quorum_heard = view_quorum_heard};
+                                   .quorum_heard = view_quorum_heard,
+                                   .superseded = view_superseded};
   role_init(&f->rm, &f->view, f->witness, cfg->election_timeout_ms, cfg->heartbeat_ms,
             cfg->lease_ratio);
   failover_apply_config(f, cfg);

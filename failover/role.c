@@ -127,6 +127,11 @@ static enum failover_role compute_role(const struct role_machine *m, const char 
     *reason = "witness never serves clients";
     return FAILOVER_WITNESS;
   }
+  if (v->superseded && v->superseded(v->ud)) {
+    *reason = "data from an older cluster incarnation (recovered elsewhere): empty the data dir "
+              "and add this node again";
+    return FAILOVER_UNAVAILABLE;
+  }
   if (v->raft_leader(v->ud)) {
     if (!v->barrier_committed(v->ud)) {
       *reason =

@@ -50,6 +50,9 @@ struct failover_view {
   /* A majority of the voters was heard from within within_ms (see
    * consensus_quorum_heard); NULL: never. */
   bool (*quorum_heard)(void *ud, unsigned within_ms);
+  /* This node's data predates a `recover --force` of the cluster
+   * (consensus_superseded): it never serves again. NULL: never. */
+  bool (*superseded)(void *ud);
 };
 
 struct role_machine {

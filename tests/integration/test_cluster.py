@@ -385,6 +385,56 @@ def test_node_from_before_recover_is_refused_then_rejoins_with_an_empty_data_dir
     assert survivor.health("active")[0] == 200
 
 
+def test_two_stale_nodes_after_recover_never_serve_beside_the_recovered_one(cluster):
+    """Review finding: after `recover --force` on gw-a, gw-b AND the witness
+    came back with their old data dirs (restart: unless-stopped after a zone
+    outage). They are a majority of the old configuration: gw-b logged that
+    it was the stale one, then won an election with the witness's vote and
+    answered /health/active 200 beside gw-a, taking writes that the recovered
+    cluster never saw. A node that meets a peer of a newer incarnation now
+    refuses every raft peer and serves nothing; its next start refuses the
+    data dir with one line."""
+    import subprocess
+    from harness import ZONEGATE_BIN
+    survivor, gw_b, witness = cluster.node("gw-a"), cluster.node("gw-b"), cluster.node("witness")
+    for i in range(5):
+        assert survivor.admin_call("POST", "/v1/audit", {"what": f"before-{i}"})[0] == 200
+    cluster.wait_caught_up()
+    for n in cluster.nodes:
+        n.kill(signal.SIGKILL)
+    env = dict(os.environ)
+    env.update(SECRETS)
+    out = subprocess.run([ZONEGATE_BIN, "recover", "--force", "--yes", "--config", survivor.config_path],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0, out
+    survivor.start()
+    wait_for(lambda: survivor.health("active")[0] == 200, timeout=15, what="recovered node active alone")
+    gw_b.start(wait=False)
+    witness.start(wait=False)
+    stale_active = []
+    deadline = time.monotonic() + 6  # well past an election of the old pair (600 ms timers)
+    while time.monotonic() < deadline:
+        if gw_b.health("active")[0] == 200:
+            stale_active.append(time.monotonic())
+        time.sleep(0.02)
+    assert stale_active == [], f"gw-b (stale) answered /health/active 200 {len(stale_active)} times"
+    assert survivor.health("active")[0] == 200
+    for node in (gw_b, witness):
+        wait_for(lambda node=node: "node_superseded" in node.proc.output(), timeout=10,
+                 what=f"{node.id} says its data is from an older incarnation")
+    status, body = gw_b.health("ready")
+    assert status == 503 and "older cluster incarnation" in body["reason"], (status, body)
+    status, answer = gw_b.admin_call("POST", "/v1/audit", {"what": "written-on-the-stale-side"}, timeout=15)
+    assert status != 200, answer
+    # The next start refuses the marked data dir with one line.
+    gw_b.kill(signal.SIGTERM)
+    gw_b.start(wait=False)
+    rc = gw_b.proc.p.wait(timeout=15)
+    assert rc == 1, rc
+    errors = [l for l in gw_b.proc.output().splitlines() if "older incarnation" in l]
+    assert errors and "members add" in errors[-1], gw_b.proc.output()[-1500:]
+
+
 def test_provider_503_through_a_standby_is_answered_once_not_resent(cluster):
     """A 503 the model provider gives the active is the provider's answer: the
     standby that forwarded the request passes it on, it does not take it for
