@@ -464,7 +464,7 @@ static int apply_token_update(struct zg_fsm *f, const struct zgc_command *cmd,
 
 /* ---- usage.add ----------------------------------------------------------- */
 
-static const char *const usage_add_fields[] = {"at", "rows", "seconds", NULL};
+static const char *const usage_add_fields[] = {"at", "rows", "seconds", "batch", NULL};
 
 static int prepare_usage_add(cJSON *args, const uint8_t master_key[32], char *err, size_t errlen) {
   return zg_usage_check_args(args, err, errlen);

@@ -139,7 +139,21 @@ struct zg_usage_row {
   struct zg_usage_hour *hours; /* ascending hour */
   size_t n_hours, hours_cap;
 };
+/* The last usage.add batch applied per source (one gateway process: see
+ * gateway/accounting.h): a batch whose seq is not above it was applied
+ * already and is skipped. At most ZG_USAGE_MAX_SOURCES; the one applied
+ * longest ago leaves first, and any idle for ZG_USAGE_SOURCE_IDLE_S. */
+#define ZG_USAGE_MAX_SOURCES 64u
+#define ZG_USAGE_SOURCE_LEN 40u
+#define ZG_USAGE_SOURCE_IDLE_S (7u * 86400u)
+struct zg_usage_source {
+  char name[ZG_USAGE_SOURCE_LEN + 1];
+  uint64_t seq, last_at;
+};
 struct zg_usage {
+  struct zg_usage_source sources[ZG_USAGE_MAX_SOURCES];
+  size_t n_sources;
+  uint64_t duplicates;           /* batches skipped as already applied */
   struct zg_usage_token *tokens; /* sorted by name */
   size_t n_tokens, tokens_cap;
   struct zg_usage_row *rows; /* sorted by (token, model, key) */
@@ -153,7 +167,8 @@ extern const char *const zg_usage_counter_names[ZG_USAGE_COUNTERS];
 void zg_usage_free(struct zg_usage *u);
 /* Validates and applies usage.add args (their `at`, unix seconds, is the
  * entry's time: it alone decides pruning); -1 and a message (state
- * unchanged) when the args are malformed. */
+ * unchanged) when the args are malformed. A batch ({"source", "seq"})
+ * already applied is skipped (0, state unchanged but `duplicates`). */
 int zg_usage_apply(struct zg_usage *u, const cJSON *args, char *err, size_t errlen);
 /* Validates args on the leader (same checks as apply). */
 int zg_usage_check_args(const cJSON *args, char *err, size_t errlen);

@@ -243,6 +243,11 @@ static void sweep(struct zg_usage *u, uint64_t at) {
     row_prune(u, r, hour);
     if (r->n_hours == 0 && r->last_at + ROW_IDLE_S <= at) row_remove(u, i);
   }
+  for (size_t i = u->n_sources; i-- > 0;) {
+    if (u->sources[i].last_at + ZG_USAGE_SOURCE_IDLE_S > at) continue;
+    memmove(&u->sources[i], &u->sources[i + 1], (u->n_sources - i - 1) * sizeof *u->sources);
+    u->n_sources--;
+  }
   for (size_t i = u->n_tokens; i-- > 0;) {
     if (u->tokens[i].last_at + TOKEN_IDLE_S > at) continue;
     free(u->tokens[i].name);
@@ -276,11 +281,36 @@ static int item_uint(const cJSON *o, const char *name, uint64_t min, uint64_t ma
   return 0;
 }
 
+/* The optional "batch": {"source": 1..ZG_USAGE_SOURCE_LEN printable
+ * ASCII, "seq": 1..MAX_COUNT}. 0 ok (absent: *source NULL), -1 err. */
+static int check_batch(const cJSON *args, const char **source, uint64_t *seq, char *err,
+                       size_t errlen) {
+  *source = NULL;
+  const cJSON *b = cJSON_GetObjectItemCaseSensitive(args, "batch");
+  if (b == NULL) return 0;
+  const cJSON *src = cJSON_GetObjectItemCaseSensitive(b, "source");
+  bool ok = cJSON_IsObject(b) && cJSON_IsString(src) && src->valuestring[0] &&
+            strlen(src->valuestring) <= ZG_USAGE_SOURCE_LEN &&
+            zg_arg_uint(b, "seq", true, 1, MAX_COUNT, 0, seq, err, errlen) == 0;
+  for (const char *p = ok ? src->valuestring : ""; *p; p++)
+    if (*p < 0x21 || *p > 0x7e) ok = false;
+  if (!ok) {
+    snprintf(err, errlen,
+             "field 'batch' must be {\"source\": 1..%u printable characters, "
+             "\"seq\": a whole number >= 1}",
+             ZG_USAGE_SOURCE_LEN);
+    return -1;
+  }
+  *source = src->valuestring;
+  return 0;
+}
+
 int zg_usage_check_args(const cJSON *args, char *err, size_t errlen) {
   uint64_t at, u;
   const char *s;
   if (!cJSON_IsObject(args) || zg_arg_uint(args, "at", true, 86400, MAX_AT, 0, &at, err, errlen))
     return -1;
+  if (check_batch(args, &s, &u, err, errlen)) return -1;
   const cJSON *rows = cJSON_GetObjectItemCaseSensitive(args, "rows");
   const cJSON *seconds = cJSON_GetObjectItemCaseSensitive(args, "seconds");
   if ((rows && !cJSON_IsArray(rows)) || (seconds && !cJSON_IsArray(seconds))) {
@@ -330,9 +360,36 @@ static const char *get_s(const cJSON *o, const char *name) {
   return cJSON_GetObjectItemCaseSensitive(o, name)->valuestring;
 }
 
+/* The batch's source entry (created, or the oldest one reused); NULL
+ * when the batch was applied already. */
+static struct zg_usage_source *batch_source(struct zg_usage *u, const char *name, uint64_t seq) {
+  size_t oldest = 0;
+  for (size_t i = 0; i < u->n_sources; i++) {
+    if (strcmp(u->sources[i].name, name) == 0)
+      return seq > u->sources[i].seq ? &u->sources[i] : NULL;
+    if (u->sources[i].last_at < u->sources[oldest].last_at) oldest = i;
+  }
+  struct zg_usage_source *s =
+      u->n_sources < ZG_USAGE_MAX_SOURCES ? &u->sources[u->n_sources++] : &u->sources[oldest];
+  memset(s, 0, sizeof *s);
+  snprintf(s->name, sizeof s->name, "%s", name);
+  return s;
+}
+
 int zg_usage_apply(struct zg_usage *u, const cJSON *args, char *err, size_t errlen) {
   if (zg_usage_check_args(args, err, errlen)) return -1;
-  uint64_t at = get_u(args, "at"), hour = at / 3600u;
+  uint64_t at = get_u(args, "at"), hour = at / 3600u, seq = 0;
+  const char *source = NULL;
+  check_batch(args, &source, &seq, err, errlen);
+  if (source != NULL) {
+    struct zg_usage_source *s = batch_source(u, source, seq);
+    if (s == NULL) {
+      u->duplicates = sat_add(u->duplicates, 1);
+      return 0;
+    }
+    s->seq = seq;
+    if (s->last_at < at) s->last_at = at;
+  }
   const cJSON *o;
   cJSON_ArrayForEach(o, cJSON_GetObjectItemCaseSensitive(args, "rows")) {
     uint64_t c[ZG_USAGE_COUNTERS];
@@ -461,6 +518,15 @@ cJSON *zg_usage_to_json(const struct zg_usage *u) {
   cJSON_AddNumberToObject(o, "last_at", (double)u->last_at);
   cJSON_AddNumberToObject(o, "swept_hour", (double)u->swept_hour);
   cJSON_AddNumberToObject(o, "dropped", (double)u->dropped);
+  cJSON_AddNumberToObject(o, "duplicates", (double)u->duplicates);
+  cJSON *sources = cJSON_AddArrayToObject(o, "sources");
+  for (size_t i = 0; sources && i < u->n_sources; i++) {
+    cJSON *e = cJSON_CreateArray();
+    cJSON_AddItemToArray(sources, e);
+    cJSON_AddItemToArray(e, cJSON_CreateString(u->sources[i].name));
+    cJSON_AddItemToArray(e, cJSON_CreateNumber((double)u->sources[i].seq));
+    cJSON_AddItemToArray(e, cJSON_CreateNumber((double)u->sources[i].last_at));
+  }
   cJSON *tokens = cJSON_AddArrayToObject(o, "tokens");
   for (size_t i = 0; tokens && i < u->n_tokens; i++) {
     const struct zg_usage_token *t = &u->tokens[i];
@@ -535,6 +601,36 @@ int zg_usage_from_json(struct zg_usage *u, const cJSON *j, char *err, size_t err
       zg_arg_uint(j, "dropped", true, 0, MAX_COUNT, 0, &u->dropped, inner, sizeof inner)) {
     snprintf(err, errlen, "usage: last_at/swept_hour/dropped missing or out of range");
     return -1;
+  }
+  /* "sources" and "duplicates": absent in snapshots of older builds */
+  const cJSON *dup = cJSON_GetObjectItemCaseSensitive(j, "duplicates");
+  if (dup != NULL && !uint_of(dup, MAX_COUNT, &u->duplicates)) {
+    snprintf(err, errlen, "usage: duplicates out of range");
+    return -1;
+  }
+  const cJSON *sources = cJSON_GetObjectItemCaseSensitive(j, "sources");
+  if (sources != NULL &&
+      (!cJSON_IsArray(sources) || cJSON_GetArraySize(sources) > (int)ZG_USAGE_MAX_SOURCES)) {
+    snprintf(err, errlen, "usage: sources not an array or too long");
+    return -1;
+  }
+  const cJSON *src;
+  cJSON_ArrayForEach(src, sources) {
+    bool ok = cJSON_IsArray(src) && cJSON_GetArraySize(src) == 3;
+    const char *name = ok ? string_at(src, 0, ZG_USAGE_SOURCE_LEN) : NULL;
+    uint64_t seq = 0, last_at = 0;
+    ok = ok && name && *name && uint_of(cJSON_GetArrayItem(src, 1), MAX_COUNT, &seq) &&
+         uint_of(cJSON_GetArrayItem(src, 2), MAX_AT, &last_at);
+    for (size_t k = 0; ok && k < u->n_sources; k++)
+      if (strcmp(u->sources[k].name, name) == 0) ok = false;
+    if (!ok) {
+      snprintf(err, errlen, "usage: sources[%zu] malformed or duplicate", u->n_sources);
+      return -1;
+    }
+    struct zg_usage_source *s = &u->sources[u->n_sources++];
+    snprintf(s->name, sizeof s->name, "%s", name);
+    s->seq = seq;
+    s->last_at = last_at;
   }
   const cJSON *tokens = cJSON_GetObjectItemCaseSensitive(j, "tokens");
   const cJSON *rows = cJSON_GetObjectItemCaseSensitive(j, "rows");

@@ -6,6 +6,8 @@
  */
 #include "gateway/accounting.h"
 
+#include "base/base.h"
+
 #include <cjson/cJSON.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -40,7 +42,13 @@ struct accounting {
   struct token_state *tokens[BUCKETS];
   struct row *rows[BUCKETS];
   size_t n_rows;
-  cJSON *in_flight; /* the args of the take not yet settled */
+  /* The batch taken and not yet committed: sent again as it is (same
+   * batch id) until it is, so the store counts it once (usage.c drops a
+   * batch it already applied) even when an answer was lost. */
+  cJSON *pending;
+  bool sending;    /* a write of `pending` is in flight */
+  char source[40]; /* this process's batch source: "g-" and 16 random hex digits */
+  uint64_t seq;    /* of the last batch taken */
 };
 
 static unsigned hash(const char *a, const char *b, const char *c) {
@@ -54,7 +62,16 @@ static unsigned hash(const char *a, const char *b, const char *c) {
 }
 
 struct accounting *accounting_create(void) {
-  return calloc(1, sizeof(struct accounting));
+  struct accounting *a = calloc(1, sizeof(struct accounting));
+  uint8_t id[8];
+  if (!a || zg_random_bytes(id, sizeof id) != 0) {
+    free(a);
+    return NULL;
+  }
+  snprintf(a->source, sizeof a->source, "g-");
+  for (size_t i = 0; i < sizeof id; i++)
+    snprintf(a->source + 2 + 2 * i, sizeof a->source - 2 - 2 * i, "%02x", id[i]);
+  return a;
 }
 
 void accounting_destroy(struct accounting *a) {
@@ -73,7 +90,7 @@ void accounting_destroy(struct accounting *a) {
       free(r);
     }
   }
-  cJSON_Delete(a->in_flight);
+  cJSON_Delete(a->pending);
   free(a);
 }
 
@@ -230,7 +247,12 @@ static void add_number(cJSON *o, const char *name, uint64_t v) {
 }
 
 cJSON *accounting_take(struct accounting *a, uint64_t now_s) {
-  if (a->in_flight) return NULL;
+  if (a->sending) return NULL;
+  if (a->pending) { /* not committed yet: the same batch again */
+    cJSON *again = cJSON_Duplicate(a->pending, true);
+    a->sending = again != NULL;
+    return again;
+  }
   cJSON *args = cJSON_CreateObject();
   cJSON *rows = cJSON_AddArrayToObject(args, "rows");
   cJSON *seconds = cJSON_AddArrayToObject(args, "seconds");
@@ -286,47 +308,25 @@ cJSON *accounting_take(struct accounting *a, uint64_t now_s) {
     cJSON_Delete(args);
     return NULL;
   }
-  a->in_flight = cJSON_Duplicate(args, true);
-  return args;
+  cJSON *batch = cJSON_AddObjectToObject(args, "batch");
+  cJSON_AddStringToObject(batch, "source", a->source);
+  add_number(batch, "seq", ++a->seq);
+  a->pending = args;
+  cJSON *copy = cJSON_Duplicate(args, true);
+  a->sending = copy != NULL;
+  return copy;
 }
 
 void accounting_settle(struct accounting *a, bool committed) {
-  cJSON *args = a->in_flight;
-  if (!args) return;
-  a->in_flight = NULL;
-  if (!committed) { /* back into the counts, to be taken again */
-    const cJSON *o;
-    cJSON_ArrayForEach(o, cJSON_GetObjectItemCaseSensitive(args, "rows")) {
-      const char *tok = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(o, "token"));
-      const char *model = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(o, "model"));
-      const char *key = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(o, "key"));
-      struct row *r = tok && model && key ? row_of(a, tok, model, key) : NULL;
-      if (!r) continue;
-      struct acct_counts c = {
-          (uint64_t)cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(o, "requests")),
-          (uint64_t)cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(o, "prompt")),
-          (uint64_t)cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(o, "completion")),
-          (uint64_t)cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(o, "total")),
-          (uint64_t)cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(o, "cached")),
-          (uint64_t)cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(o, "reasoning")),
-          (uint64_t)cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(o, "unknown"))};
-      add_counts(&r->c, &c);
-    }
-  }
+  a->sending = false;
+  if (!committed || !a->pending) return; /* kept: sent again by the next take */
+  cJSON_Delete(a->pending);
+  a->pending = NULL;
   for (size_t b = 0; b < BUCKETS; b++)
     for (struct token_state *t = a->tokens[b]; t; t = t->next) {
-      for (unsigned i = 0; i < RING; i++) {
-        struct second *s = &t->ring[i];
-        if (!committed) {
-          s->requests += s->fly_requests;
-          s->tokens += s->fly_tokens;
-        }
-        s->fly_requests = s->fly_tokens = 0;
-      }
-      if (!committed) t->tokens += t->fly_tokens;
+      for (unsigned i = 0; i < RING; i++) t->ring[i].fly_requests = t->ring[i].fly_tokens = 0;
       t->fly_tokens = 0;
     }
-  cJSON_Delete(args);
 }
 
 const char *accounting_limit_name(enum acct_limit limit) {

@@ -75,14 +75,18 @@ void accounting_usage(struct accounting *a, const char *token, const char *model
 /* Takes the counts since the last take as the args of one usage.add
  * command: {"at": now_s, "rows": [{"token","model","key",
  * "requests","prompt","completion","total","cached","reasoning","unknown"}],
- * "seconds": [{"token","at","requests","tokens"}]}; NULL when there is
- * nothing (or out of memory: the counts stay). The counts stay "in flight"
- * (still counted by accounting_check) until accounting_settle. Only one
- * take is in flight at a time: NULL while one is. */
+ * "seconds": [{"token","at","requests","tokens"}], "batch": {"source",
+ * "seq"}}; the caller owns it. NULL when there is nothing (or out of
+ * memory: the counts stay). The counts stay "in flight" (still counted by
+ * accounting_check) until accounting_settle says committed. One take is
+ * in flight at a time: NULL while one is. A batch not committed is taken
+ * again as it is, same batch id, before any newer count: the store
+ * applies a batch id once (consensus/usage.c), so a write whose answer
+ * was lost (applied after all) is not counted twice. */
 struct cJSON *accounting_take(struct accounting *a, uint64_t now_s);
 
 /* The in-flight take was committed (committed true: the replicated view
- * has it now) or failed (false: its counts go back to be taken again). */
+ * has it now) or not known to be (false: the same batch is taken again). */
 void accounting_settle(struct accounting *a, bool committed);
 
 /* Limit names for errors and logs: "rpm", "tpm", "budget_day", ... */

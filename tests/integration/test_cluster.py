@@ -435,6 +435,51 @@ def test_two_stale_nodes_after_recover_never_serve_beside_the_recovered_one(clus
     assert errors and "members add" in errors[-1], gw_b.proc.output()[-1500:]
 
 
+def signed_usage_relay(body, source="gw-b"):
+    """Headers of a usage relay signed as node.c's node_usage_relay signs it
+    (HMAC under the key derived from the cluster secret)."""
+    import hashlib
+    import hmac
+    key = hmac.new(SECRETS["ZONEGATE_CLUSTER_SECRET"].encode(), b"zonegate admin forwarding v1",
+                   hashlib.sha256).digest()
+    ts = int(time.time() * 1000)
+    msg = "zonegate-admin-forward-v1\nPOST\n/_zonegate/usage\n\ngateway\n%s\n%d\n%s" % (
+        source, ts, hashlib.sha256(body).hexdigest())
+    mac = hmac.new(key, msg.encode(), hashlib.sha256).hexdigest()
+    return {"X-Zonegate-Actor": "gateway", "X-Zonegate-Source": source,
+            "X-Zonegate-Forward-Auth": f"v1 {ts} {mac}", "Content-Type": "application/json"}
+
+
+def test_a_usage_batch_counts_once_however_often_it_arrives(cluster):
+    """Review finding: usage.add had no id, so a flush whose answer was lost
+    (written after all) was sent again and counted twice (+76 % under
+    one-way Raft cuts), and a captured relay could be replayed to inflate a
+    tenant's usage. Every batch now carries its source and sequence number
+    and the replicated store applies each once."""
+    active = cluster.active()
+    at = int(time.time())
+    def batch(seq):
+        return json.dumps({"at": at, "rows": [{"token": "relay-once", "model": "m", "key": "",
+                                               "requests": 1, "prompt": 5, "completion": 5, "total": 10,
+                                               "cached": 0, "reasoning": 0, "unknown": 0}],
+                           "seconds": [], "batch": {"source": "g-test", "seq": seq}}).encode()
+    from harness import http_call
+    host, port = active.admin.split(":")
+    for body in (batch(1), batch(1), batch(1), batch(2)):
+        status, _, answer = http_call(host, int(port), "POST", "/_zonegate/usage", body,
+                                      signed_usage_relay(body), timeout=10)
+        assert status == 200, answer
+    status, usage = active.admin_call("GET", "/v1/usage?token=relay-once&since=1h")
+    assert status == 200 and usage["sum"]["requests"] == 2 and usage["sum"]["total"] == 20, usage
+    # Not the leader: refused, so the sender keeps the batch for the leader.
+    standby = next(n for n in cluster.nodes if n.role == "gateway" and n is not active)
+    host, port = standby.admin.split(":")
+    body = batch(3)
+    status, _, answer = http_call(host, int(port), "POST", "/_zonegate/usage", body, signed_usage_relay(body),
+                                  timeout=10)
+    assert status == 503 and b"not_leader" in answer, (status, answer)
+
+
 def test_provider_503_through_a_standby_is_answered_once_not_resent(cluster):
     """A 503 the model provider gives the active is the provider's answer: the
     standby that forwarded the request passes it on, it does not take it for

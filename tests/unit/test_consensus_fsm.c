@@ -526,6 +526,70 @@ static void test_usage(void **state) {
   cJSON_Delete(la.result);
 }
 
+/* A usage.add batch ({"source", "seq"}) counts once: the same batch sent
+ * again (its first answer was lost, or a captured relay is replayed) and
+ * an older one are skipped; a newer one counts; the snapshot keeps the
+ * sources, so a restored node skips the same batches. */
+static void test_usage_batch_counts_once(void **state) {
+  (void)state;
+  struct zg_fsm f;
+  struct last_apply la;
+  fsm_setup(&f, &la, 100);
+  uint64_t at = 1700000000;
+  char args[512];
+#define BATCH(src, seq)                                                                            \
+  snprintf(args, sizeof args,                                                                      \
+           "{\"at\":%llu,\"rows\":[{\"token\":\"app\",\"model\":\"m\",\"key\":\"\","               \
+           "\"requests\":1,\"prompt\":1,\"completion\":1,\"total\":2,\"cached\":0,"                \
+           "\"reasoning\":0,\"unknown\":0}],\"seconds\":[],\"batch\":{\"source\":\"%s\","          \
+           "\"seq\":%d}}",                                                                         \
+           (unsigned long long)at, src, seq)
+  struct consensus_usage_view v;
+  BATCH("g-a", 1);
+  assert_int_equal(apply(&f, at * 1000, "usage.add", args), 0);
+  assert_int_equal(apply(&f, at * 1000, "usage.add", args), 0); /* again: skipped */
+  zg_usage_view(&f.st.usage, "app", at, &v);
+  assert_int_equal(v.day_tokens, 2);
+  BATCH("g-a", 2);
+  assert_int_equal(apply(&f, at * 1000, "usage.add", args), 0);
+  BATCH("g-a", 1); /* older than the last applied */
+  assert_int_equal(apply(&f, at * 1000, "usage.add", args), 0);
+  BATCH("g-b", 1); /* another process: its own sequence */
+  assert_int_equal(apply(&f, at * 1000, "usage.add", args), 0);
+  zg_usage_view(&f.st.usage, "app", at, &v);
+  assert_int_equal(v.day_tokens, 6);
+  assert_int_equal(f.st.usage.duplicates, 2);
+
+  char *snap, err[256];
+  size_t len;
+  assert_int_equal(zg_fsm_snapshot_bytes(&f, &snap, &len), 0);
+  struct zg_fsm g;
+  struct last_apply lb;
+  fsm_setup(&g, &lb, 100);
+  assert_int_equal(zg_fsm_restore_bytes(&g, snap, len, err, sizeof err), 0);
+  BATCH("g-b", 1);
+  assert_int_equal(apply(&g, at * 1000, "usage.add", args), 0);
+  zg_usage_view(&g.st.usage, "app", at, &v);
+  assert_int_equal(v.day_tokens, 6);
+
+  /* a malformed batch is refused whole */
+  snprintf(args, sizeof args,
+           "{\"at\":%llu,\"rows\":[],\"seconds\":[],\"batch\":{\"source\":\"\",\"seq\":0}}",
+           (unsigned long long)at);
+  cJSON *bad = cJSON_Parse(args);
+  struct raft_buffer buf;
+  assert_int_not_equal(
+      zg_build_entry("usage.add", bad, "admin", "127.0.0.1", at, "r", key, &buf, err, sizeof err),
+      0);
+  assert_non_null(strstr(err, "batch"));
+#undef BATCH
+  free(snap);
+  zg_fsm_close(&g);
+  cJSON_Delete(lb.result);
+  zg_fsm_close(&f);
+  cJSON_Delete(la.result);
+}
+
 /* token.update: limits, expiry and allowlist by id or by name; audited;
  * the snapshot carries the new values. */
 static void test_token_update(void **state) {
@@ -583,6 +647,7 @@ int main(void) {
       cmocka_unit_test(test_many_tokens),
       cmocka_unit_test(test_snapshot_buffers_survive_changes),
       cmocka_unit_test(test_usage),
+      cmocka_unit_test(test_usage_batch_counts_once),
       cmocka_unit_test(test_token_update),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
