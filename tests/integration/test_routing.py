@@ -139,9 +139,14 @@ def test_cluster_routes_with_key_ids_and_skips_a_bad_key():
             from harness import wait_for
             wait_for(lambda: request(c.active().gateway_port, "POST", "/v1/chat/completions", body,
                                      hdr)[0] == 200, timeout=10, what="routed model served")
-            st, keys = c.active().admin_call("GET", "/v1/keys")
-            states = {k["id"]: k["state"] for k in keys["keys"]}
-            assert states["key-bad"] == "invalid" and states["key-good"] == "active", states
+            # The retirement is a replicated write the active makes after the
+            # probe: it may land a moment after the answer.
+            def states():
+                st, keys = c.active().admin_call("GET", "/v1/keys")
+                return {k["id"]: k["state"] for k in keys["keys"]}
+            wait_for(lambda: states()["key-bad"] == "invalid", timeout=5, interval=0.05,
+                     what="key-bad retired")
+            assert states()["key-good"] == "active", states()
             st, _, payload = request(c.active().gateway_port, "POST", "/v1/chat/completions",
                                      {"model": "gpt-unknown", "messages": [{"role": "user", "content": "x"}]}, hdr)
             assert st == 404 and "routed" in error_of(payload)["message"]
