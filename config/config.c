@@ -11,6 +11,9 @@
 #include <cjson/cJSON.h>
 #include <errno.h>
 #include <math.h>
+#include <openssl/err.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -422,6 +425,32 @@ static int store_arrays(struct parse_ctx *ctx, struct zg_config *cfg) {
   return 0;
 }
 
+/* upstream.ca_file must be a file this node can read holding at least one
+ * PEM certificate: checked wherever a config is loaded or applied, so a
+ * typo is a config error, not a connect failure on every request. */
+static int check_ca_file(struct parse_ctx *ctx, const char *path) {
+  FILE *f = fopen(path, "r");
+  if (!f) {
+    snprintf(ctx->err, ctx->errlen,
+             "%s: upstream.ca_file: expected a readable PEM file of CA certificates, found \"%s\" "
+             "(%s)",
+             ctx->origin, path, strerror(errno));
+    return -1;
+  }
+  X509 *cert = PEM_read_X509(f, NULL, NULL, NULL);
+  fclose(f);
+  ERR_clear_error();
+  if (!cert) {
+    snprintf(ctx->err, ctx->errlen,
+             "%s: upstream.ca_file: expected a PEM file of CA certificates (-----BEGIN "
+             "CERTIFICATE-----), found \"%s\" with no certificate in it",
+             ctx->origin, path);
+    return -1;
+  }
+  X509_free(cert);
+  return 0;
+}
+
 static int finish(struct parse_ctx *ctx, struct zg_config *cfg) {
   fill_defaults(cfg->effective);
   store_scalars(cfg);
@@ -459,6 +488,7 @@ static int finish(struct parse_ctx *ctx, struct zg_config *cfg) {
              ctx->origin, cfg->gateway_tls_cert[0] ? "\"key\"" : "\"cert\"");
     return -1;
   }
+  if (cfg->upstream_ca_file[0] && check_ca_file(ctx, cfg->upstream_ca_file) != 0) return -1;
   if (strcmp(cfg->auth_mode, "token") == 0 && !get_path(cfg->effective, "auth.tokens")) {
     /* token mode with no file tokens: tokens come from the admin API. */
   }
