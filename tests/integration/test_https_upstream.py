@@ -42,7 +42,7 @@ def make_pki(d):
 class Nginx:
     """nginx with TLS and HTTP/2 on `port`, proxying to `mock_port`."""
 
-    def __init__(self, d, mock_port):
+    def __init__(self, d, mock_port, protocols="TLSv1.2 TLSv1.3"):
         self.dir = os.path.join(d, "nginx")
         os.makedirs(os.path.join(self.dir, "logs"))
         self.port = free_port()
@@ -61,7 +61,7 @@ http {{
   server {{
     listen 127.0.0.1:{self.port} ssl http2;
     ssl_certificate {d}/server.crt; ssl_certificate_key {d}/server.key;
-    ssl_protocols TLSv1.2 TLSv1.3;
+    ssl_protocols {protocols};
     ssl_session_cache shared:SSL:1m; ssl_session_tickets on;
     access_log {self.access_log} conn;
     location / {{ proxy_pass http://127.0.0.1:{mock_port}; proxy_http_version 1.1; proxy_buffering off; }}
@@ -104,11 +104,13 @@ http {{
 
 
 @pytest.fixture
-def tls_upstream():
+def tls_upstream(request):
+    """(CA file, Nginx, start(upstream section) -> zonegate). nginx offers
+    TLS 1.2 and 1.3 unless the test parametrizes it (indirect)."""
     with TempDir() as d:
         ca = make_pki(d)
         mock = start_mockllm()
-        ngx = Nginx(d, mock.port)
+        ngx = Nginx(d, mock.port, getattr(request, "param", "TLSv1.2 TLSv1.3"))
         procs = []
 
         def start(upstream=None, expect_ready=True):
@@ -199,6 +201,7 @@ def test_http2_carries_concurrent_streams_on_one_connection(tls_upstream):
     assert run[0][0] == ngx.entries()[0][0]
 
 
+@pytest.mark.parametrize("tls_upstream", ["TLSv1.2", "TLSv1.3"], indirect=True)
 def test_http1_opens_a_connection_per_concurrent_stream_and_resumes_tls(tls_upstream):
     ca, ngx, start = tls_upstream
     gw = start({"ca_file": ca, "http_version": "1.1"})
@@ -211,13 +214,43 @@ def test_http1_opens_a_connection_per_concurrent_stream_and_resumes_tls(tls_upst
     run = log_after(ngx, before, 10)
     conns = {e[0]: e for e in run}
     assert all(e[3] == "HTTP/1.1" for e in run), run
+    protocol = first[0][2]
     assert len(conns) == 10, f"10 concurrent HTTP/1.1 streams over {len(conns)} connections"
     new = [e for c, e in conns.items() if c != first[0][0]]
     resumed = [e for e in new if e[1] == "r"]
-    # Each new connection offers the client's cached session; with TLS 1.3
-    # not every one of a burst of concurrent handshakes resumes (libcurl
-    # 7.88: 7 of 9 in one run): most must.
-    assert len(new) >= 9 and len(resumed) * 2 >= len(new), f"new connections {new}: handshakes not resumed"
+    # Each new connection offers the client's cached session. TLS 1.2:
+    # every one resumes. TLS 1.3: not every one of a burst of concurrent
+    # handshakes does (38-97 % resumed in tests/bench/tls_upstream.sh with
+    # libcurl 7.88; the cause is not pinned down): at least one must.
+    assert len(new) >= 9, new
+    if protocol == "TLSv1.2":
+        assert len(resumed) == len(new), f"{protocol}: new connections {new}: handshakes not resumed"
+    else:
+        assert protocol == "TLSv1.3" and resumed, f"{protocol}: new connections {new}: none resumed"
+
+
+def test_http2_paused_stream_stalls_no_other_stream_on_its_connection(tls_upstream):
+    """A client that stops reading pauses its own stream (DESIGN: never the
+    others), also when its stream shares an HTTP/2 connection with them;
+    a reader that pauses and reads on gets its whole stream."""
+    from test_edge_memory import open_slow_stream, slow_reader_gets_whole_stream
+    ca, ngx, start = tls_upstream
+    gw = start({"ca_file": ca})
+    assert stream(gw.port, "warm-up")[-1] == "[DONE]"
+    warm = ngx.entries()[-1][0]
+    slow = [open_slow_stream(gw.port) for _ in range(2)]
+    try:
+        time.sleep(1.0)  # their client write queues fill; their transfers pause
+        t0 = time.monotonic()
+        assert stream(gw.port, "beside paused streams", chunks=10, interval_ms=50)[-1] == "[DONE]"
+        elapsed = time.monotonic() - t0
+        slow_mode = os.environ.get("ZG_TEST_SLOW") == "1"
+        assert elapsed < (10.0 if slow_mode else 3.0), f"a 0.5 s stream took {elapsed:.1f} s"
+        assert ngx.entries()[-1][0] == warm  # it shared the connection with the paused ones
+        slow_reader_gets_whole_stream(gw.port, chunks=200)
+    finally:
+        for s in slow:
+            s.close()
 
 
 @pytest.mark.parametrize("upstream,needle", [
@@ -225,6 +258,7 @@ def test_http1_opens_a_connection_per_concurrent_stream_and_resumes_tls(tls_upst
      'upstream.ca_file: expected a readable PEM file of CA certificates, found "/nonexistent/ca.pem" '
      '(No such file or directory)'),
     ({"ca_file": "NOT_PEM"}, "upstream.ca_file: expected a PEM file of CA certificates"),
+    ({"ca_file": "/dev/zero"}, 'found "/dev/zero" (not a regular file)'),
     ({"ca_file": ""}, "upstream.ca_file: expected a string of 1 to 511 characters"),
     ({"http_version": "3"}, 'upstream.http_version: expected one of 1.1|2, found "3"'),
     ({"http_version": 2}, "upstream.http_version: expected a string"),
