@@ -123,6 +123,7 @@ struct upstream_transfer {
   bool linked;
   CURL *easy;
   enum easy_profile easy_profile; /* what easy's options were set for */
+  unsigned https_gen;             /* client->https_gen when easy was set up for it */
   /* The request's header lines for curl, in ONE allocation (see
    * build_request_headers); freed with free(). */
   struct curl_slist *request_headers;
@@ -197,6 +198,9 @@ struct upstream_client {
    * profile keeps its options. */
   char *https_ca_file;
   enum upstream_http_version https_version;
+  /* Bumped by every change of the two: a handle set up under an older
+   * value is reset when its transfer releases it. */
+  unsigned https_gen;
   /* Plain http:// transfers (upstream/lean.c); counted in open_handles
    * until its close is done. */
   struct lean_client *lean;
@@ -356,7 +360,10 @@ static CURL *acquire_easy(struct upstream_client *c, enum easy_profile want,
 
 /* Frees what t owns and closes its timer; t itself goes in the close cb. */
 static void dispose_transfer(struct upstream_transfer *t) {
-  release_easy(t->client, t->easy, t->easy_profile);
+  /* A handle set up before upstream_client_set_https changed the options
+   * holds the old ones: EASY_OTHER makes release_easy reset it. */
+  bool current = t->https_gen == t->client->https_gen;
+  release_easy(t->client, t->easy, current ? t->easy_profile : EASY_OTHER);
   t->easy = NULL;
   free(t->request_headers);
   t->request_headers = NULL;
@@ -1011,7 +1018,7 @@ void upstream_client_close(struct upstream_client *c, void (*done)(void *arg), v
 int upstream_client_set_https(struct upstream_client *c, const struct upstream_https_options *o,
                               char *errmsg, size_t errlen) {
   if (!c || !o || c->closing || c->close_requested) {
-    snprintf(errmsg, errlen, "upstream_client_set_https(): no client or options");
+    snprintf(errmsg, errlen, "upstream_client_set_https(): no client or options, or it is closing");
     return -1;
   }
   const char *ca = o->ca_file ? o->ca_file : "";
@@ -1026,6 +1033,7 @@ int upstream_client_set_https(struct upstream_client *c, const struct upstream_h
   free(c->https_ca_file);
   c->https_ca_file = copy;
   c->https_version = version;
+  c->https_gen++; /* handles of transfers under way are reset when released */
   /* Handles kept with a plain profile hold the old options. */
   for (size_t i = 0; i < c->easy_pool_count; i++) {
     curl_easy_reset(c->easy_pool[i].easy);
@@ -1203,6 +1211,7 @@ static int configure_easy(struct upstream_transfer *t, const struct upstream_req
   }
 #undef SETOPT
   t->easy_profile = rc == CURLE_OK ? want : EASY_OTHER; /* a half-set handle is reset */
+  t->https_gen = t->client->https_gen;
   return rc == CURLE_OK ? 0 : -1;
 }
 

@@ -11,6 +11,7 @@ whether its handshake resumed a session ($ssl_session_reused)."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -118,7 +119,9 @@ def tls_upstream(request):
             os.makedirs(sub)
             extra = {"upstream": upstream} if upstream is not None else {}
             cfg, port = base_config(sub, f"https://localhost:{ngx.port}", **extra)
-            gw = start_zonegate(write_config(sub, cfg), port, expect_ready=expect_ready)
+            path = write_config(sub, cfg)
+            gw = start_zonegate(path, port, expect_ready=expect_ready)
+            gw.cfg, gw.cfg_dir = cfg, sub
             procs.append(gw)
             return gw
 
@@ -251,6 +254,33 @@ def test_http2_paused_stream_stalls_no_other_stream_on_its_connection(tls_upstre
     finally:
         for s in slow:
             s.close()
+
+
+def test_http_version_change_applies_to_the_next_request(tls_upstream):
+    """A reload (SIGHUP on a standalone node; config apply in a cluster)
+    that changes upstream.http_version applies to every request started
+    after it, also on a handle that served a transfer still running at the
+    change; the transfer that was running ends normally."""
+    ca, ngx, start = tls_upstream
+    gw = start({"ca_file": ca})
+    assert stream(gw.port, "warm-up")[-1] == "[DONE]"
+    assert ngx.entries()[-1][3] == "HTTP/2.0"
+    long_done = []
+    t = threading.Thread(target=lambda: long_done.append(stream(gw.port, "long", chunks=15, interval_ms=100)),
+                         daemon=True)
+    t.start()
+    time.sleep(0.3)  # the long stream is under way
+    gw.cfg["upstream"]["http_version"] = "1.1"
+    write_config(gw.cfg_dir, gw.cfg)
+    gw.signal(signal.SIGHUP)
+    wait_for(lambda: any(e.get("event") == "config_reloaded" for e in gw.log_lines()), what="the reload")
+    t.join(20)
+    assert long_done and long_done[0][-1] == "[DONE]"
+    assert ngx.entries()[-1][3] == "HTTP/2.0"  # the long one, started before
+    for i in range(3):
+        status, _, body = request(gw.port, "POST", "/v1/chat/completions", chat_body(f"after {i}"), timeout=10)
+        assert status == 200, body
+        assert ngx.entries()[-1][3] == "HTTP/1.1", ngx.entries()[-3:]
 
 
 @pytest.mark.parametrize("upstream,needle", [
