@@ -10,10 +10,16 @@
 
 #include <cjson/cJSON.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <math.h>
+#include <openssl/err.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 struct parse_ctx {
   const char *origin;
@@ -422,6 +428,51 @@ static int store_arrays(struct parse_ctx *ctx, struct zg_config *cfg) {
   return 0;
 }
 
+/* Largest upstream.ca_file accepted (the system bundle is ~200 KB). */
+#define CA_FILE_MAX_BYTES (16u << 20)
+
+/* upstream.ca_file must be a regular file this node can read, of at most
+ * CA_FILE_MAX_BYTES, holding at least one PEM certificate: checked wherever
+ * a config is loaded or applied, so a typo is a config error, not a
+ * connect failure on every request. Opened non-blocking, so a FIFO or a
+ * device named by mistake can neither block nor feed the check forever. */
+static int check_ca_file(struct parse_ctx *ctx, const char *path) {
+  static const char expected[] = "expected a readable PEM file of CA certificates";
+  int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+  struct stat st;
+  if (fd < 0 || fstat(fd, &st) != 0) {
+    snprintf(ctx->err, ctx->errlen, "%s: upstream.ca_file: %s, found \"%s\" (%s)", ctx->origin,
+             expected, path, strerror(errno));
+    if (fd >= 0) close(fd);
+    return -1;
+  }
+  if (!S_ISREG(st.st_mode) || st.st_size > (off_t)CA_FILE_MAX_BYTES) {
+    snprintf(ctx->err, ctx->errlen, "%s: upstream.ca_file: %s, found \"%s\" (%s)", ctx->origin,
+             expected, path, !S_ISREG(st.st_mode) ? "not a regular file" : "larger than 16 MiB");
+    close(fd);
+    return -1;
+  }
+  FILE *f = fdopen(fd, "r");
+  if (!f) {
+    snprintf(ctx->err, ctx->errlen, "%s: upstream.ca_file: %s, found \"%s\" (%s)", ctx->origin,
+             expected, path, strerror(errno));
+    close(fd);
+    return -1;
+  }
+  X509 *cert = PEM_read_X509(f, NULL, NULL, NULL);
+  fclose(f);
+  ERR_clear_error();
+  if (!cert) {
+    snprintf(ctx->err, ctx->errlen,
+             "%s: upstream.ca_file: expected a PEM file of CA certificates (-----BEGIN "
+             "CERTIFICATE-----), found \"%s\" with no certificate in it",
+             ctx->origin, path);
+    return -1;
+  }
+  X509_free(cert);
+  return 0;
+}
+
 static int finish(struct parse_ctx *ctx, struct zg_config *cfg) {
   fill_defaults(cfg->effective);
   store_scalars(cfg);
@@ -459,6 +510,7 @@ static int finish(struct parse_ctx *ctx, struct zg_config *cfg) {
              ctx->origin, cfg->gateway_tls_cert[0] ? "\"key\"" : "\"cert\"");
     return -1;
   }
+  if (cfg->upstream_ca_file[0] && check_ca_file(ctx, cfg->upstream_ca_file) != 0) return -1;
   if (strcmp(cfg->auth_mode, "token") == 0 && !get_path(cfg->effective, "auth.tokens")) {
     /* token mode with no file tokens: tokens come from the admin API. */
   }

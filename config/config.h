@@ -104,9 +104,11 @@ struct zg_config {
   unsigned failback_after_s;
   double lease_ratio;
   bool drills_enabled;
-  bool upstream_forwarded_for; /* send X-Forwarded-For to the upstream */
-  bool usage_enabled;          /* count usage and enforce tpm/budgets */
-  unsigned usage_flush_ms;     /* replicated flush interval */
+  bool upstream_forwarded_for;   /* send X-Forwarded-For to the upstream */
+  char upstream_http_version[4]; /* "2" (HTTP/2 if offered via ALPN) | "1.1": https:// only */
+  char upstream_ca_file[512];    /* PEM CA file for https:// upstreams; "" = system CAs */
+  bool usage_enabled;            /* count usage and enforce tpm/budgets */
+  unsigned usage_flush_ms;       /* replicated flush interval */
 
   struct cJSON *effective; /* the whole effective document (defaults filled) */
 };

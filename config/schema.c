@@ -163,6 +163,13 @@ const struct schema_entry zg_schema[] = {
     {"upstream", K_OBJECT, 0, 0, NULL, NULL, NOFF, "how requests are sent to the upstream"},
     {"upstream.forwarded_for", K_BOOL, 0, 0, "false", NULL, OFF(upstream_forwarded_for),
      "send the client's address as X-Forwarded-For (off: a third-party API never sees it)"},
+    {"upstream.http_version", K_ENUM, 0, 0, "\"2\"", "1.1|2", OFF(upstream_http_version),
+     "https:// upstreams: 2 = HTTP/2 when the server offers it (ALPN; many streams share one "
+     "connection), else HTTP/1.1; 1.1 = always HTTP/1.1 (one connection per concurrent "
+     "request). Plain http:// is always HTTP/1.1"},
+    {"upstream.ca_file", K_STRING, 1, 511, NULL, NULL, OFF(upstream_ca_file),
+     "PEM file of CA certificates an https:// upstream's certificate must chain to, instead of "
+     "the system's (a provider endpoint behind a private CA); the same path on every node"},
 };
 
 const size_t zg_schema_len = sizeof(zg_schema) / sizeof(zg_schema[0]);

@@ -469,6 +469,18 @@ void gateway_flush_usage(struct gateway *gw, void (*done)(void *arg), void *arg)
   gw->n_usage_waiters++;
 }
 
+/* upstream.ca_file and upstream.http_version to the upstream client (for
+ * https:// upstreams; the config check already read the CA file). */
+static void apply_https_options(struct gateway *gw) {
+  struct upstream_https_options o = {0};
+  o.ca_file = gw->cfg->upstream_ca_file;
+  o.http_version =
+      strcmp(gw->cfg->upstream_http_version, "1.1") == 0 ? UPSTREAM_HTTP_1_1 : UPSTREAM_HTTP_2;
+  char err[128];
+  if (upstream_client_set_https(gw->upstream, &o, err, sizeof(err)) != 0)
+    zg_log(ZG_ERROR, "upstream_https_options", "%s", err);
+}
+
 int gateway_start(uv_loop_t *loop, const struct zg_config *cfg, struct gateway **out, char *errmsg,
                   size_t errlen) {
   struct gateway *gw = calloc(1, sizeof(*gw));
@@ -499,6 +511,7 @@ int gateway_start(uv_loop_t *loop, const struct zg_config *cfg, struct gateway *
     return -1;
   }
   register_metrics(gw);
+  apply_https_options(gw);
   gateway_reload_endpoints(gw);
   if (cfg->usage_enabled) gw->accounting = accounting_create();
   uv_timer_init(loop, &gw->usage_timer);
@@ -549,6 +562,7 @@ void gateway_apply_config(struct gateway *gw, const struct zg_config *cfg) {
   response_cache_set_max_bytes(gw->cache, cfg->cache_size_bytes);
   struct httpd_limits l = limits_from(cfg);
   httpd_set_limits(gw->http, &l);
+  apply_https_options(gw);
   gateway_reload_endpoints(gw);
   if (cfg->usage_enabled && !gw->accounting) gw->accounting = accounting_create();
   if (gw->usage_timer_started)

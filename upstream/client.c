@@ -48,6 +48,8 @@
 #define UPSTREAM_MAX_RESPONSE_HEADERS 256
 /* Idle connections kept for reuse by the multi handle's connection cache. */
 #define UPSTREAM_MAX_CACHED_CONNECTIONS 1024L
+/* Streams one HTTP/2 connection carries at most (see upstream_client_create). */
+#define UPSTREAM_H2_MAX_STREAMS 100L
 /* Easy handles kept for reuse after their transfer (their buffers kept;
  * the connection and DNS caches belong to the multi). A handle whose last
  * transfer was a plain one (POST or GET, no TLS options) keeps its options
@@ -121,6 +123,7 @@ struct upstream_transfer {
   bool linked;
   CURL *easy;
   enum easy_profile easy_profile; /* what easy's options were set for */
+  unsigned https_gen;             /* client->https_gen when easy was set up for it */
   /* The request's header lines for curl, in ONE allocation (see
    * build_request_headers); freed with free(). */
   struct curl_slist *request_headers;
@@ -189,6 +192,15 @@ struct upstream_client {
   bool closing;
   void (*close_done)(void *arg);
   void *close_arg;
+  /* https:// upstreams without upstream_tls (upstream_client_set_https):
+   * CA file ("" = the system's store; owned, never NULL) and HTTP version.
+   * Pooled easy handles are reset when these change, since a plain
+   * profile keeps its options. */
+  char *https_ca_file;
+  enum upstream_http_version https_version;
+  /* Bumped by every change of the two: a handle set up under an older
+   * value is reset when its transfer releases it. */
+  unsigned https_gen;
   /* Plain http:// transfers (upstream/lean.c); counted in open_handles
    * until its close is done. */
   struct lean_client *lean;
@@ -225,6 +237,7 @@ static void maybe_free_client(struct upstream_client *c) {
   if (!c->closing || c->open_handles > 0) return;
   void (*done)(void *) = c->close_done;
   void *arg = c->close_arg;
+  free(c->https_ca_file);
   free(c);
   if (done) done(arg);
 }
@@ -347,7 +360,10 @@ static CURL *acquire_easy(struct upstream_client *c, enum easy_profile want,
 
 /* Frees what t owns and closes its timer; t itself goes in the close cb. */
 static void dispose_transfer(struct upstream_transfer *t) {
-  release_easy(t->client, t->easy, t->easy_profile);
+  /* A handle set up before upstream_client_set_https changed the options
+   * holds the old ones: EASY_OTHER makes release_easy reset it. */
+  bool current = t->https_gen == t->client->https_gen;
+  release_easy(t->client, t->easy, current ? t->easy_profile : EASY_OTHER);
   t->easy = NULL;
   free(t->request_headers);
   t->request_headers = NULL;
@@ -885,6 +901,12 @@ int upstream_client_create(uv_loop_t *loop, struct upstream_client **out, char *
     return -1;
   }
   c->loop = loop;
+  c->https_version = UPSTREAM_HTTP_2;
+  c->https_ca_file = strdup("");
+  if (!c->https_ca_file) {
+    snprintf(errmsg, errlen, "upstream_client_create(): out of memory");
+    goto err_after_alloc;
+  }
   if (lean_client_create(loop, &c->lean, errmsg, errlen) != 0) goto err_after_alloc;
   c->multi = curl_multi_init();
   if (!c->multi) {
@@ -901,6 +923,10 @@ int upstream_client_create(uv_loop_t *loop, struct upstream_client **out, char *
   /* HTTP/2 upstreams: many transfers share one connection (curl's default
    * since 7.62, stated here because the easy options below rely on it). */
   curl_multi_setopt(c->multi, CURLMOPT_PIPELINING, (long)CURLPIPE_MULTIPLEX);
+  /* Streams per HTTP/2 connection: the lower of this and the server's
+   * SETTINGS_MAX_CONCURRENT_STREAMS; past it curl opens one more
+   * connection (curl's default, stated because the README quotes it). */
+  curl_multi_setopt(c->multi, CURLMOPT_MAX_CONCURRENT_STREAMS, UPSTREAM_H2_MAX_STREAMS);
   c->share = curl_share_init();
   if (c->share &&
       curl_share_setopt(c->share, CURLSHOPT_SHARE, CURL_LOCK_DATA_SSL_SESSION) != CURLSHE_OK) {
@@ -927,6 +953,7 @@ err_after_multi:
 err_after_lean:
   lean_client_close(c->lean, NULL, NULL); /* frees itself from its close callbacks */
 err_after_alloc:
+  free(c->https_ca_file);
   free(c);
   return -1;
 }
@@ -986,6 +1013,33 @@ void upstream_client_close(struct upstream_client *c, void (*done)(void *arg), v
     return;
   }
   do_close(c);
+}
+
+int upstream_client_set_https(struct upstream_client *c, const struct upstream_https_options *o,
+                              char *errmsg, size_t errlen) {
+  if (!c || !o || c->closing || c->close_requested) {
+    snprintf(errmsg, errlen, "upstream_client_set_https(): no client or options, or it is closing");
+    return -1;
+  }
+  const char *ca = o->ca_file ? o->ca_file : "";
+  enum upstream_http_version version =
+      o->http_version == UPSTREAM_HTTP_1_1 ? UPSTREAM_HTTP_1_1 : UPSTREAM_HTTP_2;
+  if (strcmp(ca, c->https_ca_file) == 0 && version == c->https_version) return 0;
+  char *copy = strdup(ca);
+  if (!copy) {
+    snprintf(errmsg, errlen, "upstream_client_set_https(): out of memory");
+    return -1;
+  }
+  free(c->https_ca_file);
+  c->https_ca_file = copy;
+  c->https_version = version;
+  c->https_gen++; /* handles of transfers under way are reset when released */
+  /* Handles kept with a plain profile hold the old options. */
+  for (size_t i = 0; i < c->easy_pool_count; i++) {
+    curl_easy_reset(c->easy_pool[i].easy);
+    c->easy_pool[i].profile = EASY_BLANK;
+  }
+  return 0;
 }
 
 size_t upstream_active_count(const struct upstream_client *c) {
@@ -1082,7 +1136,8 @@ static int configure_easy(struct upstream_transfer *t, const struct upstream_req
    * one connection: a new transfer waits for a connection being set up to
    * say whether it multiplexes rather than opening one more. */
   bool https = strncasecmp(req->url, "https://", 8) == 0;
-  SETOPT(CURLOPT_PIPEWAIT, https && !req->tls ? 1L : 0L);
+  bool h2 = !req->tls && t->client->https_version == UPSTREAM_HTTP_2;
+  SETOPT(CURLOPT_PIPEWAIT, https && h2 ? 1L : 0L);
   if (blank) {
     SETOPT(CURLOPT_PROTOCOLS_STR, "http,https");
     SETOPT(CURLOPT_NOSIGNAL, 1L);
@@ -1097,10 +1152,13 @@ static int configure_easy(struct upstream_transfer *t, const struct upstream_req
 #endif
     SETOPT(CURLOPT_TCP_NODELAY, 1L);
     SETOPT(CURLOPT_TCP_KEEPALIVE, 1L);
-    /* HTTP/2 when an https upstream offers it (plain http:// and
-     * node-to-node TLS stay HTTP/1.1). */
-    SETOPT(CURLOPT_HTTP_VERSION,
-           req->tls ? (long)CURL_HTTP_VERSION_1_1 : (long)CURL_HTTP_VERSION_2TLS);
+    /* HTTP/2 when an https upstream offers it and upstream.http_version
+     * allows it (2TLS: plain http:// stays HTTP/1.1; so does node-to-node
+     * TLS). */
+    SETOPT(CURLOPT_HTTP_VERSION, h2 ? (long)CURL_HTTP_VERSION_2TLS : (long)CURL_HTTP_VERSION_1_1);
+    /* upstream.ca_file instead of the system's store (set on a blank
+     * handle only: pooled handles are reset when it changes). */
+    if (!req->tls && t->client->https_ca_file[0]) SETOPT(CURLOPT_CAINFO, t->client->https_ca_file);
     if (t->client->share) SETOPT(CURLOPT_SHARE, t->client->share);
     /* An encoded answer (a CDN may gzip although identity was asked for) is
      * decoded here, so the caller always sees the plain body. */
@@ -1153,6 +1211,7 @@ static int configure_easy(struct upstream_transfer *t, const struct upstream_req
   }
 #undef SETOPT
   t->easy_profile = rc == CURLE_OK ? want : EASY_OTHER; /* a half-set handle is reset */
+  t->https_gen = t->client->https_gen;
   return rc == CURLE_OK ? 0 : -1;
 }
 

@@ -13,8 +13,11 @@
  * loop (no threads): one uv_poll_t per curl socket, one uv timer for curl's
  * own timeout, and one uv timer per transfer whose meaning follows the
  * transfer's phase (first byte, idle, total). Connections are kept alive and
- * reused through the multi handle's connection cache (HTTP/1.1, TCP_NODELAY,
- * no "Expect: 100-continue").
+ * reused through the multi handle's connection cache (TCP_NODELAY, no
+ * "Expect: 100-continue"); TLS sessions are cached per client, so a new
+ * connection to an https upstream resumes a session instead of a full
+ * handshake; an https upstream that offers HTTP/2 carries concurrent
+ * transfers as streams of one connection (upstream_client_set_https).
  *
  * Threading: everything here runs on the loop thread; no function may be
  * called from another thread.
@@ -50,6 +53,42 @@ int upstream_client_create(uv_loop_t *loop, struct upstream_client **out, char *
  * NULL). The loop must keep running until then. Calling it twice does
  * nothing the second time. Safe to call from inside any upstream callback. */
 void upstream_client_close(struct upstream_client *c, void (*done)(void *arg), void *arg);
+
+/* How the model API's https:// upstreams are reached: every transfer whose
+ * URL is https:// and that has no upstream_tls (node-to-node TLS keeps
+ * its own settings: TLS 1.3, the cluster CA, HTTP/1.1). */
+enum upstream_http_version {
+  /* HTTP/2 when the server offers it in the TLS handshake (ALPN "h2"), else
+   * HTTP/1.1. Concurrent transfers to one origin then share one connection
+   * (up to the server's SETTINGS_MAX_CONCURRENT_STREAMS, then one more
+   * connection); a transfer started while that connection is still being
+   * set up waits for it instead of opening its own. The default. */
+  UPSTREAM_HTTP_2 = 0,
+  /* HTTP/1.1 only (ALPN offers only "http/1.1"): one kept-alive connection
+   * per concurrent transfer. */
+  UPSTREAM_HTTP_1_1,
+};
+
+struct upstream_https_options {
+  /* PEM file of CA certificates the upstream's certificate must chain to,
+   * instead of the system's store; NULL or "" = the system's store. The
+   * host name is always checked. */
+  const char *ca_file;
+  enum upstream_http_version http_version;
+};
+
+/* Sets how https:// upstreams are reached (see upstream_https_options)
+ * for transfers started from now on; a client starts with {NULL,
+ * UPSTREAM_HTTP_2}. `o` and its strings are copied. Transfers under way
+ * keep what they started with. Connections and TLS sessions are reused
+ * only between transfers of the same settings (libcurl matches a cached
+ * connection's CA file and HTTP version), so a change opens new ones.
+ * The file is not read here: a bad one fails each transfer as
+ * UPSTREAM_CONNECT_FAILED with the TLS error in curl_error (config
+ * validation checks it first). Returns 0; -1 with a message in errmsg
+ * when out of memory (the previous settings then stay). */
+int upstream_client_set_https(struct upstream_client *c, const struct upstream_https_options *o,
+                              char *errmsg, size_t errlen);
 
 /* How a transfer ended. The split that matters for retries:
  *  - CONNECT_FAILED / CONNECT_TIMEOUT: the request never left the gateway
