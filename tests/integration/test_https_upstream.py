@@ -93,6 +93,14 @@ http {{
         with open(self.access_log) as f:
             return [tuple(line.split()) for line in f if line.strip()]
 
+    def entries_after(self, seen, timeout=5):
+        """The entries once there are more than `seen`: nginx writes a
+        request's line as it closes it, which may be a moment after
+        zonegate has answered the client."""
+        wait_for(lambda: len(self.entries()) > seen, timeout=timeout, interval=0.02,
+                 what="nginx's access line")
+        return self.entries()
+
     def stop(self):
         if self.p.poll() is None:
             self.p.terminate()
@@ -239,17 +247,19 @@ def test_http2_paused_stream_stalls_no_other_stream_on_its_connection(tls_upstre
     from test_edge_memory import open_slow_stream, slow_reader_gets_whole_stream
     ca, ngx, start = tls_upstream
     gw = start({"ca_file": ca})
+    seen = len(ngx.entries())
     assert stream(gw.port, "warm-up")[-1] == "[DONE]"
-    warm = ngx.entries()[-1][0]
+    warm = ngx.entries_after(seen)[-1][0]
     slow = [open_slow_stream(gw.port) for _ in range(2)]
     try:
         time.sleep(1.0)  # their client write queues fill; their transfers pause
         t0 = time.monotonic()
+        seen = len(ngx.entries())
         assert stream(gw.port, "beside paused streams", chunks=10, interval_ms=50)[-1] == "[DONE]"
         elapsed = time.monotonic() - t0
         slow_mode = os.environ.get("ZG_TEST_SLOW") == "1"
         assert elapsed < (10.0 if slow_mode else 3.0), f"a 0.5 s stream took {elapsed:.1f} s"
-        assert ngx.entries()[-1][0] == warm  # it shared the connection with the paused ones
+        assert ngx.entries_after(seen)[-1][0] == warm  # it shared the connection with the paused ones
         slow_reader_gets_whole_stream(gw.port, chunks=200)
     finally:
         for s in slow:
@@ -263,8 +273,10 @@ def test_http_version_change_applies_to_the_next_request(tls_upstream):
     change; the transfer that was running ends normally."""
     ca, ngx, start = tls_upstream
     gw = start({"ca_file": ca})
+    seen = len(ngx.entries())
     assert stream(gw.port, "warm-up")[-1] == "[DONE]"
-    assert ngx.entries()[-1][3] == "HTTP/2.0"
+    assert ngx.entries_after(seen)[-1][3] == "HTTP/2.0"
+    seen = len(ngx.entries())
     long_done = []
     t = threading.Thread(target=lambda: long_done.append(stream(gw.port, "long", chunks=15, interval_ms=100)),
                          daemon=True)
@@ -276,11 +288,12 @@ def test_http_version_change_applies_to_the_next_request(tls_upstream):
     wait_for(lambda: any(e.get("event") == "config_reloaded" for e in gw.log_lines()), what="the reload")
     t.join(20)
     assert long_done and long_done[0][-1] == "[DONE]"
-    assert ngx.entries()[-1][3] == "HTTP/2.0"  # the long one, started before
+    assert ngx.entries_after(seen)[-1][3] == "HTTP/2.0"  # the long one, started before
     for i in range(3):
+        seen = len(ngx.entries())
         status, _, body = request(gw.port, "POST", "/v1/chat/completions", chat_body(f"after {i}"), timeout=10)
         assert status == 200, body
-        assert ngx.entries()[-1][3] == "HTTP/1.1", ngx.entries()[-3:]
+        assert ngx.entries_after(seen)[-1][3] == "HTTP/1.1", ngx.entries()[-3:]
 
 
 @pytest.mark.parametrize("upstream,needle", [
