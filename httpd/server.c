@@ -893,10 +893,18 @@ const char *httpd_req_query_param(const struct httpd_req *r, const char *name, c
   return NULL;
 }
 
+/* True when a and b may be the same letter in another case (or the same
+ * byte): the first bytes of two names, before a full case-insensitive
+ * compare. Never false for names strcasecmp finds equal. */
+static inline bool same_first_byte(const char *a, const char *b) {
+  return ((unsigned char)a[0] | 0x20) == ((unsigned char)b[0] | 0x20);
+}
+
 const char *httpd_req_header(const struct httpd_req *r, const char *name) {
   if (!r->headers_ready) return NULL;
   for (size_t i = 0; i < r->n_headers; i++)
-    if (strcasecmp(r->headers[i].name, name) == 0) return r->headers[i].value;
+    if (same_first_byte(r->headers[i].name, name) && strcasecmp(r->headers[i].name, name) == 0)
+      return r->headers[i].value;
   return NULL;
 }
 
@@ -931,7 +939,9 @@ void httpd_req_drop_headers(struct httpd_req *r, const char *prefix) {
   if (!r->headers_ready) return;
   size_t plen = strlen(prefix), kept = 0;
   for (size_t i = 0; i < r->n_headers; i++)
-    if (strncasecmp(r->headers[i].name, prefix, plen) != 0) r->headers[kept++] = r->headers[i];
+    if (plen && (!same_first_byte(r->headers[i].name, prefix) ||
+                 strncasecmp(r->headers[i].name, prefix, plen) != 0))
+      r->headers[kept++] = r->headers[i];
   r->n_headers = kept;
 }
 uint64_t httpd_req_received_us(const struct httpd_req *r) {

@@ -298,6 +298,30 @@ def test_stream_head_is_not_held_for_a_late_first_event():
     assert payload == b"".join(LateUpstream.EVENTS)
 
 
+@pytest.mark.parametrize("lines", [1, 8, 9, 12])
+def test_answer_headers_named_in_any_connection_line_are_dropped(stack, lines):
+    """Every Connection line of the upstream's answer counts, however many
+    there are (zonegate reads up to eight apart, more the slow way): the
+    header the last one names does not reach the client, the others pass."""
+    c = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=10)
+    body = json.dumps(chat_body("hops")).encode()
+    c.putrequest("POST", "/v1/chat/completions")
+    hdrs = [("Authorization", f"Bearer {CLIENT_TOKEN}"), ("Content-Type", "application/json"),
+            ("Content-Length", str(len(body)))]
+    hdrs += [("X-Mock-Response-Header", f"Connection: x-hop-{i}") for i in range(lines)]
+    hdrs += [("X-Mock-Response-Header", f"x-hop-{lines - 1}: leaked"), ("X-Mock-Response-Header", "x-kept: yes"),
+             ("X-Mock-Response-Header", "Keep-Alive: timeout=5")]
+    for k, v in hdrs:
+        c.putheader(k, v)
+    c.endheaders(body)
+    r = c.getresponse()
+    r.read()
+    names = [k.lower() for k, _ in r.getheaders()]
+    c.close()
+    assert r.status == 200, names
+    assert "x-kept" in names and f"x-hop-{lines - 1}" not in names and "keep-alive" not in names, names
+
+
 @pytest.fixture
 def cache_stack(request):
     tmp = TempDir()
