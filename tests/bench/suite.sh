@@ -272,7 +272,9 @@ EOF
 }
 if [[ -n $LITELLM ]] && litellm_start; then
   echo "== LiteLLM round (round 0)"
-  for name in $(rotate 1 zonegate nginx litellm); do wrk_rps small "$name" 0 "$CONNS"; done
+  for name in $(rotate 1 zonegate nginx litellm); do # a subshell: a failure here ends only this round
+    (wrk_rps small "$name" 0 "$CONNS") || litellm_note="$litellm_note; wrk through $name failed (see above)"
+  done
   for name in $(rotate 1 direct zonegate nginx-sse litellm); do
     ttft "$name" 0 || { litellm_note="$litellm_note; TTFT through $name failed (see above)"; break; }
   done
@@ -322,7 +324,7 @@ print(f"\nmedian req/s: zonegate {med('rps_small','zonegate'):.0f}, nginx {med('
       f"nginx {med('p50_big2m','nginx'):.0f}; TTFT p50 µs: direct {med('ttft50','direct'):.0f}, "
       f"zonegate {med('ttft50','zonegate'):.0f}, nginx {med('ttft50','nginx-sse'):.0f}")
 print(f"\n{sys.argv[3]}")
-if ("rps_small", "litellm", 0) in val:
+if all(("rps_small", n, 0) in val for n in ("zonegate", "nginx", "litellm")):
     v = lambda k, n: val[(k, n, 0)]
     print("\n| LiteLLM round (round 0, same processes) | zonegate | nginx | LiteLLM |")
     print("|---|---:|---:|---:|")
@@ -330,7 +332,7 @@ if ("rps_small", "litellm", 0) in val:
           f"{v('rps_small','nginx'):.0f} | {v('rps_small','litellm'):.0f} |")
     print(f"| req/s / nginx | {v('rps_small','zonegate')/v('rps_small','nginx'):.2f} | 1 | "
           f"{v('rps_small','litellm')/v('rps_small','nginx'):.3f} |")
-    if ("ttft50", "litellm", 0) in val and ("ttft50", "direct", 0) in val:
+    if all((k, n, 0) in val for k in ("ttft50", "ttft90") for n in ("direct", "zonegate", "nginx-sse", "litellm")):
         d50, d90 = v("ttft50", "direct"), v("ttft90", "direct")
         print(f"| added TTFT p50 / p90, µs | {v('ttft50','zonegate')-d50:.0f} / {v('ttft90','zonegate')-d90:.0f} | "
               f"{v('ttft50','nginx-sse')-d50:.0f} / {v('ttft90','nginx-sse')-d90:.0f} | "
