@@ -364,6 +364,7 @@ static bool have_next_attempt(struct chat *c) {
  * cookies, X-Zonegate-* (internal), and towards the upstream the client's
  * credentials (replaced by the provider key) and Accept-Encoding (the
  * gateway asks for identity and decodes what comes encoded anyway). */
+
 struct header_name {
   const char *name;
   size_t len;
@@ -379,6 +380,7 @@ static bool name_in(const struct header_name *table, size_t n, const char *name,
   return false;
 }
 
+/* name[0..len) is a hop-by-hop header (RFC 9110 §7.6.1). */
 static bool is_hop_by_hop(const char *name, size_t len) {
   static const struct header_name names[] = {
       HEADER_NAME("connection"), HEADER_NAME("keep-alive"),      HEADER_NAME("te"),
@@ -398,10 +400,7 @@ static bool list_names(const char *list, const char *name, size_t len) {
   return false;
 }
 
-/* The upstream's answer headers the client gets: end-to-end ones, minus
- * what the gateway writes itself (Content-Type is passed separately;
- * Content-Length and Date/Server are the gateway's own; Content-Encoding
- * is gone because the body arrives decoded). Kept in c->response_headers. */
+/* line is a "Connection: ..." header line. */
 static bool is_connection_line(const char *line) {
   return (line[0] | 0x20) == 'c' && strncasecmp(line, "Connection:", 11) == 0;
 }
@@ -410,6 +409,10 @@ static bool is_connection_line(const char *line) {
  * answer, every line is looked for again for each header. */
 #define MAX_CONNECTION_LINES 8
 
+/* The upstream's answer headers the client gets: end-to-end ones, minus
+ * what the gateway writes itself (Content-Type is passed separately;
+ * Content-Length and Date/Server are the gateway's own; Content-Encoding
+ * is gone because the body arrives decoded). Kept in c->response_headers. */
 static void keep_response_headers(struct chat *c, const char *const *headers) {
   static const struct header_name own[] = {HEADER_NAME("content-length"),
                                            HEADER_NAME("content-type"),
