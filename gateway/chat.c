@@ -762,10 +762,14 @@ static void release_body(struct chat *c) {
 
 static int on_upstream_data(void *ud, const char *data, size_t len) {
   struct chat *c = ud;
-  if (c->streaming_to_client && !c->body_released && upstream_body_done(c->transfer))
-    release_body(c);
-  if (c->raw_passthrough) return raw_pass(c, data, len);
-  if (c->streaming_to_client) return sse_pass(c, data, len);
+  if (c->streaming_to_client) {
+    int rc = c->raw_passthrough ? raw_pass(c, data, len) : sse_pass(c, data, len);
+    /* After the pass, so the first chunk is not held behind the frees (a
+     * long prompt's is a munmap); not when the client is gone (c may be
+     * freed by then). */
+    if (rc == 0 && !c->body_released && upstream_body_done(c->transfer)) release_body(c);
+    return rc;
+  }
   if (c->response.len + len > PASSTHROUGH_AFTER && !c->check_key) {
     /* too big to hold for one client: pass it through from here on */
     c->raw_passthrough = true;
