@@ -364,13 +364,29 @@ static bool have_next_attempt(struct chat *c) {
  * cookies, X-Zonegate-* (internal), and towards the upstream the client's
  * credentials (replaced by the provider key) and Accept-Encoding (the
  * gateway asks for identity and decodes what comes encoded anyway). */
-static bool is_hop_by_hop(const char *name, size_t len) {
-  static const char *const names[] = {"connection", "keep-alive",      "te",
-                                      "trailer",    "trailers",        "transfer-encoding",
-                                      "upgrade",    "proxy-connection"};
-  for (size_t i = 0; i < ZG_ARRAY_LEN(names); i++)
-    if (strlen(names[i]) == len && strncasecmp(name, names[i], len) == 0) return true;
+
+struct header_name {
+  const char *name;
+  size_t len;
+};
+#define HEADER_NAME(s)                                                                             \
+  { s, sizeof(s) - 1 }
+
+/* True when name[0..len) is one of table[0..n) (case-insensitive). The
+ * lengths are compared first: most names are ruled out without a call. */
+static bool name_in(const struct header_name *table, size_t n, const char *name, size_t len) {
+  for (size_t i = 0; i < n; i++)
+    if (table[i].len == len && strncasecmp(name, table[i].name, len) == 0) return true;
   return false;
+}
+
+/* name[0..len) is a hop-by-hop header (RFC 9110 §7.6.1). */
+static bool is_hop_by_hop(const char *name, size_t len) {
+  static const struct header_name names[] = {
+      HEADER_NAME("connection"), HEADER_NAME("keep-alive"),      HEADER_NAME("te"),
+      HEADER_NAME("trailer"),    HEADER_NAME("trailers"),        HEADER_NAME("transfer-encoding"),
+      HEADER_NAME("upgrade"),    HEADER_NAME("proxy-connection")};
+  return name_in(names, ZG_ARRAY_LEN(names), name, len);
 }
 
 /* True when the comma-separated token list `list` names name[0..len). */
@@ -384,34 +400,61 @@ static bool list_names(const char *list, const char *name, size_t len) {
   return false;
 }
 
+/* line is a "Connection: ..." header line. */
+static bool is_connection_line(const char *line) {
+  return (line[0] | 0x20) == 'c' && strncasecmp(line, "Connection:", 11) == 0;
+}
+
+/* Connection lines looked at apart; with more than this many in one
+ * answer, every line is looked for again for each header. */
+#define MAX_CONNECTION_LINES 8
+
 /* The upstream's answer headers the client gets: end-to-end ones, minus
  * what the gateway writes itself (Content-Type is passed separately;
  * Content-Length and Date/Server are the gateway's own; Content-Encoding
  * is gone because the body arrives decoded). Kept in c->response_headers. */
 static void keep_response_headers(struct chat *c, const char *const *headers) {
-  static const char *const own[] = {
-      "content-length", "content-type", "content-encoding",   "date",
-      "server",         "set-cookie",   "proxy-authenticate", "proxy-authorization"};
+  static const struct header_name own[] = {HEADER_NAME("content-length"),
+                                           HEADER_NAME("content-type"),
+                                           HEADER_NAME("content-encoding"),
+                                           HEADER_NAME("date"),
+                                           HEADER_NAME("server"),
+                                           HEADER_NAME("set-cookie"),
+                                           HEADER_NAME("proxy-authenticate"),
+                                           HEADER_NAME("proxy-authorization")};
   zg_buf_reset(&c->response_headers);
   c->n_response_headers = 0;
+  /* every Connection line counts: several lines are one list (RFC 9110
+   * §5.3); found once, not once per header */
+  const char *lists[MAX_CONNECTION_LINES];
+  size_t n_lists = 0;
+  bool many_lists = false;
+  for (size_t k = 0; headers && headers[k]; k++)
+    if (is_connection_line(headers[k])) {
+      if (n_lists == MAX_CONNECTION_LINES) {
+        many_lists = true;
+        break;
+      }
+      lists[n_lists++] = headers[k] + 11;
+    }
   for (size_t i = 0; headers && headers[i] && c->n_response_headers < MAX_RESPONSE_HEADERS; i++) {
     const char *line = headers[i];
     size_t len = strcspn(line, ":");
     if (!line[len] || len == 0) continue;
-    /* every Connection line counts: several lines are one list (RFC 9110 §5.3) */
     bool named = false;
-    for (size_t k = 0; headers[k] && !named; k++)
-      if (strncasecmp(headers[k], "Connection:", 11) == 0)
-        named = list_names(headers[k] + 11, line, len);
-    bool drop = is_hop_by_hop(line, len) || named;
+    if (many_lists) {
+      for (size_t k = 0; headers[k] && !named; k++)
+        if (is_connection_line(headers[k])) named = list_names(headers[k] + 11, line, len);
+    } else {
+      for (size_t k = 0; k < n_lists && !named; k++) named = list_names(lists[k], line, len);
+    }
+    bool drop = named || is_hop_by_hop(line, len) || name_in(own, ZG_ARRAY_LEN(own), line, len);
     if (!drop && c->cacheable && len == 7 && strncasecmp(line, "x-cache", 7) == 0)
       drop = true; /* the gateway's own X-Cache tells this cache's story */
-    for (size_t k = 0; !drop && k < ZG_ARRAY_LEN(own); k++)
-      drop = strlen(own[k]) == len && strncasecmp(line, own[k], len) == 0;
     if (!drop && !c->forwarding && len >= 11 && strncasecmp(line, "x-zonegate-", 11) == 0)
       drop = true; /* only our own nodes speak for zonegate */
     if (drop) continue;
-    if (zg_buf_append(&c->response_headers, line, strlen(line) + 1) != 0) break;
+    if (zg_buf_append(&c->response_headers, line, len + strlen(line + len) + 1) != 0) break;
     c->n_response_headers++;
   }
 }
@@ -719,10 +762,14 @@ static void release_body(struct chat *c) {
 
 static int on_upstream_data(void *ud, const char *data, size_t len) {
   struct chat *c = ud;
-  if (c->streaming_to_client && !c->body_released && upstream_body_done(c->transfer))
-    release_body(c);
-  if (c->raw_passthrough) return raw_pass(c, data, len);
-  if (c->streaming_to_client) return sse_pass(c, data, len);
+  if (c->streaming_to_client) {
+    int rc = c->raw_passthrough ? raw_pass(c, data, len) : sse_pass(c, data, len);
+    /* After the pass, so the first chunk is not held behind the frees (a
+     * long prompt's is a munmap); not when the client is gone (c may be
+     * freed by then). */
+    if (rc == 0 && !c->body_released && upstream_body_done(c->transfer)) release_body(c);
+    return rc;
+  }
   if (c->response.len + len > PASSTHROUGH_AFTER && !c->check_key) {
     /* too big to hold for one client: pass it through from here on */
     c->raw_passthrough = true;

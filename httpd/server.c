@@ -15,6 +15,16 @@
  * (httpd_req_write_full / on_drain) and the next pipelined request waits;
  * after slow_client_timeout without taking a byte it is cut.
  *
+ * A streamed response's head is corked: httpd_stream_begin() keeps it on
+ * the connection, and the next write (the first chunk, or the end of the
+ * stream) goes out in the same writev, so a stream whose first chunk is
+ * ready in the same loop iteration (an upstream that sends its head and
+ * first event together) costs one write syscall and one packet, not two.
+ * The head is never held past that iteration: a check handle (after the
+ * poll phase) and a prepare handle (before the next poll, for a head
+ * corked outside the poll phase) write every corked head that is still
+ * waiting, so a late first chunk does not delay it.
+ *
  * TLS (httpd_set_tls): a layer between the socket and the paths above, on
  * memory BIOs (base/tls.h). Ciphertext read from the socket is decrypted at
  * the top of parse_read() and the plaintext goes through parse_read() as
@@ -161,6 +171,12 @@ struct conn {
   struct zg_tls *tls;
   bool tls_plain, tls_raw, tls_closed;
   char peer_node[64]; /* node id of a verified client certificate, or "" */
+  /* A corked response head (httpd_stream_begin; malloc'd, owned here):
+   * written in front of the next write, or by flush_corked() at the end of
+   * the loop iteration. On the server's cork list while set. */
+  char *cork;
+  size_t cork_len;
+  struct conn *cork_prev, *cork_next;
 };
 
 struct httpd_server {
@@ -189,6 +205,13 @@ struct httpd_server {
   void *proxy_ud;
   struct zg_log_throttle proxy_log;
   SSL_CTX *tls_ctx; /* httpd_set_tls; NULL: plaintext */
+  /* Connections with a corked head, and the handles that write them out
+   * in the same loop iteration (started only while the list is not empty;
+   * unreferenced, so they never keep the loop alive). */
+  struct conn *corked;
+  uv_check_t cork_check;
+  uv_prepare_t cork_prepare;
+  bool cork_handles;
 };
 
 static void conn_close(struct conn *c);
@@ -439,9 +462,11 @@ static void conn_note_queued(struct conn *c, size_t len) {
  * asynchronously by on_write, as before: an immediate error only sends the
  * bytes down the queued path. */
 static int conn_tls_writev(struct conn *c, uv_buf_t *bufs, unsigned nbufs);
+static int conn_write_corked(struct conn *c, uv_buf_t *bufs, unsigned nbufs);
 
 static int conn_writev(struct conn *c, uv_buf_t *bufs, unsigned nbufs) {
   if (!c || c->closing) return -1;
+  if (c->cork && !c->tls_raw) return conn_write_corked(c, bufs, nbufs);
   if (c->tls && !c->tls_raw) return conn_tls_writev(c, bufs, nbufs);
   size_t total = 0;
   for (unsigned i = 0; i < nbufs; i++) total += bufs[i].len;
@@ -479,6 +504,96 @@ static int conn_writev(struct conn *c, uv_buf_t *bufs, unsigned nbufs) {
   }
   c->pending_writes++;
   conn_note_queued(c, total);
+  return 0;
+}
+
+/* ---- corked heads --------------------------------------------------- */
+
+static void cork_unlink(struct conn *c) {
+  if (c->cork_prev)
+    c->cork_prev->cork_next = c->cork_next;
+  else
+    c->srv->corked = c->cork_next;
+  if (c->cork_next) c->cork_next->cork_prev = c->cork_prev;
+  c->cork_prev = c->cork_next = NULL;
+}
+
+/* Takes the corked head off c (the caller frees it). */
+static char *cork_take(struct conn *c, size_t *len) {
+  char *held = c->cork;
+  *len = c->cork_len;
+  c->cork = NULL;
+  c->cork_len = 0;
+  cork_unlink(c);
+  return held;
+}
+
+/* The corked head, then bufs, in one writev (conn_writev). httpd writes
+ * at most three pieces at a time; more would go in a second writev. */
+#define MAX_CORKED_BUFS 4
+static int conn_write_corked(struct conn *c, uv_buf_t *bufs, unsigned nbufs) {
+  uv_buf_t all[MAX_CORKED_BUFS + 1];
+  size_t len;
+  char *held = cork_take(c, &len);
+  all[0] = uv_buf_init(held, (unsigned)len);
+  int rc;
+  if (nbufs <= MAX_CORKED_BUFS) {
+    for (unsigned i = 0; i < nbufs; i++) all[i + 1] = bufs[i];
+    rc = conn_writev(c, all, nbufs + 1);
+  } else {
+    rc = conn_writev(c, all, 1);
+    if (rc == 0) rc = conn_writev(c, bufs, nbufs);
+  }
+  free(held); /* conn_writev copied whatever it could not write at once */
+  return rc;
+}
+
+/* Writes c's corked head now, if it has one (a closing connection's is
+ * dropped). Always takes c off the cork list. */
+static void conn_uncork(struct conn *c) {
+  if (!c || !c->cork) return;
+  if (c->closing) {
+    size_t len;
+    free(cork_take(c, &len));
+    return;
+  }
+  conn_writev(c, NULL, 0);
+}
+
+/* Writes every corked head still waiting (check: after the poll phase;
+ * prepare: before the next poll, for one corked outside the poll phase). */
+static void flush_corked(struct httpd_server *srv) {
+  while (srv->corked) conn_uncork(srv->corked);
+  uv_check_stop(&srv->cork_check);
+  uv_prepare_stop(&srv->cork_prepare);
+}
+
+static void on_cork_check(uv_check_t *h) {
+  flush_corked(h->data);
+}
+
+static void on_cork_prepare(uv_prepare_t *h) {
+  flush_corked(h->data);
+}
+
+/* Keeps head[0..len) on c until its next write or the end of this loop
+ * iteration. Returns 0, or -1 when it cannot (no memory, no handles): then
+ * the caller writes the head itself. */
+static int conn_cork(struct conn *c, const char *head, size_t len) {
+  struct httpd_server *srv = c->srv;
+  if (!srv->cork_handles || c->cork || c->closing || len == 0) return -1;
+  char *copy = malloc(len);
+  if (!copy) return -1;
+  memcpy(copy, head, len);
+  c->cork = copy;
+  c->cork_len = len;
+  if (!srv->corked) {
+    uv_check_start(&srv->cork_check, on_cork_check);
+    uv_prepare_start(&srv->cork_prepare, on_cork_prepare);
+  }
+  c->cork_next = srv->corked;
+  if (srv->corked) srv->corked->cork_prev = c;
+  srv->corked = c;
   return 0;
 }
 
@@ -705,7 +820,10 @@ void httpd_stream_begin(struct httpd_req *r, int status, const char *content_typ
   if (!r->conn) return;
   zg_buf *head =
       build_head(r, status, content_type, extra_headers, "Transfer-Encoding: chunked", 0);
-  conn_write(r->conn, head->data, head->len, NULL, 0);
+  /* corked: it goes with the first chunk when that is ready in this loop
+   * iteration, else at the iteration's end (flush_corked) */
+  if (conn_cork(r->conn, head->data, head->len) != 0)
+    conn_write(r->conn, head->data, head->len, NULL, 0);
 }
 
 int httpd_stream_write(struct httpd_req *r, const char *data, size_t len) {
@@ -723,6 +841,7 @@ int httpd_stream_write(struct httpd_req *r, const char *data, size_t len) {
 void httpd_stream_end(struct httpd_req *r) {
   if (r->finished) return;
   if (r->conn && !r->is_head) conn_write(r->conn, "0\r\n\r\n", 5, NULL, 0);
+  conn_uncork(r->conn); /* a HEAD request's head */
   req_finish(r);
 }
 
@@ -732,6 +851,7 @@ void httpd_stream_abort(struct httpd_req *r) {
 
 void httpd_req_close_unanswered(struct httpd_req *r) {
   if (r->finished) return;
+  conn_uncork(r->conn);             /* a stream's head goes before the close */
   if (!r->started) r->status = 444; /* nginx's code for "closed without a response" */
   r->keep_alive = false;
   if (r->conn) r->conn->close_after = true;
@@ -773,10 +893,18 @@ const char *httpd_req_query_param(const struct httpd_req *r, const char *name, c
   return NULL;
 }
 
+/* True when a and b may be the same letter in another case (or the same
+ * byte): the first bytes of two names, before a full case-insensitive
+ * compare. Never false for names strcasecmp finds equal. */
+static inline bool same_first_byte(const char *a, const char *b) {
+  return ((unsigned char)a[0] | 0x20) == ((unsigned char)b[0] | 0x20);
+}
+
 const char *httpd_req_header(const struct httpd_req *r, const char *name) {
   if (!r->headers_ready) return NULL;
   for (size_t i = 0; i < r->n_headers; i++)
-    if (strcasecmp(r->headers[i].name, name) == 0) return r->headers[i].value;
+    if (same_first_byte(r->headers[i].name, name) && strcasecmp(r->headers[i].name, name) == 0)
+      return r->headers[i].value;
   return NULL;
 }
 
@@ -811,7 +939,9 @@ void httpd_req_drop_headers(struct httpd_req *r, const char *prefix) {
   if (!r->headers_ready) return;
   size_t plen = strlen(prefix), kept = 0;
   for (size_t i = 0; i < r->n_headers; i++)
-    if (strncasecmp(r->headers[i].name, prefix, plen) != 0) r->headers[kept++] = r->headers[i];
+    if (plen && (!same_first_byte(r->headers[i].name, prefix) ||
+                 strncasecmp(r->headers[i].name, prefix, plen) != 0))
+      r->headers[kept++] = r->headers[i];
   r->n_headers = kept;
 }
 uint64_t httpd_req_received_us(const struct httpd_req *r) {
@@ -1066,6 +1196,7 @@ static void on_conn_handle_closed(uv_handle_t *h) {
 static void conn_close(struct conn *c) {
   if (c->closing) return;
   c->closing = true;
+  conn_uncork(c); /* dropped: nothing more is written */
   uv_read_stop((uv_stream_t *)&c->tcp);
   struct httpd_req *inflight = c->inflight;
   c->inflight = NULL;
@@ -1654,6 +1785,13 @@ int httpd_listen(uv_loop_t *loop, const char *address, const struct httpd_limits
   }
   srv->listener_open = true;
   srv->handles_open = 1;
+  uv_check_init(loop, &srv->cork_check); /* both cannot fail */
+  uv_prepare_init(loop, &srv->cork_prepare);
+  srv->cork_check.data = srv->cork_prepare.data = srv;
+  uv_unref((uv_handle_t *)&srv->cork_check);
+  uv_unref((uv_handle_t *)&srv->cork_prepare);
+  srv->cork_handles = true;
+  srv->handles_open += 2;
   *out = srv;
   return 0;
 }
@@ -1705,6 +1843,11 @@ void httpd_close(struct httpd_server *srv, void (*done)(void *arg), void *arg) {
     struct conn *next = c->next;
     conn_close(c);
     c = next;
+  }
+  if (srv->cork_handles) { /* no connection is corked any more */
+    srv->cork_handles = false;
+    uv_close((uv_handle_t *)&srv->cork_check, on_listener_closed);
+    uv_close((uv_handle_t *)&srv->cork_prepare, on_listener_closed);
   }
   server_maybe_closed(srv);
 }

@@ -11,6 +11,16 @@
  *         max_us=... svc_p50_us=... (svc_*: from the write, not from the due time)
  * Requests due during --warmup seconds are sent but not measured.
  *
+ * Stream mode (--stream): the body asks for an SSE stream (the caller's
+ * file says "stream": true) and the answer is read to its end as before,
+ * but each request's time to first token (TTFT) is also taken: from the
+ * time it was due to the read that brings the first body byte of an SSE
+ * "data:" line (the head alone does not count). The line then also has
+ *   ttft_p50_us=... ttft_p90_us=... ttft_p99_us=... ttft_max_us=...
+ *   no_data=... (answers that ended without a "data:" line)
+ * --header "Name: value" (repeatable) adds a request header line, e.g.
+ * mockllm's X-Mock-Chunks / X-Mock-Chunk-Interval-Ms.
+ *
  * Failure modes: a failed connect exits 1 with the reason on stderr; a
  * connection the server closes counts its request as an error and is
  * re-opened; the run ends at the latest 5 s after the last request was due.
@@ -35,6 +45,7 @@
 
 #define MAX_CONNS 256
 #define RESP_BUF 65536
+#define MAX_HEADERS 16
 
 struct conn {
   int fd;
@@ -43,7 +54,8 @@ struct conn {
   uint64_t due_ns;  /* when it was due */
   uint64_t sent_ns; /* when it was written */
   size_t len;
-  size_t skipped; /* body bytes already dropped from buf (a large answer) */
+  size_t skipped;   /* body bytes already dropped from buf (a large answer) */
+  uint64_t ttft_ns; /* stream mode: when the first "data:" byte was read; 0 = not yet */
   char buf[RESP_BUF];
 };
 
@@ -125,16 +137,27 @@ static void usage(void) {
   fprintf(
       stderr,
       "usage: pacedload --port PORT --body FILE [--host 127.0.0.1] [--path /v1/chat/completions]\n"
-      "                 [--rate 2000] [--duration 10] [--warmup 2] [--connections 16]\n");
+      "                 [--rate 2000] [--duration 10] [--warmup 2] [--connections 16]\n"
+      "                 [--stream] [--header 'Name: value']...\n");
   exit(2);
 }
 
 int main(int argc, char **argv) {
   const char *host = "127.0.0.1", *path = "/v1/chat/completions", *body_file = NULL;
-  int port = 0, nconns = 16;
+  int port = 0, nconns = 16, stream = 0, nheaders = 0;
+  const char *headers[MAX_HEADERS];
   double rate = 2000, duration = 10, warmup = 2;
-  for (int i = 1; i + 1 < argc; i += 2) {
-    if (!strcmp(argv[i], "--host"))
+  for (int i = 1; i < argc; i += 2) {
+    if (!strcmp(argv[i], "--stream")) {
+      stream = 1;
+      i--; /* a flag: no value */
+      continue;
+    }
+    if (i + 1 >= argc) usage();
+    if (!strcmp(argv[i], "--header")) {
+      if (nheaders == MAX_HEADERS) usage();
+      headers[nheaders++] = argv[i + 1];
+    } else if (!strcmp(argv[i], "--host"))
       host = argv[i + 1];
     else if (!strcmp(argv[i], "--port"))
       port = atoi(argv[i + 1]);
@@ -167,7 +190,9 @@ int main(int argc, char **argv) {
   long file_len = ftell(f);
   fseek(f, 0, SEEK_SET);
   size_t body_len = file_len > 0 ? (size_t)file_len : 0;
-  size_t request_cap = body_len + 512;
+  size_t extra_len = 0;
+  for (int i = 0; i < nheaders; i++) extra_len += strlen(headers[i]) + 2;
+  size_t request_cap = body_len + extra_len + 512;
   char *request = malloc(request_cap);
   if (!request) {
     fprintf(stderr, "pacedload: out of memory\n");
@@ -175,8 +200,11 @@ int main(int argc, char **argv) {
   }
   int head_len = snprintf(request, request_cap,
                           "POST %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
-                          "Content-Length: %zu\r\n\r\n",
+                          "Content-Length: %zu\r\n",
                           path, host, port, body_len);
+  for (int i = 0; i < nheaders; i++)
+    head_len += snprintf(request + head_len, request_cap - (size_t)head_len, "%s\r\n", headers[i]);
+  head_len += snprintf(request + head_len, request_cap - (size_t)head_len, "\r\n");
   if (fread(request + head_len, 1, body_len, f) != body_len) {
     fprintf(stderr, "pacedload: short read of %s\n", body_file);
     return 1;
@@ -213,8 +241,9 @@ int main(int argc, char **argv) {
   const double period_ns = 1e9 / rate;
   uint64_t *lat = calloc((size_t)total + 1, sizeof(uint64_t));
   uint64_t *svc = calloc((size_t)total + 1, sizeof(uint64_t));
-  size_t nlat = 0;
-  int64_t next_seq = 0, backlog = 0, sent = 0, ok = 0, errors = 0, not_ok_status = 0;
+  uint64_t *ttft = calloc((size_t)total + 1, sizeof(uint64_t));
+  size_t nlat = 0, nttft = 0;
+  int64_t next_seq = 0, backlog = 0, sent = 0, ok = 0, errors = 0, not_ok_status = 0, no_data = 0;
   size_t max_backlog = 0;
 
   const uint64_t start = now_ns() + 10000000ull; /* 10 ms from now */
@@ -236,6 +265,7 @@ int main(int argc, char **argv) {
       c->sent_ns = now_ns();
       c->len = 0;
       c->skipped = 0;
+      c->ttft_ns = 0;
       c->busy = 1;
       backlog--;
       sent++;
@@ -284,6 +314,11 @@ int main(int argc, char **argv) {
         c->buf[c->len] = '\0';
         size_t head_len = 0;
         done = response_complete(c->buf, c->len, c->skipped, &status, &head_len);
+        /* the first SSE data line's first byte: in the body, after a chunk
+         * size line or a previous line's end (not a header named data) */
+        if (stream && c->busy && !c->ttft_ns && head_len && c->len > head_len &&
+            memmem(c->buf + head_len, c->len - head_len, "data:", 5))
+          c->ttft_ns = now_ns();
         if (done == 0 && c->len == sizeof(c->buf) - 1 && head_len) {
           /* a large answer: keep its head and the last 4 body bytes (the
            * end of a chunked body may span two reads), drop (count) the
@@ -307,6 +342,10 @@ int main(int argc, char **argv) {
           lat[nlat] = t - c->due_ns;
           svc[nlat] = t - c->sent_ns;
           nlat++;
+          if (stream && c->ttft_ns)
+            ttft[nttft++] = c->ttft_ns - c->due_ns;
+          else if (stream)
+            no_data++;
         }
         c->busy = 0;
         c->len = 0;
@@ -332,12 +371,20 @@ int main(int argc, char **argv) {
   qsort(svc, nlat, sizeof(uint64_t), cmp_u64);
   printf("PACED rate=%.0f achieved_rps=%.1f sent=%lld ok=%lld non2xx=%lld errors=%lld measured=%zu "
          "max_backlog=%zu "
-         "p50_us=%.1f p90_us=%.1f p99_us=%.1f max_us=%.1f svc_p50_us=%.1f svc_p99_us=%.1f\n",
+         "p50_us=%.1f p90_us=%.1f p99_us=%.1f max_us=%.1f svc_p50_us=%.1f svc_p99_us=%.1f",
          rate, (double)sent / elapsed_s, (long long)sent, (long long)ok, (long long)not_ok_status,
          (long long)errors, nlat, max_backlog, pct(lat, nlat, 50) / 1e3, pct(lat, nlat, 90) / 1e3,
          pct(lat, nlat, 99) / 1e3, nlat ? lat[nlat - 1] / 1e3 : 0.0, pct(svc, nlat, 50) / 1e3,
          pct(svc, nlat, 99) / 1e3);
+  if (stream) {
+    qsort(ttft, nttft, sizeof(uint64_t), cmp_u64);
+    printf(" ttft_p50_us=%.1f ttft_p90_us=%.1f ttft_p99_us=%.1f ttft_max_us=%.1f no_data=%lld",
+           pct(ttft, nttft, 50) / 1e3, pct(ttft, nttft, 90) / 1e3, pct(ttft, nttft, 99) / 1e3,
+           nttft ? ttft[nttft - 1] / 1e3 : 0.0, (long long)no_data);
+  }
+  printf("\n");
   free(lat);
   free(svc);
+  free(ttft);
   return 0;
 }

@@ -14,6 +14,11 @@ one zonegate (auth none, cache off, log warn), then:
      delay (arrival wall clock minus mockllm's mock_sent_at_ms), p50/p99.
 Prints one line per figure and a markdown table. Not a pass/fail test.
 
+The TTFT figure here is an asyncio client's (a new connection per stream,
+~200 µs of its own noise): for TTFT against nginx use suite.sh's TTFT step
+(pacedload --stream, a C open-loop client, zonegate and nginx in the same
+interleaved rounds).
+
 Usage: tests/bench/streams.py [BUILD_DIR]  (default: <repo>/build-rel)
 Env: N (1000) CHUNKS (20) INTERVAL_MS (500) STREAMS_TTFT (400) TTFT_RATE (20)
      CLIENTS ("auto curl")

@@ -7,16 +7,21 @@
 #      zonegate with usage accounting on (default) vs off (ratio);
 #   2. added latency at a fixed RATE (pacedload, open loop): zonegate and
 #      nginx against mockllm directly;
-#   3. big prompts: 300 KB throughput (wrk) zonegate vs nginx, 300 KB with
+#   3. added time to first token (TTFT) of SSE streams at TTFT_RATE streams/s
+#      (pacedload --stream, open loop): zonegate and nginx (a server with
+#      proxy_buffering off) against mockllm directly;
+#   4. big prompts: 300 KB throughput (wrk) zonegate vs nginx, 300 KB with
 #      model defaults on vs off, and the added latency of a 2 MB prompt at a
 #      low fixed rate (zonegate - nginx, ms);
 # then callgrind instructions per small request (tests/bench/callgrind.sh),
-# and LiteLLM's throughput when LITELLM (a `litellm` binary) is given.
+# and LiteLLM's throughput and TTFT when LITELLM (a `litellm` binary) is
+# given (one more round: direct, zonegate, nginx and LiteLLM).
 # Each ratio is printed as median [min..max] over the rounds.
 #
 # Usage: tests/bench/suite.sh [BUILD_DIR]   (default: <repo>/build-rel)
 # Env:   ROUNDS (3) DURATION (wrk s, 8) WARMUP (2) CONNS (64) RATE (2000)
 #        PACED_SECONDS (8) BIG_RATE (20 req/s for the 2 MB prompt)
+#        TTFT_RATE (20 streams/s) TTFT_SECONDS (PACED_SECONDS)
 #        CALLGRIND (1: run callgrind.sh) PIN (1) KEEP_TMP (1 keeps the temp dir)
 #        LITELLM (path to the litellm binary; empty: skipped, said so)
 #        UPSTREAM_CLIENT (unset: the build's default; auto: the lean client for the
@@ -31,10 +36,12 @@ CONNS=${CONNS:-64}
 RATE=${RATE:-2000}
 PACED_SECONDS=${PACED_SECONDS:-8}
 BIG_RATE=${BIG_RATE:-20}
+TTFT_RATE=${TTFT_RATE:-20}
+TTFT_SECONDS=${TTFT_SECONDS:-$PACED_SECONDS}
 CALLGRIND=${CALLGRIND:-1}
 PIN=${PIN:-1}
 LITELLM=${LITELLM:-}
-command_line="ROUNDS=$ROUNDS DURATION=$DURATION CONNS=$CONNS RATE=$RATE PACED_SECONDS=$PACED_SECONDS BIG_RATE=$BIG_RATE $0 $*"
+command_line="ROUNDS=$ROUNDS DURATION=$DURATION CONNS=$CONNS RATE=$RATE PACED_SECONDS=$PACED_SECONDS BIG_RATE=$BIG_RATE TTFT_RATE=$TTFT_RATE TTFT_SECONDS=$TTFT_SECONDS${LITELLM:+ LITELLM=$LITELLM} $0 $*"
 
 for bin in "$build/zonegate" "$build/tests/mockllm"; do
   [[ -x $bin ]] || { echo "suite.sh: $bin not found; build first:" >&2
@@ -57,6 +64,12 @@ fi
 # ---- bodies ----------------------------------------------------------------
 small='{"model":"mock-gpt","messages":[{"role":"system","content":"You are terse."},{"role":"user","content":"Say hello in one short sentence."}],"temperature":0,"stream":false}'
 printf '%s' "$small" >"$tmp/small.json"
+# streams.py's stream request; mockllm (started with --chunks 3
+# --chunk-interval-ms 10, so that LiteLLM, which does not pass the client's
+# X-Mock-* headers on, gets the same) answers 3 events 10 ms apart: the head
+# and the first event in one write, as a provider's first token
+printf '%s' '{"model":"mock-gpt","stream":true,"messages":[{"role":"user","content":"stream please"}]}' \
+  >"$tmp/stream.json"
 python3 - "$tmp" <<'EOF'
 import json, sys
 tmp = sys.argv[1]
@@ -71,7 +84,7 @@ for name, size in (("big300k", 300 * 1024), ("big2m", 2 * 1024 * 1024)):
 EOF
 
 # ---- processes ---------------------------------------------------------------
-"${on_side[@]}" "$build/tests/mockllm" --listen 127.0.0.1:0 >"$tmp/mockllm.out" 2>&1 &
+"${on_side[@]}" "$build/tests/mockllm" --listen 127.0.0.1:0 --chunks 3 --chunk-interval-ms 10 >"$tmp/mockllm.out" 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do grep -q 'listening on' "$tmp/mockllm.out" && break; sleep 0.1; done
 port_mock=$(sed -n 's/.*listening on 127.0.0.1:\([0-9]*\).*/\1/p' "$tmp/mockllm.out")
@@ -101,7 +114,7 @@ start_zonegate zonegate ''
 start_zonegate zg-nousage ', "usage": {"enabled": false}'
 start_zonegate zg-defaults ', "model": {"temperature": 0.7, "top_p": 0.95}'
 
-read -r port_ngx <<<"$(free_ports 1)"
+read -r port_ngx port_ngx_sse <<<"$(free_ports 2)"
 mkdir -p "$tmp/nginx/logs"
 cat >"$tmp/nginx/nginx.conf" <<EOF
 worker_processes 1;
@@ -119,12 +132,18 @@ http {
     client_max_body_size 8m; client_body_buffer_size 8m;   # bodies stay in memory, as in zonegate
     location / { proxy_pass http://mockllm; proxy_http_version 1.1; proxy_set_header Connection ""; }
   }
+  server {   # for streams: each upstream read goes to the client at once
+    listen 127.0.0.1:$port_ngx_sse; access_log off; proxy_buffering off;
+    client_max_body_size 8m; client_body_buffer_size 8m;
+    location / { proxy_pass http://mockllm; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
 }
 EOF
 "${on_proxy[@]}" nginx -p "$tmp/nginx" -c "$tmp/nginx/nginx.conf" -g "user $(id -un) $(id -gn);" \
   >"$tmp/nginx/stdout.log" 2>&1 &
 pids+=($!)
 port[nginx]=$port_ngx
+port[nginx-sse]=$port_ngx_sse
 port[direct]=$port_mock
 wait_http "http://127.0.0.1:$port_ngx/"
 
@@ -134,6 +153,12 @@ for name in direct zonegate zg-nousage zg-defaults nginx; do
       --data-binary @"$tmp/$b.json" "http://127.0.0.1:${port[$name]}/v1/chat/completions" || true)
     [[ $code == 200 ]] || { echo "suite.sh: $b through $name answered $code: $(head -c 300 "$tmp/sanity.out")" >&2; exit 1; }
   done
+done
+for name in direct zonegate nginx-sse; do
+  curl -s -N --max-time 10 -H 'Content-Type: application/json' \
+    --data-binary @"$tmp/stream.json" "http://127.0.0.1:${port[$name]}/v1/chat/completions" >"$tmp/sanity.out" || true
+  grep -q '^data: \[DONE\]' "$tmp/sanity.out" ||
+    { echo "suite.sh: no complete stream through $name: $(head -c 300 "$tmp/sanity.out")" >&2; exit 1; }
 done
 
 # ---- measurements --------------------------------------------------------------
@@ -175,6 +200,18 @@ paced() { # BODY NAME ROUND RATE SECONDS
   printf '  round %d %-8s %-12s %s\n' "$round" "$b" "$name" "$line"
   echo "p50_$b $name $round $(sed 's/.* p50_us=\([0-9.]*\).*/\1/' <<<"$line")" >>"$results"
 }
+ttft() { # NAME ROUND: TTFT of SSE streams at TTFT_RATE (keep-alive connections)
+  local name=$1 round=$2 pin line
+  if [[ $name == direct ]]; then pin=("${on_direct[@]}"); else pin=("${on_side[@]}"); fi
+  line=$(timeout $((TTFT_SECONDS + 30)) "${pin[@]}" "$tmp/pacedload" --port "${port[$name]}" --body "$tmp/stream.json" \
+    --rate "$TTFT_RATE" --duration "$TTFT_SECONDS" --warmup 1 --connections 4 --stream 2>&1 || true)
+  [[ $line == PACED* ]] || { echo "suite.sh: pacedload --stream against $name failed: $line" >&2; return 1; }
+  [[ $line == *" non2xx=0 errors=0 "* && $line == *" no_data=0"* ]] ||
+    { echo "suite.sh: pacedload --stream against $name had failures: $line" >&2; return 1; }
+  printf '  round %d %-8s %-12s %s\n' "$round" stream "$name" "$(sed 's/.*\(ttft_p50_us.*\)/\1/' <<<"$line")"
+  echo "ttft50 $name $round $(sed 's/.* ttft_p50_us=\([0-9.]*\).*/\1/' <<<"$line")" >>"$results"
+  echo "ttft90 $name $round $(sed 's/.* ttft_p90_us=\([0-9.]*\).*/\1/' <<<"$line")" >>"$results"
+}
 rotate() { # ROUND NAMES...: the names rotated by ROUND
   local r=$1; shift
   local a=("$@") n=$# i
@@ -185,12 +222,66 @@ echo "== $ROUNDS interleaved rounds (proxy on core 0; mockllm and client on core
 for ((round = 1; round <= ROUNDS; round++)); do
   for name in $(rotate "$round" zonegate nginx zg-nousage); do wrk_rps small "$name" "$round" "$CONNS"; done
   for name in $(rotate "$round" direct zonegate nginx); do paced small "$name" "$round" "$RATE" "$PACED_SECONDS"; done
+  for name in $(rotate "$round" direct zonegate nginx-sse); do ttft "$name" "$round" || exit 1; done
   for name in $(rotate "$round" zonegate nginx zg-defaults); do wrk_rps big300k "$name" "$round" 8; done
   for name in $(rotate "$round" direct zonegate nginx); do paced big2m "$name" "$round" "$BIG_RATE" "$PACED_SECONDS"; done
 done
 
+# ---- LiteLLM (one more round, when given) ---------------------------------------------
+# LiteLLM is a Python proxy: it gets one round of its own (round 0) of small
+# requests (wrk: zonegate, nginx, LiteLLM) and TTFT (direct, zonegate, nginx,
+# LiteLLM), printed apart from the issue-14 table. When it cannot run, the
+# summary says so and why, and the rest of the suite stands.
+litellm_note="LiteLLM: skipped (set LITELLM=/path/to/venv/bin/litellm, from pip install 'litellm[proxy]')"
+litellm_start() {
+  [[ -x $LITELLM ]] || { litellm_note="LiteLLM: NOT measured: $LITELLM is not an executable"; return 1; }
+  local port_ll pid up=0 code
+  read -r port_ll <<<"$(free_ports 1)"
+  cat >"$tmp/litellm.yaml" <<EOF
+model_list:
+  - model_name: mock-gpt
+    litellm_params: {model: openai/mock-gpt, api_base: "http://127.0.0.1:$port_mock/v1", api_key: bench-key}
+general_settings: {dangerously_permit_weak_or_unset_master_key: true}   # no client auth, as zonegate here
+EOF
+  echo "== LiteLLM: starting $LITELLM (one worker, on the proxy core)"
+  LITELLM_LOCAL_MODEL_COST_MAP=True "${on_proxy[@]}" "$LITELLM" --config "$tmp/litellm.yaml" --host 127.0.0.1 --port "$port_ll" --num_workers 1 \
+    >"$tmp/litellm.log" 2>&1 &
+  pid=$!
+  pids+=("$pid")
+  for _ in $(seq 600); do
+    kill -0 "$pid" 2>/dev/null || break
+    if [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "http://127.0.0.1:$port_ll/health/liveliness" || true) == 200 ]]; then
+      up=1
+      break
+    fi
+    sleep 0.2
+  done
+  if [[ $up != 1 ]]; then
+    litellm_note="LiteLLM: NOT measured: it did not answer /health/liveliness within 2 minutes; its log ends: $(tail -c 400 "$tmp/litellm.log" | tr '\n' ' ')"
+    return 1
+  fi
+  port[litellm]=$port_ll
+  code=$(curl -s -o "$tmp/sanity.out" -w '%{http_code}' --max-time 30 -H 'Content-Type: application/json' \
+    --data-binary @"$tmp/small.json" "http://127.0.0.1:$port_ll/v1/chat/completions" || true)
+  if [[ $code != 200 ]]; then
+    litellm_note="LiteLLM: NOT measured: a small request answered $code: $(head -c 300 "$tmp/sanity.out")"
+    return 1
+  fi
+  litellm_note="LiteLLM $("$(dirname "$LITELLM")/python" -c 'import importlib.metadata as m; print(m.version("litellm"))' 2>/dev/null || echo '(version unknown)'): one uvicorn worker on the proxy core"
+  return 0
+}
+if [[ -n $LITELLM ]] && litellm_start; then
+  echo "== LiteLLM round (round 0)"
+  for name in $(rotate 1 zonegate nginx litellm); do # a subshell: a failure here ends only this round
+    (wrk_rps small "$name" 0 "$CONNS") || litellm_note="$litellm_note; wrk through $name failed (see above)"
+  done
+  for name in $(rotate 1 direct zonegate nginx-sse litellm); do
+    ttft "$name" 0 || { litellm_note="$litellm_note; TTFT through $name failed (see above)"; break; }
+  done
+fi
+
 # ---- summary -----------------------------------------------------------------------
-python3 - "$results" "$ROUNDS" <<'EOF' | tee "$tmp/summary.md"
+python3 - "$results" "$ROUNDS" "$litellm_note" "$CONNS" <<'EOF' | tee "$tmp/summary.md"
 import sys, statistics as st
 rows = [l.split() for l in open(sys.argv[1])]
 val = {}
@@ -208,11 +299,20 @@ add_vs = diff("p50_small", "zonegate", "nginx")
 t_300 = ratio("rps_big300k", "zonegate", "nginx")
 t_def = ratio("rps_big300k", "zg-defaults", "zonegate")
 big_add = diff("p50_big2m", "zonegate", "nginx", 1000.0)
+ttft_zg = diff("ttft50", "zonegate", "direct"); ttft_ngx = diff("ttft50", "nginx-sse", "direct")
+ttft_vs = diff("ttft50", "zonegate", "nginx-sse")
+ttft90_zg = diff("ttft90", "zonegate", "direct"); ttft90_ngx = diff("ttft90", "nginx-sse", "direct")
+ttft90_vs = diff("ttft90", "zonegate", "nginx-sse")
 print("\n| check (issue 14) | median [min..max] over rounds | target | |")
 print("|---|---|---|---|")
 def line(name, xs, target, ok, d=2): print(f"| {name} | {fmt(xs, d)} | {target} | {'met' if ok else 'NOT met'} |")
 line("small requests: zonegate / nginx req/s", t_small, "≥ 0.90", st.median(t_small) >= 0.9)
-line(f"added p50 at fixed rate, zonegate µs (nginx: {fmt(add_ngx, 0)})", add_zg, "≤ nginx's", st.median(add_vs) <= 0, 0)
+line(f"added p50 at fixed rate, zonegate µs (nginx: {fmt(add_ngx, 0)}; zonegate − nginx: {fmt(add_vs, 0)})",
+     add_zg, "≤ nginx's", st.median(add_vs) <= 0, 0)
+line(f"added TTFT p50, zonegate µs (nginx: {fmt(ttft_ngx, 0)}; zonegate − nginx: {fmt(ttft_vs, 0)})", ttft_zg,
+     "≤ nginx + 20 µs", st.median(ttft_vs) <= 20, 0)
+line(f"added TTFT p90, zonegate µs (nginx: {fmt(ttft90_ngx, 0)}; zonegate − nginx: {fmt(ttft90_vs, 0)})", ttft90_zg,
+     "≤ nginx + 20 µs", st.median(ttft90_vs) <= 20, 0)
 line("300 KB prompt: zonegate / nginx req/s", t_300, "≥ 0.95", st.median(t_300) >= 0.95)
 line("2 MB prompt: zonegate p50 − nginx p50, ms", big_add, "≤ 1 ms", st.median(big_add) <= 1.0)
 line("300 KB prompt: defaults on / off req/s", t_def, "≥ 0.90", st.median(t_def) >= 0.9)
@@ -221,29 +321,23 @@ print(f"\nmedian req/s: zonegate {med('rps_small','zonegate'):.0f}, nginx {med('
       f"usage off {med('rps_small','zg-nousage'):.0f}; 300 KB: zonegate {med('rps_big300k','zonegate'):.0f}, "
       f"nginx {med('rps_big300k','nginx'):.0f}, defaults on {med('rps_big300k','zg-defaults'):.0f}; "
       f"2 MB p50 µs: direct {med('p50_big2m','direct'):.0f}, zonegate {med('p50_big2m','zonegate'):.0f}, "
-      f"nginx {med('p50_big2m','nginx'):.0f}")
+      f"nginx {med('p50_big2m','nginx'):.0f}; TTFT p50 µs: direct {med('ttft50','direct'):.0f}, "
+      f"zonegate {med('ttft50','zonegate'):.0f}, nginx {med('ttft50','nginx-sse'):.0f}")
+print(f"\n{sys.argv[3]}")
+if all(("rps_small", n, 0) in val for n in ("zonegate", "nginx", "litellm")):
+    v = lambda k, n: val[(k, n, 0)]
+    print("\n| LiteLLM round (round 0, same processes) | zonegate | nginx | LiteLLM |")
+    print("|---|---:|---:|---:|")
+    print(f"| small requests, req/s (wrk -c{sys.argv[4]}) | {v('rps_small','zonegate'):.0f} | "
+          f"{v('rps_small','nginx'):.0f} | {v('rps_small','litellm'):.0f} |")
+    print(f"| req/s / nginx | {v('rps_small','zonegate')/v('rps_small','nginx'):.2f} | 1 | "
+          f"{v('rps_small','litellm')/v('rps_small','nginx'):.3f} |")
+    if all((k, n, 0) in val for k in ("ttft50", "ttft90") for n in ("direct", "zonegate", "nginx-sse", "litellm")):
+        d50, d90 = v("ttft50", "direct"), v("ttft90", "direct")
+        print(f"| added TTFT p50 / p90, µs | {v('ttft50','zonegate')-d50:.0f} / {v('ttft90','zonegate')-d90:.0f} | "
+              f"{v('ttft50','nginx-sse')-d50:.0f} / {v('ttft90','nginx-sse')-d90:.0f} | "
+              f"{v('ttft50','litellm')-d50:.0f} / {v('ttft90','litellm')-d90:.0f} |")
 EOF
-
-if [[ -n $LITELLM ]]; then
-  echo "== LiteLLM (see tests/bench/README.md)"
-  read -r port_ll <<<"$(free_ports 1)"
-  cat >"$tmp/litellm.yaml" <<EOF
-model_list:
-  - model_name: mock-gpt
-    litellm_params: {model: openai/mock-gpt, api_base: "http://127.0.0.1:$port_mock/v1", api_key: bench-key}
-EOF
-  "${on_proxy[@]}" "$LITELLM" --config "$tmp/litellm.yaml" --host 127.0.0.1 --port "$port_ll" --num_workers 1 \
-    >"$tmp/litellm.log" 2>&1 &
-  pids+=($!)
-  for _ in $(seq 300); do
-    [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "http://127.0.0.1:$port_ll/health/liveliness" || true) == 200 ]] && break
-    sleep 0.2
-  done
-  port[litellm]=$port_ll
-  for name in $(rotate 1 zonegate nginx litellm); do wrk_rps small "$name" 0 "$CONNS"; done
-else
-  echo "LiteLLM: skipped (set LITELLM=/path/to/litellm, from pip install 'litellm[proxy]')"
-fi
 
 if [[ $CALLGRIND == 1 ]]; then
   echo "== callgrind: instructions per small request"

@@ -152,6 +152,176 @@ def test_client_disconnect_cancels_upstream_stream(stack):
     assert stack.chat(chat_body("after"), headers=AUTH)[0] == 200
 
 
+def _data_segments_in(sock):
+    """Segments with data this socket has received (Linux tcp_info
+    tcpi_data_segs_in, at byte 152 since Linux 4.6)."""
+    import struct
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    if len(info) < 156:
+        pytest.skip("tcp_info has no tcpi_data_segs_in on this kernel")
+    return struct.unpack_from("I", info, 152)[0]
+
+
+def _raw_stream_request(port, extra=""):
+    body = json.dumps(chat_body("one packet", stream=True)).encode()
+    return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Authorization: Bearer {CLIENT_TOKEN}\r\nContent-Type: application/json\r\n{extra}"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def test_stream_head_and_first_event_leave_in_one_packet(stack):
+    """mockllm sends a stream's head and first event in one write; zonegate
+    passes both on in one write too (the head is corked until the first
+    chunk of the same loop iteration), so the client's first data segment
+    holds the head and the first event. Before, the head went alone: two
+    segments, two write syscalls per stream."""
+    s = socket.create_connection(("127.0.0.1", stack.port), timeout=5)
+    try:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.sendall(_raw_stream_request(stack.port, "X-Mock-Chunks: 3\r\nX-Mock-Chunk-Interval-Ms: 700\r\n"))
+        got = b""
+        deadline = time.monotonic() + 5
+        while b"data: " not in got and time.monotonic() < deadline:
+            got += s.recv(65536)
+        segments = _data_segments_in(s)  # the second event is 700 ms away
+        assert got.startswith(b"HTTP/1.1 200 ") and b"data: " in got, got[:300]
+        assert segments == 1, f"head and first event came in {segments} segments"
+        while not got.endswith(b"0\r\n\r\n") and time.monotonic() < deadline:
+            more = s.recv(65536)
+            if not more:
+                break
+            got += more
+    finally:
+        s.close()
+    payload, complete = decode_chunked(got[got.index(b"\r\n\r\n") + 4:])
+    assert complete
+    events = [l for l in payload.decode().splitlines() if l.startswith("data: ")]
+    assert len(events) == 4 and events[-1] == "data: [DONE]", events
+
+
+class LateUpstream:
+    """A stream upstream whose first event comes `delay` seconds after its
+    head (a model thinking before its first token). Sends EVENTS, then the
+    terminating chunk; one request per connection."""
+    EVENTS = [b'data: {"id":"late-1","object":"chat.completion.chunk","choices":[{"index":0,'
+              b'"delta":{"content":"late"}}]}\n\n', b"data: [DONE]\n\n"]
+
+    def __init__(self, delay):
+        import threading
+        self.delay = delay
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.sent_head_at = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import threading
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        with conn:
+            conn.settimeout(10)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                more = conn.recv(65536)
+                if not more:
+                    return
+                data += more
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            while len(body) < length:
+                body += conn.recv(65536)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                         b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+            self.sent_head_at.append(time.monotonic())
+            time.sleep(self.delay)
+            for event in self.EVENTS:
+                conn.sendall(b"%x\r\n%s\r\n" % (len(event), event))
+            conn.sendall(b"0\r\n\r\n")
+
+    def stop(self):
+        self.sock.close()
+
+
+def test_stream_head_is_not_held_for_a_late_first_event():
+    """The corked head goes out at the end of the loop iteration it was
+    made in, not with the first chunk: a client sees the head of a stream
+    whose first event is 1.5 s late at once, and the stream's bytes are the
+    upstream's, unchanged."""
+    upstream = LateUpstream(delay=1.5)
+    tmp = TempDir()
+    path = tmp.__enter__()
+    s = Stack(path, mock=upstream, performance={"request_timeout": 10000, "first_byte_timeout": 5000})
+    try:
+        sock = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+        with sock:
+            t0 = time.monotonic()
+            sock.sendall(_raw_stream_request(s.port))
+            got = b""
+            while b"\r\n\r\n" not in got:
+                more = sock.recv(65536)
+                assert more, got
+                got += more
+            head_after = time.monotonic() - t0
+            # the head arrived alone: no event yet
+            assert got.startswith(b"HTTP/1.1 200 ") and got.endswith(b"\r\n\r\n"), got
+            while not got.endswith(b"0\r\n\r\n"):
+                more = sock.recv(65536)
+                if not more:
+                    break
+                got += more
+            end_after = time.monotonic() - t0
+    finally:
+        s.stop()
+        upstream.stop()
+        tmp.__exit__(None, None, None)
+    assert len(upstream.sent_head_at) == 1
+    assert head_after < 1.0, f"the head waited {head_after:.2f} s for the first event"
+    assert end_after >= 1.4
+    head, _, rest = got.partition(b"\r\n\r\n")
+    assert b"text/event-stream" in head.lower() and b"transfer-encoding: chunked" in head.lower()
+    payload, complete = decode_chunked(rest)
+    assert complete
+    assert payload == b"".join(LateUpstream.EVENTS)
+
+
+@pytest.mark.parametrize("lines", [1, 8, 9, 12])
+def test_answer_headers_named_in_any_connection_line_are_dropped(stack, lines):
+    """Every Connection line of the upstream's answer counts, however many
+    there are (zonegate reads up to eight apart, more the slow way): the
+    header the last one names does not reach the client, the others pass."""
+    c = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=10)
+    body = json.dumps(chat_body("hops")).encode()
+    c.putrequest("POST", "/v1/chat/completions")
+    hdrs = [("Authorization", f"Bearer {CLIENT_TOKEN}"), ("Content-Type", "application/json"),
+            ("Content-Length", str(len(body)))]
+    hdrs += [("X-Mock-Response-Header", f"Connection: x-hop-{i}") for i in range(lines)]
+    hdrs += [("X-Mock-Response-Header", f"x-hop-{lines - 1}: leaked"), ("X-Mock-Response-Header", "x-kept: yes"),
+             ("X-Mock-Response-Header", "Keep-Alive: timeout=5")]
+    for k, v in hdrs:
+        c.putheader(k, v)
+    c.endheaders(body)
+    r = c.getresponse()
+    r.read()
+    names = [k.lower() for k, _ in r.getheaders()]
+    c.close()
+    assert r.status == 200, names
+    assert "x-kept" in names and f"x-hop-{lines - 1}" not in names and "keep-alive" not in names, names
+
+
 @pytest.fixture
 def cache_stack(request):
     tmp = TempDir()
