@@ -1640,14 +1640,19 @@ static void conn_start(struct conn *c) {
   uv_tcp_nodelay(&c->tcp, 1);
   struct sockaddr_storage addr;
   int alen = sizeof(addr);
-  if (uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&addr, &alen) == 0) {
-    if (addr.ss_family == AF_INET6) {
-      uv_ip6_name((struct sockaddr_in6 *)&addr, c->peer_ip, sizeof(c->peer_ip));
-      if (strncmp(c->peer_ip, "::ffff:", 7) == 0)
-        memmove(c->peer_ip, c->peer_ip + 7, strlen(c->peer_ip + 7) + 1);
-    } else {
-      uv_ip4_name((struct sockaddr_in *)&addr, c->peer_ip, sizeof(c->peer_ip));
-    }
+  if (uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&addr, &alen) != 0) {
+    /* Reset before we got to it (e.g. a load balancer's health check that
+     * gave up while this node was frozen): nobody to answer, nothing to
+     * log (it used to be judged as a PROXY header from "" and logged). */
+    conn_close(c);
+    return;
+  }
+  if (addr.ss_family == AF_INET6) {
+    uv_ip6_name((struct sockaddr_in6 *)&addr, c->peer_ip, sizeof(c->peer_ip));
+    if (strncmp(c->peer_ip, "::ffff:", 7) == 0)
+      memmove(c->peer_ip, c->peer_ip + 7, strlen(c->peer_ip + 7) + 1);
+  } else {
+    uv_ip4_name((struct sockaddr_in *)&addr, c->peer_ip, sizeof(c->peer_ip));
   }
   memcpy(c->socket_ip, c->peer_ip, sizeof(c->socket_ip));
   c->pp.state = srv->proxy_enabled ? PP_DETECT : PP_DONE;

@@ -538,3 +538,25 @@ def test_node_that_cannot_serve_closes_an_lb_connection_unanswered(env):
                         timeout=5, what=f"the access line of the closed request ({what})")
         assert line["client_ip"] == CLIENT_B and line["status"] == 444, line
     assert mock_calls(env) == before, "a refused request reached the provider"
+
+
+def test_connections_reset_while_a_node_was_frozen_are_not_logged_as_refused_proxies(env):
+    """Review finding: after a SIGSTOP, the node accepted HAProxy's health
+    checks that had given up (reset) while it was frozen, could not read
+    their address, and logged each as `proxy_header_refused` from "" (10
+    WARN lines, none rate-limited). A connection that is gone before it is
+    served is closed without a line."""
+    node = env.standby
+    since = mark(node)
+    node.proc.signal(signal.SIGSTOP)
+    try:
+        for _ in range(5):
+            s = socket.create_connection(("127.0.0.1", node.gateway_port), timeout=5)
+            s.sendall(proxy_v2(CLIENT_B) + b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()  # RST, as HAProxy closes a check that timed out
+    finally:
+        node.proc.signal(signal.SIGCONT)
+    wait_for(lambda: node.health("live")[0] == 200, timeout=5, what="the node thawed")
+    refused = [l for l in node.proc.log_lines()[since:] if l.get("event", "").startswith("proxy_header")]
+    assert refused == [], refused
