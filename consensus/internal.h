@@ -228,6 +228,8 @@ struct zg_fsm {
   /* Why the last snapshot restore was refused ("" if none): libraft only
    * hands back RAFT_CORRUPT, and raft_start's error must name the reason. */
   char restore_error[256];
+  size_t restore_len; /* the refused snapshot's size: names its file */
+  bool starting;      /* raft_start's restore: its error line says it all */
 };
 
 void zg_fsm_init(struct zg_fsm *f, unsigned audit_max);
@@ -235,11 +237,15 @@ void zg_fsm_close(struct zg_fsm *f);
 /* Applies one encoded entry. Never fails for raft: a malformed entry is
  * logged and counted. Returns the command status (0 or CONSENSUS_E*). */
 int zg_fsm_apply_buf(struct zg_fsm *f, const void *data, size_t len);
-/* Serialises the whole state: [4] "ZGSN" [1] version [3] 0 [8] JSON length
- * BE, then the JSON document. *out is malloc'd. (raft's snapshot() hands
+/* Serialises the whole state: [4] "ZGSN" [1] version (2) [3] 0 [8] JSON
+ * length BE [32] SHA-256 of the document, then the JSON document. 0, or -1
+ * out of memory. *out is malloc'd (the caller frees it). (raft's snapshot() hands
  * out the same bytes as buffers that borrow the cached texts instead.) */
 int zg_fsm_snapshot_bytes(const struct zg_fsm *f, char **out, size_t *out_len);
-/* Validates a snapshot and, only if valid, replaces the state. Borrowed. */
+/* Validates a snapshot (version 2: its SHA-256 first; version 1 of older
+ * builds: no digest) and, only if valid, replaces the state. data is
+ * borrowed. 0, or -1 with the reason in err ("checksum mismatch" for
+ * damaged bytes) and the state untouched. */
 int zg_fsm_restore_bytes(struct zg_fsm *f, const void *data, size_t len, char *err, size_t errlen);
 
 /* ---- the command table (commands.c) -----------------------------------

@@ -187,6 +187,34 @@ static struct member_rec *member_by_id(const struct consensus *c, const char *id
 
 /* ---- files ---------------------------------------------------------------- */
 
+/* Names the snapshot file raft_start refused: libraft hands the state
+ * machine only the bytes, so this picks the newest snapshot-TERM-INDEX-TS
+ * data file (libraft's own order) of that size. "" when none matches. */
+static void refused_snapshot_name(const char *raft_dir, size_t len, char *out, size_t outlen) {
+  unsigned long long best[3] = {0, 0, 0};
+  out[0] = '\0';
+  DIR *d = opendir(raft_dir);
+  if (d == NULL) return;
+  struct dirent *e;
+  while ((e = readdir(d)) != NULL) {
+    unsigned long long t, i, ts;
+    int used = 0;
+    if (sscanf(e->d_name, "snapshot-%llu-%llu-%llu%n", &t, &i, &ts, &used) != 3 ||
+        e->d_name[used] != '\0')
+      continue;
+    char path[4200];
+    struct stat st;
+    snprintf(path, sizeof path, "%s/%s", raft_dir, e->d_name);
+    if (stat(path, &st) != 0 || (size_t)st.st_size != len) continue;
+    bool newer = out[0] == '\0' || t > best[0] || (t == best[0] && i > best[1]) ||
+                 (t == best[0] && i == best[1] && ts > best[2]);
+    if (!newer) continue;
+    best[0] = t, best[1] = i, best[2] = ts;
+    snprintf(out, outlen, "%s", path);
+  }
+  closedir(d);
+}
+
 static int ensure_dir(const char *path, char *errmsg, size_t errlen) {
   struct stat st;
   char partial[4096];
@@ -1004,15 +1032,21 @@ int consensus_start(uv_loop_t *loop, const struct consensus_options *opts, struc
     zg_transport_set_quiet(&c->transport,
                            opts->startup_quiet_ms ? opts->startup_quiet_ms : election);
   c->fsm.restore_error[0] = '\0';
-  if ((rv = raft_start(&c->raft)) != 0) {
+  c->fsm.starting = true;
+  rv = raft_start(&c->raft);
+  c->fsm.starting = false;
+  if (rv != 0) {
     /* The reason may sit in raft's message, raft_uv's, or the state
      * machine's (a snapshot it refused): name whichever is there. */
     const char *why = raft_errmsg(&c->raft);
     if (!why || !why[0]) why = c->io.io.errmsg;
-    if (c->fsm.restore_error[0])
+    if (c->fsm.restore_error[0]) {
+      char file[4200];
+      refused_snapshot_name(c->raft_dir, c->fsm.restore_len, file, sizeof file);
+      /* raft's message then only holds leftovers of its segment scan. */
       snprintf(errmsg, errlen, "raft_start(%s): snapshot refused: %s%s%s", c->raft_dir,
-               c->fsm.restore_error, why[0] ? "; " : "", why);
-    else
+               file[0] ? file : "", file[0] ? ": " : "", c->fsm.restore_error);
+    } else
       snprintf(errmsg, errlen, "raft_start(%s): %s", c->raft_dir, why[0] ? why : raft_strerror(rv));
     rv = CONSENSUS_EIO;
     goto err_raft;
