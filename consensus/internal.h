@@ -500,5 +500,8 @@ void zg_probe_cancel(struct zg_probe *p);
  * what was cut); -1: damage that is not a torn tail, msg is one line naming
  * the file and what to do, nothing was changed. */
 int zg_raft_repair_torn_tail(const char *raft_dir, char *msg, size_t msglen);
+/* libraft's CRC-32 (byteCrc32) of len bytes, continuing from crc (0 to
+ * start): what raft_uv stores in each batch's preamble. */
+uint32_t zg_raft_crc32(const void *data, size_t len, uint32_t crc);
 
 #endif

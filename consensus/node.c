@@ -962,7 +962,7 @@ static void on_peer_lost(void *ud, raft_id peer) {
 int consensus_start(uv_loop_t *loop, const struct consensus_options *opts, struct consensus **out,
                     char *errmsg, size_t errlen) {
   int rv;
-  char err[256];
+  char err[1024]; /* one line naming a file, a reason and what to do */
   *out = NULL;
   if (check_options(opts, errmsg, errlen) != 0) return CONSENSUS_EINVALID;
   /* A peer that goes away mid-write must not kill the process. */
