@@ -294,9 +294,9 @@ int zg_raft_repair_torn_tail(const char *raft_dir, char *msg, size_t msglen) {
     }
     snprintf(msg, msglen,
              "%s: the last batch was torn (%zu bytes damaged or incomplete: a write this node's "
-             "fsync never confirmed); cut back to the last complete batch at byte %zu (should "
-             "the leader count those entries as stored here, the node reports "
-             "raft_log_behind_leader)",
+             "fsync never confirmed); cut back to the last complete batch at byte %zu (if the "
+             "leader had counted them as stored here, it logs raft_follower_lost_entries and "
+             "hands leadership over so they are sent again)",
              path, len - good, good);
     tail_seen = true;
   }
