@@ -558,9 +558,16 @@ static const struct member_rec *caught_up_voter(struct consensus *c,
  * voter; the new leader's replication starts afresh and fills the gap. */
 static void follower_lost_entries(struct consensus *c, const struct member_rec *m,
                                   raft_index reported, raft_index match) {
+  if (consensus_transfer_under_way(c)) {
+    ZG_LOG_ERROR("raft_follower_lost_entries",
+                 "%s reports its Raft log ends at index %llu but it had acknowledged up to %llu "
+                 "(damage cut its log, e.g. a torn tail repaired at its start-up); a leadership "
+                 "transfer is under way, and the next leader's replication starts afresh",
+                 m->id, (unsigned long long)reported, (unsigned long long)match);
+    return;
+  }
   const struct member_rec *to = caught_up_voter(c, m);
-  if (to != NULL && !consensus_transfer_under_way(c) &&
-      consensus_transfer_leadership(c, to->id, NULL, NULL) == 0) {
+  if (to != NULL && consensus_transfer_leadership(c, to->id, NULL, NULL) == 0) {
     ZG_LOG_ERROR("raft_follower_lost_entries",
                  "%s reports its Raft log ends at index %llu but it had acknowledged up to %llu "
                  "(damage cut its log, e.g. a torn tail repaired at its start-up); libraft would "
