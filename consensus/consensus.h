@@ -202,7 +202,8 @@ cJSON *consensus_tokens_json(const struct consensus *c); /* id, name, created_at
                                                             sha256_prefix (8 chars) */
 cJSON *consensus_audit_json(const struct consensus *c, size_t limit); /* newest last; 0 = all */
 /* node, leader {id, address}, term, commit_index, applied_index, last_log_index,
- * state (follower/candidate/leader/unavailable), is_leader (fenced), incarnation (the
+ * state (follower/candidate/leader/unavailable), is_leader (fenced), log_behind_leader
+ * (consensus_log_behind), incarnation (the
  * cluster incarnation, 32 hex digits; null while a joiner waits to learn it), members [...] */
 cJSON *consensus_status_json(const struct consensus *c);
 
@@ -233,6 +234,11 @@ uint64_t consensus_term(const struct consensus *c);
 uint64_t consensus_commit_index(const struct consensus *c);
 uint64_t consensus_applied_index(const struct consensus *c);
 uint64_t consensus_last_log_index(const struct consensus *c);
+/* True while this follower's log is stuck behind its leader: the leader's
+ * commit index stayed above our last index, which did not move, for
+ * several election timeouts (it lost entries the leader counts as stored
+ * here; consensus/log_gap.c). Not a healthy standby then. */
+bool consensus_log_behind(const struct consensus *c);
 
 /* Leadership transfer to `to_node_id` (NULL = the most caught-up voter).
  * cb status 0 when this node is no longer leader afterwards, else

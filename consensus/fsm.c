@@ -122,8 +122,9 @@ static int fsm_restore(struct raft_fsm *fsm, struct raft_buffer *buf) {
   struct zg_fsm *f = fsm->data;
   char err[256];
   if (zg_fsm_restore_bytes(f, buf->base, buf->len, err, sizeof err) != 0) {
-    ZG_LOG_ERROR("consensus_snapshot_rejected", "%s", err);
+    if (!f->starting) ZG_LOG_ERROR("consensus_snapshot_rejected", "%s", err);
     snprintf(f->restore_error, sizeof f->restore_error, "%s", err);
+    f->restore_len = buf->len;
     return RAFT_CORRUPT;
   }
   raft_free(buf->base); /* on success the FSM owns the buffer */

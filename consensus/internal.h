@@ -243,6 +243,8 @@ struct zg_fsm {
   /* Why the last snapshot restore was refused ("" if none): libraft only
    * hands back RAFT_CORRUPT, and raft_start's error must name the reason. */
   char restore_error[256];
+  size_t restore_len; /* the refused snapshot's size: names its file */
+  bool starting;      /* raft_start's restore: its error line says it all */
 };
 
 void zg_fsm_init(struct zg_fsm *f, unsigned audit_max);
@@ -250,11 +252,15 @@ void zg_fsm_close(struct zg_fsm *f);
 /* Applies one encoded entry. Never fails for raft: a malformed entry is
  * logged and counted. Returns the command status (0 or CONSENSUS_E*). */
 int zg_fsm_apply_buf(struct zg_fsm *f, const void *data, size_t len);
-/* Serialises the whole state: [4] "ZGSN" [1] version [3] 0 [8] JSON length
- * BE, then the JSON document. *out is malloc'd. (raft's snapshot() hands
+/* Serialises the whole state: [4] "ZGSN" [1] version (2) [3] 0 [8] JSON
+ * length BE [32] SHA-256 of the document, then the JSON document. 0, or -1
+ * out of memory. *out is malloc'd (the caller frees it). (raft's snapshot() hands
  * out the same bytes as buffers that borrow the cached texts instead.) */
 int zg_fsm_snapshot_bytes(const struct zg_fsm *f, char **out, size_t *out_len);
-/* Validates a snapshot and, only if valid, replaces the state. Borrowed. */
+/* Validates a snapshot (version 2: its SHA-256 first; version 1 of older
+ * builds: no digest) and, only if valid, replaces the state. data is
+ * borrowed. 0, or -1 with the reason in err ("checksum mismatch" for
+ * damaged bytes) and the state untouched. */
 int zg_fsm_restore_bytes(struct zg_fsm *f, const void *data, size_t len, char *err, size_t errlen);
 
 /* ---- the command table (commands.c) -----------------------------------
@@ -460,7 +466,17 @@ struct zg_io_tap {
   struct {
     raft_id id;
     uint64_t at_ms;
+    /* As leader: the last index this peer reported in its last
+     * AppendEntries result (accepted or rejected), and when. */
+    raft_index reported_last;
+    uint64_t reported_at_ms;
   } heard[ZG_TAP_PEERS];
+  /* As follower: the last AppendEntries seen (zg_mono_ms(), 0: none), the
+   * leader's commit index it carried, and its sender: the follower learns
+   * from it how far behind the leader it is (node.c, check_log_behind). */
+  uint64_t ae_at_ms;
+  raft_index ae_leader_commit;
+  raft_id ae_from;
   uint64_t draw_state; /* xorshift64 state, seeded from the OS */
 };
 /* True for a message the tap keeps from libraft: a pre-vote answer that
@@ -468,6 +484,10 @@ struct zg_io_tap {
  * 0.22.1 bug that lets such an answer bump the term and depose a healthy
  * leader; see leader_loss.c). `r` may be NULL (not started: false). */
 bool zg_leader_loss_drops(const struct raft *r, const struct raft_message *m);
+/* As leader: the last index `peer` reported in an AppendEntries result
+ * received within the last within_ms (into *last): true, else false. */
+bool zg_io_tap_reported_last(const struct zg_io_tap *tap, raft_id peer, unsigned within_ms,
+                             raft_index *last);
 /* Call after raft_uv_init(&tap->io, ...) and before raft_init; the
  * timeouts are cluster.election_timeout_ms and cluster.heartbeat_ms. */
 void zg_io_tap_init(struct zg_io_tap *tap, unsigned election_ms, unsigned heartbeat_ms);
@@ -524,5 +544,41 @@ void zg_probe_cancel(struct zg_probe *p);
  * what was cut); -1: damage that is not a torn tail, msg is one line naming
  * the file and what to do, nothing was changed. */
 int zg_raft_repair_torn_tail(const char *raft_dir, char *msg, size_t msglen);
+/* libraft's CRC-32 (byteCrc32) of len bytes, continuing from crc (0 to
+ * start): what raft_uv stores in each batch's preamble. */
+uint32_t zg_raft_crc32(const void *data, size_t len, uint32_t crc);
+
+/* ---- a log that lost entries its leader counts as stored (log_gap.c) ---- */
+#define ZG_GAP_TIMEOUTS 5        /* follower: election timeouts without progress */
+#define ZG_GAP_REPEAT_MS 300000u /* follower: the ERROR line again at most this often */
+enum zg_gap_event { ZG_GAP_NONE, ZG_GAP_STUCK, ZG_GAP_CLEARED };
+struct zg_gap_follower {
+  uint64_t since_ms;        /* behind and not moving since (0: not) */
+  raft_index last;          /* our last index then */
+  bool behind;              /* reported stuck, not cleared yet */
+  uint64_t reported_ms;     /* last ERROR line */
+  raft_index leader_commit; /* the leader's commit index at that line */
+};
+/* One sample, every loop turn: following (a follower), the last
+ * AppendEntries' arrival (zg_mono_ms(), 0: none) and the leader's commit
+ * index in it, our last log index. ZG_GAP_STUCK when the leader's commit
+ * index has been above our last index, which did not move, for
+ * ZG_GAP_TIMEOUTS election timeouts while the leader kept sending (again
+ * every ZG_GAP_REPEAT_MS while it lasts), ZG_GAP_CLEARED when the log
+ * moves or reaches the leader's commit index after that. g zeroed at first. */
+enum zg_gap_event zg_gap_follower_step(struct zg_gap_follower *g, uint64_t now_ms, bool following,
+                                       uint64_t ae_at_ms, raft_index leader_commit, raft_index last,
+                                       unsigned election_ms);
+struct zg_gap_leader {
+  uint64_t since_ms;   /* reporting below its match index since (0: not) */
+  uint64_t acted_term; /* the term it was acted on (once per term) */
+};
+/* One sample per follower as leader: reported (an AppendEntries result
+ * arrived within an election timeout) with the last index it reported,
+ * and libraft's match index for it. True once, per term, when it has kept
+ * reporting below its match index for two election timeouts: its log lost
+ * entries it had acknowledged. g zeroed at first. */
+bool zg_gap_leader_step(struct zg_gap_leader *g, uint64_t now_ms, uint64_t term, bool reported,
+                        raft_index reported_last, raft_index match, unsigned election_ms);
 
 #endif

@@ -65,6 +65,11 @@
  * the witness waits for its timer, so it does not race the gateway it
  * would hand leadership to anyway. Connections cut by this node itself
  * (the isolate drill, shutdown) are not reported by the transport.
+ *
+ * The tap also records, for log_gap.c (via node.c), what a follower
+ * reports as its last index in its AppendEntries results in the current
+ * term (as leader) and the leader's commit index of the last AppendEntries
+ * (as follower); it changes nothing in those messages.
  */
 #include <netdb.h>
 #include <stdio.h>
@@ -119,19 +124,47 @@ static void note_vote_traffic(struct zg_io_tap *tap, struct raft *r, const struc
     tap->refused = true;
 }
 
-static void note_heard(struct zg_io_tap *tap, raft_id from) {
-  size_t free_slot = ZG_TAP_PEERS;
+/* Notes the message's time per peer, and for log-damage detection
+ * (node.c): the last index a follower reports to us as leader, the leader's
+ * commit index as a follower. */
+static void note_heard(struct zg_io_tap *tap, struct raft *r, const struct raft_message *m) {
+  uint64_t now = zg_mono_ms();
+  if (m->type == RAFT_APPEND_ENTRIES) {
+    tap->ae_at_ms = now;
+    tap->ae_leader_commit = m->append_entries.leader_commit;
+    tap->ae_from = m->server_id;
+  }
+  size_t slot = ZG_TAP_PEERS;
   for (size_t i = 0; i < ZG_TAP_PEERS; i++) {
-    if (tap->heard[i].id == from) {
-      tap->heard[i].at_ms = zg_mono_ms();
-      return;
+    if (tap->heard[i].id == m->server_id) {
+      slot = i;
+      break;
     }
-    if (tap->heard[i].id == 0 && free_slot == ZG_TAP_PEERS) free_slot = i;
+    if (tap->heard[i].id == 0 && slot == ZG_TAP_PEERS) slot = i;
   }
-  if (free_slot < ZG_TAP_PEERS) {
-    tap->heard[free_slot].id = from;
-    tap->heard[free_slot].at_ms = zg_mono_ms();
+  if (slot == ZG_TAP_PEERS) return;
+  if (tap->heard[slot].id != m->server_id) {
+    tap->heard[slot].id = m->server_id;
+    tap->heard[slot].reported_at_ms = 0;
   }
+  tap->heard[slot].at_ms = now;
+  if (m->type == RAFT_APPEND_ENTRIES_RESULT && r != NULL &&
+      m->append_entries_result.term == raft_current_term(r)) {
+    tap->heard[slot].reported_last = m->append_entries_result.last_log_index;
+    tap->heard[slot].reported_at_ms = now;
+  }
+}
+
+bool zg_io_tap_reported_last(const struct zg_io_tap *tap, raft_id peer, unsigned within_ms,
+                             raft_index *last) {
+  uint64_t now = zg_mono_ms();
+  for (size_t i = 0; i < ZG_TAP_PEERS; i++)
+    if (tap->heard[i].id == peer && tap->heard[i].reported_at_ms != 0 &&
+        now - tap->heard[i].reported_at_ms <= within_ms) {
+      *last = tap->heard[i].reported_last;
+      return true;
+    }
+  return false;
 }
 
 bool zg_io_tap_quorum_heard(const struct zg_io_tap *tap, const struct raft *r, unsigned within_ms) {
@@ -174,7 +207,7 @@ bool zg_leader_loss_drops(const struct raft *r, const struct raft_message *m) {
 static void tap_recv(struct raft_io *io, struct raft_message *m) {
   struct zg_io_tap *tap = (struct zg_io_tap *)io;
   struct raft *r = io->data;
-  note_heard(tap, m->server_id);
+  note_heard(tap, r, m);
   if (zg_leader_loss_drops(r, m)) return; /* no payload to free: a vote answer */
   /* Our own acks may have renewed the old leader's lease up to the moment
    * its connection ended: vote for nobody until that lease has run out

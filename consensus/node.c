@@ -38,6 +38,7 @@ struct member_rec {
   raft_id raft_id;
   raft_index last_match;
   uint64_t last_progress_ms; /* monotonic: last time its match index advanced or was current */
+  struct zg_gap_leader gap;  /* as leader: has its log lost entries it acked? (log_gap.c) */
 };
 
 struct pending_write {
@@ -93,6 +94,7 @@ struct consensus {
   bool last_fenced;
   bool seed_inflight;
   bool disk_error_reported;
+  struct zg_gap_follower gap; /* as follower: stuck behind the leader? (log_gap.c) */
   struct pending_write *pending;
   /* shutdown */
   bool closing;
@@ -187,6 +189,34 @@ static struct member_rec *member_by_id(const struct consensus *c, const char *id
 }
 
 /* ---- files ---------------------------------------------------------------- */
+
+/* Names the snapshot file raft_start refused: libraft hands the state
+ * machine only the bytes, so this picks the newest snapshot-TERM-INDEX-TS
+ * data file (libraft's own order) of that size. "" when none matches. */
+static void refused_snapshot_name(const char *raft_dir, size_t len, char *out, size_t outlen) {
+  unsigned long long best[3] = {0, 0, 0};
+  out[0] = '\0';
+  DIR *d = opendir(raft_dir);
+  if (d == NULL) return;
+  struct dirent *e;
+  while ((e = readdir(d)) != NULL) {
+    unsigned long long t, i, ts;
+    int used = 0;
+    if (sscanf(e->d_name, "snapshot-%llu-%llu-%llu%n", &t, &i, &ts, &used) != 3 ||
+        e->d_name[used] != '\0')
+      continue;
+    char path[4200];
+    struct stat st;
+    snprintf(path, sizeof path, "%s/%s", raft_dir, e->d_name);
+    if (stat(path, &st) != 0 || (size_t)st.st_size != len) continue;
+    bool newer = out[0] == '\0' || t > best[0] || (t == best[0] && i > best[1]) ||
+                 (t == best[0] && i == best[1] && ts > best[2]);
+    if (!newer) continue;
+    best[0] = t, best[1] = i, best[2] = ts;
+    snprintf(out, outlen, "%s", path);
+  }
+  closedir(d);
+}
 
 static int ensure_dir(const char *path, char *errmsg, size_t errlen) {
   struct stat st;
@@ -506,16 +536,95 @@ static const char *state_name(unsigned state) {
   }
 }
 
+/* A voter other than `not_this` (and this node) whose match index is our
+ * last index: the one to hand leadership to. NULL if none. */
+static const struct member_rec *caught_up_voter(struct consensus *c,
+                                                const struct member_rec *not_this) {
+  raft_index last = raft_last_index(&c->raft);
+  for (size_t i = 1; i < c->n_members; i++) {
+    const struct member_rec *m = &c->members[i];
+    raft_index match = 0;
+    if (m == not_this || raft_match_index(&c->raft, m->raft_id, &match) != 0 || match < last)
+      continue;
+    for (unsigned k = 0; k < c->raft.configuration.n; k++)
+      if (c->raft.configuration.servers[k].id == m->raft_id &&
+          c->raft.configuration.servers[k].role == RAFT_VOTER)
+        return m;
+  }
+  return NULL;
+}
+
+/* A follower that lost entries it had acknowledged (log_gap.c): libraft
+ * would never resend them while we lead, so hand leadership to a caught-up
+ * voter; the new leader's replication starts afresh and fills the gap. */
+static void follower_lost_entries(struct consensus *c, const struct member_rec *m,
+                                  raft_index reported, raft_index match) {
+  if (consensus_transfer_under_way(c)) {
+    ZG_LOG_ERROR("raft_follower_lost_entries",
+                 "%s reports its Raft log ends at index %llu but it had acknowledged up to %llu "
+                 "(damage cut its log, e.g. a torn tail repaired at its start-up); a leadership "
+                 "transfer is under way, and the next leader's replication starts afresh",
+                 m->id, (unsigned long long)reported, (unsigned long long)match);
+    return;
+  }
+  const struct member_rec *to = caught_up_voter(c, m);
+  if (to != NULL && consensus_transfer_leadership(c, to->id, NULL, NULL) == 0) {
+    ZG_LOG_ERROR("raft_follower_lost_entries",
+                 "%s reports its Raft log ends at index %llu but it had acknowledged up to %llu "
+                 "(damage cut its log, e.g. a torn tail repaired at its start-up); libraft would "
+                 "never resend those entries while this node leads, so leadership moves to %s, "
+                 "whose replication starts afresh",
+                 m->id, (unsigned long long)reported, (unsigned long long)match, to->id);
+    return;
+  }
+  ZG_LOG_ERROR("raft_follower_lost_entries",
+               "%s reports its Raft log ends at index %llu but it had acknowledged up to %llu "
+               "(damage cut its log, e.g. a torn tail repaired at its start-up), and no other "
+               "caught-up voter can take leadership: it stays behind until the leader changes; "
+               "or empty its data dir and `zonegate members add` it again",
+               m->id, (unsigned long long)reported, (unsigned long long)match);
+}
+
 static void track_progress(struct consensus *c) {
   uint64_t now = zg_mono_ms();
   raft_index last = raft_last_index(&c->raft);
+  raft_term term = raft_current_term(&c->raft);
   for (size_t i = 1; i < c->n_members; i++) {
     struct member_rec *m = &c->members[i];
-    raft_index match = 0;
+    raft_index match = 0, reported = 0;
     if (raft_match_index(&c->raft, m->raft_id, &match) != 0) continue;
     if (match > m->last_match || match >= last) m->last_progress_ms = now;
     m->last_match = match;
+    bool heard = zg_io_tap_reported_last(&c->io, m->raft_id, c->election_ms, &reported);
+    if (zg_gap_leader_step(&m->gap, now, term, heard, reported, match, c->election_ms))
+      follower_lost_entries(c, m, reported, match);
   }
+}
+
+/* As follower: stuck behind a leader that will not fill our gap (log_gap.c). */
+static void check_log_behind(struct consensus *c) {
+  raft_index last = raft_last_index(&c->raft);
+  enum zg_gap_event ev =
+      zg_gap_follower_step(&c->gap, zg_mono_ms(), raft_state(&c->raft) == RAFT_FOLLOWER,
+                           c->io.ae_at_ms, c->io.ae_leader_commit, last, c->election_ms);
+  if (ev == ZG_GAP_STUCK) {
+    const struct member_rec *lm = member_by_raft_id(c, c->io.ae_from);
+    ZG_LOG_ERROR("raft_log_behind_leader",
+                 "this node's Raft log ends at index %llu while the leader %s has committed up to "
+                 "%llu and has sent nothing to fill the gap for %u s: the log lost entries the "
+                 "leader counts as stored here (e.g. a torn tail cut at start-up); this node is "
+                 "not a healthy standby. A leadership change clears it (zonegate switchover); "
+                 "else empty this node's data dir and `zonegate members add` it again",
+                 (unsigned long long)last, lm ? lm->id : "(unknown)",
+                 (unsigned long long)c->gap.leader_commit, ZG_GAP_TIMEOUTS * c->election_ms / 1000);
+  } else if (ev == ZG_GAP_CLEARED) {
+    ZG_LOG_INFO("raft_log_caught_up", "the Raft log moves again (last index %llu)",
+                (unsigned long long)last);
+  }
+}
+
+bool consensus_log_behind(const struct consensus *c) {
+  return c->gap.behind;
 }
 
 static bool try_leader_lost(struct consensus *c, raft_id peer);
@@ -572,6 +681,7 @@ static void check_cb(uv_check_t *h) {
     if (c->barrier_submitted_term != term) submit_election_barrier(c, term);
     track_progress(c);
   }
+  check_log_behind(c);
   bool fenced = consensus_is_leader(c);
   if (state != c->last_state || leader != c->last_leader || term != c->last_term ||
       fenced != c->last_fenced) {
@@ -966,7 +1076,7 @@ static void on_peer_lost(void *ud, raft_id peer) {
 int consensus_start(uv_loop_t *loop, const struct consensus_options *opts, struct consensus **out,
                     char *errmsg, size_t errlen) {
   int rv;
-  char err[256];
+  char err[1024]; /* one line naming a file, a reason and what to do */
   *out = NULL;
   if (check_options(opts, errmsg, errlen) != 0) return CONSENSUS_EINVALID;
   /* A peer that goes away mid-write must not kill the process. */
@@ -1037,15 +1147,21 @@ int consensus_start(uv_loop_t *loop, const struct consensus_options *opts, struc
     zg_transport_set_quiet(&c->transport,
                            opts->startup_quiet_ms ? opts->startup_quiet_ms : election);
   c->fsm.restore_error[0] = '\0';
-  if ((rv = raft_start(&c->raft)) != 0) {
+  c->fsm.starting = true;
+  rv = raft_start(&c->raft);
+  c->fsm.starting = false;
+  if (rv != 0) {
     /* The reason may sit in raft's message, raft_uv's, or the state
      * machine's (a snapshot it refused): name whichever is there. */
     const char *why = raft_errmsg(&c->raft);
     if (!why || !why[0]) why = c->io.io.errmsg;
-    if (c->fsm.restore_error[0])
+    if (c->fsm.restore_error[0]) {
+      char file[4200];
+      refused_snapshot_name(c->raft_dir, c->fsm.restore_len, file, sizeof file);
+      /* raft's message then only holds leftovers of its segment scan. */
       snprintf(errmsg, errlen, "raft_start(%s): snapshot refused: %s%s%s", c->raft_dir,
-               c->fsm.restore_error, why[0] ? "; " : "", why);
-    else
+               file[0] ? file : "", file[0] ? ": " : "", c->fsm.restore_error);
+    } else
       snprintf(errmsg, errlen, "raft_start(%s): %s", c->raft_dir, why[0] ? why : raft_strerror(rv));
     rv = CONSENSUS_EIO;
     goto err_raft;
@@ -1280,6 +1396,7 @@ cJSON *consensus_status_json(const struct consensus *c) {
   cJSON_AddBoolToObject(o, "is_leader", consensus_is_leader(c));
   cJSON_AddNumberToObject(o, "config_version", (double)c->fsm.st.config_version);
   cJSON_AddNumberToObject(o, "undecodable_entries", (double)c->fsm.n_rejected_entries);
+  cJSON_AddBoolToObject(o, "log_behind_leader", c->gap.behind);
   if (c->incarnation_known) {
     char hex[ZG_INCARNATION_HEX + 1];
     zg_incarnation_hex(&c->incarnation, hex);

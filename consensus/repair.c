@@ -19,16 +19,22 @@
  * each), open ones open-N.
  *
  * What is repaired (as etcd repairs a torn WAL tail): only the last open
- * segment that holds data, and only an incomplete final batch, one that
- * runs past the end of the file. Such a batch was never acknowledged:
- * raft_uv reports an append durable only once the whole batch is written
- * and synced. The file is cut back to the end of its last complete batch
- * (to nothing when there is none: libraft then drops the empty segment).
- * Closed segments, complete batches and anything after a damaged spot that
- * is not the tail are never touched: an earlier open segment ending short
- * while a later one holds data, or an unknown format version, is refused
- * with one line naming the file (the operator restores
- * the node or re-joins it with an empty data dir).
+ * segment that holds data, and only its final batch when it is damaged or
+ * incomplete (runs past the end of the file, a bad count, a checksum
+ * mismatch) and nothing valid follows it. Such a batch is a torn write:
+ * this node's fsync never confirmed it. The file is cut back to the end of
+ * its last good batch (to nothing when there is none: libraft then drops
+ * the empty segment). Every batch's checksums are verified as libraft
+ * would (zg_raft_crc32).
+ *
+ * What is refused, changing nothing, with one line naming the file (and the
+ * batch and byte offset) and what to do (restore the data dir, or empty it
+ * and `zonegate members add` the node again): a damaged batch with further
+ * data after it (libraft would silently cut the log there, forgetting
+ * entries this node acknowledged), an earlier open segment ending damaged
+ * while a later one holds data, an unknown format version. Closed
+ * segments are never touched (raft_uv's auto-recovery is off: libraft
+ * refuses damage there itself).
  */
 #include <dirent.h>
 #include <errno.h>
@@ -63,10 +69,80 @@ static bool all_zero(const uint8_t *p, size_t n) {
   return true;
 }
 
-/* Scans one open segment. *good: end of the last complete batch (0 when the
- * file holds no batch at all); *torn: the final batch runs past the end of
- * the file; *empty: no data (empty file, or never formatted and all zero).
- * -1 with msg for a layout that is not a torn tail. */
+/* libraft's checksum (byteCrc32: libiberty's CRC-32, polynomial 0x04c11db7,
+ * not reflected, no final xor), stored little-endian. */
+uint32_t zg_raft_crc32(const void *data, size_t len, uint32_t crc) {
+  static uint32_t table[256];
+  if (table[1] == 0)
+    for (uint32_t i = 0; i < 256; i++) {
+      uint32_t c = i << 24;
+      for (int k = 0; k < 8; k++) c = (c & 0x80000000u) ? (c << 1) ^ 0x04c11db7u : c << 1;
+      table[i] = c;
+    }
+  const uint8_t *p = data;
+  while (len--) crc = (crc << 8) ^ table[((crc >> 24) ^ *p++) & 255];
+  return crc;
+}
+
+/* Why the batch at off (of the len bytes in buf) is not a good batch, or
+ * NULL when it is: then *next is where the next one starts. *short_read:
+ * the batch runs past the end of the file. *extent: where the damaged batch
+ * ends when its header is intact (0 when the header itself is damaged). */
+static const char *check_batch(const uint8_t *buf, size_t len, size_t off, size_t *next,
+                               bool *short_read, size_t *extent) {
+  size_t left = len - off;
+  *short_read = false;
+  *extent = 0;
+  if (left < 16) {
+    *short_read = true;
+    return "the batch preamble is cut short";
+  }
+  uint64_t n = get64(buf + off + 8);
+  if (n == 0) return "the entry count is zero";
+  if (n > MAX_BATCH_ENTRIES) return "the entry count is out of range";
+  size_t header = 16 + (size_t)n * 16;
+  if (left < header) {
+    *short_read = true;
+    return "the batch header is cut short";
+  }
+  if (zg_raft_crc32(buf + off + 8, header - 8, 0) != get32(buf + off))
+    return "header checksum mismatch";
+  uint64_t data = 0;
+  for (uint64_t i = 0; i < n; i++) data += get32(buf + off + 16 + i * 16 + 12);
+  if (data > left - header) {
+    *short_read = true;
+    return "the batch data is cut short";
+  }
+  *extent = off + header + (size_t)data;
+  if (zg_raft_crc32(buf + off + header, (size_t)data, 0) != get32(buf + off + 4))
+    return "data checksum mismatch";
+  *next = off + header + (size_t)data;
+  return NULL;
+}
+
+/* Whether a batch with an intact header starts at some 8-byte aligned
+ * offset in [from, len): after a damaged header there is no telling where
+ * the next batch would start, so every place is tried. Bounded: past a
+ * budget of bytes checksummed it answers true (refusing is the safe side). */
+static bool later_batch(const uint8_t *buf, size_t len, size_t from) {
+  size_t budget = 64 * len + 4096;
+  for (size_t q = (from + 7) & ~(size_t)7; q + 16 <= len; q += 8) {
+    uint64_t n = get64(buf + q + 8);
+    if (n == 0 || n > (len - q - 16) / 16) continue;
+    size_t header = 16 + (size_t)n * 16;
+    if (header > budget) return true;
+    budget -= header;
+    if (zg_raft_crc32(buf + q + 8, header - 8, 0) == get32(buf + q)) return true;
+  }
+  return false;
+}
+
+/* Scans one open segment. *good: end of the last good batch (0 when the
+ * file holds no batch at all); *torn: the final batch is damaged or
+ * incomplete with nothing valid after it (cut back to *good); *empty: no
+ * data (empty file, or never formatted and all zero). -1 with msg for
+ * damage that is not a torn tail: a bad batch followed by further batches,
+ * or an unknown format. */
 static int scan_segment(const uint8_t *buf, size_t len, size_t *good, bool *torn, bool *empty,
                         char *msg, size_t msglen) {
   *good = 0;
@@ -87,34 +163,32 @@ static int scan_segment(const uint8_t *buf, size_t len, size_t *good, bool *torn
   }
   size_t off = 8;
   *good = 8;
-  while (off < len) {
-    size_t left = len - off;
-    if (left >= 16 && all_zero(buf + off, 16)) break; /* preallocated zeros: the end */
-    if (left < 16) {
-      if (!all_zero(buf + off, left)) *torn = true;
-      break;
+  for (unsigned nth = 1; off < len; nth++) {
+    /* Preallocated zeros: the end of what was written. */
+    if (all_zero(buf + off, len - off)) break;
+    size_t next, extent;
+    bool short_read;
+    const char *why = check_batch(buf, len, off, &next, &short_read, &extent);
+    if (why == NULL) {
+      off = next;
+      *good = off;
+      continue;
     }
-    uint64_t n = get64(buf + off + 8);
-    /* A garbled count (torn into preallocated space) is RAFT_CORRUPT in
-     * libraft, which truncates an open segment there itself. */
-    if (n == 0 || n > MAX_BATCH_ENTRIES) break;
-    size_t header = 8 + 8 + (size_t)n * 16;
-    if (left < header) {
-      *torn = true;
-      break;
+    /* A damaged batch is a torn tail only when nothing valid follows it:
+     * after an intact header, only zeros past its extent; after a damaged
+     * one, no intact batch header anywhere further on. */
+    bool more = short_read ? false
+                : extent   ? !all_zero(buf + extent, len - extent)
+                           : later_batch(buf, len, off + 8);
+    if (more) {
+      snprintf(msg, msglen,
+               "batch %u at byte %zu is damaged (%s) and further data follows it, so it is not a "
+               "torn tail",
+               nth, off, why);
+      return -1;
     }
-    uint64_t data = 0;
-    for (uint64_t i = 0; i < n; i++) data += get32(buf + off + 16 + i * 16 + 12);
-    if (data > len) { /* cannot fit even in the whole file */
-      *torn = true;
-      break;
-    }
-    if (left - header < data) {
-      *torn = true;
-      break;
-    }
-    off += header + (size_t)data;
-    *good = off;
+    *torn = true;
+    break;
   }
   if (*good == 8 && *torn) *good = 0; /* nothing complete: drop the whole file */
   return 0;
@@ -185,8 +259,8 @@ int zg_raft_repair_torn_tail(const char *raft_dir, char *msg, size_t msglen) {
     free(buf);
     if (rc != 0) {
       snprintf(msg, msglen,
-               "%s: damaged open Raft segment (%s); not a torn tail, so nothing was changed: "
-               "restore this node's data dir or re-join it with an empty one",
+               "%s: damaged open Raft segment: %s; nothing was changed: restore this node's data "
+               "dir from a backup, or empty it and `zonegate members add` the node again",
                path, why);
       return -1;
     }
@@ -198,8 +272,9 @@ int zg_raft_repair_torn_tail(const char *raft_dir, char *msg, size_t msglen) {
     if (tail_seen) {
       snprintf(
           msg, msglen,
-          "%s: open Raft segment ends in the middle of a batch but a later segment holds data; "
-          "nothing was changed: restore this node's data dir or re-join it with an empty one",
+          "%s: open Raft segment ends in a damaged or incomplete batch but a later segment holds "
+          "data; nothing was changed: restore this node's data dir from a backup, or empty it "
+          "and `zonegate members add` the node again",
           path);
       return -1;
     }
@@ -218,8 +293,10 @@ int zg_raft_repair_torn_tail(const char *raft_dir, char *msg, size_t msglen) {
       close(dfd);
     }
     snprintf(msg, msglen,
-             "%s: the last batch was torn (%zu bytes, written but never acknowledged); cut back to "
-             "the last complete batch at byte %zu",
+             "%s: the last batch was torn (%zu bytes damaged or incomplete: a write this node's "
+             "fsync never confirmed); cut back to the last complete batch at byte %zu (if the "
+             "leader had counted them as stored here, it logs raft_follower_lost_entries and "
+             "hands leadership over so they are sent again)",
              path, len - good, good);
     tail_seen = true;
   }

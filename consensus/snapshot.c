@@ -7,8 +7,16 @@
  * The usage store is the member "usage" (usage.c; absent in snapshots of
  * builds before it: restored empty).
  *
- * Failure modes: a malformed or unknown-version snapshot is refused with a
- * message and the running state is kept.
+ * Envelope (version 2): [4] "ZGSN" [1] version 2 [3] zero [8] JSON length
+ * BE [32] SHA-256 of the JSON document, then the document. SHA-256 rather
+ * than a CRC: OpenSSL's is already linked and fast (hardware SHA where the
+ * CPU has it), and it leaves no doubt for any damage pattern. Version-1
+ * snapshots (16-byte header, no digest) of older builds are still read.
+ *
+ * Failure modes: a malformed, unknown-version or checksum-mismatching
+ * snapshot is refused with a message naming the reason ("checksum
+ * mismatch" for damaged bytes) and the running state is kept; at start-up
+ * that stops the node (consensus_start names the file).
  */
 #include <arpa/inet.h>
 #include <ctype.h>
@@ -18,13 +26,33 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <openssl/evp.h>
+
 #include "base/base.h"
 #include "consensus/consensus.h"
 #include "consensus/internal.h"
 
 #define SNAP_MAGIC "ZGSN"
-#define SNAP_VERSION 1
-#define SNAP_HEADER_LEN 16
+#define SNAP_VERSION 2    /* the envelope: 2 adds the digest */
+#define SNAP_DOC_FORMAT 1 /* the document's "format" member (unchanged) */
+#define SNAP_V1_HEADER_LEN 16
+#define SNAP_DIGEST_LEN 32
+#define SNAP_HEADER_LEN (SNAP_V1_HEADER_LEN + SNAP_DIGEST_LEN)
+
+/* SHA-256 over the buffers from index `from` on, plus `first_len` bytes at
+ * `first` ahead of them. 0, or -1 when OpenSSL fails (out of memory). */
+static int digest_parts(const void *first, size_t first_len, const struct raft_buffer *bufs,
+                        unsigned from, unsigned n, uint8_t out[SNAP_DIGEST_LEN]) {
+  EVP_MD_CTX *ctx = EVP_MD_CTX_new();
+  unsigned out_len = 0;
+  int ok = ctx != NULL && EVP_DigestInit_ex(ctx, EVP_sha256(), NULL) == 1 &&
+           EVP_DigestUpdate(ctx, first, first_len) == 1;
+  for (unsigned i = from; ok && i < n; i++)
+    ok = EVP_DigestUpdate(ctx, bufs[i].base, bufs[i].len) == 1;
+  ok = ok && EVP_DigestFinal_ex(ctx, out, &out_len) == 1 && out_len == SNAP_DIGEST_LEN;
+  EVP_MD_CTX_free(ctx);
+  return ok ? 0 : -1;
+}
 
 /* ---- snapshots ---------------------------------------------------------- */
 
@@ -43,7 +71,7 @@ int zg_snapshot_parts(const struct zg_fsm *f, struct raft_buffer **out, unsigned
   if (n_bufs > UINT_MAX) return -1;
   cJSON *doc = cJSON_CreateObject();
   if (doc == NULL) return -1;
-  cJSON_AddNumberToObject(doc, "format", SNAP_VERSION);
+  cJSON_AddNumberToObject(doc, "format", SNAP_DOC_FORMAT);
   if (st->config) /* shares the config's members, copies nothing */
     cJSON_AddItemReferenceToObject(doc, "config", st->config);
   else
@@ -100,6 +128,11 @@ int zg_snapshot_parts(const struct zg_fsm *f, struct raft_buffer **out, unsigned
   prefix[4] = SNAP_VERSION;
   prefix[5] = prefix[6] = prefix[7] = 0;
   for (int i = 0; i < 8; i++) prefix[8 + i] = (char)(json_len >> (56 - 8 * i));
+  if (digest_parts(prefix + SNAP_HEADER_LEN, prefix_len - SNAP_HEADER_LEN, bufs, 1, (unsigned)n,
+                   (uint8_t *)prefix + SNAP_V1_HEADER_LEN) != 0) {
+    zg_snapshot_parts_free(bufs, (unsigned)n);
+    return -1;
+  }
   *out = bufs;
   *n_out = (unsigned)n;
   return 0;
@@ -134,25 +167,43 @@ int zg_fsm_snapshot_bytes(const struct zg_fsm *f, char **out, size_t *out_len) {
 
 int zg_fsm_restore_bytes(struct zg_fsm *f, const void *data, size_t len, char *err, size_t errlen) {
   const uint8_t *p = data;
-  if (data == NULL || len < SNAP_HEADER_LEN || memcmp(p, SNAP_MAGIC, 4) != 0) {
+  if (data == NULL || len < SNAP_V1_HEADER_LEN || memcmp(p, SNAP_MAGIC, 4) != 0) {
     snprintf(err, errlen, "snapshot: missing or bad header");
     return -1;
   }
-  if (p[4] != SNAP_VERSION) {
-    snprintf(err, errlen, "snapshot: format version %u not supported (this build reads %d)", p[4],
-             SNAP_VERSION);
+  if (p[4] != SNAP_VERSION && p[4] != 1) {
+    snprintf(err, errlen, "snapshot: format version %u not supported (this build reads 1 and %d)",
+             p[4], SNAP_VERSION);
+    return -1;
+  }
+  size_t header_len = p[4] == 1 ? SNAP_V1_HEADER_LEN : SNAP_HEADER_LEN;
+  if (len < header_len || (p[4] != 1 && (p[5] | p[6] | p[7]) != 0)) {
+    snprintf(err, errlen, "snapshot: missing or bad header");
     return -1;
   }
   uint64_t jlen = 0;
   for (int i = 0; i < 8; i++) jlen = (jlen << 8) | p[8 + i];
-  if (jlen != len - SNAP_HEADER_LEN) {
+  if (jlen != len - header_len) {
     snprintf(err, errlen, "snapshot: length %llu disagrees with %zu bytes",
              (unsigned long long)jlen, len);
     return -1;
   }
+  if (p[4] != 1) {
+    uint8_t digest[SNAP_DIGEST_LEN];
+    if (digest_parts(p + header_len, (size_t)jlen, NULL, 0, 0, digest) != 0) {
+      snprintf(err, errlen, "snapshot: out of memory");
+      return -1;
+    }
+    if (memcmp(digest, p + SNAP_V1_HEADER_LEN, SNAP_DIGEST_LEN) != 0) {
+      snprintf(err, errlen,
+               "snapshot: checksum mismatch (SHA-256 of the %llu byte document differs from "
+               "the one written with it: the file is damaged)",
+               (unsigned long long)jlen);
+      return -1;
+    }
+  }
   const char *end = NULL;
-  cJSON *doc =
-      cJSON_ParseWithLengthOpts((const char *)p + SNAP_HEADER_LEN, (size_t)jlen, &end, false);
+  cJSON *doc = cJSON_ParseWithLengthOpts((const char *)p + header_len, (size_t)jlen, &end, false);
   if (doc == NULL || !cJSON_IsObject(doc)) {
     cJSON_Delete(doc);
     snprintf(err, errlen, "snapshot: body is not a JSON object");
@@ -175,7 +226,8 @@ int zg_fsm_restore_bytes(struct zg_fsm *f, const void *data, size_t len, char *e
     }
     st.config = cJSON_Duplicate(config, true);
   }
-  if (zg_arg_uint(doc, "format", true, SNAP_VERSION, SNAP_VERSION, 0, &u, inner, sizeof inner) ||
+  if (zg_arg_uint(doc, "format", true, SNAP_DOC_FORMAT, SNAP_DOC_FORMAT, 0, &u, inner,
+                  sizeof inner) ||
       zg_arg_uint(doc, "config_version", true, 0, 9000000000000000ull, 0, &st.config_version, inner,
                   sizeof inner) ||
       zg_arg_uint(doc, "audit_seq", true, 0, 9000000000000000ull, 0, &st.audit_seq, inner,

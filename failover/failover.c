@@ -224,7 +224,7 @@ uint64_t failover_lease_remaining_ms(const struct failover *f) {
 }
 
 static bool healthy_standby(struct failover *f, enum failover_role r) {
-  if (r != FAILOVER_STANDBY) return false;
+  if (r != FAILOVER_STANDBY || consensus_log_behind(f->cs)) return false;
   uint64_t commit = consensus_commit_index(f->cs), applied = consensus_applied_index(f->cs);
   return commit - (applied < commit ? applied : commit) <= f->max_lag;
 }
@@ -452,7 +452,11 @@ int failover_health(struct failover *f, const char *check, cJSON *body) {
   cJSON_AddNumberToObject(body, "commit_index", (double)consensus_commit_index(f->cs));
   cJSON_AddNumberToObject(body, "applied_index", (double)consensus_applied_index(f->cs));
   cJSON_AddNumberToObject(body, "lease_remaining_ms", (double)failover_lease_remaining_ms(f));
+  if (r == FAILOVER_STANDBY && consensus_log_behind(f->cs))
+    reason = "the Raft log is stuck behind the leader's (it lost entries the leader counts as "
+             "stored here): see the ERROR raft_log_behind_leader";
   cJSON_AddStringToObject(body, "reason", reason);
+  cJSON_AddBoolToObject(body, "log_behind_leader", consensus_log_behind(f->cs));
   bool active = r == FAILOVER_ACTIVE;
   bool standby = healthy_standby(f, r);
   if (!strcmp(check, "active")) return active ? 200 : standby ? 429 : 503;

@@ -187,6 +187,19 @@ static void test_audit_bounded(void **state) {
   zg_fsm_close(&f);
 }
 
+/* A version-2 snapshot rewritten as version 1 (the 16-byte header of
+ * older builds, no digest). malloc'd. */
+static char *to_v1(const char *snap, size_t len, size_t *out_len) {
+  assert_true(len > 48);
+  assert_int_equal(snap[4], 2);
+  char *v1 = malloc(len - 32);
+  memcpy(v1, snap, 16);
+  v1[4] = 1;
+  memcpy(v1 + 16, snap + 48, len - 48);
+  *out_len = len - 32;
+  return v1;
+}
+
 static void test_snapshot_round_trip(void **state) {
   (void)state;
   struct zg_fsm a, b;
@@ -234,12 +247,16 @@ static void test_snapshot_round_trip(void **state) {
   assert_int_equal(zg_fsm_restore_bytes(&b, bad, len1, err, sizeof err), -1);
   assert_non_null(strstr(err, "version"));
   assert_int_equal(zg_fsm_restore_bytes(&b, snap1, len1 - 1, err, sizeof err), -1);
-  memcpy(bad, snap1, len1);
-  char *kpos = memmem(bad, len1, "\"state\":\"", 9);
+  /* A bad member behind a valid envelope (a version-1 snapshot: no
+   * digest) is refused by the document's validation. */
+  size_t v1_len = 0;
+  char *v1 = to_v1(snap1, len1, &v1_len);
+  char *kpos = memmem(v1, v1_len, "\"state\":\"", 9);
   assert_non_null(kpos);
   memcpy(kpos + 9, "bogus", 5);
-  assert_int_equal(zg_fsm_restore_bytes(&b, bad, len1, err, sizeof err), -1);
+  assert_int_equal(zg_fsm_restore_bytes(&b, v1, v1_len, err, sizeof err), -1);
   assert_non_null(strstr(err, "keys[0]"));
+  free(v1);
   free(bad);
   assert_int_equal(b.st.n_keys, 2);
   assert_int_equal(b.st.config_version, 1);
@@ -250,6 +267,65 @@ static void test_snapshot_round_trip(void **state) {
   cJSON_Delete(lb.result);
   zg_fsm_close(&a);
   zg_fsm_close(&b);
+}
+
+/* The snapshot's SHA-256: one flipped byte anywhere (header, digest or
+ * document) is refused and the state kept; a good snapshot round-trips; a
+ * version-1 snapshot of an older build (no digest) still restores. */
+static void test_snapshot_checksum(void **state) {
+  (void)state;
+  struct zg_fsm a, b;
+  struct last_apply la, lb;
+  fsm_setup(&a, &la, 50);
+  fsm_setup(&b, &lb, 50);
+  assert_int_equal(apply(&a, 10, "config.put", "{\"config\":{\"endpoint\":\"https://x\"}}"), 0);
+  assert_int_equal(apply(&a, 11, "token.create",
+                         "{\"name\":\"t\",\"sha256\":\"" HASH_B "\",\"allow\":[\"::1/128\"]}"),
+                   0);
+  assert_int_equal(apply(&a, 12, "audit.note", "{\"what\":\"x\"}"), 0);
+  char *snap, *again;
+  size_t len, again_len;
+  char err[256];
+  assert_int_equal(zg_fsm_snapshot_bytes(&a, &snap, &len), 0);
+  assert_int_equal(snap[4], 2);
+  char *bad = malloc(len);
+  for (size_t i = 0; i < len; i++) {
+    for (int bit = 0; bit < 8; bit += 7) { /* the lowest and the highest bit */
+      memcpy(bad, snap, len);
+      bad[i] = (char)(bad[i] ^ (1 << bit));
+      err[0] = '\0';
+      if (zg_fsm_restore_bytes(&b, bad, len, err, sizeof err) != -1)
+        fail_msg("byte %zu bit %d accepted", i, bit);
+      if (i >= 48 && strstr(err, "checksum mismatch") == NULL) fail_msg("byte %zu: %s", i, err);
+    }
+  }
+  free(bad);
+  assert_null(zg_state_token_find(&b.st, HASH_B)); /* nothing was restored */
+  assert_int_equal(b.st.config_version, 0);
+  assert_int_equal(zg_fsm_restore_bytes(&b, snap, len, err, sizeof err), 0);
+  assert_non_null(zg_state_token_find(&b.st, HASH_B));
+  assert_int_equal(zg_fsm_snapshot_bytes(&b, &again, &again_len), 0);
+  assert_int_equal(again_len, len);
+  assert_memory_equal(again, snap, len);
+  free(again);
+  /* Version 1 (older builds) restores to the same state. */
+  struct zg_fsm c;
+  struct last_apply lc;
+  fsm_setup(&c, &lc, 50);
+  size_t v1_len;
+  char *v1 = to_v1(snap, len, &v1_len);
+  assert_int_equal(zg_fsm_restore_bytes(&c, v1, v1_len, err, sizeof err), 0);
+  assert_int_equal(zg_fsm_snapshot_bytes(&c, &again, &again_len), 0);
+  assert_memory_equal(again, snap, len);
+  free(again);
+  free(v1);
+  free(snap);
+  cJSON_Delete(la.result);
+  cJSON_Delete(lb.result);
+  cJSON_Delete(lc.result);
+  zg_fsm_close(&a);
+  zg_fsm_close(&b);
+  zg_fsm_close(&c);
 }
 
 static void test_seed_once(void **state) {
@@ -643,6 +719,7 @@ int main(void) {
       cmocka_unit_test(test_writes),
       cmocka_unit_test(test_audit_bounded),
       cmocka_unit_test(test_snapshot_round_trip),
+      cmocka_unit_test(test_snapshot_checksum),
       cmocka_unit_test(test_seed_once),
       cmocka_unit_test(test_many_tokens),
       cmocka_unit_test(test_snapshot_buffers_survive_changes),
