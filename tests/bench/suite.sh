@@ -24,6 +24,8 @@
 #        TTFT_RATE (20 streams/s) TTFT_SECONDS (PACED_SECONDS)
 #        CALLGRIND (1: run callgrind.sh) PIN (1) KEEP_TMP (1 keeps the temp dir)
 #        LITELLM (path to the litellm binary; empty: skipped, said so)
+#        STREAMS10K (1: then tests/bench/streams10k.sh, STREAMS10K_ROUNDS rounds, 2)
+#        TLS_UPSTREAM (1: then tests/bench/tls_upstream.sh, HTTP/1.1 vs HTTP/2)
 #        UPSTREAM_CLIENT (unset: the build's default; auto: the lean client for the
 #        http:// mock; curl: libcurl)
 set -euo pipefail
@@ -41,7 +43,10 @@ TTFT_SECONDS=${TTFT_SECONDS:-$PACED_SECONDS}
 CALLGRIND=${CALLGRIND:-1}
 PIN=${PIN:-1}
 LITELLM=${LITELLM:-}
-command_line="ROUNDS=$ROUNDS DURATION=$DURATION CONNS=$CONNS RATE=$RATE PACED_SECONDS=$PACED_SECONDS BIG_RATE=$BIG_RATE TTFT_RATE=$TTFT_RATE TTFT_SECONDS=$TTFT_SECONDS${LITELLM:+ LITELLM=$LITELLM} $0 $*"
+STREAMS10K=${STREAMS10K:-0}
+STREAMS10K_ROUNDS=${STREAMS10K_ROUNDS:-2}
+TLS_UPSTREAM=${TLS_UPSTREAM:-0}
+command_line="STREAMS10K=$STREAMS10K TLS_UPSTREAM=$TLS_UPSTREAM ROUNDS=$ROUNDS DURATION=$DURATION CONNS=$CONNS RATE=$RATE PACED_SECONDS=$PACED_SECONDS BIG_RATE=$BIG_RATE TTFT_RATE=$TTFT_RATE TTFT_SECONDS=$TTFT_SECONDS${LITELLM:+ LITELLM=$LITELLM} $0 $*"
 
 for bin in "$build/zonegate" "$build/tests/mockllm"; do
   [[ -x $bin ]] || { echo "suite.sh: $bin not found; build first:" >&2
@@ -342,6 +347,17 @@ EOF
 if [[ $CALLGRIND == 1 ]]; then
   echo "== callgrind: instructions per small request"
   "$repo/tests/bench/callgrind.sh" "$build" | grep '^CALLGRIND'
+fi
+# The heavy runs, each its own script with its own processes (run after
+# the rounds above, never beside them): the 10k-stream check (target 3)
+# and HTTPS upstreams over HTTP/1.1 and HTTP/2 (target 5).
+if [[ $STREAMS10K == 1 ]]; then
+  echo "== 10,000 streams: tests/bench/streams10k.sh (ROUNDS=$STREAMS10K_ROUNDS)"
+  ROUNDS=$STREAMS10K_ROUNDS "$repo/tests/bench/streams10k.sh" "$build" | sed -n '/^## /,$p'
+fi
+if [[ $TLS_UPSTREAM == 1 ]]; then
+  echo "== HTTPS upstreams: tests/bench/tls_upstream.sh"
+  "$repo/tests/bench/tls_upstream.sh" "$build" | sed -n '/^| http_version/,$p'
 fi
 echo
 echo "Command: $command_line"
