@@ -353,7 +353,7 @@ fi
 # and HTTPS upstreams over HTTP/1.1 and HTTP/2 (target 5).
 if [[ $STREAMS10K == 1 ]]; then
   echo "== 10,000 streams: tests/bench/streams10k.sh (ROUNDS=$STREAMS10K_ROUNDS)"
-  ROUNDS=$STREAMS10K_ROUNDS "$repo/tests/bench/streams10k.sh" "$build" | sed -n '/^## /,$p'
+  ROUNDS=$STREAMS10K_ROUNDS "$repo/tests/bench/streams10k.sh" "$build" | sed -n '/^| round | proxy/,$p'
 fi
 if [[ $TLS_UPSTREAM == 1 ]]; then
   echo "== HTTPS upstreams: tests/bench/tls_upstream.sh"
