@@ -357,7 +357,7 @@ if [[ $STREAMS10K == 1 ]]; then
 fi
 if [[ $TLS_UPSTREAM == 1 ]]; then
   echo "== HTTPS upstreams: tests/bench/tls_upstream.sh"
-  "$repo/tests/bench/tls_upstream.sh" "$build" | sed -n '/^| http_version/,$p'
+  "$repo/tests/bench/tls_upstream.sh" "$build" | sed -n '/^| upstream.http_version/,$p'
 fi
 echo
 echo "Command: $command_line"
