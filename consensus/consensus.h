@@ -203,7 +203,7 @@ cJSON *consensus_tokens_json(const struct consensus *c); /* id, name, created_at
 cJSON *consensus_audit_json(const struct consensus *c, size_t limit); /* newest last; 0 = all */
 /* node, leader {id, address}, term, commit_index, applied_index, last_log_index,
  * state (follower/candidate/leader/unavailable), is_leader (fenced), log_behind_leader
- * (consensus_log_behind), incarnation (the
+ * (consensus_log_behind), superseded (consensus_superseded), incarnation (the
  * cluster incarnation, 32 hex digits; null while a joiner waits to learn it), members [...] */
 cJSON *consensus_status_json(const struct consensus *c);
 

@@ -408,7 +408,9 @@ void zg_transport_set_quiet(struct raft_uv_transport *t, unsigned quiet_ms);
  * that sends another one is refused. ADOPT (a joiner with an empty log):
  * "none yet" is sent, and the first authenticated peer that sends one is
  * adopted: adopt(ud, inc) stores it (non-zero refuses that peer), then the
- * transport is KNOWN. */
+ * transport is KNOWN. A later peer with a newer incarnation is offered to
+ * adopt() once more (0: taken, the other peers are cut; non-zero: this
+ * node is superseded). */
 enum zg_incarnation_mode { ZG_INC_OFF, ZG_INC_KNOWN, ZG_INC_ADOPT };
 typedef int (*zg_incarnation_adopt_cb)(void *ud, const struct zg_incarnation *inc);
 void zg_transport_set_incarnation(struct raft_uv_transport *t, enum zg_incarnation_mode mode,

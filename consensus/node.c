@@ -864,6 +864,9 @@ nomem:
 static int adopt_incarnation(void *ud, const struct zg_incarnation *inc) {
   struct consensus *c = ud;
   char err[600];
+  /* Again (a newer one, transport.c): only while nothing of the first one
+   * reached the log; otherwise this data is that cluster's. */
+  if (c->incarnation_known && raft_last_index(&c->raft) > 0) return -1;
   if (zg_incarnation_store(c->data_dir, inc, err, sizeof err) != 0) {
     ZG_LOG_ERROR("incarnation_store_failed", "%s", err);
     return -1;
@@ -1397,6 +1400,7 @@ cJSON *consensus_status_json(const struct consensus *c) {
   cJSON_AddNumberToObject(o, "config_version", (double)c->fsm.st.config_version);
   cJSON_AddNumberToObject(o, "undecodable_entries", (double)c->fsm.n_rejected_entries);
   cJSON_AddBoolToObject(o, "log_behind_leader", c->gap.behind);
+  cJSON_AddBoolToObject(o, "superseded", c->superseded);
   if (c->incarnation_known) {
     char hex[ZG_INCARNATION_HEX + 1];
     zg_incarnation_hex(&c->incarnation, hex);

@@ -189,6 +189,7 @@ struct zgt {
   /* A peer of a newer incarnation was met: this node's data is stale.
    * From then on every peer connection is refused, both ways, for good. */
   bool superseded;
+  bool adopted; /* the incarnation came from a peer (ZG_INC_ADOPT), in this process */
   zg_superseded_cb superseded_cb;
   void *superseded_ud;
 };
@@ -538,11 +539,8 @@ static void log_incarnation_mismatch(struct handshake *hs) {
  * connection is cut, new ones are refused like in a quiet period that
  * never ends, and the owner is told once (it stops serving and marks the
  * data dir). `hs` (failing now) is left to its caller. */
-static void supersede(struct zgt *tr, struct handshake *hs) {
-  if (tr->superseded) return;
-  tr->superseded = true;
-  tr->quiet = true;
-  if (tr->quiet_timer_open) uv_timer_stop(&tr->quiet_timer);
+/* Cuts every peer connection and handshake but hs's; the count cut. */
+static unsigned cut_other_peers(struct zgt *tr, struct handshake *hs) {
   unsigned cut = 0;
   for (struct handshake *h = tr->handshakes, *next; h != NULL; h = next) {
     next = h->next;
@@ -553,6 +551,15 @@ static void supersede(struct zgt *tr, struct handshake *hs) {
       tunnel_close(tn, NULL);
       cut++;
     }
+  return cut;
+}
+
+static void supersede(struct zgt *tr, struct handshake *hs) {
+  if (tr->superseded) return;
+  tr->superseded = true;
+  tr->quiet = true;
+  if (tr->quiet_timer_open) uv_timer_stop(&tr->quiet_timer);
+  unsigned cut = cut_other_peers(tr, hs);
   char newer[ZG_INCARNATION_HEX + 1];
   zg_incarnation_hex(&hs->peer_inc, newer);
   ZG_LOG_ERROR("raft_superseded",
@@ -582,6 +589,7 @@ static int check_incarnation(struct handshake *hs) {
     if (tr->adopt != NULL && tr->adopt(tr->adopt_ud, &hs->peer_inc) != 0) return -2;
     tr->inc = hs->peer_inc;
     tr->inc_mode = ZG_INC_KNOWN;
+    tr->adopted = true;
     char hex[ZG_INCARNATION_HEX + 1];
     zg_incarnation_hex(&tr->inc, hex);
     ZG_LOG_INFO("incarnation_adopted", "joined cluster incarnation %s (from raft peer %s, %s)", hex,
@@ -589,8 +597,24 @@ static int check_incarnation(struct handshake *hs) {
     return 0;
   }
   if (memcmp(tr->inc.b, hs->peer_inc.b, ZG_INCARNATION_LEN) == 0) return 0;
+  bool newer = zg_incarnation_time(&hs->peer_inc) > zg_incarnation_time(&tr->inc);
+  /* A joiner that adopted a stale node's incarnation first (any peer may
+   * answer first) takes the newer one while its log is still empty (the
+   * adopt callback decides), and drops the connections of the old one
+   * (review finding: it kept the old one and was then superseded). */
+  if (newer && tr->adopted && tr->adopt != NULL && tr->adopt(tr->adopt_ud, &hs->peer_inc) == 0) {
+    tr->inc = hs->peer_inc;
+    unsigned cut = cut_other_peers(tr, hs);
+    char hex[ZG_INCARNATION_HEX + 1];
+    zg_incarnation_hex(&tr->inc, hex);
+    ZG_LOG_WARN("incarnation_adopted",
+                "joined the newer cluster incarnation %s instead (from raft peer %s, %s); %u "
+                "connections of the older one cut",
+                hex, hs->peer_address, hs->peer_ip, cut);
+    return 0;
+  }
   log_incarnation_mismatch(hs);
-  if (zg_incarnation_time(&hs->peer_inc) > zg_incarnation_time(&tr->inc)) supersede(tr, hs);
+  if (newer) supersede(tr, hs);
   return -1;
 }
 

@@ -456,6 +456,7 @@ int failover_health(struct failover *f, const char *check, cJSON *body) {
     reason = "the Raft log is stuck behind the leader's (it lost entries the leader counts as "
              "stored here): see the ERROR raft_log_behind_leader";
   cJSON_AddStringToObject(body, "reason", reason);
+  if (consensus_superseded(f->cs)) cJSON_AddBoolToObject(body, "superseded", true);
   cJSON_AddBoolToObject(body, "log_behind_leader", consensus_log_behind(f->cs));
   bool active = r == FAILOVER_ACTIVE;
   bool standby = healthy_standby(f, r);
@@ -478,7 +479,9 @@ int failover_health(struct failover *f, const char *check, cJSON *body) {
                     !role_cut_off(&f->rm);
     return active || can_forward || can_hold ? 200 : 503;
   }
-  if (!strcmp(check, "live")) return 200;
+  /* A superseded node (data of an older incarnation) is alive but must be
+   * emptied and added again: not live, so an orchestrator notices. */
+  if (!strcmp(check, "live")) return consensus_superseded(f->cs) ? 503 : 200;
   /* system */
   return active || standby || (r == FAILOVER_WITNESS && leader) ? 200 : 503;
 }

@@ -123,14 +123,14 @@ uint64_t role_lease_remaining_ms(const struct role_machine *m) {
 /* The role from scratch; the reason names the first condition that failed. */
 static enum failover_role compute_role(const struct role_machine *m, const char **reason) {
   const struct failover_view *v = m->view;
-  if (m->witness) {
-    *reason = "witness never serves clients";
-    return FAILOVER_WITNESS;
-  }
   if (v->superseded && v->superseded(v->ud)) {
     *reason = "data from an older cluster incarnation (recovered elsewhere): empty the data dir "
               "and add this node again";
     return FAILOVER_UNAVAILABLE;
+  }
+  if (m->witness) {
+    *reason = "witness never serves clients";
+    return FAILOVER_WITNESS;
   }
   if (v->raft_leader(v->ud)) {
     if (!v->barrier_committed(v->ud)) {

@@ -1,6 +1,7 @@
 /* health.c: the load-balancer contract on the client port.
  *
- *   /health/live     200 while the event loop turns
+ *   /health/live     200 while the event loop turns (503 on a node whose data
+ *                    is of an older cluster incarnation: empty it, add it again)
  *   /health/ready    200 when this node can serve a client now
  *   /health/active   200 active, 429 healthy standby, 503 otherwise
  *                    (?standbyok=true: 200 for a healthy standby too)
@@ -236,7 +237,9 @@ void gateway_handle_health(struct gateway *gw, struct httpd_req *req) {
     cJSON_ReplaceItemInObjectCaseSensitive(body, "role", cJSON_CreateString("draining"));
     status = 503;
   } else if (strcmp(which, "live") == 0) {
-    status = 200;
+    /* 503 only when the cluster says this node must not run on as it is
+     * (its data is of an older incarnation: failover_health) */
+    if (status != 503) status = 200;
     cJSON_AddNumberToObject(body, "loop_lag_ms", (double)gw->loop_lag_ms);
   } else if (strcmp(which, "active") == 0) {
     char buf[16];

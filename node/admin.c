@@ -1087,6 +1087,15 @@ static void admin_route(struct admin_req *a) {
     return;
   }
   bool write = is_write(m);
+  if (write && consensus_superseded(cs)) {
+    httpd_respond_error(req, 503, "admin_error", "superseded", NULL,
+                        "this node's data is from an older incarnation of the cluster (it met a "
+                        "node recovered with zonegate recover --force): it takes no write. Send "
+                        "writes to the recovered cluster; empty this node's data dir and add it "
+                        "again with `zonegate members add`");
+    admin_req_free(a);
+    return;
+  }
   if (write && route != R_DRILL && !consensus_is_leader(cs)) {
     forward_to_leader(a);
     return;

@@ -422,10 +422,16 @@ def test_two_stale_nodes_after_recover_never_serve_beside_the_recovered_one(clus
     for node in (gw_b, witness):
         wait_for(lambda node=node: "node_superseded" in node.proc.output(), timeout=10,
                  what=f"{node.id} says its data is from an older incarnation")
-    status, body = gw_b.health("ready")
-    assert status == 503 and "older cluster incarnation" in body["reason"], (status, body)
+    for node in (gw_b, witness):
+        for check in ("ready", "live"):
+            status, body = node.health(check)
+            assert status == 503 and "older cluster incarnation" in body["reason"], (node.id, check, body)
+    t = time.monotonic()
     status, answer = gw_b.admin_call("POST", "/v1/audit", {"what": "written-on-the-stale-side"}, timeout=15)
-    assert status != 200, answer
+    assert status == 503 and "older incarnation" in answer["error"]["message"], answer
+    assert time.monotonic() - t < 2, "the stale node should say so at once, not wait for a leader"
+    status, st = gw_b.admin_call("GET", "/v1/cluster/status")
+    assert st["superseded"] is True, st
     # The next start refuses the marked data dir with one line.
     gw_b.kill(signal.SIGTERM)
     gw_b.start(wait=False)
