@@ -987,18 +987,32 @@ static void on_client_abort(void *ud) {
  * the upstream (Host, Content-Length, Expect), cookies, Accept-Encoding,
  * X-Forwarded-For (sent only when upstream.forwarded_for is on) and
  * X-Zonegate-* (internal). */
-static bool header_passes(struct httpd_req *req, const char *name) {
+/* The client's Connection values (RFC 9110 §7.6.1: every line counts;
+ * several lines are one list), found once per request, as for the
+ * answer (keep_response_headers). */
+struct connection_lines {
+  const char *value[MAX_CONNECTION_LINES];
+  size_t n;
+  bool overflow; /* more lines than we keep: then every header is looked up again */
+};
+
+static bool header_passes(struct httpd_req *req, const struct connection_lines *conn,
+                          const char *name) {
   static const char *const dropped[] = {
       "authorization",       "host",   "content-length",  "expect",
       "proxy-authorization", "cookie", "accept-encoding", "x-forwarded-for"};
   size_t len = strlen(name);
   if (is_hop_by_hop(name, len)) return false;
-  /* every Connection line counts: several lines are one list (RFC 9110 §5.3) */
-  size_t n = httpd_req_header_count(req);
-  for (size_t i = 0; i < n; i++) {
-    const char *h, *value;
-    httpd_req_header_at(req, i, &h, &value);
-    if (strcasecmp(h, "Connection") == 0 && list_names(value, name, len)) return false;
+  if (conn->overflow) {
+    size_t n = httpd_req_header_count(req);
+    for (size_t i = 0; i < n; i++) {
+      const char *h, *value;
+      httpd_req_header_at(req, i, &h, &value);
+      if (strcasecmp(h, "Connection") == 0 && list_names(value, name, len)) return false;
+    }
+  } else {
+    for (size_t i = 0; i < conn->n; i++)
+      if (list_names(conn->value[i], name, len)) return false;
   }
   for (size_t i = 0; i < ZG_ARRAY_LEN(dropped); i++)
     if (strcasecmp(name, dropped[i]) == 0) return false;
@@ -1011,10 +1025,20 @@ static bool header_passes(struct httpd_req *req, const char *name) {
 static size_t collect_passing_headers(struct chat *c, zg_buf *lines) {
   zg_buf_reset(lines);
   size_t n_lines = 0, n_client = httpd_req_header_count(c->req);
+  struct connection_lines conn = {.n = 0, .overflow = false};
   for (size_t i = 0; i < n_client; i++) {
     const char *name, *value;
     httpd_req_header_at(c->req, i, &name, &value);
-    if (!header_passes(c->req, name)) continue;
+    if ((name[0] | 0x20) != 'c' || strcasecmp(name, "Connection") != 0) continue;
+    if (conn.n == MAX_CONNECTION_LINES)
+      conn.overflow = true;
+    else
+      conn.value[conn.n++] = value;
+  }
+  for (size_t i = 0; i < n_client; i++) {
+    const char *name, *value;
+    httpd_req_header_at(c->req, i, &name, &value);
+    if (!header_passes(c->req, &conn, name)) continue;
     if (zg_buf_append(lines, name, strlen(name)) != 0 || zg_buf_append(lines, ": ", 2) != 0 ||
         zg_buf_append(lines, value, strlen(value) + 1) != 0)
       break;

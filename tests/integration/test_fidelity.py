@@ -610,11 +610,16 @@ def test_gzip_upstream_answers_parse_with_the_sdk(stacks, mock):
     assert json.loads(ans.body)["choices"][0]["message"]["content"] == "mock reply to: plain"
 
 
-def test_connection_named_header_never_reaches_upstream(stacks, mock):
+@pytest.mark.parametrize("lines", [1, 8, 9, 12])
+def test_connection_named_header_never_reaches_upstream(stacks, mock, lines):
+    """The header may be named in any of several Connection lines (one list,
+    RFC 9110 §5.3): the first, or the last of 8 (all kept apart) or of 9 and
+    12 (more than are kept apart: looked up again)."""
     before = upstream_calls(mock)
+    conn = [("Connection", f"x-filler-{k}") for k in range(lines - 1)]
+    conn.append(("Connection", "keep-alive, X-Hop-Secret"))
     ans, _ = exchange(stacks["plain"].port, "POST", "/v1/chat/completions",
-                      JSON + [("Connection", "keep-alive, X-Hop-Secret"), ("X-Hop-Secret", "s3cret")],
-                      jbody(chat("hop")))
+                      JSON + conn + [("X-Hop-Secret", "s3cret")], jbody(chat("hop")))
     assert ans.status == 200, ans.body
     (rec,) = new_requests(mock, before)
     names = [n.lower() for n, _ in rec["headers"]]
