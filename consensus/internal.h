@@ -481,6 +481,8 @@ struct zg_io_tap {
   raft_id ae_from;
   uint64_t draw_state; /* xorshift64 state, seeded from the OS */
 };
+/* The term of the last entry in r's log (0: empty). */
+raft_term zg_leader_loss_last_log_term(const struct raft *r);
 /* True for a message the tap keeps from libraft: a pre-vote answer that
  * reaches a node which is no longer a candidate (works around a libraft
  * 0.22.1 bug that lets such an answer bump the term and depose a healthy

@@ -360,6 +360,10 @@ bool zg_leader_loss_holding(const struct zg_io_tap *tap, struct raft *r) {
 
 /* The term of the last entry: the last record of the trail (libraft keeps
  * one record per term run), else the snapshot's. */
+raft_term zg_leader_loss_last_log_term(const struct raft *r) {
+  return last_log_term(r);
+}
+
 static raft_term last_log_term(const struct raft *r) {
   const struct raft_trail *t = &r->trail;
   unsigned n = t->front <= t->back ? t->back - t->front : t->size - t->front + t->back;

@@ -49,7 +49,7 @@ enum zg_gap_event zg_gap_follower_step(struct zg_gap_follower *g, uint64_t now_m
     }
     return ZG_GAP_NONE;
   }
-  if (g->since_ms != 0 && last != g->last) { /* the log moves: not stuck */
+  if ((g->since_ms != 0 || g->behind) && last != g->last) { /* the log moves: not stuck */
     g->since_ms = 0;
     if (g->behind) {
       g->behind = false;
@@ -57,7 +57,10 @@ enum zg_gap_event zg_gap_follower_step(struct zg_gap_follower *g, uint64_t now_m
       return ZG_GAP_CLEARED;
     }
   }
-  if (!fresh) return ZG_GAP_NONE; /* no word from a leader: nothing to judge */
+  if (!fresh) { /* no word from a leader: nothing to judge, and the wait starts again */
+    g->since_ms = 0;
+    return ZG_GAP_NONE;
+  }
   if (g->since_ms == 0) {
     g->since_ms = now_ms;
     g->last = last;

@@ -95,6 +95,11 @@ struct consensus {
   bool seed_inflight;
   bool disk_error_reported;
   struct zg_gap_follower gap; /* as follower: stuck behind the leader? (log_gap.c) */
+  /* As leader: no answer from a majority while our own messages still go
+   * out (check_unheard): since when (0: heard), the last check, and the
+   * term in which this leader fenced itself and asks a follower to run. */
+  uint64_t unheard_since_ms, unheard_check_ms;
+  raft_term unheard_fenced_term;
   struct pending_write *pending;
   /* shutdown */
   bool closing;
@@ -601,6 +606,75 @@ static void track_progress(struct consensus *c) {
   }
 }
 
+/* A raft message sent outside libraft (TimeoutNow): freed when sent. */
+static void raw_send_done(struct raft_io_send *req, int status) {
+  (void)status;
+  free(req);
+}
+
+/* As leader: a majority has not answered for UNHEARD_RATIO of an election
+ * timeout, on two checks a heartbeat apart with no loop stall between.
+ * The usual cause is a one-way cut: the followers' messages to us are
+ * lost while ours reach them, so they keep hearing our heartbeats and
+ * wait for libraft's check-quorum to depose us (one election timeout),
+ * then for their own timers (one more): 1.2-1.3 s through the LB (review
+ * finding). Instead this leader fences itself at once (not ready: the
+ * role machine drops the active role and renews no lease) and sends a
+ * gateway follower TimeoutNow, as a leadership transfer does (Raft thesis
+ * §3.10): a follower whose log matches ours starts the election now, with
+ * the disrupt-leader flag. It is sent again every check until we are no
+ * longer leader (libraft ignores it while the follower still persists an
+ * entry). Safe: we stop serving before anyone is asked to run; if a
+ * majority answers again, the fence goes and the lease decides as ever. */
+#define UNHEARD_RATIO_NUM 3
+#define UNHEARD_RATIO_DEN 4
+
+static void send_timeout_now(struct consensus *c, const struct member_rec *to) {
+  struct raft_io_send *req = calloc(1, sizeof(*req));
+  if (req == NULL) return;
+  struct raft_message m;
+  memset(&m, 0, sizeof m);
+  m.type = RAFT_TIMEOUT_NOW;
+  m.server_id = to->raft_id;
+  m.server_address = to->raft_address;
+  m.timeout_now.term = raft_current_term(&c->raft);
+  m.timeout_now.last_log_index = raft_last_index(&c->raft);
+  m.timeout_now.last_log_term = zg_leader_loss_last_log_term(&c->raft);
+  if (c->io.io.send(&c->io.io, req, &m, raw_send_done) != 0) free(req);
+}
+
+static void check_unheard(struct consensus *c, uint64_t now) {
+  raft_term term = raft_current_term(&c->raft);
+  bool stalled = c->unheard_check_ms && now - c->unheard_check_ms > 2ull * c->heartbeat_ms;
+  c->unheard_check_ms = now;
+  unsigned within = c->election_ms * UNHEARD_RATIO_NUM / UNHEARD_RATIO_DEN;
+  if (raft_state(&c->raft) != RAFT_LEADER || c->n_members < 2 || stalled ||
+      zg_io_tap_quorum_heard(&c->io, &c->raft, within)) {
+    if (c->unheard_fenced_term == term && raft_state(&c->raft) == RAFT_LEADER)
+      ZG_LOG_INFO("leader_heard_again", "a majority answers again: ready to lead (term %llu)",
+                  (unsigned long long)term);
+    c->unheard_since_ms = 0;
+    c->unheard_fenced_term = 0;
+    return;
+  }
+  if (c->unheard_since_ms == 0) c->unheard_since_ms = now;
+  if (now - c->unheard_since_ms < c->heartbeat_ms) return; /* seen once: confirm next check */
+  /* A gateway voter to run (the witness only hands leadership on). */
+  const struct member_rec *to = NULL;
+  for (size_t i = 1; i < c->n_members && to == NULL; i++)
+    if (c->members[i].pub.role == CONSENSUS_GATEWAY) to = &c->members[i];
+  for (size_t i = 1; i < c->n_members && to == NULL; i++) to = &c->members[i];
+  if (to == NULL) return;
+  if (c->unheard_fenced_term != term) {
+    c->unheard_fenced_term = term;
+    ZG_LOG_WARN("leader_unheard",
+                "no answer from a majority for %u ms while this leader's messages go out (a "
+                "one-way cut?): not ready any more, asking %s to take over (term %llu)",
+                within, to->id, (unsigned long long)term);
+  }
+  send_timeout_now(c, to);
+}
+
 /* As follower: stuck behind a leader that will not fill our gap (log_gap.c). */
 static void check_log_behind(struct consensus *c) {
   raft_index last = raft_last_index(&c->raft);
@@ -681,6 +755,7 @@ static void check_cb(uv_check_t *h) {
     if (c->barrier_submitted_term != term) submit_election_barrier(c, term);
     track_progress(c);
   }
+  check_unheard(c, zg_mono_ms());
   check_log_behind(c);
   bool fenced = consensus_is_leader(c);
   if (state != c->last_state || leader != c->last_leader || term != c->last_term ||
@@ -1315,6 +1390,8 @@ bool consensus_is_leader(const struct consensus *c) {
 bool consensus_barrier_committed(const struct consensus *c) {
   struct raft *r = (struct raft *)&c->raft;
   if (zg_leader_loss_holding(&c->io, r)) return false; /* see leader_loss.c */
+  if (c->unheard_fenced_term && c->unheard_fenced_term == raft_current_term(r))
+    return false; /* see check_unheard */
   return !c->closing && raft_state(r) == RAFT_LEADER &&
          c->barrier_committed_term == raft_current_term(r);
 }

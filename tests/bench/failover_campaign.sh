@@ -4,8 +4,9 @@
 # through HAProxy (one in five an SSE stream); ROUNDS rounds of each fault
 # kind on the active node: SIGKILL, SIGSTOP (3 s), Raft cut (3 s, client
 # port still reachable), SIGTERM, switchover, and SIGKILL right after a
-# write only the witness got (lagkill: needs root and nft). Default 20
-# rounds = 120 faults (about 5 minutes on 2 cores).
+# write only the witness got (lagkill), and a one-way cut of the active's
+# Raft port for 3 s (oneway; both need root and nft). Default 20 rounds =
+# 140 faults (about 6 minutes on 2 cores).
 #
 # Prints one line per fault and the table: per fault kind the RTO through
 # HAProxy (fault -> first request answered by the new active) median, p99
@@ -28,7 +29,7 @@ for bin in "$ZONEGATE_BIN" "$MOCKLLM_BIN"; do
   [ -x "$bin" ] || { echo "error: $bin not found; build first (cmake --build $build)" >&2; exit 1; }
 done
 command -v haproxy >/dev/null || { echo "error: haproxy is not installed" >&2; exit 1; }
-kinds=${CAMPAIGN_KINDS:-sigkill,sigstop,raftcut,sigterm,switchover,lagkill}
+kinds=${CAMPAIGN_KINDS:-sigkill,sigstop,raftcut,sigterm,switchover,lagkill,oneway}
 n_kinds=$(echo "$kinds" | tr ',' '\n' | grep -c .)
 echo "failover campaign: $rounds rounds x {$kinds}, $(haproxy -v | head -1 | cut -d' ' -f1-3)"
 echo "command: CAMPAIGN_ROUNDS=$rounds python3 -m pytest -s -q tests/integration/test_failover_campaign.py"

@@ -20,6 +20,12 @@ nothing else changed). Each round injects one fault on the active node:
               packets to the other gateway for the moment of the write):
               only the witness can win, then it hands leadership over.
               Needs root and nft; left out (with a line) otherwise.
+- oneway:     a one-way cut for CUT_S: nftables on lo drops every packet
+              to the active's Raft port (the peers' messages to it), while
+              its own messages still reach them: they keep hearing its
+              heartbeats, so only the leader can tell; it fences itself
+              and asks a gateway follower to run (consensus/node.c,
+              check_unheard). Needs root and nft.
 
 Load: 20 chats/s through HAProxy, one in five an SSE stream (5 chunks,
 40 ms apart). Probes (test_failover.py): /health/active of every node every
@@ -49,7 +55,8 @@ import pytest
 from harness import TempDir, wait_for
 from test_failover import LBCluster, percentile, print_failures
 
-KINDS = ["sigkill", "sigstop", "raftcut", "sigterm", "switchover", "lagkill"]
+KINDS = ["sigkill", "sigstop", "raftcut", "sigterm", "switchover", "lagkill", "oneway"]
+NFT_KINDS = ("lagkill", "oneway")
 LAG_TABLE = "zgcampaignlag"
 
 
@@ -120,6 +127,21 @@ def inject(lbc, kind, old):
         def heal():
             lag_rule_clear()
             old.start(wait=True)
+        return heal
+    if kind == "oneway":
+        rules = (f"table inet {LAG_TABLE} {{\n  chain output {{\n    type filter hook output priority 0;\n"
+                 f"    oif \"lo\" tcp dport {old.raft_port} drop\n  }}\n}}\n")
+        unheard = sum(1 for line in old.proc.log_lines() if line.get("event") == "leader_unheard")
+        r = subprocess.run(["nft", "-f", "-"], input=rules, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        t = time.monotonic()
+
+        def heal():
+            time.sleep(max(0.0, t + CUT_S - time.monotonic()))
+            lag_rule_clear()
+            # The leader, not check-quorum and the followers' timers, ended it.
+            now = sum(1 for line in old.proc.log_lines() if line.get("event") == "leader_unheard")
+            assert now > unheard, f"{old.id} did not notice it was no longer heard"
         return heal
     if kind == "switchover":
         target = lbc.other_gateway(old)
@@ -246,9 +268,10 @@ def test_fault_campaign_fails_no_request(lbc):
     rounds = int(os.environ.get("CAMPAIGN_ROUNDS", "2"))
     kinds = [k for k in os.environ.get("CAMPAIGN_KINDS", ",".join(KINDS)).split(",") if k]
     assert set(kinds) <= set(KINDS), kinds
-    if "lagkill" in kinds and not lag_possible():
-        print("\nlagkill left out: needs root, nft and ss")
-        kinds.remove("lagkill")
+    for kind in NFT_KINDS:
+        if kind in kinds and not lag_possible():
+            print(f"\n{kind} left out: needs root, nft and ss")
+            kinds.remove(kind)
     lag_rule_clear()
     faults, probes = run_campaign(lbc, rounds, kinds)
     lost = probes.audit.lost()
