@@ -187,8 +187,12 @@ struct upstream_client {
   size_t active;
   size_t open_handles;    /* uv handles not yet through their close callback */
   unsigned in_multi_call; /* > 0 while inside curl_multi_socket_action() */
-  bool deferred_work;     /* cancels/attaches to do after socket_action */
-  bool close_requested;   /* upstream_client_close() from inside socket_action */
+  /* > 0 while a transfer's on_done runs: a close from there waits until
+   * that transfer's easy handle is released (else the share, still in use
+   * by it, could not be freed: found by ASan with the usage relay) */
+  unsigned in_done;
+  bool deferred_work;   /* cancels/attaches to do after socket_action */
+  bool close_requested; /* upstream_client_close() from inside socket_action */
   bool closing;
   void (*close_done)(void *arg);
   void *close_arg;
@@ -371,14 +375,20 @@ static void dispose_transfer(struct upstream_transfer *t) {
   uv_close((uv_handle_t *)&t->phase_timer, on_transfer_timer_closed);
 }
 
+static void do_close(struct upstream_client *c);
+
 static void finish_transfer(struct upstream_transfer *t, enum upstream_result result,
                             const char *error_text) {
   if (t->finished) return;
+  struct upstream_client *c = t->client;
   bool notify = !t->cancelled;
   t->done_us = monotonic_us();
   detach_transfer(t);
+  c->in_done++;
   if (notify && t->cb.on_done) t->cb.on_done(t->ud, result, error_text ? error_text : "");
   dispose_transfer(t);
+  c->in_done--;
+  if (c->in_done == 0 && c->in_multi_call == 0 && c->close_requested && !c->closing) do_close(c);
 }
 
 /* ---- phase timer ----------------------------------------------------- */
@@ -667,8 +677,6 @@ static int attach_transfer(struct upstream_transfer *t, char *errmsg, size_t err
   return 0;
 }
 
-static void do_close(struct upstream_client *c);
-
 /* Carries out what callbacks asked for while curl was on the stack. */
 static void run_deferred_work(struct upstream_client *c) {
   while (c->deferred_work && !c->closing) {
@@ -697,7 +705,7 @@ static void after_multi_call(struct upstream_client *c) {
   if (c->in_multi_call > 0) return;
   drain_completed(c);
   run_deferred_work(c);
-  if (c->close_requested && !c->closing) do_close(c);
+  if (c->close_requested && !c->closing && c->in_done == 0) do_close(c);
 }
 
 static void run_socket_action(struct upstream_client *c, curl_socket_t fd, int flags) {
@@ -1003,8 +1011,8 @@ void upstream_client_close(struct upstream_client *c, void (*done)(void *arg), v
     c->lean_closing = true; /* its transfers end now, with no callback */
     lean_client_close(c->lean, on_lean_closed, c);
   }
-  if (c->in_multi_call > 0) {
-    c->close_requested = true; /* curl is on the stack: finish after it returns */
+  if (c->in_multi_call > 0 || c->in_done > 0) {
+    c->close_requested = true; /* curl or a transfer is on the stack: finish after it returns */
     /* Stop user callbacks for everything right away. */
     for (struct upstream_transfer *t = c->transfers; t; t = t->next) {
       if (!t->cancelled && !t->finished) c->active--;

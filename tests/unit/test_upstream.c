@@ -418,6 +418,7 @@ struct probe {
   bool pause_on_first_data;
   bool saw_interim_header;
   struct env *close_client_on_data; /* closes this env's client from on_data */
+  struct env *close_client_on_done; /* closes this env's client from on_done */
   int on_data_return;
   int *completed; /* incremented on done, optional */
 };
@@ -467,6 +468,12 @@ static void probe_on_done(void *ud, enum upstream_result result, const char *cur
   snprintf(p->curl_error, sizeof p->curl_error, "%s", curl_error);
   upstream_get_timing(p->t, &p->timing);
   if (p->completed) (*p->completed)++;
+  if (p->close_client_on_done) {
+    upstream_client_close(p->close_client_on_done->client, on_client_closed,
+                          p->close_client_on_done);
+    p->close_client_on_done->client_closed = true;
+    p->close_client_on_done = NULL;
+  }
 }
 
 static const struct upstream_callbacks probe_callbacks = {probe_on_response, probe_on_data,
@@ -795,6 +802,21 @@ static void test_close_with_transfers_in_flight_makes_no_callbacks(void **state)
   assert_int_equal(e->close_done_calls, 1);
 }
 
+/* Closing the client from a transfer's on_done (the node's shutdown does:
+ * the last usage relay's answer ends the shutdown flush) waits until that
+ * transfer has released its handle; everything is freed (under ASan the
+ * leak check fails otherwise: libcurl's share was still in use by it). */
+static void test_close_from_on_done_frees_everything(void **state) {
+  struct env *e = *state;
+  struct probe p = {0};
+  p.close_client_on_done = e;
+  start_probe(e, &p, "POST", "/echo", "{}", generous);
+  assert_true(run_until(e, &p.done_calls, 1, 3000));
+  assert_int_equal(p.result, UPSTREAM_OK);
+  run_for(e, 50);
+  assert_int_equal(e->close_done_calls, 1);
+}
+
 static void test_header_with_newline_is_refused_without_echoing_value(void **state) {
   struct env *e = *state;
   const char *const headers[] = {"Authorization: Bearer sk-secret\r\nX-Evil: 1", NULL};
@@ -1006,6 +1028,7 @@ int main(void) {
                                       teardown),
       cmocka_unit_test_setup_teardown(test_close_with_transfers_in_flight_makes_no_callbacks, setup,
                                       teardown),
+      cmocka_unit_test_setup_teardown(test_close_from_on_done_frees_everything, setup, teardown),
       cmocka_unit_test_setup_teardown(test_header_with_newline_is_refused_without_echoing_value,
                                       setup, teardown),
       cmocka_unit_test_setup_teardown(test_head_answer_has_no_body_and_the_connection_is_reused,
