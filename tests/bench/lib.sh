@@ -45,3 +45,33 @@ wait_http() {
   echo "$bench_name.sh: nothing answers at $1" >&2
   return 1
 }
+
+# bench_stream_fds NAME: raises the open-file limit to the hard one (set
+# in nofile, for nginx's worker_rlimit_nofile) and lowers N (the streams
+# to open) to what it allows: each proxy holds two descriptors per stream,
+# 200 are kept for everything else.
+bench_stream_fds() {
+  ulimit -n "$(ulimit -Hn)"
+  local n_max
+  nofile=$(ulimit -n)
+  n_max=$(( (nofile - 200) / 2 ))
+  if (( N > n_max )); then
+    echo "$1: RLIMIT_NOFILE is $nofile (hard); each proxy needs 2 per stream: N $N -> $n_max" >&2
+    N=$n_max
+  fi
+}
+
+# bench_pin: on_proxy / on_side, the taskset prefixes for the proxy under
+# test (core 0) and everything else (core 1) when PIN=1 on 2+ cores.
+bench_pin() {
+  if [[ $PIN == 1 && $(nproc) -ge 2 ]]; then
+    on_proxy=(taskset -c 0); on_side=(taskset -c 1)
+  else
+    on_proxy=(); on_side=()
+  fi
+}
+
+# bench_streamload: compiles tests/bench/streamload.c into $tmp/streamload.
+bench_streamload() {
+  gcc -std=gnu11 -O2 -Wall -Wextra -Werror -o "$tmp/streamload" "$repo/tests/bench/streamload.c"
+}

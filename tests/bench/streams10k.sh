@@ -56,26 +56,16 @@ for tool in nginx gcc curl python3 timeout taskset; do
   command -v "$tool" >/dev/null || { echo "streams10k.sh: $tool is not installed" >&2; exit 1; }
 done
 
-ulimit -n "$(ulimit -Hn)"
-nofile=$(ulimit -n)
-n_max=$(( (nofile - 200) / 2 ))
-if (( N > n_max )); then
-  echo "streams10k.sh: RLIMIT_NOFILE is $nofile (hard); each proxy needs 2 per stream: N $N -> $n_max" >&2
-  N=$n_max
-fi
-command_line="N=$N CHUNKS=$CHUNKS INTERVAL_MS=$INTERVAL_MS RAMP=$RAMP PROMPT_BYTES=$PROMPT_BYTES ROUNDS=$ROUNDS $0 $*"
 
 source "$repo/tests/bench/lib.sh"
+bench_stream_fds streams10k.sh
+command_line="N=$N CHUNKS=$CHUNKS INTERVAL_MS=$INTERVAL_MS RAMP=$RAMP PROMPT_BYTES=$PROMPT_BYTES ROUNDS=$ROUNDS $0 $*"
 bench_tmp streams10k
 
-if [[ $PIN == 1 && $(nproc) -ge 2 ]]; then
-  on_proxy=(taskset -c 0); on_side=(taskset -c 1)
-else
-  on_proxy=(); on_side=()
-fi
+bench_pin
 
 
-gcc -std=gnu11 -O2 -Wall -Wextra -Werror -o "$tmp/streamload" "$repo/tests/bench/streamload.c"
+bench_streamload
 
 # ---- processes ---------------------------------------------------------------
 "${on_side[@]}" "$build/tests/mockllm" --listen 127.0.0.1:0 >"$tmp/mockllm.out" 2>&1 &

@@ -53,25 +53,15 @@ for mode in $MODES; do
   [[ $mode == 1.1 || $mode == 2 ]] || { echo "tls_upstream.sh: MODES: \"$mode\" is not 1.1 or 2" >&2; exit 1; }
 done
 
-ulimit -n "$(ulimit -Hn)"
-nofile=$(ulimit -n)
-n_max=$(( (nofile - 200) / 2 ))
-if (( N > n_max )); then
-  echo "tls_upstream.sh: RLIMIT_NOFILE is $nofile (hard); zonegate needs 2 per stream: N $N -> $n_max" >&2
-  N=$n_max
-fi
-command_line="N=$N CHUNKS=$CHUNKS INTERVAL_MS=$INTERVAL_MS RAMP=$RAMP MODES=\"$MODES\" $0 $*"
 
 source "$repo/tests/bench/lib.sh"
+bench_stream_fds tls_upstream.sh
+command_line="N=$N CHUNKS=$CHUNKS INTERVAL_MS=$INTERVAL_MS RAMP=$RAMP MODES=\"$MODES\" $0 $*"
 bench_tmp tls_upstream
 
-if [[ $PIN == 1 && $(nproc) -ge 2 ]]; then
-  on_proxy=(taskset -c 0); on_side=(taskset -c 1)
-else
-  on_proxy=(); on_side=()
-fi
+bench_pin
 
-gcc -std=gnu11 -O2 -Wall -Wextra -Werror -o "$tmp/streamload" "$repo/tests/bench/streamload.c"
+bench_streamload
 
 # ---- a throwaway CA and a certificate for localhost / 127.0.0.1 -----------------
 pki=$tmp/pki
