@@ -336,6 +336,8 @@ int cli_call(const struct cli_options *o, const char *method, const char *path, 
   if (status >= 400) {
     const cJSON *err = cJSON_GetObjectItemCaseSensitive(json, "error");
     const cJSON *msg = cJSON_GetObjectItemCaseSensitive(err, "message");
+    /* the switchover's answer is {"ok": false, "message": ...} */
+    if (!cJSON_IsString(msg)) msg = cJSON_GetObjectItemCaseSensitive(json, "message");
     const char *text_msg = cJSON_IsString(msg) ? msg->valuestring : "no details";
     if (!err_out) {
       /* quiet: the caller reports */

@@ -776,6 +776,9 @@ def test_switchover_to_a_dead_standby_says_it_did_not_move(lbc):
     assert "did not move" in answer.get("message", ""), answer
     assert answer.get("leader") == old.id, answer
     lbc.cluster.wait_active(timeout=10)
+    # The CLI prints that reason too (it printed "no details": third review).
+    out = old.cli("switchover", "--to", other.id, check=False)
+    assert out.returncode != 0 and "did not move" in out.stderr, (out.returncode, out.stderr)
 
 
 def test_switchover_to_the_witness_or_an_unknown_node_is_refused_before_the_drain(lbc):
