@@ -404,6 +404,7 @@ static void on_tick(uv_timer_t *t) {
 
 enum gateway_serve_mode failover_serve_mode(struct failover *f, bool forwarded, char *forward_to,
                                             size_t len) {
+  if (consensus_superseded(f->cs)) return GATEWAY_REFUSE_SUPERSEDED;
   switch (role_current(&f->rm, NULL)) {
   case FAILOVER_ACTIVE:
     return GATEWAY_SERVE;

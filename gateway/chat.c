@@ -1614,6 +1614,15 @@ static void decide_route(struct chat *c) {
     proceed_forward(c, forward_to);
     return;
   }
+  if (mode == GATEWAY_REFUSE_SUPERSEDED) {
+    const char *none[] = {NODE_REFUSAL_HEADER, NULL};
+    refuse_here(c, "superseded", none,
+                "this node's data is from an older incarnation of the cluster (the cluster was "
+                "recovered elsewhere with zonegate recover --force): it serves nothing; send "
+                "requests to the recovered cluster",
+                "superseded");
+    return;
+  }
   const char *retry[] = {"Retry-After: 1", NODE_REFUSAL_HEADER, NULL};
   refuse_here(c, "no_active_node", retry,
               forwarded ? "this node is not active; a forwarded request is never forwarded again"

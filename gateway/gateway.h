@@ -54,11 +54,13 @@ struct gateway_key {
 
 /* What this node may do with a client request right now. */
 enum gateway_serve_mode {
-  GATEWAY_SERVE,   /* active: handle it here */
-  GATEWAY_FORWARD, /* standby: forward to the active node's client port */
-  GATEWAY_HOLD,    /* an active node is about to exist (election, lease not
-                      yet taken, planned handover): wait and ask again */
-  GATEWAY_REFUSE,  /* no active known, or a witness: 503 */
+  GATEWAY_SERVE,             /* active: handle it here */
+  GATEWAY_FORWARD,           /* standby: forward to the active node's client port */
+  GATEWAY_HOLD,              /* an active node is about to exist (election, lease not
+                                yet taken, planned handover): wait and ask again */
+  GATEWAY_REFUSE,            /* no active known, or a witness: 503 */
+  GATEWAY_REFUSE_SUPERSEDED, /* this node's data is of an older cluster
+                                incarnation: 503 "superseded", never retry here */
 };
 
 struct gateway_cluster {

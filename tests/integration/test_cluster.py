@@ -432,6 +432,10 @@ def test_two_stale_nodes_after_recover_never_serve_beside_the_recovered_one(clus
     assert time.monotonic() - t < 2, "the stale node should say so at once, not wait for a leader"
     status, st = gw_b.admin_call("GET", "/v1/cluster/status")
     assert st["superseded"] is True, st
+    # A client sent there is told the same, not "retry shortly".
+    status, headers, body = request(gw_b.gateway_port, "POST", "/v1/chat/completions", chat_body("x"),
+                                    {"Authorization": "Bearer sk-any"})
+    assert status == 503 and b"older incarnation" in body and "Retry-After" not in headers, (status, body)
     # The next start refuses the marked data dir with one line.
     gw_b.kill(signal.SIGTERM)
     gw_b.start(wait=False)
