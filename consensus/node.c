@@ -39,6 +39,7 @@ struct member_rec {
   raft_index last_match;
   uint64_t last_progress_ms; /* monotonic: last time its match index advanced or was current */
   struct zg_gap_leader gap;  /* as leader: has its log lost entries it acked? (log_gap.c) */
+  bool lost_waiting;         /* its lost entries were reported; waiting for a voter to take over */
 };
 
 struct pending_write {
@@ -562,8 +563,8 @@ static const struct member_rec *caught_up_voter(struct consensus *c,
 /* A follower that lost entries it had acknowledged (log_gap.c): libraft
  * would never resend them while we lead, so hand leadership to a caught-up
  * voter; the new leader's replication starts afresh and fills the gap. */
-static void follower_lost_entries(struct consensus *c, const struct member_rec *m,
-                                  raft_index reported, raft_index match) {
+static void follower_lost_entries(struct consensus *c, struct member_rec *m, raft_index reported,
+                                  raft_index match) {
   if (consensus_transfer_under_way(c)) {
     ZG_LOG_ERROR("raft_follower_lost_entries",
                  "%s reports its Raft log ends at index %llu but it had acknowledged up to %llu "
@@ -573,7 +574,32 @@ static void follower_lost_entries(struct consensus *c, const struct member_rec *
     return;
   }
   const struct member_rec *to = caught_up_voter(c, m);
-  if (to != NULL && consensus_transfer_leadership(c, to->id, NULL, NULL) == 0) {
+  if (to == NULL) {
+    /* No voter has our last entry this very moment (one is usually an
+     * append behind under writes): try again at the next sample instead
+     * of giving up for the term (seen in CI: the follower stayed behind).
+     * Said once while it waits. */
+    m->gap.acted_term = 0;
+    if (m->lost_waiting) return;
+    m->lost_waiting = true;
+    ZG_LOG_ERROR("raft_follower_lost_entries",
+                 "%s reports its Raft log ends at index %llu but it had acknowledged up to %llu "
+                 "(damage cut its log, e.g. a torn tail repaired at its start-up); libraft would "
+                 "never resend those entries while this node leads: leadership moves as soon as "
+                 "another voter has caught up (or empty its data dir and `zonegate members add` "
+                 "it again)",
+                 m->id, (unsigned long long)reported, (unsigned long long)match);
+    return;
+  }
+  bool was_waiting = m->lost_waiting;
+  m->lost_waiting = false;
+  if (consensus_transfer_leadership(c, to->id, NULL, NULL) == 0) {
+    if (was_waiting) { /* the ERROR line was written when the wait began */
+      ZG_LOG_INFO("raft_lost_entries_handover",
+                  "%s has caught up: leadership moves to it, whose replication fills %s's log",
+                  to->id, m->id);
+      return;
+    }
     ZG_LOG_ERROR("raft_follower_lost_entries",
                  "%s reports its Raft log ends at index %llu but it had acknowledged up to %llu "
                  "(damage cut its log, e.g. a torn tail repaired at its start-up); libraft would "
@@ -584,10 +610,10 @@ static void follower_lost_entries(struct consensus *c, const struct member_rec *
   }
   ZG_LOG_ERROR("raft_follower_lost_entries",
                "%s reports its Raft log ends at index %llu but it had acknowledged up to %llu "
-               "(damage cut its log, e.g. a torn tail repaired at its start-up), and no other "
-               "caught-up voter can take leadership: it stays behind until the leader changes; "
-               "or empty its data dir and `zonegate members add` it again",
-               m->id, (unsigned long long)reported, (unsigned long long)match);
+               "(damage cut its log, e.g. a torn tail repaired at its start-up), and the "
+               "leadership transfer to %s did not start: it stays behind until the leader "
+               "changes; or empty its data dir and `zonegate members add` it again",
+               m->id, (unsigned long long)reported, (unsigned long long)match, to->id);
 }
 
 static void track_progress(struct consensus *c) {
