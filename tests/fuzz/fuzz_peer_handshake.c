@@ -13,7 +13,7 @@
  *    [address] [1] proof flag, then the bytes raft would send next. Bits
  *    1-2 of the mode append an incarnation extension to the address field
  *    (0: none, the fuzzed bytes alone; 1: NUL "zgi1:" and the server's
- *    incarnation; 2: another incarnation; 3: "zgi1:none", a joiner). The
+ *    incarnation; 2: another (older) incarnation; 3: "zgi1:none", a joiner). The
  *    harness sends that HELLO, checks the CHALLENGE it gets (MAC, server
  *    id, address and incarnation), answers a PROOF that is right (flag
  *    even) or has one bit flipped (odd) together with the raft bytes, and
@@ -53,7 +53,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 #define MAC_LEN 32
 #define CHALLENGE_FIXED (4 + NONCE_LEN + 8 + MAC_LEN + 1)
 #define SERVER_INC "0000018f2a3b4c5d0123456789abcdef"
-#define OTHER_INC "0000018f2a3b4c5e0123456789abcdef"
+/* An OLDER incarnation: it is refused and changes nothing. A newer one
+ * would supersede this server for good (transport.c supersede(): every
+ * later handshake refused), which the integration tests cover; the
+ * harness keeps one server for every input, so it must stay stateless. */
+#define OTHER_INC "0000018f2a3b4c5c0123456789abcdef"
 #define EXT_PREFIX "zgi1:"
 /* What the server appends to its address: NUL "zgi1:" and SERVER_INC. */
 #define SERVER_EXT_LEN (1 + 5 + 32)
