@@ -565,12 +565,16 @@ static const struct member_rec *caught_up_voter(struct consensus *c,
  * voter; the new leader's replication starts afresh and fills the gap. */
 static void follower_lost_entries(struct consensus *c, struct member_rec *m, raft_index reported,
                                   raft_index match) {
+  char what[300];
+  snprintf(what, sizeof what,
+           "%s reports its Raft log ends at index %llu but it had acknowledged up to %llu (damage "
+           "cut its log, e.g. a torn tail repaired at its start-up)",
+           m->id, (unsigned long long)reported, (unsigned long long)match);
   if (consensus_transfer_under_way(c)) {
     ZG_LOG_ERROR("raft_follower_lost_entries",
-                 "%s reports its Raft log ends at index %llu but it had acknowledged up to %llu "
-                 "(damage cut its log, e.g. a torn tail repaired at its start-up); a leadership "
-                 "transfer is under way, and the next leader's replication starts afresh",
-                 m->id, (unsigned long long)reported, (unsigned long long)match);
+                 "%s; a leadership transfer is under way, and the next leader's replication "
+                 "starts afresh",
+                 what);
     return;
   }
   const struct member_rec *to = caught_up_voter(c, m);
@@ -580,40 +584,31 @@ static void follower_lost_entries(struct consensus *c, struct member_rec *m, raf
      * of giving up for the term (seen in CI: the follower stayed behind).
      * Said once while it waits. */
     m->gap.acted_term = 0;
-    if (m->lost_waiting) return;
+    if (!m->lost_waiting)
+      ZG_LOG_ERROR("raft_follower_lost_entries",
+                   "%s; libraft would never resend those entries while this node leads: "
+                   "leadership moves as soon as another voter has caught up (or empty its data "
+                   "dir and `zonegate members add` it again)",
+                   what);
     m->lost_waiting = true;
-    ZG_LOG_ERROR("raft_follower_lost_entries",
-                 "%s reports its Raft log ends at index %llu but it had acknowledged up to %llu "
-                 "(damage cut its log, e.g. a torn tail repaired at its start-up); libraft would "
-                 "never resend those entries while this node leads: leadership moves as soon as "
-                 "another voter has caught up (or empty its data dir and `zonegate members add` "
-                 "it again)",
-                 m->id, (unsigned long long)reported, (unsigned long long)match);
     return;
   }
   bool was_waiting = m->lost_waiting;
   m->lost_waiting = false;
-  if (consensus_transfer_leadership(c, to->id, NULL, NULL) == 0) {
-    if (was_waiting) { /* the ERROR line was written when the wait began */
-      ZG_LOG_INFO("raft_lost_entries_handover",
-                  "%s has caught up: leadership moves to it, whose replication fills %s's log",
-                  to->id, m->id);
-      return;
-    }
+  if (consensus_transfer_leadership(c, to->id, NULL, NULL) != 0)
     ZG_LOG_ERROR("raft_follower_lost_entries",
-                 "%s reports its Raft log ends at index %llu but it had acknowledged up to %llu "
-                 "(damage cut its log, e.g. a torn tail repaired at its start-up); libraft would "
-                 "never resend those entries while this node leads, so leadership moves to %s, "
-                 "whose replication starts afresh",
-                 m->id, (unsigned long long)reported, (unsigned long long)match, to->id);
-    return;
-  }
-  ZG_LOG_ERROR("raft_follower_lost_entries",
-               "%s reports its Raft log ends at index %llu but it had acknowledged up to %llu "
-               "(damage cut its log, e.g. a torn tail repaired at its start-up), and the "
-               "leadership transfer to %s did not start: it stays behind until the leader "
-               "changes; or empty its data dir and `zonegate members add` it again",
-               m->id, (unsigned long long)reported, (unsigned long long)match, to->id);
+                 "%s, and the leadership transfer to %s did not start: it stays behind until the "
+                 "leader changes; or empty its data dir and `zonegate members add` it again",
+                 what, to->id);
+  else if (was_waiting) /* the ERROR line was written when the wait began */
+    ZG_LOG_INFO("raft_lost_entries_handover",
+                "%s has caught up: leadership moves to it, whose replication fills %s's log",
+                to->id, m->id);
+  else
+    ZG_LOG_ERROR("raft_follower_lost_entries",
+                 "%s; libraft would never resend those entries while this node leads, so "
+                 "leadership moves to %s, whose replication starts afresh",
+                 what, to->id);
 }
 
 static void track_progress(struct consensus *c) {

@@ -301,23 +301,11 @@ def test_member_joins_as_non_voter_then_voter_and_can_be_removed(cluster):
         newcomer.proc.stop()
 
 
-def test_node_from_before_recover_is_refused_then_rejoins_with_an_empty_data_dir(cluster):
-    """Issue 10 item 6b: after `recover --force`, a node that comes back with
-    its old data dir made libraft abort (double free in the receive path).
-    The recovered cluster has a new incarnation; the old node is refused at
-    the peer handshake on both sides with a line that says what to do, nobody
-    crashes, and once its data dir is emptied `members add` brings it back."""
-    import shutil
+def recover_on(cluster, survivor):
+    """Every node SIGKILLed, `zonegate recover --force` on survivor, which
+    then runs alone as the active of a new incarnation."""
     import subprocess
     from harness import ZONEGATE_BIN
-    survivor, old = cluster.node("gw-a"), cluster.node("gw-b")
-    status, answer = old.admin_call("POST", "/v1/tokens", {"name": "before-disaster"})
-    assert status == 200, answer
-    token = answer["token"]
-    cluster.wait_caught_up()
-    status, st = survivor.admin_call("GET", "/v1/cluster/status")
-    old_incarnation = st["incarnation"]
-    assert len(old_incarnation) == 32, st
     for n in cluster.nodes:
         n.kill(signal.SIGKILL)
     env = dict(os.environ)
@@ -328,6 +316,24 @@ def test_node_from_before_recover_is_refused_then_rejoins_with_an_empty_data_dir
     assert "new cluster incarnation" in out.stdout, out.stdout
     survivor.start()
     wait_for(lambda: survivor.health("active")[0] == 200, timeout=15, what="recovered node active alone")
+
+
+def test_node_from_before_recover_is_refused_then_rejoins_with_an_empty_data_dir(cluster):
+    """Issue 10 item 6b: after `recover --force`, a node that comes back with
+    its old data dir made libraft abort (double free in the receive path).
+    The recovered cluster has a new incarnation; the old node is refused at
+    the peer handshake on both sides with a line that says what to do, nobody
+    crashes, and once its data dir is emptied `members add` brings it back."""
+    import shutil
+    survivor, old = cluster.node("gw-a"), cluster.node("gw-b")
+    status, answer = old.admin_call("POST", "/v1/tokens", {"name": "before-disaster"})
+    assert status == 200, answer
+    token = answer["token"]
+    cluster.wait_caught_up()
+    status, st = survivor.admin_call("GET", "/v1/cluster/status")
+    old_incarnation = st["incarnation"]
+    assert len(old_incarnation) == 32, st
+    recover_on(cluster, survivor)
     status, st = survivor.admin_call("GET", "/v1/cluster/status")
     assert st["incarnation"] != old_incarnation, st
     # The logs diverge: the recovered node commits what the old one never saw.
@@ -394,21 +400,11 @@ def test_two_stale_nodes_after_recover_never_serve_beside_the_recovered_one(clus
     cluster never saw. A node that meets a peer of a newer incarnation now
     refuses every raft peer and serves nothing; its next start refuses the
     data dir with one line."""
-    import subprocess
-    from harness import ZONEGATE_BIN
     survivor, gw_b, witness = cluster.node("gw-a"), cluster.node("gw-b"), cluster.node("witness")
     for i in range(5):
         assert survivor.admin_call("POST", "/v1/audit", {"what": f"before-{i}"})[0] == 200
     cluster.wait_caught_up()
-    for n in cluster.nodes:
-        n.kill(signal.SIGKILL)
-    env = dict(os.environ)
-    env.update(SECRETS)
-    out = subprocess.run([ZONEGATE_BIN, "recover", "--force", "--yes", "--config", survivor.config_path],
-                         capture_output=True, text=True, timeout=60, env=env)
-    assert out.returncode == 0, out
-    survivor.start()
-    wait_for(lambda: survivor.health("active")[0] == 200, timeout=15, what="recovered node active alone")
+    recover_on(cluster, survivor)
     gw_b.start(wait=False)
     witness.start(wait=False)
     stale_active = []
