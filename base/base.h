@@ -108,6 +108,11 @@ int zg_read_file(const char *path, zg_buf *out);
 char *zg_buf_steal(zg_buf *b);
 
 /* ---- misc ---------------------------------------------------------- */
+/* Copies the NUL-terminated src into dst[size] (size >= 1), cut to fit and
+ * NUL-terminated: what snprintf(dst, size, "%s", src) does, without the
+ * format machinery (it runs several times per request). Returns the length
+ * written (at most size - 1). */
+size_t zg_copy_cut(char *dst, size_t size, const char *src);
 /* Levenshtein distance, for "did you mean" suggestions. */
 size_t zg_edit_distance(const char *a, const char *b);
 /* Parses "1GB", "512MB", "64KiB", "1024" into bytes. 0 ok, -1 bad. */

@@ -228,6 +228,14 @@ char *zg_buf_steal(zg_buf *b) {
   return data;
 }
 
+size_t zg_copy_cut(char *dst, size_t size, const char *src) {
+  size_t len = 0;
+  while (len + 1 < size && src[len]) len++;
+  memcpy(dst, src, len);
+  dst[len] = '\0';
+  return len;
+}
+
 size_t zg_edit_distance(const char *a, const char *b) {
   size_t la = strlen(a), lb = strlen(b);
   if (la > 64 || lb > 64) return (size_t)-1;

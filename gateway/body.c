@@ -30,6 +30,7 @@ struct name_entry {
  * moves to the heap (realloc from a stack buffer is a malloc + copy). */
 #define SCAN_INLINE_NAMES 512
 #define SCAN_INLINE_ENTRIES 32
+#define SCAN_WANT_LENGTHS 16
 
 struct scan {
   const unsigned char *p, *start, *end;
@@ -45,6 +46,7 @@ struct scan {
   const char *const *want;
   struct body_value *slots;
   size_t n_want;
+  size_t want_len[SCAN_WANT_LENGTHS]; /* strlen of the first names asked for */
   size_t object_end, members;
   char *err;
   size_t errlen;
@@ -414,10 +416,11 @@ static int scan_object(struct scan *s) {
     struct body_value *slot = NULL;
     if (top) {
       s->members++;
-      for (size_t i = 0; i < s->n_want; i++)
-        if (strlen(s->want[i]) == ent->len &&
-            memcmp(s->want[i], s->names + name_off, ent->len) == 0)
+      for (size_t i = 0; i < s->n_want; i++) {
+        size_t want_len = i < SCAN_WANT_LENGTHS ? s->want_len[i] : strlen(s->want[i]);
+        if (want_len == ent->len && memcmp(s->want[i], s->names + name_off, ent->len) == 0)
           slot = &s->slots[i];
+      }
     }
     skip_ws(s);
     if (s->p >= s->end || *s->p != ':') return fail(s, "expected ':' after a member name");
@@ -541,6 +544,7 @@ int body_scan(const char *body, size_t len, const char *const *names, struct bod
   s.want = names;
   s.slots = slots;
   s.n_want = n;
+  for (size_t i = 0; i < n && i < SCAN_WANT_LENGTHS; i++) s.want_len[i] = strlen(names[i]);
   s.err = err;
   s.errlen = errlen;
   if (errlen) err[0] = '\0';

@@ -191,19 +191,11 @@ struct chat {
   struct attempt inline_attempts[INLINE_ATTEMPTS];
 };
 
-/* Copies src into dst[size], cut to fit and NUL-terminated: what
- * snprintf(dst, size, "%s", src) does, without the format machinery (this
- * runs several times per request). */
+/* strlen(s), at most max. */
 static size_t bounded_len(const char *s, size_t max) {
   size_t len = 0;
   while (len < max && s[len]) len++;
   return len;
-}
-
-static void copy_cut(char *dst, size_t size, const char *src) {
-  size_t len = bounded_len(src, size - 1);
-  memcpy(dst, src, len);
-  dst[len] = '\0';
 }
 
 /* Releases what the request owns; the struct goes back to the gateway's
@@ -283,15 +275,15 @@ static void note_fields(struct chat *c, const char *cache, const char *result, u
   f->cache = cache;
   f->stream = c->stream;
   f->has_token = c->has_token;
-  if (c->has_token) copy_cut(f->token, sizeof(f->token), c->token_name);
+  if (c->has_token) zg_copy_cut(f->token, sizeof(f->token), c->token_name);
   f->has_upstream = c->n_attempts > 0;
   if (c->n_attempts > 0) {
     struct attempt *a = &c->attempts[c->current < c->n_attempts ? c->current : c->n_attempts - 1];
-    copy_cut(f->upstream, sizeof(f->upstream), a->upstream_id);
-    copy_cut(f->key_id, sizeof(f->key_id), a->key_id);
+    zg_copy_cut(f->upstream, sizeof(f->upstream), a->upstream_id);
+    zg_copy_cut(f->key_id, sizeof(f->key_id), a->key_id);
     f->attempts = (unsigned)(c->current + 1);
   }
-  copy_cut(f->upstream_result, sizeof(f->upstream_result), result ? result : "");
+  zg_copy_cut(f->upstream_result, sizeof(f->upstream_result), result ? result : "");
   f->upstream_us = upstream_us;
   f->ttfb_us = ttfb_us;
 }
@@ -518,6 +510,7 @@ static void key_mark(struct gateway *gw, const struct attempt *a, bool good) {
   gw->key_good[slot].until_ms = zg_mono_ms() + KEY_GOOD_MS;
 }
 
+static void answer_buffered(struct chat *c);
 static void respond_buffered(struct chat *c);
 static void on_client_abort(void *ud);
 
@@ -606,8 +599,8 @@ static void on_upstream_response(void *ud, int status, const char *content_type,
   struct chat *c = ud;
   struct attempt *a = &c->attempts[c->current];
   c->status = status;
-  copy_cut(c->content_type, sizeof(c->content_type),
-           content_type ? content_type : "application/json");
+  zg_copy_cut(c->content_type, sizeof(c->content_type),
+              content_type ? content_type : "application/json");
   keep_response_headers(c, headers);
 
   if (c->forwarding && status == 503 && gw_has_cluster(c) && refused_by_node(headers)) {
@@ -849,13 +842,29 @@ static void on_upstream_done(void *ud, enum upstream_result result, const char *
   c->transfer = NULL;
   httpd_req_set_abort(c->req, NULL, NULL);
   if (result == UPSTREAM_OK) {
+    bool key_probe = c->check_key && c->status == 401;
+    if (!key_probe) {
+      /* The answer first, the bookkeeping after it (the client does not
+       * wait for metrics and usage): httpd frees c->req once it is
+       * answered, and nothing below reads it. */
+      note_fields(c, c->cacheable ? "miss" : "none", "ok", timing.total_us, timing.first_byte_us);
+      if (c->streaming_to_client) {
+        /* a clean end: whatever followed the last boundary goes out as is */
+        if (c->sse_partial.len && !c->raw_passthrough)
+          httpd_stream_write(c->req, c->sse_partial.data, c->sse_partial.len);
+        httpd_stream_end(c->req);
+      } else {
+        answer_buffered(c);
+      }
+      c->req = NULL;
+    }
     if (!c->forwarding) {
       metrics_histogram_observe(gw->m_upstream_latency, (double)timing.total_us / 1e6,
                                 a->upstream_id);
       metrics_histogram_observe(gw->m_ttfb, (double)timing.first_byte_us / 1e6, a->upstream_id);
       if (c->status < 500) gateway_note_upstream(gw, true, NULL);
     }
-    if (c->check_key && c->status == 401) {
+    if (key_probe) {
       start_key_probe(c);
       return;
     }
@@ -864,16 +873,7 @@ static void on_upstream_done(void *ud, enum upstream_result result, const char *
     else if (c->account && c->raw_passthrough && c->status >= 200 && c->status < 300)
       usage_from_tail(c->response.data, c->response.len, &c->usage);
     record_usage(c);
-    note_fields(c, c->cacheable ? "miss" : "none", "ok", timing.total_us, timing.first_byte_us);
-    if (c->streaming_to_client) {
-      /* a clean end: whatever followed the last boundary goes out as is */
-      if (c->sse_partial.len && !c->raw_passthrough)
-        httpd_stream_write(c->req, c->sse_partial.data, c->sse_partial.len);
-      httpd_stream_end(c->req);
-      chat_done(c);
-    } else {
-      respond_buffered(c);
-    }
+    chat_done(c);
     return;
   }
 
@@ -955,8 +955,8 @@ static void on_upstream_done(void *ud, enum upstream_result result, const char *
 }
 
 /* Answers with the buffered upstream response (status, body, the headers
- * kept) and ends the request. */
-static void respond_buffered(struct chat *c) {
+ * kept); httpd then finishes and frees c->req. */
+static void answer_buffered(struct chat *c) {
   struct gateway *gw = c->gw;
   if (c->cacheable && c->status == 200)
     response_cache_put(gw->cache, c->cache_key, c->status, c->content_type, c->response.data,
@@ -965,6 +965,11 @@ static void respond_buffered(struct chat *c) {
   response_header_list(c, extra, c->cacheable ? "X-Cache: MISS" : NULL);
   httpd_respond(c->req, c->status, c->content_type, extra, c->response.data ? c->response.data : "",
                 c->response.len);
+}
+
+/* answer_buffered, then the request is done. */
+static void respond_buffered(struct chat *c) {
+  answer_buffered(c);
   chat_done(c);
 }
 
@@ -1053,6 +1058,13 @@ static size_t collect_passing_headers(struct chat *c, zg_buf *lines) {
 /* a->body = c->body with the "model" value replaced by a->model (the
  * upstream's name for a routed model); every other byte stays. Returns 0,
  * or -1 (no model member, or out of memory: the body goes as it is). */
+/* Writes "<name><value>" into line[size], the value cut to fit (as
+ * snprintf(line, size, "%s%s", name, value)). Returns the bytes written. */
+static size_t header_line(char *line, size_t size, const char *name, const char *value) {
+  size_t at = zg_copy_cut(line, size, name);
+  return at + zg_copy_cut(line + at, size - at, value);
+}
+
 static int attempt_body(struct chat *c, struct attempt *a) {
   if (a->body) return 0;
   if (!c->model_len) {
@@ -1090,6 +1102,7 @@ static void start_attempt(struct chat *c) {
   if (max_headers > INLINE_UPSTREAM_HEADERS) headers = calloc(max_headers, sizeof(*headers));
   size_t n = 0;
   char auth[1100] = "";
+  size_t auth_len = 0; /* bytes of auth written, cleansed at the end */
   char forwarded_for[128];
   char forward_auth[256];
   if (!headers) {
@@ -1111,7 +1124,7 @@ static void start_attempt(struct chat *c) {
   }
   if (c->forwarding) {
     if (c->forwarded_auth && c->forwarded_auth[0]) {
-      snprintf(auth, sizeof(auth), "Authorization: %s", c->forwarded_auth);
+      auth_len = header_line(auth, sizeof(auth), "Authorization: ", c->forwarded_auth);
       headers[n++] = auth;
     }
     /* The client's address, signed for the active (ident.c); the plain
@@ -1123,7 +1136,7 @@ static void start_attempt(struct chat *c) {
       headers[n++] = forward_auth;
     headers[n++] = "X-Zonegate-Forwarded: 1";
   } else if (a->api_key && a->api_key[0]) {
-    snprintf(auth, sizeof(auth), "Authorization: Bearer %s", a->api_key);
+    auth_len = header_line(auth, sizeof(auth), "Authorization: Bearer ", a->api_key);
     headers[n++] = auth;
   }
   /* "Name:" with nothing after it stops libcurl from adding its own. */
@@ -1173,7 +1186,7 @@ static void start_attempt(struct chat *c) {
   c->status = 0;
   c->response.len = 0;
   int rc = upstream_start(gw->upstream, &ureq, &callbacks, c, &c->transfer, err, sizeof(err));
-  OPENSSL_cleanse(auth, sizeof(auth));
+  OPENSSL_cleanse(auth, auth_len);
   if (headers != inline_headers) free(headers);
   if (rc != 0) {
     zg_log(ZG_ERROR, "upstream_start_failed", "%s", err);
@@ -1215,7 +1228,7 @@ static int attempt_set_endpoint(const struct chat *c, struct attempt *a,
                                 const struct gateway_endpoint *ep) {
   size_t base_len = bounded_len(ep->base_url, sizeof(ep->base_url) - 1);
   a->base_len = base_len;
-  copy_cut(a->upstream_id, sizeof(a->upstream_id), ep->upstream_id);
+  zg_copy_cut(a->upstream_id, sizeof(a->upstream_id), ep->upstream_id);
   return attempt_store_url(a, ep->base_url, base_len, c->upstream_path, strlen(c->upstream_path));
 }
 
@@ -1249,7 +1262,7 @@ static void build_route_attempts(struct chat *c, const struct model_route *route
       }
       snprintf(a->key_id, sizeof(a->key_id), "%.47s", key.id);
       a->api_key = key.secret;
-      copy_cut(a->model, sizeof(a->model), rep->model);
+      zg_copy_cut(a->model, sizeof(a->model), rep->model);
     }
     if (rep->n_keys == 0) {
       struct attempt *a = new_attempt(c);
@@ -1260,7 +1273,7 @@ static void build_route_attempts(struct chat *c, const struct model_route *route
       }
       const char *key = gw->n_endpoints ? gw->endpoints[0].api_key : gw->routes_api_key;
       a->api_key = key ? strdup(key) : NULL;
-      copy_cut(a->model, sizeof(a->model), rep->model);
+      zg_copy_cut(a->model, sizeof(a->model), rep->model);
     }
   }
 }
@@ -1686,9 +1699,17 @@ void gateway_handle_proxy(struct gateway *gw, struct httpd_req *req, const char 
                         httpd_req_method(req));
     return;
   }
-  int n = snprintf(upstream_path, sizeof(upstream_path), "%s%s%s", path + 3, query[0] ? "?" : "",
-                   query);
-  if (n < 0 || (size_t)n >= sizeof(upstream_path)) {
+  /* "<path without /v1>[?<query>]", built by hand: it runs per request */
+  size_t path_len = strlen(path + 3), query_len = strlen(query);
+  size_t n = path_len + (query_len ? 1 + query_len : 0);
+  if (n < sizeof(upstream_path)) {
+    memcpy(upstream_path, path + 3, path_len);
+    if (query_len) {
+      upstream_path[path_len] = '?';
+      memcpy(upstream_path + path_len + 1, query, query_len);
+    }
+    upstream_path[n] = '\0';
+  } else {
     httpd_respond_error(req, 414, "invalid_request_error", "uri_too_long", NULL,
                         "the request path and query are longer than %d bytes",
                         UPSTREAM_PATH_MAX - 1);

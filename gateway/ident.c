@@ -184,7 +184,7 @@ static int forward_verify(const struct gateway *gw, struct httpd_req *req, const
 }
 
 int gateway_identify(struct gateway *gw, struct httpd_req *req, struct gateway_access *a) {
-  snprintf(a->client_ip, sizeof(a->client_ip), "%s", httpd_req_peer_ip(req));
+  zg_copy_cut(a->client_ip, sizeof(a->client_ip), httpd_req_peer_ip(req));
   a->forwarded = false;
   const char *fwd = httpd_req_header(req, FORWARD_AUTH_HEADER);
   if (fwd) {

@@ -540,10 +540,33 @@ static int conn_send(struct lean_conn *k, struct lean_transfer *t) {
   k->resp.stop = t->pause_wanted;
   uv_buf_t bufs[2] = {uv_buf_init(t->request, (unsigned)t->head_len),
                       uv_buf_init((char *)(uintptr_t)t->body, (unsigned)t->body_len)};
-  k->write_req.data = k;
-  int rv = uv_write(&k->write_req, (uv_stream_t *)&k->tcp, bufs, t->body_len ? 2 : 1, on_written);
-  if (rv != 0) return rv;
-  k->write_pending = true;
+  unsigned nbufs = t->body_len ? 2 : 1;
+  /* The socket at once first (one writev, no write request): a uv_write
+   * that completes costs libuv an epoll_ctl(MOD) when it drains, one per
+   * request. What is left goes through uv_write; an immediate error takes
+   * that path too, so it is reported by on_written as before. */
+  int n = uv_try_write((uv_stream_t *)&k->tcp, bufs, nbufs);
+  if (n > 0) {
+    size_t done = (size_t)n;
+    for (unsigned i = 0; i < nbufs && done > 0; i++) {
+      size_t take = done < bufs[i].len ? done : bufs[i].len;
+      bufs[i].base += take;
+      bufs[i].len -= (unsigned)take;
+      done -= take;
+    }
+    if (bufs[nbufs - 1].len == 0)
+      nbufs = 0;
+    else if (bufs[0].len == 0) {
+      bufs[0] = bufs[1];
+      nbufs = 1;
+    }
+  }
+  if (nbufs > 0) {
+    k->write_req.data = k;
+    int rv = uv_write(&k->write_req, (uv_stream_t *)&k->tcp, bufs, nbufs, on_written);
+    if (rv != 0) return rv;
+    k->write_pending = true;
+  }
   t->connected_us = t->connected_us ? t->connected_us : monotonic_us();
   t->phase = PHASE_WAITING_FIRST_BYTE;
   t->request_sent_loop_ms = uv_now(c->loop);
