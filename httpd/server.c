@@ -829,10 +829,18 @@ void httpd_stream_begin(struct httpd_req *r, int status, const char *content_typ
 int httpd_stream_write(struct httpd_req *r, const char *data, size_t len) {
   if (!r->conn || r->conn->closing) return -1;
   if (len == 0 || r->is_head) return 0;
-  char size_line[32];
-  int n = snprintf(size_line, sizeof(size_line), "%zx\r\n", len);
-  uv_buf_t bufs[3] = {uv_buf_init(size_line, (unsigned)n), uv_buf_init((char *)data, (unsigned)len),
-                      uv_buf_init((char *)"\r\n", 2)};
+  /* "<len in hex>\r\n" (RFC 9112 §7.1), hand-written: it runs per chunk */
+  char size_line[24];
+  size_t at = sizeof(size_line) - 2;
+  size_line[at] = '\r';
+  size_line[at + 1] = '\n';
+  size_t v = len;
+  do {
+    size_line[--at] = "0123456789abcdef"[v & 15];
+    v >>= 4;
+  } while (v);
+  uv_buf_t bufs[3] = {uv_buf_init(size_line + at, (unsigned)(sizeof(size_line) - at)),
+                      uv_buf_init((char *)data, (unsigned)len), uv_buf_init((char *)"\r\n", 2)};
   int rc = conn_writev(r->conn, bufs, 3);
   r->bytes_sent += len;
   return rc;
