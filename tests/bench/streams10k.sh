@@ -220,6 +220,12 @@ print(f"| chunk delay p99 while all were open (steady) | {fmt(ratio('steady_p99_
 print(f"| chunk delay p50 | {fmt(ratio('p50_ms'))} |")
 zg_peak = st.median(rows[("zonegate", r)]["rss_peak_kb"] for r in rounds) / 1024
 print(f"\nzonegate peak RSS median {zg_peak:.1f} MB (target ≤ 150 MB and < nginx's)")
+# one machine-readable line for suite.sh's "done when" block
+med = lambda k: st.median(ratio(k))
+print(f"STREAMS10K_RESULT n={n} rounds={len(rounds)} zg_peak_mb={zg_peak:.1f} rss_ratio={med('rss_peak_kb'):.2f} "
+      f"cpu_ratio={med('cpu_s'):.2f} cpu_range={min(ratio('cpu_s')):.2f}..{max(ratio('cpu_s')):.2f} "
+      f"p99_ratio={med('p99_ms'):.2f} p99_range={min(ratio('p99_ms')):.2f}..{max(ratio('p99_ms')):.2f} "
+      f"failed={sum(rows[(name, r)]['failed'] for name in ('zonegate', 'nginx') for r in rounds)}")
 EOF
 echo
 echo "Command: $command_line"

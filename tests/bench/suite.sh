@@ -15,7 +15,10 @@
 #      low fixed rate (zonegate - nginx, ms);
 # then callgrind instructions per small request (tests/bench/callgrind.sh),
 # and LiteLLM's throughput and TTFT when LITELLM (a `litellm` binary) is
-# given (one more round: direct, zonegate, nginx and LiteLLM).
+# given (one more round: direct, zonegate, nginx and LiteLLM); then the
+# 10,000-stream run (tests/bench/streams10k.sh) and HTTPS upstreams over
+# HTTP/1.1 and HTTP/2 (tests/bench/tls_upstream.sh), and last the issue's
+# "done when" checks from this run in one table.
 # Each ratio is printed as median [min..max] over the rounds.
 #
 # Usage: tests/bench/suite.sh [BUILD_DIR]   (default: <repo>/build-rel)
@@ -24,8 +27,9 @@
 #        TTFT_RATE (20 streams/s) TTFT_SECONDS (PACED_SECONDS)
 #        CALLGRIND (1: run callgrind.sh) PIN (1) KEEP_TMP (1 keeps the temp dir)
 #        LITELLM (path to the litellm binary; empty: skipped, said so)
-#        STREAMS10K (1: then tests/bench/streams10k.sh, STREAMS10K_ROUNDS rounds, 2)
-#        TLS_UPSTREAM (1: then tests/bench/tls_upstream.sh, HTTP/1.1 vs HTTP/2)
+#        STREAMS10K (1, the default: then tests/bench/streams10k.sh, STREAMS10K_ROUNDS
+#        rounds, 4; 0 skips it) TLS_UPSTREAM (1, the default: then
+#        tests/bench/tls_upstream.sh, HTTP/1.1 vs HTTP/2; 0 skips it)
 #        UPSTREAM_CLIENT (unset: the build's default; auto: the lean client for the
 #        http:// mock; curl: libcurl)
 set -euo pipefail
@@ -43,10 +47,10 @@ TTFT_SECONDS=${TTFT_SECONDS:-$PACED_SECONDS}
 CALLGRIND=${CALLGRIND:-1}
 PIN=${PIN:-1}
 LITELLM=${LITELLM:-}
-STREAMS10K=${STREAMS10K:-0}
-STREAMS10K_ROUNDS=${STREAMS10K_ROUNDS:-2}
-TLS_UPSTREAM=${TLS_UPSTREAM:-0}
-command_line="STREAMS10K=$STREAMS10K TLS_UPSTREAM=$TLS_UPSTREAM ROUNDS=$ROUNDS DURATION=$DURATION CONNS=$CONNS RATE=$RATE PACED_SECONDS=$PACED_SECONDS BIG_RATE=$BIG_RATE TTFT_RATE=$TTFT_RATE TTFT_SECONDS=$TTFT_SECONDS${LITELLM:+ LITELLM=$LITELLM} $0 $*"
+STREAMS10K=${STREAMS10K:-1}
+STREAMS10K_ROUNDS=${STREAMS10K_ROUNDS:-4}
+TLS_UPSTREAM=${TLS_UPSTREAM:-1}
+command_line="STREAMS10K=$STREAMS10K STREAMS10K_ROUNDS=$STREAMS10K_ROUNDS TLS_UPSTREAM=$TLS_UPSTREAM ROUNDS=$ROUNDS DURATION=$DURATION CONNS=$CONNS RATE=$RATE PACED_SECONDS=$PACED_SECONDS BIG_RATE=$BIG_RATE TTFT_RATE=$TTFT_RATE TTFT_SECONDS=$TTFT_SECONDS${LITELLM:+ LITELLM=$LITELLM} $0 $*"
 
 for bin in "$build/zonegate" "$build/tests/mockllm"; do
   [[ -x $bin ]] || { echo "suite.sh: $bin not found; build first:" >&2
@@ -286,7 +290,7 @@ if [[ -n $LITELLM ]] && litellm_start; then
 fi
 
 # ---- summary -----------------------------------------------------------------------
-python3 - "$results" "$ROUNDS" "$litellm_note" "$CONNS" <<'EOF' | tee "$tmp/summary.md"
+python3 - "$results" "$ROUNDS" "$litellm_note" "$CONNS" "$tmp/done.txt" <<'EOF' | tee "$tmp/summary.md"
 import sys, statistics as st
 rows = [l.split() for l in open(sys.argv[1])]
 val = {}
@@ -329,6 +333,8 @@ print(f"\nmedian req/s: zonegate {med('rps_small','zonegate'):.0f}, nginx {med('
       f"nginx {med('p50_big2m','nginx'):.0f}; TTFT p50 µs: direct {med('ttft50','direct'):.0f}, "
       f"zonegate {med('ttft50','zonegate'):.0f}, nginx {med('ttft50','nginx-sse'):.0f}")
 print(f"\n{sys.argv[3]}")
+with open(sys.argv[5], "w") as done:  # for the "done when" block at the end
+    done.write(f"small {st.median(t_small):.2f} {fmt(t_small)}\nbig2m {st.median(big_add):.2f} {fmt(big_add)}\n")
 if all(("rps_small", n, 0) in val for n in ("zonegate", "nginx", "litellm")):
     v = lambda k, n: val[(k, n, 0)]
     print("\n| LiteLLM round (round 0, same processes) | zonegate | nginx | LiteLLM |")
@@ -353,11 +359,42 @@ fi
 # and HTTPS upstreams over HTTP/1.1 and HTTP/2 (target 5).
 if [[ $STREAMS10K == 1 ]]; then
   echo "== 10,000 streams: tests/bench/streams10k.sh (ROUNDS=$STREAMS10K_ROUNDS)"
-  ROUNDS=$STREAMS10K_ROUNDS "$repo/tests/bench/streams10k.sh" "$build" | sed -n '/^| round | proxy/,$p'
+  ROUNDS=$STREAMS10K_ROUNDS "$repo/tests/bench/streams10k.sh" "$build" >"$tmp/streams10k.txt" 2>&1 ||
+    echo "suite.sh: streams10k.sh failed: $(tail -c 400 "$tmp/streams10k.txt")" >&2
+  sed -n '/^| round | proxy/,/^Command:/p' "$tmp/streams10k.txt" | grep -v '^STREAMS10K_RESULT'
+  grep '^STREAMS10K_RESULT' "$tmp/streams10k.txt" >>"$tmp/done.txt" || true
 fi
 if [[ $TLS_UPSTREAM == 1 ]]; then
   echo "== HTTPS upstreams: tests/bench/tls_upstream.sh"
   "$repo/tests/bench/tls_upstream.sh" "$build" | sed -n '/^| upstream.http_version/,$p'
 fi
+
+# ---- the issue's "done when", from this run -----------------------------------------
+echo
+echo "== Done when (issue 14), this run"
+python3 - "$tmp/done.txt" <<'EOF'
+import sys, re
+small = big = s10k = None
+for line in open(sys.argv[1]):
+    w = line.split(" ", 2)
+    if w[0] == "small": small = (float(w[1]), w[2].strip())
+    elif w[0] == "big2m": big = (float(w[1]), w[2].strip())
+    elif w[0] == "STREAMS10K_RESULT": s10k = dict(re.findall(r"(\w+)=(\S+)", line))
+print("| check | this run: median [min..max] over rounds | target | |\n|---|---|---|---|")
+def row(name, fig, target, ok): print(f"| {name} | {fig} | {target} | {'met' if ok else 'NOT met'} |")
+row("small requests, zonegate / nginx req/s", small[1], "≥ 0.90", small[0] >= 0.9)
+row("2 MB prompt, zonegate p50 − nginx p50, ms", big[1], "≤ 1 ms", big[0] <= 1.0)
+if s10k:
+    n, mb, rss = s10k["n"], float(s10k["zg_peak_mb"]), float(s10k["rss_ratio"])
+    row(f"{n} streams ({s10k['rounds']} rounds), zonegate peak RSS", f"{mb:.1f} MB ({rss:.2f}× nginx's)",
+        "≤ 150 MB and < nginx's", mb <= 150 and rss < 1)
+    row(f"{n} streams, chunk delay p99, zonegate / nginx", f"{s10k['p99_ratio']} [{s10k['p99_range']}]",
+        "≤ 1", float(s10k["p99_ratio"]) <= 1)
+    row(f"{n} streams, CPU, zonegate / nginx", f"{s10k['cpu_ratio']} [{s10k['cpu_range']}]", "≤ 1",
+        float(s10k["cpu_ratio"]) <= 1)
+    if float(s10k.get("failed", "0")) > 0: print(f"\n{s10k['failed']} streams failed in the 10k runs")
+else:
+    print("| 10,000 streams | not run here (STREAMS10K=1 runs them) | ≤ 150 MB, p99 ≤ nginx's | NOT shown |")
+EOF
 echo
 echo "Command: $command_line"
