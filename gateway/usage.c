@@ -5,6 +5,7 @@
  * object is read with the same strict scanner. Cannot fail: what it
  * cannot read is "unknown".
  */
+#define _GNU_SOURCE /* memmem */
 #include "gateway/usage.h"
 
 #include <string.h>
@@ -113,10 +114,109 @@ int usage_from_tail(const char *tail, size_t len, struct usage_counts *out) {
 }
 
 static const char *find(const char *hay, size_t len, const char *needle) {
-  size_t n = strlen(needle);
-  for (size_t i = 0; i + n <= len; i++)
-    if (hay[i] == needle[0] && memcmp(hay + i, needle, n) == 0) return hay + i;
+  return memmem(hay, len, needle, strlen(needle));
+}
+
+/* Just past the JSON string that opens at p (a '"'), or NULL when it does
+ * not end before end. Escapes are skipped, not checked. */
+static const char *string_end(const char *p, const char *end) {
+  for (p++; p < end; p++) {
+    const char *q = p;
+    while (q < end && *q != '"' && *q != '\\') q++;
+    if (q >= end) return NULL;
+    if (*q == '"') return q + 1;
+    p = q + 1; /* the escaped byte; the loop's p++ moves past it */
+  }
   return NULL;
+}
+
+/* The common stream chunk once the gateway asked for usage: a top-level
+ * `"usage":null` member. Finds it without the strict scan (one pass over
+ * the structure, strings skipped, nothing validated or copied): true with
+ * [*start, *end) = the member's name through its null. false when the
+ * object has no such plain member or the text is not shaped so (then the
+ * strict path decides, as before). */
+static bool top_level_usage_null(const char *json, size_t len, const char **start,
+                                 const char **end) {
+  const char *p = json, *stop = json + len;
+  int depth = 0;
+  bool want_name = false;
+  while (p < stop) {
+    char ch = *p;
+    if (ch == '"') {
+      const char *name = p;
+      if (!(p = string_end(p, stop))) return false;
+      if (depth != 1 || !want_name) continue;
+      want_name = false;
+      if (p - name != 7 || memcmp(name, "\"usage\"", 7) != 0) continue;
+      const char *q = p;
+      while (q < stop && (*q == ' ' || *q == '\t')) q++;
+      if (q >= stop || *q != ':') return false;
+      q++;
+      while (q < stop && (*q == ' ' || *q == '\t')) q++;
+      if (stop - q < 4 || memcmp(q, "null", 4) != 0) return false;
+      q += 4;
+      if (q < stop && *q != ',' && *q != '}' && *q != ' ' && *q != '\t') return false;
+      *start = name;
+      *end = q;
+      return true;
+    }
+    if (ch == '{' || ch == '[') {
+      depth++;
+      want_name = depth == 1;
+    } else if (ch == '}' || ch == ']') {
+      depth--;
+    } else if (ch == ',' && depth == 1) {
+      want_name = true;
+    }
+    p++;
+  }
+  return false;
+}
+
+/* The shape every chunk but the last has, with OpenAI's member order:
+ * the object ends `,"usage":null}` (spaces allowed). In valid JSON that
+ * tail can only be a top-level member (a quote inside a string is escaped;
+ * a nested object's end would add a '}'): the check is a few bytes read
+ * backwards. Same results as top_level_usage_null when true. */
+static bool tail_usage_null(const char *json, size_t len, const char **start, const char **end) {
+  const char *p = json + len;
+#define ZG_SKIP_WS_BACK()                                                                          \
+  while (p > json && (p[-1] == ' ' || p[-1] == '\t' || p[-1] == '\r' || p[-1] == '\n')) p--
+  ZG_SKIP_WS_BACK();
+  if (p == json || *--p != '}') return false;
+  ZG_SKIP_WS_BACK();
+  if (p - json < 4 || memcmp(p - 4, "null", 4) != 0) return false;
+  *end = p;
+  p -= 4;
+  ZG_SKIP_WS_BACK();
+  if (p == json || *--p != ':') return false;
+  ZG_SKIP_WS_BACK();
+  if (p - json < 7 || memcmp(p - 7, "\"usage\"", 7) != 0) return false;
+  p -= 7;
+  *start = p;
+  ZG_SKIP_WS_BACK();
+#undef ZG_SKIP_WS_BACK
+  return p > json && (p[-1] == ',' || p[-1] == '{');
+}
+
+/* Takes [start, end) (a member) out of event[0..len) into out, with one
+ * adjacent comma: the following one, or (last member) the preceding one. */
+static size_t remove_member(const char *event, size_t len, const char *json, size_t json_len,
+                            const char *start, const char *end, char *out) {
+  const char *p = end;
+  while (p < json + json_len && (*p == ' ' || *p == '\t')) p++;
+  if (p < json + json_len && *p == ',') {
+    end = p + 1;
+  } else {
+    const char *q = start;
+    while (q > json && (q[-1] == ' ' || q[-1] == '\t')) q--;
+    if (q > json && q[-1] == ',') start = q - 1;
+  }
+  size_t head = (size_t)(start - event), tail = (size_t)(event + len - end);
+  memcpy(out, event, head);
+  memcpy(out + head, end, tail);
+  return head + tail;
 }
 
 void usage_stream_event(const char *event, size_t len, bool strip, struct usage_counts *out,
@@ -132,6 +232,17 @@ void usage_stream_event(const char *event, size_t len, bool strip, struct usage_
   if (json < event + len && *json == ' ') json++;
   size_t json_len = strcspn(json, "\r\n");
   if (json + json_len > event + len) json_len = (size_t)(event + len - json);
+  const char *null_start, *null_end;
+  if ((tail_usage_null(json, json_len, &null_start, &null_end) ||
+       top_level_usage_null(json, json_len, &null_start, &null_end)) &&
+      !find(json, json_len, "\"response\"")) {
+    /* every chunk but the last, once usage was asked for: nothing to read */
+    if (strip) {
+      *keep_len = remove_member(event, len, json, json_len, null_start, null_end, edited_out);
+      *edited = true;
+    }
+    return;
+  }
   static const char *const names[] = {"usage", "choices", "response"};
   struct body_value v[3];
   size_t object_end, members;
@@ -151,21 +262,7 @@ void usage_stream_event(const char *event, size_t len, bool strip, struct usage_
     return;
   }
   if (!strip || v[0].type != BODY_NULL) return;
-  /* Remove `"usage":null` with one adjacent comma: the following one, or
-   * (last member) the preceding one. */
-  const char *start = v[0].member, *end = v[0].value + v[0].len;
-  const char *p = end;
-  while (p < json + json_len && (*p == ' ' || *p == '\t')) p++;
-  if (p < json + json_len && *p == ',') {
-    end = p + 1;
-  } else {
-    const char *q = start;
-    while (q > json && (q[-1] == ' ' || q[-1] == '\t')) q--;
-    if (q > json && q[-1] == ',') start = q - 1;
-  }
-  size_t head = (size_t)(start - event), tail = (size_t)(event + len - end);
-  memcpy(edited_out, event, head);
-  memcpy(edited_out + head, end, tail);
-  *keep_len = head + tail;
+  *keep_len =
+      remove_member(event, len, json, json_len, v[0].member, v[0].value + v[0].len, edited_out);
   *edited = true;
 }

@@ -6,25 +6,37 @@
 # Each proxy runs under `valgrind --tool=callgrind`; a client sends WARM
 # requests, the counters are zeroed (callgrind_control -z), then N requests
 # go over one keep-alive connection and the counters are dumped: Ir / N is
-# the proxy's whole cost per request, its event loop included.
+# the proxy's whole cost per request, its event loop included. Then the
+# same for streams: STREAMS SSE streams of CHUNKS chunks 20 ms apart
+# (streamload.c, opened 1,000/s; nginx through a server with
+# proxy_buffering off), Ir per stream and per chunk (the stream's set-up,
+# accept, upstream connection and close included in the per-chunk figure).
 #
 # Usage: tests/bench/callgrind.sh [BUILD_DIR]   (default: <repo>/build-rel)
 # Env:   N (2000) WARM (200) BODY (a JSON file; default: the small chat body)
+#        STREAMS (200; 0 skips the stream measurement) CHUNKS (50)
 #        UPSTREAM_CLIENT (unset: the build's default; auto: the lean client for the
 #        http:// mock; curl: libcurl)
 #        KEEP_TMP=1 (keep the callgrind.out files, for callgrind_annotate)
-# Prints: CALLGRIND name=... ir_per_req=... (one line per proxy) and the ratio.
+# Prints: CALLGRIND name=... ir_per_req=... (one line per proxy) and the ratio;
+#         CALLGRIND_STREAM name=... ir_per_stream=... ir_per_chunk=... and the ratio.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 build=${1:-$repo/build-rel}
 N=${N:-2000}
 WARM=${WARM:-200}
+STREAMS=${STREAMS:-200}
+CHUNKS=${CHUNKS:-50}
 for tool in valgrind callgrind_control nginx python3 curl; do
   command -v "$tool" >/dev/null || { echo "callgrind.sh: $tool is not installed" >&2; exit 1; }
 done
 source "$repo/tests/bench/lib.sh"
 bench_tmp callgrind
 WAIT_HTTP_S=30 # valgrind starts slowly
+if (( STREAMS > 0 )); then
+  command -v gcc >/dev/null || { echo "callgrind.sh: gcc is not installed (STREAMS=0 skips streams)" >&2; exit 1; }
+  bench_streamload
+fi
 
 if [[ -n ${BODY:-} ]]; then cp "$BODY" "$tmp/body.json"; else
   printf '%s' '{"model":"mock-gpt","messages":[{"role":"system","content":"You are terse."},{"role":"user","content":"Say hello in one short sentence."}],"temperature":0,"stream":false}' >"$tmp/body.json"
@@ -50,7 +62,7 @@ for i in range(n):
         buf += d
 PY
 
-read -r port_zg adm raft port_ngx <<<"$(free_ports 4)"
+read -r port_zg adm raft port_ngx port_ngx_sse <<<"$(free_ports 5)"
 "$build/tests/mockllm" --listen 127.0.0.1:0 >"$tmp/mockllm.out" 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do grep -q 'listening on' "$tmp/mockllm.out" && break; sleep 0.1; done
@@ -59,15 +71,30 @@ port_mock=$(sed -n 's/.*listening on 127.0.0.1:\([0-9]*\).*/\1/p' "$tmp/mockllm.
 measure() { # NAME PORT PID: zero, N requests, dump, print Ir/N
   local name=$1 port=$2 pid=$3
   python3 "$tmp/seq.py" "$port" "$WARM" "$tmp/body.json"
-  callgrind_control -z "$pid" >/dev/null
+  callgrind_control -z "$pid" >/dev/null 2>&1
   python3 "$tmp/seq.py" "$port" "$N" "$tmp/body.json"
-  callgrind_control -d "$pid" >/dev/null
+  callgrind_control -d "$pid" >/dev/null 2>&1
   sleep 0.5
   local f ir
   f=$(ls -t "$tmp"/callgrind.out."$name".* | head -1)
   ir=$(sed -n 's/^summary: *\([0-9]*\).*/\1/p;s/^totals: *\([0-9]*\).*/\1/p' "$f" | head -1)
   echo "CALLGRIND name=$name requests=$N ir_total=$ir ir_per_req=$((ir / N)) file=$(basename "$f")"
   eval "ir_$name=$((ir / N))"
+}
+
+measure_streams() { # NAME PORT PID: zero, STREAMS streams, dump, print Ir per stream and chunk
+  local name=$1 port=$2 pid=$3 line f ir
+  (( STREAMS > 0 )) || return 0
+  "$tmp/streamload" --port "$port" --streams 20 --chunks 3 --interval-ms 10 --rate 200 >/dev/null
+  callgrind_control -z "$pid" >/dev/null 2>&1
+  line=$("$tmp/streamload" --port "$port" --streams "$STREAMS" --chunks "$CHUNKS" --interval-ms 20 --rate 1000)
+  callgrind_control -d "$pid" >/dev/null 2>&1
+  [[ $line == *" ok=$STREAMS failed=0 "* ]] || { echo "callgrind.sh: streams through $name failed: $line" >&2; exit 1; }
+  sleep 0.5
+  f=$(ls -t "$tmp"/callgrind.out."$name".* | head -1)
+  ir=$(sed -n 's/^summary: *\([0-9]*\).*/\1/p;s/^totals: *\([0-9]*\).*/\1/p' "$f" | head -1)
+  echo "CALLGRIND_STREAM name=$name streams=$STREAMS chunks=$CHUNKS ir_total=$ir ir_per_stream=$((ir / STREAMS)) ir_per_chunk=$((ir / STREAMS / CHUNKS)) file=$(basename "$f")"
+  eval "irs_$name=$((ir / STREAMS / CHUNKS))"
 }
 
 mkdir -p "$tmp/zg"
@@ -86,6 +113,7 @@ zg_pid=$!
 pids+=($zg_pid)
 wait_http "http://127.0.0.1:$port_zg/health/live"
 measure zonegate "$port_zg" "$zg_pid"
+measure_streams zonegate "$port_zg" "$zg_pid"
 
 mkdir -p "$tmp/nginx/logs"
 cat >"$tmp/nginx/nginx.conf" <<CONF
@@ -103,6 +131,10 @@ http {
     client_body_buffer_size 4m; client_max_body_size 16m;
     location / { proxy_pass http://mockllm; proxy_http_version 1.1; proxy_set_header Connection ""; }
   }
+  server {   # for streams: each upstream read goes to the client at once
+    listen 127.0.0.1:$port_ngx_sse backlog=4096; access_log off; proxy_buffering off;
+    location / { proxy_pass http://mockllm; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
 }
 CONF
 valgrind --tool=callgrind --callgrind-out-file="$tmp/callgrind.out.nginx.%p" \
@@ -111,4 +143,8 @@ ngx_pid=$!
 pids+=($ngx_pid)
 wait_http "http://127.0.0.1:$port_ngx/"
 measure nginx "$port_ngx" "$ngx_pid"
+measure_streams nginx "$port_ngx_sse" "$ngx_pid"
 python3 -c "print(f'CALLGRIND ratio zonegate/nginx = {$ir_zonegate / $ir_nginx:.2f}')"
+if (( STREAMS > 0 )); then
+  python3 -c "print(f'CALLGRIND_STREAM ratio zonegate/nginx per chunk = {$irs_zonegate / $irs_nginx:.2f}')"
+fi

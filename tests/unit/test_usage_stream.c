@@ -1,0 +1,105 @@
+/* Unit tests for gateway/usage's stream events: the usage the gateway
+ * asked for on a client's behalf is taken out again (a top-level
+ * "usage":null member, found without the strict scan, and the usage-only
+ * chunk), read when it is an object, and nothing else in an event moves:
+ * a nested or quoted "usage":null stays as the provider sent it. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "gateway/usage.h"
+
+/* The event as the client gets it with strip (the gateway asked for
+ * usage): "" when dropped. */
+static const char *client_sees(const char *event, struct usage_counts *u) {
+  static char out[2048];
+  char edit[2048];
+  size_t keep;
+  bool edited;
+  memset(u, 0, sizeof *u);
+  usage_stream_event(event, strlen(event), true, u, edit, &keep, &edited);
+  const char *from = edited ? edit : event;
+  memcpy(out, from, keep);
+  out[keep] = '\0';
+  return out;
+}
+
+static void test_top_level_null_is_removed(void **state) {
+  (void)state;
+  struct usage_counts u;
+  assert_string_equal(client_sees("data: {\"id\":\"c1\",\"choices\":[],\"usage\":null}\n\n", &u),
+                      "data: {\"id\":\"c1\",\"choices\":[]}\n\n");
+  assert_string_equal(client_sees("data: {\"usage\":null,\"id\":\"c1\"}\n\n", &u),
+                      "data: {\"id\":\"c1\"}\n\n");
+  assert_string_equal(client_sees("data: {\"id\":\"c1\", \"usage\" : null , \"x\":1}\r\n\r\n", &u),
+                      "data: {\"id\":\"c1\",  \"x\":1}\r\n\r\n");
+  assert_string_equal(client_sees("data: {\"usage\":null}\n\n", &u), "data: {}\n\n");
+  assert_false(u.known);
+}
+
+static void test_nested_or_quoted_null_stays(void **state) {
+  (void)state;
+  struct usage_counts u;
+  const char *nested =
+      "data: {\"id\":\"c1\",\"choices\":[{\"delta\":{\"usage\":null},\"index\":0}]}\n\n";
+  assert_string_equal(client_sees(nested, &u), nested);
+  const char *quoted = "data: {\"id\":\"c1\",\"choices\":[{\"delta\":{\"content\":"
+                       "\"say \\\"usage\\\":null, \\\"usage\\\"\"}}]}\n\n";
+  assert_string_equal(client_sees(quoted, &u), quoted);
+  /* a member whose value is a string holding the text, then the real one */
+  assert_string_equal(
+      client_sees("data: {\"note\":\"{\\\"usage\\\":null}\",\"usage\":null}\n\n", &u),
+      "data: {\"note\":\"{\\\"usage\\\":null}\"}\n\n");
+  /* "usage" as a value, not a member name */
+  const char *value = "data: {\"kind\":\"usage\",\"n\":null}\n\n";
+  assert_string_equal(client_sees(value, &u), value);
+}
+
+static void test_usage_object_is_read_and_its_chunk_dropped(void **state) {
+  (void)state;
+  struct usage_counts u;
+  assert_string_equal(
+      client_sees("data: {\"id\":\"c1\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,"
+                  "\"completion_tokens\":6,\"total_tokens\":9}}\n\n",
+                  &u),
+      "");
+  assert_true(u.known);
+  assert_int_equal(u.prompt, 3);
+  assert_int_equal(u.completion, 6);
+  assert_int_equal(u.total, 9);
+  /* the Responses API: response.usage, with a top-level null beside it */
+  client_sees("data: {\"type\":\"response.completed\",\"usage\":null,\"response\":{\"usage\":"
+              "{\"input_tokens\":2,\"output_tokens\":5,\"total_tokens\":7}}}\n\n",
+              &u);
+  assert_true(u.known);
+  assert_int_equal(u.total, 7);
+}
+
+static void test_without_strip_nothing_changes(void **state) {
+  (void)state;
+  const char *event = "data: {\"id\":\"c1\",\"usage\":null}\n\n";
+  struct usage_counts u = {0};
+  char edit[256];
+  size_t keep;
+  bool edited;
+  usage_stream_event(event, strlen(event), false, &u, edit, &keep, &edited);
+  assert_false(edited);
+  assert_int_equal(keep, strlen(event));
+  assert_false(u.known);
+}
+
+int main(void) {
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_top_level_null_is_removed),
+      cmocka_unit_test(test_nested_or_quoted_null_stays),
+      cmocka_unit_test(test_usage_object_is_read_and_its_chunk_dropped),
+      cmocka_unit_test(test_without_strip_nothing_changes),
+  };
+  return cmocka_run_group_tests(tests, NULL, NULL);
+}
