@@ -2,8 +2,11 @@
  * and removing the usage the gateway asked for on a client's behalf (see
  * usage.h). Uses the strict scanner (body.c) to find members, so a
  * member's bytes are located exactly and nothing is re-printed; a usage
- * object is read with the same strict scanner. Cannot fail: what it
- * cannot read is "unknown".
+ * object is read with the same strict scanner. One exception, for speed:
+ * the `"usage":null` of every stream chunk but the last is found by a
+ * light pass (the event's tail, or its structure with strings skipped)
+ * where that gives what the strict scan would, and the rest of such an
+ * event is not validated. Cannot fail: what it cannot read is "unknown".
  */
 #define _GNU_SOURCE /* memmem */
 #include "gateway/usage.h"
@@ -133,22 +136,27 @@ static const char *string_end(const char *p, const char *end) {
 /* The common stream chunk once the gateway asked for usage: a top-level
  * `"usage":null` member. Finds it without the strict scan (one pass over
  * the structure, strings skipped, nothing validated or copied): true with
- * [*start, *end) = the member's name through its null. false when the
- * object has no such plain member or the text is not shaped so (then the
- * strict path decides, as before). */
+ * [*start, *end) = the member's name through its null, when json is one
+ * object that closes at its end (an event whose JSON goes on in a second
+ * data line is not) with exactly one such member. false otherwise (then
+ * the strict path decides, as before). */
 static bool top_level_usage_null(const char *json, size_t len, const char **start,
                                  const char **end) {
   const char *p = json, *stop = json + len;
   int depth = 0;
-  bool want_name = false;
+  bool want_name = false, found = false, closed = false;
+  while (p < stop && (*p == ' ' || *p == '\t')) p++;
+  if (p == stop || *p != '{') return false;
   while (p < stop) {
     char ch = *p;
+    if (closed && ch != ' ' && ch != '\t' && ch != '\r' && ch != '\n') return false;
     if (ch == '"') {
       const char *name = p;
       if (!(p = string_end(p, stop))) return false;
       if (depth != 1 || !want_name) continue;
       want_name = false;
       if (p - name != 7 || memcmp(name, "\"usage\"", 7) != 0) continue;
+      if (found) return false; /* a second one: the strict scan refuses it */
       const char *q = p;
       while (q < stop && (*q == ' ' || *q == '\t')) q++;
       if (q >= stop || *q != ':') return false;
@@ -159,19 +167,22 @@ static bool top_level_usage_null(const char *json, size_t len, const char **star
       if (q < stop && *q != ',' && *q != '}' && *q != ' ' && *q != '\t') return false;
       *start = name;
       *end = q;
-      return true;
+      found = true;
+      p = q;
+      continue;
     }
     if (ch == '{' || ch == '[') {
       depth++;
       want_name = depth == 1;
     } else if (ch == '}' || ch == ']') {
-      depth--;
+      if (--depth == 0) closed = true;
+      if (depth < 0) return false;
     } else if (ch == ',' && depth == 1) {
       want_name = true;
     }
     p++;
   }
-  return false;
+  return found && closed;
 }
 
 /* The shape every chunk but the last has, with OpenAI's member order:
@@ -223,7 +234,8 @@ void usage_stream_event(const char *event, size_t len, bool strip, struct usage_
                         char *edited_out, size_t *keep_len, bool *edited) {
   *keep_len = len;
   *edited = false;
-  if (!find(event, len, "\"usage\"")) return; /* the common chunk: nothing to do */
+  const char *first_usage = find(event, len, "\"usage\"");
+  if (!first_usage) return; /* the common chunk: nothing to do */
   /* The JSON is the value of the event's data line (one line: OpenAI's
    * events are single-line JSON). */
   const char *data = find(event, len, "data:");
@@ -232,10 +244,13 @@ void usage_stream_event(const char *event, size_t len, bool strip, struct usage_
   if (json < event + len && *json == ' ') json++;
   size_t json_len = strcspn(json, "\r\n");
   if (json + json_len > event + len) json_len = (size_t)(event + len - json);
-  const char *null_start, *null_end;
+  const char *null_start = NULL, *null_end = NULL;
+  /* The fast path only where the strict one would do the same: the
+   * event's first "usage" is that member (no earlier one, as in a
+   * duplicate or a nested usage object), and no Responses API object. */
   if ((tail_usage_null(json, json_len, &null_start, &null_end) ||
        top_level_usage_null(json, json_len, &null_start, &null_end)) &&
-      !find(json, json_len, "\"response\"")) {
+      null_start == first_usage && !find(json, json_len, "\"response\"")) {
     /* every chunk but the last, once usage was asked for: nothing to read */
     if (strip) {
       *keep_len = remove_member(event, len, json, json_len, null_start, null_end, edited_out);

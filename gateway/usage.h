@@ -46,7 +46,9 @@ int usage_from_tail(const char *tail, size_t len, struct usage_counts *out);
  * drops the event (the usage-only chunk); otherwise out[0..*keep_len) is
  * the event, minus a top-level `"usage":null` member when it had one
  * (out has room for len bytes; when nothing changes, *keep_len == len and
- * out is not written: send event itself — check *edited). */
+ * out is not written: send event itself — check *edited). That member is
+ * found without validating the rest of the event (an invalid event stays
+ * invalid, minus the member); everything else uses the strict scan. */
 void usage_stream_event(const char *event, size_t len, bool strip, struct usage_counts *out,
                         char *edited_out, size_t *keep_len, bool *edited);
 

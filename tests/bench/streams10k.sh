@@ -226,6 +226,7 @@ print(f"STREAMS10K_RESULT n={n} rounds={len(rounds)} zg_peak_mb={zg_peak:.1f} rs
       f"cpu_ratio={med('cpu_s'):.2f} cpu_range={min(ratio('cpu_s')):.2f}..{max(ratio('cpu_s')):.2f} "
       f"p99_ratio={med('p99_ms'):.2f} p99_range={min(ratio('p99_ms')):.2f}..{max(ratio('p99_ms')):.2f} "
       f"steady_ratio={med('steady_p99_ms'):.2f} steady_range={min(ratio('steady_p99_ms')):.2f}..{max(ratio('steady_p99_ms')):.2f} "
+      f"p99_rounds_met={sum(x <= 1 for x in ratio('p99_ms'))} cpu_rounds_met={sum(x <= 1 for x in ratio('cpu_s'))} "
       f"failed={sum(rows[(name, r)]['failed'] for name in ('zonegate', 'nginx') for r in rounds)}")
 EOF
 echo

@@ -94,12 +94,36 @@ static void test_without_strip_nothing_changes(void **state) {
   assert_false(u.known);
 }
 
+/* Where the strict scan leaves an event as it is, so does the fast path
+ * (review of the fast path): JSON that goes on in a second data line, a
+ * duplicate "usage" member, a usage object under an escaped "response". */
+static void test_what_the_strict_scan_refuses_stays(void **state) {
+  (void)state;
+  struct usage_counts u;
+  const char *two_lines = "data: {\"usage\":null\ndata: ,\"id\":\"c1\"}\n\n";
+  assert_string_equal(client_sees(two_lines, &u), two_lines);
+  const char *duplicate = "data: {\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":1,"
+                          "\"total_tokens\":2},\"usage\":null}\n\n";
+  assert_string_equal(client_sees(duplicate, &u), duplicate);
+  assert_false(u.known);
+  const char *duplicate_nulls = "data: {\"usage\":null,\"id\":\"c1\",\"usage\":null}\n\n";
+  assert_string_equal(client_sees(duplicate_nulls, &u), duplicate_nulls);
+  const char *trailing = "data: {\"id\":\"c1\",\"usage\":null} x\n\n";
+  assert_string_equal(client_sees(trailing, &u), trailing);
+  client_sees("data: {\"respons\\u0065\":{\"usage\":{\"input_tokens\":4,\"output_tokens\":2,"
+              "\"total_tokens\":6}},\"usage\":null}\n\n",
+              &u);
+  assert_true(u.known);
+  assert_int_equal(u.total, 6);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_top_level_null_is_removed),
       cmocka_unit_test(test_nested_or_quoted_null_stays),
       cmocka_unit_test(test_usage_object_is_read_and_its_chunk_dropped),
       cmocka_unit_test(test_without_strip_nothing_changes),
+      cmocka_unit_test(test_what_the_strict_scan_refuses_stays),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
