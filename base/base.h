@@ -113,6 +113,11 @@ char *zg_buf_steal(zg_buf *b);
  * format machinery (it runs several times per request). Returns the length
  * written (at most size - 1). */
 size_t zg_copy_cut(char *dst, size_t size, const char *src);
+/* Drops the first `done` bytes of bufs[0..*nbufs) (what uv_try_write
+ * took): emptied buffers leave the front, a partly written one is cut,
+ * *nbufs shrinks to what is left. Returns the bytes left. The memory the
+ * buffers point at is untouched (the caller's). */
+size_t zg_bufs_consume(uv_buf_t *bufs, unsigned *nbufs, size_t done);
 /* Levenshtein distance, for "did you mean" suggestions. */
 size_t zg_edit_distance(const char *a, const char *b);
 /* Parses "1GB", "512MB", "64KiB", "1024" into bytes. 0 ok, -1 bad. */

@@ -236,6 +236,22 @@ size_t zg_copy_cut(char *dst, size_t size, const char *src) {
   return len;
 }
 
+size_t zg_bufs_consume(uv_buf_t *bufs, unsigned *nbufs, size_t done) {
+  unsigned first = 0;
+  while (first < *nbufs && done >= bufs[first].len) done -= bufs[first++].len;
+  size_t left = 0;
+  for (unsigned i = first; i < *nbufs; i++) {
+    bufs[i - first] = bufs[i];
+    if (i == first) {
+      bufs[0].base += done;
+      bufs[0].len -= (unsigned)done;
+    }
+    left += bufs[i - first].len;
+  }
+  *nbufs -= first;
+  return left;
+}
+
 size_t zg_edit_distance(const char *a, const char *b) {
   size_t la = strlen(a), lb = strlen(b);
   if (la > 64 || lb > 64) return (size_t)-1;

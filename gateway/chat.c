@@ -1055,9 +1055,6 @@ static size_t collect_passing_headers(struct chat *c, zg_buf *lines) {
 /* Header lines per attempt held on the stack; more go to the heap. */
 #define INLINE_UPSTREAM_HEADERS 32
 
-/* a->body = c->body with the "model" value replaced by a->model (the
- * upstream's name for a routed model); every other byte stays. Returns 0,
- * or -1 (no model member, or out of memory: the body goes as it is). */
 /* Writes "<name><value>" into line[size], the value cut to fit (as
  * snprintf(line, size, "%s%s", name, value)). Returns the bytes written. */
 static size_t header_line(char *line, size_t size, const char *name, const char *value) {
@@ -1065,6 +1062,9 @@ static size_t header_line(char *line, size_t size, const char *name, const char 
   return at + zg_copy_cut(line + at, size - at, value);
 }
 
+/* a->body = c->body with the "model" value replaced by a->model (the
+ * upstream's name for a routed model); every other byte stays. Returns 0,
+ * or -1 (no model member, or out of memory: the body goes as it is). */
 static int attempt_body(struct chat *c, struct attempt *a) {
   if (a->body) return 0;
   if (!c->model_len) {

@@ -245,10 +245,15 @@ void usage_stream_event(const char *event, size_t len, bool strip, struct usage_
   size_t json_len = strcspn(json, "\r\n");
   if (json + json_len > event + len) json_len = (size_t)(event + len - json);
   const char *null_start = NULL, *null_end = NULL;
-  /* The fast path only where the strict one would do the same: the
+  /* The fast path only where the strict one would do the same: the JSON
+   * is the event's one line (a second data line could close an object
+   * the first left open, making a tail `"usage":null}` a nested one), the
    * event's first "usage" is that member (no earlier one, as in a
    * duplicate or a nested usage object), and no Responses API object. */
-  if ((tail_usage_null(json, json_len, &null_start, &null_end) ||
+  const char *after = json + json_len;
+  while (after < event + len && (*after == '\r' || *after == '\n')) after++;
+  if (after == event + len &&
+      (tail_usage_null(json, json_len, &null_start, &null_end) ||
        top_level_usage_null(json, json_len, &null_start, &null_end)) &&
       null_start == first_usage && !find(json, json_len, "\"response\"")) {
     /* every chunk but the last, once usage was asked for: nothing to read */

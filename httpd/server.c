@@ -473,14 +473,7 @@ static int conn_writev(struct conn *c, uv_buf_t *bufs, unsigned nbufs) {
   if (c->pending_writes == 0 && total > 0) {
     int n = uv_try_write((uv_stream_t *)&c->tcp, bufs, nbufs);
     if (n > 0) {
-      size_t done = (size_t)n;
-      total -= done;
-      for (unsigned i = 0; i < nbufs && done > 0; i++) {
-        size_t take = done < bufs[i].len ? done : bufs[i].len;
-        bufs[i].base += take;
-        bufs[i].len -= take;
-        done -= take;
-      }
+      total = zg_bufs_consume(bufs, &nbufs, (size_t)n);
       if (total == 0) return 0;
     }
   }

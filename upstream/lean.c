@@ -34,6 +34,8 @@
  */
 #include "upstream/lean.h"
 
+#include "base/base.h"
+
 #include <netdb.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -546,21 +548,7 @@ static int conn_send(struct lean_conn *k, struct lean_transfer *t) {
    * request. What is left goes through uv_write; an immediate error takes
    * that path too, so it is reported by on_written as before. */
   int n = uv_try_write((uv_stream_t *)&k->tcp, bufs, nbufs);
-  if (n > 0) {
-    size_t done = (size_t)n;
-    for (unsigned i = 0; i < nbufs && done > 0; i++) {
-      size_t take = done < bufs[i].len ? done : bufs[i].len;
-      bufs[i].base += take;
-      bufs[i].len -= (unsigned)take;
-      done -= take;
-    }
-    if (bufs[nbufs - 1].len == 0)
-      nbufs = 0;
-    else if (bufs[0].len == 0) {
-      bufs[0] = bufs[1];
-      nbufs = 1;
-    }
-  }
+  if (n > 0) zg_bufs_consume(bufs, &nbufs, (size_t)n);
   if (nbufs > 0) {
     k->write_req.data = k;
     int rv = uv_write(&k->write_req, (uv_stream_t *)&k->tcp, bufs, nbufs, on_written);

@@ -102,6 +102,9 @@ static void test_what_the_strict_scan_refuses_stays(void **state) {
   struct usage_counts u;
   const char *two_lines = "data: {\"usage\":null\ndata: ,\"id\":\"c1\"}\n\n";
   assert_string_equal(client_sees(two_lines, &u), two_lines);
+  /* the second line closes the object: the usage of the first is nested */
+  const char *nested_two_lines = "data: {\"a\":{\"usage\":null}\ndata: }\n\n";
+  assert_string_equal(client_sees(nested_two_lines, &u), nested_two_lines);
   const char *duplicate = "data: {\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":1,"
                           "\"total_tokens\":2},\"usage\":null}\n\n";
   assert_string_equal(client_sees(duplicate, &u), duplicate);
