@@ -4,7 +4,7 @@
  * member's bytes are located exactly and nothing is re-printed; a usage
  * object is read with the same strict scanner. One exception, for speed:
  * the `"usage":null` of every stream chunk but the last is found by a
- * light pass (the event's tail, or its structure with strings skipped)
+ * light pass (the event's structure, strings skipped)
  * where that gives what the strict scan would, and the rest of such an
  * event is not validated. Cannot fail: what it cannot read is "unknown".
  */
@@ -185,32 +185,6 @@ static bool top_level_usage_null(const char *json, size_t len, const char **star
   return found && closed;
 }
 
-/* The shape every chunk but the last has, with OpenAI's member order:
- * the object ends `,"usage":null}` (spaces allowed). In valid JSON that
- * tail can only be a top-level member (a quote inside a string is escaped;
- * a nested object's end would add a '}'): the check is a few bytes read
- * backwards. Same results as top_level_usage_null when true. */
-static bool tail_usage_null(const char *json, size_t len, const char **start, const char **end) {
-  const char *p = json + len;
-#define ZG_SKIP_WS_BACK()                                                                          \
-  while (p > json && (p[-1] == ' ' || p[-1] == '\t' || p[-1] == '\r' || p[-1] == '\n')) p--
-  ZG_SKIP_WS_BACK();
-  if (p == json || *--p != '}') return false;
-  ZG_SKIP_WS_BACK();
-  if (p - json < 4 || memcmp(p - 4, "null", 4) != 0) return false;
-  *end = p;
-  p -= 4;
-  ZG_SKIP_WS_BACK();
-  if (p == json || *--p != ':') return false;
-  ZG_SKIP_WS_BACK();
-  if (p - json < 7 || memcmp(p - 7, "\"usage\"", 7) != 0) return false;
-  p -= 7;
-  *start = p;
-  ZG_SKIP_WS_BACK();
-#undef ZG_SKIP_WS_BACK
-  return p > json && (p[-1] == ',' || p[-1] == '{');
-}
-
 /* Takes [start, end) (a member) out of event[0..len) into out, with one
  * adjacent comma: the following one, or (last member) the preceding one. */
 static size_t remove_member(const char *event, size_t len, const char *json, size_t json_len,
@@ -252,9 +226,7 @@ void usage_stream_event(const char *event, size_t len, bool strip, struct usage_
    * duplicate or a nested usage object), and no Responses API object. */
   const char *after = json + json_len;
   while (after < event + len && (*after == '\r' || *after == '\n')) after++;
-  if (after == event + len &&
-      (tail_usage_null(json, json_len, &null_start, &null_end) ||
-       top_level_usage_null(json, json_len, &null_start, &null_end)) &&
+  if (after == event + len && top_level_usage_null(json, json_len, &null_start, &null_end) &&
       null_start == first_usage && !find(json, json_len, "\"response\"")) {
     /* every chunk but the last, once usage was asked for: nothing to read */
     if (strip) {

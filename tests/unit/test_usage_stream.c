@@ -111,6 +111,9 @@ static void test_what_the_strict_scan_refuses_stays(void **state) {
   assert_false(u.known);
   const char *duplicate_nulls = "data: {\"usage\":null,\"id\":\"c1\",\"usage\":null}\n\n";
   assert_string_equal(client_sees(duplicate_nulls, &u), duplicate_nulls);
+  /* truncated: the outer object never closes, so the null is a nested one */
+  const char *truncated = "data: {\"id\":\"c1\",\"x\":{\"usage\":null}\n\n";
+  assert_string_equal(client_sees(truncated, &u), truncated);
   const char *trailing = "data: {\"id\":\"c1\",\"usage\":null} x\n\n";
   assert_string_equal(client_sees(trailing, &u), trailing);
   client_sees("data: {\"respons\\u0065\":{\"usage\":{\"input_tokens\":4,\"output_tokens\":2,"
