@@ -639,6 +639,9 @@ static void common_options(CURL *curl) {
   curl_easy_setopt(curl, CURLOPT_TIMEOUT_MS, DELIVERY_TIMEOUT_MS);
   curl_easy_setopt(curl, CURLOPT_CONNECTTIMEOUT_MS, DELIVERY_CONNECT_TIMEOUT_MS);
   curl_easy_setopt(curl, CURLOPT_WRITEFUNCTION, discard_body);
+  /* Never a proxy from the environment (http_proxy, ALL_PROXY...): it would
+   * see every alert with its secret headers. Direct, as the upstream. */
+  curl_easy_setopt(curl, CURLOPT_PROXY, "");
 }
 
 /* libcurl copies string options, so resolved secrets are wiped here; the

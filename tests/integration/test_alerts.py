@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from harness import Stack, TempDir, chat_body, mock_stats, wait_for
+from harness import Stack, TempDir, chat_body, free_port, mock_stats, wait_for
 from harness import admin_call as harness_admin_call
 
 
@@ -178,6 +178,11 @@ def alert_stack():
         env = {"ZONEGATE_MASTER_KEY": MASTER_KEY, "ZONEGATE_ADMIN_TOKEN": ADMIN_TOKEN,
                "ZG_TEST_ALERT_WEBHOOK_URL": f"http://127.0.0.1:{http.port}/hook/{WEBHOOK_PATH_SECRET}",
                "ZG_TEST_ALERT_WEBHOOK_TOKEN": WEBHOOK_TOKEN}
+        # proxy variables in the node's environment (a dead port) must not
+        # carry the alerts and their secret headers: delivered direct
+        dead = f"http://127.0.0.1:{free_port()}"
+        env.update({name: dead for name in ("http_proxy", "HTTP_PROXY", "https_proxy",
+                                            "HTTPS_PROXY", "all_proxy", "ALL_PROXY")})
         stack = Stack(d, env_extra=env, start=False,
                       security={"master_key": "env:ZONEGATE_MASTER_KEY", "admin_token": "env:ZONEGATE_ADMIN_TOKEN"},
                       alerts=alerts_section(http.port, smtp.port))
