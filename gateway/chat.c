@@ -178,6 +178,7 @@ struct chat {
   char content_type[128];
   size_t n_response_headers; /* lines in response_headers */
   struct sse_cursor sse;     /* where the passed-through event stream stands */
+  bool drop_next_lf;         /* a dropped usage chunk ended on CR: its LF, when next, goes too */
   bool streaming_to_client;
   bool raw_passthrough; /* a large non-stream answer, passed through (raw_pass) */
   bool finished;
@@ -656,6 +657,11 @@ static void on_client_drained(void *ud) {
  * the usage chunk dropped and `"usage":null` members removed); the others
  * pass untouched. Returns 0, or 1 when the client is gone. */
 static int sse_write_events(struct chat *c, const char *data, size_t len) {
+  if (c->drop_next_lf) { /* the CRLF of the chunk dropped last came in two reads */
+    c->drop_next_lf = false;
+    if (len && data[0] == '\n') data++, len--;
+    if (!len) return 0;
+  }
   if (!c->account || !memmem(data, len, "\"usage\"", 7))
     return httpd_stream_write(c->req, data, len) != 0 ? 1 : 0;
   zg_buf *out = &c->gw->sse_scratch;
@@ -677,6 +683,9 @@ static int sse_write_events(struct chat *c, const char *data, size_t len) {
     usage_stream_event(data + at, n, c->strip_usage, &c->usage, edit, &keep, &edited);
     if (keep && zg_buf_append(out, edited ? edit : data + at, keep) != 0) return 1;
     at += n;
+    /* A dropped event that ends this piece on CR: an LF that comes next
+     * is that CR's (its CRLF), so it is dropped with it (sse.h). */
+    c->drop_next_lf = !keep && at == len && data[len - 1] == '\r';
   }
   if (out->len == 0) return 0;
   return httpd_stream_write(c->req, out->data, out->len) != 0 ? 1 : 0;
@@ -1455,42 +1464,81 @@ static void splice_add(struct splice *sp, size_t *n, size_t at, size_t remove, c
   memcpy(x->text, text, x->len);
 }
 
+/* What ask_stream_usage found. */
+enum ask_usage { ASK_NOT_NEEDED, ASK_ASKED, ASK_INVALID };
+
+/* A JSON value's type as OpenAI's errors name it ("expected an object,
+ * but got a string instead"). */
+static const char *json_type_name(enum body_type t) {
+  switch (t) {
+  case BODY_STRING:
+    return "a string";
+  case BODY_NUMBER:
+    return "a number";
+  case BODY_TRUE:
+  case BODY_FALSE:
+    return "a boolean";
+  case BODY_ARRAY:
+    return "an array";
+  case BODY_OBJECT:
+    return "an object";
+  default:
+    return "null";
+  }
+}
+
 /* Asks a stream for its usage when the client did not (issue: usage from
  * every answer): "stream_options":{"include_usage":true} is added, or
- * include_usage set inside the client's stream_options. Returns true when
- * the gateway asked (the usage chunk is then removed from the client's
- * stream). */
-static bool ask_stream_usage(const char *body, const struct body_value *v, size_t object_end,
-                             size_t members, struct splice *sp, size_t *n) {
+ * include_usage set inside the client's stream_options. ASK_ASKED when the
+ * gateway asked (the usage chunk is then removed from the client's
+ * stream), ASK_NOT_NEEDED when the client asked itself. ASK_INVALID, with
+ * OpenAI's message in msg, when stream_options is not an object or its
+ * include_usage not a boolean (or null): such a stream could not be
+ * counted, so it is refused like OpenAI refuses it (400), never sent
+ * uncounted. */
+static enum ask_usage ask_stream_usage(const char *body, const struct body_value *v,
+                                       size_t object_end, size_t members, struct splice *sp,
+                                       size_t *n, char *msg, size_t msg_size) {
   const struct body_value *so = &v[F_STREAM_OPTIONS];
   if (so->type == BODY_ABSENT) {
     splice_add(sp, n, object_end, 0,
                members ? ",\"stream_options\":{\"include_usage\":true}"
                        : "\"stream_options\":{\"include_usage\":true}");
-    return true;
+    return ASK_ASKED;
   }
   if (so->type == BODY_NULL) { /* null means "no options": the same as absent */
     splice_add(sp, n, (size_t)(so->value - body), so->len, "{\"include_usage\":true}");
-    return true;
+    return ASK_ASKED;
   }
-  if (so->type != BODY_OBJECT) return false; /* the upstream will say what is wrong */
+  if (so->type != BODY_OBJECT) {
+    snprintf(msg, msg_size,
+             "Invalid type for 'stream_options': expected an object, but got %s instead.",
+             json_type_name(so->type));
+    return ASK_INVALID;
+  }
   static const char *const inner[] = {"include_usage"};
   struct body_value iu[1];
   size_t end, count;
   char err[96];
-  if (body_scan(so->value, so->len, inner, iu, 1, &end, &count, err, sizeof(err)) != 0)
-    return false;
-  if (iu[0].type == BODY_TRUE) return false; /* the client asked itself */
+  if (body_scan(so->value, so->len, inner, iu, 1, &end, &count, err, sizeof(err)) != 0) {
+    snprintf(msg, msg_size, "Invalid 'stream_options': %s.", err);
+    return ASK_INVALID;
+  }
+  if (iu[0].type == BODY_TRUE) return ASK_NOT_NEEDED; /* the client asked itself */
   if (iu[0].type == BODY_ABSENT) {
     splice_add(sp, n, (size_t)(so->value - body) + 1, 0,
                count ? "\"include_usage\":true," : "\"include_usage\":true");
-    return true;
+    return ASK_ASKED;
   }
-  if (iu[0].type == BODY_FALSE) {
+  if (iu[0].type == BODY_FALSE || iu[0].type == BODY_NULL) {
     splice_add(sp, n, (size_t)(iu[0].value - body), iu[0].len, "true");
-    return true;
+    return ASK_ASKED;
   }
-  return false;
+  snprintf(msg, msg_size,
+           "Invalid type for 'stream_options.include_usage': expected a boolean, but got %s "
+           "instead.",
+           json_type_name(iu[0].type));
+  return ASK_INVALID;
 }
 
 /* Model defaults fill only the members the client left out (chat
@@ -1841,8 +1889,16 @@ static void proceed_local(struct chat *c) {
   if (!route_model(c, parsed)) return;
   c->account = parsed && gw->accounting != NULL;
   bool usage_route = c->chat || strcmp(c->route, "/v1/completions") == 0;
-  if (c->account && c->stream && usage_route && strcmp(c->method, "POST") == 0)
-    c->strip_usage = ask_stream_usage(body, v, object_end, members, sp, &n_sp);
+  if (c->account && c->stream && usage_route && strcmp(c->method, "POST") == 0) {
+    char msg[200];
+    enum ask_usage asked =
+        ask_stream_usage(body, v, object_end, members, sp, &n_sp, msg, sizeof(msg));
+    if (asked == ASK_INVALID) {
+      respond_error(c, 400, "invalid_request_error", "invalid_type", NULL, msg, "bad_request");
+      return;
+    }
+    c->strip_usage = asked == ASK_ASKED;
+  }
   if (!c->chat) {
     if (apply_splices(c, body, body_len, sp, n_sp) != 0) {
       respond_error(c, 500, "server_error", NULL, NULL, "out of memory", "oom");

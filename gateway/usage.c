@@ -58,12 +58,14 @@ int usage_read_object(const char *usage, size_t len, struct usage_counts *out) {
   any += count_of(&v[OUTPUT], &completion);
   any += count_of(&v[TOTAL], &total);
   if (!any) return -1;
+  /* replaces, never adds: every usage object is the answer's count so far
+   * (vLLM's continuous_usage_stats sends one on every chunk) */
   out->known = true;
-  out->prompt += prompt;
-  out->completion += completion;
-  out->total += total ? total : prompt + completion;
-  out->cached += detail_of(v[PD].type == BODY_OBJECT ? &v[PD] : &v[ID], "cached_tokens");
-  out->reasoning += detail_of(v[CD].type == BODY_OBJECT ? &v[CD] : &v[OD], "reasoning_tokens");
+  out->prompt = prompt;
+  out->completion = completion;
+  out->total = total ? total : prompt + completion;
+  out->cached = detail_of(v[PD].type == BODY_OBJECT ? &v[PD] : &v[ID], "cached_tokens");
+  out->reasoning = detail_of(v[CD].type == BODY_OBJECT ? &v[CD] : &v[OD], "reasoning_tokens");
   return 0;
 }
 

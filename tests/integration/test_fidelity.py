@@ -772,3 +772,172 @@ def test_stream_usage_is_asked_for_and_removed_again(mock, path, doc):
     finally:
         s.stop()
         tmp.__exit__(None, None, None)
+
+
+class ScriptedUpstream:
+    """An upstream that answers every request with a chunked event stream
+    of the given pieces, each written on its own 50 ms after the last (so
+    the gateway reads them apart), then the terminating chunk; one request
+    per connection. The request bodies it got are in .bodies."""
+
+    def __init__(self, pieces):
+        import threading
+        self.pieces = pieces
+        self.bodies = []
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import threading
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        with conn:
+            conn.settimeout(10)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                more = conn.recv(65536)
+                if not more:
+                    return
+                data += more
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            while len(body) < length:
+                body += conn.recv(65536)
+            self.bodies.append(json.loads(body))
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                         b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+            for piece in self.pieces:
+                time.sleep(0.05)
+                conn.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+            conn.sendall(b"0\r\n\r\n")
+
+    def stop(self):
+        self.sock.close()
+
+
+def _tokens_counted(stack):
+    """zonegate_tokens_total by kind, summed over its other labels."""
+    _, _, text = request(stack.metrics_port, "GET", "/metrics")
+    counted = {}
+    for line in text.decode().splitlines():
+        m = re.match(r'zonegate_tokens_total\{.*kind="(\w+)".*\} ([0-9.e+]+)$', line)
+        if m:
+            counted[m.group(1)] = counted.get(m.group(1), 0) + float(m.group(2))
+    return counted
+
+
+def _scripted_stream(pieces, doc):
+    """Sends doc as a stream request through a node (accounting on) whose
+    upstream sends pieces: (client's payload, request body the upstream got,
+    tokens counted)."""
+    upstream = ScriptedUpstream(pieces)
+    tmp = TempDir()
+    d = tmp.__enter__()
+    s = Stack(d, mock=upstream, performance={"cache_size": 0})
+    try:
+        via, _ = exchange(s.port, "POST", "/v1/chat/completions", JSON, jbody(doc))
+        assert via.status == 200, via.body[:300]
+        counted = wait_for_tokens(s)
+        return via.body, upstream.bodies[-1], counted
+    finally:
+        s.stop()
+        upstream.stop()
+        tmp.__exit__(None, None, None)
+
+
+def wait_for_tokens(stack, timeout=5):
+    deadline = time.monotonic() + timeout
+    while True:
+        counted = _tokens_counted(stack)
+        if counted.get("completion") or time.monotonic() > deadline:
+            return counted
+        time.sleep(0.1)
+
+
+CHUNK = b'data: {"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"hi"}}]'
+USAGE_CHUNK = (b'data: {"id":"c1","object":"chat.completion.chunk","choices":[],'
+               b'"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}')
+
+
+def test_dropped_usage_chunk_takes_its_crlf_along_when_reads_split_it():
+    """The gateway asked for usage and drops the usage chunk again. When
+    the upstream's CRLF after that chunk comes in two reads (CR, then LF),
+    the LF goes with the chunk: the client's bytes are the stream without
+    the usage, not one stray LF more (review of issue 14). An event the
+    client keeps passes its split CRLF whole."""
+    pieces = [CHUNK + b',"usage":null}\r\n\r\n', USAGE_CHUNK + b"}\r\n\r", b"\n",
+              b"data: [DONE]\r\n\r\n"]
+    got, sent, counted = _scripted_stream(pieces, chat("split", stream=True))
+    assert sent["stream_options"] == {"include_usage": True}
+    assert got == CHUNK + b"}\r\n\r\n" + b"data: [DONE]\r\n\r\n", got
+    assert counted.get("prompt") == 5 and counted.get("completion") == 2, counted
+
+    pieces = [CHUNK + b',"usage":null}\r\n\r', b"\n", USAGE_CHUNK + b"}\r\n\r\n",
+              b"data: [DONE]\r", b"\n\r\n"]
+    got, _, _ = _scripted_stream(pieces, chat("split kept", stream=True))
+    assert got == CHUNK + b"}\r\n\r\n" + b"data: [DONE]\r\n\r\n", got
+
+
+def test_usage_on_every_chunk_counts_the_last_not_the_sum():
+    """vLLM's continuous_usage_stats: every chunk carries the answer's usage
+    so far. The count is the last object's, not their sum (review of issue
+    14: 5/7 was counted 10/14), and the client, who asked, gets every byte."""
+    pieces = [CHUNK + b',"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}\n\n',
+              CHUNK + b',"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}}\n\n',
+              USAGE_CHUNK + b"}\n\n", b"data: [DONE]\n\n"]
+    got, sent, counted = _scripted_stream(
+        pieces, chat("continuous", stream=True,
+                     stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    assert sent["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
+    assert got == b"".join(pieces)
+    assert counted.get("prompt") == 5 and counted.get("completion") == 2, counted
+
+
+@pytest.mark.parametrize("options,names", [
+    ("yes", "'stream_options': expected an object, but got a string"),
+    ([], "'stream_options': expected an object, but got an array"),
+    (True, "'stream_options': expected an object, but got a boolean"),
+    ({"include_usage": "yes"}, "'stream_options.include_usage': expected a boolean, but got a string"),
+    ({"include_usage": 1}, "'stream_options.include_usage': expected a boolean, but got a number"),
+])
+def test_stream_options_of_another_type_is_refused_not_sent_uncounted(mock, options, names):
+    """With accounting on, a stream the gateway cannot ask for usage (its
+    stream_options is not an object, or include_usage not a boolean) would
+    go uncounted past budgets if a lenient upstream took it: it is refused
+    as OpenAI refuses it (400 invalid_type), and never sent upstream."""
+    tmp = TempDir()
+    d = tmp.__enter__()
+    s = Stack(d, mock=mock, performance={"cache_size": 0})
+    try:
+        before = len(recorded(mock)["requests"])
+        via, _ = exchange(s.port, "POST", "/v1/chat/completions", JSON,
+                          jbody(chat("uncounted?", stream=True, stream_options=options)))
+        assert via.status == 400, via.body[:300]
+        err = json.loads(via.body)["error"]
+        assert err["type"] == "invalid_request_error" and err["code"] == "invalid_type", err
+        assert names in err["message"], err
+        assert len(recorded(mock)["requests"]) == before
+        # include_usage null is "not asked": the gateway asks, and hides it again
+        via, _ = exchange(s.port, "POST", "/v1/chat/completions", JSON + [("X-Mock-Chunks", "2")],
+                          jbody(chat("null", stream=True, stream_options={"include_usage": None})))
+        assert via.status == 200 and b'"usage"' not in via.body, via.body[-300:]
+        seen = json.loads(base64.b64decode(recorded(mock)["requests"][-1]["body_b64"]))
+        assert seen["stream_options"] == {"include_usage": True}
+    finally:
+        s.stop()
+        tmp.__exit__(None, None, None)

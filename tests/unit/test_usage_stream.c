@@ -123,6 +123,39 @@ static void test_what_the_strict_scan_refuses_stays(void **state) {
   assert_int_equal(u.total, 6);
 }
 
+/* vLLM's continuous_usage_stats: every chunk carries the answer's usage so
+ * far; the count is the last one, never their sum (review: 5/7 counted as
+ * 10/14). */
+static void test_usage_on_every_chunk_counts_the_last(void **state) {
+  (void)state;
+  static const char *const events[] = {
+      "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}],\"usage\":{\"prompt_tokens\":5,"
+      "\"completion_tokens\":1,\"total_tokens\":6}}\n\n",
+      "data: {\"choices\":[{\"delta\":{\"content\":\"b\"}}],\"usage\":{\"prompt_tokens\":5,"
+      "\"completion_tokens\":2,\"total_tokens\":7,\"prompt_tokens_details\":"
+      "{\"cached_tokens\":4}}}\n\n",
+      "data: {\"choices\":[],\"usage\":null}\n\n",
+      "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":2,"
+      "\"total_tokens\":7,\"prompt_tokens_details\":{\"cached_tokens\":4}}}\n\n",
+  };
+  struct usage_counts u = {0};
+  char edit[512];
+  size_t keep;
+  bool edited;
+  for (size_t i = 0; i < sizeof(events) / sizeof(events[0]); i++)
+    usage_stream_event(events[i], strlen(events[i]), false, &u, edit, &keep, &edited);
+  assert_true(u.known);
+  assert_int_equal(u.prompt, 5);
+  assert_int_equal(u.completion, 2);
+  assert_int_equal(u.total, 7);
+  assert_int_equal(u.cached, 4);
+  /* an object whose counts are not numbers changes nothing */
+  const char *bad = "data: {\"usage\":{\"prompt_tokens\":\"9\"}}\n\n";
+  usage_stream_event(bad, strlen(bad), false, &u, edit, &keep, &edited);
+  assert_int_equal(u.prompt, 5);
+  assert_int_equal(u.total, 7);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_top_level_null_is_removed),
@@ -130,6 +163,7 @@ int main(void) {
       cmocka_unit_test(test_usage_object_is_read_and_its_chunk_dropped),
       cmocka_unit_test(test_without_strip_nothing_changes),
       cmocka_unit_test(test_what_the_strict_scan_refuses_stays),
+      cmocka_unit_test(test_usage_on_every_chunk_counts_the_last),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
