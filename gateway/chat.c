@@ -992,6 +992,10 @@ static void on_client_abort(void *ud) {
   if (c->waiter) limiter_cancel(c->waiter);
   c->waiter = NULL;
   note_fields(c, "none", "client_disconnected", 0, 0);
+  /* An answer had begun (the upstream is producing, and billing, tokens):
+   * counted with the usage read so far, else as an unknown request, so a
+   * client cannot pass its budget by leaving before the usage chunk. */
+  record_usage(c);
   chat_done(c);
 }
 

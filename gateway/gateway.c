@@ -252,18 +252,20 @@ static const char *const api_routes[] = {
     "/v1/threads/{id}/runs/{id}",
 };
 
+/* Segment by segment; empty segments of the path ("//", a trailing "/")
+ * are skipped, so /v1//chat/completions/ is /v1/chat/completions: an
+ * upstream that merges slashes serves it as that endpoint, so the gateway
+ * treats it as one too (usage asked for and counted, the same label). */
 static bool route_matches(const char *tpl, const char *path) {
-  while (*tpl && *path) {
-    if (tpl[0] == '{') { /* "{id}": one path segment */
-      size_t seg = strcspn(path, "/");
-      if (seg == 0) return false;
-      path += seg;
-      tpl += strcspn(tpl, "}") + 1;
-      continue;
-    }
-    if (*tpl++ != *path++) return false;
+  for (;;) {
+    while (*tpl == '/') tpl++;
+    while (*path == '/') path++;
+    if (!*tpl || !*path) return !*tpl && !*path;
+    size_t seg = strcspn(path, "/"), tseg = strcspn(tpl, "/");
+    if (tpl[0] != '{' && (seg != tseg || memcmp(tpl, path, seg) != 0)) return false;
+    tpl += tseg; /* "{id}": any one segment */
+    path += seg;
   }
-  return *tpl == '\0' && *path == '\0';
 }
 
 static const char *api_route(const char *path) {

@@ -25,6 +25,10 @@ static bool count_of(const struct body_value *v, uint64_t *out) {
   return true;
 }
 
+static uint64_t max_count(uint64_t a, uint64_t b) {
+  return a > b ? a : b;
+}
+
 /* One count inside a *_details object (e.g. cached_tokens); 0 when absent. */
 static uint64_t detail_of(const struct body_value *details, const char *name) {
   if (details->type != BODY_OBJECT) return 0;
@@ -58,14 +62,17 @@ int usage_read_object(const char *usage, size_t len, struct usage_counts *out) {
   any += count_of(&v[OUTPUT], &completion);
   any += count_of(&v[TOTAL], &total);
   if (!any) return -1;
-  /* replaces, never adds: every usage object is the answer's count so far
-   * (vLLM's continuous_usage_stats sends one on every chunk) */
+  /* never added up: every usage object is the answer's count so far
+   * (vLLM's continuous_usage_stats sends one on every chunk), so each
+   * count is the largest seen (a later smaller one cannot undo tokens) */
   out->known = true;
-  out->prompt = prompt;
-  out->completion = completion;
-  out->total = total ? total : prompt + completion;
-  out->cached = detail_of(v[PD].type == BODY_OBJECT ? &v[PD] : &v[ID], "cached_tokens");
-  out->reasoning = detail_of(v[CD].type == BODY_OBJECT ? &v[CD] : &v[OD], "reasoning_tokens");
+  out->prompt = max_count(out->prompt, prompt);
+  out->completion = max_count(out->completion, completion);
+  out->total = max_count(out->total, total ? total : prompt + completion);
+  out->cached = max_count(out->cached,
+                          detail_of(v[PD].type == BODY_OBJECT ? &v[PD] : &v[ID], "cached_tokens"));
+  out->reasoning = max_count(
+      out->reasoning, detail_of(v[CD].type == BODY_OBJECT ? &v[CD] : &v[OD], "reasoning_tokens"));
   return 0;
 }
 

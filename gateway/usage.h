@@ -27,10 +27,11 @@ struct usage_counts {
 /* Reads a usage object's JSON text usage[0..len): prompt_tokens or
  * input_tokens, completion_tokens or output_tokens, total_tokens (else
  * their sum), {prompt,input}_tokens_details.cached_tokens,
- * {completion,output}_tokens_details.reasoning_tokens. Replaces *out's
- * counts and sets known: a usage object is the whole answer's count so
- * far, so of a stream's several (vLLM's continuous_usage_stats sends one
- * per chunk) the last is the answer's. Returns 0, or -1 when it is not
+ * {completion,output}_tokens_details.reasoning_tokens. Sets known and
+ * each of *out's counts to the larger of it and the object's: a usage
+ * object is the whole answer's count so far, so a stream's several
+ * (vLLM's continuous_usage_stats sends one per chunk) are never added up,
+ * and a later smaller one undoes nothing. Returns 0, or -1 when it is not
  * such an object (*out unchanged). */
 int usage_read_object(const char *usage, size_t len, struct usage_counts *out);
 

@@ -94,6 +94,11 @@ bench_pin
 # with fifo: about 5 ms, the same as mockllm to the client directly).
 # Both proxies alike; PRIO=normal measures without it.
 PRIO=${PRIO:-fifo}
+if [[ $PRIO == fifo && ${#on_proxy[@]} == 0 ]]; then
+  # unpinned, a real-time proxy would share its core with the load
+  echo "streams10k.sh: PRIO=fifo needs PIN=1 on 2+ cores; the proxies run at normal priority" >&2
+  PRIO=normal
+fi
 if [[ $PRIO == fifo ]]; then
   if chrt -f 10 true 2>/dev/null; then
     on_proxy=(chrt -f 10 "${on_proxy[@]}")

@@ -777,13 +777,15 @@ def test_stream_usage_is_asked_for_and_removed_again(mock, path, doc):
 class ScriptedUpstream:
     """An upstream that answers every request with a chunked event stream
     of the given pieces, each written on its own 50 ms after the last (so
-    the gateway reads them apart), then the terminating chunk; one request
-    per connection. The request bodies it got are in .bodies."""
+    the gateway reads them apart; a float in pieces is a pause of that many
+    seconds), then the terminating chunk; one request per connection. The
+    request bodies and paths it got are in .bodies and .paths."""
 
     def __init__(self, pieces):
         import threading
         self.pieces = pieces
         self.bodies = []
+        self.paths = []
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
@@ -817,14 +819,21 @@ class ScriptedUpstream:
                     length = int(value)
             while len(body) < length:
                 body += conn.recv(65536)
+            self.paths.append(head.split(b" ")[1].decode())
             self.bodies.append(json.loads(body))
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
                          b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
-            for piece in self.pieces:
-                time.sleep(0.05)
-                conn.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
-            conn.sendall(b"0\r\n\r\n")
+            try:
+                for piece in self.pieces:
+                    if isinstance(piece, float):  # a longer pause, in seconds
+                        time.sleep(piece)
+                        continue
+                    time.sleep(0.05)
+                    conn.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+                conn.sendall(b"0\r\n\r\n")
+            except OSError:
+                pass  # the gateway cancelled the transfer
 
     def stop(self):
         self.sock.close()
@@ -841,7 +850,7 @@ def _tokens_counted(stack):
     return counted
 
 
-def _scripted_stream(pieces, doc):
+def _scripted_stream(pieces, doc, path="/v1/chat/completions"):
     """Sends doc as a stream request through a node (accounting on) whose
     upstream sends pieces: (client's payload, request body the upstream got,
     tokens counted)."""
@@ -850,8 +859,9 @@ def _scripted_stream(pieces, doc):
     d = tmp.__enter__()
     s = Stack(d, mock=upstream, performance={"cache_size": 0})
     try:
-        via, _ = exchange(s.port, "POST", "/v1/chat/completions", JSON, jbody(doc))
+        via, _ = exchange(s.port, "POST", path, JSON, jbody(doc))
         assert via.status == 200, via.body[:300]
+        assert upstream.paths[-1] == path
         counted = wait_for_tokens(s)
         return via.body, upstream.bodies[-1], counted
     finally:
@@ -864,7 +874,8 @@ def wait_for_tokens(stack, timeout=5):
     deadline = time.monotonic() + timeout
     while True:
         counted = _tokens_counted(stack)
-        if counted.get("completion") or time.monotonic() > deadline:
+        if counted.get("completion") or counted.get("unknown_requests") or \
+                time.monotonic() > deadline:
             return counted
         time.sleep(0.1)
 
@@ -940,4 +951,64 @@ def test_stream_options_of_another_type_is_refused_not_sent_uncounted(mock, opti
         assert seen["stream_options"] == {"include_usage": True}
     finally:
         s.stop()
+        tmp.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions/", "/v1//chat/completions",
+                                  "/v1/chat//completions/"])
+def test_path_variants_of_chat_completions_are_asked_and_counted(path):
+    """An upstream that merges slashes serves /v1/chat/completions/ as chat
+    completions: the gateway treats it as one too (review: it went upstream
+    unasked and counted as an unknown request), and passes the path as sent."""
+    pieces = [CHUNK + b',"usage":null}\n\n', USAGE_CHUNK + b"}\n\n", b"data: [DONE]\n\n"]
+    got, sent, counted = _scripted_stream(pieces, chat("variant", stream=True), path=path)
+    assert sent["stream_options"] == {"include_usage": True}
+    assert got == CHUNK + b"}\n\n" + b"data: [DONE]\n\n", got
+    assert counted.get("prompt") == 5 and counted.get("completion") == 2, counted
+    assert not counted.get("unknown_requests"), counted
+
+
+def _leave_after_content(stack, doc):
+    """A client that reads a stream until its finish_reason chunk, then
+    closes the connection."""
+    sock = socket.create_connection(("127.0.0.1", stack.port), timeout=10)
+    body = jbody(doc)
+    with sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(body), body))
+        got = b""
+        while b"finish_reason" not in got:
+            more = sock.recv(65536)
+            assert more, got
+            got += more
+    return got
+
+
+@pytest.mark.parametrize("continuous", [False, True])
+def test_a_client_that_leaves_before_the_usage_chunk_is_still_counted(continuous):
+    """A client that closes once the content is in, before the usage chunk,
+    was not counted at all (review: budgets passed by leaving early). It is
+    counted with the usage read so far (vLLM's continuous usage), else as an
+    unknown request."""
+    usage = b',"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}' if continuous \
+        else b',"usage":null'
+    final = (b'data: {"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,'
+             b'"delta":{},"finish_reason":"stop"}]' + usage + b"}\n\n")
+    upstream = ScriptedUpstream([CHUNK + usage + b"}\n\n", final, 2.0, USAGE_CHUNK + b"}\n\n",
+                                 b"data: [DONE]\n\n"])
+    tmp = TempDir()
+    d = tmp.__enter__()
+    s = Stack(d, mock=upstream, performance={"cache_size": 0})
+    try:
+        options = {"include_usage": True, "continuous_usage_stats": True} if continuous else None
+        _leave_after_content(s, chat("leaving", stream=True, stream_options=options))
+        counted = wait_for_tokens(s)
+        if continuous:
+            assert counted.get("prompt") == 5 and counted.get("completion") == 2, counted
+        else:
+            assert counted.get("unknown_requests") == 1, counted
+    finally:
+        s.stop()
+        upstream.stop()
         tmp.__exit__(None, None, None)

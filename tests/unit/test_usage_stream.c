@@ -149,6 +149,13 @@ static void test_usage_on_every_chunk_counts_the_last(void **state) {
   assert_int_equal(u.completion, 2);
   assert_int_equal(u.total, 7);
   assert_int_equal(u.cached, 4);
+  /* a later, smaller object undoes no tokens (review) */
+  const char *zero = "data: {\"usage\":{\"prompt_tokens\":0,\"completion_tokens\":0,"
+                     "\"total_tokens\":0}}\n\n";
+  usage_stream_event(zero, strlen(zero), false, &u, edit, &keep, &edited);
+  assert_int_equal(u.prompt, 5);
+  assert_int_equal(u.completion, 2);
+  assert_int_equal(u.total, 7);
   /* an object whose counts are not numbers changes nothing */
   const char *bad = "data: {\"usage\":{\"prompt_tokens\":\"9\"}}\n\n";
   usage_stream_event(bad, strlen(bad), false, &u, edit, &keep, &edited);
