@@ -1125,6 +1125,13 @@ static int on_headers_complete(http_parser *p) {
   }
   /* Split the target in place: the path ends where the query begins. */
   char *url = r->url.len ? r->url.data : NULL;
+  /* A fragment is the client's own (RFC 3986 §3.5): a request line never
+   * carries one (RFC 9112 §3.2). Refused, so that no layer reads the path
+   * with "#..." on it while another (an upstream client) cuts it off. */
+  if (url && strchr(url, '#'))
+    return fail_parse(c, 400,
+                      "the request target has a fragment ('#'), which a request line "
+                      "may not carry (RFC 9112 section 3.2)");
   char *q = url ? strchr(url, '?') : NULL;
   if (q) *q = '\0';
   r->path = url ? url : "/";

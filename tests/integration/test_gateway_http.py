@@ -146,6 +146,22 @@ def test_unknown_route_404_and_wrong_method_405(stack):
     error_of(payload)
 
 
+def test_a_fragment_in_the_request_target_is_refused(stack):
+    """'#' never belongs in a request line (RFC 9112 §3.2); the upstream
+    clients cut it off while routing saw it, so /v1/chat/completions#x went
+    upstream as chat completions without being read as one (review: not
+    asked for usage). It is refused with 400, before anything else."""
+    body = json.dumps(chat_body("fragment", stream=True)).encode()
+    for target in (b"/v1/chat/completions#x", b"/v1/models#", b"/health#live"):
+        got = raw_exchange(stack.port, b"POST %s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+                           b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                           % (target, CLIENT_TOKEN.encode(), len(body), body),
+                           until=lambda b: b"\r\n\r\n" in b and b"}}" in b)
+        assert got.startswith(b"HTTP/1.1 400 "), (target, got[:200])
+        assert b"fragment" in got, got
+    assert_other_client_fine(stack)
+
+
 def test_missing_or_wrong_token_401(stack):
     status, _, payload = stack.chat(chat_body("no token"))
     assert status == 401
