@@ -662,7 +662,7 @@ static int sse_write_events(struct chat *c, const char *data, size_t len) {
     if (len && data[0] == '\n') data++, len--;
     if (!len) return 0;
   }
-  if (!c->account || !memmem(data, len, "\"usage\"", 7))
+  if (!c->account || !usage_find_name(data, len))
     return httpd_stream_write(c->req, data, len) != 0 ? 1 : 0;
   zg_buf *out = &c->gw->sse_scratch;
   zg_buf_reset(out);

@@ -12,6 +12,9 @@
 #include "gateway/usage.h"
 
 #include <string.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "gateway/body.h"
 
@@ -129,12 +132,51 @@ static const char *find(const char *hay, size_t len, const char *needle) {
   return memmem(hay, len, needle, strlen(needle));
 }
 
+const char *usage_find_name(const char *p, size_t len) {
+  const char *end = p + len;
+  if (len < 7) return NULL;
+#if defined(__SSE2__)
+  /* candidates: a '"' followed by 'u' (two loads one byte apart), rare in
+   * an event; each is then compared whole */
+  const __m128i quote = _mm_set1_epi8('"'), u = _mm_set1_epi8('u');
+  while (end - p >= 17) {
+    __m128i a = _mm_loadu_si128((const __m128i *)(const void *)p);
+    __m128i b = _mm_loadu_si128((const __m128i *)(const void *)(p + 1));
+    unsigned mask =
+        (unsigned)_mm_movemask_epi8(_mm_and_si128(_mm_cmpeq_epi8(a, quote), _mm_cmpeq_epi8(b, u)));
+    while (mask) {
+      const char *at = p + __builtin_ctz(mask);
+      if (end - at >= 7 && memcmp(at, "\"usage\"", 7) == 0) return at;
+      mask &= mask - 1;
+    }
+    p += 16;
+  }
+#endif
+  return end - p >= 7 ? memmem(p, (size_t)(end - p), "\"usage\"", 7) : NULL;
+}
+
+/* The first '"' or '\\' in [p, end), or end: 16 bytes per step with SSE2
+ * (x86-64's baseline), a string's text at a time. */
+static const char *quote_or_escape(const char *p, const char *end) {
+#if defined(__SSE2__)
+  const __m128i quote = _mm_set1_epi8('"'), backslash = _mm_set1_epi8('\\');
+  while (end - p >= 16) {
+    __m128i v = _mm_loadu_si128((const __m128i *)(const void *)p);
+    unsigned mask = (unsigned)_mm_movemask_epi8(
+        _mm_or_si128(_mm_cmpeq_epi8(v, quote), _mm_cmpeq_epi8(v, backslash)));
+    if (mask) return p + __builtin_ctz(mask);
+    p += 16;
+  }
+#endif
+  while (p < end && *p != '"' && *p != '\\') p++;
+  return p;
+}
+
 /* Just past the JSON string that opens at p (a '"'), or NULL when it does
  * not end before end. Escapes are skipped, not checked. */
 static const char *string_end(const char *p, const char *end) {
   for (p++; p < end; p++) {
-    const char *q = p;
-    while (q < end && *q != '"' && *q != '\\') q++;
+    const char *q = quote_or_escape(p, end);
     if (q >= end) return NULL;
     if (*q == '"') return q + 1;
     p = q + 1; /* the escaped byte; the loop's p++ moves past it */
@@ -217,7 +259,7 @@ void usage_stream_event(const char *event, size_t len, bool strip, struct usage_
                         char *edited_out, size_t *keep_len, bool *edited) {
   *keep_len = len;
   *edited = false;
-  const char *first_usage = find(event, len, "\"usage\"");
+  const char *first_usage = usage_find_name(event, len);
   if (!first_usage) return; /* the common chunk: nothing to do */
   /* The JSON is the value of the event's data line (one line: OpenAI's
    * events are single-line JSON). */
@@ -230,13 +272,15 @@ void usage_stream_event(const char *event, size_t len, bool strip, struct usage_
   const char *null_start = NULL, *null_end = NULL;
   /* The fast path only where the strict one would do the same: the JSON
    * is the event's one line (a second data line could close an object
-   * the first left open, making a tail `"usage":null}` a nested one), the
-   * event's first "usage" is that member (no earlier one, as in a
-   * duplicate or a nested usage object), and no Responses API object. */
+   * the first left open, making a tail `"usage":null}` a nested one), and
+   * that member is the event's only "usage" (none before it, as in a
+   * duplicate or a nested usage object; none after it, as in a Responses
+   * API object's). */
   const char *after = json + json_len;
   while (after < event + len && (*after == '\r' || *after == '\n')) after++;
   if (after == event + len && top_level_usage_null(json, json_len, &null_start, &null_end) &&
-      null_start == first_usage && !find(json, json_len, "\"response\"")) {
+      null_start == first_usage &&
+      !usage_find_name(null_end, (size_t)(json + json_len - null_end))) {
     /* every chunk but the last, once usage was asked for: nothing to read */
     if (strip) {
       *keep_len = remove_member(event, len, json, json_len, null_start, null_end, edited_out);

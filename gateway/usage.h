@@ -43,6 +43,10 @@ int usage_from_answer(const char *body, size_t len, struct usage_counts *out);
  * read (OpenAI's answers end with their usage object). 0 when read. */
 int usage_from_tail(const char *tail, size_t len, struct usage_counts *out);
 
+/* The first `"usage"` (quotes included) in p[0..len), or NULL: memmem's
+ * answer, faster for this needle (SSE2). */
+const char *usage_find_name(const char *p, size_t len);
+
 /* One complete SSE event event[0..len) (its blank line included). Reads
  * usage from a chat/completions chunk's top-level "usage" or a Responses
  * event's "response"."usage". With strip (the gateway asked for usage the

@@ -3,6 +3,7 @@
  * "usage":null member, found without the strict scan, and the usage-only
  * chunk), read when it is an object, and nothing else in an event moves:
  * a nested or quoted "usage":null stays as the provider sent it. */
+#define _GNU_SOURCE /* memmem */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stdbool.h>
@@ -163,6 +164,29 @@ static void test_usage_on_every_chunk_counts_the_last(void **state) {
   assert_int_equal(u.total, 7);
 }
 
+/* usage_find_name is memmem for `"usage"`: the same answer on random
+ * bytes rich in its pieces, at every length and offset. */
+static void test_find_name_is_memmem(void **state) {
+  (void)state;
+  static const char alphabet[] = "\"usage\"uU: ";
+  char buf[200];
+  unsigned seed = 12345;
+  for (int round = 0; round < 20000; round++) {
+    size_t len = (size_t)(round % 160);
+    for (size_t i = 0; i < len; i++) {
+      seed = seed * 1103515245u + 12345u;
+      buf[i] = alphabet[(seed >> 16) % (sizeof(alphabet) - 1)];
+    }
+    if (len >= 7 && round % 3 == 0) {
+      seed = seed * 1103515245u + 12345u;
+      memcpy(buf + (seed >> 16) % (len - 6), "\"usage\"", 7);
+    }
+    for (size_t from = 0; from <= len && from < 20; from++)
+      assert_ptr_equal(usage_find_name(buf + from, len - from),
+                       memmem(buf + from, len - from, "\"usage\"", 7));
+  }
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_top_level_null_is_removed),
@@ -171,6 +195,7 @@ int main(void) {
       cmocka_unit_test(test_without_strip_nothing_changes),
       cmocka_unit_test(test_what_the_strict_scan_refuses_stays),
       cmocka_unit_test(test_usage_on_every_chunk_counts_the_last),
+      cmocka_unit_test(test_find_name_is_memmem),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
