@@ -287,6 +287,77 @@ def echo_of(payload):
     return json.loads(doc["choices"][0]["message"]["content"])
 
 
+class ScriptedUpstream:
+    """An upstream that answers every request with a chunked event stream
+    of the given pieces, then the terminating chunk; one request per
+    connection. Each piece is written on its own, `gap` seconds after the
+    last (so the gateway reads them apart); a float in pieces is a pause of
+    that many seconds. The request bodies (parsed JSON, else bytes) and
+    paths it got are in .bodies and .paths; the monotonic time each head
+    went out in .sent_head_at."""
+
+    def __init__(self, pieces, gap=0.05):
+        self.pieces = pieces
+        self.gap = gap
+        self.bodies = []
+        self.paths = []
+        self.sent_head_at = []
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        with conn:
+            conn.settimeout(10)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                more = conn.recv(65536)
+                if not more:
+                    return
+                data += more
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            while len(body) < length:
+                body += conn.recv(65536)
+            self.paths.append(head.split(b" ")[1].decode())
+            try:
+                self.bodies.append(json.loads(body))
+            except ValueError:
+                self.bodies.append(body)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                         b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+            self.sent_head_at.append(time.monotonic())
+            try:
+                for piece in self.pieces:
+                    if isinstance(piece, float):
+                        time.sleep(piece)
+                        continue
+                    time.sleep(self.gap)
+                    conn.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+                conn.sendall(b"0\r\n\r\n")
+            except OSError:
+                pass  # the gateway cancelled the transfer
+
+    def stop(self):
+        self.sock.close()
+
+
 class Stack:
     """One mockllm and one zonegate with a config built from overrides.
     stop() kills both (idempotent); use it from a fixture finalizer."""

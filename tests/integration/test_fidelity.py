@@ -57,7 +57,7 @@ import time
 
 import pytest
 
-from harness import (UPSTREAM_KEY, ZONEGATE_BIN, Stack, TempDir, request, start_mockllm)
+from harness import (UPSTREAM_KEY, ZONEGATE_BIN, ScriptedUpstream, Stack, TempDir, request, start_mockllm)
 
 CLIENT_TOKEN = "zg-fidelity-client-token-5d1e"
 DEFAULTS_SUFFIX = {"temperature": b'"temperature":0.7', "top_p": b'"top_p":0.95'}
@@ -772,71 +772,6 @@ def test_stream_usage_is_asked_for_and_removed_again(mock, path, doc):
     finally:
         s.stop()
         tmp.__exit__(None, None, None)
-
-
-class ScriptedUpstream:
-    """An upstream that answers every request with a chunked event stream
-    of the given pieces, each written on its own 50 ms after the last (so
-    the gateway reads them apart; a float in pieces is a pause of that many
-    seconds), then the terminating chunk; one request per connection. The
-    request bodies and paths it got are in .bodies and .paths."""
-
-    def __init__(self, pieces):
-        import threading
-        self.pieces = pieces
-        self.bodies = []
-        self.paths = []
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        import threading
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn):
-        with conn:
-            conn.settimeout(10)
-            data = b""
-            while b"\r\n\r\n" not in data:
-                more = conn.recv(65536)
-                if not more:
-                    return
-                data += more
-            head, _, body = data.partition(b"\r\n\r\n")
-            length = 0
-            for line in head.split(b"\r\n")[1:]:
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-            while len(body) < length:
-                body += conn.recv(65536)
-            self.paths.append(head.split(b" ")[1].decode())
-            self.bodies.append(json.loads(body))
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                         b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
-            try:
-                for piece in self.pieces:
-                    if isinstance(piece, float):  # a longer pause, in seconds
-                        time.sleep(piece)
-                        continue
-                    time.sleep(0.05)
-                    conn.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
-                conn.sendall(b"0\r\n\r\n")
-            except OSError:
-                pass  # the gateway cancelled the transfer
-
-    def stop(self):
-        self.sock.close()
 
 
 def _tokens_counted(stack):

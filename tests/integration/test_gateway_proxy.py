@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from harness import (CLIENT_TOKEN, UPSTREAM_KEY, Stack, TempDir, chat_body, echo_of, mock_reset, mock_stats,
+from harness import (CLIENT_TOKEN, UPSTREAM_KEY, ScriptedUpstream, Stack, TempDir, chat_body, echo_of, mock_reset, mock_stats,
                      open_stream, raw_chat, decode_chunked, read_sse, request, token_sha256, wait_for)
 
 
@@ -199,61 +199,9 @@ def test_stream_head_and_first_event_leave_in_one_packet(stack):
     assert len(events) == 4 and events[-1] == "data: [DONE]", events
 
 
-class LateUpstream:
-    """A stream upstream whose first event comes `delay` seconds after its
-    head (a model thinking before its first token). Sends EVENTS, then the
-    terminating chunk; one request per connection."""
-    EVENTS = [b'data: {"id":"late-1","object":"chat.completion.chunk","choices":[{"index":0,'
-              b'"delta":{"content":"late"}}]}\n\n', b"data: [DONE]\n\n"]
-
-    def __init__(self, delay):
-        import threading
-        self.delay = delay
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.sent_head_at = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        import threading
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn):
-        with conn:
-            conn.settimeout(10)
-            data = b""
-            while b"\r\n\r\n" not in data:
-                more = conn.recv(65536)
-                if not more:
-                    return
-                data += more
-            head, _, body = data.partition(b"\r\n\r\n")
-            length = 0
-            for line in head.split(b"\r\n")[1:]:
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-            while len(body) < length:
-                body += conn.recv(65536)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                         b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
-            self.sent_head_at.append(time.monotonic())
-            time.sleep(self.delay)
-            for event in self.EVENTS:
-                conn.sendall(b"%x\r\n%s\r\n" % (len(event), event))
-            conn.sendall(b"0\r\n\r\n")
-
-    def stop(self):
-        self.sock.close()
+# A model thinking before its first token: the events come `delay` s after the head.
+LATE_EVENTS = [b'data: {"id":"late-1","object":"chat.completion.chunk","choices":[{"index":0,'
+               b'"delta":{"content":"late"}}]}\n\n', b"data: [DONE]\n\n"]
 
 
 def test_stream_head_is_not_held_for_a_late_first_event():
@@ -261,7 +209,7 @@ def test_stream_head_is_not_held_for_a_late_first_event():
     made in, not with the first chunk: a client sees the head of a stream
     whose first event is 1.5 s late at once, and the stream's bytes are the
     upstream's, unchanged."""
-    upstream = LateUpstream(delay=1.5)
+    upstream = ScriptedUpstream([1.5] + LATE_EVENTS, gap=0)
     tmp = TempDir()
     path = tmp.__enter__()
     s = Stack(path, mock=upstream, performance={"request_timeout": 10000, "first_byte_timeout": 5000})
@@ -295,7 +243,7 @@ def test_stream_head_is_not_held_for_a_late_first_event():
     assert b"text/event-stream" in head.lower() and b"transfer-encoding: chunked" in head.lower()
     payload, complete = decode_chunked(rest)
     assert complete
-    assert payload == b"".join(LateUpstream.EVENTS)
+    assert payload == b"".join(LATE_EVENTS)
 
 
 @pytest.mark.parametrize("lines", [1, 8, 9, 12])
