@@ -206,6 +206,9 @@ static bool top_level_usage_null(const char *json, size_t len, const char **star
       if (!(p = string_end(p, stop))) return false;
       if (depth != 1 || !want_name) continue;
       want_name = false;
+      /* a Responses API object: the strict path reads it (and leaves the
+       * event's "usage":null alone) */
+      if (p - name == 10 && memcmp(name, "\"response\"", 10) == 0) return false;
       if (p - name != 7 || memcmp(name, "\"usage\"", 7) != 0) continue;
       if (found) return false; /* a second one: the strict scan refuses it */
       const char *q = p;
@@ -267,8 +270,12 @@ void usage_stream_event(const char *event, size_t len, bool strip, struct usage_
   if (!data || (data != event && data[-1] != '\n' && data[-1] != '\r')) return;
   const char *json = data + 5;
   if (json < event + len && *json == ' ') json++;
-  size_t json_len = strcspn(json, "\r\n");
-  if (json + json_len > event + len) json_len = (size_t)(event + len - json);
+  /* the data line ends at the first CR or LF, within the event (never
+   * read past it: the event need not be NUL-terminated) */
+  size_t json_len = (size_t)(event + len - json);
+  const char *lf = memchr(json, '\n', json_len), *cr = memchr(json, '\r', json_len);
+  if (lf) json_len = (size_t)(lf - json);
+  if (cr && (size_t)(cr - json) < json_len) json_len = (size_t)(cr - json);
   const char *null_start = NULL, *null_end = NULL;
   /* The fast path only where the strict one would do the same: the JSON
    * is the event's one line (a second data line could close an object

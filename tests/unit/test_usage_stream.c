@@ -117,6 +117,15 @@ static void test_what_the_strict_scan_refuses_stays(void **state) {
   assert_string_equal(client_sees(truncated, &u), truncated);
   const char *trailing = "data: {\"id\":\"c1\",\"usage\":null} x\n\n";
   assert_string_equal(client_sees(trailing, &u), trailing);
+  /* a top-level "response" object: the strict path reads it and leaves
+   * the event as it is (third review) */
+  const char *response_after = "data: {\"usage\":null,\"response\":{}}\n\n";
+  assert_string_equal(client_sees(response_after, &u), response_after);
+  const char *response_before = "data: {\"response\":{},\"usage\":null}\n\n";
+  assert_string_equal(client_sees(response_before, &u), response_before);
+  client_sees("data: {\"usage\":null,\"response\":{\"\\u0075sage\":{\"input_tokens\":5}}}\n\n", &u);
+  assert_true(u.known);
+  assert_int_equal(u.prompt, 5);
   client_sees("data: {\"respons\\u0065\":{\"usage\":{\"input_tokens\":4,\"output_tokens\":2,"
               "\"total_tokens\":6}},\"usage\":null}\n\n",
               &u);
